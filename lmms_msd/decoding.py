@@ -1,0 +1,164 @@
+"""The two generation loops: plain autoregressive decoding (the baseline and the reference) and
+speculative decoding with an MSD draft. Both take the same target, embedded prompt, settings and
+stopping rule, and return the text and statistics as data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lmms_msd.caches import keep_path
+from lmms_msd.draft import MSDDraft
+from lmms_msd.drafting import Drafter
+from lmms_msd.sampling import GenerationConfig, next_token
+from lmms_msd.stopping import Stopper
+from lmms_msd.target import EmbeddedPrompt, Target
+from lmms_msd.tree import Tree
+from lmms_msd.verify import accept_greedy, accept_sampling, verify_tree
+
+
+class TreeBuilder(Protocol):
+    max_depth: int
+
+    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor) -> Tree: ...
+
+
+@dataclass
+class DecodeStats:
+    """Per-request statistics. A step is one target forward after the prefill."""
+
+    new_tokens: int = 0
+    steps: int = 0
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted at each step
+    prefill_s: float = 0.0  # the prompt's forward(s), the first token included
+    wall_s: float = 0.0  # the whole request
+
+    @property
+    def alpha(self) -> float:
+        """Accepted draft tokens per step (the thesis's "average acceptance rate")."""
+        return sum(self.accepted) / self.steps if self.steps else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Tokens committed per step: accepted + 1."""
+        return self.alpha + 1.0 if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "alpha": self.alpha, "tau": self.tau, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: DecodeStats
+
+
+def _check_prompt(target: Target, prompt: EmbeddedPrompt) -> None:
+    length = prompt.input_ids.shape[0]
+    if length == 0:
+        raise ValueError("the prompt is empty")
+    if length >= target.max_length:
+        raise ValueError(
+            f"the prompt is {length} tokens long but the target's maximum length is {target.max_length}; "
+            f"shorten the context"
+        )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prefill(target: Target, prompt: EmbeddedPrompt, config: GenerationConfig, generator):
+    cache = target.new_cache()
+    length = prompt.input_ids.shape[0]
+    hidden, logits = target.forward(prompt.inputs_embeds, cache, torch.arange(length, device=target.device))
+    return cache, hidden, next_token(logits[-1], config, generator)
+
+
+@torch.inference_mode()
+def plain_generate(
+    target: Target, prompt: EmbeddedPrompt, config: GenerationConfig, generator: torch.Generator | None = None
+) -> GenerationResult:
+    """One target forward per token: the baseline, and the reference speculative decoding must equal."""
+    _check_prompt(target, prompt)
+    stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
+    start = time.perf_counter()
+    cache, _, token = _prefill(target, prompt, config, generator)
+    _synchronize(target.device)
+    stats = DecodeStats(prefill_s=time.perf_counter() - start)
+    tokens = [token]
+    while stopper.first_stop(tokens, len(tokens) - 1) is None:
+        position = torch.tensor([cache.get_seq_length()], device=target.device)
+        _, logits = target.forward(target.embed_tokens(torch.tensor([token])), cache, position)
+        token = next_token(logits[-1], config, generator)
+        tokens.append(token)
+        stats.steps += 1
+        stats.accepted.append(0)
+    _synchronize(target.device)
+    stats.wall_s = time.perf_counter() - start
+    stats.new_tokens = len(tokens)
+    return GenerationResult(stopper.text(tokens), tokens, stats)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: Target,
+    draft: MSDDraft,
+    prompt: EmbeddedPrompt,
+    config: GenerationConfig,
+    tree_builder: TreeBuilder,
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Draft a tree, verify it in one target forward, commit the accepted path plus a bonus token; repeat."""
+    _check_prompt(target, prompt)
+    stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
+    start = time.perf_counter()
+    # 1. prefill the target, choose the first token, prefill the draft
+    cache, hidden, token = _prefill(target, prompt, config, generator)
+    length = prompt.input_ids.shape[0]
+    drafter = Drafter(draft, target.lm_head, capacity=length + config.max_new_tokens + 64)
+    root_hidden = drafter.prefill(prompt, hidden, token)
+    _synchronize(target.device)
+    stats = DecodeStats(prefill_s=time.perf_counter() - start)
+    tokens = [token]
+    stop = stopper.first_stop(tokens, 0)
+    while stop is None:
+        # 2. draft a tree under the root (the last committed token)
+        tree = tree_builder.build(drafter, token, root_hidden)
+        # 3. verify it in one forward
+        prefix_len = cache.get_seq_length()
+        tree_hidden, logits = verify_tree(target, tree, cache, tree_builder.max_depth)
+        # 4. accept
+        if config.greedy:
+            result = accept_greedy(tree, logits)
+        else:
+            result = accept_sampling(tree, logits, config, generator)
+        path = torch.tensor(result.path, device=target.device)
+        committed = tree.tokens[path[1:]].tolist() + [result.bonus]
+        stats.steps += 1
+        stats.accepted.append(result.accepted)
+        # 5. stop exactly where plain decoding would, even inside the path
+        checked = len(tokens)
+        tokens += committed
+        stop = stopper.first_stop(tokens, checked)
+        if stop is not None:
+            del tokens[stop:]
+            break
+        # 6. keep the accepted path in the target cache, advance the draft over it
+        keep_path(cache, prefix_len, path)
+        root_hidden = drafter.advance(torch.tensor(committed, device=target.device), tree_hidden[path])
+        token = result.bonus
+    _synchronize(target.device)
+    stats.wall_s = time.perf_counter() - start
+    stats.new_tokens = len(tokens)
+    return GenerationResult(stopper.text(tokens), tokens, stats)

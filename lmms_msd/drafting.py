@@ -1,0 +1,122 @@
+"""The draft's side of one generation: its cache, its committed prefix, and the tree being drafted.
+
+Positions and slots (worked example). The target has committed positions 0..P-1 and the root token
+x_P (committed, not yet fed to the target). The draft's slot t (RoPE position t) holds the input
+fc([embed(x_{t+1}); f_t]) for t = 0..P-1, so its last output already predicts the root's children.
+A tree node at depth d (root = 0) is fed at RoPE position P - 1 + d, written to the first free slot
+after the prefix; after verification the committed inputs overwrite those slots, so tree slots need
+no rollback. With P = 10 and a first tree level of k = 3 nodes: slots 10, 11, 12 at position 10;
+their chosen children next go to slots 13.. at position 11.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmms_msd.draft import MSDDraft
+from lmms_msd.target import EmbeddedPrompt
+
+
+class Drafter:
+    """Runs the MSD head against one target's hidden states, step after step."""
+
+    def __init__(self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int) -> None:
+        self.draft = draft
+        self.lm_head = lm_head
+        self.cache = draft.new_cache(capacity)
+        self.committed = 0  # P: slots holding committed inputs
+        self.tree_used = 0  # slots after P taken by the current tree
+
+    @property
+    def device(self) -> torch.device:
+        return self.draft.fc.weight.device
+
+    def _reserve(self, slots: int) -> None:
+        for layer_cache in self.cache:
+            layer_cache.reserve(slots)
+
+    def _causal_block(self, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slots, positions and visibility for m new committed inputs appended after the prefix."""
+        p = self.committed
+        slots = torch.arange(p, p + m, device=self.device)
+        visible = torch.ones(m, p + m, dtype=torch.bool, device=self.device)
+        visible[:, p:] = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
+        return slots, slots.clone(), visible
+
+    @torch.inference_mode()
+    def prefill(self, prompt: EmbeddedPrompt, target_hidden: torch.Tensor, first_token: int) -> torch.Tensor:
+        """Fill the draft cache over the prompt; return the root's hidden state [H].
+
+        target_hidden: [L, H], the target's last hidden states over the prompt
+        first_token: the token the target chose after the prompt (the first root)
+        """
+        length = prompt.input_ids.shape[0]
+        assert target_hidden.shape[0] == length, f"target_hidden {tuple(target_hidden.shape)} vs L={length}"
+        embed = self.draft.embed_tokens
+        first = embed(torch.tensor([first_token], device=self.device))
+        text_next = torch.cat([embed(prompt.input_ids[1:].masked_fill(prompt.image_mask[1:], 0)), first])  # [L, H]
+        image = prompt.inputs_embeds[0].to(text_next.dtype)  # [L, H]
+        # The input at t reads what the target read at t + 1: image features where t + 1 is an image position.
+        next_is_image = torch.cat([prompt.image_mask[1:], prompt.image_mask.new_zeros(1)])
+        next_embeds = torch.where(next_is_image[:, None], torch.cat([image[1:], first]), text_next)
+        fused = self.draft.fuse(next_embeds[None], target_hidden[None])[0]
+        # MSD decoupling: image positions take the projected image embedding itself.
+        x = torch.where(prompt.image_mask[:, None], image, fused)
+        return self._append(x)
+
+    @torch.inference_mode()
+    def advance(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor) -> torch.Tensor:
+        """Commit m target positions (the root and the accepted nodes) and return the new root's hidden [H].
+
+        next_tokens: [m] the committed tokens that follow those positions (accepted tokens, then the bonus)
+        target_hidden: [m, H] the target's hidden states at those positions
+        """
+        assert next_tokens.dim() == 1 and target_hidden.shape[0] == next_tokens.shape[0], (
+            f"next_tokens {tuple(next_tokens.shape)} vs target_hidden {tuple(target_hidden.shape)}"
+        )
+        x = self.draft.fuse(self.draft.embed_tokens(next_tokens)[None], target_hidden[None])[0]
+        return self._append(x)
+
+    def _append(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        self._reserve(self.committed + m)
+        slots, positions, visible = self._causal_block(m)
+        hidden = self.draft(x[None], positions, self.cache, slots, visible)[0]
+        self.committed += m
+        self.tree_used = 0
+        return hidden[-1]
+
+    @torch.inference_mode()
+    def expand(self, tokens: torch.Tensor, parent_hidden: torch.Tensor, depth: int, ancestors: torch.Tensor) -> torch.Tensor:
+        """Feed n tree nodes of one depth; return their output hidden states [n, H].
+
+        tokens: [n] the nodes' tokens; parent_hidden: [n, H] the draft output at each node's parent
+        depth: the nodes' depth (>= 1)
+        ancestors: [n, tree_used] bool, which earlier tree slots are each node's ancestors
+        """
+        n = tokens.shape[0]
+        assert parent_hidden.shape[0] == n and ancestors.shape == (n, self.tree_used), (
+            f"tokens {tuple(tokens.shape)}, parent_hidden {tuple(parent_hidden.shape)}, "
+            f"ancestors {tuple(ancestors.shape)} with {self.tree_used} tree slots used"
+        )
+        p, used = self.committed, self.tree_used
+        self._reserve(p + used + n)
+        slots = torch.arange(p + used, p + used + n, device=self.device)
+        positions = torch.full((n,), p - 1 + depth, device=self.device)
+        visible = torch.cat(
+            [
+                torch.ones(n, p, dtype=torch.bool, device=self.device),
+                ancestors,
+                torch.eye(n, dtype=torch.bool, device=self.device),
+            ],
+            dim=1,
+        )
+        x = self.draft.fuse(self.draft.embed_tokens(tokens)[None], parent_hidden[None])
+        hidden = self.draft(x, positions, self.cache, slots, visible)[0]
+        self.tree_used += n
+        return hidden
+
+    @torch.inference_mode()
+    def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, H] -> draft log-probabilities [n, V] (float32) through the target's lm_head."""
+        return torch.log_softmax(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), dim=-1)
