@@ -50,19 +50,7 @@ class Drafter:
         target_hidden: [L, H], the target's last hidden states over the prompt
         first_token: the token the target chose after the prompt (the first root)
         """
-        length = prompt.input_ids.shape[0]
-        assert target_hidden.shape[0] == length, f"target_hidden {tuple(target_hidden.shape)} vs L={length}"
-        embed = self.draft.embed_tokens
-        first = embed(torch.tensor([first_token], device=self.device))
-        text_next = torch.cat([embed(prompt.input_ids[1:].masked_fill(prompt.image_mask[1:], 0)), first])  # [L, H]
-        image = prompt.inputs_embeds[0].to(text_next.dtype)  # [L, H]
-        # The input at t reads what the target read at t + 1: image features where t + 1 is an image position.
-        next_is_image = torch.cat([prompt.image_mask[1:], prompt.image_mask.new_zeros(1)])
-        next_embeds = torch.where(next_is_image[:, None], torch.cat([image[1:], first]), text_next)
-        fused = self.draft.fuse(next_embeds[None], target_hidden[None])[0]
-        # MSD decoupling: image positions take the projected image embedding itself.
-        x = torch.where(prompt.image_mask[:, None], image, fused)
-        return self._append(x)
+        return self._append(prefill_inputs(self.draft, prompt, target_hidden, first_token))
 
     @torch.inference_mode()
     def advance(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor) -> torch.Tensor:
@@ -120,3 +108,25 @@ class Drafter:
     def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, H] -> draft log-probabilities [n, V] (float32) through the target's lm_head."""
         return torch.log_softmax(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), dim=-1)
+
+
+def prefill_inputs(draft: MSDDraft, prompt: EmbeddedPrompt, target_hidden: torch.Tensor, first_token: int) -> torch.Tensor:
+    """The draft's layer input at every prompt position (MSD decoupling).
+
+    Text position t: fc([e_{t+1}; f_t]), where e_{t+1} is what the target read at t + 1 (the token's
+    embedding, or the image feature when t + 1 is an image position; after the last position, the
+    first generated token). Image position t: the projected image embedding itself.
+    target_hidden: [L, H] -> [L, H]
+    """
+    length = prompt.input_ids.shape[0]
+    assert target_hidden.shape[0] == length, f"target_hidden {tuple(target_hidden.shape)} vs L={length}"
+    device = draft.fc.weight.device
+    first = draft.embed_tokens(torch.tensor([first_token], device=device))  # [1, H]
+    next_ids = prompt.input_ids[1:].masked_fill(prompt.image_mask[1:], 0)  # image ids are replaced below
+    image = prompt.inputs_embeds[0].to(first.dtype)  # [L, H]
+    next_is_image = torch.cat([prompt.image_mask[1:], prompt.image_mask.new_zeros(1)])
+    next_embeds = torch.where(
+        next_is_image[:, None], torch.cat([image[1:], first]), torch.cat([draft.embed_tokens(next_ids), first])
+    )
+    fused = draft.fuse(next_embeds[None], target_hidden[None])[0]
+    return torch.where(prompt.image_mask[:, None], image, fused)

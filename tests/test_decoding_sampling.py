@@ -1,0 +1,94 @@
+"""Speculative sampling is lossless: the first two generated tokens follow the target's distribution.
+
+A vocabulary-16 target, 20,000 seeded runs per setting (temperature 0.7 and 1.0 with top_p 0.9).
+The exact joint distribution p(t1) p(t2 | t1) comes from the target's own logits. Each of the 256
+cells must lie within z standard errors of it, z set by a Bonferroni bound over the cells so that a
+correct sampler fails with probability below 1e-3; the same check must reject random reference
+distributions, so it has the power to catch a wrong one.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from decoding_fixtures import following_draft, tiny_target
+
+from lmms_msd.decoding import speculative_generate
+from lmms_msd.sampling import GenerationConfig, processed_probs
+from lmms_msd.tree import EagleTree
+
+VOCAB = 16
+RUNS = 20_000
+FAMILY_ERROR = 1e-3
+
+
+def z_bound(cells: int) -> float:
+    """Two-sided normal quantile at FAMILY_ERROR / cells (Bonferroni)."""
+    return statistics.NormalDist().inv_cdf(1 - FAMILY_ERROR / (2 * cells))
+
+
+def exact_joint(target, prompt, config) -> torch.Tensor:
+    """[V, V]: p(t1) * p(t2 | t1) from the target's own logits."""
+    cache = target.new_cache()
+    length = prompt.input_ids.shape[0]
+    _, logits = target.forward(prompt.inputs_embeds, cache, torch.arange(length))
+    p1 = processed_probs(logits[-1:], config)[0]
+    joint = torch.zeros(VOCAB, VOCAB)
+    for t1 in range(VOCAB):
+        if p1[t1] == 0:
+            continue
+        c = target.new_cache()
+        embeds = torch.cat([prompt.inputs_embeds, target.embed_tokens(torch.tensor([t1]))], dim=1)
+        _, logits = target.forward(embeds, c, torch.arange(length + 1))
+        joint[t1] = p1[t1] * processed_probs(logits[-1:], config)[0]
+    return joint
+
+
+def within_bounds(counts: torch.Tensor, reference: torch.Tensor) -> bool:
+    n = counts.sum()
+    freq = counts / n
+    se = torch.sqrt(reference * (1 - reference) / n).clamp(min=1 / n)
+    return bool(((freq - reference).abs() <= z_bound(reference.numel()) * se).all())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny forwards run several times faster without intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_first_two_tokens_follow_the_target(temperature, one_thread):
+    # A draft that agrees often but not always, so both acceptance and rejection paths run.
+    target = tiny_target(3, vocab_size=VOCAB, hidden=32, context_scale=0.3, eos_token_id=10_000)
+    draft = following_draft(target)
+    prompt = target.embed(torch.tensor([1, 2, 3, 4]), None)
+    config = GenerationConfig(max_new_tokens=2, do_sample=True, temperature=temperature, top_p=0.9)
+    tree = EagleTree(total_tokens=4, depth=2, top_k=2)  # small, so 20,000 runs take about a minute
+    generator = torch.Generator().manual_seed(int(temperature * 10))
+    counts = torch.zeros(VOCAB, VOCAB)
+    accepted = 0
+    for _ in range(RUNS):
+        result = speculative_generate(target, draft, prompt, config, tree, generator)
+        t1, t2 = result.token_ids
+        counts[t1, t2] += 1
+        accepted += result.stats.accepted[0] > 0
+    reference = exact_joint(target, prompt, config)
+    assert 0.1 < accepted / RUNS < 0.9, f"draft accepted in {accepted / RUNS:.0%} of runs: rejection or acceptance untested"
+    assert reference.sum() == pytest.approx(1.0, abs=1e-5)
+    assert (counts[reference == 0] == 0).all(), "a token outside top-p was generated"
+    assert within_bounds(counts, reference)
+    tv = 0.5 * (counts / RUNS - reference).abs().sum()
+    assert tv < 3 * math.sqrt(reference.numel() / RUNS)
+    # The same check rejects other distributions: it can fail.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        wrong = torch.softmax(torch.randn(VOCAB * VOCAB, generator=g), 0).view(VOCAB, VOCAB)
+        assert not within_bounds(counts, wrong)
+    assert not within_bounds(counts, exact_joint(target, prompt, GenerationConfig(max_new_tokens=2, do_sample=True, temperature=temperature * 1.3, top_p=0.9)))
