@@ -1,0 +1,136 @@
+"""Tree, mask, acceptance and cache bookkeeping against literal expected tensors."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+from lmms_msd.caches import keep_path
+from lmms_msd.tree import EagleTree, Tree, select_nodes
+from lmms_msd.verify import accept_greedy, tree_attention_mask
+
+
+def small_tree() -> Tree:
+    # root(5) -> node 1 (token 1) -> node 3 (token 3); root -> node 2 (token 2)
+    return Tree(
+        tokens=torch.tensor([5, 1, 2, 3]),
+        parents=torch.tensor([-1, 0, 0, 1]),
+        depths=torch.tensor([0, 1, 1, 2]),
+        scores=torch.tensor([0.0, -0.1, -0.2, -0.3]),
+    )
+
+
+def test_ancestor_mask():
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(small_tree().ancestor_mask(max_depth=2), expected)
+
+
+def test_tree_attention_mask_sees_prefix_and_ancestors_only():
+    mask = tree_attention_mask(small_tree(), prefix_len=2, max_depth=2, dtype=torch.float32)
+    visible = torch.tensor(
+        [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 1]], dtype=torch.bool
+    )
+    assert mask.shape == (1, 1, 4, 6)
+    assert torch.equal(mask[0, 0] == 0, visible)
+    assert (mask[0, 0][~visible] == torch.finfo(torch.float32).min).all()
+
+
+def test_accept_greedy_follows_the_argmax():
+    logits = torch.full((4, 8), -1.0)
+    for node, best in enumerate([1, 3, 0, 7]):  # root's argmax 1 -> node 1; node 1's argmax 3 -> node 3
+        logits[node, best] = 1.0
+    result = accept_greedy(small_tree(), logits)
+    assert result.path == [0, 1, 3] and result.bonus == 7 and result.accepted == 2
+
+
+def test_accept_greedy_rejects_at_the_root():
+    logits = torch.zeros(4, 8)
+    logits[0, 6] = 1.0
+    result = accept_greedy(small_tree(), logits)
+    assert result.path == [0] and result.bonus == 6
+
+
+def test_keep_path_keeps_prefix_then_path_nodes():
+    # Slots hold their own index: prefix 0..1, tree nodes at slots 2..5; path [0, 2, 3] keeps 2, 4, 5.
+    keys = torch.arange(6.0).view(1, 1, 6, 1)
+    layer = SimpleNamespace(keys=keys.clone(), values=-keys.clone())
+    keep_path(SimpleNamespace(layers=[layer]), prefix_len=2, path=torch.tensor([0, 2, 3]))
+    assert layer.keys.flatten().tolist() == [0, 1, 2, 4, 5]
+    assert layer.values.flatten().tolist() == [0, -1, -2, -4, -5]
+
+
+def test_select_nodes_keeps_best_and_stays_ancestor_closed():
+    # pool: 1 (parent root, -0.1), 2 (parent root, -0.5), 3 (parent 1, -0.1: ties its parent)
+    tree = select_nodes(
+        root_token=9,
+        tokens=torch.tensor([4, 5, 6]),
+        parents=torch.tensor([0, 0, 1]),
+        depths=torch.tensor([1, 1, 2]),
+        scores=torch.tensor([-0.1, -0.5, -0.1]),
+        budget=2,
+    )
+    assert tree.tokens.tolist() == [9, 4, 6]
+    assert tree.parents.tolist() == [-1, 0, 1]
+    assert tree.depths.tolist() == [0, 1, 2]
+
+
+class MarkovDrafter:
+    """A stand-in drafter whose hidden state is the one-hot of the node's token and whose next-token
+    distribution is a fixed table, so the EAGLE-2 tree can be worked out by hand."""
+
+    def __init__(self, table: list[list[float]]) -> None:
+        self.logtable = torch.tensor(table).log()
+        self.tree_used = 0
+
+    def logprobs(self, hidden):
+        return hidden @ self.logtable
+
+    def expand(self, tokens, parent_hidden, depth, ancestors):
+        assert ancestors.shape == (tokens.shape[0], self.tree_used)
+        self.tree_used += tokens.shape[0]
+        return torch.nn.functional.one_hot(tokens, self.logtable.shape[0]).float()
+
+
+def test_eagle_tree_by_hand():
+    # From root token 0: children 1 (0.6), 2 (0.3). Then 1 -> 0 (0.6*0.45=0.27), 1 -> 2 (0.21);
+    # 2 -> 3 (0.3*0.8=0.24), 2 -> 0 (0.03). The 4 best of the 6: 1, 2, 1->0, 2->3.
+    table = [
+        [0.05, 0.6, 0.3, 0.05],
+        [0.45, 0.1, 0.35, 0.1],
+        [0.1, 0.05, 0.05, 0.8],
+        [0.25, 0.25, 0.25, 0.25],
+    ]
+    drafter = MarkovDrafter(table)
+    root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
+    tree = EagleTree(total_tokens=5, depth=2, top_k=2).build(drafter, root_token=0, root_hidden=root_hidden)
+    assert tree.tokens.tolist() == [0, 1, 2, 0, 3]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 2]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2]
+    expected = [0.0, math.log(0.6), math.log(0.3), math.log(0.27), math.log(0.24)]
+    assert torch.allclose(tree.scores, torch.tensor(expected), atol=1e-6)
+    assert drafter.tree_used == 2  # depth 2: only the first level was fed to the draft
+
+
+def test_eagle_tree_frontier_ancestors():
+    # Three levels: the second expansion must see exactly the slot of each node's parent.
+    table = [[0.7, 0.2, 0.05, 0.05], [0.1, 0.6, 0.2, 0.1], [0.3, 0.3, 0.3, 0.1], [0.1, 0.1, 0.1, 0.7]]
+    drafter = MarkovDrafter(table)
+    seen = []
+    expand = drafter.expand
+
+    def recording_expand(tokens, parent_hidden, depth, ancestors):
+        seen.append((tokens.tolist(), ancestors.int().tolist()))
+        return expand(tokens, parent_hidden, depth, ancestors)
+
+    drafter.expand = recording_expand
+    root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
+    tree = EagleTree(total_tokens=7, depth=3, top_k=2).build(drafter, 0, root_hidden)
+    # level 1: tokens 0 (0.7), 1 (0.2); level-2 candidates 0->0 .49, 0->1 .14, 1->1 .12, 1->2 .04;
+    # frontier 0->0 (slot 0's child), 0->1 (slot 0's child).
+    assert seen[0] == ([0, 1], [[], []])
+    assert seen[1] == ([0, 1], [[1, 0], [1, 0]])
+    parents = tree.parents.tolist()
+    assert all(parents[i] < i for i in range(1, len(parents)))
+    assert all(tree.depths[i] == tree.depths[parents[i]] + 1 for i in range(1, len(parents)))
