@@ -112,6 +112,6 @@ def test_prefill_inputs_decouple_image_positions():
     before = int(image_pos[0]) - 1
     with torch.inference_mode():
         fuse = lambda e, f: draft.fuse(e[None, None], f[None, None])[0, 0]  # noqa: E731
-        assert torch.allclose(x[before], fuse(embeds[before + 1], hidden[before]))
-        assert torch.allclose(x[-1], fuse(draft.embed_tokens.weight[7], hidden[-1]))
-        assert torch.allclose(x[0], fuse(draft.embed_tokens.weight[prompt.input_ids[1]], hidden[0]))
+        assert torch.allclose(x[before], fuse(embeds[before + 1], hidden[before]), atol=1e-5)
+        assert torch.allclose(x[-1], fuse(draft.embed_tokens.weight[7], hidden[-1]), atol=1e-5)
+        assert torch.allclose(x[0], fuse(draft.embed_tokens.weight[prompt.input_ids[1]], hidden[0]), atol=1e-5)
