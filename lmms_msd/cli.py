@@ -37,7 +37,12 @@ class Subcommand(NamedTuple):
 
 def _subcommands() -> dict[str, Subcommand]:
     """The subcommand table: name -> Subcommand, in the order `--help` lists them."""
-    return {}
+    from lmms_msd import demo
+
+    return {
+        "demo": Subcommand("plain vs speculative decoding on a tiny LLaVA made on the spot (no downloads)", demo.add_demo_arguments),
+        "generate": Subcommand("plain vs speculative decoding on a target and MSD draft you name", demo.add_generate_arguments),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -275,3 +275,40 @@ def _original_config(text_config: Any, sizes: TinySizes, clip_folder: Path) -> d
         "tune_mm_mlp_adapter": False,
         "use_mm_proj": True,
     }
+
+
+# ---- a draft that follows ---------------------------------------------------------------------------
+@torch.no_grad()
+def dampen_context_(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Scale every attention and MLP output of the language model by `scale` (< 1): the next token
+    then depends mostly on the current one, a target an MSD head can follow closely."""
+    for name, param in model.named_parameters():
+        if "language_model" in name and name.endswith(("o_proj.weight", "down_proj.weight")):
+            param.mul_(scale)
+    return model
+
+
+@torch.no_grad()
+def following_draft(target: Any) -> Any:
+    """An MSD head that predicts the target's next hidden state from the next token's embedding
+    alone: fc passes embed(x_{t+1}) through the target's final-norm weight and the layer adds
+    nothing (RMSNorm's scaling does not change an argmax). On a target dampened by
+    `dampen_context_` it agrees with nearly every greedy choice; on any other it is still a valid
+    (lossless) draft, only a weaker one."""
+    from lmms_msd.draft import DraftConfig, new_random_draft
+
+    text = target.model.config.text_config
+    config = DraftConfig(
+        hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads,
+        vocab_size=target.vocab_size, head_dim=getattr(text, "head_dim", None), rms_norm_eps=text.rms_norm_eps,
+    )
+    draft = new_random_draft(config, seed=0).to(target.dtype)
+    h = config.hidden_size
+    draft.embed_tokens.weight.copy_(target.model.get_input_embeddings().weight[: config.vocab_size])
+    draft.fc.weight.zero_()
+    draft.fc.weight[:, :h] = torch.diag(target.model.model.language_model.norm.weight)
+    draft.fc.bias.zero_()
+    draft.layers[0].self_attn.o_proj.weight.zero_()
+    draft.layers[0].mlp.down_proj.weight.zero_()
+    return draft.to(target.device)

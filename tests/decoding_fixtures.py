@@ -10,6 +10,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from lmms_msd.draft import DraftConfig, MSDDraft, new_random_draft
 from lmms_msd.target import EmbeddedPrompt, Target
+from lmms_msd.tiny import dampen_context_, following_draft  # noqa: F401  (following_draft: re-exported)
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,!?-"
 
@@ -50,8 +51,7 @@ def tiny_target(seed: int, vocab_size: int = 48, hidden: int = 64, context_scale
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.5 if "embed_tokens" in name or "lm_head" in name else 0.15)
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.mul_(context_scale)
+    dampen_context_(model, context_scale)
     return Target(model, CharTokenizer(vocab_size, eos_token_id), image_processor=None, prompt_format=None, layout="hf")
 
 
@@ -64,23 +64,6 @@ def random_draft(target: Target, seed: int) -> MSDDraft:
     draft = new_random_draft(config, seed, std=0.1)
     with torch.no_grad():
         draft.embed_tokens.weight.copy_(target.model.get_input_embeddings().weight)
-    return draft
-
-
-def following_draft(target: Target) -> MSDDraft:
-    """A head that predicts the target's next hidden state from the next token's embedding alone:
-    fc passes embed(x_{t+1}) through the target's final-norm weight and the layer adds nothing. When
-    the target's context_scale is small its greedy choices are almost a function of the current
-    token, and this head then agrees with nearly all of them."""
-    draft = random_draft(target, seed=0)
-    h = draft.config.hidden_size
-    norm_weight = target.model.model.language_model.norm.weight
-    with torch.no_grad():
-        draft.fc.weight.zero_()
-        draft.fc.weight[:, :h] = torch.diag(norm_weight)
-        draft.fc.bias.zero_()
-        draft.layers[0].self_attn.o_proj.weight.zero_()
-        draft.layers[0].mlp.down_proj.weight.zero_()
     return draft
 
 
