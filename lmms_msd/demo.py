@@ -111,8 +111,14 @@ def settings(args: argparse.Namespace):
     return config, EagleTree(total_tokens=args.total_tokens, depth=args.depth, top_k=args.top_k)
 
 
+def add_device_arguments(parser: argparse.ArgumentParser, dtype: str) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=dtype, choices=["auto", "float16", "bfloat16", "float32"])
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser):
     add_tree_arguments(parser)
+    add_device_arguments(parser, dtype="float32")
     parser.add_argument("--context_scale", type=float, default=0.05, help="how much context the tiny target uses (1 = all)")
     return run_demo
 
@@ -125,10 +131,10 @@ def run_demo(args: argparse.Namespace) -> int:
     config, tree = settings(args)
     with tempfile.TemporaryDirectory() as tmp:
         save_tiny_hf_target(Path(tmp) / "target", seed=args.seed)
-        target = load_target(str(Path(tmp) / "target"))
+        target = load_target(str(Path(tmp) / "target"), device=args.device, dtype=args.dtype)
         dampen_context_(target.model, args.context_scale)
         save_draft(following_draft(target), Path(tmp) / "draft")
-        draft = load_draft(str(Path(tmp) / "draft"))
+        draft = load_draft(str(Path(tmp) / "draft"), device=target.device, dtype=target.dtype)
     size = target.model.config.vision_config.image_size
     rows = compare(target, draft, tree, DEMO_QUESTIONS, demo_images(len(DEMO_QUESTIONS), size, args.seed), config, args.seed)
     print("tiny random LLaVA (HF layout) + a hand-built MSD head; outputs are gibberish, equality and tau are the point")
@@ -142,8 +148,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--question", required=True, action="append", help="repeat for several requests")
     parser.add_argument("--image", action="append", default=[], help="one per question (omit for text-only)")
     parser.add_argument("--vision_tower", default=None, help="original layout: override mm_vision_tower")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    add_device_arguments(parser, dtype="auto")
     add_tree_arguments(parser)
     return run_generate
 
