@@ -18,6 +18,8 @@ original LLaVA code) and so that the draft receives the very image embeddings th
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -186,11 +188,17 @@ class Target:
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids[None],
-            cache=cache,
             use_cache=True,
+            **{self._cache_keyword: cache},
         )
         hidden = out.last_hidden_state[0]
         return hidden, self.model.lm_head(hidden).float()
+
+    @functools.cached_property
+    def _cache_keyword(self) -> str:
+        """transformers renamed `past_key_values` to `cache` (5.2x); an unknown keyword is silently ignored."""
+        parameters = inspect.signature(self.model.model.language_model.forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache
