@@ -1,0 +1,93 @@
+"""`lmms-msd train-draft`: the MSD recipe learns, writes the MSD format, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from lmms_msd.cli import main
+from lmms_msd.draft import load_draft
+from lmms_msd.draft_training import TrainingConfig, encode_conversation, image_share, train_draft
+from lmms_msd.target_loading import load_target
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("draft-data")
+    (root / "images").mkdir()
+    records = []
+    for i in range(4):
+        Image.new("RGB", (42, 42), (60 * i, 120, 200 - 40 * i)).save(root / "images" / f"{i}.png")
+        records.append({
+            "id": str(i), "image": f"{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is the value of the largest bar?"},
+                {"from": "gpt", "value": f"The largest bar is {7 * i}. The chart shows sales in 2019."},
+                {"from": "human", "value": "And the smallest?"},
+                {"from": "gpt", "value": "It is 3."},
+            ],
+        })
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Which colour?"}, {"from": "gpt", "value": "Red, green or blue!"}]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def target(tiny_hf_dir):
+    target = load_target(str(tiny_hf_dir))
+    target.model.requires_grad_(False)
+    return target
+
+
+def test_conversation_mask_covers_answers_only(target, data):
+    record = json.loads((data / "data.json").read_text())[0]
+    sample = encode_conversation(target, record, data / "images", with_image=True)
+    answers = target.tokenizer.decode(sample.input_ids[sample.answer_mask].tolist(), skip_special_tokens=True)
+    assert "The largest bar is 0" in answers and "It is 3." in answers
+    assert "What is the value" not in answers and "smallest" not in answers
+    assert (sample.input_ids == target.image_token_id).sum() == 1
+    assert sample.input_ids[sample.answer_mask][-1] == target.eos_token_id
+
+
+def test_curriculum_is_text_first_then_rising():
+    config = TrainingConfig(steps=100, text_only_fraction=0.2)
+    shares = [image_share(s, config) for s in range(100)]
+    assert shares[:20] == [0.0] * 20
+    assert all(a <= b for a, b in zip(shares, shares[1:])) and shares[-1] == 1.0
+
+
+def test_training_learns_and_resumes_exactly(target, data, tmp_path):
+    config = TrainingConfig(steps=12, warmup_steps=2, grad_accum=2, lr=3e-3, save_every=6, text_only_fraction=0.25)
+    straight = train_draft(target, data / "data.json", data / "images", tmp_path / "straight", config)
+    first, last = straight["history"][0], straight["history"][-1]
+    assert last["smooth_l1"] < first["smooth_l1"] and last["ce"] < first["ce"]
+
+    # A run stopped after its step-6 checkpoint, then started again on the same folder.
+    resumed_dir = tmp_path / "resumed"
+    train_draft(target, data / "data.json", data / "images", resumed_dir, config, stop_after=6)
+    train_draft(target, data / "data.json", data / "images", resumed_dir, config)
+    a, b = load_draft(str(tmp_path / "straight")), load_draft(str(resumed_dir))
+    for key, value in a.state_dict().items():
+        assert torch.allclose(value, b.state_dict()[key], atol=1e-6), key
+
+
+def test_command_line_writes_the_msd_format(tiny_hf_dir, data, tmp_path):
+    status = main([
+        "train-draft", "--pretrained", str(tiny_hf_dir), "--data", str(data / "data.json"),
+        "--image_folder", str(data / "images"), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+        "--steps", "2", "--warmup_steps", "1", "--grad_accum", "1",
+    ])
+    assert status == 0
+    draft = load_draft(str(tmp_path / "out"))
+    assert draft.config.vocab_size == load_target(str(tiny_hf_dir)).vocab_size
+
+
+def test_missing_image_is_named(target, data, tmp_path):
+    records = json.loads((data / "data.json").read_text())
+    records[0]["image"] = "nope.png"
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        train_draft(target, tmp_path / "bad.json", data / "images", tmp_path / "o", TrainingConfig(steps=1))
