@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -18,7 +18,11 @@ from lmms_msd.sampling import GenerationConfig, next_token
 from lmms_msd.stopping import Stopper
 from lmms_msd.target import EmbeddedPrompt, Target
 from lmms_msd.tree import Tree
-from lmms_msd.verify import accept_greedy, accept_sampling, verify_tree
+from lmms_msd.verify import Acceptance, accept_greedy, accept_sampling, verify_tree
+
+# Called after every verification with the tree, the target's logits over it [N, V] and the outcome;
+# statistics and the calibrator's labels come from here, with no extra target forward.
+StepObserver = Callable[[Tree, torch.Tensor, Acceptance], None]
 
 
 class TreeBuilder(Protocol):
@@ -118,6 +122,7 @@ def speculative_generate(
     config: GenerationConfig,
     tree_builder: TreeBuilder,
     generator: torch.Generator | None = None,
+    observer: StepObserver | None = None,
 ) -> GenerationResult:
     """Draft a tree, verify it in one target forward, commit the accepted path plus a bonus token; repeat."""
     _check_prompt(target, prompt)
@@ -147,6 +152,8 @@ def speculative_generate(
         committed = tree.tokens[path[1:]].tolist() + [result.bonus]
         stats.steps += 1
         stats.accepted.append(result.accepted)
+        if observer is not None:
+            observer(tree, logits, result)
         # 5. stop exactly where plain decoding would, even inside the path
         checked = len(tokens)
         tokens += committed
