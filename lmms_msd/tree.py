@@ -9,6 +9,7 @@ nodes; the verifier reads nothing but the `Tree`, so a new builder (OPT-Tree) or
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -49,6 +50,16 @@ class Tree:
         return mask
 
 
+# (draft log-probabilities of the proposed children [n, k], their tokens [n, k], their depth)
+#   -> log of each child's acceptance estimate [n, k]
+NodeScorer = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def draft_confidence(logprobs: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
+    """The uncalibrated estimate: the draft's own probability."""
+    return logprobs
+
+
 @dataclass(frozen=True)
 class EagleTree:
     """The EAGLE-2 dynamic tree (the "MSD baseline" row).
@@ -75,47 +86,116 @@ class EagleTree:
     def max_depth(self) -> int:
         return self.depth
 
-    @torch.inference_mode()
     def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor) -> Tree:
         """root_hidden: [H], the draft output whose logits predict the root's children."""
-        k = self.top_k
-        device = root_hidden.device
-        top = drafter.logprobs(root_hidden[None])[0].topk(k)
-        # The pool holds every proposed node; pool index 0 is the root, node i of the pool is at i + 1.
-        pool_tokens, pool_scores = [top.indices], [top.values]
-        pool_parents = [torch.zeros(k, dtype=torch.long, device=device)]
-        pool_depths = [torch.ones(k, dtype=torch.long, device=device)]
-        frontier = torch.arange(1, k + 1, device=device)  # pool indices
-        frontier_tokens, frontier_scores = top.indices, top.values
-        parent_hidden = root_hidden[None].expand(k, -1)
-        ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
-        n_pool = 1 + k
-        for depth in range(1, self.depth):
-            # 1. feed the frontier, 2. propose k children each, 3. keep the global top-k as the frontier.
-            hidden = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
-            children = drafter.logprobs(hidden).topk(k)  # [k, k]
-            scores = (frontier_scores[:, None] + children.values).flatten()
-            tokens = children.indices.flatten()
-            pool_tokens.append(tokens)
-            pool_scores.append(scores)
-            pool_parents.append(frontier.repeat_interleave(k))
-            pool_depths.append(torch.full((k * k,), depth + 1, device=device))
-            best = scores.topk(k).indices
-            parent_row = best // k
-            own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
-            ancestors = torch.cat([ancestors[parent_row], own_slot], dim=1)
-            frontier = n_pool + best
-            frontier_tokens, frontier_scores = tokens[best], scores[best]
-            parent_hidden = hidden[parent_row]
-            n_pool += k * k
-        return select_nodes(
-            root_token,
-            torch.cat(pool_tokens),
-            torch.cat(pool_parents),
-            torch.cat(pool_depths),
-            torch.cat(pool_scores),
-            self.total_tokens - 1,
+        return grow_tree(
+            drafter, root_token, root_hidden, top_k=self.top_k, max_depth=self.depth,
+            budget=self.total_tokens - 1, node_score=draft_confidence, stop_delta=None,
         )
+
+
+@dataclass(frozen=True)
+class OptTree:
+    """OPT-Tree with early stopping.
+
+    A node's weight is the product along its path of per-node acceptance estimates (the draft's
+    probability, or a calibrator's prediction through `scorer`); a tree's expected accepted length
+    is the sum of its weights. Levels grow as in EAGLE-2 (frontier = the best `top_k` of the
+    candidates) until a level adds at most `stop_delta` to the expected length of the best
+    `node_budget` nodes, or `max_depth` is reached; the tree is those `node_budget` nodes plus the root.
+    """
+
+    node_budget: int = 60
+    stop_delta: float = 0.3
+    max_depth: int = 10
+    top_k: int = 10
+    scorer: NodeScorer = draft_confidence
+
+    def __post_init__(self) -> None:
+        if self.node_budget < 1 or self.max_depth < 1 or self.top_k < 1 or self.stop_delta < 0:
+            raise ValueError(
+                f"OPT-Tree needs node_budget >= 1, max_depth >= 1, top_k >= 1, stop_delta >= 0; got "
+                f"node_budget={self.node_budget}, max_depth={self.max_depth}, top_k={self.top_k}, "
+                f"stop_delta={self.stop_delta}"
+            )
+
+    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor) -> Tree:
+        """root_hidden: [H], the draft output whose logits predict the root's children."""
+        return grow_tree(
+            drafter, root_token, root_hidden, top_k=self.top_k, max_depth=self.max_depth,
+            budget=self.node_budget, node_score=self.scorer, stop_delta=self.stop_delta,
+        )
+
+
+@torch.inference_mode()
+def grow_tree(
+    drafter: Drafter,
+    root_token: int,
+    root_hidden: torch.Tensor,
+    *,
+    top_k: int,
+    max_depth: int,
+    budget: int,
+    node_score: NodeScorer,
+    stop_delta: float | None,
+) -> Tree:
+    """Grow a tree level by level with cumulative log-scores; keep the `budget` best nodes.
+
+    stop_delta None: grow to max_depth (EAGLE-2). Otherwise stop once a level raises the expected
+    accepted length (the sum of the best `budget` weights, weight = exp(score)) by at most stop_delta.
+    """
+    k = top_k
+    device = root_hidden.device
+    top = drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
+    scores = node_score(top.values, top.indices, 1)[0]
+    # The pool holds every proposed node; pool index 0 is the root, node i of the pool is at i + 1.
+    pool_tokens, pool_scores = [top.indices[0]], [scores]
+    pool_parents = [torch.zeros(k, dtype=torch.long, device=device)]
+    pool_depths = [torch.ones(k, dtype=torch.long, device=device)]
+    frontier = torch.arange(1, k + 1, device=device)  # pool indices
+    frontier_tokens, frontier_scores = top.indices[0], scores
+    parent_hidden = root_hidden[None].expand(k, -1)
+    ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
+    n_pool = 1 + k
+    expected = expected_length(pool_scores, budget) if stop_delta is not None else 0.0
+    for depth in range(1, max_depth):
+        # 1. feed the frontier, 2. propose k children each, 3. keep the global top-k as the frontier.
+        hidden = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
+        children = drafter.logprobs(hidden).topk(k)  # [k, k]
+        scores = (frontier_scores[:, None] + node_score(children.values, children.indices, depth + 1)).flatten()
+        tokens = children.indices.flatten()
+        pool_tokens.append(tokens)
+        pool_scores.append(scores)
+        pool_parents.append(frontier.repeat_interleave(k))
+        pool_depths.append(torch.full((k * k,), depth + 1, device=device))
+        n_pool += k * k
+        if stop_delta is not None:
+            # 4. early stop: this level added too little to the expected accepted length.
+            grown = expected_length(pool_scores, budget)
+            gained, expected = grown - expected, grown
+            if gained <= stop_delta:
+                break
+        best = scores.topk(k).indices
+        parent_row = best // k
+        own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
+        ancestors = torch.cat([ancestors[parent_row], own_slot], dim=1)
+        frontier = n_pool - k * k + best
+        frontier_tokens, frontier_scores = tokens[best], scores[best]
+        parent_hidden = hidden[parent_row]
+    return select_nodes(
+        root_token,
+        torch.cat(pool_tokens),
+        torch.cat(pool_parents),
+        torch.cat(pool_depths),
+        torch.cat(pool_scores),
+        budget,
+    )
+
+
+def expected_length(pool_scores: list[torch.Tensor], budget: int) -> float:
+    """Expected accepted length of the best `budget` nodes: the sum of their weights exp(score)."""
+    scores = torch.cat(pool_scores)
+    return float(scores.topk(min(budget, scores.shape[0])).values.exp().sum())
 
 
 def select_nodes(

@@ -15,7 +15,7 @@ from decoding_fixtures import CharTokenizer, following_draft, random_draft, rand
 
 from lmms_msd.decoding import DecodeStats, plain_generate, speculative_generate
 from lmms_msd.sampling import GenerationConfig
-from lmms_msd.tree import EagleTree
+from lmms_msd.tree import EagleTree, OptTree
 
 N_PROMPTS = 20
 
@@ -98,3 +98,21 @@ def test_stats_add_up():
     assert 0 < stats.prefill_s < stats.wall_s
     row = stats.to_dict()
     assert row["tau"] == stats.tau and row["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("draft_kind", ["following", "random"])
+def test_opt_tree_greedy_equals_plain(draft_kind):
+    target = tiny_target(4, context_scale=0.05 if draft_kind == "following" else 1.0)
+    target = with_eos(target, eos_token_id=10_000)
+    draft = following_draft(target) if draft_kind == "following" else random_draft(target, 7)
+    tree = OptTree(node_budget=30, stop_delta=0.3, max_depth=8, top_k=5)
+    taus = []
+    for i in range(10):
+        prompt = random_prompt(target, 500 + i, with_image=i % 2 == 0)
+        config = GenerationConfig(max_new_tokens=20 + i)
+        plain = plain_generate(target, prompt, config)
+        spec = speculative_generate(target, draft, prompt, config, tree)
+        assert spec.token_ids == plain.token_ids
+        taus.append(spec.stats.tau)
+    if draft_kind == "following":
+        assert sum(taus) / len(taus) >= 3.0

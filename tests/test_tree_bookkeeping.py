@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from lmms_msd.caches import keep_path
-from lmms_msd.tree import EagleTree, Tree, select_nodes
+from lmms_msd.tree import EagleTree, OptTree, Tree, select_nodes
 from lmms_msd.verify import accept_greedy, tree_attention_mask
 
 
@@ -134,3 +134,40 @@ def test_eagle_tree_frontier_ancestors():
     parents = tree.parents.tolist()
     assert all(parents[i] < i for i in range(1, len(parents)))
     assert all(tree.depths[i] == tree.depths[parents[i]] + 1 for i in range(1, len(parents)))
+
+
+OPT_TABLE = [
+    [0.05, 0.6, 0.3, 0.05],
+    [0.45, 0.1, 0.35, 0.1],
+    [0.1, 0.05, 0.05, 0.8],
+    [0.1, 0.2, 0.3, 0.4],
+]
+
+
+def test_opt_tree_stops_when_a_level_adds_little():
+    # Weights: level 1 {1: .6, 2: .3} -> expected length (best 3) .9; level 2 adds 1->0 .27 (best 3:
+    # .6 + .3 + .27 = 1.17, gain .27). stop_delta .3 stops there: only level 1 was fed to the draft.
+    root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
+    drafter = MarkovDrafter(OPT_TABLE)
+    tree = OptTree(node_budget=3, stop_delta=0.3, max_depth=10, top_k=2).build(drafter, 0, root_hidden)
+    assert drafter.tree_used == 2
+    assert tree.tokens.tolist() == [0, 1, 2, 0] and tree.parents.tolist() == [-1, 0, 0, 1]
+    # stop_delta .2 grows level 3 (frontier 1->0 .27 and 2->3 .24; children .162, .081, .096, .072),
+    # which cannot enter the best 3: gain 0, stop. Same tree, two levels fed.
+    drafter = MarkovDrafter(OPT_TABLE)
+    tree = OptTree(node_budget=3, stop_delta=0.2, max_depth=10, top_k=2).build(drafter, 0, root_hidden)
+    assert drafter.tree_used == 4
+    assert tree.tokens.tolist() == [0, 1, 2, 0]
+
+
+def test_opt_tree_scorer_replaces_draft_confidence():
+    # A scorer that trusts token 2 fully and distrusts everything else re-ranks the tree.
+    def scorer(logprobs, tokens, depth):
+        return torch.where(tokens == 2, torch.zeros_like(logprobs), logprobs + math.log(0.1))
+
+    root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
+    tree = OptTree(node_budget=2, stop_delta=0.0, max_depth=2, top_k=2, scorer=scorer).build(
+        MarkovDrafter(OPT_TABLE), 0, root_hidden
+    )
+    # weights: 2 -> 1.0, 1 -> .06; level 2: 2->3 .08, 2->0 .01, 1->0 .0027, 1->2 .021 -> best two: 2, 2->3
+    assert tree.tokens.tolist() == [0, 2, 3] and tree.parents.tolist() == [-1, 0, 1]
