@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmms_msd.checkpoints import resolve_folder
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -73,6 +75,21 @@ class DraftConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": "llava", "architectures": ["MSDDraftHead"], **asdict(self)}
+
+    @classmethod
+    def like_target(cls, text_config: Any, vocab_size: int) -> "DraftConfig":
+        """The head for a target: one layer shaped as the target's (transformers LlamaConfig) layers."""
+        rope = getattr(text_config, "rope_theta", None) or (getattr(text_config, "rope_parameters", None) or {}).get("rope_theta")
+        return cls(
+            hidden_size=text_config.hidden_size,
+            intermediate_size=text_config.intermediate_size,
+            num_attention_heads=text_config.num_attention_heads,
+            num_key_value_heads=text_config.num_key_value_heads,
+            vocab_size=vocab_size,
+            head_dim=getattr(text_config, "head_dim", None),
+            rms_norm_eps=text_config.rms_norm_eps,
+            rope_theta=float(rope or 10000.0),
+        )
 
 
 class RMSNorm(nn.Module):
@@ -237,26 +254,6 @@ def expected_keys(config: DraftConfig) -> set[str]:
     return set(MSDDraft(config).to(device="meta").state_dict().keys())
 
 
-def resolve_folder(path_or_id: str) -> Path:
-    """A local folder, or a hub id downloaded with huggingface_hub (config and weights only)."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
-        raise FileNotFoundError(
-            f"draft checkpoint {path_or_id!r} is not a folder; give a folder with config.json and "
-            f"{' or '.join(WEIGHT_FILES)}, or a hub id such as lucylyn/MSD-LLaVA1.5-7B"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path_or_id, allow_patterns=["config.json", *WEIGHT_FILES]))
-    except Exception as exc:  # the hub raises many types: offline, not found, gated
-        raise FileNotFoundError(
-            f"draft checkpoint {path_or_id!r} is not a local folder and could not be fetched from the hub ({exc})"
-        ) from exc
-
-
 def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     for name in WEIGHT_FILES:
         file = folder / name
@@ -271,7 +268,7 @@ def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 def load_draft(path_or_id: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MSDDraft:
     """Load an MSD checkpoint strictly: every key present, none unexpected, every shape right."""
-    folder = resolve_folder(path_or_id)
+    folder = resolve_folder(path_or_id, "draft checkpoint", allow_patterns=["config.json", *WEIGHT_FILES])
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in draft folder {folder}")

@@ -166,23 +166,9 @@ def image_share(step: int, config: TrainingConfig) -> float:
     return min(1.0, (step - start + 1) / max(1, config.steps - start))
 
 
-def draft_config_for(target: Target) -> DraftConfig:
-    text = target.model.config.text_config
-    return DraftConfig(
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads,
-        vocab_size=target.vocab_size,
-        head_dim=getattr(text, "head_dim", None),
-        rms_norm_eps=text.rms_norm_eps,
-        rope_theta=float(getattr(text, "rope_theta", None) or (getattr(text, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
-    )
-
-
 def new_draft_for(target: Target, seed: int) -> MSDDraft:
     """A fresh head: random layer, the target's token embeddings (frozen, as in EAGLE and MSD)."""
-    draft = new_random_draft(draft_config_for(target), seed)
+    draft = new_random_draft(DraftConfig.like_target(target.model.config.text_config, target.vocab_size), seed)
     with torch.no_grad():
         draft.embed_tokens.weight.copy_(target.model.get_input_embeddings().weight[: target.vocab_size].float())
     return draft

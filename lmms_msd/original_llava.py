@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lmms_msd.checkpoints import llava_from_pretrained
 from lmms_msd.image import ImagePreprocessor, load_image_preprocessor
 from lmms_msd.prompt import IMAGE_PLACEHOLDER
 
@@ -279,17 +280,14 @@ def load_original_llava(
     check_weights(weights, expected, looked_in, vision_prefix)
 
     # 3. build with the weights (transformers handles dtype, device and non-persistent buffers)
-    model, info = LlavaForConditionalGeneration.from_pretrained(
+    model = llava_from_pretrained(
         None,
         config=llava_config,
         state_dict={k: w.tensor for k, w in weights.items()},
+        problem=f"transformers reported problems loading {folder} after the key check passed",
         dtype=dtype,
-        device_map={"": device},
+        device=device,
         attn_implementation=attn_implementation,
-        output_loading_info=True,
     )
-    reported = {kind: found for kind, found in info.items() if found}
-    if reported:
-        raise RuntimeError(f"transformers reported problems loading {folder} after the key check passed: {reported}")
     log.info("loaded original-layout LLaVA from %s with the vision tower of %s", folder, clip_folder)
     return model.eval(), tokenizer, original_image_preprocessor(config, clip_folder)

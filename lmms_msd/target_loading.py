@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lmms_msd.checkpoints import llava_from_pretrained, resolve_folder
 from lmms_msd.image import load_image_preprocessor
 from lmms_msd.original_llava import load_original_llava, read_json
 from lmms_msd.prompt import IMAGE_PLACEHOLDER, PromptFormat
@@ -25,8 +26,6 @@ from lmms_msd.target import Target
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# weights in formats transformers does not read for PyTorch: never download them
-IGNORED_DOWNLOADS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite"]
 
 
 def load_target(
@@ -71,24 +70,6 @@ def load_target(
     return Target(model.eval(), tokenizer, image_processor, prompt_format, layout)
 
 
-def resolve_folder(name_or_path: str, what: str) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (or found in the cache) by huggingface_hub."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        return Path(snapshot_download(str(name_or_path), ignore_patterns=IGNORED_DOWNLOADS))
-    except (ValueError, OSError, HfHubHTTPError) as error:
-        raise FileNotFoundError(
-            f"the {what} {name_or_path!r} is neither a local folder nor reachable on the Hugging Face hub "
-            f"({type(error).__name__}: {error}); pass an existing folder, or a hub id with network access "
-            "or already in the local cache"
-        ) from error
-
-
 def detect_layout(config: dict[str, Any], folder: Path) -> str:
     """"hf" or "original", from config.json's keys."""
     is_hf = "text_config" in config or "LlavaForConditionalGeneration" in (config.get("architectures") or [])
@@ -119,18 +100,15 @@ def load_hf_llava(
     folder: Path, dtype: torch.dtype, device: str | torch.device, attn_implementation: str | None
 ) -> tuple[Any, Any, Any]:
     """An HF-layout folder -> (LlavaForConditionalGeneration, tokenizer, image preprocessor), strictly."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer
 
-    model, info = LlavaForConditionalGeneration.from_pretrained(
+    model = llava_from_pretrained(
         str(folder),
+        problem=f"the weights in {folder} do not match its config.json",
         dtype=dtype,
-        device_map={"": device},
+        device=device,
         attn_implementation=attn_implementation,
-        output_loading_info=True,
     )
-    reported = {kind: found for kind, found in info.items() if found}
-    if reported:
-        raise ValueError(f"the weights in {folder} do not match its config.json: {reported}")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if image_token_id != model.config.image_token_id:

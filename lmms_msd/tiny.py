@@ -297,12 +297,7 @@ def following_draft(target: Any) -> Any:
     (lossless) draft, only a weaker one."""
     from lmms_msd.draft import DraftConfig, new_random_draft
 
-    text = target.model.config.text_config
-    config = DraftConfig(
-        hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-        num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads,
-        vocab_size=target.vocab_size, head_dim=getattr(text, "head_dim", None), rms_norm_eps=text.rms_norm_eps,
-    )
+    config = DraftConfig.like_target(target.model.config.text_config, target.vocab_size)
     draft = new_random_draft(config, seed=0).to(target.dtype)
     h = config.hidden_size
     draft.embed_tokens.weight.copy_(target.model.get_input_embeddings().weight[: config.vocab_size])
