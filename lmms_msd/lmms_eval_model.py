@@ -1,0 +1,494 @@
+"""The lmms-eval model `llava_msd_calibrated`: a thin adapter from lmms-eval requests to the library.
+
+Registered through the entry-point group `lmms_eval.models` (see setup.cfg), so after `pip install`
+both `python -m lmms_eval --model llava_msd_calibrated` and `accelerate launch -m lmms_eval ...` find
+it. This is the only module of the package that imports lmms-eval.
+
+A request (context, gen_kwargs, doc_to_visual, doc_id, task, split) becomes a question and at most one
+image -> `Target.prepare` -> `speculative_generate` (or `plain_generate` with `use_msd=false`, the
+baseline: same target, same prompt). Answers come back in request order; the speculative statistics
+of every request are gathered from all processes and written, per task, to a JSON report and a table
+in the log (`lmms_msd.stats`).
+
+Sampling is reproducible: each request draws from its own `torch.Generator` seeded from `seed`, the
+task name, the doc_id and the repeat index, so an answer does not depend on the order of requests or
+on which process decodes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger
+from PIL import Image
+from tqdm import tqdm
+
+from lmms_msd.decoding import GenerationResult, plain_generate, speculative_generate
+from lmms_msd.sampling import GenerationConfig
+from lmms_msd.stats import SampleRecord, build_report, format_table, write_report
+from lmms_msd.tree import EagleTree
+
+MODEL_ID = "llava_msd_calibrated"
+TREES = ("eagle2", "opt")
+DEFAULT_MAX_NEW_TOKENS = 1024  # what lmms-eval's llava models use when a task sets none
+STATS_FILE = "msd_stats.json"
+
+# gen_kwargs keys lmms-eval tasks send that this model understands (anything else is an error, so a
+# setting that would change the answers is never silently ignored)
+GEN_KWARGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "do_sample",
+    "until",
+    "num_beams",  # 1 only
+    "repetition_penalty",  # 1.0 only
+    "use_cache",  # caches are always used
+    "image_aspect_ratio",  # the checkpoint's own preprocessing is used, as lmms-eval's llava does for LLaVA-1.5
+    "train_ratio",  # the thesis's online-calibration share; accepted, used once the calibrator lands
+)
+NOTED_GEN_KWARGS = {
+    "train_ratio": "is accepted but not used yet: it takes effect with the calibrator",
+    "image_aspect_ratio": "is ignored: the checkpoint's own image preprocessing is used "
+    "(LLaVA-1.5: pad to a square), as lmms-eval's llava model does for LLaVA-1.5 checkpoints",
+    "use_cache": "is ignored: speculative and plain decoding always use KV caches",
+}
+
+
+def model_manifest():
+    """The payload of the `lmms_eval.models` entry point: a `ModelManifest`.
+
+    Imported here, not at the top: importing `lmms_eval.models.registry_v2` runs
+    `lmms_eval.models/__init__`, which loads the entry points, which import this module; were this
+    module being imported first, it would be found half-initialised and the model not registered.
+    """
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path="lmms_msd.lmms_eval_model.LlavaMsdCalibrated")
+
+
+# ---- model_args ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelArgs:
+    """model_args after coercion (lmms-eval parses `--model_args` loosely: "-1" arrives as -1.0,
+    "None" as the string "None")."""
+
+    pretrained: str
+    msd_model_path: str | None
+    use_msd: bool
+    tree: str
+    total_tokens: int
+    depth: int
+    top_k: int
+    device: str
+    dtype: str
+    attn_implementation: str | None
+    conv_template: str | None
+    system_prompt: str | None
+    vision_tower: str | None
+    stats_path: str | None
+    seed: int
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _as_optional_str(value: Any) -> str | None:
+    """None and "None" mean unset; numbers parsed by lmms-eval go back to text."""
+    if value is None or value == "None":
+        return None
+    return str(value)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- requests --------------------------------------------------------------------------------------------
+def generation_config(gen_kwargs: Mapping[str, Any]) -> GenerationConfig:
+    """lmms-eval's gen_kwargs -> a validated GenerationConfig.
+
+    Follows lmms-eval's llava models: temperature defaults to 0 and sampling is on when the temperature
+    is positive, unless `do_sample` says otherwise (do_sample=true without a temperature samples at 1,
+    as transformers does). top_p / top_k only matter when sampling, so greedy requests ignore them
+    (`--gen_kwargs temperature=0,top_p=0` is common and valid).
+    """
+    kwargs = {k: v for k, v in gen_kwargs.items() if v is not None}
+    unknown = sorted(set(kwargs) - set(GEN_KWARGS))
+    if unknown:
+        raise ValueError(f"gen_kwargs {unknown} are not supported by {MODEL_ID}; supported: {list(GEN_KWARGS)}")
+    num_beams = _as_int("num_beams", kwargs.get("num_beams", 1))
+    if num_beams != 1:
+        raise ValueError(
+            f"num_beams={num_beams}: beam search is not supported (speculative decoding reproduces greedy "
+            "decoding or sampling exactly); set num_beams=1"
+        )
+    repetition_penalty = _as_float("repetition_penalty", kwargs.get("repetition_penalty", 1.0))
+    if repetition_penalty != 1.0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} is not supported; only 1.0 (none)")
+    if "do_sample" in kwargs:
+        do_sample = _as_bool("do_sample", kwargs["do_sample"])
+        temperature = _as_float("temperature", kwargs.get("temperature", 1.0 if do_sample else 0.0))
+    else:
+        temperature = _as_float("temperature", kwargs.get("temperature", 0.0))
+        do_sample = temperature > 0
+    until = kwargs.get("until", ())
+    if isinstance(until, str):
+        until = (until,)
+    elif isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until):
+        until = tuple(until)
+    else:
+        raise ValueError(f"until must be a string or a list of strings, got {until!r}")
+    sampling = do_sample and temperature > 0
+    return GenerationConfig(
+        max_new_tokens=_as_int("max_new_tokens", kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=_as_float("top_p", kwargs.get("top_p", 1.0)) if sampling else 1.0,
+        top_k=_as_int("top_k", kwargs.get("top_k", 0)) if sampling else 0,
+        until=until,
+    )
+
+
+def request_images(doc_to_visual: Callable[[Any], Any], doc: Any) -> list[Image.Image]:
+    """The request's images through the task's doc_to_visual: none or one PIL image."""
+    try:
+        visuals = doc_to_visual(doc)
+    except Exception as error:  # task code may raise anything; re-raised with what it means here
+        raise ValueError(
+            f"the task's doc_to_visual failed ({type(error).__name__}: {error}); is the document's image missing or corrupt?"
+        ) from error
+    if visuals is None:
+        return []
+    if isinstance(visuals, Image.Image):
+        visuals = [visuals]
+    visuals = list(visuals)
+    if len(visuals) > 1:
+        raise ValueError(
+            f"the request has {len(visuals)} images; {MODEL_ID} takes one image or none per request "
+            "(LLaVA-1.5 was trained on single images)"
+        )
+    for visual in visuals:
+        if visual is None:
+            raise ValueError("the image is missing: doc_to_visual returned None in place of an image")
+        if not isinstance(visual, Image.Image):
+            raise ValueError(
+                f"the visual is a {type(visual).__name__}, not a PIL image; {MODEL_ID} takes images only "
+                "(no video or audio)"
+            )
+    return visuals
+
+
+def request_seed(seed: int, task: str, doc_id: int, repeat: int) -> int:
+    """A 63-bit seed for one request, the same on every process and in every request order."""
+    digest = hashlib.sha256(f"{seed}\x00{task}\x00{doc_id}\x00{repeat}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def lmms_eval_output_path(argv: Sequence[str]) -> str | None:
+    """lmms-eval's `--output_path` when this process is an lmms-eval command line run.
+
+    lmms-eval does not hand its output path to the model, so it is read from the command line of
+    `python -m lmms_eval` / `accelerate launch -m lmms_eval` / `lmms-eval`.
+    """
+    if not argv:
+        return None
+    program = Path(argv[0])
+    if program.name != "lmms-eval" and program.parent.name != "lmms_eval":
+        return None
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--output_path")
+    known, _ = parser.parse_known_args(list(argv[1:]))
+    return known.output_path
+
+
+# ---- the model -----------------------------------------------------------------------------------------
+class LlavaMsdCalibrated(lmms):
+    """LLaVA-1.5 with lossless MSD speculative decoding, as an lmms-eval model.
+
+    model_args (defaults in brackets):
+      pretrained           the LLaVA-1.5 target: folder or hub id, HF or original layout [required]
+      msd_model_path       the MSD draft head: folder or hub id [required when use_msd is true]
+      use_msd              speculative decoding; false runs plain decoding, the baseline [true]
+      tree                 "eagle2" (the EAGLE-2 dynamic tree); "opt" arrives with OPT-Tree [eagle2]
+      total_tokens, depth, top_k   the EAGLE-2 tree's size [59, 5, 10]
+      device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
+      dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
+      attn_implementation  the target's attention [sdpa]
+      conv_template        the prompt's conversation template [vicuna_v1]
+      system_prompt        overrides the template's system prompt [the template's]
+      vision_tower         original layout only: the CLIP tower, overriding mm_vision_tower [config's]
+      stats_path           the JSON statistics report [<lmms-eval --output_path>/msd_stats.json,
+                           else ./msd_stats.json]
+      seed                 seeds every sampled request (with the task, doc_id and repeat index) [0]
+    lmms-eval also passes batch_size (1 only: one request at a time) and max_batch_size (unused).
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        msd_model_path: str | None = None,
+        use_msd: bool = True,
+        tree: str = "eagle2",
+        total_tokens: int = 59,
+        depth: int = 5,
+        top_k: int = 10,
+        device: str | None = None,
+        dtype: str | None = None,
+        attn_implementation: str | None = "sdpa",
+        conv_template: str | None = None,
+        system_prompt: str | None = None,
+        vision_tower: str | None = None,
+        stats_path: str | None = None,
+        seed: int = 0,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            valid = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "unknown")]
+            raise ValueError(f"unknown model_args {sorted(unknown)} for {MODEL_ID}; valid ones: {valid}")
+        if str(batch_size).strip() not in ("1", "1.0"):
+            raise ValueError(
+                f"batch_size={batch_size}: {MODEL_ID} decodes one request at a time (one tree per target "
+                "forward); use --batch_size 1 and data parallelism (accelerate launch) for throughput"
+            )
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        self.args = self._coerce_args(
+            pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
+            attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
+        )  # fmt: skip
+        self.tree_builder = (
+            EagleTree(self.args.total_tokens, self.args.depth, self.args.top_k) if self.args.use_msd else None
+        )
+        self.target, self.draft = self._load()
+        self._records: list[SampleRecord] = []  # every process's records, on rank 0
+        self._noted: set[str] = set()
+        self._run_started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def _coerce_args(
+        self, pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
+        attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
+    ) -> ModelArgs:  # fmt: skip
+        pretrained = _as_optional_str(pretrained)
+        if pretrained is None:
+            raise ValueError(
+                f"{MODEL_ID} needs model_args pretrained=<LLaVA-1.5 folder or hub id> (no default pair is bundled yet)"
+            )
+        use_msd = _as_bool("use_msd", use_msd)
+        msd_model_path = _as_optional_str(msd_model_path)
+        if use_msd and msd_model_path is None:
+            raise ValueError(
+                f"{MODEL_ID} needs model_args msd_model_path=<MSD draft folder or hub id> (no default pair is "
+                "bundled yet); or use_msd=false for plain decoding"
+            )
+        tree = str(tree).lower()
+        if tree == "opt":
+            raise ValueError("tree=opt (OPT-Tree) arrives with the OPT-Tree issue; use tree=eagle2 for now")
+        if tree not in TREES:
+            raise ValueError(f"unknown tree {tree!r}; valid: {list(TREES)}")
+        device = _as_optional_str(device) or default_device()
+        if device == "cuda" and self._world_size > 1:
+            device = f"cuda:{self.accelerator.local_process_index}"
+        dtype = _as_optional_str(dtype) or ("auto" if device.startswith("cuda") else "float32")
+        return ModelArgs(
+            pretrained=pretrained,
+            msd_model_path=msd_model_path,
+            use_msd=use_msd,
+            tree=tree,
+            total_tokens=_as_int("total_tokens", total_tokens),
+            depth=_as_int("depth", depth),
+            top_k=_as_int("top_k", top_k),
+            device=device,
+            dtype=dtype,
+            attn_implementation=_as_optional_str(attn_implementation),
+            conv_template=_as_optional_str(conv_template),
+            system_prompt=_as_optional_str(system_prompt),
+            vision_tower=_as_optional_str(vision_tower),
+            stats_path=_as_optional_str(stats_path),
+            seed=_as_int("seed", seed),
+        )
+
+    def _load(self):
+        from lmms_msd.draft import check_draft_fits, load_draft
+        from lmms_msd.target_loading import load_target
+
+        a = self.args
+        target = load_target(
+            a.pretrained, vision_tower=a.vision_tower, device=a.device, dtype=a.dtype,
+            attn_implementation=a.attn_implementation, conv_template=a.conv_template, system_prompt=a.system_prompt,
+        )  # fmt: skip
+        if not a.use_msd:
+            if a.msd_model_path is not None:
+                eval_logger.info(f"{MODEL_ID}: use_msd=false, plain decoding; msd_model_path is not loaded")
+            return target, None
+        draft = load_draft(a.msd_model_path, device=target.device, dtype=target.dtype)
+        try:
+            check_draft_fits(draft, target.hidden_size, target.vocab_size)
+        except ValueError as error:
+            raise ValueError(
+                f"msd_model_path={a.msd_model_path!r} cannot draft for pretrained={a.pretrained!r}: {error}"
+            ) from error
+        return target, draft
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    # ---- lmms-eval API -----------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        outputs: list[str] = []
+        records: list[SampleRecord] = []
+        repeats: Counter[tuple[str, int]] = Counter()
+        for index, request in enumerate(tqdm(requests, desc=MODEL_ID, disable=self.rank != 0)):
+            if (request.metadata or {}).get("__padding_only__"):
+                # lmms-eval evens out the processes' request counts with copies whose answers it drops
+                outputs.append("")
+                continue
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            repeat = repeats[(task, doc_id)]
+            repeats[(task, doc_id)] += 1
+            try:
+                result = self._generate(
+                    context, gen_kwargs, doc_to_visual, self.task_dict[task][split][doc_id], task, doc_id, repeat
+                )
+            except (ValueError, TypeError, OSError) as error:
+                raise ValueError(f"{MODEL_ID}: request {index} (task {task!r}, doc_id {doc_id}): {error}") from error
+            outputs.append(result.text.strip())
+            records.append(SampleRecord.from_decode_stats(task, doc_id, result.stats, rank=self.rank, repeat=repeat))
+        self._report(records)
+        return outputs
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError(
+            f"{MODEL_ID} implements generate_until only: speculative decoding speeds up generation, and "
+            "loglikelihood tasks (multiple choice scored by likelihood) generate nothing; run a generate_until "
+            "variant of the task, or lmms-eval's llava_hf model for likelihood scoring"
+        )
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(f"{MODEL_ID} implements generate_until only; multi-round tasks are not supported yet")
+
+    # ---- one request ---------------------------------------------------------------------------------------
+    def _generate(
+        self, context: str, gen_kwargs: Mapping[str, Any], doc_to_visual, doc: Any, task: str, doc_id: int, repeat: int
+    ) -> GenerationResult:
+        images = request_images(doc_to_visual, doc)
+        if not isinstance(context, str):
+            raise TypeError(f"the context must be a string, got {type(context).__name__}")
+        if not context.strip() and not images:
+            raise ValueError("the context is empty and there is no image: there is nothing to ask the model")
+        config = generation_config(gen_kwargs)
+        self._note_gen_kwargs(gen_kwargs)
+        prompt = self.target.prepare(context, images)
+        generator = None
+        if not config.greedy:
+            generator = torch.Generator(device=self.target.device)
+            generator.manual_seed(request_seed(self.args.seed, task, doc_id, repeat))
+        if self.draft is None:
+            return plain_generate(self.target, prompt, config, generator)
+        return speculative_generate(self.target, self.draft, prompt, config, self.tree_builder, generator)
+
+    def _note_gen_kwargs(self, gen_kwargs: Mapping[str, Any]) -> None:
+        for key, note in NOTED_GEN_KWARGS.items():
+            if gen_kwargs.get(key) is not None and key not in self._noted:
+                self._noted.add(key)
+                eval_logger.info(f"{MODEL_ID}: gen_kwargs {key}={gen_kwargs[key]!r} {note}")
+
+    # ---- statistics ----------------------------------------------------------------------------------------
+    def _gather(self, records: list[SampleRecord]) -> list[SampleRecord]:
+        """Every process's records (on every process); all processes must call this together."""
+        dist = torch.distributed
+        if self._world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return records
+        gathered: list[list[SampleRecord] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, records)
+        return [r for part in gathered for r in part or []]
+
+    def _report(self, records: list[SampleRecord]) -> None:
+        records = self._gather(records)
+        if self.rank != 0:
+            return
+        first_write = not self._records
+        self._records.extend(records)
+        report = build_report(self._records, self._meta())
+        path = self.stats_path
+        if first_write and path.exists():
+            eval_logger.warning(
+                f"{MODEL_ID}: overwriting the statistics of an earlier run in {path}; set stats_path to keep both"
+            )
+        write_report(report, path)
+        eval_logger.info(f"{MODEL_ID} statistics ({report['decoding']}), written to {path}:\n{format_table(report)}")
+
+    @property
+    def stats_path(self) -> Path:
+        if self.args.stats_path is not None:
+            return Path(self.args.stats_path)
+        output_path = lmms_eval_output_path(sys.argv)
+        return Path(output_path) / STATS_FILE if output_path else Path.cwd() / STATS_FILE
+
+    def _meta(self) -> dict[str, Any]:
+        tree = None
+        if self.tree_builder is not None:
+            tree = {"kind": self.args.tree, **asdict(self.tree_builder)}
+        return {
+            "model": MODEL_ID,
+            "decoding": "speculative" if self.draft is not None else "plain",
+            "tree": tree,
+            "model_args": asdict(self.args),
+            "target_layout": self.target.layout,
+            "torch_dtype": str(self.target.dtype).removeprefix("torch."),
+            "processes": self._world_size,
+            "started": self._run_started,
+        }

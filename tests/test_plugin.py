@@ -1,0 +1,369 @@
+"""The lmms-eval model `llava_msd_calibrated`, in process: registration, model_args, gen_kwargs, request
+handling, bad input, statistics. Tiny checkpoints from conftest; drafts are random MSD heads saved
+with `save_draft`. End-to-end runs of `python -m lmms_eval` are in test_plugin_e2e.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from conftest import random_image
+from lmms_eval.api.instance import Instance
+from PIL import Image
+
+from lmms_msd.draft import DraftConfig, new_random_draft, save_draft
+from lmms_msd.lmms_eval_model import (
+    MODEL_ID,
+    LlavaMsdCalibrated,
+    generation_config,
+    lmms_eval_output_path,
+    model_manifest,
+    request_seed,
+)
+
+TASK, SPLIT = "t", "test"
+
+
+def chartqa_doc_to_visual(doc):
+    """lmms-eval's `lmms_eval.tasks.chartqa.utils.chartqa_doc_to_visual`, copied: importing
+    `lmms_eval.tasks` sets PIL's global LOAD_TRUNCATED_IMAGES, which would leak into other test modules."""
+    return [doc["image"].convert("RGB")]
+
+
+SHORT = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
+
+
+def save_random_draft(target, folder: Path, seed: int = 1, hidden_size: int | None = None) -> Path:
+    """A random MSD head sized for `target` (or with another hidden size, to not fit it)."""
+    text = target.model.config.text_config
+    config = DraftConfig(
+        hidden_size=hidden_size or text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        vocab_size=target.vocab_size,
+        head_dim=text.head_dim,
+    )
+    return save_draft(new_random_draft(config, seed), folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_draft_dir(tiny_hf_target, tmp_path_factory) -> Path:
+    return save_random_draft(tiny_hf_target, tmp_path_factory.mktemp("draft") / "msd-tiny")
+
+
+@pytest.fixture(scope="module")
+def docs():
+    """Four ChartQA-schema documents with seeded noise images of different sizes."""
+    return [
+        {
+            "image": random_image(40 + 5 * i, 30, seed=i),
+            "question": f"What is shown in chart {i}?",
+            "answer": "1",
+            "type": "human_test",
+        }
+        for i in range(4)
+    ]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_hf_dir, tiny_draft_dir, tmp_path_factory):
+    lm = LlavaMsdCalibrated(
+        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir),
+        stats_path=str(tmp_path_factory.mktemp("stats") / "msd_stats.json"),
+    )  # fmt: skip
+    lm.task_dict = {}
+    return lm
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_hf_dir, tmp_path_factory):
+    lm = LlavaMsdCalibrated(
+        pretrained=str(tiny_hf_dir), use_msd="false", stats_path=str(tmp_path_factory.mktemp("stats") / "plain.json")
+    )
+    lm.task_dict = {}
+    return lm
+
+
+def request(
+    doc_id: int,
+    gen_kwargs=None,
+    context: str | None = None,
+    doc_to_visual=chartqa_doc_to_visual,
+    task=TASK,
+    metadata=None,
+):
+    context = f"What is shown in chart {doc_id}?" if context is None else context
+    meta = {"task": task, "doc_id": doc_id, "repeats": 1, **(metadata or {})}
+    args = (context, dict(SHORT if gen_kwargs is None else gen_kwargs), doc_to_visual, doc_id, task, SPLIT)
+    return Instance(request_type="generate_until", arguments=args, idx=0, metadata=meta)
+
+
+def run(lm, requests, docs, task=TASK):
+    lm.task_dict = {task: {SPLIT: docs}}
+    return lm.generate_until(requests)
+
+
+# ---- registration ----------------------------------------------------------------------------------------
+def test_manifest():
+    manifest = model_manifest()
+    assert manifest.model_id == MODEL_ID == "llava_msd_calibrated"
+    assert manifest.simple_class_path == "lmms_msd.lmms_eval_model.LlavaMsdCalibrated"
+
+
+def test_entry_point_registers_the_model():
+    try:
+        metadata.distribution("lmms-msd")
+    except metadata.PackageNotFoundError:
+        pytest.skip("lmms-msd is not installed (pip install .): entry points exist only after installing")
+    names = [ep.name for ep in metadata.entry_points(group="lmms_eval.models")]
+    assert MODEL_ID in names
+    from lmms_eval.models import get_model
+
+    assert get_model(MODEL_ID) is LlavaMsdCalibrated
+
+
+# ---- model_args --------------------------------------------------------------------------------------------
+def test_unknown_model_args_are_rejected_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown model_args \['use_calibration'\].*valid ones: \[.*'msd_model_path'"):
+        LlavaMsdCalibrated.create_from_arg_string("pretrained=x,msd_model_path=y,use_calibration=true")
+
+
+@pytest.mark.parametrize(
+    "arg_string, message",
+    [
+        ("msd_model_path=y", "needs model_args pretrained="),
+        ("pretrained=None,msd_model_path=y", "needs model_args pretrained="),
+        ("pretrained=x", "needs model_args msd_model_path=.*or use_msd=false"),
+        ("pretrained=x,msd_model_path=y,tree=opt", "tree=opt .*OPT-Tree issue; use tree=eagle2"),
+        ("pretrained=x,msd_model_path=y,tree=medusa", r"unknown tree 'medusa'; valid: \['eagle2', 'opt'\]"),
+        ("pretrained=x,msd_model_path=y,use_msd=maybe", "use_msd must be true or false, got 'maybe'"),
+        ("pretrained=x,msd_model_path=y,depth=2.5", "depth must be an integer, got 2.5"),
+        ("pretrained=x,msd_model_path=y,total_tokens=1", "EAGLE-2 tree needs total_tokens >= 2"),
+    ],
+)
+def test_bad_model_args(arg_string, message):
+    with pytest.raises(ValueError, match=message):
+        LlavaMsdCalibrated.create_from_arg_string(arg_string)
+
+
+def test_batch_size_other_than_one_is_refused():
+    with pytest.raises(ValueError, match="batch_size=4.*one request at a time"):
+        LlavaMsdCalibrated.create_from_arg_string("pretrained=x,msd_model_path=y", {"batch_size": "4"})
+
+
+def test_model_args_are_coerced(tiny_hf_dir, tiny_draft_dir):
+    lm = LlavaMsdCalibrated.create_from_arg_string(
+        f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},total_tokens=30,depth=3.0,top_k=4,"
+        "seed=-1,use_msd=True,system_prompt=None,conv_template=vicuna_v1",
+        {"batch_size": 1, "max_batch_size": None, "device": None},
+    )
+    a = lm.args
+    assert (a.total_tokens, a.depth, a.top_k, a.seed, a.use_msd) == (30, 3, 4, -1, True)
+    assert type(a.depth) is int and a.system_prompt is None and a.conv_template == "vicuna_v1"
+    assert (a.device, a.dtype) == ("cpu", "float32")
+    assert (lm.tree_builder.total_tokens, lm.tree_builder.depth, lm.tree_builder.top_k) == (30, 3, 4)
+
+
+def test_draft_that_does_not_fit_the_target(tiny_hf_dir, tiny_hf_target, tmp_path):
+    wrong = save_random_draft(tiny_hf_target, tmp_path / "wrong", hidden_size=32)
+    with pytest.raises(ValueError, match=r"cannot draft for pretrained=.*hidden size: draft 32, target 64"):
+        LlavaMsdCalibrated(pretrained=str(tiny_hf_dir), msd_model_path=str(wrong))
+
+
+def test_plain_baseline_needs_no_draft(plain_model):
+    assert plain_model.draft is None and plain_model.tree_builder is None
+
+
+# ---- gen_kwargs --------------------------------------------------------------------------------------------
+def test_generation_config_defaults_follow_lmms_eval():
+    config = generation_config({})
+    assert (config.max_new_tokens, config.greedy, config.until) == (1024, True, ())
+    sampled = generation_config({"temperature": 0.7, "top_p": 0.9, "top_k": 5.0, "until": "\n\n"})
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.top_k, sampled.until) == (
+        True,
+        0.7,
+        0.9,
+        5,
+        ("\n\n",),
+    )
+    assert generation_config({"temperature": 0.7, "do_sample": False}).greedy
+    assert generation_config({"do_sample": True}).temperature == 1.0
+    # greedy requests ignore top_p/top_k, so lmms-eval's `temperature=0,top_p=0` is valid
+    assert generation_config({"temperature": 0, "top_p": 0, "top_k": 0, "num_beams": 1}).greedy
+    # None means unset, as in many task YAMLs
+    assert generation_config({"top_p": None, "repetition_penalty": None, "max_new_tokens": 8}).max_new_tokens == 8
+
+
+@pytest.mark.parametrize(
+    "gen_kwargs, message",
+    [
+        ({"num_beams": 2}, "num_beams=2: beam search is not supported"),
+        ({"repetition_penalty": 1.2}, r"repetition_penalty=1.2 is not supported"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0"),
+        ({"max_new_tokens": "many"}, "max_new_tokens must be an integer"),
+        ({"length_penalty": 1.0}, r"gen_kwargs \['length_penalty'\] are not supported.*supported: \['max_new_tokens'"),
+        ({"until": 3}, "until must be a string or a list of strings"),
+        ({"temperature": 0.5, "top_p": 0}, r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_bad_gen_kwargs(gen_kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generation_config(gen_kwargs)
+
+
+def test_request_seed_depends_on_every_part():
+    seeds = {request_seed(0, "t", 1, 0), request_seed(1, "t", 1, 0), request_seed(0, "u", 1, 0),
+             request_seed(0, "t", 2, 0), request_seed(0, "t", 1, 1)}  # fmt: skip
+    assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
+    assert request_seed(0, "t", 1, 0) == request_seed(0, "t", 1, 0)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["/venv/lib/python3.11/site-packages/lmms_eval/__main__.py", "--model", "m", "--output_path", "out"], "out"),
+        (["/venv/bin/lmms-eval", "eval", "--output_path=logs/"], "logs/"),
+        (["/venv/lib/python3.11/site-packages/lmms_eval/__main__.py", "--model", "m"], None),
+        (["/venv/bin/pytest", "--output_path", "elsewhere"], None),
+        ([], None),
+    ],
+)
+def test_lmms_eval_output_path(argv, expected):
+    assert lmms_eval_output_path(argv) == expected
+
+
+# ---- requests --------------------------------------------------------------------------------------------
+def test_speculative_equals_plain_greedy_in_request_order(model, plain_model, docs):
+    requests = [request(i) for i in (2, 0, 3, 1)]
+    speculative = run(model, requests, docs)
+    plain = run(plain_model, requests, docs)
+    assert speculative == plain
+    assert all(isinstance(text, str) for text in speculative)
+    # the same answer per document whatever the order of the requests
+    again = run(model, [request(i) for i in (0, 1, 2, 3)], docs)
+    assert dict(zip((2, 0, 3, 1), speculative)) == dict(zip((0, 1, 2, 3), again))
+
+
+def test_sampling_is_reproducible_and_order_independent(model, docs):
+    sampled = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
+    first = run(model, [request(i, sampled) for i in range(4)], docs)
+    second = run(model, [request(i, sampled) for i in (3, 2, 1, 0)], docs)
+    assert first == second[::-1]
+
+
+def test_empty_context_with_an_image_is_a_valid_request(model, docs):
+    [text] = run(model, [request(0, context="")], docs)
+    assert isinstance(text, str)
+
+
+def test_padding_requests_are_not_decoded_or_counted(model, docs):
+    padding = request(1, metadata={"__padding_only__": True})
+    texts = run(model, [request(0), padding], docs)
+    assert texts[1] == ""
+    report = json.loads(model.stats_path.read_text())
+    assert report["decoding"] == "speculative"
+
+
+def test_statistics_report(tiny_hf_dir, tiny_draft_dir, tmp_path, docs):
+    lm = LlavaMsdCalibrated(
+        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), stats_path=str(tmp_path / "s.json")
+    )
+    lm.task_dict = {TASK: {SPLIT: docs}, "other": {SPLIT: docs}}
+    lm.generate_until([request(1), request(0), request(0, task="other")])
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["decoding"] == "speculative" and report["processes"] == 1
+    assert report["tree"] == {"kind": "eagle2", "total_tokens": 59, "depth": 5, "top_k": 10}
+    assert report["model_args"]["pretrained"] == str(tiny_hf_dir)
+    rows = report["tasks"][TASK]["samples"]
+    assert [r["doc_id"] for r in rows] == [0, 1]
+    summary = report["tasks"][TASK]["summary"]
+    assert summary["samples"] == 2
+    assert summary["new_tokens"] == sum(r["new_tokens"] for r in rows)
+    assert summary["steps"] == sum(r["steps"] for r in rows) == sum(summary["accepted_histogram"].values())
+    assert report["overall"]["samples"] == 3
+    # a second generate_until call of the same run adds to the same report
+    run(lm, [request(2)], docs)
+    assert json.loads((tmp_path / "s.json").read_text())["overall"]["samples"] == 4
+
+
+def test_loglikelihood_and_multi_round_are_not_implemented(model):
+    with pytest.raises(NotImplementedError, match="generate_until only"):
+        model.loglikelihood([])
+    with pytest.raises(NotImplementedError, match="generate_until only"):
+        model.generate_until_multi_round([])
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+def corrupt_jpeg(image: Image.Image) -> Image.Image:
+    """A JPEG whose header parses but whose entropy-coded data is garbage: Image.open succeeds,
+    decoding fails. (A merely truncated file would decode: lmms-eval sets PIL's
+    LOAD_TRUNCATED_IMAGES, which fills the missing part with grey.)"""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    data[200:-2] = b"\xff" * (len(data) - 202)
+    return Image.open(io.BytesIO(bytes(data)))
+
+
+def as_is(doc):
+    """A doc_to_visual that hands the stored image over without decoding it first."""
+    return [doc["image"]]
+
+
+@pytest.mark.parametrize(
+    "doc_change, doc_to_visual, message",
+    [
+        (
+            {"image": None},
+            chartqa_doc_to_visual,
+            r"the task.s doc_to_visual failed \(AttributeError: .*\); is the document's image missing or corrupt",
+        ),
+        ({"image": None}, as_is, "the image is missing: doc_to_visual returned None"),
+        (
+            {"image": "corrupt"},
+            chartqa_doc_to_visual,
+            r"the task.s doc_to_visual failed \(OSError: cannot load this image\)",
+        ),
+        ({"image": "corrupt"}, as_is, "could not decode the image .*corrupt or not an image"),
+        (
+            {},
+            lambda doc: [doc["image"], doc["image"]],
+            "the request has 2 images; llava_msd_calibrated takes one image or none",
+        ),
+        ({}, lambda doc: ["video.mp4"], "the visual is a str, not a PIL image"),
+    ],
+)
+def test_bad_images(model, docs, doc_change, doc_to_visual, message):
+    doc = {**docs[0], **doc_change}
+    if doc["image"] == "corrupt":
+        doc["image"] = corrupt_jpeg(docs[0]["image"])
+    with pytest.raises(ValueError, match=r"llava_msd_calibrated: request 0 \(task 't', doc_id 0\): " + message):
+        run(model, [request(0, doc_to_visual=doc_to_visual)], [doc])
+
+
+def test_empty_context_without_image(model, docs):
+    with pytest.raises(ValueError, match="request 0 .*the context is empty and there is no image"):
+        run(model, [request(0, context="  ", doc_to_visual=lambda doc: [])], docs)
+
+
+def test_context_longer_than_the_target_allows(model, docs):
+    long_context = "What is the value of the largest bar? " * 200
+    with pytest.raises(
+        ValueError, match=r"request 0 .*the prompt is \d+ tokens long but the target's maximum length is 512"
+    ):
+        run(model, [request(0, context=long_context)], docs)
+
+
+def test_max_new_tokens_zero(model, docs):
+    with pytest.raises(ValueError, match=r"request 1 \(task 't', doc_id 3\): max_new_tokens must be at least 1, got 0"):
+        run(model, [request(0), request(3, {"max_new_tokens": 0})], docs)
+
+
+def test_train_ratio_is_accepted(model, docs):
+    [text] = run(model, [request(0, {**SHORT, "train_ratio": 0.3})], docs)
+    assert isinstance(text, str)
