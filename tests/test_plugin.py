@@ -5,6 +5,7 @@ with `save_draft`. End-to-end runs of `python -m lmms_eval` are in test_plugin_e
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from importlib import metadata
@@ -39,15 +40,9 @@ SHORT = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
 
 def save_random_draft(target, folder: Path, seed: int = 1, hidden_size: int | None = None) -> Path:
     """A random MSD head sized for `target` (or with another hidden size, to not fit it)."""
-    text = target.model.config.text_config
-    config = DraftConfig(
-        hidden_size=hidden_size or text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads,
-        vocab_size=target.vocab_size,
-        head_dim=text.head_dim,
-    )
+    config = DraftConfig.like_target(target.model.config.text_config, target.vocab_size)
+    if hidden_size is not None:
+        config = dataclasses.replace(config, hidden_size=hidden_size)
     return save_draft(new_random_draft(config, seed), folder)
 
 
