@@ -37,7 +37,10 @@ class DecodeStats:
 
     new_tokens: int = 0
     steps: int = 0
-    accepted: list[int] = field(default_factory=list)  # draft tokens accepted at each step
+    # committed tokens of each step minus one (its bonus): draft tokens accepted and kept; a step cut
+    # by a stop counts only what it kept, so tau = committed tokens / steps exactly
+    accepted: list[int] = field(default_factory=list)
+    discarded: int = 0  # tokens the last step verified past the stop (accepted drafts or bonus)
     prefill_s: float = 0.0  # the prompt's forward(s), the first token included
     wall_s: float = 0.0  # the whole request
 
@@ -159,6 +162,8 @@ def speculative_generate(
         tokens += committed
         stop = stopper.first_stop(tokens, checked)
         if stop is not None:
+            stats.discarded = len(tokens) - stop
+            stats.accepted[-1] = stop - checked - 1
             del tokens[stop:]
             break
         # 6. keep the accepted path in the target cache, advance the draft over it

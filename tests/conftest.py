@@ -21,6 +21,9 @@ from PIL import Image  # noqa: E402
 
 from lmms_msd.tiny import save_tiny_hf_target, save_tiny_original_target  # noqa: E402
 
+# The tests run tiny models: intra-op threads cost more than they give (several times slower on 2 cores).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -21,8 +21,9 @@ N_PROMPTS = 20
 
 
 def committed_beyond_output(stats: DecodeStats) -> bool:
-    """True when the last step committed tokens past the stop, i.e. the stop fell inside a path."""
-    return 1 + sum(a + 1 for a in stats.accepted) > stats.new_tokens
+    """True when the last step verified tokens past the stop, i.e. the stop fell inside a path."""
+    assert 1 + sum(a + 1 for a in stats.accepted) == stats.new_tokens, "tau must count committed tokens only"
+    return stats.discarded > 0
 
 
 def with_eos(target, eos_token_id):
