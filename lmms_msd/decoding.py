@@ -28,7 +28,9 @@ StepObserver = Callable[[Tree, torch.Tensor, Acceptance], None]
 class TreeBuilder(Protocol):
     max_depth: int
 
-    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor) -> Tree: ...
+    def build(
+        self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None
+    ) -> Tree: ...
 
 
 @dataclass
@@ -126,23 +128,30 @@ def speculative_generate(
     tree_builder: TreeBuilder,
     generator: torch.Generator | None = None,
     observer: StepObserver | None = None,
+    track_visual: bool = False,
 ) -> GenerationResult:
-    """Draft a tree, verify it in one target forward, commit the accepted path plus a bonus token; repeat."""
+    """Draft a tree, verify it in one target forward, commit the accepted path plus a bonus token; repeat.
+
+    observer: called after every verification (statistics, calibration labels); it only reads.
+    track_visual: measure the draft's attention on the image for every tree node (`Tree.visual`),
+    which a calibrated scorer with attention bins and a calibration observer need; off, the draft
+    layer runs plain SDPA. Neither changes a single output token.
+    """
     _check_prompt(target, prompt)
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
     start = time.perf_counter()
     # 1. prefill the target, choose the first token, prefill the draft
     cache, hidden, token = _prefill(target, prompt, config, generator)
     length = prompt.input_ids.shape[0]
-    drafter = Drafter(draft, target.lm_head, capacity=length + config.max_new_tokens + 64)
-    root_hidden = drafter.prefill(prompt, hidden, token)
+    drafter = Drafter(draft, target.lm_head, capacity=length + config.max_new_tokens + 64, track_visual=track_visual)
+    root_hidden, root_visual = drafter.prefill(prompt, hidden, token)
     _synchronize(target.device)
     stats = DecodeStats(prefill_s=time.perf_counter() - start)
     tokens = [token]
     stop = stopper.first_stop(tokens, 0)
     while stop is None:
         # 2. draft a tree under the root (the last committed token)
-        tree = tree_builder.build(drafter, token, root_hidden)
+        tree = tree_builder.build(drafter, token, root_hidden, root_visual)
         # 3. verify it in one forward
         prefix_len = cache.get_seq_length()
         tree_hidden, logits = verify_tree(target, tree, cache, tree_builder.max_depth)
@@ -168,7 +177,7 @@ def speculative_generate(
             break
         # 6. keep the accepted path in the target cache, advance the draft over it
         keep_path(cache, prefix_len, path)
-        root_hidden = drafter.advance(torch.tensor(committed, device=target.device), tree_hidden[path])
+        root_hidden, root_visual = drafter.advance(torch.tensor(committed, device=target.device), tree_hidden[path])
         token = result.bonus
     _synchronize(target.device)
     stats.wall_s = time.perf_counter() - start

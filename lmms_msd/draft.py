@@ -130,9 +130,20 @@ class DraftAttention(nn.Module):
         return x * cos + rotate_half(x) * sin
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, layer_cache: "DraftLayerCache", slots: torch.Tensor, visible: torch.Tensor
-    ) -> torch.Tensor:
-        """x: [1, T, H]; positions, slots: [T]; visible: [T, S] bool over cache slots 0..S-1."""
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        layer_cache: "DraftLayerCache",
+        slots: torch.Tensor,
+        visible: torch.Tensor,
+        image_slots: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [1, T, H]; positions, slots: [T]; visible: [T, S] bool over cache slots 0..S-1.
+
+        image_slots: [S] bool, the slots holding image positions, or None.
+        returns the attention output [1, T, H] and, when image_slots is given, the head-averaged
+        attention mass of each query row on the image slots [T] (float32; else None).
+        """
         t = x.shape[1]
         q = self.q_proj(x).view(1, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(1, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -143,7 +154,21 @@ class DraftAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask[None, None], enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+        mass = None if image_slots is None else self.image_mass(q, keys, visible, image_slots)
+        return self.o_proj(out.transpose(1, 2).reshape(1, t, -1)), mass
+
+    def image_mass(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
+        """The share of each query row's attention that falls on image slots, averaged over heads.
+
+        Recomputes the attention probabilities next to SDPA (which does not return them), so the
+        layer's output is the same bit for bit whether or not the mass is asked for.
+        q: [1, heads, T, D]; keys: [1, kv_heads, S, D]; visible: [T, S]; image_slots: [S] -> [T] float32
+        """
+        assert image_slots.shape == (keys.shape[2],), f"image_slots {tuple(image_slots.shape)} for {keys.shape[2]} slots"
+        keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [1, heads, S, D]
+        logits = (q.float() @ keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [1, heads, T, S]
+        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        return (probs * image_slots.float()).sum(-1).mean(dim=1)[0]
 
 
 class DraftMLP(nn.Module):
@@ -166,9 +191,11 @@ class DraftLayer(nn.Module):
         self.mlp = DraftMLP(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, layer_cache, slots, visible):
-        h = x + self.self_attn(x, positions, layer_cache, slots, visible)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, positions, layer_cache, slots, visible, image_slots=None):
+        """-> (output [1, T, H], attention mass on image slots [T] or None); see DraftAttention."""
+        attended, mass = self.self_attn(x, positions, layer_cache, slots, visible, image_slots)
+        h = x + attended
+        return h + self.mlp(self.post_attention_layernorm(h)), mass
 
 
 class DraftLayerCache:
@@ -238,13 +265,37 @@ class MSDDraft(nn.Module):
         visible: [T, S] bool, which of cache slots 0..S-1 each input attends to (itself included).
         returns the output hidden states [1, T, H] (fed to target.lm_head for logits).
         """
+        return self._run(x, positions, cache, slots, visible, None)[0]
+
+    def forward_with_visual(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: list[DraftLayerCache],
+        slots: torch.Tensor,
+        visible: torch.Tensor,
+        image_slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, plus each query row's visual attention intensity.
+
+        image_slots: [S] bool, True at cache slots that hold image positions
+        returns the output hidden states [1, T, H] (the same as `forward`'s) and, per input row, the
+        share of its attention mass on image slots, averaged over heads (and over layers, should a
+        head have several) [T] float32 in [0, 1].
+        """
+        hidden, mass = self._run(x, positions, cache, slots, visible, image_slots)
+        return hidden, mass
+
+    def _run(self, x, positions, cache, slots, visible, image_slots):
         t = x.shape[1]
         assert x.dim() == 3 and x.shape[0] == 1, f"x must be [1, T, H], got {tuple(x.shape)}"
         assert positions.shape == (t,) and slots.shape == (t,), f"positions/slots must be [{t}]"
         assert visible.dim() == 2 and visible.shape[0] == t, f"visible must be [{t}, S], got {tuple(visible.shape)}"
+        masses = []
         for layer, layer_cache in zip(self.layers, cache):
-            x = layer(x, positions, layer_cache, slots, visible)
-        return x
+            x, mass = layer(x, positions, layer_cache, slots, visible, image_slots)
+            masses.append(mass)
+        return x, (None if image_slots is None else torch.stack(masses).mean(dim=0))
 
 
 # ---- checkpoint format ---------------------------------------------------------------------------

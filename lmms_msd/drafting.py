@@ -7,9 +7,29 @@ A tree node at depth d (root = 0) is fed at RoPE position P - 1 + d, written to 
 after the prefix; after verification the committed inputs overwrite those slots, so tree slots need
 no rollback. With P = 10 and a first tree level of k = 3 nodes: slots 10, 11, 12 at position 10;
 their chosen children next go to slots 13.. at position 11.
+
+Visual attention intensity (`track_visual=True`): the share of a query row's attention mass, in the
+draft layer, that falls on image slots, averaged over heads. The image slots are the prompt's image
+positions (`EmbeddedPrompt.image_mask` at prefill); every later slot is text. The intensity that
+belongs with a node is the one of the query row whose output *produced the node's distribution*,
+i.e. the row whose logits gave the node its draft probability: the row that fed the node's parent.
+The node's own row (the one that feeds its token) is computed only if the node is expanded, and it
+produces the distribution of the node's children, not its own. Worked example, P = 10 committed
+slots 0..9 with the image at slots 1..6:
+
+    row (slot 9, last committed)   output -> logits of the root's children (depth 1)
+                                   so every depth-1 node gets the visual intensity of row 9
+    row (slot 10, depth-1 node a)  input fc([embed(a); h9]), output -> logits of a's children
+                                   so every child of a (depth 2) gets the intensity of row 10
+
+`prefill` and `advance` return the last committed row's intensity with the root's hidden state;
+`expand` returns one intensity per fed node; tree builders pass them down to the children
+(`lmms_msd.tree`). Without tracking the layer runs plain SDPA and every intensity is None.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -17,15 +37,28 @@ from lmms_msd.draft import MSDDraft
 from lmms_msd.target import EmbeddedPrompt
 
 
-class Drafter:
-    """Runs the MSD head against one target's hidden states, step after step."""
+class DraftRows(NamedTuple):
+    """The draft's output at the rows one call fed."""
 
-    def __init__(self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int) -> None:
+    hidden: torch.Tensor  # [n, H] (prefill / advance: [H], the last committed row only)
+    visual: torch.Tensor | None  # [n] float32 (prefill / advance: [] ) visual attention intensity; None untracked
+
+
+class Drafter:
+    """Runs the MSD head against one target's hidden states, step after step.
+
+    track_visual: also measure each row's attention mass on image positions (module docstring).
+    """
+
+    def __init__(self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool = False) -> None:
         self.draft = draft
         self.lm_head = lm_head
         self.cache = draft.new_cache(capacity)
         self.committed = 0  # P: slots holding committed inputs
         self.tree_used = 0  # slots after P taken by the current tree
+        self.track_visual = track_visual
+        # [capacity] bool: True at slots that hold image positions (prompt slots only)
+        self.image_slots = torch.zeros(capacity, dtype=torch.bool, device=self.device) if track_visual else None
 
     @property
     def device(self) -> torch.device:
@@ -34,6 +67,9 @@ class Drafter:
     def _reserve(self, slots: int) -> None:
         for layer_cache in self.cache:
             layer_cache.reserve(slots)
+        if self.image_slots is not None and self.image_slots.shape[0] < self.cache[0].capacity:
+            pad = self.image_slots.new_zeros(self.cache[0].capacity - self.image_slots.shape[0])
+            self.image_slots = torch.cat([self.image_slots, pad])
 
     def _causal_block(self, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slots, positions and visibility for m new committed inputs appended after the prefix."""
@@ -43,18 +79,32 @@ class Drafter:
         visible[:, p:] = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
         return slots, slots.clone(), visible
 
+    def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
+        """x: [T, H] -> the head's output at those rows [T, H] and their visual intensity [T] or None."""
+        if not self.track_visual:
+            return DraftRows(self.draft(x[None], positions, self.cache, slots, visible)[0], None)
+        image_slots = self.image_slots[: visible.shape[1]]
+        hidden, visual = self.draft.forward_with_visual(x[None], positions, self.cache, slots, visible, image_slots)
+        return DraftRows(hidden[0], visual)
+
     @torch.inference_mode()
-    def prefill(self, prompt: EmbeddedPrompt, target_hidden: torch.Tensor, first_token: int) -> torch.Tensor:
-        """Fill the draft cache over the prompt; return the root's hidden state [H].
+    def prefill(self, prompt: EmbeddedPrompt, target_hidden: torch.Tensor, first_token: int) -> DraftRows:
+        """Fill the draft cache over the prompt; return the root's hidden state [H] and visual intensity [].
 
         target_hidden: [L, H], the target's last hidden states over the prompt
         first_token: the token the target chose after the prompt (the first root)
         """
+        assert self.committed == 0, "prefill starts a generation; this Drafter already holds one"
+        if self.track_visual:
+            length = prompt.image_mask.shape[0]
+            self._reserve(length)
+            self.image_slots[:length] = prompt.image_mask.to(self.device)
         return self._append(prefill_inputs(self.draft, prompt, target_hidden, first_token))
 
     @torch.inference_mode()
-    def advance(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor) -> torch.Tensor:
-        """Commit m target positions (the root and the accepted nodes) and return the new root's hidden [H].
+    def advance(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor) -> DraftRows:
+        """Commit m target positions (the root and the accepted nodes); return the new root's hidden [H]
+        and visual intensity [].
 
         next_tokens: [m] the committed tokens that follow those positions (accepted tokens, then the bonus)
         target_hidden: [m, H] the target's hidden states at those positions
@@ -65,18 +115,18 @@ class Drafter:
         x = self.draft.fuse(self.draft.embed_tokens(next_tokens)[None], target_hidden[None])[0]
         return self._append(x)
 
-    def _append(self, x: torch.Tensor) -> torch.Tensor:
+    def _append(self, x: torch.Tensor) -> DraftRows:
         m = x.shape[0]
         self._reserve(self.committed + m)
         slots, positions, visible = self._causal_block(m)
-        hidden = self.draft(x[None], positions, self.cache, slots, visible)[0]
+        rows = self._run(x, positions, slots, visible)
         self.committed += m
         self.tree_used = 0
-        return hidden[-1]
+        return DraftRows(rows.hidden[-1], None if rows.visual is None else rows.visual[-1])
 
     @torch.inference_mode()
-    def expand(self, tokens: torch.Tensor, parent_hidden: torch.Tensor, depth: int, ancestors: torch.Tensor) -> torch.Tensor:
-        """Feed n tree nodes of one depth; return their output hidden states [n, H].
+    def expand(self, tokens: torch.Tensor, parent_hidden: torch.Tensor, depth: int, ancestors: torch.Tensor) -> DraftRows:
+        """Feed n tree nodes of one depth; return their output hidden states [n, H] and visual intensities [n].
 
         tokens: [n] the nodes' tokens; parent_hidden: [n, H] the draft output at each node's parent
         depth: the nodes' depth (>= 1)
@@ -99,10 +149,10 @@ class Drafter:
             ],
             dim=1,
         )
-        x = self.draft.fuse(self.draft.embed_tokens(tokens)[None], parent_hidden[None])
-        hidden = self.draft(x, positions, self.cache, slots, visible)[0]
+        x = self.draft.fuse(self.draft.embed_tokens(tokens)[None], parent_hidden[None])[0]
+        rows = self._run(x, positions, slots, visible)
         self.tree_used += n
-        return hidden
+        return rows
 
     @torch.inference_mode()
     def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:

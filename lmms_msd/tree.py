@@ -24,11 +24,18 @@ class Tree:
     parents: torch.Tensor  # [N] long; parents[0] = -1, otherwise parents[i] < i
     depths: torch.Tensor  # [N] long; depths[0] = 0, depths[i] = depths[parents[i]] + 1
     scores: torch.Tensor  # [N] float32; the builder's score of each node (root 0)
+    # The calibrator's features (lmms_msd.drafting's docstring says which row they come from):
+    confidence: torch.Tensor | None = None  # [N] float32; the draft's probability of each node (root 1)
+    visual: torch.Tensor | None = None  # [N] float32; visual attention intensity of the row that produced
+    #                                     each node's distribution (root 0); None when not tracked
 
     def __post_init__(self) -> None:
         n = self.tokens.shape[0]
-        for name in ("parents", "depths", "scores"):
-            shape = tuple(getattr(self, name).shape)
+        for name in ("parents", "depths", "scores", "confidence", "visual"):
+            value = getattr(self, name)
+            if value is None and name in ("confidence", "visual"):
+                continue
+            shape = tuple(value.shape)
             assert shape == (n,), f"Tree.{name} has shape {shape}, expected ({n},)"
 
     def __len__(self) -> int:
@@ -50,12 +57,14 @@ class Tree:
         return mask
 
 
-# (draft log-probabilities of the proposed children [n, k], their tokens [n, k], their depth)
+# (draft log-probabilities of the proposed children [n, k], their tokens [n, k], their depth,
+#  the visual attention intensity of the row that produced each parent's distribution [n] or None)
 #   -> log of each child's acceptance estimate [n, k]
-NodeScorer = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# Row i of the inputs holds the k children of one parent: they share its row's visual intensity.
+NodeScorer = Callable[[torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
 
 
-def draft_confidence(logprobs: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
+def draft_confidence(logprobs: torch.Tensor, tokens: torch.Tensor, depth: int, visual: torch.Tensor | None) -> torch.Tensor:
     """The uncalibrated estimate: the draft's own probability."""
     return logprobs
 
@@ -86,10 +95,11 @@ class EagleTree:
     def max_depth(self) -> int:
         return self.depth
 
-    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor) -> Tree:
-        """root_hidden: [H], the draft output whose logits predict the root's children."""
+    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
+        """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
+        that row's visual attention intensity (None when the drafter does not track it)."""
         return grow_tree(
-            drafter, root_token, root_hidden, top_k=self.top_k, max_depth=self.depth,
+            drafter, root_token, root_hidden, root_visual, top_k=self.top_k, max_depth=self.depth,
             budget=self.total_tokens - 1, node_score=draft_confidence, stop_delta=None,
         )
 
@@ -119,10 +129,11 @@ class OptTree:
                 f"stop_delta={self.stop_delta}"
             )
 
-    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor) -> Tree:
-        """root_hidden: [H], the draft output whose logits predict the root's children."""
+    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
+        """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
+        that row's visual attention intensity (None when the drafter does not track it)."""
         return grow_tree(
-            drafter, root_token, root_hidden, top_k=self.top_k, max_depth=self.max_depth,
+            drafter, root_token, root_hidden, root_visual, top_k=self.top_k, max_depth=self.max_depth,
             budget=self.node_budget, node_score=self.scorer, stop_delta=self.stop_delta,
         )
 
@@ -132,6 +143,7 @@ def grow_tree(
     drafter: Drafter,
     root_token: int,
     root_hidden: torch.Tensor,
+    root_visual: torch.Tensor | None,
     *,
     top_k: int,
     max_depth: int,
@@ -143,35 +155,34 @@ def grow_tree(
 
     stop_delta None: grow to max_depth (EAGLE-2). Otherwise stop once a level raises the expected
     accepted length (the sum of the best `budget` weights, weight = exp(score)) by at most stop_delta.
+    Every proposed node also carries its draft probability and the visual intensity of the row that
+    produced it (its parent's row: `lmms_msd.drafting`), which end up in the Tree for the calibrator.
+    root_hidden: [H]; root_visual: [] or None
     """
     k = top_k
     device = root_hidden.device
     top = drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
-    scores = node_score(top.values, top.indices, 1)[0]
+    visual = None if root_visual is None else root_visual.reshape(1).float()  # [1]
+    scores = node_score(top.values, top.indices, 1, visual)[0]
     # The pool holds every proposed node; pool index 0 is the root, node i of the pool is at i + 1.
-    pool_tokens, pool_scores = [top.indices[0]], [scores]
-    pool_parents = [torch.zeros(k, dtype=torch.long, device=device)]
-    pool_depths = [torch.ones(k, dtype=torch.long, device=device)]
+    pool = NodePool(device, tracked=visual is not None)
+    pool.add(top.indices[0], torch.zeros(k, dtype=torch.long, device=device), 1, scores, top.values[0], visual, k)
     frontier = torch.arange(1, k + 1, device=device)  # pool indices
     frontier_tokens, frontier_scores = top.indices[0], scores
     parent_hidden = root_hidden[None].expand(k, -1)
     ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
-    n_pool = 1 + k
-    expected = expected_length(pool_scores, budget) if stop_delta is not None else 0.0
+    expected = expected_length(pool.scores, budget) if stop_delta is not None else 0.0
     for depth in range(1, max_depth):
         # 1. feed the frontier, 2. propose k children each, 3. keep the global top-k as the frontier.
-        hidden = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
+        hidden, visual = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
         children = drafter.logprobs(hidden).topk(k)  # [k, k]
-        scores = (frontier_scores[:, None] + node_score(children.values, children.indices, depth + 1)).flatten()
+        scores = (frontier_scores[:, None] + node_score(children.values, children.indices, depth + 1, visual)).flatten()
         tokens = children.indices.flatten()
-        pool_tokens.append(tokens)
-        pool_scores.append(scores)
-        pool_parents.append(frontier.repeat_interleave(k))
-        pool_depths.append(torch.full((k * k,), depth + 1, device=device))
-        n_pool += k * k
+        first = pool.size
+        pool.add(tokens, frontier.repeat_interleave(k), depth + 1, scores, children.values.flatten(), visual, k)
         if stop_delta is not None:
             # 4. early stop: this level added too little to the expected accepted length.
-            grown = expected_length(pool_scores, budget)
+            grown = expected_length(pool.scores, budget)
             gained, expected = grown - expected, grown
             if gained <= stop_delta:
                 break
@@ -179,17 +190,51 @@ def grow_tree(
         parent_row = best // k
         own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
         ancestors = torch.cat([ancestors[parent_row], own_slot], dim=1)
-        frontier = n_pool - k * k + best
+        frontier = first + best
         frontier_tokens, frontier_scores = tokens[best], scores[best]
         parent_hidden = hidden[parent_row]
-    return select_nodes(
-        root_token,
-        torch.cat(pool_tokens),
-        torch.cat(pool_parents),
-        torch.cat(pool_depths),
-        torch.cat(pool_scores),
-        budget,
-    )
+    tokens, parents, depths, scores, confidence, visual = pool.fields()
+    return select_nodes(root_token, tokens, parents, depths, scores, budget, confidence=confidence, visual=visual)
+
+
+class NodePool:
+    """Every node proposed while growing one tree, level by level (pool index 0 is the root)."""
+
+    def __init__(self, device: torch.device, tracked: bool) -> None:
+        self.device = device
+        self.tracked = tracked  # whether nodes carry visual intensities
+        self.tokens: list[torch.Tensor] = []  # per level [m] long
+        self.parents: list[torch.Tensor] = []  # per level [m] long, pool indices
+        self.depths: list[torch.Tensor] = []  # per level [m] long
+        self.scores: list[torch.Tensor] = []  # per level [m] float32, cumulative log acceptance estimates
+        self.logprobs: list[torch.Tensor] = []  # per level [m] float32, the draft's log-probability
+        self.visual: list[torch.Tensor] = []  # per level [m] float32, when tracked
+        self.size = 1  # the root
+
+    def add(self, tokens, parents, depth: int, scores, logprobs, row_visual: torch.Tensor | None, k: int) -> None:
+        """One level of m = rows * k nodes; row_visual: [rows], the intensity of each producing row."""
+        m = tokens.shape[0]
+        assert parents.shape == scores.shape == logprobs.shape == (m,), "pool level fields must all be [m]"
+        self.tokens.append(tokens)
+        self.parents.append(parents)
+        self.depths.append(torch.full((m,), depth, dtype=torch.long, device=self.device))
+        self.scores.append(scores)
+        self.logprobs.append(logprobs)
+        assert (row_visual is not None) == self.tracked, (
+            "visual intensities come for every level or for none: a drafter built with track_visual=True "
+            "needs the root's intensity (build(..., root_visual=...)), and only such a drafter gives one"
+        )
+        if row_visual is not None:
+            assert row_visual.shape == (m // k,), f"row_visual {tuple(row_visual.shape)} for {m} nodes of {k} per row"
+            self.visual.append(row_visual.float().repeat_interleave(k))
+        self.size += m
+
+    def fields(self):
+        """tokens, parents, depths, scores, confidence (the draft's probability), visual: each [M] over
+        pool indices 1..M (visual None when not tracked)."""
+        cat = torch.cat
+        visual = cat(self.visual) if self.tracked else None
+        return cat(self.tokens), cat(self.parents), cat(self.depths), cat(self.scores), cat(self.logprobs).exp(), visual
 
 
 def expected_length(pool_scores: list[torch.Tensor], budget: int) -> float:
@@ -205,17 +250,22 @@ def select_nodes(
     depths: torch.Tensor,
     scores: torch.Tensor,
     budget: int,
+    *,
+    confidence: torch.Tensor | None = None,
+    visual: torch.Tensor | None = None,
 ) -> Tree:
     """Keep the `budget` best-scored pool nodes as a tree.
 
-    tokens, parents, depths, scores: [M] over pool indices 1..M (index 0 is the root), in the
-    order proposed, so a parent always precedes its children. Scores never grow along a path; a
-    stable sort puts a parent before a child of equal score, so the kept set contains every kept
-    node's parent. Example: scores [-0.1, -0.5, -0.1] with parents [0, 0, 1] and budget 2 keep pool
+    tokens, parents, depths, scores (and confidence, visual when given): [M] over pool indices 1..M
+    (index 0 is the root), in the order proposed, so a parent always precedes its children. Scores
+    never grow along a path (every acceptance estimate is at most 1); a stable sort puts a parent
+    before a child of equal score, so the kept set contains every kept node's parent. Example: scores [-0.1, -0.5, -0.1] with parents [0, 0, 1] and budget 2 keep pool
     nodes 1 and 3 (3's parent is 1): tree parents [-1, 0, 1].
     """
     m = tokens.shape[0]
     assert parents.shape == depths.shape == scores.shape == (m,), "pool fields must all be [M]"
+    assert confidence is None or confidence.shape == (m,), f"confidence {tuple(confidence.shape)} != ({m},)"
+    assert visual is None or visual.shape == (m,), f"visual {tuple(visual.shape)} != ({m},)"
     order = torch.sort(scores, descending=True, stable=True).indices[:budget]
     kept = torch.sort(order).values + 1  # pool indices, ascending: parents before children
     remap = torch.full((m + 1,), -1, dtype=torch.long, device=tokens.device)
@@ -227,4 +277,6 @@ def select_nodes(
         parents=torch.cat([root.new_full((1,), -1), remap[parents[kept - 1]]]),
         depths=torch.cat([root.new_zeros(1), depths[kept - 1]]),
         scores=torch.cat([scores.new_zeros(1), scores[kept - 1]]),
+        confidence=None if confidence is None else torch.cat([confidence.new_ones(1), confidence[kept - 1]]),
+        visual=None if visual is None else torch.cat([visual.new_zeros(1), visual[kept - 1]]),
     )

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from lmms_msd.caches import keep_path
+from lmms_msd.drafting import DraftRows
 from lmms_msd.tree import EagleTree, OptTree, Tree, select_nodes
 from lmms_msd.verify import accept_greedy, tree_attention_mask
 
@@ -90,7 +91,7 @@ class MarkovDrafter:
     def expand(self, tokens, parent_hidden, depth, ancestors):
         assert ancestors.shape == (tokens.shape[0], self.tree_used)
         self.tree_used += tokens.shape[0]
-        return torch.nn.functional.one_hot(tokens, self.logtable.shape[0]).float()
+        return DraftRows(torch.nn.functional.one_hot(tokens, self.logtable.shape[0]).float(), None)
 
 
 def test_eagle_tree_by_hand():
@@ -162,7 +163,7 @@ def test_opt_tree_stops_when_a_level_adds_little():
 
 def test_opt_tree_scorer_replaces_draft_confidence():
     # A scorer that trusts token 2 fully and distrusts everything else re-ranks the tree.
-    def scorer(logprobs, tokens, depth):
+    def scorer(logprobs, tokens, depth, visual):
         return torch.where(tokens == 2, torch.zeros_like(logprobs), logprobs + math.log(0.1))
 
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
