@@ -128,7 +128,7 @@ def test_tracking_changes_no_output_token_and_no_tree_of_the_loop():
         trees = []
         result = speculative_generate(
             target, draft, random_prompt(target, 11), config, EagleTree(total_tokens=20, depth=4, top_k=4),
-            observer=lambda tree, logits, acceptance: trees.append(tree), track_visual=track,
+            observer=lambda tree, logits, acceptance, trees=trees: trees.append(tree), track_visual=track,
         )  # fmt: skip
         runs[track] = (result.token_ids, trees)
     assert runs[True][0] == runs[False][0]
