@@ -407,7 +407,9 @@ class GroupedIsotonicCalibrator(BaseEstimator):
         if data.get("format") != FORMAT:
             raise ValueError(f"{source} is not an lmms-msd calibrator (format {data.get('format')!r}, expected {FORMAT!r})")
         if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{source} has calibrator format version {data.get('version')}; this lmms-msd reads {FORMAT_VERSION}")
+            raise ValueError(
+                f"{source} has calibrator format version {data.get('version')}; this lmms-msd reads {FORMAT_VERSION}"
+            )
         calibrator = cls(**data["settings"])
         calibrator._check_settings()
         calibrator.bin_edges_ = np.array(data["bin_edges"], dtype=np.float64)
@@ -550,6 +552,10 @@ class OnlineCalibration:
     When the last observed request is done (`done`), the calibrator is fitted and every later
     request's tree uses it. Under data parallelism each process calibrates on its own requests.
 
+    label "auto" fits on the label that predicts acceptance better: both are fitted on half of the
+    observed requests and scored on the other half (`choose_label`); the winner is then refitted on
+    all of them. "hard" or "soft" fits that label directly.
+
         online = OnlineCalibration(n, 0.3, OptTree(), token_types, GroupedIsotonicCalibrator(), seed=0)
         for i in online.order:
             plan = online.plan(i, config)
@@ -566,9 +572,16 @@ class OnlineCalibration:
         calibrator: GroupedIsotonicCalibrator,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        label: str = "auto",
     ) -> None:
         if not 0 < train_ratio <= 1:
             raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
+        if label not in ("auto", *LABELS):
+            raise ValueError(f"label must be auto, hard or soft, got {label!r}")
+        self.label = label
+        self.seed = seed
+        self.train_ratio = train_ratio
+        self.label_report: dict[str, Any] | None = None  # choose_label's, when label is auto
         self.tree = tree
         self.device = device
         self.calibrator = calibrator
@@ -600,7 +613,12 @@ class OnlineCalibration:
         if len(observations) == 0:
             log.warning("online calibration observed no labelled nodes; the rest of the run uses raw draft confidence")
             return
-        self.calibrator.fit_observations(observations)
+        label = self.label
+        if label == "auto":
+            label, self.label_report = choose_label(
+                observations, self.calibrator.attention_bins, self.calibrator.min_group_size, self.seed
+            )
+        self.calibrator.set_params(label=label).fit_observations(observations)
         self.calibrated = calibrated_tree(self.tree, self.calibrator, self.token_types, self.device)
         log.info("online calibration fitted on %d nodes from %d requests: %r", len(observations), self.n_observe, self.calibrator)
 
@@ -676,6 +694,18 @@ def compare_labels(
     report: dict[str, Any] = {label: evaluate(c, held_out, n_bins) for label, c in fitted.items()}
     report["winner"] = min(LABELS, key=lambda label: report[label]["all"]["calibrated"]["brier"])
     return fitted, report
+
+
+def choose_label(
+    observations: Observations, attention_bins: int, min_group_size: int, seed: int = 0
+) -> tuple[str, dict[str, Any] | None]:
+    """The label that predicts held-out acceptance better: fit each on half of the requests (seeded),
+    score on the other half. With fewer than 2 requests there is nothing to hold out: "hard"."""
+    if len(np.unique(observations.request)) < 2:
+        return "hard", None
+    fit_part, held_out = split_by_request(observations, 0.5, seed)
+    _, report = compare_labels(fit_part, held_out, attention_bins, min_group_size)
+    return report["winner"], report
 
 
 def reliability_curve(predicted: np.ndarray, label: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list[float]]:

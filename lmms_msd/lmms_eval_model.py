@@ -38,7 +38,7 @@ from tqdm import tqdm
 from lmms_msd.decoding import GenerationResult, plain_generate, speculative_generate
 from lmms_msd.sampling import GenerationConfig
 from lmms_msd.stats import SampleRecord, build_report, format_table, write_report
-from lmms_msd.tree import EagleTree
+from lmms_msd.tree import EagleTree, OptTree
 
 MODEL_ID = "llava_msd_calibrated"
 TREES = ("eagle2", "opt")
@@ -58,10 +58,9 @@ GEN_KWARGS = (
     "repetition_penalty",  # 1.0 only
     "use_cache",  # caches are always used
     "image_aspect_ratio",  # the checkpoint's own preprocessing is used, as lmms-eval's llava does for LLaVA-1.5
-    "train_ratio",  # the thesis's online-calibration share; accepted, used once the calibrator lands
+    "train_ratio",  # the thesis's online-calibration share (see the model's docstring)
 )
 NOTED_GEN_KWARGS = {
-    "train_ratio": "is accepted but not used yet: it takes effect with the calibrator",
     "image_aspect_ratio": "is ignored: the checkpoint's own image preprocessing is used "
     "(LLaVA-1.5: pad to a square), as lmms-eval's llava model does for LLaVA-1.5 checkpoints",
     "use_cache": "is ignored: speculative and plain decoding always use KV caches",
@@ -101,6 +100,13 @@ class ModelArgs:
     vision_tower: str | None
     stats_path: str | None
     seed: int
+    node_budget: int
+    stop_delta: float
+    max_depth: int
+    calibrator: str | None  # "none", "online", a JSON path, or None (unset: online when a train_ratio arrives)
+    train_ratio: float | None
+    min_group_size: int
+    attention_bins: int
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -254,8 +260,17 @@ class LlavaMsdCalibrated(lmms):
       pretrained           the LLaVA-1.5 target: folder or hub id, HF or original layout [required]
       msd_model_path       the MSD draft head: folder or hub id [required when use_msd is true]
       use_msd              speculative decoding; false runs plain decoding, the baseline [true]
-      tree                 "eagle2" (the EAGLE-2 dynamic tree); "opt" arrives with OPT-Tree [eagle2]
-      total_tokens, depth, top_k   the EAGLE-2 tree's size [59, 5, 10]
+      tree                 "eagle2" (the EAGLE-2 dynamic tree) or "opt" (OPT-Tree with early stopping) [eagle2]
+      total_tokens, depth  the EAGLE-2 tree's size [59, 5]
+      top_k                children proposed per node, both trees [10]
+      node_budget, stop_delta, max_depth   OPT-Tree's size, early-stop threshold and depth [60, 0.3, 10]
+      calibrator           tree=opt only: a calibrator JSON file (`lmms-msd calibrate`), "online" (observe the
+                           first train_ratio of the requests, then fit), or "none" (raw draft confidence)
+                           [unset: online when a train_ratio is given, here or in gen_kwargs; else none]
+      train_ratio          online calibration: the share of a generate_until call's requests (in a random
+                           order seeded by `seed`) observed before fitting; also read from gen_kwargs, as
+                           the thesis passes it [none]
+      min_group_size, attention_bins   the online calibrator's settings [50, 3]
       device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
       dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
       attn_implementation  the target's attention [sdpa]
@@ -287,6 +302,13 @@ class LlavaMsdCalibrated(lmms):
         vision_tower: str | None = None,
         stats_path: str | None = None,
         seed: int = 0,
+        node_budget: int = 60,
+        stop_delta: float = 0.3,
+        max_depth: int = 10,
+        calibrator: str | None = None,
+        train_ratio: float | None = None,
+        min_group_size: int = 50,
+        attention_bins: int = 3,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -308,11 +330,15 @@ class LlavaMsdCalibrated(lmms):
         self.args = self._coerce_args(
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
+            node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins,
         )  # fmt: skip
-        self.tree_builder = (
-            EagleTree(self.args.total_tokens, self.args.depth, self.args.top_k) if self.args.use_msd else None
-        )
+        self.tree_builder = self._tree_builder() if self.args.use_msd else None
         self.target, self.draft = self._load()
+        self.token_types = None  # [V] long, once a calibrator needs them
+        self.track_visual = False  # whether the tree's scorer needs the draft's visual attention
+        self._calibration_meta: dict[str, Any] | None = None
+        if self.args.calibrator not in (None, "none", "online"):
+            self._load_calibrator(self.args.calibrator)
         self._records: list[SampleRecord] = []  # every process's records, on rank 0
         self._noted: set[str] = set()
         self._run_started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -320,6 +346,7 @@ class LlavaMsdCalibrated(lmms):
     def _coerce_args(
         self, pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
         attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
+        node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins,
     ) -> ModelArgs:  # fmt: skip
         pretrained = _as_optional_str(pretrained)
         if pretrained is None:
@@ -334,10 +361,23 @@ class LlavaMsdCalibrated(lmms):
                 "bundled yet); or use_msd=false for plain decoding"
             )
         tree = str(tree).lower()
-        if tree == "opt":
-            raise ValueError("tree=opt (OPT-Tree) arrives with the OPT-Tree issue; use tree=eagle2 for now")
         if tree not in TREES:
             raise ValueError(f"unknown tree {tree!r}; valid: {list(TREES)}")
+        calibrator = _as_optional_str(calibrator)
+        if calibrator is not None and calibrator.lower() in ("none", "online"):
+            calibrator = calibrator.lower()
+        if calibrator not in (None, "none") and tree != "opt":
+            raise ValueError(f"calibrator={calibrator} drives OPT-Tree's node weights; add tree=opt (or drop calibrator)")
+        if calibrator not in (None, "none") and not use_msd:
+            raise ValueError(f"calibrator={calibrator} needs speculative decoding; drop it with use_msd=false")
+        train_ratio = None if _as_optional_str(train_ratio) is None else _as_float("train_ratio", train_ratio)
+        if train_ratio is not None and not 0 < train_ratio <= 1:
+            raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
+        if train_ratio is not None and calibrator not in (None, "online"):
+            raise ValueError(f"train_ratio={train_ratio} is for online calibration; it cannot go with calibrator={calibrator}")
+        for name, value in (("min_group_size", min_group_size), ("attention_bins", attention_bins)):
+            if _as_int(name, value) < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         device = _as_optional_str(device) or default_device()
         if device == "cuda" and self._world_size > 1:
             device = f"cuda:{self.accelerator.local_process_index}"
@@ -358,7 +398,35 @@ class LlavaMsdCalibrated(lmms):
             vision_tower=_as_optional_str(vision_tower),
             stats_path=_as_optional_str(stats_path),
             seed=_as_int("seed", seed),
+            node_budget=_as_int("node_budget", node_budget),
+            stop_delta=_as_float("stop_delta", stop_delta),
+            max_depth=_as_int("max_depth", max_depth),
+            calibrator=calibrator,
+            train_ratio=train_ratio,
+            min_group_size=_as_int("min_group_size", min_group_size),
+            attention_bins=_as_int("attention_bins", attention_bins),
         )
+
+    def _tree_builder(self) -> EagleTree | OptTree:
+        a = self.args
+        if a.tree == "opt":
+            return OptTree(node_budget=a.node_budget, stop_delta=a.stop_delta, max_depth=a.max_depth, top_k=a.top_k)
+        return EagleTree(a.total_tokens, a.depth, a.top_k)
+
+    def _types(self):
+        from lmms_msd.token_types import token_type_table
+
+        if self.token_types is None:
+            self.token_types = token_type_table(self.target.tokenizer, self.target.vocab_size)
+        return self.token_types
+
+    def _load_calibrator(self, path: str) -> None:
+        from lmms_msd.calibration import GroupedIsotonicCalibrator, calibrated_tree
+
+        calibrator = GroupedIsotonicCalibrator.load(path)
+        self.tree_builder = calibrated_tree(self.tree_builder, calibrator, self._types(), self.target.device)
+        self.track_visual = self.tree_builder.scorer.needs_visual
+        self._calibration_meta = {"mode": "file", "path": path, **calibrator.get_params()}
 
     def _load(self):
         from lmms_msd.draft import check_draft_fits, load_draft
@@ -388,26 +456,35 @@ class LlavaMsdCalibrated(lmms):
 
     # ---- lmms-eval API -----------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        outputs: list[str] = []
-        records: list[SampleRecord] = []
+        outputs = [""] * len(requests)
+        records: dict[int, SampleRecord] = {}
         repeats: Counter[tuple[str, int]] = Counter()
-        for index, request in enumerate(tqdm(requests, desc=MODEL_ID, disable=self.rank != 0)):
+        jobs = []  # (request index, request, repeat index), in request order: repeats do not depend on the order
+        for index, request in enumerate(requests):
             if (request.metadata or {}).get("__padding_only__"):
                 # lmms-eval evens out the processes' request counts with copies whose answers it drops
-                outputs.append("")
                 continue
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            repeat = repeats[(task, doc_id)]
+            _, _, _, doc_id, task, _ = request.args
+            jobs.append((index, request, repeats[(task, doc_id)]))
             repeats[(task, doc_id)] += 1
+        online = self._online_calibration(jobs)
+        order = [jobs[i] for i in online.order] if online is not None else jobs
+        observed = []
+        for index, request, repeat in tqdm(order, desc=MODEL_ID, disable=self.rank != 0):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            if online is not None and online.observing:
+                observed.append([task, doc_id, repeat])
             try:
                 result = self._generate(
-                    context, gen_kwargs, doc_to_visual, self.task_dict[task][split][doc_id], task, doc_id, repeat
+                    context, gen_kwargs, doc_to_visual, self.task_dict[task][split][doc_id], task, doc_id, repeat, online, index
                 )
             except (ValueError, TypeError, OSError) as error:
                 raise ValueError(f"{MODEL_ID}: request {index} (task {task!r}, doc_id {doc_id}): {error}") from error
-            outputs.append(result.text.strip())
-            records.append(SampleRecord.from_decode_stats(task, doc_id, result.stats, rank=self.rank, repeat=repeat))
-        self._report(records)
+            outputs[index] = result.text.strip()
+            records[index] = SampleRecord.from_decode_stats(task, doc_id, result.stats, rank=self.rank, repeat=repeat)
+        if online is not None:
+            self._calibration_meta = self._online_meta(online, observed)
+        self._report([records[i] for i in sorted(records)])
         return outputs
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -422,8 +499,9 @@ class LlavaMsdCalibrated(lmms):
 
     # ---- one request ---------------------------------------------------------------------------------------
     def _generate(
-        self, context: str, gen_kwargs: Mapping[str, Any], doc_to_visual, doc: Any, task: str, doc_id: int, repeat: int
-    ) -> GenerationResult:
+        self, context: str, gen_kwargs: Mapping[str, Any], doc_to_visual, doc: Any, task: str, doc_id: int, repeat: int,
+        online: Any = None, index: int = 0,
+    ) -> GenerationResult:  # fmt: skip
         images = request_images(doc_to_visual, doc)
         if not isinstance(context, str):
             raise TypeError(f"the context must be a string, got {type(context).__name__}")
@@ -438,13 +516,79 @@ class LlavaMsdCalibrated(lmms):
             generator.manual_seed(request_seed(self.args.seed, task, doc_id, repeat))
         if self.draft is None:
             return plain_generate(self.target, prompt, config, generator)
-        return speculative_generate(self.target, self.draft, prompt, config, self.tree_builder, generator)
+        if online is None:
+            return speculative_generate(
+                self.target, self.draft, prompt, config, self.tree_builder, generator, track_visual=self.track_visual
+            )
+        plan = online.plan(index, config)
+        result = speculative_generate(
+            self.target, self.draft, prompt, config, plan.tree_builder, generator, plan.observer, plan.track_visual
+        )
+        online.done()
+        return result
 
     def _note_gen_kwargs(self, gen_kwargs: Mapping[str, Any]) -> None:
-        for key, note in NOTED_GEN_KWARGS.items():
+        notes = {**NOTED_GEN_KWARGS, "train_ratio": self._train_ratio_note()}
+        for key, note in notes.items():
             if gen_kwargs.get(key) is not None and key not in self._noted:
                 self._noted.add(key)
                 eval_logger.info(f"{MODEL_ID}: gen_kwargs {key}={gen_kwargs[key]!r} {note}")
+
+    # ---- online calibration ------------------------------------------------------------------------------
+    def _train_ratio_note(self) -> str:
+        a = self.args
+        if self.draft is None:
+            return "is ignored: use_msd=false decodes without a draft"
+        if a.tree != "opt":
+            return "is ignored: calibration drives OPT-Tree; add tree=opt to the model_args to calibrate online"
+        if a.calibrator not in (None, "online"):
+            return f"is ignored: calibrator={a.calibrator} is already fitted"
+        if a.train_ratio is not None:
+            return f"is ignored: model_args train_ratio={a.train_ratio} is used"
+        return "starts online calibration"
+
+    def _online_calibration(self, jobs: list[tuple[int, Instance, int]]):
+        """An `OnlineCalibration` over this call's requests, or None when the run does not calibrate online."""
+        a = self.args
+        if self.draft is None or a.tree != "opt" or a.calibrator not in (None, "online"):
+            return None
+        ratio = a.train_ratio
+        if ratio is None:
+            given = [r.args[1].get("train_ratio") for _, r, _ in jobs]
+            asked = {_as_float("train_ratio", value) for value in given if value is not None}
+            if len(asked) > 1:
+                raise ValueError(
+                    f"the requests ask for different train_ratio values {sorted(asked)}; set train_ratio in model_args"
+                )
+            ratio = asked.pop() if asked else None
+        if ratio is None:
+            if a.calibrator == "online":
+                raise ValueError(
+                    "calibrator=online needs train_ratio (model_args or gen_kwargs): the share of the requests to "
+                    "observe before fitting"
+                )
+            return None
+        if not 0 < ratio <= 1:
+            raise ValueError(f"train_ratio must be in (0, 1], got {ratio}")
+        from lmms_msd.calibration import GroupedIsotonicCalibrator, OnlineCalibration
+
+        calibrator = GroupedIsotonicCalibrator(attention_bins=a.attention_bins, min_group_size=a.min_group_size)
+        return OnlineCalibration(
+            len(jobs), ratio, self.tree_builder, self._types(), calibrator, seed=a.seed, device=self.target.device
+        )
+
+    def _online_meta(self, online, observed: list[list[Any]]) -> dict[str, Any]:
+        fitted = online.calibrated is not None
+        return {
+            "mode": "online",
+            "train_ratio": online.train_ratio,
+            "requests": len(online.order),
+            "observed_requests": observed,  # [task, doc_id, repeat] decoded with raw confidence while observing
+            "observations": len(online.observer.observations()),
+            "fitted": fitted,
+            **(online.calibrator.get_params() if fitted else {}),
+            "label_comparison": online.label_report,
+        }
 
     # ---- statistics ----------------------------------------------------------------------------------------
     def _gather(self, records: list[SampleRecord]) -> list[SampleRecord]:
@@ -480,8 +624,12 @@ class LlavaMsdCalibrated(lmms):
 
     def _meta(self) -> dict[str, Any]:
         tree = None
-        if self.tree_builder is not None:
+        if isinstance(self.tree_builder, EagleTree):
             tree = {"kind": self.args.tree, **asdict(self.tree_builder)}
+        elif isinstance(self.tree_builder, OptTree):
+            b = self.tree_builder
+            tree = {"kind": "opt", "node_budget": b.node_budget, "stop_delta": b.stop_delta, "max_depth": b.max_depth,
+                    "top_k": b.top_k, "calibrator": self._calibration_meta or {"mode": "none"}}  # fmt: skip
         return {
             "model": MODEL_ID,
             "decoding": "speculative" if self.draft is not None else "plain",

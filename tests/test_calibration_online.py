@@ -71,3 +71,5 @@ def test_online_calibration_is_lossless_before_and_after_fitting():
     assert phases == ["observe"] * 3 + ["CalibratedScorer"] * 3
     assert isinstance(online.calibrated.scorer, CalibratedScorer) and online.calibrated.node_budget == 20
     assert online.calibrator.n_samples_ == len(online.observer.observations()) > 0
+    # label "auto": both labels were fitted on half of the observed requests and scored on the rest
+    assert online.label_report is not None and online.calibrator.label == online.label_report["winner"]

@@ -134,7 +134,13 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         ("msd_model_path=y", "needs model_args pretrained="),
         ("pretrained=None,msd_model_path=y", "needs model_args pretrained="),
         ("pretrained=x", "needs model_args msd_model_path=.*or use_msd=false"),
-        ("pretrained=x,msd_model_path=y,tree=opt", "tree=opt .*OPT-Tree issue; use tree=eagle2"),
+        ("pretrained=x,msd_model_path=y,tree=opt,node_budget=0", "OPT-Tree needs node_budget >= 1"),
+        ("pretrained=x,msd_model_path=y,tree=opt,stop_delta=-1", "OPT-Tree needs .*stop_delta >= 0"),
+        ("pretrained=x,msd_model_path=y,calibrator=online", "calibrator=online drives OPT-Tree.*add tree=opt"),
+        ("pretrained=x,use_msd=false,tree=opt,calibrator=c.json", "needs speculative decoding"),
+        ("pretrained=x,msd_model_path=y,tree=opt,train_ratio=1.5", r"train_ratio must be in \(0, 1\], got 1.5"),
+        ("pretrained=x,msd_model_path=y,tree=opt,calibrator=none,train_ratio=0.3", "cannot go with calibrator=none"),
+        ("pretrained=x,msd_model_path=y,tree=opt,attention_bins=0", "attention_bins must be at least 1"),
         ("pretrained=x,msd_model_path=y,tree=medusa", r"unknown tree 'medusa'; valid: \['eagle2', 'opt'\]"),
         ("pretrained=x,msd_model_path=y,use_msd=maybe", "use_msd must be true or false, got 'maybe'"),
         ("pretrained=x,msd_model_path=y,depth=2.5", "depth must be an integer, got 2.5"),
@@ -362,3 +368,59 @@ def test_max_new_tokens_zero(model, docs):
 def test_train_ratio_is_accepted(model, docs):
     [text] = run(model, [request(0, {**SHORT, "train_ratio": 0.3})], docs)
     assert isinstance(text, str)
+
+
+# ---- OPT-Tree and the calibrator --------------------------------------------------------------------------
+def opt_model(tiny_hf_dir, tiny_draft_dir, stats_path, **model_args):
+    lm = LlavaMsdCalibrated(
+        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), tree="opt", stats_path=str(stats_path), **model_args
+    )
+    lm.task_dict = {}
+    return lm
+
+
+def test_opt_tree_model_args(tiny_hf_dir, tiny_draft_dir):
+    lm = LlavaMsdCalibrated.create_from_arg_string(
+        f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},tree=opt,node_budget=20,stop_delta=0.5,max_depth=4.0,top_k=3"
+    )
+    from lmms_msd.tree import OptTree, draft_confidence
+
+    assert lm.tree_builder == OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, scorer=draft_confidence)
+    assert lm.args.calibrator is None and lm.args.train_ratio is None
+
+
+def test_online_calibration_from_gen_kwargs_is_lossless(tiny_hf_dir, tiny_draft_dir, plain_model, docs, tmp_path):
+    lm = opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "s.json", node_budget=12, top_k=3, max_depth=4, min_group_size=3)
+    requests = [request(i, {**SHORT, "train_ratio": 0.5}) for i in range(4)]
+    answers = run(lm, requests, docs)
+    assert answers == run(plain_model, [request(i) for i in range(4)], docs)
+    calibration = json.loads((tmp_path / "s.json").read_text())["tree"]["calibrator"]
+    assert calibration["mode"] == "online" and calibration["train_ratio"] == 0.5 and calibration["requests"] == 4
+    assert len(calibration["observed_requests"]) == 2 and calibration["observations"] > 0 and calibration["fitted"]
+    assert calibration["label"] in ("hard", "soft")
+
+
+def test_calibrator_file(tiny_hf_dir, tiny_draft_dir, plain_model, docs, tmp_path):
+    import numpy as np
+
+    from lmms_msd.calibration import CalibratedScorer, GroupedIsotonicCalibrator
+
+    rng = np.random.default_rng(0)
+    X = np.stack([rng.uniform(size=300), rng.integers(0, 3, 300), rng.uniform(size=300)], axis=1)
+    path = GroupedIsotonicCalibrator(attention_bins=2, min_group_size=20).fit(X, (X[:, 0] > 0.5) * 1.0).save(tmp_path / "c.json")
+    lm = opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "s.json", calibrator=str(path), node_budget=12, top_k=3)
+    assert isinstance(lm.tree_builder.scorer, CalibratedScorer) and lm.track_visual
+    assert run(lm, [request(i) for i in range(3)], docs) == run(plain_model, [request(i) for i in range(3)], docs)
+    calibration = json.loads((tmp_path / "s.json").read_text())["tree"]["calibrator"]
+    settings = {"attention_bins": 2, "min_group_size": 20, "label": "hard", "n_types": 3}
+    assert calibration == {"mode": "file", "path": str(path), **settings}
+    with pytest.raises(FileNotFoundError, match="lmms-msd calibrate"):
+        opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "t.json", calibrator=str(tmp_path / "missing.json"))
+
+
+def test_online_calibrator_needs_a_train_ratio(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):
+    lm = opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "s.json", calibrator="online")
+    with pytest.raises(ValueError, match="calibrator=online needs train_ratio"):
+        run(lm, [request(0)], docs)
+    with pytest.raises(ValueError, match="different train_ratio values"):
+        run(lm, [request(0, {**SHORT, "train_ratio": 0.5}), request(1, {**SHORT, "train_ratio": 0.2})], docs)
