@@ -58,6 +58,17 @@ def test_loss_decreases(trained: tuple[Path, dict]) -> None:
     assert held_out["step"] == STEPS and held_out["loss"] < curve[0]
 
 
+def test_time_limit_stops_early_with_an_annealed_learning_rate(chart_dir: Path, tmp_path: Path) -> None:
+    metrics = train_target(
+        chart_dir, tmp_path, steps=100_000, batch_size=4, lr=1e-3, warmup=1, device="cpu", seed=0,
+        sizes=SIZE_PRESETS["tiny"], held_out_limit=4, n_samples=0, progress=False, time_limit_s=1.0,
+    )
+    assert metrics["stopped_at_step"] is not None and metrics["stopped_at_step"] < 100_000
+    assert metrics["final_lr"] < 0.2e-3  # the cosine ran to (nearly) its end of 0.1 x lr
+    assert metrics["held_out"][-1]["step"] == metrics["stopped_at_step"]
+    assert (tmp_path / "model.safetensors").is_file()
+
+
 def test_checkpoint_files_and_metrics(trained: tuple[Path, dict]) -> None:
     out, metrics = trained
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):

@@ -31,16 +31,13 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lmms_msd.prompt import IMAGE_PLACEHOLDER, TEMPLATE_SYSTEM_PROMPTS, PromptFormat
 from lmms_msd.testbed.charts import IMAGE_PREFIX, read_conversations
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -327,48 +324,45 @@ def encode_conversations(
     return input_ids, labels, lengths
 
 
-def _preprocess_chunk(job: tuple[str, list[str]]) -> np.ndarray:
-    """(image processor folder, image paths) -> pixel values [n, 3, S, S] float16, through
-    `ImagePreprocessor`, the path `Target.prepare` takes. numpy, not torch: a worker process returns it
-    by value (torch tensors would travel as shared-memory handles, one file descriptor each)."""
-    import numpy as np
-    from PIL import Image
+class _ImageChunks(torch.utils.data.Dataset):
+    """Chunks of image paths -> pixel values [n, 3, S, S] float16, through `ImagePreprocessor`, the path
+    `Target.prepare` takes (a torch Dataset, so a DataLoader's worker processes can share the work)."""
 
-    from lmms_msd.image import load_image_preprocessor
+    def __init__(self, paths: list[str], processor_folder: str | Path, chunk: int) -> None:
+        self.chunks = [paths[start : start + chunk] for start in range(0, len(paths), chunk)]
+        self.processor_folder = str(processor_folder)
+        self.preprocessor: Any = None  # loaded in each worker on first use
 
-    folder, paths = job
-    preprocessor = load_image_preprocessor(folder, pad_to_square=False)
-    pixels = []
-    for path in paths:
-        with Image.open(path) as image:
-            pixels.append(preprocessor(image).to(torch.float16).numpy())
-    return np.concatenate(pixels)
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        from lmms_msd.image import load_image_preprocessor
+
+        if self.preprocessor is None:
+            self.preprocessor = load_image_preprocessor(self.processor_folder, pad_to_square=False)
+        pixels = []
+        for path in self.chunks[index]:
+            with Image.open(path) as image:
+                pixels.append(self.preprocessor(image).to(torch.float16))
+        return torch.cat(pixels)
 
 
 def load_pixels(paths: list[str], processor_folder: str | Path, workers: int, progress: bool = True) -> torch.Tensor:
     """Images -> pixel values [N, 3, S, S] float16 on the CPU, preprocessed by the checkpoint's own
-    image processor (saved in `processor_folder`), in `workers` processes."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
+    image processor (saved in `processor_folder`), in `workers` DataLoader worker processes."""
     from tqdm.auto import tqdm
 
-    chunk = 512
-    jobs = [(str(processor_folder), paths[start : start + chunk]) for start in range(0, len(paths), chunk)]
-    bar = tqdm(total=len(paths), desc="images", mininterval=2, disable=not progress)
-    chunks = []
-    if workers > 1:
-        # spawn: the parent may hold CUDA and thread pools, which forked children must not inherit
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            for pixels in pool.map(_preprocess_chunk, jobs):
-                chunks.append(torch.from_numpy(pixels))
-                bar.update(pixels.shape[0])
-    else:
-        for job in jobs:
-            chunks.append(torch.from_numpy(_preprocess_chunk(job)))
-            bar.update(len(job[1]))
-    bar.close()
-    return torch.cat(chunks)
+    chunks = _ImageChunks(paths, processor_folder, chunk=256)
+    loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=workers if workers > 1 else 0)
+    pixels = []
+    with tqdm(total=len(paths), desc="images", mininterval=2, disable=not progress) as bar:
+        for chunk in loader:
+            pixels.append(chunk)
+            bar.update(chunk.shape[0])
+    return torch.cat(pixels)
 
 
 def load_conversation_set(
@@ -464,8 +458,11 @@ def train_loop(
 ) -> dict[str, Any]:
     """AdamW over epochs of seeded permutations; returns the loss curve and held-out evaluations.
 
-    time_limit_s: a safety net for machines that kill long commands: past it, training stops early
-    (logged, and `stopped_at_step` says where) so the checkpoint is still saved
+    time_limit_s: a safety net for machines that kill long commands. The schedule's clock is then
+    the further along of step / steps and elapsed / time_limit_s, so when time runs out first the
+    learning rate still decays to its end, and training stops at the limit (logged; `stopped_at_step`
+    says where) with an annealed model. When the steps finish first, time plays no part and the run
+    is reproducible from the seed.
     """
     from tqdm.auto import tqdm
 
@@ -477,7 +474,7 @@ def train_loop(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.95), fused=cuda,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(steps, warmup))
+    lr_factor = lr_schedule(steps, warmup)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
     digits = digit_token_ids(target.tokenizer, device)
     schedule = batch_schedule(len(train), steps, batch_size, seed)  # [steps, B] on the CPU
@@ -489,13 +486,17 @@ def train_loop(
     start = time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc="target", disable=not progress, mininterval=1)
     for step in bar:
+        clock = step - 1
+        if time_limit_s is not None:
+            clock = max(clock, int(steps * (time.perf_counter() - start) / time_limit_s))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(min(clock, steps - 1))
         batch = train.batch(schedule[step - 1], batch_lengths[step - 1])
         with autocast():
             loss = reply_loss(reply_logits(target, batch), batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         running += loss.detach()
         running_n += 1
@@ -520,7 +521,7 @@ def train_loop(
     done = stopped_at_step or steps
     return {
         "loss_curve": curve, "held_out": evaluations, "train_seconds": seconds, "steps_per_s": done / seconds,
-        "stopped_at_step": stopped_at_step,
+        "stopped_at_step": stopped_at_step, "final_lr": optimizer.param_groups[0]["lr"],
     }
 
 
@@ -529,7 +530,7 @@ def train_target(
     data_dir: str | Path,
     out_dir: str | Path,
     *,
-    steps: int = 5000,
+    steps: int = 8000,
     batch_size: int = 256,
     lr: float = 1e-3,
     device: str = "cpu",
@@ -540,7 +541,7 @@ def train_target(
     eval_every: int | None = None,
     held_out_limit: int = 512,
     save_dtype: str = "float16",
-    n_samples: int = 8,
+    n_samples: int = 12,
     workers: int = 1,
     time_limit_s: float | None = None,
     progress: bool = True,
@@ -557,6 +558,8 @@ def train_target(
 
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save_dtype {save_dtype!r} is not one of {sorted(SAVE_DTYPES)}")
+    if time_limit_s is not None and time_limit_s <= 0:
+        raise ValueError(f"time_limit_s must be positive, got {time_limit_s}: no time is left for training")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     torch_device = torch.device(device)
     started = time.perf_counter()
@@ -647,7 +650,7 @@ def greedy_samples(out_dir: Path, data_dir: Path, device: str, n: int) -> list[d
 def add_arguments(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     parser.add_argument("--data", required=True, help="the charts folder (python -m lmms_msd.testbed.charts --out ...)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write (HF layout)")
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(500, steps // 10))")
@@ -656,7 +659,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZE_PRESETS), default="default", help="model size preset")
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16")
-    parser.add_argument("--samples", type=int, default=8, help="greedy test answers to log at the end")
+    parser.add_argument("--samples", type=int, default=12, help="greedy test answers to log at the end (12: every question type, short and long)")
     parser.add_argument("--workers", type=int, default=1, help="processes decoding images")
     parser.add_argument(
         "--time-limit-minutes", type=float, default=None,
