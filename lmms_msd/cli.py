@@ -38,12 +38,16 @@ class Subcommand(NamedTuple):
 def _subcommands() -> dict[str, Subcommand]:
     """The subcommand table: name -> Subcommand, in the order `--help` lists them."""
     from lmms_msd import calibrate, demo, draft_training
+    from lmms_msd.testbed import charts, report, target_training
 
     return {
         "demo": Subcommand("plain vs speculative decoding on a tiny LLaVA made on the spot (no downloads)", demo.add_demo_arguments),
         "generate": Subcommand("plain vs speculative decoding on a target and MSD draft you name", demo.add_generate_arguments),
+        "make-charts": Subcommand("write the testbed's synthetic chart data (LLaVA conversations, ChartQA parquet)", charts.add_arguments),
+        "train-target": Subcommand("train the testbed's miniature LLaVA target on the chart data", target_training.add_arguments),
         "train-draft": Subcommand("train an MSD draft head for a target on LLaVA conversation data", draft_training.add_arguments),
         "calibrate": Subcommand("fit the acceptance calibrator on a pair's observations; report ECE/Brier raw vs calibrated", calibrate.add_arguments),
+        "testbed-report": Subcommand("accuracy, tau/alpha and acceptance by token type of a pair on the chart test split", report.add_arguments),
     }
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from lmms_msd.decoding import GenerationResult, plain_generate, speculative_generate
 from lmms_msd.sampling import GenerationConfig
 from lmms_msd.stats import SampleRecord, build_report, format_table, write_report
+from lmms_msd.testbed.bundled import bundled_paths
 from lmms_msd.tree import EagleTree, OptTree
 
 MODEL_ID = "llava_msd_calibrated"
@@ -257,8 +258,8 @@ class LlavaMsdCalibrated(lmms):
     """LLaVA-1.5 with lossless MSD speculative decoding, as an lmms-eval model.
 
     model_args (defaults in brackets):
-      pretrained           the LLaVA-1.5 target: folder or hub id, HF or original layout [required]
-      msd_model_path       the MSD draft head: folder or hub id [required when use_msd is true]
+      pretrained           the LLaVA-1.5 target: folder or hub id, HF or original layout [bundled miniature]
+      msd_model_path       the MSD draft head: folder or hub id [bundled miniature's, with no pretrained]
       use_msd              speculative decoding; false runs plain decoding, the baseline [true]
       tree                 "eagle2" (the EAGLE-2 dynamic tree) or "opt" (OPT-Tree with early stopping) [eagle2]
       total_tokens, depth  the EAGLE-2 tree's size [59, 5]
@@ -349,16 +350,22 @@ class LlavaMsdCalibrated(lmms):
         node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins,
     ) -> ModelArgs:  # fmt: skip
         pretrained = _as_optional_str(pretrained)
-        if pretrained is None:
-            raise ValueError(
-                f"{MODEL_ID} needs model_args pretrained=<LLaVA-1.5 folder or hub id> (no default pair is bundled yet)"
-            )
         use_msd = _as_bool("use_msd", use_msd)
         msd_model_path = _as_optional_str(msd_model_path)
+        if pretrained is None and msd_model_path is None:
+            # the embedded default: the miniature chart LLaVA and its draft (lmms_msd.testbed)
+            bundled_target, bundled_draft = bundled_paths()
+            pretrained, msd_model_path = str(bundled_target), str(bundled_draft)
+            eval_logger.info(f"{MODEL_ID}: no pretrained/msd_model_path given: using the bundled miniature pair")
+        if pretrained is None:
+            raise ValueError(
+                f"{MODEL_ID} needs model_args pretrained=<LLaVA-1.5 folder or hub id> for "
+                f"msd_model_path={msd_model_path!r}; leave out both to use the bundled miniature pair"
+            )
         if use_msd and msd_model_path is None:
             raise ValueError(
-                f"{MODEL_ID} needs model_args msd_model_path=<MSD draft folder or hub id> (no default pair is "
-                "bundled yet); or use_msd=false for plain decoding"
+                f"{MODEL_ID} needs model_args msd_model_path=<MSD draft folder or hub id> for pretrained={pretrained!r} "
+                "(the bundled draft fits only the bundled target); or use_msd=false for plain decoding"
             )
         tree = str(tree).lower()
         if tree not in TREES:

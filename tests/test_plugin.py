@@ -424,3 +424,12 @@ def test_online_calibrator_needs_a_train_ratio(tiny_hf_dir, tiny_draft_dir, docs
         run(lm, [request(0)], docs)
     with pytest.raises(ValueError, match="different train_ratio values"):
         run(lm, [request(0, {**SHORT, "train_ratio": 0.5}), request(1, {**SHORT, "train_ratio": 0.2})], docs)
+
+
+def test_no_pretrained_and_no_draft_use_the_bundled_pair():
+    from lmms_msd.testbed.bundled import bundled_paths
+
+    target, draft = bundled_paths()
+    lm = LlavaMsdCalibrated.create_from_arg_string("", {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert (lm.args.pretrained, lm.args.msd_model_path) == (str(target), str(draft))
+    assert lm.args.use_msd
