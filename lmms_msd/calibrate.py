@@ -105,7 +105,7 @@ def load_records(data_dir: Path, split: str, style: str, limit: int) -> list[dic
     path = data_dir / f"llava_{split}.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no {path.name} in {data_dir}; write a data folder with `python -m lmms_msd.testbed.charts --out {data_dir}` "
+            f"no {path.name} in {data_dir}; write a data folder with `lmms-msd make-charts --out {data_dir}` "
             "or pick another --split"
         )
     records = json.loads(path.read_text())

@@ -17,6 +17,7 @@ Usage errors (unknown options, a missing subcommand) go to stderr with exit stat
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, NamedTuple, Sequence
 
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command is None:
         parser.error(f"no command given; run '{PROG} --help' to see the commands")
     return int(args.handler(args))

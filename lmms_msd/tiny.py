@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -56,14 +56,22 @@ class TinySizes:
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------
-def make_tiny_tokenizer(folder: str | Path, vocab_size: int = TinySizes.vocab_size) -> Any:
-    """Train a byte-level BPE (bos `<s>`, eos `</s>`, unk `<unk>`; BOS prepended) and save it to
-    `folder` so that AutoTokenizer loads it. Returns the transformers tokenizer."""
+def train_byte_bpe(
+    texts: Iterable[str], folder: str | Path, vocab_size: int, split_digits: bool = False, model_max_length: int | None = None
+) -> Any:
+    """Train a byte-level BPE (any text encodes; `<unk>`, `<s>`, `</s>` first; `<s>` prepended), save it
+    to `folder` so that AutoTokenizer loads it, and return the transformers tokenizer.
+
+    split_digits: one token per digit, as LLaMA's tokenizer splits numbers
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -71,14 +79,20 @@ def make_tiny_tokenizer(folder: str | Path, vocab_size: int = TinySizes.vocab_si
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(CORPUS, trainer)
+    bpe.train_from_iterator(list(texts), trainer)
     bos = bpe.token_to_id("<s>")
     bpe.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra)
     tokenizer.save_pretrained(str(folder))
     return tokenizer
+
+
+def make_tiny_tokenizer(folder: str | Path, vocab_size: int = TinySizes.vocab_size) -> Any:
+    """The tiny checkpoints' tokenizer: a byte-level BPE trained on a few chart sentences."""
+    return train_byte_bpe(CORPUS, folder, vocab_size)
 
 
 def add_image_and_pad_tokens(tokenizer: Any) -> tuple[int, int]:

@@ -49,7 +49,7 @@ import logging
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -421,7 +421,7 @@ def read_conversations(data_dir: str | Path, split: str) -> list[dict[str, Any]]
     path = Path(data_dir) / f"llava_{split}.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no {path.name} in {data_dir}; build the chart data first: python -m lmms_msd.testbed.charts --out {data_dir}"
+            f"no {path.name} in {data_dir}; build the chart data first: lmms-msd make-charts --out {data_dir}"
         )
     return json.loads(path.read_text())
 
@@ -448,13 +448,3 @@ def _run(args: argparse.Namespace) -> int:
     )
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m lmms_msd.testbed.charts", description=__doc__.split("\n\n")[0])
-    handler = add_arguments(parser)
-    return handler(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

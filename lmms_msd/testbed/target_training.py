@@ -1,6 +1,6 @@
 """Train the testbed's target: a tokenizer and a small LLaVA-1.5-architecture model on the chart data.
 
-    python -m lmms_msd.testbed.target_training --data data/charts --out target --device cuda
+    lmms-msd train-target --data data/charts --out target --device cuda
 
 reads `llava_train.json` / `llava_test.json` and the images that `lmms_msd.testbed.charts` wrote, and
 writes an HF-layout checkpoint folder that `lmms_msd.target_loading.load_target` loads:
@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -81,35 +81,9 @@ def train_tokenizer(texts: Iterable[str], folder: str | Path, vocab_size: int, m
     one (a number is a few digit tokens, as in LLaMA's tokenizer), `<s>` prepended; `<unk>`, `<s>`,
     `</s>` first, then `<image>` and `<pad>` added as LLaVA's HF conversion adds them. Saved to
     `folder` (AutoTokenizer loads it) and returned."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast
+    from lmms_msd.tiny import add_image_and_pad_tokens, train_byte_bpe
 
-    from lmms_msd.tiny import add_image_and_pad_tokens
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(list(texts), trainer)
-    bos = bpe.token_to_id("<s>")
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=model_max_length
-    )
+    tokenizer = train_byte_bpe(texts, folder, vocab_size, split_digits=True, model_max_length=model_max_length)
     add_image_and_pad_tokens(tokenizer)
     tokenizer.save_pretrained(str(folder))
     return tokenizer
@@ -648,7 +622,7 @@ def greedy_samples(out_dir: Path, data_dir: Path, device: str, n: int) -> list[d
 
 # ---- command line ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    parser.add_argument("--data", required=True, help="the charts folder (python -m lmms_msd.testbed.charts --out ...)")
+    parser.add_argument("--data", required=True, help="the charts folder (lmms-msd make-charts --out ...)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write (HF layout)")
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -677,13 +651,3 @@ def _run(args: argparse.Namespace) -> int:
     )
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m lmms_msd.testbed.target_training", description=__doc__.split("\n\n")[0])
-    handler = add_arguments(parser)
-    return handler(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
