@@ -38,7 +38,7 @@ from tqdm import tqdm
 from lmms_msd.decoding import GenerationResult, plain_generate, speculative_generate
 from lmms_msd.sampling import GenerationConfig
 from lmms_msd.stats import SampleRecord, build_report, format_table, write_report
-from lmms_msd.testbed.bundled import bundled_paths
+from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
 from lmms_msd.tree import EagleTree, OptTree
 
 MODEL_ID = "llava_msd_calibrated"
@@ -267,7 +267,8 @@ class LlavaMsdCalibrated(lmms):
       node_budget, stop_delta, max_depth   OPT-Tree's size, early-stop threshold and depth [60, 0.3, 10]
       calibrator           tree=opt only: a calibrator JSON file (`lmms-msd calibrate`), "online" (observe the
                            first train_ratio of the requests, then fit), or "none" (raw draft confidence)
-                           [unset: online when a train_ratio is given, here or in gen_kwargs; else none]
+                           [unset: online when a train_ratio is given, here or in gen_kwargs; with the bundled
+                           pair and no train_ratio here, the calibrator fitted for it; else none]
       train_ratio          online calibration: the share of a generate_until call's requests (in a random
                            order seeded by `seed`) observed before fitting; also read from gen_kwargs, as
                            the thesis passes it [none]
@@ -352,10 +353,12 @@ class LlavaMsdCalibrated(lmms):
         pretrained = _as_optional_str(pretrained)
         use_msd = _as_bool("use_msd", use_msd)
         msd_model_path = _as_optional_str(msd_model_path)
+        bundled = False
         if pretrained is None and msd_model_path is None:
             # the embedded default: the miniature chart LLaVA and its draft (lmms_msd.testbed)
             bundled_target, bundled_draft = bundled_paths()
             pretrained, msd_model_path = str(bundled_target), str(bundled_draft)
+            bundled = True
             eval_logger.info(f"{MODEL_ID}: no pretrained/msd_model_path given: using the bundled miniature pair")
         if pretrained is None:
             raise ValueError(
@@ -378,6 +381,8 @@ class LlavaMsdCalibrated(lmms):
         if calibrator not in (None, "none") and not use_msd:
             raise ValueError(f"calibrator={calibrator} needs speculative decoding; drop it with use_msd=false")
         train_ratio = None if _as_optional_str(train_ratio) is None else _as_float("train_ratio", train_ratio)
+        if bundled and tree == "opt" and calibrator is None and train_ratio is None:
+            calibrator = str(bundled_calibrator())  # the calibrator fitted for the bundled pair
         if train_ratio is not None and not 0 < train_ratio <= 1:
             raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
         if train_ratio is not None and calibrator not in (None, "online"):

@@ -433,3 +433,12 @@ def test_no_pretrained_and_no_draft_use_the_bundled_pair():
     lm = LlavaMsdCalibrated.create_from_arg_string("", {"batch_size": 1, "max_batch_size": None, "device": None})
     assert (lm.args.pretrained, lm.args.msd_model_path) == (str(target), str(draft))
     assert lm.args.use_msd
+
+
+def test_opt_tree_with_the_bundled_pair_defaults_to_its_calibrator():
+    from lmms_msd.testbed.bundled import bundled_calibrator
+
+    lm = LlavaMsdCalibrated.create_from_arg_string("tree=opt", {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert lm.args.calibrator == str(bundled_calibrator())
+    raw = LlavaMsdCalibrated.create_from_arg_string("tree=opt,calibrator=none", {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert raw.args.calibrator == "none"

@@ -1,7 +1,7 @@
 """The embedded default: the miniature target and its MSD draft, shipped inside the package.
 
 They are what `llava_msd_calibrated` and the `lmms-msd` commands use when no `pretrained` /
-`msd_model_path` is given: a LLaVA-1.5-architecture model trained on synthetic charts
+`msd_model_path` is given (with `tree=opt`, also the calibrator fitted for them): a LLaVA-1.5-architecture model trained on synthetic charts
 (`lmms_msd.testbed`), small enough for a CPU, and a draft trained for it with `lmms-msd train-draft`.
 """
 
@@ -22,3 +22,12 @@ def bundled_paths() -> tuple[Path, Path]:
                 "lmms-msd, or pass pretrained=... and msd_model_path=... explicitly"
             )
     return target, draft
+
+
+def bundled_calibrator() -> Path:
+    """The calibrator fitted for the bundled pair (`calibrators/miniature.json`, shipped in the package
+    as assets/miniature/calibrator.json): the default of `tree=opt` with the bundled pair."""
+    path = BUNDLED / "calibrator.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"the bundled pair's calibrator is missing ({path}); pass calibrator=... or calibrator=none")
+    return path
