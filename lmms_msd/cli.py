@@ -38,7 +38,7 @@ class Subcommand(NamedTuple):
 
 def _subcommands() -> dict[str, Subcommand]:
     """The subcommand table: name -> Subcommand, in the order `--help` lists them."""
-    from lmms_msd import calibrate, demo, draft_training, regression
+    from lmms_msd import calibrate, demo, draft_training, regression, reproduce
     from lmms_msd.testbed import charts, report, target_training
 
     return {
@@ -49,6 +49,7 @@ def _subcommands() -> dict[str, Subcommand]:
         "train-draft": Subcommand("train an MSD draft head for a target on LLaVA conversation data", draft_training.add_arguments),
         "calibrate": Subcommand("fit the acceptance calibrator on a pair's observations; report ECE/Brier raw vs calibrated", calibrate.add_arguments),
         "regression": Subcommand("CI regression: the bundled pair on the CI tasks vs the committed baseline", regression.add_arguments),
+        "reproduce": Subcommand("the thesis tables: plain, EAGLE-2, + OPT-Tree, + calibrator on lmms-eval tasks at temperatures 0 and 1", reproduce.add_arguments),
         "testbed-report": Subcommand("accuracy, tau/alpha and acceptance by token type of a pair on the chart test split", report.add_arguments),
     }
 

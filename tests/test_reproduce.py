@@ -1,0 +1,199 @@
+"""`lmms-msd reproduce`: the table, the gains and the answer comparison on literal inputs; the runner's
+guards; and one short end-to-end run of the bundled pair through lmms-eval (about 1.5 min on 2 cores)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from lmms_msd import reproduce
+from lmms_msd.cli import main
+from lmms_msd.regression import LmmsEvalFailed, run_lmms_eval
+from lmms_msd.reproduce import (
+    Measurement,
+    answer_differences,
+    first_metric,
+    gains,
+    mark_differences,
+    markdown_tables,
+    read_answers,
+    table_rows,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "msd_chartqa_synth_long"
+ROWS = table_rows("calibrator=online,train_ratio=0.3")
+
+
+def cell(row: str, alpha: float, temperature: float = 0.0, task: str = "a", score: float = 0.5, tps: float = 100.0) -> Measurement:
+    tau = 1.0 + alpha
+    return Measurement(row, task, temperature, alpha=alpha, tau=tau, score=score, metric="relaxed_overall,none", tokens_per_s=tps, samples=3)
+
+
+def four_rows(temperature: float = 0.0) -> list[Measurement]:
+    return [
+        cell("plain", 0.0, temperature, tps=100.0),
+        cell("eagle2", 4.0, temperature, tps=150.0),
+        cell("opt", 5.0, temperature, tps=160.0),
+        cell("opt_cal", 5.5, temperature, tps=170.0),
+    ]
+
+
+# ---- literal inputs --------------------------------------------------------------------------------------
+def test_rows_are_plain_then_the_thesis_rows():
+    assert [r.key for r in ROWS] == ["plain", "eagle2", "opt", "opt_cal"]
+    assert [r.model_args for r in ROWS] == [
+        "use_msd=false", "tree=eagle2", "tree=opt,calibrator=none", "tree=opt,calibrator=online,train_ratio=0.3",
+    ]  # fmt: skip
+
+
+def test_first_metric_skips_alias_and_stderr():
+    results = {"alias": "t", "relaxed_overall,none": 0.9, "relaxed_overall_stderr,none": 0.1, "relaxed_human_split,none": 1.0}
+    assert first_metric(results) == ("relaxed_overall,none", 0.9)
+    with pytest.raises(ValueError, match="no metric"):
+        first_metric({"alias": "t"})
+
+
+def test_answer_differences_per_doc_id():
+    plain = {0: "a", 1: "b", 2: "c"}
+    assert answer_differences(plain, {2: "c", 0: "a", 1: "b"}) == []
+    assert answer_differences(plain, {0: "a", 1: "B", 2: "c"}) == [1]
+    assert answer_differences(plain, {0: "a", 1: "b", 3: "d"}) == [2, 3]  # missing on either side
+
+
+def test_marking_compares_temperature_zero_against_plain_only():
+    measurements = four_rows(0.0) + four_rows(1.0)
+    answers = {(m.row, m.task, m.temperature): {0: "x", 1: "y"} for m in measurements}
+    answers[("opt", "a", 0.0)] = {0: "x", 1: "z"}
+    answers[("opt", "a", 1.0)] = {0: "other", 1: "sample"}  # sampling: never compared
+    mark_differences(measurements, answers)
+    compared = {(m.row, m.temperature): m.differing_doc_ids for m in measurements}
+    assert compared == {
+        ("plain", 0.0): None, ("eagle2", 0.0): [], ("opt", 0.0): [1], ("opt_cal", 0.0): [],
+        ("plain", 1.0): None, ("eagle2", 1.0): None, ("opt", 1.0): None, ("opt_cal", 1.0): None,
+    }  # fmt: skip
+
+
+def test_markdown_table_rows_by_tasks_and_the_mark():
+    measurements = four_rows(0.0) + [cell("eagle2", 2.0, task="b", score=0.25, tps=80.0)]
+    measurements[2].differing_doc_ids = [1, 4]
+    text = markdown_tables(measurements, ROWS, ["a", "b"], [0.0])
+    assert text.splitlines() == [
+        "### Temperature 0",
+        "",
+        "| row | a | b |",
+        "|---|---|---|",
+        "| plain decoding (reference) | 0.00 / 1.00 / 0.500 / 100 | – |",
+        "| MSD baseline (EAGLE-2 tree) | 4.00 / 5.00 / 0.500 / 150 | 2.00 / 3.00 / 0.250 / 80 |",
+        "| + OPT-Tree ⚠ answers differ from plain decoding | 5.00 / 6.00 / 0.500 / 160 **DIFFERS** (doc_ids 1, 4) | – |",
+        "| + OPT-Tree + calibrator | 5.50 / 6.50 / 0.500 / 170 | – |",
+    ]
+
+
+def test_gains_per_task_and_temperature():
+    (at0, at1) = gains(four_rows(0.0) + [m for m in four_rows(1.0) if m.row != "opt_cal"])
+    assert at0 == pytest.approx({
+        "task": "a", "temperature": 0.0, "opt_vs_eagle2": 0.25, "cal_vs_opt": 0.1,
+        "speedup_eagle2": 1.5, "speedup_opt": 1.6, "speedup_opt_cal": 1.7,
+    })  # fmt: skip
+    assert at1["temperature"] == 1.0 and at1["cal_vs_opt"] is None and at1["speedup_opt_cal"] is None
+
+
+def test_read_answers_takes_resps_when_lmms_eval_kept_them(tmp_path: Path):
+    samples = tmp_path / "model" / f"20260101_000000_samples_{TASK}.jsonl"
+    samples.parent.mkdir()
+    lines = [{"doc_id": 1, "filtered_resps": "blue"}, {"doc_id": 0, "resps": "It is red.\nAnswer: red", "filtered_resps": "red"}]
+    samples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert read_answers(tmp_path, TASK) == {0: "It is red.\nAnswer: red", 1: "blue"}
+    with pytest.raises(LmmsEvalFailed, match="--log_samples"):
+        read_answers(tmp_path, "other_task")
+
+
+def test_outputs_from_a_literal_report(tmp_path: Path):
+    measurements = four_rows(0.0) + four_rows(1.0)
+    for m, differing in zip(measurements[1:4], ([], [], [2])):
+        m.differing_doc_ids = differing
+    report = {
+        "command": "lmms-msd reproduce ...", "calibrator": "file x.json", "pair": "the bundled miniature pair",
+        "tasks": ["a"], "temperatures": [0.0, 1.0], "limit": 3, "rows": [],
+        "measurements": [m.__dict__ for m in measurements], "relative_gains": gains(measurements),
+    }  # fmt: skip
+    text = reproduce.write_outputs(report, ROWS, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(reproduce.FILES)
+    assert "| a | 0 | +25.0% | +10.0% | 1.50x | 1.60x | 1.70x |" in text
+    assert "**Answers differ from plain decoding at temperature 0" in text and "opt_cal on a, doc_ids [2]" in text
+    with (tmp_path / "results.csv").open() as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == 8
+    assert [(r["row"], r["answers_compared"], r["answers_differ"], r["differing_doc_ids"]) for r in lines[:4]] == [
+        ("plain", "False", "False", ""), ("eagle2", "True", "False", ""), ("opt", "True", "False", ""), ("opt_cal", "True", "True", "2"),
+    ]  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["measurements"][3]["differing_doc_ids"] == [2]
+
+
+def test_calibrator_default_and_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    fitted = tmp_path / "miniature.json"
+    monkeypatch.setattr(reproduce, "default_calibrator", lambda: None)
+    args, text = reproduce.choose_calibrator(None, 0.3, bundled_pair=True)
+    assert args == "calibrator=online,train_ratio=0.3" and "calibrators/miniature.json not found" in text
+    fitted.write_text("{}")
+    monkeypatch.setattr(reproduce, "default_calibrator", lambda: fitted)
+    assert reproduce.choose_calibrator(None, 0.3, bundled_pair=True)[0] == f"calibrator={fitted}"
+    assert reproduce.choose_calibrator(None, 0.3, bundled_pair=False)[0] == "calibrator=online,train_ratio=0.3"
+    assert reproduce.choose_calibrator("online", 0.5, bundled_pair=True)[0] == "calibrator=online,train_ratio=0.5"
+    with pytest.raises(SystemExit, match="no such file"):
+        reproduce.choose_calibrator(str(tmp_path / "missing.json"), 0.3, bundled_pair=True)
+
+
+def test_model_args_may_not_set_what_the_rows_set(tmp_path: Path):
+    with pytest.raises(SystemExit, match=r"may not set \['tree'\]"):
+        main(["reproduce", "--model_args", "pretrained=x,tree=opt", "--output_dir", str(tmp_path)])
+
+
+def test_a_failed_run_names_row_task_and_temperature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def failing(out, task, **kwargs):
+        raise LmmsEvalFailed("lmms-eval failed (exit 0; results file missing, statistics file missing); the end of log:\nTraceback")
+
+    monkeypatch.setattr(reproduce, "run_lmms_eval", failing)
+    args = argparse.Namespace(temperatures=[1.0], limit=3, include_path=None, model_args="")
+    with pytest.raises(SystemExit, match=r"row 'plain decoding \(reference\)', task a, temperature 1: lmms-eval failed (?s:.*)Traceback"):
+        reproduce.measure_all(args, ROWS, ["a"], tmp_path)
+
+
+def test_the_runner_refuses_a_folder_with_earlier_files(tmp_path: Path):
+    (tmp_path / "msd_stats.json").write_text("{}")
+    with pytest.raises(ValueError, match="not empty"):
+        run_lmms_eval(tmp_path, TASK)
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------
+try:
+    metadata.distribution("lmms-msd")
+    INSTALLED = True
+except metadata.PackageNotFoundError:
+    INSTALLED = False
+
+
+@pytest.mark.skipif(not INSTALLED, reason="lmms-msd is not installed: lmms-eval finds the model through its entry point")
+def test_reproduce_end_to_end_on_the_bundled_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "reproduce"
+    argv = ["reproduce", "--tasks", TASK, "--include_path", str(REPO / "tasks"), "--limit", "3", "--temperatures", "0", "--output_dir", str(out)]
+    assert main(argv) == 0
+    assert "every row's answers equal plain decoding's" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted([*reproduce.FILES, "runs"])
+    report = json.loads((out / "results.json").read_text())
+    assert [(m["row"], m["task"], m["temperature"], m["samples"]) for m in report["measurements"]] == [
+        (row, TASK, 0.0, 3) for row in ("plain", "eagle2", "opt", "opt_cal")
+    ]
+    assert [m["differing_doc_ids"] for m in report["measurements"]] == [None, [], [], []]
+    assert report["measurements"][0]["tau"] == 1.0 and all(m["tau"] > 1.5 for m in report["measurements"][1:])
+    table = (out / "results.md").read_text()
+    for label in ("plain decoding (reference)", "MSD baseline (EAGLE-2 tree)", "+ OPT-Tree", "+ OPT-Tree + calibrator"):
+        assert f"| {label} | " in table
+    assert "DIFFERS" not in table and "⚠" not in table
