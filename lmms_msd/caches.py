@@ -17,6 +17,5 @@ def keep_path(cache: Any, prefix_len: int, path: torch.Tensor) -> None:
     assert path.dim() == 1, f"path must be [a + 1], got {tuple(path.shape)}"
     keep = prefix_len + path.to(torch.long)
     for layer in cache.layers:
-        assert layer.keys.shape[-2] > int(keep.max()), "cache is shorter than prefix + tree"
         layer.keys = torch.cat([layer.keys[..., :prefix_len, :], layer.keys[..., keep, :]], dim=-2)
         layer.values = torch.cat([layer.values[..., :prefix_len, :], layer.values[..., keep, :]], dim=-2)

@@ -11,78 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmms_msd.lmms_eval_runs import run_lmms_eval
+
 METRIC = "relaxed_overall,none"
 CI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-LOG_FILE = "lmms_eval.log"
-STATS_FILE = "msd_stats.json"  # the plugin's statistics, written beside lmms-eval's results
-LOG_TAIL_LINES = 40
-
-
-class LmmsEvalFailed(RuntimeError):
-    """An lmms-eval run that did not leave its results and our statistics; the message ends with its log."""
-
-
-@dataclass(frozen=True)
-class EvalRun:
-    """What one lmms-eval run left under its --output_path."""
-
-    out: Path
-    results: dict[str, Any]  # lmms-eval's <date>_results.json
-    stats: dict[str, Any]  # the plugin's msd_stats.json
-    wall_s: float  # the whole subprocess, model loading included
-
-
-def log_tail(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
-    if not log_file.is_file():
-        return f"(no log at {log_file})"
-    return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
-
-
-def run_lmms_eval(
-    out: Path, tasks: str, *, include_path: Path | None = None, limit: int | None = None, model_args: str = "",
-    gen_kwargs: str = "", log_samples: bool = False, env: Mapping[str, str] | None = None,
-) -> EvalRun:  # fmt: skip
-    """`python -m lmms_eval --model llava_msd_calibrated ...` in a subprocess, its output in `out` (which must be
-    empty or new, so files of an earlier run cannot pass for this one's) and its log in `out/lmms_eval.log`.
-
-    lmms-eval exits 0 even when the evaluation failed: the run counts as done only when its results file and
-    our statistics file exist; otherwise `LmmsEvalFailed` carries the exit status and the log's tail.
-    """
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty: an earlier run's files would pass for this run's; give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "lmms_eval", "--model", "llava_msd_calibrated", "--tasks", tasks, "--batch_size", "1"]
-    for flag, value in (("--model_args", model_args), ("--gen_kwargs", gen_kwargs), ("--include_path", include_path)):
-        if value:
-            command += [flag, str(value)]
-    if limit is not None:
-        command += ["--limit", str(limit)]
-    if log_samples:
-        command.append("--log_samples")
-    command += ["--output_path", str(out)]
-    log_file = out / LOG_FILE
-    started = time.perf_counter()
-    with log_file.open("w") as log:
-        done = subprocess.run(command, check=False, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
-    wall_s = time.perf_counter() - started
-    results = sorted(out.rglob("*_results.json"))
-    stats_file = out / STATS_FILE
-    if done.returncode != 0 or not results or not stats_file.is_file():
-        found = f"results file {'found' if results else 'missing'}, statistics file {'found' if stats_file.is_file() else 'missing'}"
-        raise LmmsEvalFailed(f"lmms-eval failed (exit {done.returncode}; {found}); the end of {log_file}:\n{log_tail(log_file)}")
-    return EvalRun(out, json.loads(results[-1].read_text()), json.loads(stats_file.read_text()), wall_s)
 
 
 def run_tasks(include_path: Path, tasks: str, limit: int, out: Path) -> dict[str, dict[str, float]]:

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lmms_msd.regression import EvalRun, LmmsEvalFailed, run_lmms_eval
+from lmms_msd.lmms_eval_runs import EvalRun, LmmsEvalFailed, run_lmms_eval
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pytest
 
 from lmms_msd import reproduce
 from lmms_msd.cli import main
-from lmms_msd.regression import LmmsEvalFailed, run_lmms_eval
+from lmms_msd.lmms_eval_runs import LmmsEvalFailed, run_lmms_eval
 from lmms_msd.reproduce import (
     Measurement,
     answer_differences,
