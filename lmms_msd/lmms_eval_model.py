@@ -39,6 +39,7 @@ from lmms_msd.decoding import GenerationResult, plain_generate, speculative_gene
 from lmms_msd.sampling import GenerationConfig
 from lmms_msd.stats import SampleRecord, build_report, format_table, write_report
 from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
+from lmms_msd.testbed.inflate import TextShape, inflate_pair, inflate_target, shape_from_name
 from lmms_msd.tree import EagleTree, OptTree
 
 MODEL_ID = "llava_msd_calibrated"
@@ -108,6 +109,7 @@ class ModelArgs:
     train_ratio: float | None
     min_group_size: int
     attention_bins: int
+    inflate: TextShape | None  # the testbed shape the loaded pair is embedded into, or None
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -149,6 +151,17 @@ def _as_optional_str(value: Any) -> str | None:
     if value is None or value == "None":
         return None
     return str(value)
+
+
+def _as_shape(name: str, value: Any) -> TextShape | None:
+    """None for "", "none" or None; else `shape_from_name`'s "7b" or "HIDDENxLAYERS"."""
+    text = _as_optional_str(value)
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    try:
+        return shape_from_name(text)
+    except ValueError as error:
+        raise ValueError(f"{name}={text}: {error}") from None
 
 
 def default_device() -> str:
@@ -273,6 +286,9 @@ class LlavaMsdCalibrated(lmms):
                            order seeded by `seed`) observed before fitting; also read from gen_kwargs, as
                            the thesis passes it [none]
       min_group_size, attention_bins   the online calibrator's settings [50, 3]
+      inflate              embed the loaded pair into a bigger shape computing the same function, to measure
+                           at a real model's cost (lmms_msd.testbed.inflate): "7b" (LLaVA-1.5-7B's text
+                           sizes) or HIDDENxLAYERS such as "512x6"; the vocabulary is kept [none]
       device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
       dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
       attn_implementation  the target's attention [sdpa]
@@ -311,6 +327,7 @@ class LlavaMsdCalibrated(lmms):
         train_ratio: float | None = None,
         min_group_size: int = 50,
         attention_bins: int = 3,
+        inflate: str | None = "",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -332,7 +349,7 @@ class LlavaMsdCalibrated(lmms):
         self.args = self._coerce_args(
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
-            node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins,
+            node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins, inflate,
         )  # fmt: skip
         self.tree_builder = self._tree_builder() if self.args.use_msd else None
         self.target, self.draft = self._load()
@@ -348,7 +365,7 @@ class LlavaMsdCalibrated(lmms):
     def _coerce_args(
         self, pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
         attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
-        node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins,
+        node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins, inflate,
     ) -> ModelArgs:  # fmt: skip
         pretrained = _as_optional_str(pretrained)
         use_msd = _as_bool("use_msd", use_msd)
@@ -417,6 +434,7 @@ class LlavaMsdCalibrated(lmms):
             train_ratio=train_ratio,
             min_group_size=_as_int("min_group_size", min_group_size),
             attention_bins=_as_int("attention_bins", attention_bins),
+            inflate=_as_shape("inflate", inflate),
         )
 
     def _tree_builder(self) -> EagleTree | OptTree:
@@ -452,7 +470,7 @@ class LlavaMsdCalibrated(lmms):
         if not a.use_msd:
             if a.msd_model_path is not None:
                 eval_logger.info(f"{MODEL_ID}: use_msd=false, plain decoding; msd_model_path is not loaded")
-            return target, None
+            return self._inflate(target, None)
         draft = load_draft(a.msd_model_path, device=target.device, dtype=target.dtype)
         try:
             check_draft_fits(draft, target.hidden_size, target.vocab_size)
@@ -460,7 +478,15 @@ class LlavaMsdCalibrated(lmms):
             raise ValueError(
                 f"msd_model_path={a.msd_model_path!r} cannot draft for pretrained={a.pretrained!r}: {error}"
             ) from error
-        return target, draft
+        return self._inflate(target, draft)
+
+    def _inflate(self, target, draft):
+        """The loaded pair embedded into model_args inflate's shape (DESIGN 4.5), or as it is."""
+        shape = self.args.inflate
+        if shape is None:
+            return target, draft
+        eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {shape}: the same function at a bigger model's cost")
+        return inflate_pair(target, draft, shape) if draft is not None else (inflate_target(target, shape), None)
 
     @property
     def device(self) -> torch.device:

@@ -25,6 +25,7 @@ from lmms_msd.lmms_eval_model import (
     model_manifest,
     request_seed,
 )
+from lmms_msd.testbed.inflate import TextShape
 
 TASK, SPLIT = "t", "test"
 
@@ -145,6 +146,7 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         ("pretrained=x,msd_model_path=y,use_msd=maybe", "use_msd must be true or false, got 'maybe'"),
         ("pretrained=x,msd_model_path=y,depth=2.5", "depth must be an integer, got 2.5"),
         ("pretrained=x,msd_model_path=y,total_tokens=1", "EAGLE-2 tree needs total_tokens >= 2"),
+        ("pretrained=x,msd_model_path=y,inflate=13b", "inflate=13b: unknown shape '13b': use \"7b\" or HIDDENxLAYERS"),
     ],
 )
 def test_bad_model_args(arg_string, message):
@@ -442,3 +444,11 @@ def test_opt_tree_with_the_bundled_pair_defaults_to_its_calibrator():
     assert lm.args.calibrator == str(bundled_calibrator())
     raw = LlavaMsdCalibrated.create_from_arg_string("tree=opt,calibrator=none", {"batch_size": 1, "max_batch_size": None, "device": None})
     assert raw.args.calibrator == "none"
+
+
+def test_inflate_embeds_the_loaded_pair_into_the_shape():
+    lm = LlavaMsdCalibrated.create_from_arg_string("inflate=512x6", {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert lm.args.inflate == TextShape(512, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+                                        intermediate_size=1376)  # fmt: skip
+    text = lm.target.model.config.text_config
+    assert (lm.target.hidden_size, text.num_hidden_layers, lm.draft.config.hidden_size) == (512, 6, 512)
