@@ -38,7 +38,7 @@ class Subcommand(NamedTuple):
 
 def _subcommands() -> dict[str, Subcommand]:
     """The subcommand table: name -> Subcommand, in the order `--help` lists them."""
-    from lmms_msd import calibrate, demo, draft_training, regression, reproduce
+    from lmms_msd import bench, calibrate, demo, draft_training, multi_gpu, regression, reproduce
     from lmms_msd.testbed import charts, report, target_training
 
     return {
@@ -50,6 +50,8 @@ def _subcommands() -> dict[str, Subcommand]:
         "calibrate": Subcommand("fit the acceptance calibrator on a pair's observations; report ECE/Brier raw vs calibrated", calibrate.add_arguments),
         "regression": Subcommand("CI regression: the bundled pair on the CI tasks vs the committed baseline", regression.add_arguments),
         "reproduce": Subcommand("the thesis tables: plain, EAGLE-2, + OPT-Tree, + calibrator on lmms-eval tasks at temperatures 0 and 1", reproduce.add_arguments),
+        "bench": Subcommand("time plain vs speculative decoding (each tree, with and without the calibrator) on the same prompts", bench.add_arguments),
+        "compare-runs": Subcommand("lmms-eval on 1 vs N data-parallel processes (GPUs): answers per doc_id, score, docs/s, tokens/s, tau", multi_gpu.add_arguments),
         "testbed-report": Subcommand("accuracy, tau/alpha and acceptance by token type of a pair on the chart test split", report.add_arguments),
     }
 

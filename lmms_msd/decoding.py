@@ -45,6 +45,11 @@ class DecodeStats:
     discarded: int = 0  # tokens the last step verified past the stop (accepted drafts or bonus)
     prefill_s: float = 0.0  # the prompt's forward(s), the first token included
     wall_s: float = 0.0  # the whole request
+    # Where the decoding loop's time goes, measured only with profile=True (0.0 otherwise): the device
+    # is synchronised at every phase boundary, which slows the loop, so time a profiled run apart.
+    draft_s: float = 0.0  # building the trees (speculative only)
+    verify_s: float = 0.0  # the target's forwards after the prefill (over a tree, or one token)
+    other_s: float = 0.0  # everything else in the loop: acceptance, stop checks, cache keeping, draft advance
 
     @property
     def alpha(self) -> float:
@@ -87,6 +92,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _PhaseClock:
+    """Seconds between successive `lap` calls, each ending at a device synchronisation; a no-op
+    returning 0.0 when disabled, so an unprofiled loop gains no synchronisation."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device = device
+        self.enabled = enabled
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if not self.enabled:
+            return 0.0
+        _synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
 def _prefill(target: Target, prompt: EmbeddedPrompt, config: GenerationConfig, generator):
     cache = target.new_cache()
     length = prompt.input_ids.shape[0]
@@ -96,23 +119,35 @@ def _prefill(target: Target, prompt: EmbeddedPrompt, config: GenerationConfig, g
 
 @torch.inference_mode()
 def plain_generate(
-    target: Target, prompt: EmbeddedPrompt, config: GenerationConfig, generator: torch.Generator | None = None
+    target: Target,
+    prompt: EmbeddedPrompt,
+    config: GenerationConfig,
+    generator: torch.Generator | None = None,
+    profile: bool = False,
 ) -> GenerationResult:
-    """One target forward per token: the baseline, and the reference speculative decoding must equal."""
+    """One target forward per token: the baseline, and the reference speculative decoding must equal.
+
+    profile: split the loop's time into `DecodeStats.verify_s` (the forwards) and `other_s` (choosing
+    the token, stop checks), synchronising the device between them; the output is the same.
+    """
     _check_prompt(target, prompt)
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
     start = time.perf_counter()
     cache, _, token = _prefill(target, prompt, config, generator)
     _synchronize(target.device)
     stats = DecodeStats(prefill_s=time.perf_counter() - start)
+    clock = _PhaseClock(target.device, profile)
     tokens = [token]
     while stopper.first_stop(tokens, len(tokens) - 1) is None:
+        stats.other_s += clock.lap()
         position = torch.tensor([cache.get_seq_length()], device=target.device)
         _, logits = target.forward(target.embed_tokens(torch.tensor([token])), cache, position)
+        stats.verify_s += clock.lap()
         token = next_token(logits[-1], config, generator)
         tokens.append(token)
         stats.steps += 1
         stats.accepted.append(0)
+    stats.other_s += clock.lap()
     _synchronize(target.device)
     stats.wall_s = time.perf_counter() - start
     stats.new_tokens = len(tokens)
@@ -129,6 +164,7 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     observer: StepObserver | None = None,
     track_visual: bool = False,
+    profile: bool = False,
 ) -> GenerationResult:
     """Draft a tree, verify it in one target forward, commit the accepted path plus a bonus token; repeat.
 
@@ -136,6 +172,9 @@ def speculative_generate(
     track_visual: measure the draft's attention on the image for every tree node (`Tree.visual`),
     which a calibrated scorer with attention bins and a calibration observer need; off, the draft
     layer runs plain SDPA. Neither changes a single output token.
+    profile: split the loop's time into `DecodeStats.draft_s` (tree building), `verify_s` (the target
+    forward over the tree) and `other_s` (the rest), synchronising the device at each boundary; the
+    output is the same, only slower to come, so time unprofiled runs for speed.
     """
     _check_prompt(target, prompt)
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
@@ -147,14 +186,18 @@ def speculative_generate(
     root_hidden, root_visual = drafter.prefill(prompt, hidden, token)
     _synchronize(target.device)
     stats = DecodeStats(prefill_s=time.perf_counter() - start)
+    clock = _PhaseClock(target.device, profile)
     tokens = [token]
     stop = stopper.first_stop(tokens, 0)
     while stop is None:
+        stats.other_s += clock.lap()
         # 2. draft a tree under the root (the last committed token)
         tree = tree_builder.build(drafter, token, root_hidden, root_visual)
+        stats.draft_s += clock.lap()
         # 3. verify it in one forward
         prefix_len = cache.get_seq_length()
         tree_hidden, logits = verify_tree(target, tree, cache, tree_builder.max_depth)
+        stats.verify_s += clock.lap()
         # 4. accept
         if config.greedy:
             result = accept_greedy(tree, logits)
@@ -179,6 +222,7 @@ def speculative_generate(
         keep_path(cache, prefix_len, path)
         root_hidden, root_visual = drafter.advance(torch.tensor(committed, device=target.device), tree_hidden[path])
         token = result.bonus
+    stats.other_s += clock.lap()
     _synchronize(target.device)
     stats.wall_s = time.perf_counter() - start
     stats.new_tokens = len(tokens)

@@ -1,0 +1,199 @@
+"""`lmms-msd bench` on the bundled pair (CPU, a tiny chart data folder and the repository's long task), its
+totals on literal numbers, its usage errors, and the profiled phase times of the decoding loops."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmms_msd.bench import Method, Run, Summary, summarise
+from lmms_msd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SPECULATIVE = ("eagle2", "opt", "opt_cal")
+
+
+@pytest.fixture(scope="module")
+def chart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two held-out charts (long and short questions) as `lmms-msd make-charts` writes them."""
+    from lmms_msd.testbed.charts import build_chart_dataset
+
+    folder = tmp_path_factory.mktemp("charts")
+    build_chart_dataset(folder, n_train=0, n_test=2, seed=5, write_parquet=False, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bench_report(chart_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--data_dir", str(chart_dir), "--limit", "2", "--warmup", "1", "--repeats", "1",
+            "--max_new_tokens", "20", "--output_dir", str(out), "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_bench_on_a_data_folder(bench_report):
+    report, markdown = bench_report
+    assert report["requests"] == 2 and report["greedy"] is True
+    assert report["config"]["repeats"] == 1 and report["machine"]["torch"] and report["machine"]["device_name"]
+    methods = {s["method"]: s for s in report["methods"]}
+    assert list(methods) == ["hf_generate", "plain", "eagle2", "opt", "opt_cal"]
+    plain, hf = methods["plain"], methods["hf_generate"]
+    for name, s in methods.items():
+        # lossless at temperature 0, for every run (the profiled one included) of every request
+        assert s["identical"] is True and s["differing_doc_ids"] == [], name
+        assert s["new_tokens"] == plain["new_tokens"] and 0 < s["new_tokens"] <= 2 * 20
+        assert s["ms_per_token"] == pytest.approx(1000 * s["wall_s"] / s["new_tokens"])
+        assert s["tokens_per_s"] == pytest.approx(s["new_tokens"] / s["wall_s"])
+        assert s["speedup_vs_plain"] == pytest.approx(plain["ms_per_token"] / s["ms_per_token"])
+        assert s["speedup_vs_hf_generate"] == pytest.approx(hf["ms_per_token"] / s["ms_per_token"])
+    assert plain["tau"] == 1.0 and hf["tau"] is None and hf["shares"] is None
+    for name in SPECULATIVE:
+        s = methods[name]
+        assert s["tau"] > 1.5 and s["alpha"] == pytest.approx(s["tau"] - 1), name  # the trained draft is accepted
+        assert s["shares"]["draft"] > 0 and s["shares"]["verify"] > 0 and s["shares"]["other"] > 0
+        assert sum(s["shares"].values()) <= 1.0 + 1e-9
+    assert methods["plain"]["shares"]["draft"] == 0.0 and methods["plain"]["shares"]["verify"] > 0
+    assert report["trees"]["opt_cal"]["scorer"].startswith("CalibratedScorer")
+    for request in report["per_request"]:
+        runs = request["runs"]
+        assert set(runs) == set(methods) and request["prompt_tokens"] > 0
+        texts = {run["text"] for run in runs.values()}
+        assert len(texts) == 1  # every method answered the same
+        for name in SPECULATIVE:
+            phases = runs[name]["phases"]
+            assert phases["draft_s"] + phases["verify_s"] + phases["other_s"] + phases["prefill_s"] <= phases["wall_s"]
+    assert "| method | ms/token | tokens/s |" in markdown
+    assert "every speculative method gave plain decoding's token ids" in markdown
+
+
+def test_bench_on_the_task(tmp_path: Path):
+    """The task path: the repository's long task, with lmms-eval's default stop string (which hf_generate
+    gets as stop_strings)."""
+    argv = ["bench", "--task", "msd_chartqa_synth_long", "--include_path", str(REPO / "tasks"), "--limit", "1",
+            "--warmup", "0", "--repeats", "2", "--max_new_tokens", "12", "--methods", "opt,hf_generate,plain",
+            "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["generation"]["until"] == ["\n\n"] and report["generation"]["do_sample"] is False
+    assert [s["method"] for s in report["methods"]] == ["hf_generate", "plain", "opt"]
+    assert all(s["identical"] is True for s in report["methods"])
+    assert len(report["per_request"][0]["runs"]["opt"]["wall_s_repeats"]) == 2
+    # lmms-eval's prompt: the document's question and the task's post_prompt
+    assert report["per_request"][0]["context"].endswith('on the last line in the form "Answer: <answer>".')
+
+
+def test_sampling_skips_hf_generate_and_the_comparison(chart_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    argv = ["bench", "--data_dir", str(chart_dir), "--limit", "1", "--warmup", "0", "--repeats", "1",
+            "--max_new_tokens", "8", "--temperature", "1", "--methods", "hf_generate,plain,eagle2",
+            "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["greedy"] is False and [s["method"] for s in report["methods"]] == ["plain", "eagle2"]
+    assert all(s["identical"] is None for s in report["methods"])
+    assert "not checked (sampling)" in capsys.readouterr().out
+
+
+def test_a_lossy_method_is_marked_and_fails(chart_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    import lmms_msd.decoding as decoding
+
+    real = decoding.speculative_generate
+
+    def lossy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.token_ids[-1] += 1
+        return result
+
+    monkeypatch.setattr(decoding, "speculative_generate", lossy)
+    argv = ["bench", "--data_dir", str(chart_dir), "--limit", "2", "--warmup", "0", "--repeats", "1",
+            "--max_new_tokens", "6", "--methods", "plain,eagle2", "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
+    assert main(argv) == 1
+    eagle2 = json.loads((tmp_path / "bench.json").read_text())["methods"][1]
+    assert eagle2["identical"] is False and eagle2["differing_doc_ids"] == [0, 1]
+    assert "**NO** (docs 0, 1)" in capsys.readouterr().out
+
+
+def test_summary_totals_on_literal_numbers():
+    """ms/token from the sums of request medians; speedups are ms/token ratios; shares of the profiled wall."""
+
+    def run(tokens, wall, steps, accepted, identical, phases=None):
+        return Run(tokens, wall, [wall], steps, accepted, "", identical, phases)
+
+    plain_phases = {"draft_s": 0.0, "verify_s": 0.5, "other_s": 0.1, "prefill_s": 0.2, "wall_s": 1.0}
+    spec_phases = {"draft_s": 0.2, "verify_s": 0.1, "other_s": 0.1, "prefill_s": 0.1, "wall_s": 0.5}
+    measured = [
+        {"doc_id": 3, "runs": {"plain": run(10, 0.5, 9, 0, True, plain_phases), "opt": run(10, 0.2, 3, 6, True, spec_phases)}},
+        {"doc_id": 7, "runs": {"plain": run(30, 1.5, 29, 0, True, plain_phases), "opt": run(30, 0.3, 5, 20, False, spec_phases)}},
+    ]
+    methods = [Method("plain", "plain", None), Method("opt", "speculative", None)]
+    plain, opt = summarise(methods, measured)
+    assert plain.ms_per_token == pytest.approx(50.0) and opt.ms_per_token == pytest.approx(12.5)
+    assert opt.speedup_vs_plain == pytest.approx(4.0) and plain.speedup_vs_plain == pytest.approx(1.0)
+    assert opt.speedup_vs_hf_generate is None
+    assert opt.tau == pytest.approx(1 + 26 / 8) and plain.tau == pytest.approx(1.0)
+    assert opt.shares == pytest.approx({"draft": 0.4, "verify": 0.2, "other": 0.2, "prefill": 0.2})
+    assert opt.identical is False and opt.differing_doc_ids == [7] and plain.identical is True
+    assert isinstance(opt, Summary)
+
+
+def test_bad_data_dir_names_the_path(tmp_path: Path):
+    missing = tmp_path / "no-charts-here"
+    with pytest.raises(SystemExit) as error:
+        main(["bench", "--data_dir", str(missing), "--output_dir", str(tmp_path / "out")])
+    assert str(missing) in str(error.value) and "make-charts" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "module", "expected"),
+    [(["--engine", "static"], "lmms_msd.fast", "lmms_msd.fast.StaticEngine"),
+     (["--inflate", "7b"], "lmms_msd.testbed.inflate", "lmms_msd.testbed.inflate")],
+)  # fmt: skip
+def test_missing_engine_or_inflation_is_a_clear_error(option, module, expected, tmp_path, monkeypatch, chart_dir):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not written yet: importing it raises ImportError
+    with pytest.raises(SystemExit) as error:
+        main(["bench", "--data_dir", str(chart_dir), *option, "--output_dir", str(tmp_path)])
+    assert expected in str(error.value)
+
+
+# ---- profiled phases of the decoding loops ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundled_pair():
+    from lmms_msd.draft import load_draft
+    from lmms_msd.target_loading import load_target
+    from lmms_msd.testbed.bundled import bundled_paths
+
+    target_dir, draft_dir = bundled_paths()
+    target = load_target(str(target_dir))
+    return target, load_draft(str(draft_dir))
+
+
+def test_profile_splits_the_loop_without_changing_the_output(bundled_pair, chart_dir):
+    from PIL import Image
+
+    from lmms_msd.calibrate import load_records, question_of
+    from lmms_msd.decoding import plain_generate, speculative_generate
+    from lmms_msd.sampling import GenerationConfig
+    from lmms_msd.tree import OptTree
+
+    target, draft = bundled_pair
+    record = load_records(chart_dir, "test", "long", 1)[0]
+    with Image.open(chart_dir / record["image"]) as image:
+        prompt = target.prepare(question_of(record), [image.convert("RGB")])
+    config = GenerationConfig(max_new_tokens=24)
+    fast = speculative_generate(target, draft, prompt, config, OptTree())
+    profiled = speculative_generate(target, draft, prompt, config, OptTree(), profile=True)
+    assert profiled.token_ids == fast.token_ids
+    assert (fast.stats.draft_s, fast.stats.verify_s, fast.stats.other_s) == (0.0, 0.0, 0.0)
+    s = profiled.stats
+    assert s.steps > 1 and s.draft_s > 0 and s.verify_s > 0 and s.other_s > 0
+    assert s.draft_s + s.verify_s + s.other_s <= s.wall_s - s.prefill_s
+    plain = plain_generate(target, prompt, config, profile=True)
+    assert plain.token_ids == fast.token_ids
+    p = plain.stats
+    assert p.draft_s == 0.0 and p.verify_s > 0 and p.other_s > 0
+    assert p.verify_s + p.other_s <= p.wall_s - p.prefill_s
+    assert plain_generate(target, prompt, config).stats.verify_s == 0.0
