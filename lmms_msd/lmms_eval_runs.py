@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -39,12 +40,35 @@ def log_tail(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
 
 
+def free_port() -> int:
+    """A TCP port free right now on this machine, for accelerate's main process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(processes: int) -> list[str]:
+    """The command that starts lmms-eval: `python -m lmms_eval` for one process; for several, accelerate's data
+    parallelism (`accelerate launch --multi_gpu`: one process per GPU, or gloo on a machine without one).
+    `--cpu --num_processes N` would start a single process, so `--multi_gpu` is used on CPU too."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    if processes == 1:
+        return [sys.executable, "-m", "lmms_eval"]
+    return [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+        "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "lmms_eval",
+    ]  # fmt: skip
+
+
 def run_lmms_eval(
     out: Path, tasks: str, *, include_path: Path | None = None, limit: int | None = None, model_args: str = "",
-    gen_kwargs: str = "", log_samples: bool = False, env: Mapping[str, str] | None = None,
+    gen_kwargs: str = "", log_samples: bool = False, env: Mapping[str, str] | None = None, processes: int = 1,
 ) -> EvalRun:  # fmt: skip
-    """`python -m lmms_eval --model llava_msd_calibrated ...` in a subprocess, its output in `out` (which must be
-    empty or new, so files of an earlier run cannot pass for this one's) and its log in `out/lmms_eval.log`.
+    """`python -m lmms_eval --model llava_msd_calibrated ...` in a subprocess (on `processes` data-parallel
+    processes, see `launcher`), its output in `out` (which must be empty or new, so files of an earlier run
+    cannot pass for this one's) and its log in `out/lmms_eval.log`.
 
     lmms-eval exits 0 even when the evaluation failed: the run counts as done only when its results file and
     our statistics file exist; otherwise `LmmsEvalFailed` carries the exit status and the log's tail.
@@ -52,7 +76,7 @@ def run_lmms_eval(
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: an earlier run's files would pass for this run's; give a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "lmms_eval", "--model", "llava_msd_calibrated", "--tasks", tasks, "--batch_size", "1"]
+    command = launcher(processes) + ["--model", "llava_msd_calibrated", "--tasks", tasks, "--batch_size", "1"]
     for flag, value in (("--model_args", model_args), ("--gen_kwargs", gen_kwargs), ("--include_path", include_path)):
         if value:
             command += [flag, str(value)]
