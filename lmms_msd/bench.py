@@ -30,8 +30,8 @@ generator seeded with `--seed` + its index) and nothing is compared; hf_generate
 
 `--engine static` runs plain and speculative decoding through `lmms_msd.fast.StaticEngine`
 (preallocated caches, CUDA graphs on cuda); hf_generate is the same in both engines. `--inflate 7b`
-replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`): 7B cost, the
-miniature's outputs.
+(or HIDDENxLAYERS) replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`):
+about 7B's cost per forward, the miniature's outputs.
 
 Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
 numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
@@ -66,7 +66,6 @@ REFERENCE = "plain"
 HF = "hf_generate"
 SPECULATIVE = ("eagle2", "opt", "opt_cal")
 ENGINES = ("eager", "static")
-INFLATE_SHAPES = {"7b": "SEVEN_B"}  # --inflate value -> the shape's name in lmms_msd.testbed.inflate
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TASK = "msd_chartqa_synth_long"
 DEFAULT_INCLUDE_PATH = REPO / "tasks"  # the repository's local tasks (absent from an installed wheel)
@@ -170,9 +169,9 @@ class Method:
     run: RunFn
 
 
-def load_pair(args: argparse.Namespace, need_draft: bool, inflating=None):
-    """(target, draft or None) as the plugin would load them; inflated by `inflating`
-    (`lmms_msd.testbed.inflate`) when --inflate is given."""
+def load_pair(args: argparse.Namespace, need_draft: bool, shape=None):
+    """(target, draft or None) as the plugin would load them, embedded into `shape` (a
+    `lmms_msd.testbed.inflate.TextShape`) when given."""
     from lmms_msd.draft import check_draft_fits, load_draft
     from lmms_msd.target_loading import load_target
 
@@ -181,21 +180,25 @@ def load_pair(args: argparse.Namespace, need_draft: bool, inflating=None):
     if need_draft:
         draft = load_draft(args.msd_model_path, device=target.device, dtype=target.dtype)
         check_draft_fits(draft, target.hidden_size, target.vocab_size)
-    if args.inflate is not None:
-        target, draft = inflating.inflate_pair(target, draft, getattr(inflating, INFLATE_SHAPES[args.inflate]))
-        log.info("inflated the pair to the %s shape", args.inflate)
+    if shape is not None:
+        from lmms_msd.testbed.inflate import inflate_pair, inflate_target
+
+        target, draft = inflate_pair(target, draft, shape) if draft is not None else (inflate_target(target, shape), None)
+        log.info("inflated the pair to %s", shape)
     return target, draft
 
 
-def inflate_module(shape: str):
-    """`lmms_msd.testbed.inflate`, checked to define the shape, imported only when --inflate asks for it."""
+def inflation_shape(name: str):
+    """The `TextShape` --inflate names ("7b" or HIDDENxLAYERS), from `lmms_msd.testbed.inflate`, imported
+    only when --inflate asks for it."""
     try:
         module = importlib.import_module("lmms_msd.testbed.inflate")
     except ImportError as error:
         raise SystemExit(f"lmms-msd bench: --inflate needs lmms_msd.testbed.inflate, which cannot be imported ({error})") from error
-    if not hasattr(module, INFLATE_SHAPES[shape]):
-        raise SystemExit(f"lmms-msd bench: --inflate {shape}: lmms_msd.testbed.inflate defines no {INFLATE_SHAPES[shape]}")
-    return module
+    try:
+        return module.shape_from_name(name)
+    except ValueError as error:
+        raise SystemExit(f"lmms-msd bench: --inflate {name}: {error}") from error
 
 
 def static_engine_class():
@@ -570,7 +573,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help=f"comma list [{','.join(METHODS)}]")
     parser.add_argument("--engine", default="eager", choices=ENGINES, help="eager: lmms_msd.decoding; static: lmms_msd.fast [eager]")
     parser.add_argument("--max_length", type=int, default=2048, help="--engine static: the preallocated cache length [2048]")
-    parser.add_argument("--inflate", default=None, choices=sorted(INFLATE_SHAPES), help="benchmark the pair's inflated copy")
+    parser.add_argument(
+        "--inflate", default=None,
+        help='benchmark the pair embedded into a bigger shape computing the same function: "7b" or HIDDENxLAYERS, e.g. 512x6',
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="[cuda if available, else cpu]")
     parser.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 / auto [auto on cuda, float32 on cpu]")
     parser.add_argument("--output_dir", type=Path, default=Path("build/bench"), help="bench.json, bench.md, bench.png [build/bench]")
@@ -637,7 +643,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     engine_class = static_engine_class() if args.engine == "static" else None  # fail before loading anything
-    inflating = inflate_module(args.inflate) if args.inflate is not None else None
+    shape = inflation_shape(args.inflate) if args.inflate is not None else None
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("auto" if args.device.startswith("cuda") else "float32")
     resolve_pair_and_calibrator(args)
@@ -651,7 +657,7 @@ def run(args: argparse.Namespace) -> int:
         names.remove(HF)
     if not names:
         raise SystemExit("lmms-msd bench: no method left to run")
-    target, draft = load_pair(args, need_draft=bool(set(names) & set(SPECULATIVE)), inflating=inflating)
+    target, draft = load_pair(args, need_draft=bool(set(names) & set(SPECULATIVE)), shape=shape)
     trees = tree_builders(names, target, args.calibrator)
     methods = build_methods(names, target, draft, trees, engine_class, args.max_length)
     measured = bench(methods, target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,

@@ -147,16 +147,39 @@ def test_bad_data_dir_names_the_path(tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    ("option", "module", "expected"),
-    [(["--engine", "static"], "lmms_msd.fast", "lmms_msd.fast.StaticEngine"),
-     (["--inflate", "7b"], "lmms_msd.testbed.inflate", "lmms_msd.testbed.inflate")],
-)  # fmt: skip
-def test_missing_engine_or_inflation_is_a_clear_error(option, module, expected, tmp_path, monkeypatch, chart_dir):
-    monkeypatch.setitem(sys.modules, module, None)  # as if not written yet: importing it raises ImportError
+def test_missing_static_engine_is_a_clear_error(tmp_path, monkeypatch, chart_dir):
+    monkeypatch.setitem(sys.modules, "lmms_msd.fast", None)  # as if absent: importing it raises ImportError
     with pytest.raises(SystemExit) as error:
-        main(["bench", "--data_dir", str(chart_dir), *option, "--output_dir", str(tmp_path)])
-    assert expected in str(error.value)
+        main(["bench", "--data_dir", str(chart_dir), "--engine", "static", "--output_dir", str(tmp_path)])
+    assert "lmms_msd.fast.StaticEngine" in str(error.value) and "--engine eager" in str(error.value)
+
+
+def test_bad_inflation_shape_is_a_clear_error(tmp_path, chart_dir):
+    with pytest.raises(SystemExit) as error:
+        main(["bench", "--data_dir", str(chart_dir), "--inflate", "huge", "--output_dir", str(tmp_path)])
+    assert "--inflate huge" in str(error.value) and "HIDDENxLAYERS" in str(error.value)
+
+
+def _first_answer(argv_tail: list[str], chart_dir: Path, out: Path) -> dict:
+    argv = ["bench", "--data_dir", str(chart_dir), "--limit", "1", "--warmup", "0", "--repeats", "1",
+            "--max_new_tokens", "20", "--methods", "plain,opt", "--output_dir", str(out), "--no_progress", *argv_tail]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_inflated_pair_gives_the_same_answers(bench_report, chart_dir: Path, tmp_path: Path):
+    """256 -> 1024 wide (a power-of-four ratio: bit-exact in fp32 on CPU), same answers as the miniature."""
+    report = _first_answer(["--inflate", "1024x4"], chart_dir, tmp_path)
+    assert all(s["identical"] is True for s in report["methods"])
+    assert report["per_request"][0]["runs"]["opt"]["text"] == bench_report[0]["per_request"][0]["runs"]["opt"]["text"]
+
+
+def test_static_engine_gives_the_same_answers(bench_report, chart_dir: Path, tmp_path: Path):
+    pytest.importorskip("lmms_msd.fast")
+    report = _first_answer(["--engine", "static"], chart_dir, tmp_path)
+    assert report["config"]["engine"] == "static" and all(s["identical"] is True for s in report["methods"])
+    assert report["per_request"][0]["runs"]["opt"]["text"] == bench_report[0]["per_request"][0]["runs"]["opt"]["text"]
+    assert report["methods"][1]["shares"]["draft"] > 0  # the engine fills the profiled phases too
 
 
 # ---- profiled phases of the decoding loops ---------------------------------------------------------------
