@@ -110,6 +110,7 @@ class ModelArgs:
     min_group_size: int
     attention_bins: int
     inflate: TextShape | None  # the testbed shape the loaded pair is embedded into, or None
+    engine: str  # "static" (lmms_msd.fast: static caches, CUDA graphs) or "eager" (lmms_msd.decoding)
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -289,6 +290,9 @@ class LlavaMsdCalibrated(lmms):
       inflate              embed the loaded pair into a bigger shape computing the same function, to measure
                            at a real model's cost (lmms_msd.testbed.inflate): "7b" (LLaVA-1.5-7B's text
                            sizes) or HIDDENxLAYERS such as "512x6"; the vocabulary is kept [none]
+      engine               "static": static KV caches and CUDA graphs (lmms_msd.fast), the fast loop on a GPU;
+                           "eager": transformers' forward with a growing cache (lmms_msd.decoding); the same
+                           outputs either way [auto: static on cuda, eager on cpu]
       device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
       dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
       attn_implementation  the target's attention [sdpa]
@@ -328,6 +332,7 @@ class LlavaMsdCalibrated(lmms):
         min_group_size: int = 50,
         attention_bins: int = 3,
         inflate: str | None = "",
+        engine: str = "auto",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -350,9 +355,11 @@ class LlavaMsdCalibrated(lmms):
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
             node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins, inflate,
+            engine,
         )  # fmt: skip
         self.tree_builder = self._tree_builder() if self.args.use_msd else None
         self.target, self.draft = self._load()
+        self.engine = self._static_engine() if self.args.engine == "static" else None
         self.token_types = None  # [V] long, once a calibrator needs them
         self.track_visual = False  # whether the tree's scorer needs the draft's visual attention
         self._calibration_meta: dict[str, Any] | None = None
@@ -366,6 +373,7 @@ class LlavaMsdCalibrated(lmms):
         self, pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
         attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
         node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins, inflate,
+        engine,
     ) -> ModelArgs:  # fmt: skip
         pretrained = _as_optional_str(pretrained)
         use_msd = _as_bool("use_msd", use_msd)
@@ -411,6 +419,11 @@ class LlavaMsdCalibrated(lmms):
         if device == "cuda" and self._world_size > 1:
             device = f"cuda:{self.accelerator.local_process_index}"
         dtype = _as_optional_str(dtype) or ("auto" if device.startswith("cuda") else "float32")
+        engine = str(_as_optional_str(engine) or "auto").lower()
+        if engine not in ("auto", "static", "eager"):
+            raise ValueError(f"engine must be auto, static or eager, got {engine!r}")
+        if engine == "auto":
+            engine = "static" if device.startswith("cuda") else "eager"
         return ModelArgs(
             pretrained=pretrained,
             msd_model_path=msd_model_path,
@@ -435,6 +448,7 @@ class LlavaMsdCalibrated(lmms):
             min_group_size=_as_int("min_group_size", min_group_size),
             attention_bins=_as_int("attention_bins", attention_bins),
             inflate=_as_shape("inflate", inflate),
+            engine=engine,
         )
 
     def _tree_builder(self) -> EagleTree | OptTree:
@@ -487,6 +501,13 @@ class LlavaMsdCalibrated(lmms):
             return target, draft
         eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {shape}: the same function at a bigger model's cost")
         return inflate_pair(target, draft, shape) if draft is not None else (inflate_target(target, shape), None)
+
+    def _static_engine(self):
+        """The static-cache engine for this pair: its caches cover the target's maximum length (at
+        most 4096 slots); CUDA graphs are captured by the first requests of each shape."""
+        from lmms_msd.fast import StaticEngine
+
+        return StaticEngine(self.target, self.draft, max_length=min(self.target.max_length, 4096))
 
     @property
     def device(self) -> torch.device:
@@ -552,17 +573,26 @@ class LlavaMsdCalibrated(lmms):
         if not config.greedy:
             generator = torch.Generator(device=self.target.device)
             generator.manual_seed(request_seed(self.args.seed, task, doc_id, repeat))
+        engine = self.engine
         if self.draft is None:
+            if engine is not None:
+                return engine.plain_generate(prompt, config, generator)
             return plain_generate(self.target, prompt, config, generator)
         if online is None:
-            return speculative_generate(
-                self.target, self.draft, prompt, config, self.tree_builder, generator, track_visual=self.track_visual
+            tree_builder, observer, track_visual = self.tree_builder, None, self.track_visual
+        else:
+            plan = online.plan(index, config)
+            tree_builder, observer, track_visual = plan.tree_builder, plan.observer, plan.track_visual
+        if engine is not None:
+            result = engine.speculative_generate(
+                prompt, config, tree_builder, generator, observer=observer, track_visual=track_visual
             )
-        plan = online.plan(index, config)
-        result = speculative_generate(
-            self.target, self.draft, prompt, config, plan.tree_builder, generator, plan.observer, plan.track_visual
-        )
-        online.done()
+        else:
+            result = speculative_generate(
+                self.target, self.draft, prompt, config, tree_builder, generator, observer, track_visual
+            )
+        if online is not None:
+            online.done()
         return result
 
     def _note_gen_kwargs(self, gen_kwargs: Mapping[str, Any]) -> None:

@@ -9,7 +9,7 @@ nodes; the verifier reads nothing but the `Tree`, so a new builder (OPT-Tree) or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -64,6 +64,16 @@ class Tree:
 NodeScorer = Callable[[torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
 
 
+class Growth(NamedTuple):
+    """How a builder grows its tree (`grow_tree`'s settings); a builder's `growth` says it."""
+
+    top_k: int
+    max_depth: int
+    budget: int  # draft nodes kept (the root not counted)
+    node_score: "NodeScorer"
+    stop_delta: float | None  # None: always grow to max_depth
+
+
 def draft_confidence(logprobs: torch.Tensor, tokens: torch.Tensor, depth: int, visual: torch.Tensor | None) -> torch.Tensor:
     """The uncalibrated estimate: the draft's own probability."""
     return logprobs
@@ -95,13 +105,14 @@ class EagleTree:
     def max_depth(self) -> int:
         return self.depth
 
+    @property
+    def growth(self) -> Growth:
+        return Growth(self.top_k, self.depth, self.total_tokens - 1, draft_confidence, None)
+
     def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
         """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
         that row's visual attention intensity (None when the drafter does not track it)."""
-        return grow_tree(
-            drafter, root_token, root_hidden, root_visual, top_k=self.top_k, max_depth=self.depth,
-            budget=self.total_tokens - 1, node_score=draft_confidence, stop_delta=None,
-        )
+        return grow_tree(drafter, root_token, root_hidden, root_visual, *self.growth)
 
 
 @dataclass(frozen=True)
@@ -129,13 +140,14 @@ class OptTree:
                 f"stop_delta={self.stop_delta}"
             )
 
+    @property
+    def growth(self) -> Growth:
+        return Growth(self.top_k, self.max_depth, self.node_budget, self.scorer, self.stop_delta)
+
     def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
         """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
         that row's visual attention intensity (None when the drafter does not track it)."""
-        return grow_tree(
-            drafter, root_token, root_hidden, root_visual, top_k=self.top_k, max_depth=self.max_depth,
-            budget=self.node_budget, node_score=self.scorer, stop_delta=self.stop_delta,
-        )
+        return grow_tree(drafter, root_token, root_hidden, root_visual, *self.growth)
 
 
 @torch.inference_mode()
@@ -144,7 +156,6 @@ def grow_tree(
     root_token: int,
     root_hidden: torch.Tensor,
     root_visual: torch.Tensor | None,
-    *,
     top_k: int,
     max_depth: int,
     budget: int,

@@ -146,6 +146,7 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         ("pretrained=x,msd_model_path=y,use_msd=maybe", "use_msd must be true or false, got 'maybe'"),
         ("pretrained=x,msd_model_path=y,depth=2.5", "depth must be an integer, got 2.5"),
         ("pretrained=x,msd_model_path=y,total_tokens=1", "EAGLE-2 tree needs total_tokens >= 2"),
+        ("pretrained=x,msd_model_path=y,engine=turbo", "engine must be auto, static or eager, got 'turbo'"),
         ("pretrained=x,msd_model_path=y,inflate=13b", "inflate=13b: unknown shape '13b': use \"7b\" or HIDDENxLAYERS"),
     ],
 )
@@ -250,6 +251,26 @@ def test_speculative_equals_plain_greedy_in_request_order(model, plain_model, do
     # the same answer per document whatever the order of the requests
     again = run(model, [request(i) for i in (0, 1, 2, 3)], docs)
     assert dict(zip((2, 0, 3, 1), speculative)) == dict(zip((0, 1, 2, 3), again))
+
+
+def test_static_engine_gives_the_eager_answers(tiny_hf_dir, tiny_draft_dir, model, docs, tmp_path):
+    """engine=static (static caches; CUDA graphs where CUDA is) answers as the eager loop does, greedy and
+    sampled, plain and speculative; on CPU the default engine is the eager one."""
+    assert model.args.engine == "eager" and model.engine is None
+    static = LlavaMsdCalibrated(
+        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), engine="static", stats_path=str(tmp_path / "s.json")
+    )
+    static_plain = LlavaMsdCalibrated(
+        pretrained=str(tiny_hf_dir), use_msd="false", engine="static", stats_path=str(tmp_path / "p.json")
+    )
+    assert static.engine is not None
+    sampled = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
+    for gen_kwargs in (None, sampled):
+        requests = [request(i, gen_kwargs) for i in range(4)]
+        expected = run(model, requests, docs)
+        assert run(static, requests, docs) == expected
+        if gen_kwargs is None:
+            assert run(static_plain, requests, docs) == expected
 
 
 def test_sampling_is_reproducible_and_order_independent(model, docs):

@@ -1,0 +1,157 @@
+"""The static-cache engine (lmms_msd.fast) gives the outputs of the eager loops, token for token.
+
+On CPU the engine runs its code without CUDA graphs; the graph test runs where CUDA is (the GPU
+machine), checking that replayed graphs change nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from decoding_fixtures import CharTokenizer, following_draft, random_draft, random_prompt, tiny_target
+
+from lmms_msd.decoding import plain_generate, speculative_generate
+from lmms_msd.fast import StaticEngine
+from lmms_msd.fast.engine import accept_greedy_on_device
+from lmms_msd.sampling import GenerationConfig
+from lmms_msd.tree import EagleTree, OptTree, Tree
+from lmms_msd.verify import accept_greedy
+
+TREES = {"eagle2": EagleTree(total_tokens=20, depth=5, top_k=4), "opt": OptTree(node_budget=24, stop_delta=0.2, max_depth=7, top_k=4)}
+
+
+def with_eos(target, eos_token_id):
+    return dataclasses.replace(target, tokenizer=CharTokenizer(target.tokenizer.vocab_size, eos_token_id))
+
+
+@pytest.mark.parametrize("draft_kind", ["following", "random"])
+def test_static_engine_greedy_equals_eager(draft_kind):
+    target = tiny_target(3, context_scale=0.05 if draft_kind == "following" else 1.0)
+    draft = following_draft(target) if draft_kind == "following" else random_draft(target, 11)
+    no_eos = with_eos(target, 10_000)
+    engine = StaticEngine(no_eos, draft, max_length=256)  # one engine for every request: caches are reused
+    deep = 0
+    for i in range(8):
+        prompt = random_prompt(target, 300 + i, with_image=i % 2 == 0)
+        config = GenerationConfig(max_new_tokens=12 + 3 * i)
+        plain = plain_generate(no_eos, prompt, config)
+        assert engine.plain_generate(prompt, config).token_ids == plain.token_ids
+        for name, tree in TREES.items():
+            eager = speculative_generate(no_eos, draft, prompt, config, tree)
+            fast = engine.speculative_generate(prompt, config, tree)
+            assert fast.token_ids == plain.token_ids, name
+            assert fast.stats.accepted == eager.stats.accepted, name
+            deep += max(fast.stats.accepted) >= 3
+        # a stop string taken from the plain text, so that it lands inside an accepted path
+        text = plain.text
+        k = next((k for k in range(3, len(text) - 2) if text[k : k + 2] not in text[: k + 1]), None)
+        if k is not None:
+            until = GenerationConfig(max_new_tokens=config.max_new_tokens, until=(text[k : k + 2],))
+            fast = engine.speculative_generate(prompt, until, TREES["opt"])
+            assert fast.text == plain_generate(no_eos, prompt, until).text == text[:k]
+    # an EOS inside the output
+    eos = plain.token_ids[5]
+    with_stop = with_eos(target, eos)
+    config = GenerationConfig(max_new_tokens=40)
+    expected = plain_generate(with_stop, prompt, config).token_ids
+    assert StaticEngine(with_stop, draft, max_length=256).speculative_generate(prompt, config, TREES["opt"]).token_ids == expected
+    if draft_kind == "following":
+        assert deep >= 8, "the following draft should have paths of 3+ accepted tokens"
+
+
+def test_static_engine_sampling_equals_eager():
+    """Same seed, same draws: the static engine samples exactly what the eager loop samples."""
+    target = with_eos(tiny_target(5, context_scale=0.05), 10_000)
+    draft = following_draft(target)
+    engine = StaticEngine(target, draft, max_length=256)
+    config = GenerationConfig(max_new_tokens=25, do_sample=True, temperature=1.0, top_p=0.9)
+    for i in range(4):
+        prompt = random_prompt(target, 700 + i)
+        eager = speculative_generate(target, draft, prompt, config, TREES["opt"], generator=torch.Generator().manual_seed(i))
+        fast = engine.speculative_generate(prompt, config, TREES["opt"], generator=torch.Generator().manual_seed(i))
+        assert fast.token_ids == eager.token_ids
+        plain_eager = plain_generate(target, prompt, config, generator=torch.Generator().manual_seed(i))
+        plain_fast = engine.plain_generate(prompt, config, generator=torch.Generator().manual_seed(i))
+        assert plain_fast.token_ids == plain_eager.token_ids
+
+
+def test_device_acceptance_matches_host_acceptance():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+        depths = [0] * n
+        for i in range(1, n):
+            depths[i] = depths[parents[i]] + 1
+        # distinct tokens among siblings, from a 6-token vocabulary so that matches are common
+        tokens, used = [3], {}
+        for i in range(1, n):
+            taken = used.setdefault(parents[i], set())
+            free = [t for t in range(6) if t not in taken] or [0]
+            token = free[int(torch.randint(0, len(free), (1,), generator=g))]
+            taken.add(token)
+            tokens.append(token)
+        tree = Tree(
+            tokens=torch.tensor(tokens), parents=torch.tensor(parents), depths=torch.tensor(depths), scores=torch.zeros(n)
+        )
+        logits = torch.randn(n, 6, generator=g)
+        path, result, path_tokens = accept_greedy_on_device(tree, logits, tree.ancestor_mask(max(depths) + 1))
+        expected = accept_greedy(tree, logits)
+        assert (result.path, result.bonus) == (expected.path, expected.bonus), trial
+        assert path.tolist() == expected.path and path_tokens == [tokens[i] for i in expected.path[1:]]
+
+
+def test_calibrated_tree_with_visual_attention_equals_eager():
+    """The bundled pair with its calibrator (attention bins need the draft's visual attention)."""
+    from lmms_msd.calibration import GroupedIsotonicCalibrator, calibrated_tree
+    from lmms_msd.draft import load_draft
+    from lmms_msd.target_loading import load_target
+    from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
+    from lmms_msd.token_types import token_type_table
+
+    target_dir, draft_dir = bundled_paths()
+    target = load_target(str(target_dir), dtype=torch.float32)
+    draft = load_draft(str(draft_dir))
+    calibrator = GroupedIsotonicCalibrator.load(bundled_calibrator())
+    types = token_type_table(target.tokenizer, target.vocab_size)
+    tree = calibrated_tree(OptTree(node_budget=40, stop_delta=0.3, max_depth=8, top_k=8), calibrator, types, "cpu")
+    engine = StaticEngine(target, draft, max_length=512)
+    config = GenerationConfig(max_new_tokens=40)
+    from PIL import Image
+
+    for i, colour in enumerate(["white", "navy"]):
+        prompt = target.prepare(f"Describe the chart, part {i}.", [Image.new("RGB", (64, 64), colour)])
+        eager = speculative_generate(target, draft, prompt, config, tree, track_visual=True)
+        fast = engine.speculative_generate(prompt, config, tree, track_visual=True)
+        assert fast.token_ids == eager.token_ids == plain_generate(target, prompt, config).token_ids
+        assert fast.stats.accepted == eager.stats.accepted
+
+
+def test_too_long_generation_names_the_sizes():
+    target = tiny_target(0)
+    engine = StaticEngine(target, random_draft(target, 1), max_length=64)
+    prompt = random_prompt(target, 1)
+    with pytest.raises(ValueError, match="raise max_length"):
+        engine.speculative_generate(prompt, GenerationConfig(max_new_tokens=60), TREES["opt"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_change_nothing():
+    target = tiny_target(3, context_scale=0.05)
+    target.model.to("cuda")
+    draft = following_draft(target).to("cuda")
+    target = with_eos(target, 10_000)
+    graphs = StaticEngine(target, draft, max_length=256, cuda_graphs=True)
+    eager = StaticEngine(target, draft, max_length=256, cuda_graphs=False)
+    for i in range(4):
+        prompt = random_prompt(target, 900 + i)
+        config = GenerationConfig(max_new_tokens=30)
+        want = plain_generate(target, prompt, config).token_ids
+        assert graphs.plain_generate(prompt, config).token_ids == want
+        for tree in TREES.values():
+            a = graphs.speculative_generate(prompt, config, tree)
+            b = eager.speculative_generate(prompt, config, tree)
+            assert a.token_ids == b.token_ids == want and a.stats.accepted == b.stats.accepted
+    assert len(graphs.static_target._graphed) > 0
