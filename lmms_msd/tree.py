@@ -51,9 +51,10 @@ class Tree:
         rows = torch.arange(n, device=self.tokens.device)
         mask = torch.eye(n, dtype=torch.bool, device=self.tokens.device)
         node = rows
+        true = torch.ones((), dtype=torch.bool, device=self.tokens.device)  # a device scalar: CUDA-graph safe
         for _ in range(max_depth):
             node = self.parents[node].clamp(min=0)  # the root is its own parent from here on
-            mask[rows, node] = True
+            mask[rows, node] = true
         return mask
 
 
@@ -280,9 +281,9 @@ def select_nodes(
     order = torch.sort(scores, descending=True, stable=True).indices[:budget]
     kept = torch.sort(order).values + 1  # pool indices, ascending: parents before children
     remap = torch.full((m + 1,), -1, dtype=torch.long, device=tokens.device)
-    remap[0] = 0
+    remap[:1].zero_()  # the root; no host scalar, so this runs inside a CUDA graph capture
     remap[kept] = torch.arange(1, kept.shape[0] + 1, device=tokens.device)
-    root = torch.tensor([root_token], device=tokens.device)
+    root = tokens.new_full((1,), root_token)
     return Tree(
         tokens=torch.cat([root, tokens[kept - 1]]),
         parents=torch.cat([root.new_full((1,), -1), remap[parents[kept - 1]]]),

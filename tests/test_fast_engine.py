@@ -19,6 +19,22 @@ from lmms_msd.sampling import GenerationConfig
 from lmms_msd.tree import EagleTree, OptTree, Tree
 from lmms_msd.verify import accept_greedy
 
+@pytest.fixture(autouse=True)
+def capture_rules(monkeypatch):
+    """Every function the engine would capture in a CUDA graph runs under `CaptureRules` on CPU: a host
+    scalar copied to the device or a host synchronisation inside one fails here, not on the GPU."""
+    from lmms_msd.fast.graphs import CaptureRules, GraphedFunction
+
+    def checked_call(self, *args):
+        if self.enabled:
+            return original(self, *args)
+        with CaptureRules():
+            return self.fn(*args)
+
+    original = GraphedFunction.__call__
+    monkeypatch.setattr(GraphedFunction, "__call__", checked_call)
+
+
 TREES = {"eagle2": EagleTree(total_tokens=20, depth=5, top_k=4), "opt": OptTree(node_budget=24, stop_delta=0.2, max_depth=7, top_k=4)}
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def bucket(n: int, sizes: Sequence[int]) -> int:
@@ -77,3 +78,20 @@ class GraphedFunction:
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = self.fn(*inputs)
         return _Captured(graph, inputs, tuple(outputs))
+
+
+class CaptureRules(TorchDispatchMode):
+    """Raise on what a CUDA graph capture forbids, so that CPU tests catch it without a GPU.
+
+    - `aten.lift_fresh`: a Python number or list turned into a (host) tensor, which `t[i] = 0`,
+      `t[mask] = True` or `torch.tensor([...])` do; copying it to the device fails during capture
+      (use `fill_`, `zero_`, `new_full` or a device scalar instead);
+    - `aten._local_scalar_dense`: `.item()`, `int(t)`, `float(t)`: a host synchronisation.
+    """
+
+    FORBIDDEN = {"aten.lift_fresh.default", "aten._local_scalar_dense.default"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in self.FORBIDDEN:
+            raise RuntimeError(f"{func} inside a function meant for CUDA graph capture")
+        return func(*args, **(kwargs or {}))

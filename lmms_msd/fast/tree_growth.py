@@ -76,7 +76,7 @@ class GraphedTreeGrower:
         visual = root_visual.float() if self.visual is not None else None
         scores = score(top.values, top.indices, 1, visual)[0]
         self.tokens[:k] = top.indices[0]
-        self.parents[:k] = 0
+        self.parents[:k].zero_()
         self.scores[:k] = scores
         self.logprobs[:k] = top.values[0]
         if self.visual is not None:
@@ -103,7 +103,7 @@ class GraphedTreeGrower:
         visible = (window[None, :] < prefix).expand(k, -1).clone()
         if used:
             visible[self.rows[:, None], (prefix + self.window[:used])[None, :]] = self.ancestors[depth, :, :used]
-        visible[self.rows, slots] = True
+        visible[self.rows, slots] = torch.ones((), dtype=torch.bool, device=visible.device)  # no host scalar in a graph
         out = drafter._head(x, positions, slots, visible)
         hidden, visual = out[0], (out[1] if self.visual is not None else None)
         # 2. propose k children each, scored cumulatively
