@@ -37,11 +37,16 @@ class GraphedFunction:
 
     enabled False (CPU, or switched off) calls `fn` directly. All graphs of one object share a
     memory pool. `fn` must not synchronise with the host (no .item(), no data-dependent shapes).
+    device: the CUDA device the graphs run on (captured and replayed with it current, so a process
+    driving cuda:1 works whatever its current device).
     """
 
-    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], enabled: bool, warmup: int = 2) -> None:
+    def __init__(
+        self, fn: Callable[..., tuple[torch.Tensor, ...]], enabled: bool, device: torch.device | None = None, warmup: int = 2
+    ) -> None:
         self.fn = fn
         self.enabled = enabled
+        self.device = device
         self.warmup = warmup
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
@@ -53,12 +58,13 @@ class GraphedFunction:
         if not self.enabled:
             return self.fn(*args)
         key = tuple((tuple(a.shape), a.dtype) for a in args)
-        captured = self._graphs.get(key)
-        if captured is None:
-            captured = self._graphs[key] = self._capture(args)
-        for buffer, value in zip(captured.inputs, args):
-            buffer.copy_(value)
-        captured.graph.replay()
+        with torch.cuda.device(self.device):
+            captured = self._graphs.get(key)
+            if captured is None:
+                captured = self._graphs[key] = self._capture(args)
+            for buffer, value in zip(captured.inputs, args):
+                buffer.copy_(value)
+            captured.graph.replay()
         return captured.outputs
 
     def _capture(self, args: Sequence[torch.Tensor]) -> _Captured:

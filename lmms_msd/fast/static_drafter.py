@@ -30,7 +30,7 @@ class StaticDrafter(Drafter):
         super().__init__(draft, lm_head, capacity, track_visual=track_visual)
         self.capacity = capacity
         self.scratch = capacity - 1  # padding rows write here; no real row ever sees it
-        self._graphed = GraphedFunction(self._head, enabled=cuda_graphs)
+        self._graphed = GraphedFunction(self._head, cuda_graphs, self.device)
 
     def reset(self) -> None:
         self.committed = 0

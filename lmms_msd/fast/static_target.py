@@ -118,8 +118,8 @@ class StaticTarget:
         self.scratch = capacity - 1
         self.slots = torch.arange(capacity, device=device)
         enabled = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphed = GraphedFunction(self._forward_tokens, enabled=enabled)
-        self._graphed_next = GraphedFunction(self._forward_next, enabled=enabled)
+        self._graphed = GraphedFunction(self._forward_tokens, enabled, device)
+        self._graphed_next = GraphedFunction(self._forward_next, enabled, device)
 
     @property
     def device(self) -> torch.device:

@@ -54,9 +54,9 @@ class GraphedTreeGrower:
         self.ancestors = torch.zeros(depth, k, max(depth - 1, 1) * k, dtype=torch.bool, device=device)
         self.rows = torch.arange(k, device=device)
         self.window = torch.arange(drafter.capacity, device=device)
-        self._root = GraphedFunction(self._grow_root, enabled=cuda_graphs)
-        self._levels = [GraphedFunction(partial(self._grow_level, d), enabled=cuda_graphs) for d in range(depth)]
-        self._select = [GraphedFunction(partial(self._select_nodes, d), enabled=cuda_graphs) for d in range(depth + 1)]
+        self._root = GraphedFunction(self._grow_root, cuda_graphs, device)
+        self._levels = [GraphedFunction(partial(self._grow_level, d), cuda_graphs, device) for d in range(depth)]
+        self._select = [GraphedFunction(partial(self._select_nodes, d), cuda_graphs, device) for d in range(depth + 1)]
 
     def end(self, depth: int) -> int:
         """Pool places used once levels 1..depth are grown."""
