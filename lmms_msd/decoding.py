@@ -1,36 +1,31 @@
 """The two generation loops: plain autoregressive decoding (the baseline and the reference) and
 speculative decoding with an MSD draft. Both take the same target, embedded prompt, settings and
-stopping rule, and return the text and statistics as data.
+stopping rule, and return the text and statistics as data. Where the forwards run is a `Runtime`
+(`lmms_msd.runtime`): transformers' forward by default, static caches and CUDA graphs with
+`lmms_msd.fast.StaticEngine`; the loops, and so the outputs, are the same.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
-from lmms_msd.caches import keep_path
 from lmms_msd.draft import MSDDraft
-from lmms_msd.drafting import Drafter
+from lmms_msd.runtime import EagerRuntime, Runtime, TreeBuilder
 from lmms_msd.sampling import GenerationConfig, next_token
 from lmms_msd.stopping import Stopper
 from lmms_msd.target import EmbeddedPrompt, Target
 from lmms_msd.tree import Tree
-from lmms_msd.verify import Acceptance, accept_greedy, accept_sampling, verify_tree
+from lmms_msd.verify import Acceptance, accept_greedy, accept_sampling
+
+__all__ = ["DecodeStats", "GenerationResult", "StepObserver", "TreeBuilder", "plain_generate", "speculative_generate"]
 
 # Called after every verification with the tree, the target's logits over it [N, V] and the outcome;
 # statistics and the calibrator's labels come from here, with no extra target forward.
 StepObserver = Callable[[Tree, torch.Tensor, Acceptance], None]
-
-
-class TreeBuilder(Protocol):
-    max_depth: int
-
-    def build(
-        self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None
-    ) -> Tree: ...
 
 
 @dataclass
@@ -110,11 +105,10 @@ class _PhaseClock:
         return elapsed
 
 
-def _prefill(target: Target, prompt: EmbeddedPrompt, config: GenerationConfig, generator):
-    cache = target.new_cache()
-    length = prompt.input_ids.shape[0]
-    hidden, logits = target.forward(prompt.inputs_embeds, cache, torch.arange(length, device=target.device))
-    return cache, hidden, next_token(logits[-1], config, generator)
+def tree_slots(tree_builder: TreeBuilder) -> int:
+    """Cache slots one tree of this builder may take (its nodes and the root)."""
+    growth = getattr(tree_builder, "growth", None)
+    return growth.budget + 1 if growth is not None else 256
 
 
 @torch.inference_mode()
@@ -124,31 +118,36 @@ def plain_generate(
     config: GenerationConfig,
     generator: torch.Generator | None = None,
     profile: bool = False,
+    runtime: Runtime | None = None,
 ) -> GenerationResult:
     """One target forward per token: the baseline, and the reference speculative decoding must equal.
 
     profile: split the loop's time into `DecodeStats.verify_s` (the forwards) and `other_s` (choosing
     the token, stop checks), synchronising the device between them; the output is the same.
+    runtime: where the forwards run [EagerRuntime: transformers' forward]
     """
     _check_prompt(target, prompt)
+    runtime = runtime or EagerRuntime(target, None)
+    device = target.device
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
     start = time.perf_counter()
-    cache, _, token = _prefill(target, prompt, config, generator)
-    _synchronize(target.device)
+    _, logits = runtime.prefill(prompt, config.max_new_tokens)
+    token = next_token(logits[-1], config, generator)
+    _synchronize(device)
     stats = DecodeStats(prefill_s=time.perf_counter() - start)
-    clock = _PhaseClock(target.device, profile)
+    clock = _PhaseClock(device, profile)
+    length = prompt.input_ids.shape[0]
     tokens = [token]
     while stopper.first_stop(tokens, len(tokens) - 1) is None:
         stats.other_s += clock.lap()
-        position = torch.tensor([cache.get_seq_length()], device=target.device)
-        _, logits = target.forward(target.embed_tokens(torch.tensor([token])), cache, position)
+        logits = runtime.forward_next(torch.full((1,), token, device=device), length + len(tokens) - 1)
         stats.verify_s += clock.lap()
         token = next_token(logits[-1], config, generator)
         tokens.append(token)
         stats.steps += 1
         stats.accepted.append(0)
     stats.other_s += clock.lap()
-    _synchronize(target.device)
+    _synchronize(device)
     stats.wall_s = time.perf_counter() - start
     stats.new_tokens = len(tokens)
     return GenerationResult(stopper.text(tokens), tokens, stats)
@@ -165,6 +164,7 @@ def speculative_generate(
     observer: StepObserver | None = None,
     track_visual: bool = False,
     profile: bool = False,
+    runtime: Runtime | None = None,
 ) -> GenerationResult:
     """Draft a tree, verify it in one target forward, commit the accepted path plus a bonus token; repeat.
 
@@ -175,36 +175,38 @@ def speculative_generate(
     profile: split the loop's time into `DecodeStats.draft_s` (tree building), `verify_s` (the target
     forward over the tree) and `other_s` (the rest), synchronising the device at each boundary; the
     output is the same, only slower to come, so time unprofiled runs for speed.
+    runtime: where the forwards run [EagerRuntime(target, draft): transformers' forward]
     """
     _check_prompt(target, prompt)
+    runtime = runtime or EagerRuntime(target, draft)
+    device = target.device
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
     start = time.perf_counter()
     # 1. prefill the target, choose the first token, prefill the draft
-    cache, hidden, token = _prefill(target, prompt, config, generator)
-    length = prompt.input_ids.shape[0]
-    drafter = Drafter(draft, target.lm_head, capacity=length + config.max_new_tokens + 64, track_visual=track_visual)
+    hidden, logits = runtime.prefill(prompt, config.max_new_tokens + tree_slots(tree_builder))
+    token = next_token(logits[-1], config, generator)
+    drafter = runtime.drafter(track_visual)
     root_hidden, root_visual = drafter.prefill(prompt, hidden, token)
-    _synchronize(target.device)
+    _synchronize(device)
     stats = DecodeStats(prefill_s=time.perf_counter() - start)
-    clock = _PhaseClock(target.device, profile)
+    clock = _PhaseClock(device, profile)
+    prefix_len = prompt.input_ids.shape[0]  # committed positions in the target's cache
     tokens = [token]
     stop = stopper.first_stop(tokens, 0)
     while stop is None:
         stats.other_s += clock.lap()
         # 2. draft a tree under the root (the last committed token)
-        tree = tree_builder.build(drafter, token, root_hidden, root_visual)
+        tree, ancestors = runtime.draft_tree(tree_builder, drafter, token, root_hidden, root_visual)
         stats.draft_s += clock.lap()
         # 3. verify it in one forward
-        prefix_len = cache.get_seq_length()
-        tree_hidden, logits = verify_tree(target, tree, cache, tree_builder.max_depth)
+        tree_hidden, logits = runtime.verify(tree, ancestors, prefix_len)
         stats.verify_s += clock.lap()
-        # 4. accept
+        # 4. accept (greedy: one read from the device)
         if config.greedy:
-            result = accept_greedy(tree, logits)
+            result = accept_greedy(tree, logits, ancestors)
         else:
             result = accept_sampling(tree, logits, config, generator)
-        path = torch.tensor(result.path, device=target.device)
-        committed = tree.tokens[path[1:]].tolist() + [result.bonus]
+        committed = result.path_tokens + [result.bonus]
         stats.steps += 1
         stats.accepted.append(result.accepted)
         if observer is not None:
@@ -219,11 +221,13 @@ def speculative_generate(
             del tokens[stop:]
             break
         # 6. keep the accepted path in the target cache, advance the draft over it
-        keep_path(cache, prefix_len, path)
-        root_hidden, root_visual = drafter.advance(torch.tensor(committed, device=target.device), tree_hidden[path])
+        path = torch.tensor(result.path, device=device)
+        runtime.keep_path(prefix_len, path)
+        prefix_len += len(result.path)
+        root_hidden, root_visual = drafter.advance(torch.tensor(committed, device=device), tree_hidden[path])
         token = result.bonus
     stats.other_s += clock.lap()
-    _synchronize(target.device)
+    _synchronize(device)
     stats.wall_s = time.perf_counter() - start
     stats.new_tokens = len(tokens)
     return GenerationResult(stopper.text(tokens), tokens, stats)

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import torch
 
-from lmms_msd.caches import keep_path
 from lmms_msd.drafting import DraftRows
 from lmms_msd.tree import EagleTree, OptTree, Tree, select_nodes
+from lmms_msd.runtime import keep_path
 from lmms_msd.verify import accept_greedy, tree_attention_mask
 
 
@@ -29,7 +29,7 @@ def test_ancestor_mask():
 
 
 def test_tree_attention_mask_sees_prefix_and_ancestors_only():
-    mask = tree_attention_mask(small_tree(), prefix_len=2, max_depth=2, dtype=torch.float32)
+    mask = tree_attention_mask(small_tree().ancestor_mask(max_depth=2), prefix_len=2, dtype=torch.float32)
     visible = torch.tensor(
         [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 1]], dtype=torch.bool
     )
@@ -42,14 +42,14 @@ def test_accept_greedy_follows_the_argmax():
     logits = torch.full((4, 8), -1.0)
     for node, best in enumerate([1, 3, 0, 7]):  # root's argmax 1 -> node 1; node 1's argmax 3 -> node 3
         logits[node, best] = 1.0
-    result = accept_greedy(small_tree(), logits)
-    assert result.path == [0, 1, 3] and result.bonus == 7 and result.accepted == 2
+    result = accept_greedy(small_tree(), logits, small_tree().ancestor_mask(max_depth=2))
+    assert result.path == [0, 1, 3] and result.bonus == 7 and result.accepted == 2 and result.path_tokens == [1, 3]
 
 
 def test_accept_greedy_rejects_at_the_root():
     logits = torch.zeros(4, 8)
     logits[0, 6] = 1.0
-    result = accept_greedy(small_tree(), logits)
+    result = accept_greedy(small_tree(), logits, small_tree().ancestor_mask(max_depth=2))
     assert result.path == [0] and result.bonus == 6
 
 
