@@ -298,7 +298,13 @@ def test_vision_tower_argument_is_refused_for_the_hf_layout(tiny_hf_dir):
 
 
 # ---- images -----------------------------------------------------------------------------------------
-def test_corrupt_and_non_image_inputs_give_clear_errors(tiny_original_target, tmp_path, tiny_image):
+def test_corrupt_and_non_image_inputs_give_clear_errors(tiny_original_target, tmp_path, tiny_image, monkeypatch):
+    # PIL's default. Importing lmms_eval.api.task sets ImageFile.LOAD_TRUNCATED_IMAGES = True for the whole
+    # process (lmms-eval's choice: truncated dataset images decode as far as they go), so under lmms-eval,
+    # or after another test imported it, a truncated file is not an error.
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
     buffer = io.BytesIO()
     tiny_image.save(buffer, format="PNG")
     broken = tmp_path / "broken.png"
