@@ -20,7 +20,11 @@ tower are done once per request, untimed: they are the same for all methods). Ti
 - one more run per request with `profile=True` (the device synchronised at every phase boundary,
   which slows it, so it is not among the timed runs) splits the time into drafting, verification
   (target forwards after the prefill), other loop work (acceptance, stop checks, cache keeping, draft
-  advance) and the prefill, as shares of that run's wall time.
+  advance) and the prefill, as shares of that run's wall time. The same run also records, through the
+  loop's `observer` hook, what the trees looked like (speculative methods): draft nodes per step (root
+  excluded), the depth of the deepest node per step, the share of steps whose accepted path reached that
+  deepest level ("bottom %": the tree was not deep enough for what the target would have taken), and the
+  builder's own expected accepted length (the sum of its node weights) per step, to set against alpha.
 
 At temperature 0 every run of every method (repeats and profiled run included) must give plain
 decoding's first run's token ids on every request: a speculative method that does not is marked and
@@ -31,7 +35,8 @@ generator seeded with `--seed` + its index) and nothing is compared; hf_generate
 `--engine static` runs plain and speculative decoding through `lmms_msd.fast.StaticEngine`
 (preallocated caches, CUDA graphs on cuda); hf_generate is the same in both engines. `--inflate 7b`
 (or HIDDENxLAYERS) replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`):
-about 7B's cost per forward, the miniature's outputs.
+about 7B's cost per forward, the miniature's outputs. `--stop_delta` sets OPT-Tree's early stop for opt
+and opt_cal (default: `OptTree`'s).
 
 Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
 numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
@@ -72,8 +77,9 @@ DEFAULT_INCLUDE_PATH = REPO / "tasks"  # the repository's local tasks (absent fr
 DEFAULT_MAX_NEW_TOKENS = 256  # the long-answer task's setting, for a data folder
 FILES = ("bench.json", "bench.md", "bench.png")
 
-# (prompt, config, generator, profile) -> result
-RunFn = Callable[["EmbeddedPrompt", "GenerationConfig", "torch.Generator | None", bool], "GenerationResult"]
+# (prompt, config, generator, profile, observer) -> result; the observer is called after every verification
+# (`lmms_msd.decoding.StepObserver`; ignored by hf_generate and plain)
+RunFn = Callable[["EmbeddedPrompt", "GenerationConfig", "torch.Generator | None", bool, "Callable | None"], "GenerationResult"]
 
 
 # ---- requests ------------------------------------------------------------------------------------------
@@ -212,21 +218,23 @@ def static_engine_class():
         ) from error
 
 
-def tree_builders(names, target, calibrator: str | None) -> dict[str, Any]:
-    """name -> (tree builder, whether the drafter must track visual attention), the plugin's defaults."""
+def tree_builders(names, target, calibrator: str | None, stop_delta: float | None = None) -> dict[str, Any]:
+    """name -> (tree builder, whether the drafter must track visual attention), the plugin's defaults;
+    stop_delta, when given, replaces OPT-Tree's (opt and opt_cal alike)."""
     from lmms_msd.tree import EagleTree, OptTree
 
+    opt_tree = OptTree() if stop_delta is None else OptTree(stop_delta=stop_delta)
     trees: dict[str, Any] = {}
     if "eagle2" in names:
         trees["eagle2"] = (EagleTree(), False)
     if "opt" in names:
-        trees["opt"] = (OptTree(), False)
+        trees["opt"] = (opt_tree, False)
     if "opt_cal" in names:
         from lmms_msd.calibration import GroupedIsotonicCalibrator, calibrated_tree
         from lmms_msd.token_types import token_type_table
 
         types = token_type_table(target.tokenizer, target.vocab_size)
-        tree = calibrated_tree(OptTree(), GroupedIsotonicCalibrator.load(calibrator), types, target.device)
+        tree = calibrated_tree(opt_tree, GroupedIsotonicCalibrator.load(calibrator), types, target.device)
         trees["opt_cal"] = (tree, tree.scorer.needs_visual)
     return trees
 
@@ -250,7 +258,7 @@ def hf_generate_method(target: Target) -> Method:
     from lmms_msd.stopping import Stopper
 
     @torch.inference_mode()
-    def run(prompt, config, generator, profile):
+    def run(prompt, config, generator, profile, observer=None):
         if not config.greedy:
             raise ValueError("hf_generate is benchmarked greedy only")
         stop_strings = {"stop_strings": list(config.until), "tokenizer": target.tokenizer} if config.until else {}
@@ -278,11 +286,14 @@ def hf_generate_method(target: Target) -> Method:
 def eager_methods(target, draft, trees) -> dict[str, Method]:
     from lmms_msd.decoding import plain_generate, speculative_generate
 
-    methods = {REFERENCE: Method(REFERENCE, "plain", lambda p, c, g, profile: plain_generate(target, p, c, g, profile=profile))}
+    def plain(p, c, g, profile, observer=None):
+        return plain_generate(target, p, c, g, profile=profile)
+
+    methods = {REFERENCE: Method(REFERENCE, "plain", plain)}
     for name, (tree, track_visual) in trees.items():
 
-        def run(p, c, g, profile, tree=tree, track_visual=track_visual):
-            return speculative_generate(target, draft, p, c, tree, g, track_visual=track_visual, profile=profile)
+        def run(p, c, g, profile, observer=None, tree=tree, track_visual=track_visual):
+            return speculative_generate(target, draft, p, c, tree, g, observer, track_visual=track_visual, profile=profile)
 
         methods[name] = Method(name, "speculative", run)
     return methods
@@ -290,11 +301,15 @@ def eager_methods(target, draft, trees) -> dict[str, Method]:
 
 def static_methods(engine_class, target, draft, trees, max_length: int) -> dict[str, Method]:
     engine = engine_class(target, draft, max_length=max_length, cuda_graphs=None)  # CUDA graphs: on when cuda
-    methods = {REFERENCE: Method(REFERENCE, "plain", lambda p, c, g, profile: engine.plain_generate(p, c, generator=g, profile=profile))}
+
+    def plain(p, c, g, profile, observer=None):
+        return engine.plain_generate(p, c, generator=g, profile=profile)
+
+    methods = {REFERENCE: Method(REFERENCE, "plain", plain)}
     for name, (tree, track_visual) in trees.items():
 
-        def run(p, c, g, profile, tree=tree, track_visual=track_visual):
-            return engine.speculative_generate(p, c, tree, generator=g, profile=profile, track_visual=track_visual)
+        def run(p, c, g, profile, observer=None, tree=tree, track_visual=track_visual):
+            return engine.speculative_generate(p, c, tree, generator=g, observer=observer, profile=profile, track_visual=track_visual)
 
         methods[name] = Method(name, "speculative", run)
     return methods
@@ -313,6 +328,32 @@ def build_methods(names, target, draft, trees, engine_class=None, max_length: in
 
 # ---- timing ------------------------------------------------------------------------------------------------
 @dataclass
+class TreeStats:
+    """Sums over the steps of one run, recorded by the decoding loop's observer (the profiled run only: it
+    reads the device once per step).
+
+    Example: a step over a tree of 6 draft nodes whose deepest is at depth 3, with 3 nodes accepted, adds
+    1 step, 6 nodes, depth 3 and 1 bottom step (the path reached depth 3: a deeper tree might have given more).
+    """
+
+    steps: int = 0
+    nodes: int = 0  # draft nodes (root excluded)
+    depth: int = 0  # the deepest node's depth
+    bottom: int = 0  # steps whose accepted path reached the deepest node's depth
+    expected: float = 0.0  # the builder's expected accepted length: the sum of the draft nodes' weights exp(score)
+
+    def __call__(self, tree, logits, acceptance) -> None:
+        import torch
+
+        deepest, expected = torch.stack([tree.depths.max().float(), tree.scores[1:].exp().sum().float()]).tolist()
+        self.steps += 1
+        self.nodes += len(tree) - 1
+        self.depth += int(deepest)
+        self.bottom += int(acceptance.accepted >= deepest > 0)
+        self.expected += expected
+
+
+@dataclass
 class Run:
     """One method on one request: the median wall time of the timed repeats, the statistics of the first,
     and the phases of the profiled run (None for hf_generate)."""
@@ -325,9 +366,10 @@ class Run:
     text: str
     identical: bool | None = None  # every run's token ids equal plain's first run's; None: not compared
     phases: dict[str, float] | None = None  # draft_s, verify_s, other_s, prefill_s, wall_s of the profiled run
+    trees: TreeStats | None = None  # the profiled run's trees (speculative methods)
 
 
-def timed_run(method: Method, prompt, config, seed: int, device, profile: bool = False) -> tuple[Any, float]:
+def timed_run(method: Method, prompt, config, seed: int, device, profile: bool = False, observer=None) -> tuple[Any, float]:
     """One run between device synchronisations: (result, seconds)."""
     import torch
 
@@ -336,7 +378,7 @@ def timed_run(method: Method, prompt, config, seed: int, device, profile: bool =
     generator = None if config.greedy else torch.Generator(device).manual_seed(seed)
     _synchronize(device)
     start = time.perf_counter()
-    result = method.run(prompt, config, generator, profile)
+    result = method.run(prompt, config, generator, profile, observer)
     _synchronize(device)
     return result, time.perf_counter() - start
 
@@ -357,7 +399,9 @@ def measure_request(methods: list[Method], prompt, config, seed: int, repeats: i
             wall_s_repeats=seconds[method.name], steps=first.stats.steps, accepted=sum(first.stats.accepted), text=first.text,
         )  # fmt: skip
         if method.kind != "hf":
-            profiled, _ = timed_run(method, prompt, config, seed, device, profile=True)
+            trees = TreeStats() if method.kind == "speculative" else None
+            profiled, _ = timed_run(method, prompt, config, seed, device, profile=True, observer=trees)
+            run.trees = trees
             s = profiled.stats
             run.phases = {"draft_s": s.draft_s, "verify_s": s.verify_s, "other_s": s.other_s, "prefill_s": s.prefill_s, "wall_s": s.wall_s}
             results[method.name].append(profiled)
@@ -405,6 +449,11 @@ class Summary:
     differing_doc_ids: list[int] = field(default_factory=list)
     speedup_vs_plain: float | None = None  # plain's ms/token / this method's
     speedup_vs_hf_generate: float | None = None
+    # the profiled runs' trees (speculative methods; `TreeStats`): per step, over all requests
+    nodes_per_step: float | None = None  # draft nodes
+    depth_per_step: float | None = None  # the deepest node's depth
+    bottom_share: float | None = None  # share of steps whose accepted path reached the deepest node
+    expected_alpha: float | None = None  # the builder's own expected accepted length (sum of node weights)
 
 
 def summarise(methods: list[Method], measured: list[dict[str, Any]]) -> list[Summary]:
@@ -420,12 +469,13 @@ def summarise(methods: list[Method], measured: list[dict[str, Any]]) -> list[Sum
             total = sum(r.phases["wall_s"] for _, r in runs)
             shares = {k: sum(r.phases[f"{k}_s"] for _, r in runs) / total for k in ("draft", "verify", "other", "prefill")}
         compared = [r.identical for _, r in runs]
+        trees = tree_totals([r.trees for _, r in runs]) if method.kind == "speculative" else {}
         summaries.append(Summary(
             method=method.name, requests=len(runs), new_tokens=tokens, wall_s=wall,
             ms_per_token=1000 * wall / tokens if tokens else float("nan"), tokens_per_s=tokens / wall if wall else 0.0,
             tau=None if alpha is None else alpha + 1, alpha=alpha, shares=shares,
             identical=None if None in compared else all(compared),
-            differing_doc_ids=[doc_id for doc_id, r in runs if r.identical is False],
+            differing_doc_ids=[doc_id for doc_id, r in runs if r.identical is False], **trees,
         ))  # fmt: skip
     by_name = {s.method: s for s in summaries}
     for s in summaries:
@@ -433,6 +483,17 @@ def summarise(methods: list[Method], measured: list[dict[str, Any]]) -> list[Sum
             if reference in by_name:
                 setattr(s, attribute, by_name[reference].ms_per_token / s.ms_per_token)
     return summaries
+
+
+def tree_totals(stats: list[TreeStats | None]) -> dict[str, float]:
+    """Summary's per-step tree fields from the requests' `TreeStats` (empty when none was recorded)."""
+    if any(s is None for s in stats):
+        return {}
+    steps = sum(s.steps for s in stats)
+    if not steps:
+        return {}
+    return {"nodes_per_step": sum(s.nodes for s in stats) / steps, "depth_per_step": sum(s.depth for s in stats) / steps,
+            "bottom_share": sum(s.bottom for s in stats) / steps, "expected_alpha": sum(s.expected for s in stats) / steps}  # fmt: skip
 
 
 def lossless_failures(summaries: list[Summary]) -> list[Summary]:
@@ -453,8 +514,11 @@ def _identical_text(s: Summary, greedy: bool) -> str:
 
 def markdown_table(summaries: list[Summary], greedy: bool) -> str:
     lines = [
-        "| method | ms/token | tokens/s | speedup vs plain | speedup vs hf_generate | tau | alpha | draft % | verify % | other % | prefill % | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| method | ms/token | tokens/s | speedup vs plain | speedup vs hf_generate | tau | alpha | draft % | verify % | "
+            "other % | prefill % | nodes/step | depth/step | bottom % | expected alpha | identical |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         shares = [None] * 4 if s.shares is None else [100 * s.shares[k] for k in ("draft", "verify", "other", "prefill")]
@@ -462,6 +526,8 @@ def markdown_table(summaries: list[Summary], greedy: bool) -> str:
             f"| {s.method} | {s.ms_per_token:.2f} | {s.tokens_per_s:.1f} | {_num(s.speedup_vs_plain, '.2f', 'x')} | "
             f"{_num(s.speedup_vs_hf_generate, '.2f', 'x')} | {_num(s.tau, '.2f')} | {_num(s.alpha, '.2f')} | "
             + " | ".join(_num(v, ".1f") for v in shares)
+            + f" | {_num(s.nodes_per_step, '.1f')} | {_num(s.depth_per_step, '.2f')} | "
+            + f"{_num(None if s.bottom_share is None else 100 * s.bottom_share, '.1f')} | {_num(s.expected_alpha, '.2f')}"
             + f" | {_identical_text(s, greedy)} |"
         )
     return "\n".join(lines)
@@ -474,9 +540,11 @@ def markdown_report(report: dict[str, Any]) -> str:
     source = f"task {c['task']} ({c['include_path']})" if c["task"] else f"data folder {c['data_dir']} ({c['split']}, {c['style']})"
     pair = f"Pair: {c['pretrained']} + {c['msd_model_path']}" + (f", inflated to {c['inflate']}" if c["inflate"] else "")
     m = report["machine"]
+    trees = "".join(f" {name}: " + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "scorer")) + "."
+                    for name, t in report["trees"].items())  # fmt: skip
     parts = [
         "# lmms-msd bench",
-        f"{pair}. Calibrator: {c['calibrator'] or 'none'}. Engine: {c['engine']}.",
+        f"{pair}. Calibrator: {c['calibrator'] or 'none'}. Engine: {c['engine']}.{trees}",
         f"Machine: {m['device_name']} ({c['device']}, {m['dtype']}); torch {m['torch']}, transformers {m['transformers']}.",
         (
             f"Requests: {report['requests']} from {source}; max_new_tokens {report['generation']['max_new_tokens']}, "
@@ -488,7 +556,11 @@ def markdown_report(report: dict[str, Any]) -> str:
             "ms/token: the sum over requests of the median wall time of the repeats, over the new tokens. Speedups are "
             "ratios of ms/token. Phase shares come from one extra profiled run per request (device synchronised "
             "between phases) and are shares of that run's wall time; other = acceptance, stop checks, cache keeping "
-            "and the draft's advance over the committed tokens. tau = committed tokens per step, alpha = tau - 1."
+            "and the draft's advance over the committed tokens. tau = committed tokens per step, alpha = tau - 1. "
+            "The tree columns come from the same profiled runs, per step: draft nodes (root excluded), the depth of the "
+            "deepest node, the share of steps whose accepted path reached that depth (bottom %), and the tree "
+            "builder's own expected accepted length (the sum of its node weights: raw draft confidences for eagle2 "
+            "and opt, calibrated ones for opt_cal) to set against alpha."
         ),
     ]
     if not greedy:
@@ -498,6 +570,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         if failed:
             parts.append("**Speculative decoding differs from plain decoding at temperature 0:** "
                          + "; ".join(f"{s.method} on docs {s.differing_doc_ids}" for s in failed))  # fmt: skip
+        elif REFERENCE not in {s.method for s in summaries}:
+            parts.append("Outputs were not compared: plain decoding, the reference, was not among the methods.")
         else:
             parts.append("At temperature 0 every speculative method gave plain decoding's token ids on every request.")
     return "\n\n".join(parts) + "\n"
@@ -571,6 +645,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--warmup", type=int, default=2, help="requests run once, untimed, before timing [2]")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per request and method; the median counts [3]")
     parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help=f"comma list [{','.join(METHODS)}]")
+    parser.add_argument("--stop_delta", type=float, default=None, help="opt and opt_cal: OPT-Tree's early-stop threshold [OptTree's]")
     parser.add_argument("--engine", default="eager", choices=ENGINES, help="eager: lmms_msd.decoding; static: lmms_msd.fast [eager]")
     parser.add_argument("--max_length", type=int, default=2048, help="--engine static: the preallocated cache length [2048]")
     parser.add_argument(
@@ -595,6 +670,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"lmms-msd bench: --max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise SystemExit(f"lmms-msd bench: --temperature must be >= 0, got {args.temperature}")
+    if args.stop_delta is not None and args.stop_delta < 0:
+        raise SystemExit(f"lmms-msd bench: --stop_delta must be >= 0, got {args.stop_delta}")
 
 
 def resolve_pair_and_calibrator(args: argparse.Namespace) -> None:
@@ -658,7 +735,7 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise SystemExit("lmms-msd bench: no method left to run")
     target, draft = load_pair(args, need_draft=bool(set(names) & set(SPECULATIVE)), shape=shape)
-    trees = tree_builders(names, target, args.calibrator)
+    trees = tree_builders(names, target, args.calibrator, args.stop_delta)
     methods = build_methods(names, target, draft, trees, engine_class, args.max_length)
     measured = bench(methods, target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                      progress=not args.no_progress)  # fmt: skip

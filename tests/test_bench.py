@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmms_msd.bench import Method, Run, Summary, summarise
+from lmms_msd.bench import Method, Run, Summary, TreeStats, summarise
 from lmms_msd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +56,12 @@ def test_bench_on_a_data_folder(bench_report):
         assert s["tau"] > 1.5 and s["alpha"] == pytest.approx(s["tau"] - 1), name  # the trained draft is accepted
         assert s["shares"]["draft"] > 0 and s["shares"]["verify"] > 0 and s["shares"]["other"] > 0
         assert sum(s["shares"].values()) <= 1.0 + 1e-9
+        # the profiled runs' trees: EAGLE-2 keeps 58 draft nodes at most 5 deep, OPT-Tree at most 60 and 10
+        depth, most = (5, 58) if name == "eagle2" else (10, 60)
+        assert 1 <= s["depth_per_step"] <= depth and 1 <= s["nodes_per_step"] <= most and 0 <= s["bottom_share"] <= 1, name
+        assert s["expected_alpha"] > 0, name
+    assert methods["eagle2"]["nodes_per_step"] == 58
+    assert methods["plain"]["nodes_per_step"] is None and methods["hf_generate"]["depth_per_step"] is None
     assert methods["plain"]["shares"]["draft"] == 0.0 and methods["plain"]["shares"]["verify"] > 0
     assert report["trees"]["opt_cal"]["scorer"].startswith("CalibratedScorer")
     for request in report["per_request"]:
@@ -66,7 +72,7 @@ def test_bench_on_a_data_folder(bench_report):
         for name in SPECULATIVE:
             phases = runs[name]["phases"]
             assert phases["draft_s"] + phases["verify_s"] + phases["other_s"] + phases["prefill_s"] <= phases["wall_s"]
-    assert "| method | ms/token | tokens/s |" in markdown
+    assert "| method | ms/token | tokens/s |" in markdown and "| nodes/step | depth/step | bottom % | expected alpha |" in markdown
     assert "every speculative method gave plain decoding's token ids" in markdown
 
 
@@ -75,13 +81,14 @@ def test_bench_on_the_task(tmp_path: Path):
     gets as stop_strings)."""
     argv = ["bench", "--task", "msd_chartqa_synth_long", "--include_path", str(REPO / "tasks"), "--limit", "1",
             "--warmup", "0", "--repeats", "2", "--max_new_tokens", "12", "--methods", "opt,hf_generate,plain",
-            "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
+            "--stop_delta", "0.1", "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["generation"]["until"] == ["\n\n"] and report["generation"]["do_sample"] is False
     assert [s["method"] for s in report["methods"]] == ["hf_generate", "plain", "opt"]
     assert all(s["identical"] is True for s in report["methods"])
     assert len(report["per_request"][0]["runs"]["opt"]["wall_s_repeats"]) == 2
+    assert report["trees"]["opt"]["stop_delta"] == 0.1 and report["per_request"][0]["runs"]["opt"]["trees"]["steps"] > 0
     # lmms-eval's prompt: the document's question and the task's post_prompt
     assert report["per_request"][0]["context"].endswith('on the last line in the form "Answer: <answer>".')
 
@@ -136,7 +143,27 @@ def test_summary_totals_on_literal_numbers():
     assert opt.tau == pytest.approx(1 + 26 / 8) and plain.tau == pytest.approx(1.0)
     assert opt.shares == pytest.approx({"draft": 0.4, "verify": 0.2, "other": 0.2, "prefill": 0.2})
     assert opt.identical is False and opt.differing_doc_ids == [7] and plain.identical is True
-    assert isinstance(opt, Summary)
+    assert isinstance(opt, Summary) and opt.nodes_per_step is None  # no trees recorded
+
+
+def test_tree_stats_on_a_hand_made_tree():
+    """Per step: draft nodes, the deepest depth, whether the accepted path reached it, the sum of the weights."""
+    import torch
+
+    from lmms_msd.bench import tree_totals
+    from lmms_msd.tree import Tree
+    from lmms_msd.verify import Acceptance
+
+    # root -> 1 -> 3 -> 4, root -> 2: 4 draft nodes, deepest at depth 3
+    tree = Tree(tokens=torch.tensor([5, 6, 7, 8, 9]), parents=torch.tensor([-1, 0, 0, 1, 3]),
+                depths=torch.tensor([0, 1, 1, 2, 3]), scores=torch.log(torch.tensor([1.0, 0.8, 0.1, 0.4, 0.2])))  # fmt: skip
+    stats = TreeStats()
+    stats(tree, None, Acceptance(path=[0, 1, 3, 4], bonus=1))  # reached the bottom
+    stats(tree, None, Acceptance(path=[0, 2], bonus=1))
+    assert (stats.steps, stats.nodes, stats.depth, stats.bottom) == (2, 8, 6, 1)
+    assert stats.expected == pytest.approx(2 * 1.5)
+    totals = tree_totals([stats, TreeStats(steps=2, nodes=4, depth=2, bottom=0, expected=1.0)])
+    assert totals == pytest.approx({"nodes_per_step": 3.0, "depth_per_step": 2.0, "bottom_share": 0.25, "expected_alpha": 1.0})
 
 
 def test_bad_data_dir_names_the_path(tmp_path: Path):
