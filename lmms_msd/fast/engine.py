@@ -40,7 +40,7 @@ class StaticEngine:
         self.target = target
         self.draft = draft
         self.static_target = StaticTarget(target, max_length, cuda_graphs)
-        self.cuda_graphs = self.static_target._graphed.enabled
+        self.cuda_graphs = self.static_target.cuda_graphs
         self._drafters: dict[bool, StaticDrafter] = {}
         self._growers: dict[tuple, GraphedTreeGrower] = {}
 

@@ -126,6 +126,11 @@ class StaticTarget:
         return self.lm_head.device
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether fixed-shape forwards replay CUDA graphs."""
+        return self._graphed.enabled
+
+    @property
     def usable(self) -> int:
         """Slots a generation may fill (the last one is the padding rows' scratch slot)."""
         return self.capacity - 1
