@@ -17,6 +17,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+WIDTH_STEP = 256  # attention widths (cache slots a forward reads) are multiples of this
+
+
+def width_bucket(used: int, capacity: int) -> int:
+    """The attention width for `used` cache slots: rounded up to WIDTH_STEP, at most `capacity`.
+    Example: width_bucket(300, 2048) == 512."""
+    return min(-(-used // WIDTH_STEP) * WIDTH_STEP, capacity)
+
+
 def bucket(n: int, sizes: Sequence[int]) -> int:
     """The smallest of `sizes` (ascending) that holds n. Example: bucket(61, (1, 16, 64)) == 64."""
     for size in sizes:

@@ -12,10 +12,9 @@ import torch
 
 from lmms_msd.draft import MSDDraft
 from lmms_msd.drafting import Drafter, DraftRows
-from lmms_msd.fast.graphs import GraphedFunction, bucket
+from lmms_msd.fast.graphs import GraphedFunction, bucket, width_bucket
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-WIDTH_STEP = 256
 
 
 class StaticDrafter(Drafter):
@@ -56,7 +55,7 @@ class StaticDrafter(Drafter):
     def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
         """Pad to a (rows, width) bucket and run the head; prompts (many rows) run eagerly."""
         n, used = visible.shape
-        width = min(-(-used // WIDTH_STEP) * WIDTH_STEP, self.capacity)
+        width = width_bucket(used, self.capacity)
         rows = bucket(n, ROW_BUCKETS) if n <= ROW_BUCKETS[-1] else n
         padded_visible = torch.zeros(rows, width, dtype=torch.bool, device=self.device)
         padded_visible[:n, :used] = visible

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmms_msd.fast.graphs import GraphedFunction, bucket
+from lmms_msd.fast.graphs import GraphedFunction, bucket, width_bucket
 from lmms_msd.target import Target
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
-WIDTH_STEP = 256  # attention widths are multiples of this
 
 
 @dataclass
@@ -137,7 +136,7 @@ class StaticTarget:
 
     def width(self, used: int) -> int:
         """The attention width (a bucket) that covers `used` slots."""
-        return min(-(-used // WIDTH_STEP) * WIDTH_STEP, self.capacity)
+        return width_bucket(used, self.capacity)
 
     # ---- the forward ------------------------------------------------------------------------------
     def _forward_embeds(self, x, positions, slots, mask):

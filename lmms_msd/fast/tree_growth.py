@@ -22,8 +22,8 @@ from functools import partial
 
 import torch
 
-from lmms_msd.fast.graphs import GraphedFunction
-from lmms_msd.fast.static_drafter import WIDTH_STEP, StaticDrafter
+from lmms_msd.fast.graphs import GraphedFunction, width_bucket
+from lmms_msd.fast.static_drafter import StaticDrafter
 from lmms_msd.tree import Growth, Tree, select_nodes
 
 
@@ -153,7 +153,7 @@ class GraphedTreeGrower:
         prefix = torch.full((1,), drafter.committed, device=drafter.device)
         reach = drafter.committed + (growth.max_depth - 1) * growth.top_k
         drafter._reserve(reach)
-        width = min(-(-reach // WIDTH_STEP) * WIDTH_STEP, drafter.capacity)
+        width = width_bucket(reach, drafter.capacity)
         grown = 1
         for depth in range(1, growth.max_depth):
             expected = self._levels[depth](prefix, self.window[:width])[0]
