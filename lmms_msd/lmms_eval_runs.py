@@ -1,5 +1,6 @@
 """Running lmms-eval with `llava_msd_calibrated` in a subprocess and reading what it left: lmms-eval's
-results and the plugin's statistics. Shared by `lmms-msd regression` and `lmms-msd reproduce`.
+results, its per-document answers and the plugin's statistics. Shared by `lmms-msd regression`,
+`lmms-msd reproduce` and `lmms-msd compare-runs`.
 """
 
 from __future__ import annotations
@@ -96,3 +97,34 @@ def run_lmms_eval(
         found = f"results file {'found' if results else 'missing'}, statistics file {'found' if stats_file.is_file() else 'missing'}"
         raise LmmsEvalFailed(f"lmms-eval failed (exit {done.returncode}; {found}); the end of {log_file}:\n{log_tail(log_file)}")
     return EvalRun(out, json.loads(results[-1].read_text()), json.loads(stats_file.read_text()), wall_s)
+
+
+# ---- reading a run --------------------------------------------------------------------------------------------
+def first_metric(task_results: Mapping[str, Any]) -> tuple[str, float]:
+    """The task's first metric in lmms-eval's results ("alias" and the stderr entries skipped)."""
+    for key, value in task_results.items():
+        if "," in key and "_stderr" not in key.split(",")[0]:
+            return key, float(value)
+    raise ValueError(f"no metric in lmms-eval's results for the task: {sorted(task_results)}")
+
+
+def read_answers(out: Path, task: str) -> dict[int, Any]:
+    """doc_id -> the model's raw answer, from lmms-eval's `<date>_samples_<task>.jsonl` under `out`.
+
+    lmms-eval drops `resps` from a sample when it equals `filtered_resps`, so `resps` is the raw answer
+    when present and `filtered_resps` otherwise.
+    """
+    files = sorted(out.rglob(f"*_samples_{task}.jsonl"))
+    if not files:
+        raise LmmsEvalFailed(f"no samples file *_samples_{task}.jsonl under {out}: was the run made with --log_samples?")
+    answers = {}
+    for line in files[-1].read_text().splitlines():
+        sample = json.loads(line)
+        answers[int(sample["doc_id"])] = sample.get("resps", sample["filtered_resps"])
+    return answers
+
+
+def answer_differences(reference: Mapping[int, Any], answers: Mapping[int, Any]) -> list[int]:
+    """The doc_ids whose answers differ, a doc_id present on one side only included."""
+    missing = object()
+    return sorted(d for d in set(reference) | set(answers) if reference.get(d, missing) != answers.get(d, missing))

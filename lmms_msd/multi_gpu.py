@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lmms_msd.lmms_eval_runs import EvalRun, LmmsEvalFailed, run_lmms_eval
-from lmms_msd.reproduce import answer_differences, first_metric, read_answers
+from lmms_msd.lmms_eval_runs import EvalRun, LmmsEvalFailed, answer_differences, first_metric, read_answers, run_lmms_eval
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lmms_msd.lmms_eval_runs import EvalRun, LmmsEvalFailed, run_lmms_eval
+from lmms_msd.lmms_eval_runs import EvalRun, LmmsEvalFailed, answer_differences, first_metric, read_answers, run_lmms_eval
 
 log = logging.getLogger(__name__)
 
@@ -88,30 +88,6 @@ class Measurement:
 
 
 # ---- reading one run ----------------------------------------------------------------------------------------
-def first_metric(task_results: Mapping[str, Any]) -> tuple[str, float]:
-    """The task's first metric in lmms-eval's results ("alias" and the stderr entries skipped)."""
-    for key, value in task_results.items():
-        if "," in key and "_stderr" not in key.split(",")[0]:
-            return key, float(value)
-    raise ValueError(f"no metric in lmms-eval's results for the task: {sorted(task_results)}")
-
-
-def read_answers(out: Path, task: str) -> dict[int, Any]:
-    """doc_id -> the model's raw answer, from lmms-eval's `<date>_samples_<task>.jsonl` under `out`.
-
-    lmms-eval drops `resps` from a sample when it equals `filtered_resps`, so `resps` is the raw answer
-    when present and `filtered_resps` otherwise.
-    """
-    files = sorted(out.rglob(f"*_samples_{task}.jsonl"))
-    if not files:
-        raise LmmsEvalFailed(f"no samples file *_samples_{task}.jsonl under {out}: was the run made with --log_samples?")
-    answers = {}
-    for line in files[-1].read_text().splitlines():
-        sample = json.loads(line)
-        answers[int(sample["doc_id"])] = sample.get("resps", sample["filtered_resps"])
-    return answers
-
-
 def measure(run: EvalRun, row: Row, task: str, temperature: float) -> Measurement:
     if task not in run.results["results"] or task not in run.stats["tasks"]:
         raise LmmsEvalFailed(
@@ -124,12 +100,6 @@ def measure(run: EvalRun, row: Row, task: str, temperature: float) -> Measuremen
         row.key, task, temperature, alpha=summary["alpha"], tau=summary["tau"], score=score, metric=metric,
         tokens_per_s=summary["tokens_per_s"], samples=summary["samples"],
     )  # fmt: skip
-
-
-def answer_differences(reference: Mapping[int, Any], answers: Mapping[int, Any]) -> list[int]:
-    """The doc_ids whose answers differ, a doc_id present on one side only included."""
-    missing = object()
-    return sorted(d for d in set(reference) | set(answers) if reference.get(d, missing) != answers.get(d, missing))
 
 
 def mark_differences(measurements: Iterable[Measurement], answers: Mapping[tuple[str, str, float], Mapping[int, Any]]) -> None:

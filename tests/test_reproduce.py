@@ -13,17 +13,8 @@ import pytest
 
 from lmms_msd import reproduce
 from lmms_msd.cli import main
-from lmms_msd.lmms_eval_runs import LmmsEvalFailed, run_lmms_eval
-from lmms_msd.reproduce import (
-    Measurement,
-    answer_differences,
-    first_metric,
-    gains,
-    mark_differences,
-    markdown_tables,
-    read_answers,
-    table_rows,
-)
+from lmms_msd.lmms_eval_runs import LmmsEvalFailed, answer_differences, first_metric, read_answers, run_lmms_eval
+from lmms_msd.reproduce import Measurement, gains, mark_differences, markdown_tables, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "msd_chartqa_synth_long"
