@@ -220,11 +220,12 @@ def speculative_generate(
             stats.accepted[-1] = stop - checked - 1
             del tokens[stop:]
             break
-        # 6. keep the accepted path in the target cache, advance the draft over it
-        path = torch.tensor(result.path, device=device)
+        # 6. keep the accepted path in the target cache, advance the draft over it (one copy to the device)
+        on_device = torch.tensor(result.path + committed, device=device)
+        path, committed_ids = on_device[: len(result.path)], on_device[len(result.path) :]
         runtime.keep_path(prefix_len, path)
         prefix_len += len(result.path)
-        root_hidden, root_visual = drafter.advance(torch.tensor(committed, device=device), tree_hidden[path])
+        root_hidden, root_visual = drafter.advance(committed_ids, tree_hidden[path])
         token = result.bonus
     stats.other_s += clock.lap()
     _synchronize(device)
