@@ -543,8 +543,8 @@ class TiltScorer:
     1. Calibrated logit (1128-1136, 1293-1301): c = clip(p_cal, 1e-3, 1 - 1e-3),
        L = clip(log c - log(1 - c), -3, 3); p_cal the calibrator's prediction for the candidate.
     2. alpha = base_alpha * clip(clip(combo * boost, 0, 1.2), 0.2, 0.8) (915-919), base_alpha = 1
-       (`topK_genrate`'s default `alpha=1`, 943: `initialize_tree` and `tree_decoding`, utils.py 255-266
-       and 551-563, do not pass it), with
+       (`topK_genrate`'s default `alpha=1`, 943; its callers `initialize_tree` and
+       `update_inference_inputs`, utils.py 255-266 and 551-563, do not pass it), with
            combo = 0.2 * margin_factor + 0.4 * depth_factor + 0.4 * attention_factor
        - margin = the parent's draft top-1 minus top-2 probability among its k candidates (646-649,
          790-793), shared by its children; margin_factor = 1 - clip((margin - lo) / (hi - lo + 1e-8), 0, 1)
@@ -569,6 +569,11 @@ class TiltScorer:
     (log-probabilities, tokens, depth, the parent row's visual intensity) are unchanged. Returns log p'.
 
     Where this differs from the thesis, on purpose:
+    - below the root's children (depth >= 2) the thesis hands its feature collection probabilities
+      where it expects log-probabilities (`topk_p=preselect_probs`, 1272, then `torch.exp(topk_p...)`,
+      785-801; the same in its labelling pass, 727 and 762): there its margin is e^{p_1} - e^{p_2} and
+      the calibrator's confidence e^{p}, in [1, e]. Here the margin is p_1 - p_2 and the confidence p
+      at every depth, as at its depth 1.
     - attention: the thesis gives candidate j (its rank among its parent's children) row j of the
       head-averaged attention of the draft forward over the *context* (the prompt, later the previous
       step's accepted tokens; 1003-1011), averaged over the image columns (516-575; `candidate_idx=
@@ -586,7 +591,8 @@ class TiltScorer:
       tests the decoded piece against isdigit or ^\d+\.?\d*$ (466-468). They agree on LLaMA's
       single-digit number tokens.
 
-    Worked example (one level, depth 2: depth_factor 1/3; n = 3 parents, k = 2; `tests/test_calibration_tilt.py`):
+    Worked example (one level at depth 2, depth_factor 1/3; n = 3 parents, k = 2; tested in
+    `tests/test_calibration_tilt.py`):
 
         parent  p of its children   margin  visual  number?   p_cal       L (clipped)
         0       0.5, 0.3 (rest 0.2)  0.2     0.3     no, yes   0.9, 0.02   ln 9 = 2.1972, -3

@@ -114,7 +114,10 @@ THESIS = Preset(
         "accepted nodes from the verification logits; it resets its acceptance counters after the observed "
         "requests (llava_msd_calibrated.py 446-450), so its alpha covers the other 80%, here every request; its "
         "draft attends, within the tree, to itself and to every node of the earlier levels (tree_mask = eye, "
-        "never updated: cnets.py 1181-1193 and 164-170), here to its ancestors only.",
+        "never updated: cnets.py 1181-1193 and 164-170), here to its ancestors only; below depth 1 its "
+        "calibrator features exponentiate probabilities (confidence e^p, margin e^p1 - e^p2; cnets.py 1272, "
+        "785-801), here p and p1 - p2 at every depth; its tilt's attention comes from rows unrelated to the "
+        "node (TiltScorer's docstring), here from the node's parent's row.",
     ),
 )
 
