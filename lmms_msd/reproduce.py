@@ -51,12 +51,6 @@ PAIR_MODEL_ARGS = ("pretrained", "msd_model_path")
 FILES = ("results.md", "results.csv", "results.json", "results.png")
 
 
-def table_rows(preset: Preset, calibrator_args: str) -> list[Row]:
-    """The reference first (its answers are compared against), then the thesis's three rows, each with
-    every model_arg the preset gives it (the calibrated row's calibrator: `calibrator_args`)."""
-    return preset.table_rows(calibrator_args)
-
-
 def reserved_model_args(preset: Preset) -> set[str]:
     """The model_args the rows set, which the user's --model_args may not."""
     return set(RESERVED_MODEL_ARGS) | preset.row_names()
@@ -406,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"lmms-msd reproduce: --train_ratio must be in (0, 1], got {args.train_ratio}")
     bundled_pair = not names & set(PAIR_MODEL_ARGS)
     calibrator_args, calibrator_text = choose_calibrator(args.calibrator, args.train_ratio, bundled_pair, preset)
-    rows = table_rows(preset, calibrator_args)
+    rows = preset.table_rows(calibrator_args)  # plain first: the others' answers are compared with its
     log.info("calibrator: %s", calibrator_text)
     runs_dir = args.output_dir / "runs"
     if runs_dir.exists():

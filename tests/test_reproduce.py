@@ -15,11 +15,11 @@ from lmms_msd import reproduce
 from lmms_msd.cli import main
 from lmms_msd.lmms_eval_runs import LmmsEvalFailed, answer_differences, first_metric, read_answers, run_lmms_eval
 from lmms_msd.presets import PRESETS, THESIS, TUNED
-from lmms_msd.reproduce import Measurement, gains, mark_differences, markdown_tables, table_rows
+from lmms_msd.reproduce import Measurement, gains, mark_differences, markdown_tables
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "msd_chartqa_synth_long"
-ROWS = table_rows(TUNED, "calibrator=online,train_ratio=0.3")
+ROWS = TUNED.table_rows("calibrator=online,train_ratio=0.3")
 
 
 def cell(row: str, alpha: float, temperature: float = 0.0, task: str = "a", score: float = 0.5, tps: float = 100.0) -> Measurement:
@@ -50,7 +50,7 @@ def test_rows_are_plain_then_the_thesis_rows():
 def test_the_thesis_preset():
     """nodes 500 (499 besides the root), threshold 0.2, max_depth 10, frontier 10, OPT-Tree's own selection,
     the calibrator as a logit tilt, fitted online on 0.2 of the requests with soft labels, MSD's prompt."""
-    rows = table_rows(THESIS, THESIS.online(THESIS.train_ratio))
+    rows = THESIS.table_rows(THESIS.online(THESIS.train_ratio))
     opt = "tree=opt,opt_variant=upstream,node_budget=499,stop_delta=0.2,max_depth=10,top_k=10"
     assert [(r.key, r.model_args) for r in rows] == [
         ("plain", "conv_template=msd,use_msd=false"),
