@@ -36,7 +36,8 @@ generator seeded with `--seed` + its index) and nothing is compared; hf_generate
 (preallocated caches, CUDA graphs on cuda); hf_generate is the same in both engines. `--inflate 7b`
 (or HIDDENxLAYERS) replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`):
 about 7B's cost per forward, the miniature's outputs. `--stop_delta` sets OPT-Tree's early stop for opt
-and opt_cal (default: `OptTree`'s).
+and opt_cal (default: `OptTree`'s); `--calibrator_mode` how opt_cal's calibrator scores nodes (`weight`,
+or the thesis's logit `tilt`: `lmms_msd.calibration.calibrated_scorer`).
 
 Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
 numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
@@ -218,9 +219,11 @@ def static_engine_class():
         ) from error
 
 
-def tree_builders(names, target, calibrator: str | None, stop_delta: float | None = None) -> dict[str, Any]:
+def tree_builders(
+    names, target, calibrator: str | None, stop_delta: float | None = None, calibrator_mode: str = "weight"
+) -> dict[str, Any]:
     """name -> (tree builder, whether the drafter must track visual attention), the plugin's defaults;
-    stop_delta, when given, replaces OPT-Tree's (opt and opt_cal alike)."""
+    stop_delta, when given, replaces OPT-Tree's (opt and opt_cal alike); calibrator_mode is opt_cal's."""
     from lmms_msd.tree import EagleTree, OptTree
 
     opt_tree = OptTree() if stop_delta is None else OptTree(stop_delta=stop_delta)
@@ -234,7 +237,7 @@ def tree_builders(names, target, calibrator: str | None, stop_delta: float | Non
         from lmms_msd.token_types import token_type_table
 
         types = token_type_table(target.tokenizer, target.vocab_size)
-        tree = calibrated_tree(opt_tree, GroupedIsotonicCalibrator.load(calibrator), types, target.device)
+        tree = calibrated_tree(opt_tree, GroupedIsotonicCalibrator.load(calibrator), types, target.device, calibrator_mode)
         trees["opt_cal"] = (tree, tree.scorer.needs_visual)
     return trees
 
@@ -646,6 +649,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per request and method; the median counts [3]")
     parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help=f"comma list [{','.join(METHODS)}]")
     parser.add_argument("--stop_delta", type=float, default=None, help="opt and opt_cal: OPT-Tree's early-stop threshold [OptTree's]")
+    parser.add_argument(
+        "--calibrator_mode", default="weight", choices=("weight", "tilt"),
+        help="opt_cal: the calibrated probability as the node weight, or the thesis's tilt of the draft's logits [weight]",
+    )  # fmt: skip
     parser.add_argument("--engine", default="eager", choices=ENGINES, help="eager: lmms_msd.decoding; static: lmms_msd.fast [eager]")
     parser.add_argument("--max_length", type=int, default=2048, help="--engine static: the preallocated cache length [2048]")
     parser.add_argument(
@@ -735,7 +742,7 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise SystemExit("lmms-msd bench: no method left to run")
     target, draft = load_pair(args, need_draft=bool(set(names) & set(SPECULATIVE)), shape=shape)
-    trees = tree_builders(names, target, args.calibrator, args.stop_delta)
+    trees = tree_builders(names, target, args.calibrator, args.stop_delta, args.calibrator_mode)
     methods = build_methods(names, target, draft, trees, engine_class, args.max_length)
     measured = bench(methods, target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                      progress=not args.no_progress)  # fmt: skip

@@ -44,6 +44,7 @@ from lmms_msd.tree import EagleTree, OptTree
 
 MODEL_ID = "llava_msd_calibrated"
 TREES = ("eagle2", "opt")
+CALIBRATOR_LABELS = ("auto", "hard", "soft")
 DEFAULT_MAX_NEW_TOKENS = 1024  # what lmms-eval's llava models use when a task sets none
 STATS_FILE = "msd_stats.json"
 
@@ -106,6 +107,8 @@ class ModelArgs:
     stop_delta: float
     max_depth: int
     calibrator: str | None  # "none", "online", a JSON path, or None (unset: online when a train_ratio arrives)
+    calibrator_mode: str  # how the calibrator scores nodes: "weight" or "tilt" (lmms_msd.calibration)
+    calibrator_label: str  # the online calibrator's label: "auto", "hard" or "soft"
     train_ratio: float | None
     min_group_size: int
     attention_bins: int
@@ -283,6 +286,12 @@ class LlavaMsdCalibrated(lmms):
                            first train_ratio of the requests, then fit), or "none" (raw draft confidence)
                            [unset: online when a train_ratio is given, here or in gen_kwargs; with the bundled
                            pair and no train_ratio here, the calibrator fitted for it; else none]
+      calibrator_mode      how the calibrator scores OPT-Tree's nodes: "weight" (its predicted acceptance is
+                           the node's weight) or "tilt" (the thesis's: it tilts the draft's logits of the
+                           proposed children, whose re-normalised probabilities are the weights;
+                           lmms_msd.calibration.TiltScorer) [weight]
+      calibrator_label     the online calibrator's label: "hard", "soft" (the thesis's) or "auto" (the one
+                           that predicts held-out acceptance better) [auto]
       train_ratio          online calibration: the share of a generate_until call's requests (in a random
                            order seeded by `seed`) observed before fitting; also read from gen_kwargs, as
                            the thesis passes it [none]
@@ -328,6 +337,8 @@ class LlavaMsdCalibrated(lmms):
         stop_delta: float = 0.3,
         max_depth: int = 10,
         calibrator: str | None = None,
+        calibrator_mode: str = "weight",
+        calibrator_label: str = "auto",
         train_ratio: float | None = None,
         min_group_size: int = 50,
         attention_bins: int = 3,
@@ -354,8 +365,8 @@ class LlavaMsdCalibrated(lmms):
         self.args = self._coerce_args(
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
-            node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins, inflate,
-            engine,
+            node_budget, stop_delta, max_depth, calibrator, calibrator_mode, calibrator_label, train_ratio,
+            min_group_size, attention_bins, inflate, engine,
         )  # fmt: skip
         self.tree_builder = self._tree_builder() if self.args.use_msd else None
         self.target, self.draft = self._load()
@@ -372,8 +383,8 @@ class LlavaMsdCalibrated(lmms):
     def _coerce_args(
         self, pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
         attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
-        node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins, inflate,
-        engine,
+        node_budget, stop_delta, max_depth, calibrator, calibrator_mode, calibrator_label, train_ratio,
+        min_group_size, attention_bins, inflate, engine,
     ) -> ModelArgs:  # fmt: skip
         pretrained = _as_optional_str(pretrained)
         use_msd = _as_bool("use_msd", use_msd)
@@ -412,6 +423,7 @@ class LlavaMsdCalibrated(lmms):
             raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
         if train_ratio is not None and calibrator not in (None, "online"):
             raise ValueError(f"train_ratio={train_ratio} is for online calibration; it cannot go with calibrator={calibrator}")
+        calibrator_mode, calibrator_label = self._coerce_calibrator_use(calibrator_mode, calibrator_label, calibrator, tree, use_msd)
         for name, value in (("min_group_size", min_group_size), ("attention_bins", attention_bins)):
             if _as_int(name, value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -444,12 +456,37 @@ class LlavaMsdCalibrated(lmms):
             stop_delta=_as_float("stop_delta", stop_delta),
             max_depth=_as_int("max_depth", max_depth),
             calibrator=calibrator,
+            calibrator_mode=calibrator_mode,
+            calibrator_label=calibrator_label,
             train_ratio=train_ratio,
             min_group_size=_as_int("min_group_size", min_group_size),
             attention_bins=_as_int("attention_bins", attention_bins),
             inflate=_as_shape("inflate", inflate),
             engine=engine,
         )
+
+    @staticmethod
+    def _coerce_calibrator_use(mode: Any, label: Any, calibrator: str | None, tree: str, use_msd: bool) -> tuple[str, str]:
+        """calibrator_mode and calibrator_label, checked against the calibrator they would apply to."""
+        from lmms_msd.calibration import CALIBRATOR_MODES
+
+        mode = str(_as_optional_str(mode) or "weight").lower()
+        if mode not in CALIBRATOR_MODES:
+            raise ValueError(f"calibrator_mode must be one of {list(CALIBRATOR_MODES)}, got {mode!r}")
+        if mode != "weight" and (tree != "opt" or calibrator == "none" or not use_msd):
+            raise ValueError(
+                f"calibrator_mode={mode} says how a calibrator scores OPT-Tree's nodes; it needs use_msd=true, "
+                f"tree=opt and a calibrator (a file or online), got tree={tree}, calibrator={calibrator}"
+            )
+        label = str(_as_optional_str(label) or "auto").lower()
+        if label not in CALIBRATOR_LABELS:
+            raise ValueError(f"calibrator_label must be one of {list(CALIBRATOR_LABELS)}, got {label!r}")
+        if label != "auto" and calibrator not in (None, "online"):
+            raise ValueError(
+                f"calibrator_label={label} is the online calibrator's label; calibrator={calibrator} was fitted "
+                "on its own (drop calibrator_label, or use calibrator=online with a train_ratio)"
+            )
+        return mode, label
 
     def _tree_builder(self) -> EagleTree | OptTree:
         a = self.args
@@ -468,7 +505,9 @@ class LlavaMsdCalibrated(lmms):
         from lmms_msd.calibration import GroupedIsotonicCalibrator, calibrated_tree
 
         calibrator = GroupedIsotonicCalibrator.load(path)
-        self.tree_builder = calibrated_tree(self.tree_builder, calibrator, self._types(), self.target.device)
+        self.tree_builder = calibrated_tree(
+            self.tree_builder, calibrator, self._types(), self.target.device, self.args.calibrator_mode
+        )
         self.track_visual = self.tree_builder.scorer.needs_visual
         self._calibration_meta = {"mode": "file", "path": path, **calibrator.get_params()}
 
@@ -642,8 +681,9 @@ class LlavaMsdCalibrated(lmms):
 
         calibrator = GroupedIsotonicCalibrator(attention_bins=a.attention_bins, min_group_size=a.min_group_size)
         return OnlineCalibration(
-            len(jobs), ratio, self.tree_builder, self._types(), calibrator, seed=a.seed, device=self.target.device
-        )
+            len(jobs), ratio, self.tree_builder, self._types(), calibrator, seed=a.seed, device=self.target.device,
+            label=a.calibrator_label, mode=a.calibrator_mode,
+        )  # fmt: skip
 
     def _online_meta(self, online, observed: list[list[Any]]) -> dict[str, Any]:
         fitted = online.calibrated is not None
@@ -697,7 +737,8 @@ class LlavaMsdCalibrated(lmms):
         elif isinstance(self.tree_builder, OptTree):
             b = self.tree_builder
             tree = {"kind": "opt", "node_budget": b.node_budget, "stop_delta": b.stop_delta, "max_depth": b.max_depth,
-                    "top_k": b.top_k, "calibrator": self._calibration_meta or {"mode": "none"}}  # fmt: skip
+                    "top_k": b.top_k, "calibrator_mode": self.args.calibrator_mode,
+                    "calibrator": self._calibration_meta or {"mode": "none"}}  # fmt: skip
         return {
             "model": MODEL_ID,
             "decoding": "speculative" if self.draft is not None else "plain",

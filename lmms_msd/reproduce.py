@@ -3,9 +3,12 @@
 Rows (the thesis's, plus the reference):
 
 - plain decoding (`use_msd=false`): the reference for the answers and for tokens/s;
-- MSD baseline (EAGLE-2 tree) (`tree=eagle2`);
-- + OPT-Tree (`tree=opt,calibrator=none`: raw draft confidence);
-- + OPT-Tree + calibrator (`tree=opt,calibrator=<file>`, or `calibrator=online,train_ratio=<r>`).
+- MSD baseline (EAGLE-2 tree) (`tree=eagle2,...`);
+- + OPT-Tree (`tree=opt,...,calibrator=none`: raw draft confidence);
+- + OPT-Tree + calibrator (`tree=opt,...,calibrator=<file>`, or `calibrator=online,train_ratio=<r>`).
+
+Each row's settings come from a named preset (`lmms_msd.presets`, `--preset`): `thesis` (the default,
+the thesis's own settings) or `tuned` (this project's); results.md and results.json print them.
 
 Columns are lmms-eval tasks, one table per temperature. Each (row, task, temperature) is one lmms-eval
 run, with `--log_samples`, under `<output_dir>/runs/t<temperature>/<task>/<row>`; each cell reads
@@ -36,35 +39,21 @@ from pathlib import Path
 from typing import Any
 
 from lmms_msd.lmms_eval_runs import EvalRun, LmmsEvalFailed, answer_differences, first_metric, read_answers, run_lmms_eval
+from lmms_msd.presets import CALIBRATED, DEFAULT, EAGLE2, FITTED, OPT, PLAIN, PRESETS, Preset, Row
 
 log = logging.getLogger(__name__)
 
 THESIS_TASKS = "chartqa,mathvista,ai2d,mathverse,textvqa"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIBRATOR = REPO / "calibrators" / "miniature.json"  # fitted for the bundled pair
-RESERVED_MODEL_ARGS = ("use_msd", "tree", "calibrator", "train_ratio", "stats_path")  # set per row
+RESERVED_MODEL_ARGS = ("use_msd", "tree", "calibrator", "train_ratio", "stats_path")  # set per row, whatever the preset
 PAIR_MODEL_ARGS = ("pretrained", "msd_model_path")
 FILES = ("results.md", "results.csv", "results.json", "results.png")
 
 
-@dataclass(frozen=True)
-class Row:
-    """One row of the table: the model_args it adds to the user's."""
-
-    key: str  # short name: folders, CSV, JSON
-    label: str  # the thesis's name
-    model_args: str
-
-
-PLAIN = Row("plain", "plain decoding (reference)", "use_msd=false")
-EAGLE2 = Row("eagle2", "MSD baseline (EAGLE-2 tree)", "tree=eagle2")
-OPT = Row("opt", "+ OPT-Tree", "tree=opt,calibrator=none")
-CALIBRATED = "opt_cal"
-
-
-def table_rows(calibrator_args: str) -> list[Row]:
-    """The reference first (its answers are compared against), then the thesis's three rows."""
-    return [PLAIN, EAGLE2, OPT, Row(CALIBRATED, "+ OPT-Tree + calibrator", f"tree=opt,{calibrator_args}")]
+def reserved_model_args(preset: Preset) -> set[str]:
+    """The model_args the rows set, which the user's --model_args may not."""
+    return set(RESERVED_MODEL_ARGS) | preset.row_names()
 
 
 @dataclass
@@ -106,8 +95,8 @@ def mark_differences(measurements: Iterable[Measurement], answers: Mapping[tuple
     """Sets `differing_doc_ids` of every speculative measurement at temperature 0 whose plain-row answers
     are known: `answers[(row, task, temperature)]` is a run's doc_id -> answer."""
     for m in measurements:
-        reference = answers.get((PLAIN.key, m.task, m.temperature))
-        if m.row != PLAIN.key and m.temperature == 0 and reference is not None:
+        reference = answers.get((PLAIN, m.task, m.temperature))
+        if m.row != PLAIN and m.temperature == 0 and reference is not None:
             m.differing_doc_ids = answer_differences(reference, answers[(m.row, m.task, m.temperature)])
 
 
@@ -129,12 +118,12 @@ def gains(measurements: Sequence[Measurement]) -> list[dict[str, Any]]:
     cells = index(measurements)
     out = []
     for task, temperature in sorted({(m.task, m.temperature) for m in measurements}, key=lambda k: (k[1], k[0])):
-        row = {key: cells.get((key, task, temperature)) for key in (PLAIN.key, EAGLE2.key, OPT.key, CALIBRATED)}
+        row = {key: cells.get((key, task, temperature)) for key in (PLAIN, EAGLE2, OPT, CALIBRATED)}
         entry: dict[str, Any] = {"task": task, "temperature": temperature}
-        entry["opt_vs_eagle2"] = relative_gain(row[OPT.key], row[EAGLE2.key])
-        entry["cal_vs_opt"] = relative_gain(row[CALIBRATED], row[OPT.key])
-        for key in (EAGLE2.key, OPT.key, CALIBRATED):
-            gain = relative_gain(row[key], row[PLAIN.key], "tokens_per_s")
+        entry["opt_vs_eagle2"] = relative_gain(row[OPT], row[EAGLE2])
+        entry["cal_vs_opt"] = relative_gain(row[CALIBRATED], row[OPT])
+        for key in (EAGLE2, OPT, CALIBRATED):
+            gain = relative_gain(row[key], row[PLAIN], "tokens_per_s")
             entry[f"speedup_{key}"] = None if gain is None else gain + 1
         out.append(entry)
     return out
@@ -174,7 +163,7 @@ def markdown_gains(entries: Sequence[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for e in entries:
-        speedups = [e[f"speedup_{row}"] for row in (EAGLE2.key, OPT.key, CALIBRATED)]
+        speedups = [e[f"speedup_{row}"] for row in (EAGLE2, OPT, CALIBRATED)]
         lines.append(
             f"| {e['task']} | {e['temperature']:g} | {percent(e['opt_vs_eagle2'])} | {percent(e['cal_vs_opt'])} | "
             + " | ".join("–" if s is None else f"{s:.2f}x" for s in speedups)
@@ -187,6 +176,16 @@ def marked(measurements: Iterable[Measurement]) -> list[Measurement]:
     return [m for m in measurements if m.marked]
 
 
+def markdown_settings(preset: Mapping[str, Any], rows: Sequence[Row]) -> str:
+    """The preset's name, summary, every row's model_args (as passed, after the user's) and its notes."""
+    lines = [f"### Settings: preset `{preset['name']}`", "", f"{preset['summary']}.", "", "| row | model_args |", "|---|---|"]
+    lines += [f"| {row.label} | `{row.model_args}` |" for row in rows]
+    lines += ["", "Each row passes the pair's model_args (above) and then these; every other model_arg is the plugin's default."]
+    if preset["notes"]:
+        lines += [""] + [f"- {note}" for note in preset["notes"]]
+    return "\n".join(lines)
+
+
 def markdown_report(report: Mapping[str, Any], rows: Sequence[Row]) -> str:
     measurements = [Measurement(**m) for m in report["measurements"]]
     metrics = sorted({m.metric for m in measurements})
@@ -194,7 +193,8 @@ def markdown_report(report: Mapping[str, Any], rows: Sequence[Row]) -> str:
     parts = [
         "# Reproduction: MSD baseline vs OPT-Tree vs OPT-Tree + calibrator",
         f"Command: `{report['command']}`",
-        f"Calibrator: {report['calibrator']}. Docs per task: {report['limit'] or 'all'}. Pair: {report['pair']}.",
+        f"Preset: {report['preset']['name']}. Calibrator: {report['calibrator']}. Docs per task: {report['limit'] or 'all'}. "
+        f"Pair: {report['pair']}.",
         (
             f"Cells: alpha (accepted draft tokens per step) / tau (tokens per step) / score ({', '.join(metrics)}) / "
             "tokens per second (generation only, summed over requests)."
@@ -213,6 +213,7 @@ def markdown_report(report: Mapping[str, Any], rows: Sequence[Row]) -> str:
         parts.append("At temperature 0 every row's answers equal plain decoding's, doc_id by doc_id.")
     else:
         parts.append("Answers were not compared (no temperature 0 in the run).")
+    parts.append(markdown_settings(report["preset"], rows))
     return "\n\n".join(parts) + "\n"
 
 
@@ -310,24 +311,29 @@ def default_calibrator() -> Path | None:
         return None
 
 
-def choose_calibrator(calibrator: str | None, train_ratio: float, bundled_pair: bool) -> tuple[str, str]:
+def choose_calibrator(calibrator: str | None, train_ratio: float | None, bundled_pair: bool, preset: Preset) -> tuple[str, str]:
     """(the calibrated row's calibrator model_args, a sentence saying which calibrator it is).
 
-    Unset: the calibrator fitted for the bundled pair when the pair is the bundled one and the file
-    exists, else online calibration on the first `train_ratio` of each run's requests.
+    `calibrator` (a file or "online") and `train_ratio`, when given, override the preset's. Unset, a
+    FITTED preset takes the calibrator fitted for the bundled pair when the pair is the bundled one and
+    the file exists, an ONLINE one online calibration; online calibration observes the first
+    `train_ratio` (the preset's unless given) of each run's requests.
     """
-    if calibrator is None and bundled_pair:
+    ratio = preset.train_ratio if train_ratio is None else train_ratio
+    if calibrator is None and bundled_pair and preset.calibrator == FITTED:
         fitted = default_calibrator()
         calibrator = None if fitted is None else str(fitted)
     if calibrator is None or calibrator == "online":
         if calibrator == "online":
             why = ""
+        elif preset.calibrator != FITTED:
+            why = f" (preset {preset.name})"
         elif bundled_pair:
             why = f" ({DEFAULT_CALIBRATOR.relative_to(REPO)} not found)"
         else:
             why = " (no --calibrator given for this pair)"
-        text = f"online, fitted on the first {train_ratio:g} of each run's requests{why}"
-        return f"calibrator=online,train_ratio={train_ratio:g}", text
+        text = f"online, fitted on the first {ratio:g} of each run's requests{why}"
+        return preset.online(ratio), text
     path = Path(calibrator)
     if not path.is_file():
         raise SystemExit(f"lmms-msd reproduce: --calibrator {calibrator}: no such file; fit one with `lmms-msd calibrate` or pass online")
@@ -338,7 +344,7 @@ def choose_calibrator(calibrator: str | None, train_ratio: float, bundled_pair: 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, every setting spelled out."""
-    words = ["lmms-msd", "reproduce", "--tasks", args.tasks]
+    words = ["lmms-msd", "reproduce", "--preset", args.preset, "--tasks", args.tasks]
     if args.include_path is not None:
         words += ["--include_path", str(args.include_path)]
     if args.limit is not None:
@@ -348,11 +354,17 @@ def command_line(args: argparse.Namespace) -> str:
         words += ["--model_args", args.model_args]
     if args.calibrator is not None:
         words += ["--calibrator", args.calibrator]
-    words += ["--train_ratio", f"{args.train_ratio:g}", "--output_dir", str(args.output_dir)]
+    if args.train_ratio is not None:
+        words += ["--train_ratio", f"{args.train_ratio:g}"]
+    words += ["--output_dir", str(args.output_dir)]
     return shlex.join(words)
 
 
 def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--preset", default=DEFAULT, choices=sorted(PRESETS),
+        help=f"the rows' settings (lmms_msd.presets): thesis (the thesis's own) or tuned (this project's) (default {DEFAULT})",
+    )  # fmt: skip
     parser.add_argument("--tasks", default=THESIS_TASKS, help=f"lmms-eval tasks, comma-separated (default {THESIS_TASKS})")
     parser.add_argument("--include_path", type=Path, default=None, help="a folder of extra task YAMLs, e.g. the repository's tasks/")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
@@ -360,29 +372,35 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model_args", default="", help="passed to every row, e.g. pretrained=...,msd_model_path=... (default: the bundled pair)")
     parser.add_argument(
         "--calibrator", default=None,
-        help=f"the calibrated row's calibrator JSON, or 'online' (default: {DEFAULT_CALIBRATOR.relative_to(REPO)} "
-        "when it exists and the pair is the bundled one, else online)",
+        help="the calibrated row's calibrator JSON, or 'online' (default: the preset's; tuned: "
+        f"{DEFAULT_CALIBRATOR.relative_to(REPO)} when it exists and the pair is the bundled one, else online; thesis: online)",
     )  # fmt: skip
-    parser.add_argument("--train_ratio", type=float, default=0.3, help="online calibration's observed share (default 0.3)")
+    parser.add_argument(
+        "--train_ratio", type=float, default=None, help="online calibration's observed share (default: the preset's; thesis 0.2, tuned 0.3)"
+    )  # fmt: skip
     parser.add_argument("--output_dir", type=Path, default=Path("build/reproduce"), help="results.* and runs/ (replaced) go here")
     return run
 
 
 def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    preset = PRESETS[args.preset]
     names = model_arg_names(args.model_args)
-    reserved = sorted(names & set(RESERVED_MODEL_ARGS))
+    reserved = sorted(names & reserved_model_args(preset))
     if reserved:
-        raise SystemExit(f"lmms-msd reproduce: --model_args may not set {reserved}: each row sets them itself")
+        raise SystemExit(
+            f"lmms-msd reproduce: --model_args may not set {reserved}: the rows of preset {preset.name} set them "
+            f"(lmms_msd.presets)"
+        )
     if not tasks:
         raise SystemExit("lmms-msd reproduce: --tasks is empty")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"lmms-msd reproduce: --limit must be at least 1, got {args.limit}")
-    if not 0 < args.train_ratio <= 1:
+    if args.train_ratio is not None and not 0 < args.train_ratio <= 1:
         raise SystemExit(f"lmms-msd reproduce: --train_ratio must be in (0, 1], got {args.train_ratio}")
     bundled_pair = not names & set(PAIR_MODEL_ARGS)
-    calibrator_args, calibrator_text = choose_calibrator(args.calibrator, args.train_ratio, bundled_pair)
-    rows = table_rows(calibrator_args)
+    calibrator_args, calibrator_text = choose_calibrator(args.calibrator, args.train_ratio, bundled_pair, preset)
+    rows = preset.table_rows(calibrator_args)  # plain first: the others' answers are compared with its
     log.info("calibrator: %s", calibrator_text)
     runs_dir = args.output_dir / "runs"
     if runs_dir.exists():
@@ -390,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
     measurements = measure_all(args, rows, tasks, runs_dir)
     report = {
         "command": command_line(args),
+        "preset": {"name": preset.name, "summary": preset.summary, "notes": list(preset.notes)},
         "calibrator": calibrator_text,
         "pair": args.model_args if not bundled_pair else "the bundled miniature pair",
         "tasks": tasks,

@@ -247,3 +247,20 @@ def test_profile_splits_the_loop_without_changing_the_output(bundled_pair, chart
     assert p.draft_s == 0.0 and p.verify_s > 0 and p.other_s > 0
     assert p.verify_s + p.other_s <= p.wall_s - p.prefill_s
     assert plain_generate(target, prompt, config).stats.verify_s == 0.0
+
+
+def test_opt_cal_scores_nodes_by_the_calibrator_mode():
+    """--calibrator_mode tilt gives opt_cal the thesis's logit tilt (and visual tracking, which its alpha reads)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from lmms_msd.bench import tree_builders
+    from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_paths()[0]))
+    target = SimpleNamespace(tokenizer=tokenizer, vocab_size=len(tokenizer), device="cpu")
+    (tilt, tracked), = tree_builders(["opt_cal"], target, str(bundled_calibrator()), 0.2, "tilt").values()
+    assert type(tilt.scorer).__name__ == "TiltScorer" and tracked and tilt.stop_delta == 0.2
+    (weight, _), = tree_builders(["opt_cal"], target, str(bundled_calibrator())).values()
+    assert type(weight.scorer).__name__ == "CalibratedScorer"

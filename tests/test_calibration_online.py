@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
 
-from lmms_msd.calibration import CalibratedScorer, CalibrationObserver, GroupedIsotonicCalibrator, OnlineCalibration
+from lmms_msd.calibration import CalibrationObserver, GroupedIsotonicCalibrator, OnlineCalibration
 from lmms_msd.decoding import plain_generate, speculative_generate
 from lmms_msd.sampling import GenerationConfig
 from lmms_msd.tree import OptTree
@@ -48,14 +49,15 @@ def test_greedy_observations_agree_with_the_acceptances():
     assert np.array_equal(obs.soft[obs.hard == 1] > 0, np.ones(int(obs.hard.sum()), dtype=bool))
 
 
-def test_online_calibration_is_lossless_before_and_after_fitting():
+@pytest.mark.parametrize("mode, scorer", [("weight", "CalibratedScorer"), ("tilt", "TiltScorer")])
+def test_online_calibration_is_lossless_before_and_after_fitting(mode, scorer):
     target = no_eos(tiny_target(6, context_scale=0.05))
     draft = following_draft(target)
     types = torch.arange(target.vocab_size) % 3
     n = 6
     online = OnlineCalibration(
         n, train_ratio=0.5, tree=OptTree(node_budget=20, stop_delta=0.2, max_depth=6, top_k=4), token_types=types,
-        calibrator=GroupedIsotonicCalibrator(attention_bins=2, min_group_size=5), seed=3,
+        calibrator=GroupedIsotonicCalibrator(attention_bins=2, min_group_size=5), seed=3, mode=mode,
     )  # fmt: skip
     assert sorted(online.order) == list(range(n)) and online.order != list(range(n))
     assert online.order == OnlineCalibration(n, 0.5, OptTree(), types, GroupedIsotonicCalibrator(), seed=3).order
@@ -68,8 +70,8 @@ def test_online_calibration_is_lossless_before_and_after_fitting():
         spec = speculative_generate(target, draft, prompt, config, plan.tree_builder, None, plan.observer, plan.track_visual)
         assert spec.token_ids == plain_generate(target, prompt, config).token_ids, (i, phases[-1])
         online.done()
-    assert phases == ["observe"] * 3 + ["CalibratedScorer"] * 3
-    assert isinstance(online.calibrated.scorer, CalibratedScorer) and online.calibrated.node_budget == 20
+    assert phases == ["observe"] * 3 + [scorer] * 3
+    assert online.calibrated.node_budget == 20
     assert online.calibrator.n_samples_ == len(online.observer.observations()) > 0
     # label "auto": both labels were fitted on half of the observed requests and scored on the rest
     assert online.label_report is not None and online.calibrator.label == online.label_report["winner"]

@@ -130,8 +130,10 @@ def test_acceptance_on_the_device_follows_the_argmax_walk():
         assert result.path_tokens == [tokens[i] for i in path[1:]]
 
 
-def test_calibrated_tree_with_visual_attention_equals_eager():
-    """The bundled pair with its calibrator (attention bins need the draft's visual attention)."""
+@pytest.mark.parametrize("mode", ["weight", "tilt"])
+def test_calibrated_tree_with_visual_attention_equals_eager(mode):
+    """The bundled pair with its calibrator (attention bins need the draft's visual attention), scoring
+    nodes as weights or as the thesis's logit tilt."""
     from lmms_msd.calibration import GroupedIsotonicCalibrator, calibrated_tree
     from lmms_msd.draft import load_draft
     from lmms_msd.target_loading import load_target
@@ -143,7 +145,7 @@ def test_calibrated_tree_with_visual_attention_equals_eager():
     draft = load_draft(str(draft_dir))
     calibrator = GroupedIsotonicCalibrator.load(bundled_calibrator())
     types = token_type_table(target.tokenizer, target.vocab_size)
-    tree = calibrated_tree(OptTree(node_budget=40, stop_delta=0.3, max_depth=8, top_k=8), calibrator, types, "cpu")
+    tree = calibrated_tree(OptTree(node_budget=40, stop_delta=0.3, max_depth=8, top_k=8), calibrator, types, "cpu", mode)
     engine = StaticEngine(target, draft, max_length=512)
     config = GenerationConfig(max_new_tokens=40)
     from PIL import Image

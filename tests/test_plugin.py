@@ -142,6 +142,11 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         ("pretrained=x,msd_model_path=y,tree=opt,train_ratio=1.5", r"train_ratio must be in \(0, 1\], got 1.5"),
         ("pretrained=x,msd_model_path=y,tree=opt,calibrator=none,train_ratio=0.3", "cannot go with calibrator=none"),
         ("pretrained=x,msd_model_path=y,tree=opt,attention_bins=0", "attention_bins must be at least 1"),
+        ("pretrained=x,msd_model_path=y,tree=opt,calibrator_mode=bias", r"calibrator_mode must be one of \['weight', 'tilt'\], got 'bias'"),
+        ("pretrained=x,msd_model_path=y,calibrator_mode=tilt", "calibrator_mode=tilt says how .* needs use_msd=true, tree=opt"),
+        ("pretrained=x,msd_model_path=y,tree=opt,calibrator=none,calibrator_mode=tilt", "got tree=opt, calibrator=none"),
+        ("pretrained=x,msd_model_path=y,tree=opt,calibrator_label=maybe", "calibrator_label must be one of"),
+        ("pretrained=x,msd_model_path=y,tree=opt,calibrator=c.json,calibrator_label=soft", "calibrator_label=soft is the online"),
         ("pretrained=x,msd_model_path=y,tree=medusa", r"unknown tree 'medusa'; valid: \['eagle2', 'opt'\]"),
         ("pretrained=x,msd_model_path=y,use_msd=maybe", "use_msd must be true or false, got 'maybe'"),
         ("pretrained=x,msd_model_path=y,depth=2.5", "depth must be an integer, got 2.5"),
@@ -439,6 +444,29 @@ def test_calibrator_file(tiny_hf_dir, tiny_draft_dir, plain_model, docs, tmp_pat
     assert calibration == {"mode": "file", "path": str(path), **settings}
     with pytest.raises(FileNotFoundError, match="lmms-msd calibrate"):
         opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "t.json", calibrator=str(tmp_path / "missing.json"))
+
+
+def test_tilt_mode_with_a_file_and_online_is_lossless(tiny_hf_dir, tiny_draft_dir, plain_model, docs, tmp_path):
+    """calibrator_mode=tilt (the thesis's calibrated tree), from a calibrator file and online on the soft label."""
+    import numpy as np
+
+    from lmms_msd.calibration import GroupedIsotonicCalibrator, TiltScorer
+
+    rng = np.random.default_rng(0)
+    X = np.stack([rng.uniform(size=300), rng.integers(0, 3, 300), rng.uniform(size=300)], axis=1)
+    path = GroupedIsotonicCalibrator(attention_bins=2, min_group_size=20).fit(X, (X[:, 0] > 0.5) * 1.0).save(tmp_path / "c.json")
+    plain = run(plain_model, [request(i) for i in range(4)], docs)
+    lm = opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "s.json", calibrator=str(path), calibrator_mode="tilt", node_budget=12, top_k=3)
+    assert isinstance(lm.tree_builder.scorer, TiltScorer) and lm.track_visual
+    assert run(lm, [request(i) for i in range(3)], docs) == plain[:3]
+    assert json.loads((tmp_path / "s.json").read_text())["tree"]["calibrator_mode"] == "tilt"
+    online = opt_model(
+        tiny_hf_dir, tiny_draft_dir, tmp_path / "o.json", calibrator="online", train_ratio=0.5, calibrator_mode="tilt",
+        calibrator_label="soft", node_budget=12, top_k=3, max_depth=4, min_group_size=3,
+    )  # fmt: skip
+    assert run(online, [request(i) for i in range(4)], docs) == plain
+    tree = json.loads((tmp_path / "o.json").read_text())["tree"]
+    assert tree["calibrator_mode"] == "tilt" and tree["calibrator"]["fitted"] and tree["calibrator"]["label"] == "soft"
 
 
 def test_online_calibrator_needs_a_train_ratio(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):

@@ -14,11 +14,12 @@ import pytest
 from lmms_msd import reproduce
 from lmms_msd.cli import main
 from lmms_msd.lmms_eval_runs import LmmsEvalFailed, answer_differences, first_metric, read_answers, run_lmms_eval
-from lmms_msd.reproduce import Measurement, gains, mark_differences, markdown_tables, table_rows
+from lmms_msd.presets import PRESETS, THESIS, TUNED
+from lmms_msd.reproduce import Measurement, gains, mark_differences, markdown_tables
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "msd_chartqa_synth_long"
-ROWS = table_rows("calibrator=online,train_ratio=0.3")
+ROWS = TUNED.table_rows("calibrator=online,train_ratio=0.3")
 
 
 def cell(row: str, alpha: float, temperature: float = 0.0, task: str = "a", score: float = 0.5, tps: float = 100.0) -> Measurement:
@@ -39,8 +40,42 @@ def four_rows(temperature: float = 0.0) -> list[Measurement]:
 def test_rows_are_plain_then_the_thesis_rows():
     assert [r.key for r in ROWS] == ["plain", "eagle2", "opt", "opt_cal"]
     assert [r.model_args for r in ROWS] == [
-        "use_msd=false", "tree=eagle2", "tree=opt,calibrator=none", "tree=opt,calibrator=online,train_ratio=0.3",
+        "use_msd=false",
+        "tree=eagle2,total_tokens=59,depth=5,top_k=10",
+        "tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none",
+        "tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,calibrator=online,train_ratio=0.3",
+    ]
+
+
+def test_the_thesis_preset():
+    """nodes 500 (499 besides the root), threshold 0.2, max_depth 10, frontier 10, OPT-Tree's own selection,
+    the calibrator as a logit tilt, fitted online on 0.2 of the requests with soft labels, MSD's prompt."""
+    rows = THESIS.table_rows(THESIS.online(THESIS.train_ratio))
+    opt = "tree=opt,opt_variant=upstream,node_budget=499,stop_delta=0.2,max_depth=10,top_k=10"
+    assert [(r.key, r.model_args) for r in rows] == [
+        ("plain", "conv_template=msd,use_msd=false"),
+        ("eagle2", "conv_template=msd,tree=eagle2,total_tokens=59,depth=5,top_k=10"),
+        ("opt", f"conv_template=msd,{opt},calibrator=none"),
+        ("opt_cal", f"conv_template=msd,{opt},calibrator_mode=tilt,calibrator=online,train_ratio=0.2,"
+                    "calibrator_label=soft,attention_bins=5,min_group_size=200"),
     ]  # fmt: skip
+    assert [r.label for r in rows] == [r.label for r in ROWS]
+    assert reproduce.reserved_model_args(THESIS) >= {"conv_template", "top_k", "calibrator_mode", "attention_bins", "stats_path"}
+
+
+# Model_args that the tree branch of issue 12 adds to the plugin (OPT-Tree's selection rule; MSD's prompt).
+PENDING_MODEL_ARGS = {"opt_variant"}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_model_args_are_the_plugins(name):
+    """Every model_arg a preset sets is one the plugin takes (or one on its way, PENDING_MODEL_ARGS)."""
+    import inspect
+
+    from lmms_msd.lmms_eval_model import LlavaMsdCalibrated
+
+    accepted = set(inspect.signature(LlavaMsdCalibrated.__init__).parameters) | PENDING_MODEL_ARGS
+    assert PRESETS[name].row_names() <= accepted
 
 
 def test_first_metric_skips_alias_and_stderr():
@@ -111,12 +146,23 @@ def test_outputs_from_a_literal_report(tmp_path: Path):
         m.differing_doc_ids = differing
     report = {
         "command": "lmms-msd reproduce ...", "calibrator": "file x.json", "pair": "the bundled miniature pair",
+        "preset": {"name": "tuned", "summary": "our settings", "notes": ["a note"]},
         "tasks": ["a"], "temperatures": [0.0, 1.0], "limit": 3, "rows": [],
         "measurements": [m.__dict__ for m in measurements], "relative_gains": gains(measurements),
     }  # fmt: skip
     text = reproduce.write_outputs(report, ROWS, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(reproduce.FILES)
     assert "| a | 0 | +25.0% | +10.0% | 1.50x | 1.60x | 1.70x |" in text
+    assert "Preset: tuned. Calibrator: file x.json." in text
+    settings = text[text.index("### Settings: preset `tuned`"):].splitlines()
+    assert settings[2] == "our settings." and settings[-1] == "- a note"
+    assert settings[4:10] == [
+        "| row | model_args |", "|---|---|", "| plain decoding (reference) | `use_msd=false` |",
+        "| MSD baseline (EAGLE-2 tree) | `tree=eagle2,total_tokens=59,depth=5,top_k=10` |",
+        "| + OPT-Tree | `tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none` |",
+        "| + OPT-Tree + calibrator | `tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
+        "calibrator=online,train_ratio=0.3` |",
+    ]  # fmt: skip
     assert "**Answers differ from plain decoding at temperature 0" in text and "opt_cal on a, doc_ids [2]" in text
     with (tmp_path / "results.csv").open() as f:
         lines = list(csv.DictReader(f))
@@ -131,20 +177,30 @@ def test_outputs_from_a_literal_report(tmp_path: Path):
 def test_calibrator_default_and_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     fitted = tmp_path / "miniature.json"
     monkeypatch.setattr(reproduce, "default_calibrator", lambda: None)
-    args, text = reproduce.choose_calibrator(None, 0.3, bundled_pair=True)
+    args, text = reproduce.choose_calibrator(None, None, bundled_pair=True, preset=TUNED)
     assert args == "calibrator=online,train_ratio=0.3" and "calibrators/miniature.json not found" in text
     fitted.write_text("{}")
     monkeypatch.setattr(reproduce, "default_calibrator", lambda: fitted)
-    assert reproduce.choose_calibrator(None, 0.3, bundled_pair=True)[0] == f"calibrator={fitted}"
-    assert reproduce.choose_calibrator(None, 0.3, bundled_pair=False)[0] == "calibrator=online,train_ratio=0.3"
-    assert reproduce.choose_calibrator("online", 0.5, bundled_pair=True)[0] == "calibrator=online,train_ratio=0.5"
+    assert reproduce.choose_calibrator(None, None, bundled_pair=True, preset=TUNED)[0] == f"calibrator={fitted}"
+    assert reproduce.choose_calibrator(None, None, bundled_pair=False, preset=TUNED)[0] == "calibrator=online,train_ratio=0.3"
+    assert reproduce.choose_calibrator("online", 0.5, bundled_pair=True, preset=TUNED)[0] == "calibrator=online,train_ratio=0.5"
     with pytest.raises(SystemExit, match="no such file"):
-        reproduce.choose_calibrator(str(tmp_path / "missing.json"), 0.3, bundled_pair=True)
+        reproduce.choose_calibrator(str(tmp_path / "missing.json"), None, bundled_pair=True, preset=TUNED)
+    # the thesis's calibrator is online, with its own label and groups, even for the bundled pair
+    online = "calibrator=online,train_ratio=0.2,calibrator_label=soft,attention_bins=5,min_group_size=200"
+    args, text = reproduce.choose_calibrator(None, None, bundled_pair=True, preset=THESIS)
+    assert args == online and text == "online, fitted on the first 0.2 of each run's requests (preset thesis)"
+    assert reproduce.choose_calibrator(None, 0.5, bundled_pair=True, preset=THESIS)[0] == online.replace("0.2", "0.5")
+    assert reproduce.choose_calibrator(str(fitted), None, bundled_pair=True, preset=THESIS)[0] == f"calibrator={fitted}"
 
 
 def test_model_args_may_not_set_what_the_rows_set(tmp_path: Path):
-    with pytest.raises(SystemExit, match=r"may not set \['tree'\]"):
+    with pytest.raises(SystemExit, match=r"may not set \['tree'\]: the rows of preset thesis set them"):
         main(["reproduce", "--model_args", "pretrained=x,tree=opt", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"may not set \['conv_template', 'top_k'\]"):
+        main(["reproduce", "--model_args", "pretrained=x,top_k=4,conv_template=vicuna_v1", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"may not set \['calibrator_mode'\]: the rows of preset tuned"):
+        main(["reproduce", "--preset", "tuned", "--model_args", "calibrator_mode=tilt,seed=1", "--output_dir", str(tmp_path)])
 
 
 def test_a_failed_run_names_row_task_and_temperature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -174,7 +230,8 @@ except metadata.PackageNotFoundError:
 @pytest.mark.skipif(not INSTALLED, reason="lmms-msd is not installed: lmms-eval finds the model through its entry point")
 def test_reproduce_end_to_end_on_the_bundled_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "reproduce"
-    argv = ["reproduce", "--tasks", TASK, "--include_path", str(REPO / "tasks"), "--limit", "3", "--temperatures", "0", "--output_dir", str(out)]
+    argv = ["reproduce", "--preset", "tuned", "--tasks", TASK, "--include_path", str(REPO / "tasks"), "--limit", "3",
+            "--temperatures", "0", "--output_dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert "every row's answers equal plain decoding's" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == sorted([*reproduce.FILES, "runs"])
@@ -188,3 +245,5 @@ def test_reproduce_end_to_end_on_the_bundled_pair(tmp_path: Path, capsys: pytest
     for label in ("plain decoding (reference)", "MSD baseline (EAGLE-2 tree)", "+ OPT-Tree", "+ OPT-Tree + calibrator"):
         assert f"| {label} | " in table
     assert "DIFFERS" not in table and "⚠" not in table
+    assert report["preset"]["name"] == "tuned" and [r["model_args"] for r in report["rows"]][:3] == [r.model_args for r in ROWS[:3]]
+    assert "### Settings: preset `tuned`" in table and "| + OPT-Tree | `tree=opt,node_budget=60," in table
