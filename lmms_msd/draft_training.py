@@ -3,9 +3,11 @@
 The recipe: the head reads the target's last hidden states f_t (plus uniform noise) and predicts
 f_{t+1}; the loss is SmoothL1(h_t, f_{t+1}) + ce_weight * cross-entropy between the target's
 distribution softmax(lm_head(f_{t+1})) and the head's lm_head(h_t), on the positions whose predicted
-token belongs to an assistant answer. Image positions feed the projected image embeddings, as at
-inference (`lmms_msd.drafting.prefill_inputs` builds the inputs for both). Two stages: text-only
-samples first, then a linearly rising share of image samples.
+token belongs to an assistant answer. The head's inputs are MSD's shifted frame, built by the function
+inference uses (`lmms_msd.drafting.prefill_inputs`): the projected image features at the positions one
+before the target's image positions, fc([embed(x_{t+1}); f_t]) everywhere else, so a head trained here
+and a released MSD head are interchangeable. Two stages: text-only samples first, then a linearly
+rising share of image samples.
 
 Data: LLaVA conversation JSON (the format of llava_v1_5_mix665k.json: a list of {"id", "image"
 (optional, relative to the image folder), "conversations": [{"from": "human", "value": ...},
@@ -137,6 +139,7 @@ def sample_loss(
         features, _ = target.forward(embedded.inputs_embeds, cache, torch.arange(length, device=target.device))
     features = features.float().clone()  # [L, H]; clone: an ordinary tensor, not an inference one
     noise = (torch.rand(features.shape, generator=generator, device="cpu") - 0.5) * config.feature_noise
+    # first_token: only row L-1 reads it, and that row is dropped below
     inputs = prefill_inputs(draft, embedded, features + noise.to(features.device), first_token=target.eos_token_id)
     inputs = inputs[:-2]  # [L-2, H]: positions 0..L-3 (the last two have nothing to predict)
     n = inputs.shape[0]
