@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from lmms_msd.draft import DraftConfig, MSDDraft, load_draft, new_random_draft, save_draft
 from lmms_msd.drafting import prefill_inputs
-from lmms_msd.prompt import IMAGE_PLACEHOLDER
+from lmms_msd.prompt import IMAGE_PLACEHOLDER, TEMPLATE_SYSTEM_PROMPTS
 from lmms_msd.target import EmbeddedPrompt, Target
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--image_folder", type=Path, default=None, help="folder the JSON's image paths are relative to")
     parser.add_argument("--output_dir", required=True, type=Path, help="where the draft (MSD format) and checkpoints go")
     parser.add_argument("--vision_tower", default=None, help="original layout: override mm_vision_tower")
+    parser.add_argument(
+        "--conv_template", default="vicuna_v1", choices=sorted(TEMPLATE_SYSTEM_PROMPTS),
+        help="the prompt of the first turn (lmms_msd.prompt); msd is the one released MSD heads were trained on",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="the target's dtype (the draft trains in float32)")
     for field, value in asdict(defaults).items():
@@ -292,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
     from lmms_msd.target_loading import load_target
 
     config = TrainingConfig(**{field: getattr(args, field) for field in asdict(TrainingConfig())})
-    target = load_target(args.pretrained, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype)
+    target = load_target(
+        args.pretrained, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype, conv_template=args.conv_template
+    )
     target.model.requires_grad_(False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     summary = train_draft(target, args.data, args.image_folder, args.output_dir, config)

@@ -114,12 +114,12 @@ class Case:
         self.draft = new_random_draft(CONFIG, seed=seed)
         self.ids = torch.tensor(ids)
         self.image_mask = self.ids == IMG
-        n_images = int(self.image_mask.sum())
-        self.I = torch.randn(n_images, H, generator=g)  # image features I_0..I_{N-1}
+        n = int(self.image_mask.sum())  # image positions
+        self.image = torch.randn(n, H, generator=g)  # image features I_0..I_{N-1}
         # Text rows of the target's inputs_embeds are noise: the rule reads text through the draft's own
         # embedding (upstream's `self.embed_tokens`), so using these rows instead would show.
         embeds = torch.randn(len(ids), H, generator=g)
-        embeds[self.image_mask] = self.I
+        embeds[self.image_mask] = self.image
         self.prompt = EmbeddedPrompt(self.ids, embeds[None], self.image_mask)
         self.f = torch.randn(len(ids), H, generator=g)  # target hidden states f_0..f_{L-1}
 
@@ -153,8 +153,8 @@ def test_prefill_inputs_worked_example():
     [fc(e(t1),f0), fc(e(t2),f1), I0, I1, I2, fc(e(t6),f5), fc(e(t7),f6), fc(e(r),f7)]."""
     t0, t1, t2, t6, t7, r = 11, 12, 13, 16, 17, 7
     case = Case([t0, t1, t2, IMG, IMG, IMG, t6, t7], seed=0)
-    I = case.I
-    expected = [case.fc(t1, 0), case.fc(t2, 1), I[0], I[1], I[2], case.fc(t6, 5), case.fc(t7, 6), case.fc(r, 7)]
+    image = case.image
+    expected = [case.fc(t1, 0), case.fc(t2, 1), image[0], image[1], image[2], case.fc(t6, 5), case.fc(t7, 6), case.fc(r, 7)]
     assert_rows(case.actual(first_token=r), expected)
 
 
@@ -162,8 +162,8 @@ def test_prefill_inputs_image_at_the_start():
     """p = 0: I_0 has no slot (no position -1); [I0, I1, I2, t3, t4], r -> [I1, I2, fc(e(t3),f2), fc(e(t4),f3), fc(e(r),f4)]."""
     t3, t4, r = 21, 22, 5
     case = Case([IMG, IMG, IMG, t3, t4], seed=1)
-    I = case.I
-    expected = [I[1], I[2], case.fc(t3, 2), case.fc(t4, 3), case.fc(r, 4)]
+    image = case.image
+    expected = [image[1], image[2], case.fc(t3, 2), case.fc(t4, 3), case.fc(r, 4)]
     assert_rows(case.actual(first_token=r), expected)
 
 
@@ -171,8 +171,8 @@ def test_prefill_inputs_image_at_the_end():
     """p + N = L: [t0, t1, I0, I1, I2], r -> [fc(e(t1),f0), I0, I1, I2, fc(e(r),f4)]."""
     t0, t1, r = 31, 32, 9
     case = Case([t0, t1, IMG, IMG, IMG], seed=2)
-    I = case.I
-    expected = [case.fc(t1, 0), I[0], I[1], I[2], case.fc(r, 4)]
+    image = case.image
+    expected = [case.fc(t1, 0), image[0], image[1], image[2], case.fc(r, 4)]
     assert_rows(case.actual(first_token=r), expected)
 
 

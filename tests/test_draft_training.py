@@ -115,6 +115,25 @@ def test_command_line_writes_the_msd_format(tiny_hf_dir, data, tmp_path):
     assert draft.config.vocab_size == load_target(str(tiny_hf_dir)).vocab_size
 
 
+def test_command_line_conv_template_reaches_the_prompt(tiny_hf_dir, data, tmp_path, monkeypatch):
+    """--conv_template msd: the first turn is built with MSD's prompt (empty system prompt)."""
+    import lmms_msd.draft_training as draft_training
+
+    seen = {}
+
+    def record(target, *args):
+        seen["target"] = target
+        return {"last": None}
+
+    monkeypatch.setattr(draft_training, "train_draft", record)
+    main([
+        "train-draft", "--pretrained", str(tiny_hf_dir), "--data", str(data / "data.json"),
+        "--image_folder", str(data / "images"), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+        "--conv_template", "msd",
+    ])
+    assert seen["target"].prompt_format.build("Q?", 1) == " USER: <image>\nQ? ASSISTANT:"
+
+
 def test_missing_image_is_named(target, data, tmp_path):
     records = json.loads((data / "data.json").read_text())
     records[0]["image"] = "nope.png"
