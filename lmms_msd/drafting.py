@@ -179,8 +179,9 @@ def prefill_inputs(draft: MSDDraft, prompt: EmbeddedPrompt, target_hidden: torch
     fc([embed(first text token after the image); f_{p+N-1}]) at p+N-1. Worked example, target
     inputs [t0, t1, t2, I0, I1, I2, t6, t7], first generated token r, e(.) the embedding:
 
-        position      0           1         2   3   4       5           6           7
-        draft input   fc(e(t1),f0) fc(e(t2),f1) I0  I1  I2  fc(e(t6),f5) fc(e(t7),f6) fc(e(r),f7)
+        position      0             1             2   3   4   5             6             7
+        target input  t0            t1            t2  I0  I1  I2            t6            t7
+        draft input   fc(e(t1),f0)  fc(e(t2),f1)  I0  I1  I2  fc(e(t6),f5)  fc(e(t7),f6)  fc(e(r),f7)
 
     Upstream (Lyn-Lucy/MSD `EAGLE/eagle/model/cnets.py`): `topK_genrate` shifts the target's
     `inputs_embeds` left by one and appends the sampled token (`inputs_embeds = torch.cat((inputs_embeds[:,1:],
