@@ -3,9 +3,11 @@
 The recipe: the head reads the target's last hidden states f_t (plus uniform noise) and predicts
 f_{t+1}; the loss is SmoothL1(h_t, f_{t+1}) + ce_weight * cross-entropy between the target's
 distribution softmax(lm_head(f_{t+1})) and the head's lm_head(h_t), on the positions whose predicted
-token belongs to an assistant answer. Image positions feed the projected image embeddings, as at
-inference (`lmms_msd.drafting.prefill_inputs` builds the inputs for both). Two stages: text-only
-samples first, then a linearly rising share of image samples.
+token belongs to an assistant answer. The head's inputs are MSD's shifted frame, built by the function
+inference uses (`lmms_msd.drafting.prefill_inputs`): the projected image features at the positions one
+before the target's image positions, fc([embed(x_{t+1}); f_t]) everywhere else, so a head trained here
+and a released MSD head are interchangeable. Two stages: text-only samples first, then a linearly
+rising share of image samples.
 
 Data: LLaVA conversation JSON (the format of llava_v1_5_mix665k.json: a list of {"id", "image"
 (optional, relative to the image folder), "conversations": [{"from": "human", "value": ...},
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 from lmms_msd.draft import DraftConfig, MSDDraft, load_draft, new_random_draft, save_draft
 from lmms_msd.drafting import prefill_inputs
-from lmms_msd.prompt import IMAGE_PLACEHOLDER
+from lmms_msd.prompt import IMAGE_PLACEHOLDER, TEMPLATE_SYSTEM_PROMPTS
 from lmms_msd.target import EmbeddedPrompt, Target
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ def sample_loss(
         features, _ = target.forward(embedded.inputs_embeds, cache, torch.arange(length, device=target.device))
     features = features.float().clone()  # [L, H]; clone: an ordinary tensor, not an inference one
     noise = (torch.rand(features.shape, generator=generator, device="cpu") - 0.5) * config.feature_noise
+    # first_token: only row L-1 reads it, and that row is dropped below
     inputs = prefill_inputs(draft, embedded, features + noise.to(features.device), first_token=target.eos_token_id)
     inputs = inputs[:-2]  # [L-2, H]: positions 0..L-3 (the last two have nothing to predict)
     n = inputs.shape[0]
@@ -278,6 +281,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--image_folder", type=Path, default=None, help="folder the JSON's image paths are relative to")
     parser.add_argument("--output_dir", required=True, type=Path, help="where the draft (MSD format) and checkpoints go")
     parser.add_argument("--vision_tower", default=None, help="original layout: override mm_vision_tower")
+    parser.add_argument(
+        "--conv_template", default="vicuna_v1", choices=sorted(TEMPLATE_SYSTEM_PROMPTS),
+        help="the prompt of the first turn (lmms_msd.prompt); msd is the one released MSD heads were trained on",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="the target's dtype (the draft trains in float32)")
     for field, value in asdict(defaults).items():
@@ -289,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
     from lmms_msd.target_loading import load_target
 
     config = TrainingConfig(**{field: getattr(args, field) for field in asdict(TrainingConfig())})
-    target = load_target(args.pretrained, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype)
+    target = load_target(
+        args.pretrained, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype, conv_template=args.conv_template
+    )
     target.model.requires_grad_(False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     summary = train_draft(target, args.data, args.image_folder, args.output_dir, config)

@@ -2,29 +2,28 @@
 
 Positions and slots (worked example). The target has committed positions 0..P-1 and the root token
 x_P (committed, not yet fed to the target). The draft's slot t (RoPE position t) holds the input
-fc([embed(x_{t+1}); f_t]) for t = 0..P-1, so its last output already predicts the root's children.
+fc([embed(x_{t+1}); f_t]) for t = 0..P-1, or, where the target read an image feature at t + 1, that
+feature (MSD's shifted frame, `prefill_inputs`), so its last output already predicts the root's children.
 A tree node at depth d (root = 0) is fed at RoPE position P - 1 + d, written to the first free slot
 after the prefix; after verification the committed inputs overwrite those slots, so tree slots need
 no rollback. With P = 10 and a first tree level of k = 3 nodes: slots 10, 11, 12 at position 10;
 their chosen children next go to slots 13.. at position 11.
 
 Visual attention intensity (`track_visual=True`): the share of a query row's attention mass, in the
-draft layer, that falls on image slots, averaged over heads. The image slots are the prompt's image
-positions (`EmbeddedPrompt.image_mask` at prefill); every later slot is text. The intensity that
+draft layer, that falls on image slots, averaged over heads. The image slots are the slots where the
+draft is fed image features: in MSD's shifted frame (`prefill_inputs`) that is one slot before each
+image position of the target (`draft_image_slots`); every later slot is text. The intensity that
 belongs with a node is the one of the query row whose output *produced the node's distribution*,
 i.e. the row whose logits gave the node its draft probability: the row that fed the node's parent.
 The node's own row (the one that feeds its token) is computed only if the node is expanded, and it
 produces the distribution of the node's children, not its own. Worked example, P = 10 committed
-slots 0..9 with the image at slots 1..6:
+slots 0..9, the target's image at positions 2..7, so the draft's image slots are 1..6:
 
     row (slot 9, last committed)   output -> logits of the root's children (depth 1)
                                    so every depth-1 node gets the visual intensity of row 9
     row (slot 10, depth-1 node a)  input fc([embed(a); h9]), output -> logits of a's children
                                    so every child of a (depth 2) gets the intensity of row 10
 
-`prefill` and `advance` return the last committed row's intensity with the root's hidden state;
-`expand` returns one intensity per fed node; tree builders pass them down to the children
-(`lmms_msd.tree`). Without tracking the layer runs plain SDPA and every intensity is None.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ class Drafter:
         self.committed = 0  # P: slots holding committed inputs
         self.tree_used = 0  # slots after P taken by the current tree
         self.track_visual = track_visual
-        # [capacity] bool: True at slots that hold image positions (prompt slots only)
+        # [capacity] bool: True at slots fed image features (prompt slots only; see draft_image_slots)
         self.image_slots = torch.zeros(capacity, dtype=torch.bool, device=self.device) if track_visual else None
 
     @property
@@ -98,7 +97,7 @@ class Drafter:
         if self.track_visual:
             length = prompt.image_mask.shape[0]
             self._reserve(length)
-            self.image_slots[:length] = prompt.image_mask.to(self.device)
+            self.image_slots[:length] = draft_image_slots(prompt.image_mask).to(self.device)
         return self._append(prefill_inputs(self.draft, prompt, target_hidden, first_token))
 
     @torch.inference_mode()
@@ -160,23 +159,58 @@ class Drafter:
         return torch.log_softmax(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), dim=-1)
 
 
-def prefill_inputs(draft: MSDDraft, prompt: EmbeddedPrompt, target_hidden: torch.Tensor, first_token: int) -> torch.Tensor:
-    """The draft's layer input at every prompt position (MSD decoupling).
+def draft_image_slots(image_mask: torch.Tensor) -> torch.Tensor:
+    """The draft slots fed image features: slot t is one iff the target's position t + 1 is an image
+    position (`prefill_inputs`). image_mask: [L] bool -> [L] bool
 
-    Text position t: fc([e_{t+1}; f_t]), where e_{t+1} is what the target read at t + 1 (the token's
-    embedding, or the image feature when t + 1 is an image position; after the last position, the
-    first generated token). Image position t: the projected image embedding itself.
-    target_hidden: [L, H] -> [L, H]
+    Example: image_mask [F, F, F, T, T, T, F, F] -> [F, F, T, T, T, F, F, F].
+    """
+    assert image_mask.dim() == 1, f"image_mask must be [L], got {tuple(image_mask.shape)}"
+    return torch.cat([image_mask[1:], image_mask.new_zeros(1)])
+
+
+def prefill_inputs(draft: MSDDraft, prompt: EmbeddedPrompt, target_hidden: torch.Tensor, first_token: int) -> torch.Tensor:
+    """The draft's layer input at every prompt position, in MSD's shifted frame (DESIGN 4.1).
+
+    Rule: the draft's input at position t is built from what the target reads at t + 1 (x_L, after
+    the prompt, is the first generated token). When that is an image feature, the input is the feature
+    itself (no fc, f_t unused); otherwise it is fc([embed(x_{t+1}); f_t]). So with image features
+    I_0..I_{N-1} at the target's positions p..p+N-1, the draft gets I_0..I_{N-1} at p-1..p+N-2 and
+    fc([embed(first text token after the image); f_{p+N-1}]) at p+N-1. Worked example, target
+    inputs [t0, t1, t2, I0, I1, I2, t6, t7], first generated token r, e(.) the embedding:
+
+        position      0             1             2   3   4   5             6             7
+        target input  t0            t1            t2  I0  I1  I2            t6            t7
+        draft input   fc(e(t1),f0)  fc(e(t2),f1)  I0  I1  I2  fc(e(t6),f5)  fc(e(t7),f6)  fc(e(r),f7)
+
+    Upstream (Lyn-Lucy/MSD `EAGLE/eagle/model/cnets.py`): `topK_genrate` shifts the target's
+    `inputs_embeds` left by one and appends the sampled token (`inputs_embeds = torch.cat((inputs_embeds[:,1:],
+    new_embed),dim=1)`) and shifts `input_ids = input_ids[:, 1:]`, so the `-200` placeholder sits at
+    p - 1; the `use_msd` branch of `Model.forward` computes `new_hidden_state = self.fc(cat_tensor)`
+    over every position and then `new_hidden_state[indice : indice + image_tokens_num[0]] =
+    temp_image_tensor` (the shifted image features, indice = p - 1). The `decouple` training branch
+    does the same on data shifted the same way in `main_deepspeed.py` (`inputs_embeds_target =
+    inputs_embeds[:, 1:, :]`, `input_ids_target = input_ids[:, 1:]`).
+
+    Image at the end of the prompt (p + N = L): position L - 1 = p + N - 1 gets fc([e(r); f_{L-1}]),
+    as upstream, whose appended `new_embed` is the first text after the image there.
+    Image at the very start (p = 0): I_0 has no slot (there is no position -1) and is not fed; the
+    draft gets I_1..I_{N-1} at 0..N-2 and fc([e(x_N); f_{N-1}]) at N-1. Upstream has no such case:
+    `tokenizer_image_token` always keeps BOS in front, and a prompt starting with `-200` would lose
+    its placeholder to `input_ids[:, 1:]`, leaving `embed_tokens(input_ids)` (the unexpanded ids)
+    shorter than `hidden_states` so the `torch.cat` before `self.fc` fails. The rule above is the
+    shifted frame with nothing to shift in at position -1.
+
+    target_hidden: [L, H], the target's last hidden states over the prompt -> [L, H]
     """
     length = prompt.input_ids.shape[0]
     assert target_hidden.shape[0] == length, f"target_hidden {tuple(target_hidden.shape)} vs L={length}"
     device = draft.fc.weight.device
-    first = draft.embed_tokens(torch.tensor([first_token], device=device))  # [1, H]
-    next_ids = prompt.input_ids[1:].masked_fill(prompt.image_mask[1:], 0)  # image ids are replaced below
-    image = prompt.inputs_embeds[0].to(first.dtype)  # [L, H]
-    next_is_image = torch.cat([prompt.image_mask[1:], prompt.image_mask.new_zeros(1)])
-    next_embeds = torch.where(
-        next_is_image[:, None], torch.cat([image[1:], first]), torch.cat([draft.embed_tokens(next_ids), first])
-    )
-    fused = draft.fuse(next_embeds[None], target_hidden[None])[0]
-    return torch.where(prompt.image_mask[:, None], image, fused)
+    next_is_image = draft_image_slots(prompt.image_mask)  # [L]
+    next_ids = torch.cat([prompt.input_ids[1:], torch.tensor([first_token], device=prompt.input_ids.device)])
+    next_ids = next_ids.masked_fill(next_is_image, 0).to(device)  # [L]; image ids take the features below
+    next_text = draft.embed_tokens(next_ids)  # [L, H]
+    image = prompt.inputs_embeds[0, 1:].to(device, next_text.dtype)  # [L-1, H]: what the target read at t + 1
+    next_image = torch.cat([image, image.new_zeros(1, image.shape[1])])  # [L, H]; row L-1 is never an image
+    fused = draft.fuse(next_text[None], target_hidden[None])[0]  # [L, H]
+    return torch.where(next_is_image[:, None].to(device), next_image, fused)

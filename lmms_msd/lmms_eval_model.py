@@ -305,7 +305,9 @@ class LlavaMsdCalibrated(lmms):
       device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
       dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
       attn_implementation  the target's attention [sdpa]
-      conv_template        the prompt's conversation template [vicuna_v1]
+      conv_template        the prompt's conversation template: vicuna_v1 (LLaVA-1.5's evaluation), llava_v1,
+                           msd (vicuna_v1 with an empty system prompt: what released MSD heads were trained
+                           and evaluated on) or llava_hf (the llava-hf model cards') [vicuna_v1]
       system_prompt        overrides the template's system prompt [the template's]
       vision_tower         original layout only: the CLIP tower, overriding mm_vision_tower [config's]
       stats_path           the JSON statistics report [<lmms-eval --output_path>/msd_stats.json,

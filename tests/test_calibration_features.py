@@ -14,6 +14,9 @@ from lmms_msd.target import EmbeddedPrompt
 from lmms_msd.tree import EagleTree
 
 V, H, N_IMAGE, N_TEXT = 8, 32, 6, 4
+# The image is at the target's positions 0..5; in MSD's shifted frame the draft is fed I_1..I_5 at
+# slots 0..4 (I_0 has no slot: lmms_msd.drafting.prefill_inputs) and text at slots 5..9.
+N_IMAGE_SLOTS = N_IMAGE - 1
 LOOKER = 3  # the token whose rows look at the image
 
 
@@ -50,7 +53,7 @@ def image_looking_draft() -> tuple[torch.nn.Module, torch.nn.Linear]:
 
 
 def image_first_prompt() -> EmbeddedPrompt:
-    """Slots 0..5 image (dim 0 = 1), slots 6..9 text tokens."""
+    """The target's positions 0..5 image (dim 0 = 1), 6..9 text tokens."""
     g = torch.Generator().manual_seed(3)
     image = torch.randn(N_IMAGE, H, generator=g) * 0.3
     image[:, :2] = 0
@@ -77,10 +80,10 @@ def test_depth_one_nodes_take_the_last_committed_row():
     tree, _, visual = build(root_token=LOOKER, track=True)
     assert visual > 0.99
     assert (tree.visual[tree.depths == 1] == visual).all()
-    # Any other root: the row attends uniformly over the 10 committed slots, 6 of them image.
+    # Any other root: the row attends uniformly over the 10 committed slots, 5 of them image.
     tree, _, visual = build(root_token=5, track=True)
-    assert abs(float(visual) - N_IMAGE / (N_IMAGE + N_TEXT)) < 1e-6
-    assert torch.allclose(tree.visual[tree.depths == 1], torch.tensor(0.6))
+    assert abs(float(visual) - N_IMAGE_SLOTS / (N_IMAGE + N_TEXT)) < 1e-6
+    assert torch.allclose(tree.visual[tree.depths == 1], torch.tensor(0.5))
     assert tree.visual[0] == 0 and tree.confidence[0] == 1
 
 
@@ -93,8 +96,8 @@ def test_depth_two_nodes_take_their_parents_row():
     parent_tokens = tree.tokens[tree.parents[deep]]
     visual = tree.visual[deep]
     assert (visual[parent_tokens == LOOKER] > 0.99).all()
-    # other parents: the parent's row attends uniformly over the 10 prefix slots and its own (11), 6 image
-    assert torch.allclose(visual[parent_tokens != LOOKER], torch.tensor(N_IMAGE / 11), atol=1e-6)
+    # other parents: the parent's row attends uniformly over the 10 prefix slots and its own (11), 5 image
+    assert torch.allclose(visual[parent_tokens != LOOKER], torch.tensor(N_IMAGE_SLOTS / 11), atol=1e-6)
     # and a LOOKER *node* does not get a high intensity from its own row
     own = deep[(tree.tokens[deep] == LOOKER) & (parent_tokens != LOOKER)]
     assert own.numel() > 0 and (tree.visual[own] < 0.6).all()

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from decoding_fixtures import random_draft, random_prompt, tiny_target
 from safetensors.torch import load_file, save_file
 
 from lmms_msd.draft import DraftConfig, check_draft_fits, load_draft, new_random_draft, save_draft
-from lmms_msd.drafting import prefill_inputs
+from lmms_msd.drafting import Drafter, prefill_inputs
+from lmms_msd.fast.static_drafter import StaticDrafter
+from lmms_msd.target import EmbeddedPrompt
 
 CONFIG = DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
 
@@ -95,23 +96,103 @@ def test_draft_of_another_size_names_both_sizes():
     check_draft_fits(draft, hidden_size=32, vocab_size=50)
 
 
-def test_prefill_inputs_decouple_image_positions():
-    """Image positions take the projected image embedding; the text position before the image
-    fuses the first image feature (what the target read next); the last fuses the first new token."""
-    target = tiny_target(0)
-    draft = random_draft(target, 1)
-    prompt = random_prompt(target, 3, with_image=True)
-    length = prompt.input_ids.shape[0]
-    hidden = torch.randn(length, target.hidden_size)
-    with torch.inference_mode():
-        x = prefill_inputs(draft, prompt, hidden, first_token=7)
-    image_pos = prompt.image_mask.nonzero().flatten()
-    embeds = prompt.inputs_embeds[0]
-    assert image_pos.numel() == target.image_features(torch.zeros(1, 3, 28, 28)).shape[1]
-    assert torch.equal(x[image_pos], embeds[image_pos])
-    before = int(image_pos[0]) - 1
-    with torch.inference_mode():
-        fuse = lambda e, f: draft.fuse(e[None, None], f[None, None])[0, 0]  # noqa: E731
-        assert torch.allclose(x[before], fuse(embeds[before + 1], hidden[before]), atol=1e-5)
-        assert torch.allclose(x[-1], fuse(draft.embed_tokens.weight[7], hidden[-1]), atol=1e-5)
-        assert torch.allclose(x[0], fuse(draft.embed_tokens.weight[prompt.input_ids[1]], hidden[0]), atol=1e-5)
+# ---- MSD's shifted frame (DESIGN 4.1), expected sequences written from the rule -----------------------
+#
+# The draft's input at position t is built from what the target reads at t + 1 (after the prompt: the
+# first generated token r): the image feature itself when that is an image position, else
+# fc([e(x_{t+1}); f_t]). The expected rows below are written out position by position.
+
+IMG = 50  # the placeholder id at image positions: past the draft's vocabulary (50 rows), as the original's
+H = CONFIG.hidden_size
+
+
+class Case:
+    """A hand-made prompt: token ids (IMG at image positions), random image features and hidden states."""
+
+    def __init__(self, ids: list[int], seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.draft = new_random_draft(CONFIG, seed=seed)
+        self.ids = torch.tensor(ids)
+        self.image_mask = self.ids == IMG
+        n = int(self.image_mask.sum())  # image positions
+        self.image = torch.randn(n, H, generator=g)  # image features I_0..I_{N-1}
+        # Text rows of the target's inputs_embeds are noise: the rule reads text through the draft's own
+        # embedding (upstream's `self.embed_tokens`), so using these rows instead would show.
+        embeds = torch.randn(len(ids), H, generator=g)
+        embeds[self.image_mask] = self.image
+        self.prompt = EmbeddedPrompt(self.ids, embeds[None], self.image_mask)
+        self.f = torch.randn(len(ids), H, generator=g)  # target hidden states f_0..f_{L-1}
+
+    def fc(self, token: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fc([e(token); f_t]) computed row by row, and its rounding bound (see `assert_rows`)."""
+        x = torch.cat([self.draft.embed_tokens.weight[token], self.f[t]])  # [2H]
+        w, b = self.draft.fc.weight, self.draft.fc.bias
+        # A float32 dot product of n terms is within n * eps * sum|w_i x_i| of the exact value (plus the
+        # bias add); batched and row-wise evaluations each satisfy it, so they differ by at most twice that.
+        bound = 2 * (x.numel() + 1) * torch.finfo(torch.float32).eps * (w.abs() @ x.abs() + b.abs())
+        return w @ x + b, bound
+
+    def actual(self, first_token: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return prefill_inputs(self.draft, self.prompt, self.f, first_token)
+
+
+def assert_rows(actual: torch.Tensor, expected: list) -> None:
+    """Image rows (plain tensors) must be exact copies; fc rows ((value, bound) pairs) within the bound."""
+    assert actual.shape == (len(expected), H)
+    for t, want in enumerate(expected):
+        if isinstance(want, tuple):
+            value, bound = want
+            assert ((actual[t] - value).abs() <= bound).all(), f"position {t}: fc row differs beyond {bound.max():.2e}"
+        else:
+            assert torch.equal(actual[t], want), f"position {t}: not the image feature expected"
+
+
+def test_prefill_inputs_worked_example():
+    """DESIGN 4.1: target inputs [t0, t1, t2, I0, I1, I2, t6, t7], first generated token r ->
+    [fc(e(t1),f0), fc(e(t2),f1), I0, I1, I2, fc(e(t6),f5), fc(e(t7),f6), fc(e(r),f7)]."""
+    t0, t1, t2, t6, t7, r = 11, 12, 13, 16, 17, 7
+    case = Case([t0, t1, t2, IMG, IMG, IMG, t6, t7], seed=0)
+    image = case.image
+    expected = [case.fc(t1, 0), case.fc(t2, 1), image[0], image[1], image[2], case.fc(t6, 5), case.fc(t7, 6), case.fc(r, 7)]
+    assert_rows(case.actual(first_token=r), expected)
+
+
+def test_prefill_inputs_image_at_the_start():
+    """p = 0: I_0 has no slot (no position -1); [I0, I1, I2, t3, t4], r -> [I1, I2, fc(e(t3),f2), fc(e(t4),f3), fc(e(r),f4)]."""
+    t3, t4, r = 21, 22, 5
+    case = Case([IMG, IMG, IMG, t3, t4], seed=1)
+    image = case.image
+    expected = [image[1], image[2], case.fc(t3, 2), case.fc(t4, 3), case.fc(r, 4)]
+    assert_rows(case.actual(first_token=r), expected)
+
+
+def test_prefill_inputs_image_at_the_end():
+    """p + N = L: [t0, t1, I0, I1, I2], r -> [fc(e(t1),f0), I0, I1, I2, fc(e(r),f4)]."""
+    t0, t1, r = 31, 32, 9
+    case = Case([t0, t1, IMG, IMG, IMG], seed=2)
+    image = case.image
+    expected = [case.fc(t1, 0), image[0], image[1], image[2], case.fc(r, 4)]
+    assert_rows(case.actual(first_token=r), expected)
+
+
+def test_prefill_inputs_text_only():
+    """No image: [t0, t1, t2], r -> [fc(e(t1),f0), fc(e(t2),f1), fc(e(r),f2)]."""
+    t0, t1, t2, r = 1, 2, 3, 4
+    case = Case([t0, t1, t2], seed=3)
+    assert_rows(case.actual(first_token=r), [case.fc(t1, 0), case.fc(t2, 1), case.fc(r, 2)])
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["Drafter", "StaticDrafter"])
+def test_visual_attention_reads_the_slots_fed_image_features(static):
+    """The worked example's image features are fed at slots 2, 3, 4: those are the image slots."""
+    case = Case([11, 12, 13, IMG, IMG, IMG, 16, 17], seed=4)
+    lm_head = torch.nn.Linear(H, CONFIG.vocab_size, bias=False)
+    if static:
+        drafter = StaticDrafter(case.draft, lm_head, capacity=16, track_visual=True, cuda_graphs=False)
+        drafter.reset()
+    else:
+        drafter = Drafter(case.draft, lm_head, capacity=16, track_visual=True)
+    drafter.prefill(case.prompt, case.f, first_token=7)
+    assert drafter.image_slots[:8].tolist() == [False, False, True, True, True, False, False, False]
+    assert not drafter.image_slots[8:].any()

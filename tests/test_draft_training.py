@@ -10,7 +10,16 @@ from PIL import Image
 
 from lmms_msd.cli import main
 from lmms_msd.draft import load_draft
-from lmms_msd.draft_training import TrainingConfig, encode_conversation, image_share, train_draft
+from lmms_msd.draft_training import (
+    TrainingConfig,
+    embed_sample,
+    encode_conversation,
+    image_share,
+    new_draft_for,
+    sample_loss,
+    train_draft,
+)
+from lmms_msd.drafting import prefill_inputs
 from lmms_msd.target_loading import load_target
 
 
@@ -52,6 +61,27 @@ def test_conversation_mask_covers_answers_only(target, data):
     assert sample.input_ids[sample.answer_mask][-1] == target.eos_token_id
 
 
+def test_training_inputs_are_prefill_inputs(target, data):
+    """train-draft feeds the head what inference's `prefill_inputs` builds on the same sample (one code
+    path): with no feature noise the rows are identical, and the image features sit one position
+    before the target's image positions (MSD's shifted frame)."""
+    record = json.loads((data / "data.json").read_text())[0]
+    embedded, mask = embed_sample(target, encode_conversation(target, record, data / "images", with_image=True))
+    draft = new_draft_for(target, seed=0)
+    fed = []
+    draft.register_forward_pre_hook(lambda module, args: fed.append(args[0][0].detach().clone()))
+    config = TrainingConfig(feature_noise=0.0)
+    assert sample_loss(draft, target, embedded, mask, config, torch.Generator().manual_seed(0)) is not None
+    assert len(fed) == 1
+    length = embedded.input_ids.shape[0]
+    with torch.inference_mode():
+        features, _ = target.forward(embedded.inputs_embeds, target.new_cache(), torch.arange(length))
+        expected = prefill_inputs(draft, embedded, features.float(), first_token=target.eos_token_id)
+    assert torch.equal(fed[0], expected[:-2])  # [L-2, H]: the rows that have something to predict
+    image = embedded.image_mask.nonzero().flatten()  # [N] the target's image positions p..p+N-1
+    assert torch.equal(fed[0][image - 1], embedded.inputs_embeds[0, image].float())
+
+
 def test_curriculum_is_text_first_then_rising():
     config = TrainingConfig(steps=100, text_only_fraction=0.2)
     shares = [image_share(s, config) for s in range(100)]
@@ -83,6 +113,25 @@ def test_command_line_writes_the_msd_format(tiny_hf_dir, data, tmp_path):
     assert status == 0
     draft = load_draft(str(tmp_path / "out"))
     assert draft.config.vocab_size == load_target(str(tiny_hf_dir)).vocab_size
+
+
+def test_command_line_conv_template_reaches_the_prompt(tiny_hf_dir, data, tmp_path, monkeypatch):
+    """--conv_template msd: the first turn is built with MSD's prompt (empty system prompt)."""
+    import lmms_msd.draft_training as draft_training
+
+    seen = {}
+
+    def record(target, *args):
+        seen["target"] = target
+        return {"last": None}
+
+    monkeypatch.setattr(draft_training, "train_draft", record)
+    main([
+        "train-draft", "--pretrained", str(tiny_hf_dir), "--data", str(data / "data.json"),
+        "--image_folder", str(data / "images"), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+        "--conv_template", "msd",
+    ])
+    assert seen["target"].prompt_format.build("Q?", 1) == " USER: <image>\nQ? ASSISTANT:"
 
 
 def test_missing_image_is_named(target, data, tmp_path):
