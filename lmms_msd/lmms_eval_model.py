@@ -40,7 +40,7 @@ from lmms_msd.sampling import GenerationConfig
 from lmms_msd.stats import SampleRecord, build_report, format_table, write_report
 from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
 from lmms_msd.testbed.inflate import TextShape, inflate_pair, inflate_target, shape_from_name
-from lmms_msd.tree import EagleTree, OptTree
+from lmms_msd.tree import OPT_VARIANTS, EagleTree, OptTree
 
 MODEL_ID = "llava_msd_calibrated"
 TREES = ("eagle2", "opt")
@@ -105,6 +105,7 @@ class ModelArgs:
     node_budget: int
     stop_delta: float
     max_depth: int
+    opt_variant: str  # OptTree.variant: "upstream" or "frontier"
     calibrator: str | None  # "none", "online", a JSON path, or None (unset: online when a train_ratio arrives)
     train_ratio: float | None
     min_group_size: int
@@ -276,9 +277,14 @@ class LlavaMsdCalibrated(lmms):
       msd_model_path       the MSD draft head: folder or hub id [bundled miniature's, with no pretrained]
       use_msd              speculative decoding; false runs plain decoding, the baseline [true]
       tree                 "eagle2" (the EAGLE-2 dynamic tree) or "opt" (OPT-Tree with early stopping) [eagle2]
-      total_tokens, depth  the EAGLE-2 tree's size [59, 5]
-      top_k                children proposed per node, both trees [10]
-      node_budget, stop_delta, max_depth   OPT-Tree's size, early-stop threshold and depth [60, 0.3, 10]
+      total_tokens, depth  the EAGLE-2 tree, as upstream: total_tokens nodes counting the root, depth draft
+                           forwards after the root's children, so nodes reach depth + 1 [59, 5]
+      top_k                frontier width and children proposed per frontier node, both trees [10]
+      node_budget, stop_delta, max_depth   OPT-Tree's draft nodes (root not counted), early-stop threshold
+                           (absolute, on the expected accepted length) and deepest node depth [60, 0.3, 10]
+      opt_variant          OPT-Tree's rule (lmms_msd.tree.OptTree): "upstream" (Jikai0Wang/OPT-Tree: a level
+                           stores its top_k frontier; upstream's own setting is top_k = node_budget) or
+                           "frontier" (every top_k x top_k proposal is a candidate) [frontier]
       calibrator           tree=opt only: a calibrator JSON file (`lmms-msd calibrate`), "online" (observe the
                            first train_ratio of the requests, then fit), or "none" (raw draft confidence)
                            [unset: online when a train_ratio is given, here or in gen_kwargs; with the bundled
@@ -327,6 +333,7 @@ class LlavaMsdCalibrated(lmms):
         node_budget: int = 60,
         stop_delta: float = 0.3,
         max_depth: int = 10,
+        opt_variant: str = "frontier",
         calibrator: str | None = None,
         train_ratio: float | None = None,
         min_group_size: int = 50,
@@ -354,8 +361,8 @@ class LlavaMsdCalibrated(lmms):
         self.args = self._coerce_args(
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
-            node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins, inflate,
-            engine,
+            node_budget, stop_delta, max_depth, opt_variant, calibrator, train_ratio, min_group_size, attention_bins,
+            inflate, engine,
         )  # fmt: skip
         self.tree_builder = self._tree_builder() if self.args.use_msd else None
         self.target, self.draft = self._load()
@@ -372,8 +379,8 @@ class LlavaMsdCalibrated(lmms):
     def _coerce_args(
         self, pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
         attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
-        node_budget, stop_delta, max_depth, calibrator, train_ratio, min_group_size, attention_bins, inflate,
-        engine,
+        node_budget, stop_delta, max_depth, opt_variant, calibrator, train_ratio, min_group_size, attention_bins,
+        inflate, engine,
     ) -> ModelArgs:  # fmt: skip
         pretrained = _as_optional_str(pretrained)
         use_msd = _as_bool("use_msd", use_msd)
@@ -398,6 +405,9 @@ class LlavaMsdCalibrated(lmms):
         tree = str(tree).lower()
         if tree not in TREES:
             raise ValueError(f"unknown tree {tree!r}; valid: {list(TREES)}")
+        opt_variant = str(opt_variant).strip().lower()
+        if opt_variant not in OPT_VARIANTS:
+            raise ValueError(f"unknown opt_variant {opt_variant!r}; valid: {list(OPT_VARIANTS)}")
         calibrator = _as_optional_str(calibrator)
         if calibrator is not None and calibrator.lower() in ("none", "online"):
             calibrator = calibrator.lower()
@@ -443,6 +453,7 @@ class LlavaMsdCalibrated(lmms):
             node_budget=_as_int("node_budget", node_budget),
             stop_delta=_as_float("stop_delta", stop_delta),
             max_depth=_as_int("max_depth", max_depth),
+            opt_variant=opt_variant,
             calibrator=calibrator,
             train_ratio=train_ratio,
             min_group_size=_as_int("min_group_size", min_group_size),
@@ -454,7 +465,9 @@ class LlavaMsdCalibrated(lmms):
     def _tree_builder(self) -> EagleTree | OptTree:
         a = self.args
         if a.tree == "opt":
-            return OptTree(node_budget=a.node_budget, stop_delta=a.stop_delta, max_depth=a.max_depth, top_k=a.top_k)
+            return OptTree(
+                node_budget=a.node_budget, stop_delta=a.stop_delta, max_depth=a.max_depth, top_k=a.top_k, variant=a.opt_variant
+            )
         return EagleTree(a.total_tokens, a.depth, a.top_k)
 
     def _types(self):
@@ -696,8 +709,8 @@ class LlavaMsdCalibrated(lmms):
             tree = {"kind": self.args.tree, **asdict(self.tree_builder)}
         elif isinstance(self.tree_builder, OptTree):
             b = self.tree_builder
-            tree = {"kind": "opt", "node_budget": b.node_budget, "stop_delta": b.stop_delta, "max_depth": b.max_depth,
-                    "top_k": b.top_k, "calibrator": self._calibration_meta or {"mode": "none"}}  # fmt: skip
+            tree = {"kind": "opt", "opt_variant": b.variant, "node_budget": b.node_budget, "stop_delta": b.stop_delta,
+                    "max_depth": b.max_depth, "top_k": b.top_k, "calibrator": self._calibration_meta or {"mode": "none"}}  # fmt: skip
         return {
             "model": MODEL_ID,
             "decoding": "speculative" if self.draft is not None else "plain",

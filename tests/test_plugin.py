@@ -143,6 +143,7 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         ("pretrained=x,msd_model_path=y,tree=opt,calibrator=none,train_ratio=0.3", "cannot go with calibrator=none"),
         ("pretrained=x,msd_model_path=y,tree=opt,attention_bins=0", "attention_bins must be at least 1"),
         ("pretrained=x,msd_model_path=y,tree=medusa", r"unknown tree 'medusa'; valid: \['eagle2', 'opt'\]"),
+        ("pretrained=x,msd_model_path=y,tree=opt,opt_variant=wide", r"unknown opt_variant 'wide'; valid: \['upstream', 'frontier'\]"),
         ("pretrained=x,msd_model_path=y,use_msd=maybe", "use_msd must be true or false, got 'maybe'"),
         ("pretrained=x,msd_model_path=y,depth=2.5", "depth must be an integer, got 2.5"),
         ("pretrained=x,msd_model_path=y,total_tokens=1", "EAGLE-2 tree needs total_tokens >= 2"),
@@ -404,11 +405,12 @@ def opt_model(tiny_hf_dir, tiny_draft_dir, stats_path, **model_args):
 
 def test_opt_tree_model_args(tiny_hf_dir, tiny_draft_dir):
     lm = LlavaMsdCalibrated.create_from_arg_string(
-        f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},tree=opt,node_budget=20,stop_delta=0.5,max_depth=4.0,top_k=3"
+        f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},tree=opt,node_budget=20,stop_delta=0.5,max_depth=4.0,top_k=3,"
+        "opt_variant=Upstream"
     )
     from lmms_msd.tree import OptTree, draft_confidence
 
-    assert lm.tree_builder == OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, scorer=draft_confidence)
+    assert lm.tree_builder == OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, scorer=draft_confidence, variant="upstream")
     assert lm.args.calibrator is None and lm.args.train_ratio is None
 
 
