@@ -9,7 +9,7 @@ nodes; the verifier reads nothing but the `Tree`, so a new builder (OPT-Tree) or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -139,6 +139,23 @@ class EagleTree:
         """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
         that row's visual attention intensity (None when the drafter does not track it)."""
         return grow_tree(drafter, root_token, root_hidden, root_visual, *self.growth)
+
+
+# total_tokens=auto, as MSD's `total_token=-1` (`EaModel.from_pretrained`, EAGLE/eagle/model/ea_model.py;
+# SafeAILab/EAGLE's is the same): the candidate sizes (root included) and the gain upstream credits each
+AUTO_TOTAL_TOKENS = (40, 48, 50, 56, 60)
+AUTO_GAINS = (1.0, 1.05, 1.07, 1.1, 1.13)
+
+
+def choose_total_tokens(seconds: Sequence[float]) -> int:
+    """Upstream's choice of total_tokens: the candidate with the least seconds / gain, where seconds[i]
+    is the measured time of a target forward over AUTO_TOTAL_TOKENS[i] tokens (the first on a tie).
+
+    Example: seconds (1.0, 1.0, 1.0, 1.2, 1.3) cost 1.0, .952, .935, 1.091, 1.150: 50 tokens.
+    """
+    assert len(seconds) == len(AUTO_TOTAL_TOKENS), f"{len(seconds)} timings for {len(AUTO_TOTAL_TOKENS)} candidates"
+    costs = [s / gain for s, gain in zip(seconds, AUTO_GAINS)]
+    return AUTO_TOTAL_TOKENS[costs.index(min(costs))]
 
 
 OPT_VARIANTS = ("upstream", "frontier")

@@ -174,6 +174,19 @@ def test_model_args_are_coerced(tiny_hf_dir, tiny_draft_dir):
     assert (lm.tree_builder.total_tokens, lm.tree_builder.depth, lm.tree_builder.top_k) == (30, 3, 4)
 
 
+@pytest.mark.parametrize("value", ["auto", "-1"])
+def test_total_tokens_auto_times_the_target(tiny_hf_dir, tiny_draft_dir, tmp_path, docs, value):
+    lm = LlavaMsdCalibrated.create_from_arg_string(
+        f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},total_tokens={value},stats_path={tmp_path / 's.json'}"
+    )
+    assert lm.args.total_tokens is None and lm.tree_builder.total_tokens in (40, 48, 50, 56, 60)
+    lm.task_dict = {TASK: {SPLIT: docs}}
+    lm.generate_until([request(0)])
+    auto = json.loads((tmp_path / "s.json").read_text())["tree"]["total_tokens_auto"]
+    assert auto["candidates"] == [40, 48, 50, 56, 60] and len(auto["seconds"]) == 5
+    assert auto["chosen"] == lm.tree_builder.total_tokens
+
+
 def test_draft_that_does_not_fit_the_target(tiny_hf_dir, tiny_hf_target, tmp_path):
     wrong = save_random_draft(tiny_hf_target, tmp_path / "wrong", hidden_size=32)
     with pytest.raises(ValueError, match=r"cannot draft for pretrained=.*hidden size: draft 32, target 64"):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from lmms_msd.drafting import DraftRows
-from lmms_msd.tree import EagleTree, OptTree, Tree, select_nodes
+from lmms_msd.tree import EagleTree, OptTree, Tree, choose_total_tokens, select_nodes
 from lmms_msd.runtime import keep_path
 from lmms_msd.verify import accept_greedy, tree_attention_mask
 
@@ -134,6 +134,13 @@ def test_eagle_tree_worked_example():
     expected = [0.0, math.log(0.6), math.log(0.3), math.log(0.27), math.log(0.21), math.log(0.24), math.log(0.162)]
     assert torch.allclose(tree.scores, torch.tensor(expected), atol=1e-6)  # float32 sums of 3 logs: ~1e-7
     assert drafter.tree_used == 4  # two forwards of the 2-node frontier
+
+
+def test_choose_total_tokens_divides_by_upstreams_gains():
+    # costs 1.0, 1/1.05 = .952, 1/1.07 = .935, 1.2/1.1 = 1.091, 1.3/1.13 = 1.150: 50 wins
+    assert choose_total_tokens([1.0, 1.0, 1.0, 1.2, 1.3]) == 50
+    # equal times: the largest gain, 60
+    assert choose_total_tokens([1.0] * 5) == 60
 
 
 def test_eagle_tree_defaults_are_upstreams():
