@@ -35,9 +35,10 @@ generator seeded with `--seed` + its index) and nothing is compared; hf_generate
 `--engine static` runs plain and speculative decoding through `lmms_msd.fast.StaticEngine`
 (preallocated caches, CUDA graphs on cuda); hf_generate is the same in both engines. `--inflate 7b`
 (or HIDDENxLAYERS) replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`):
-about 7B's cost per forward, the miniature's outputs. `--stop_delta` sets OPT-Tree's early stop for opt
-and opt_cal (default: `OptTree`'s); `--calibrator_mode` how opt_cal's calibrator scores nodes (`weight`,
-or the thesis's logit `tilt`: `lmms_msd.calibration.calibrated_scorer`).
+about 7B's cost per forward, the miniature's outputs. `--stop_delta`, `--node_budget`, `--max_depth`,
+`--top_k` and `--opt_variant` set OPT-Tree's settings for opt and opt_cal (default: `OptTree`'s; the
+plugin's model_args of the same names); `--calibrator_mode` how opt_cal's calibrator scores nodes
+(`weight`, or the thesis's logit `tilt`: `lmms_msd.calibration.calibrated_scorer`).
 
 Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
 numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
@@ -220,13 +221,14 @@ def static_engine_class():
 
 
 def tree_builders(
-    names, target, calibrator: str | None, stop_delta: float | None = None, calibrator_mode: str = "weight"
+    names, target, calibrator: str | None, opt_settings: dict[str, Any] | None = None, calibrator_mode: str = "weight"
 ) -> dict[str, Any]:
     """name -> (tree builder, whether the drafter must track visual attention), the plugin's defaults;
-    stop_delta, when given, replaces OPT-Tree's (opt and opt_cal alike); calibrator_mode is opt_cal's."""
+    opt_settings (OptTree's fields, e.g. {"stop_delta": 0.2, "variant": "upstream"}) replace OPT-Tree's
+    defaults for opt and opt_cal alike; calibrator_mode is opt_cal's."""
     from lmms_msd.tree import EagleTree, OptTree
 
-    opt_tree = OptTree() if stop_delta is None else OptTree(stop_delta=stop_delta)
+    opt_tree = OptTree(**(opt_settings or {}))
     trees: dict[str, Any] = {}
     if "eagle2" in names:
         trees["eagle2"] = (EagleTree(), False)
@@ -648,8 +650,13 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--warmup", type=int, default=2, help="requests run once, untimed, before timing [2]")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per request and method; the median counts [3]")
     parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help=f"comma list [{','.join(METHODS)}]")
-    parser.add_argument("--stop_delta", type=float, default=None, help="opt and opt_cal: OPT-Tree's early-stop threshold [OptTree's]")
-    parser.add_argument(
+    opt = parser.add_argument_group("OPT-Tree's settings, for opt and opt_cal [OptTree's defaults]")
+    opt.add_argument("--stop_delta", type=float, default=None, help="early-stop threshold on the expected accepted length")
+    opt.add_argument("--node_budget", type=int, default=None, help="draft nodes kept (the root not counted)")
+    opt.add_argument("--max_depth", type=int, default=None, help="the deepest a node can be")
+    opt.add_argument("--top_k", type=int, default=None, help="frontier width and children per frontier node")
+    opt.add_argument("--opt_variant", default=None, help="upstream or frontier (lmms_msd.tree.OptTree)")
+    opt.add_argument(
         "--calibrator_mode", default="weight", choices=("weight", "tilt"),
         help="opt_cal: the calibrated probability as the node weight, or the thesis's tilt of the draft's logits [weight]",
     )  # fmt: skip
@@ -677,8 +684,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"lmms-msd bench: --max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise SystemExit(f"lmms-msd bench: --temperature must be >= 0, got {args.temperature}")
-    if args.stop_delta is not None and args.stop_delta < 0:
-        raise SystemExit(f"lmms-msd bench: --stop_delta must be >= 0, got {args.stop_delta}")
+    if opt_settings(args):
+        from lmms_msd.tree import OptTree
+
+        try:
+            OptTree(**opt_settings(args))
+        except ValueError as error:
+            raise SystemExit(f"lmms-msd bench: {error} (--stop_delta, --node_budget, --max_depth, --top_k, --opt_variant)") from error
+
+
+def opt_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The OPT-Tree settings given on the command line, as OptTree's fields."""
+    given = {"stop_delta": args.stop_delta, "node_budget": args.node_budget, "max_depth": args.max_depth,
+             "top_k": args.top_k, "variant": args.opt_variant}  # fmt: skip
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def resolve_pair_and_calibrator(args: argparse.Namespace) -> None:
@@ -742,7 +761,7 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise SystemExit("lmms-msd bench: no method left to run")
     target, draft = load_pair(args, need_draft=bool(set(names) & set(SPECULATIVE)), shape=shape)
-    trees = tree_builders(names, target, args.calibrator, args.stop_delta, args.calibrator_mode)
+    trees = tree_builders(names, target, args.calibrator, opt_settings(args), args.calibrator_mode)
     methods = build_methods(names, target, draft, trees, engine_class, args.max_length)
     measured = bench(methods, target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                      progress=not args.no_progress)  # fmt: skip

@@ -93,7 +93,7 @@ def demo_images(n: int, size: int, seed: int):
 
 def add_tree_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--total_tokens", type=int, default=59, help="tree nodes, root included (default 59)")
-    parser.add_argument("--depth", type=int, default=5, help="deepest draft node (default 5)")
+    parser.add_argument("--depth", type=int, default=5, help="draft forwards after the root's children: nodes reach depth + 1 (default 5)")
     parser.add_argument("--top_k", type=int, default=10, help="children per expanded node (default 10)")
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")

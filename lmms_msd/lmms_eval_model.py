@@ -21,9 +21,10 @@ import argparse
 import hashlib
 import inspect
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from lmms_msd.sampling import GenerationConfig
 from lmms_msd.stats import SampleRecord, build_report, format_table, write_report
 from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
 from lmms_msd.testbed.inflate import TextShape, inflate_pair, inflate_target, shape_from_name
-from lmms_msd.tree import EagleTree, OptTree
+from lmms_msd.tree import AUTO_TOTAL_TOKENS, OPT_VARIANTS, EagleTree, OptTree, choose_total_tokens
 
 MODEL_ID = "llava_msd_calibrated"
 TREES = ("eagle2", "opt")
@@ -92,7 +93,7 @@ class ModelArgs:
     msd_model_path: str | None
     use_msd: bool
     tree: str
-    total_tokens: int
+    total_tokens: int | None  # None: auto (chosen by timing once the target is loaded)
     depth: int
     top_k: int
     device: str
@@ -106,6 +107,7 @@ class ModelArgs:
     node_budget: int
     stop_delta: float
     max_depth: int
+    opt_variant: str  # OptTree.variant: "upstream" or "frontier"
     calibrator: str | None  # "none", "online", a JSON path, or None (unset: online when a train_ratio arrives)
     calibrator_mode: str  # how the calibrator scores nodes: "weight" or "tilt" (lmms_msd.calibration)
     calibrator_label: str  # the online calibrator's label: "auto", "hard" or "soft"
@@ -155,6 +157,13 @@ def _as_optional_str(value: Any) -> str | None:
     if value is None or value == "None":
         return None
     return str(value)
+
+
+def _as_total_tokens(value: Any) -> int | None:
+    """None for "auto" or -1 (MSD's `total_token=-1`); else an integer."""
+    if str(value).strip().lower() == "auto" or (not isinstance(value, bool) and value in (-1, "-1")):
+        return None
+    return _as_int("total_tokens", value)
 
 
 def _as_shape(name: str, value: Any) -> TextShape | None:
@@ -279,9 +288,17 @@ class LlavaMsdCalibrated(lmms):
       msd_model_path       the MSD draft head: folder or hub id [bundled miniature's, with no pretrained]
       use_msd              speculative decoding; false runs plain decoding, the baseline [true]
       tree                 "eagle2" (the EAGLE-2 dynamic tree) or "opt" (OPT-Tree with early stopping) [eagle2]
-      total_tokens, depth  the EAGLE-2 tree's size [59, 5]
-      top_k                children proposed per node, both trees [10]
-      node_budget, stop_delta, max_depth   OPT-Tree's size, early-stop threshold and depth [60, 0.3, 10]
+      total_tokens, depth  the EAGLE-2 tree, as upstream: total_tokens nodes counting the root, depth draft
+                           forwards after the root's children, so nodes reach depth + 1 [59, 5]; total_tokens
+                           "auto" (or -1, as MSD's total_token=-1): chosen once the target is loaded among
+                           upstream's 40, 48, 50, 56, 60 by timing a target forward over each
+                           (lmms_msd.tree.choose_total_tokens), logged and recorded in the statistics
+      top_k                frontier width and children proposed per frontier node, both trees [10]
+      node_budget, stop_delta, max_depth   OPT-Tree's draft nodes (root not counted), early-stop threshold
+                           (absolute, on the expected accepted length) and deepest node depth [60, 0.3, 10]
+      opt_variant          OPT-Tree's rule (lmms_msd.tree.OptTree): "upstream" (Jikai0Wang/OPT-Tree: a level
+                           stores its top_k frontier; upstream's own setting is top_k = node_budget) or
+                           "frontier" (every top_k x top_k proposal is a candidate) [frontier]
       calibrator           tree=opt only: a calibrator JSON file (`lmms-msd calibrate`), "online" (observe the
                            first train_ratio of the requests, then fit), or "none" (raw draft confidence)
                            [unset: online when a train_ratio is given, here or in gen_kwargs; with the bundled
@@ -338,6 +355,7 @@ class LlavaMsdCalibrated(lmms):
         node_budget: int = 60,
         stop_delta: float = 0.3,
         max_depth: int = 10,
+        opt_variant: str = "frontier",
         calibrator: str | None = None,
         calibrator_mode: str = "weight",
         calibrator_label: str = "auto",
@@ -367,12 +385,15 @@ class LlavaMsdCalibrated(lmms):
         self.args = self._coerce_args(
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
-            node_budget, stop_delta, max_depth, calibrator, calibrator_mode, calibrator_label, train_ratio,
-            min_group_size, attention_bins, inflate, engine,
+            node_budget, stop_delta, max_depth, opt_variant, calibrator, calibrator_mode, calibrator_label,
+            train_ratio, min_group_size, attention_bins, inflate, engine,
         )  # fmt: skip
         self.tree_builder = self._tree_builder() if self.args.use_msd else None
         self.target, self.draft = self._load()
         self.engine = self._static_engine() if self.args.engine == "static" else None
+        self._auto_total_tokens: dict[str, Any] | None = None  # total_tokens=auto: what was timed and chosen
+        if isinstance(self.tree_builder, EagleTree) and self.args.total_tokens is None:
+            self._choose_total_tokens()
         self.token_types = None  # [V] long, once a calibrator needs them
         self.track_visual = False  # whether the tree's scorer needs the draft's visual attention
         self._calibration_meta: dict[str, Any] | None = None
@@ -385,7 +406,7 @@ class LlavaMsdCalibrated(lmms):
     def _coerce_args(
         self, pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
         attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
-        node_budget, stop_delta, max_depth, calibrator, calibrator_mode, calibrator_label, train_ratio,
+        node_budget, stop_delta, max_depth, opt_variant, calibrator, calibrator_mode, calibrator_label, train_ratio,
         min_group_size, attention_bins, inflate, engine,
     ) -> ModelArgs:  # fmt: skip
         pretrained = _as_optional_str(pretrained)
@@ -411,6 +432,9 @@ class LlavaMsdCalibrated(lmms):
         tree = str(tree).lower()
         if tree not in TREES:
             raise ValueError(f"unknown tree {tree!r}; valid: {list(TREES)}")
+        opt_variant = str(opt_variant).strip().lower()
+        if opt_variant not in OPT_VARIANTS:
+            raise ValueError(f"unknown opt_variant {opt_variant!r}; valid: {list(OPT_VARIANTS)}")
         calibrator = _as_optional_str(calibrator)
         if calibrator is not None and calibrator.lower() in ("none", "online"):
             calibrator = calibrator.lower()
@@ -443,7 +467,7 @@ class LlavaMsdCalibrated(lmms):
             msd_model_path=msd_model_path,
             use_msd=use_msd,
             tree=tree,
-            total_tokens=_as_int("total_tokens", total_tokens),
+            total_tokens=_as_total_tokens(total_tokens),
             depth=_as_int("depth", depth),
             top_k=_as_int("top_k", top_k),
             device=device,
@@ -457,6 +481,7 @@ class LlavaMsdCalibrated(lmms):
             node_budget=_as_int("node_budget", node_budget),
             stop_delta=_as_float("stop_delta", stop_delta),
             max_depth=_as_int("max_depth", max_depth),
+            opt_variant=opt_variant,
             calibrator=calibrator,
             calibrator_mode=calibrator_mode,
             calibrator_label=calibrator_label,
@@ -493,8 +518,11 @@ class LlavaMsdCalibrated(lmms):
     def _tree_builder(self) -> EagleTree | OptTree:
         a = self.args
         if a.tree == "opt":
-            return OptTree(node_budget=a.node_budget, stop_delta=a.stop_delta, max_depth=a.max_depth, top_k=a.top_k)
-        return EagleTree(a.total_tokens, a.depth, a.top_k)
+            return OptTree(
+                node_budget=a.node_budget, stop_delta=a.stop_delta, max_depth=a.max_depth, top_k=a.top_k, variant=a.opt_variant
+            )
+        # total_tokens=auto: the largest candidate until `_choose_total_tokens` times the loaded target
+        return EagleTree(a.total_tokens or AUTO_TOTAL_TOKENS[-1], a.depth, a.top_k)
 
     def _types(self):
         from lmms_msd.token_types import token_type_table
@@ -549,6 +577,39 @@ class LlavaMsdCalibrated(lmms):
         from lmms_msd.fast import StaticEngine
 
         return StaticEngine(self.target, self.draft, max_length=min(self.target.max_length, 4096))
+
+    def _choose_total_tokens(self, repeats: int = 20) -> None:
+        """total_tokens=auto as MSD's total_token=-1: time `repeats` target forwards over each candidate
+        count of tokens from an empty cache (after one untimed warm-up each, which upstream does not
+        do: its first candidate pays the warm-up), on the runtime that will decode, and keep the
+        candidate `choose_total_tokens` picks."""
+        device = self.target.device
+        generator = torch.Generator().manual_seed(0)
+        seconds = []
+        for n in AUTO_TOTAL_TOKENS:
+            ids = torch.randint(0, self.target.vocab_size, (n,), generator=generator).to(device)
+            positions = torch.arange(n, device=device)
+            self._target_forward(ids, positions)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                self._target_forward(ids, positions)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        chosen = choose_total_tokens(seconds)
+        self.tree_builder = replace(self.tree_builder, total_tokens=chosen)
+        self._auto_total_tokens = {"candidates": list(AUTO_TOTAL_TOKENS), "seconds": seconds, "chosen": chosen}
+        timings = ", ".join(f"{n}: {t / repeats * 1000:.2f} ms" for n, t in zip(AUTO_TOTAL_TOKENS, seconds))
+        eval_logger.info(f"{MODEL_ID}: total_tokens=auto chose {chosen} (target forward per candidate: {timings})")
+
+    def _target_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """One target forward over ids [n] at positions [n] from an empty cache, on the decoding runtime."""
+        if self.engine is not None:
+            self.engine.static_target.forward_tokens(ids, positions, 0)
+        else:
+            self.target.forward(self.target.embed_tokens(ids), self.target.new_cache(), positions)
 
     @property
     def device(self) -> torch.device:
@@ -736,10 +797,12 @@ class LlavaMsdCalibrated(lmms):
         tree = None
         if isinstance(self.tree_builder, EagleTree):
             tree = {"kind": self.args.tree, **asdict(self.tree_builder)}
+            if self._auto_total_tokens is not None:
+                tree["total_tokens_auto"] = self._auto_total_tokens
         elif isinstance(self.tree_builder, OptTree):
             b = self.tree_builder
-            tree = {"kind": "opt", "node_budget": b.node_budget, "stop_delta": b.stop_delta, "max_depth": b.max_depth,
-                    "top_k": b.top_k, "calibrator_mode": self.args.calibrator_mode,
+            tree = {"kind": "opt", "opt_variant": b.variant, "node_budget": b.node_budget, "stop_delta": b.stop_delta,
+                    "max_depth": b.max_depth, "top_k": b.top_k, "calibrator_mode": self.args.calibrator_mode,
                     "calibrator": self._calibration_meta or {"mode": "none"}}  # fmt: skip
         return {
             "model": MODEL_ID,

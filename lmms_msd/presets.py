@@ -127,8 +127,8 @@ TUNED = Preset(
     shared="",
     rows=_rows(
         eagle2="tree=eagle2,total_tokens=59,depth=5,top_k=10",
-        opt="tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10",
-        calibrated="tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight",
+        opt="tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10",
+        calibrated="tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight",
     ),
     calibrator=FITTED,
     train_ratio=0.3,

@@ -81,7 +81,7 @@ def test_bench_on_the_task(tmp_path: Path):
     gets as stop_strings)."""
     argv = ["bench", "--task", "msd_chartqa_synth_long", "--include_path", str(REPO / "tasks"), "--limit", "1",
             "--warmup", "0", "--repeats", "2", "--max_new_tokens", "12", "--methods", "opt,hf_generate,plain",
-            "--stop_delta", "0.1", "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
+            "--stop_delta", "0.1", "--opt_variant", "upstream", "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["generation"]["until"] == ["\n\n"] and report["generation"]["do_sample"] is False
@@ -89,6 +89,7 @@ def test_bench_on_the_task(tmp_path: Path):
     assert all(s["identical"] is True for s in report["methods"])
     assert len(report["per_request"][0]["runs"]["opt"]["wall_s_repeats"]) == 2
     assert report["trees"]["opt"]["stop_delta"] == 0.1 and report["per_request"][0]["runs"]["opt"]["trees"]["steps"] > 0
+    assert report["trees"]["opt"]["variant"] == "upstream"
     # lmms-eval's prompt: the document's question and the task's post_prompt
     assert report["per_request"][0]["context"].endswith('on the last line in the form "Answer: <answer>".')
 

@@ -70,7 +70,7 @@ def build(root_token: int, track: bool):
     drafter = Drafter(draft, lm_head, capacity=64, track_visual=track)
     hidden = torch.randn(N_IMAGE + N_TEXT, H, generator=torch.Generator().manual_seed(4))
     root_hidden, root_visual = drafter.prefill(prompt, hidden, root_token)
-    tree = EagleTree(total_tokens=1 + V + V * V, depth=2, top_k=V).build(drafter, root_token, root_hidden, root_visual)
+    tree = EagleTree(total_tokens=1 + V + V * V, depth=1, top_k=V).build(drafter, root_token, root_hidden, root_visual)
     return tree, root_hidden, root_visual
 
 

@@ -101,12 +101,15 @@ def test_stats_add_up():
     assert row["tau"] == stats.tau and row["tokens_per_s"] > 0
 
 
+# upstream's variant stores 5 nodes per level, not 25, and stops a level earlier: a lower stop_delta
+# gives it trees deep enough for the tau check below
+@pytest.mark.parametrize("variant, stop_delta", [("frontier", 0.3), ("upstream", 0.1)])
 @pytest.mark.parametrize("draft_kind", ["following", "random"])
-def test_opt_tree_greedy_equals_plain(draft_kind):
+def test_opt_tree_greedy_equals_plain(draft_kind, variant, stop_delta):
     target = tiny_target(4, context_scale=0.05 if draft_kind == "following" else 1.0)
     target = with_eos(target, eos_token_id=10_000)
     draft = following_draft(target) if draft_kind == "following" else random_draft(target, 7)
-    tree = OptTree(node_budget=30, stop_delta=0.3, max_depth=8, top_k=5)
+    tree = OptTree(node_budget=30, stop_delta=stop_delta, max_depth=8, top_k=5, variant=variant)
     taus = []
     for i in range(10):
         prompt = random_prompt(target, 500 + i, with_image=i % 2 == 0)

@@ -61,7 +61,7 @@ def test_first_two_tokens_follow_the_target(temperature):
     draft = following_draft(target)
     prompt = target.embed(torch.tensor([1, 2, 3, 4]), None)
     config = GenerationConfig(max_new_tokens=2, do_sample=True, temperature=temperature, top_p=0.9)
-    tree = EagleTree(total_tokens=4, depth=2, top_k=2)  # small, so 20,000 runs take about a minute
+    tree = EagleTree(total_tokens=4, depth=1, top_k=2)  # small (nodes to depth 2), so 20,000 runs take about a minute
     generator = torch.Generator().manual_seed(int(temperature * 10))
     counts = torch.zeros(VOCAB, VOCAB)
     accepted = 0

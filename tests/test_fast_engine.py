@@ -34,7 +34,13 @@ def capture_rules(monkeypatch):
     monkeypatch.setattr(GraphedFunction, "__call__", checked_call)
 
 
-TREES = {"eagle2": EagleTree(total_tokens=20, depth=5, top_k=4), "opt": OptTree(node_budget=24, stop_delta=0.2, max_depth=7, top_k=4)}
+TREES = {
+    "eagle2": EagleTree(total_tokens=20, depth=5, top_k=4),  # nodes to depth 6
+    "opt": OptTree(node_budget=24, stop_delta=0.2, max_depth=7, top_k=4, variant="frontier"),
+    "opt_upstream": OptTree(node_budget=24, stop_delta=0.2, max_depth=7, top_k=4, variant="upstream"),
+    # upstream's own shape: frontier width = branching = node budget
+    "opt_upstream_wide": OptTree(node_budget=12, stop_delta=0.5, max_depth=6, top_k=12, variant="upstream"),
+}
 
 
 def with_eos(target, eos_token_id):
@@ -130,10 +136,10 @@ def test_acceptance_on_the_device_follows_the_argmax_walk():
         assert result.path_tokens == [tokens[i] for i in path[1:]]
 
 
-@pytest.mark.parametrize("mode", ["weight", "tilt"])
-def test_calibrated_tree_with_visual_attention_equals_eager(mode):
+@pytest.mark.parametrize(("mode", "variant"), [("weight", "frontier"), ("weight", "upstream"), ("tilt", "upstream")])
+def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant):
     """The bundled pair with its calibrator (attention bins need the draft's visual attention), scoring
-    nodes as weights or as the thesis's logit tilt."""
+    nodes as weights or as the thesis's logit tilt, under either OPT-Tree selection rule."""
     from lmms_msd.calibration import GroupedIsotonicCalibrator, calibrated_tree
     from lmms_msd.draft import load_draft
     from lmms_msd.target_loading import load_target
@@ -145,7 +151,9 @@ def test_calibrated_tree_with_visual_attention_equals_eager(mode):
     draft = load_draft(str(draft_dir))
     calibrator = GroupedIsotonicCalibrator.load(bundled_calibrator())
     types = token_type_table(target.tokenizer, target.vocab_size)
-    tree = calibrated_tree(OptTree(node_budget=40, stop_delta=0.3, max_depth=8, top_k=8), calibrator, types, "cpu", mode)
+    tree = calibrated_tree(
+        OptTree(node_budget=40, stop_delta=0.3, max_depth=8, top_k=8, variant=variant), calibrator, types, "cpu", mode
+    )
     engine = StaticEngine(target, draft, max_length=512)
     config = GenerationConfig(max_new_tokens=40)
     from PIL import Image

@@ -148,6 +148,7 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         ("pretrained=x,msd_model_path=y,tree=opt,calibrator_label=maybe", "calibrator_label must be one of"),
         ("pretrained=x,msd_model_path=y,tree=opt,calibrator=c.json,calibrator_label=soft", "calibrator_label=soft is the online"),
         ("pretrained=x,msd_model_path=y,tree=medusa", r"unknown tree 'medusa'; valid: \['eagle2', 'opt'\]"),
+        ("pretrained=x,msd_model_path=y,tree=opt,opt_variant=wide", r"unknown opt_variant 'wide'; valid: \['upstream', 'frontier'\]"),
         ("pretrained=x,msd_model_path=y,use_msd=maybe", "use_msd must be true or false, got 'maybe'"),
         ("pretrained=x,msd_model_path=y,depth=2.5", "depth must be an integer, got 2.5"),
         ("pretrained=x,msd_model_path=y,total_tokens=1", "EAGLE-2 tree needs total_tokens >= 2"),
@@ -176,6 +177,19 @@ def test_model_args_are_coerced(tiny_hf_dir, tiny_draft_dir):
     assert type(a.depth) is int and a.system_prompt is None and a.conv_template == "vicuna_v1"
     assert (a.device, a.dtype) == ("cpu", "float32")
     assert (lm.tree_builder.total_tokens, lm.tree_builder.depth, lm.tree_builder.top_k) == (30, 3, 4)
+
+
+@pytest.mark.parametrize("value", ["auto", "-1"])
+def test_total_tokens_auto_times_the_target(tiny_hf_dir, tiny_draft_dir, tmp_path, docs, value):
+    lm = LlavaMsdCalibrated.create_from_arg_string(
+        f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},total_tokens={value},stats_path={tmp_path / 's.json'}"
+    )
+    assert lm.args.total_tokens is None and lm.tree_builder.total_tokens in (40, 48, 50, 56, 60)
+    lm.task_dict = {TASK: {SPLIT: docs}}
+    lm.generate_until([request(0)])
+    auto = json.loads((tmp_path / "s.json").read_text())["tree"]["total_tokens_auto"]
+    assert auto["candidates"] == [40, 48, 50, 56, 60] and len(auto["seconds"]) == 5
+    assert auto["chosen"] == lm.tree_builder.total_tokens
 
 
 def test_draft_that_does_not_fit_the_target(tiny_hf_dir, tiny_hf_target, tmp_path):
@@ -409,11 +423,12 @@ def opt_model(tiny_hf_dir, tiny_draft_dir, stats_path, **model_args):
 
 def test_opt_tree_model_args(tiny_hf_dir, tiny_draft_dir):
     lm = LlavaMsdCalibrated.create_from_arg_string(
-        f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},tree=opt,node_budget=20,stop_delta=0.5,max_depth=4.0,top_k=3"
+        f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},tree=opt,node_budget=20,stop_delta=0.5,max_depth=4.0,top_k=3,"
+        "opt_variant=Upstream"
     )
     from lmms_msd.tree import OptTree, draft_confidence
 
-    assert lm.tree_builder == OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, scorer=draft_confidence)
+    assert lm.tree_builder == OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, scorer=draft_confidence, variant="upstream")
     assert lm.args.calibrator is None and lm.args.train_ratio is None
 
 

@@ -63,19 +63,24 @@ def test_the_thesis_preset():
     assert reproduce.reserved_model_args(THESIS) >= {"conv_template", "top_k", "calibrator_mode", "attention_bins", "stats_path"}
 
 
-# Model_args that the tree branch of issue 12 adds to the plugin (OPT-Tree's selection rule; MSD's prompt).
-PENDING_MODEL_ARGS = {"opt_variant"}
-
-
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_model_args_are_the_plugins(name):
-    """Every model_arg a preset sets is one the plugin takes (or one on its way, PENDING_MODEL_ARGS)."""
+    """Every model_arg a preset sets is one the plugin takes, and every choice it makes is a valid one."""
     import inspect
 
-    from lmms_msd.lmms_eval_model import LlavaMsdCalibrated
+    from lmms_msd.calibration import CALIBRATOR_MODES
+    from lmms_msd.lmms_eval_model import CALIBRATOR_LABELS, LlavaMsdCalibrated
+    from lmms_msd.prompt import TEMPLATE_SYSTEM_PROMPTS
+    from lmms_msd.tree import OPT_VARIANTS
 
-    accepted = set(inspect.signature(LlavaMsdCalibrated.__init__).parameters) | PENDING_MODEL_ARGS
+    accepted = set(inspect.signature(LlavaMsdCalibrated.__init__).parameters)
     assert PRESETS[name].row_names() <= accepted
+    choices = {"tree": {"eagle2", "opt"}, "opt_variant": set(OPT_VARIANTS), "calibrator_mode": set(CALIBRATOR_MODES),
+               "calibrator_label": set(CALIBRATOR_LABELS), "conv_template": set(TEMPLATE_SYSTEM_PROMPTS)}  # fmt: skip
+    p = PRESETS[name]
+    for text in [p.shared, p.online_args, *(r.model_args for r in p.rows)]:
+        for key, _, value in (a.partition("=") for a in text.split(",") if a):
+            assert key not in choices or value in choices[key], f"{name}: {key}={value} is not one of {choices[key]}"
 
 
 def test_first_metric_skips_alias_and_stderr():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from lmms_msd.drafting import DraftRows
-from lmms_msd.tree import EagleTree, OptTree, Tree, select_nodes
+from lmms_msd.tree import EagleTree, OptTree, Tree, choose_total_tokens, select_nodes
 from lmms_msd.runtime import keep_path
 from lmms_msd.verify import accept_greedy, tree_attention_mask
 
@@ -94,9 +94,18 @@ class MarkovDrafter:
         return DraftRows(torch.nn.functional.one_hot(tokens, self.logtable.shape[0]).float(), None)
 
 
+OPT_TABLE = [
+    [0.05, 0.6, 0.3, 0.05],
+    [0.45, 0.1, 0.35, 0.1],
+    [0.1, 0.05, 0.05, 0.8],
+    [0.1, 0.2, 0.3, 0.4],
+]
+
+
 def test_eagle_tree_by_hand():
-    # From root token 0: children 1 (0.6), 2 (0.3). Then 1 -> 0 (0.6*0.45=0.27), 1 -> 2 (0.21);
-    # 2 -> 3 (0.3*0.8=0.24), 2 -> 0 (0.03). The 4 best of the 6: 1, 2, 1->0, 2->3.
+    # depth 1: one forward after the root's children. From root token 0: children 1 (0.6), 2 (0.3).
+    # Then 1 -> 0 (0.6*0.45=0.27), 1 -> 2 (0.21); 2 -> 3 (0.3*0.8=0.24), 2 -> 0 (0.03).
+    # total_tokens 5 counts the root: the 4 best of the 6 candidates, 1, 2, 1->0, 2->3.
     table = [
         [0.05, 0.6, 0.3, 0.05],
         [0.45, 0.1, 0.35, 0.1],
@@ -105,13 +114,39 @@ def test_eagle_tree_by_hand():
     ]
     drafter = MarkovDrafter(table)
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
-    tree = EagleTree(total_tokens=5, depth=2, top_k=2).build(drafter, root_token=0, root_hidden=root_hidden)
+    tree = EagleTree(total_tokens=5, depth=1, top_k=2).build(drafter, root_token=0, root_hidden=root_hidden)
     assert tree.tokens.tolist() == [0, 1, 2, 0, 3]
     assert tree.parents.tolist() == [-1, 0, 0, 1, 2]
     assert tree.depths.tolist() == [0, 1, 1, 2, 2]
     expected = [0.0, math.log(0.6), math.log(0.3), math.log(0.27), math.log(0.24)]
     assert torch.allclose(tree.scores, torch.tensor(expected), atol=1e-6)
-    assert drafter.tree_used == 2  # depth 2: only the first level was fed to the draft
+    assert drafter.tree_used == 2  # depth 1: only the first level was fed to the draft
+
+
+def test_eagle_tree_worked_example():
+    """EagleTree's docstring example: depth 2 reaches depth 3; total_tokens 7 keeps 6 draft nodes."""
+    drafter = MarkovDrafter(OPT_TABLE)
+    root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
+    tree = EagleTree(total_tokens=7, depth=2, top_k=2).build(drafter, root_token=0, root_hidden=root_hidden)
+    assert tree.tokens.tolist() == [0, 1, 2, 0, 2, 3, 1]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2, 3]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    expected = [0.0, math.log(0.6), math.log(0.3), math.log(0.27), math.log(0.21), math.log(0.24), math.log(0.162)]
+    assert torch.allclose(tree.scores, torch.tensor(expected), atol=1e-6)  # float32 sums of 3 logs: ~1e-7
+    assert drafter.tree_used == 4  # two forwards of the 2-node frontier
+
+
+def test_choose_total_tokens_divides_by_upstreams_gains():
+    # costs 1.0, 1/1.05 = .952, 1/1.07 = .935, 1.2/1.1 = 1.091, 1.3/1.13 = 1.150: 50 wins
+    assert choose_total_tokens([1.0, 1.0, 1.0, 1.2, 1.3]) == 50
+    # equal times: the largest gain, 60
+    assert choose_total_tokens([1.0] * 5) == 60
+
+
+def test_eagle_tree_defaults_are_upstreams():
+    # upstream's defaults total_token 59, depth 5, top_k 10: 58 draft nodes, reaching depth 6
+    tree = EagleTree()
+    assert (tree.growth.budget, tree.growth.max_depth, tree.growth.top_k) == (58, 6, 10)
 
 
 def test_eagle_tree_frontier_ancestors():
@@ -127,7 +162,7 @@ def test_eagle_tree_frontier_ancestors():
 
     drafter.expand = recording_expand
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
-    tree = EagleTree(total_tokens=7, depth=3, top_k=2).build(drafter, 0, root_hidden)
+    tree = EagleTree(total_tokens=7, depth=2, top_k=2).build(drafter, 0, root_hidden)
     # level 1: tokens 0 (0.7), 1 (0.2); level-2 candidates 0->0 .49, 0->1 .14, 1->1 .12, 1->2 .04;
     # frontier 0->0 (slot 0's child), 0->1 (slot 0's child).
     assert seen[0] == ([0, 1], [[], []])
@@ -135,14 +170,6 @@ def test_eagle_tree_frontier_ancestors():
     parents = tree.parents.tolist()
     assert all(parents[i] < i for i in range(1, len(parents)))
     assert all(tree.depths[i] == tree.depths[parents[i]] + 1 for i in range(1, len(parents)))
-
-
-OPT_TABLE = [
-    [0.05, 0.6, 0.3, 0.05],
-    [0.45, 0.1, 0.35, 0.1],
-    [0.1, 0.05, 0.05, 0.8],
-    [0.1, 0.2, 0.3, 0.4],
-]
 
 
 def test_opt_tree_stops_when_a_level_adds_little():
@@ -172,3 +199,44 @@ def test_opt_tree_scorer_replaces_draft_confidence():
     )
     # weights: 2 -> 1.0, 1 -> .06; level 2: 2->3 .08, 2->0 .01, 1->0 .0027, 1->2 .021 -> best two: 2, 2->3
     assert tree.tokens.tolist() == [0, 2, 3] and tree.parents.tolist() == [-1, 0, 1]
+
+
+def test_opt_tree_upstream_worked_example():
+    """OptTree's docstring example: upstream stores only each level's frontier; frontier stores all."""
+    root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
+    drafter = MarkovDrafter(OPT_TABLE)
+    seen = []
+    expand = drafter.expand
+
+    def recording_expand(tokens, parent_hidden, depth, ancestors):
+        seen.append((tokens.tolist(), ancestors.int().tolist()))
+        return expand(tokens, parent_hidden, depth, ancestors)
+
+    drafter.expand = recording_expand
+    settings = dict(node_budget=5, stop_delta=0.2, max_depth=10, top_k=2)
+    tree = OptTree(**settings, variant="upstream").build(drafter, 0, root_hidden)
+    assert tree.tokens.tolist() == [0, 1, 2, 0, 3, 1]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 2, 3]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3]
+    # levels 1 and 2 fed (level 3 is kept unfed); level 2's frontier 1>0, 2>3 sees its parent's slot
+    assert seen == [([1, 2], [[], []]), ([0, 3], [[1, 0], [0, 1]])]
+    tree = OptTree(**settings, variant="frontier").build(MarkovDrafter(OPT_TABLE), 0, root_hidden)
+    assert tree.tokens.tolist() == [0, 1, 2, 0, 2, 3] and tree.parents.tolist() == [-1, 0, 0, 1, 1, 2]
+
+
+def test_opt_tree_upstream_checks_the_first_level():
+    # level 1 weighs .6 + .3 = .9: with stop_delta 1 upstream keeps it alone and runs no forward
+    root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
+    drafter = MarkovDrafter(OPT_TABLE)
+    tree = OptTree(node_budget=5, stop_delta=1.0, max_depth=10, top_k=2, variant="upstream").build(drafter, 0, root_hidden)
+    assert tree.tokens.tolist() == [0, 1, 2] and drafter.tree_used == 0
+    drafter = MarkovDrafter(OPT_TABLE)
+    OptTree(node_budget=5, stop_delta=1.0, max_depth=10, top_k=2, variant="frontier").build(drafter, 0, root_hidden)
+    assert drafter.tree_used == 2
+
+
+def test_opt_tree_budget_is_clipped_to_what_can_be_stored():
+    # the thesis's settings: 10 levels of 10 stored nodes at most, so a budget of 500 keeps them all
+    growth = OptTree(node_budget=500, stop_delta=0.2, max_depth=10, top_k=10, variant="upstream").growth
+    assert growth.budget == 100 and growth.frontier_only
+    assert OptTree(node_budget=500, max_depth=2, top_k=3).growth.budget == 3 + 9

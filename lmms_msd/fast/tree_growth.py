@@ -6,14 +6,15 @@ same computation is laid out on preallocated tensors with fixed shapes per level
 (feed the frontier through the draft, propose top-k children, score them, pick the next frontier)
 is one graph replay, and so is choosing the final nodes. The trees are the same as `grow_tree`'s.
 
-Layout: every proposed node has a fixed place in the pool. Depth 1 holds the root's k children at
-places 0..k-1; depth d >= 2 holds k*k nodes from place k + (d-2)*k*k on. Pool index = place + 1
+Layout: every stored node has a fixed place in the pool. Depth 1 holds the root's k children at
+places 0..k-1; depth d >= 2 holds w nodes from place k + (d-2)*w on, w = k*k (every proposal) or k
+(`Growth.frontier_only`: the frontier only, in the order the frontier is fed). Pool index = place + 1
 (pool index 0 is the root), as in `grow_tree`. The frontier fed at depth d is kept in row d of the
 frontier tensors, so a level reads row d and writes row d + 1: replaying a level twice (as graph
 warm-up does) gives the same result.
 
 The host reads nothing while drafting an EAGLE-2 tree; OPT-Tree's early stop reads the expected
-accepted length once per level.
+accepted length once per level (and once after the first level, upstream's variant).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from lmms_msd.fast.graphs import GraphedFunction, width_bucket
 from lmms_msd.fast.static_drafter import StaticDrafter
-from lmms_msd.tree import Growth, Tree, select_nodes
+from lmms_msd.tree import Growth, Tree, pool_capacity, select_nodes
 
 
 class GraphedTreeGrower:
@@ -36,12 +37,13 @@ class GraphedTreeGrower:
         k, depth = growth.top_k, growth.max_depth
         device = drafter.device
         hidden_size = drafter.draft.config.hidden_size
-        self.places = k + (depth - 1) * k * k  # pool places, the root excluded
+        self.width = k if growth.frontier_only else k * k  # nodes stored per level after the first
+        self.places = pool_capacity(k, depth, growth.frontier_only)  # pool places, the root excluded
         long = dict(dtype=torch.long, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         self.tokens = torch.zeros(self.places, **long)
         self.parents = torch.zeros(self.places, **long)  # pool indices
-        self.depths = torch.cat([torch.full((k,), 1, **long)] + [torch.full((k * k,), d, **long) for d in range(2, depth + 1)])
+        self.depths = torch.cat([torch.full((k,), 1, **long)] + [torch.full((self.width,), d, **long) for d in range(2, depth + 1)])
         self.scores = torch.zeros(self.places, **f32)  # cumulative log acceptance estimates
         self.logprobs = torch.zeros(self.places, **f32)  # the draft's log-probability of each node
         self.visual = torch.zeros(self.places, **f32) if drafter.track_visual else None
@@ -60,8 +62,7 @@ class GraphedTreeGrower:
 
     def end(self, depth: int) -> int:
         """Pool places used once levels 1..depth are grown."""
-        k = self.growth.top_k
-        return k + (depth - 1) * k * k
+        return pool_capacity(self.growth.top_k, depth, self.growth.frontier_only)
 
     # ---- the graphed pieces --------------------------------------------------------------------------
     def _record_expected(self, depth: int) -> None:
@@ -106,26 +107,29 @@ class GraphedTreeGrower:
         visible[self.rows, slots] = torch.ones((), dtype=torch.bool, device=visible.device)  # no host scalar in a graph
         out = drafter._head(x, positions, slots, visible)
         hidden, visual = out[0], (out[1] if self.visual is not None else None)
-        # 2. propose k children each, scored cumulatively
+        # 2. propose k children each, scored cumulatively; store them (or only the best k)
         children = drafter.logprobs(hidden).topk(k)  # [k, k]
         scores = (self.frontier_scores[depth][:, None] + score(children.values, children.indices, depth + 1, visual)).flatten()
+        tokens, logprobs = children.indices.flatten(), children.values.flatten()  # [k * k]
+        parents = self.frontier[depth].repeat_interleave(k)
+        best = scores.topk(k).indices  # [k]
+        parent_row = best // k
         start = self.end(depth)
-        places = slice(start, start + k * k)
-        self.tokens[places] = children.indices.flatten()
-        self.parents[places] = self.frontier[depth].repeat_interleave(k)
-        self.scores[places] = scores
-        self.logprobs[places] = children.values.flatten()
+        places = slice(start, start + self.width)
+        stored = best if self.growth.frontier_only else slice(None)
+        self.tokens[places] = tokens[stored]
+        self.parents[places] = parents[stored]
+        self.scores[places] = scores[stored]
+        self.logprobs[places] = logprobs[stored]
         if self.visual is not None:
-            self.visual[places] = visual.float().repeat_interleave(k)
+            self.visual[places] = visual.float().repeat_interleave(k)[stored]
         self._record_expected(depth + 1)
-        # 3. the global top-k become the frontier of depth + 1
+        # 3. the best k become the frontier of depth + 1
         if depth + 1 < self.growth.max_depth:
-            best = scores.topk(k).indices
-            parent_row = best // k
             self.ancestors[depth + 1, :, :used] = self.ancestors[depth, :, :used][parent_row]
             self.ancestors[depth + 1, :, used : used + k] = torch.nn.functional.one_hot(parent_row, k).bool()
-            self.frontier[depth + 1] = start + 1 + best
-            self.frontier_tokens[depth + 1] = children.indices.flatten()[best]
+            self.frontier[depth + 1] = start + 1 + (self.rows if self.growth.frontier_only else best)
+            self.frontier_tokens[depth + 1] = tokens[best]
             self.frontier_scores[depth + 1] = scores[best]
             self.parent_hidden[depth + 1] = hidden[parent_row]
         return (self.expected,)
@@ -150,12 +154,13 @@ class GraphedTreeGrower:
         expected = self._root(root_hidden, visual)[0]
         stop_delta = growth.stop_delta
         last = float(expected[1]) if stop_delta is not None else 0.0
+        levels = 1 if growth.frontier_only and stop_delta is not None and last <= stop_delta else growth.max_depth
         prefix = torch.full((1,), drafter.committed, device=drafter.device)
         reach = drafter.committed + (growth.max_depth - 1) * growth.top_k
         drafter._reserve(reach)
         width = width_bucket(reach, drafter.capacity)
         grown = 1
-        for depth in range(1, growth.max_depth):
+        for depth in range(1, levels):
             expected = self._levels[depth](prefix, self.window[:width])[0]
             grown = depth + 1
             if stop_delta is not None:
