@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmms_msd.checkpoints import resolve_folder
+from lmms_msd.checkpoints import load_weight_file, read_json, resolve_folder
 
 logger = logging.getLogger(__name__)
 
@@ -306,14 +306,11 @@ def expected_keys(config: DraftConfig) -> set[str]:
 
 
 def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The first of WEIGHT_FILES in `folder` -> (its tensors, its path); an unreadable file is an error naming it."""
     for name in WEIGHT_FILES:
         file = folder / name
         if file.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(str(file)), file
-            return torch.load(file, map_location="cpu", weights_only=True), file
+            return load_weight_file(file), file
     raise FileNotFoundError(f"no draft weights in {folder}: looked for {', '.join(WEIGHT_FILES)}")
 
 
@@ -323,7 +320,7 @@ def load_draft(path_or_id: str, device: str | torch.device = "cpu", dtype: torch
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in draft folder {folder}")
-    config = DraftConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
+    config = DraftConfig.from_dict(read_json(config_file), source=str(config_file))
     state, weights_file = read_state_dict(folder)
     want = expected_keys(config)
     missing, unexpected = sorted(want - state.keys()), sorted(state.keys() - want)

@@ -7,7 +7,7 @@ the backend loaded for this layout (transformers 5 defaults to a torchvision one
 differs slightly).
 
 HF layout (llava-hf/...): the folder's own image processor, exactly as its preprocessor_config.json
-configures it (padding included, if it asks for it).
+or processor_config.json configures it (padding included, if it asks for it).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from lmms_msd.checkpoints import read_json
 
 
 def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -60,17 +62,44 @@ class ImagePreprocessor:
 
 def load_image_preprocessor(folder: str | Path, *, pad_to_square: bool) -> ImagePreprocessor:
     """The image processor saved in `folder`: the PIL backend for the original layout's padding path
-    (what LLaVA's code ran), the folder's configured default otherwise."""
+    (what LLaVA's code ran), the folder's configured default otherwise.
+
+    transformers keeps the settings in either of two files, and both load: `preprocessor_config.json`
+    (the hub's checkpoints, CLIP towers, transformers 4) or the "image_processor" entry of
+    `processor_config.json` (what transformers 5's `save_pretrained` of a processor writes, with no
+    preprocessor_config.json).
+    """
     from transformers import AutoImageProcessor
 
     folder = Path(folder)
-    if not (folder / "preprocessor_config.json").is_file():
+    sources = image_processor_files(folder)
+    if not sources:
         raise FileNotFoundError(
-            f"no preprocessor_config.json in {folder}; the image processor settings (size, crop, mean, std) "
-            "are read from there: copy it from the checkpoint (or its CLIP vision tower folder)"
+            f"no image processor settings in {folder}: looked for preprocessor_config.json and for an "
+            '"image_processor" entry in processor_config.json (size, crop, mean, std); copy them from the '
+            "checkpoint (or its CLIP vision tower folder), or save the model's processor there with save_pretrained"
         )
     backend = {"backend": "pil"} if pad_to_square else {}
-    return ImagePreprocessor(AutoImageProcessor.from_pretrained(str(folder), **backend), pad_to_square)
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(folder), **backend)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"transformers could not build the image processor from {[str(p) for p in sources]}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return ImagePreprocessor(processor, pad_to_square)
+
+
+def image_processor_files(folder: Path) -> list[Path]:
+    """The files in `folder` that hold image processor settings (each checked to be readable JSON)."""
+    found = []
+    legacy, processor = folder / "preprocessor_config.json", folder / "processor_config.json"
+    if legacy.is_file():
+        read_json(legacy)
+        found.append(legacy)
+    if processor.is_file() and "image_processor" in read_json(processor):
+        found.append(processor)
+    return found
 
 
 def _to_rgb(image: Any) -> Image.Image:

@@ -36,6 +36,7 @@ from loguru import logger as eval_logger
 from PIL import Image
 from tqdm import tqdm
 
+from lmms_msd.checkpoints import could_be_hub_id, missing_folder_message
 from lmms_msd.decoding import GenerationResult, plain_generate, speculative_generate
 from lmms_msd.sampling import GenerationConfig
 from lmms_msd.stats import SampleRecord, build_report, format_table, write_report
@@ -425,8 +426,13 @@ class LlavaMsdCalibrated(lmms):
                 f"msd_model_path={msd_model_path!r}; leave out both to use the bundled miniature pair"
             )
         if use_msd and msd_model_path is None:
+            # a folder that is not there is the first thing to say, before asking for the draft
+            missing = missing_folder_message(pretrained, "pretrained")
+            if missing is not None and not could_be_hub_id(pretrained):
+                raise FileNotFoundError(f"{MODEL_ID}: {missing}")
             raise ValueError(
-                f"{MODEL_ID} needs model_args msd_model_path=<MSD draft folder or hub id> for pretrained={pretrained!r} "
+                (f"{MODEL_ID}: {missing} (if you meant a folder, check the path); as such it " if missing else f"{MODEL_ID} ")
+                + f"needs model_args msd_model_path=<MSD draft folder or hub id> for pretrained={pretrained!r} "
                 "(the bundled draft fits only the bundled target); or use_msd=false for plain decoding"
             )
         tree = str(tree).lower()

@@ -19,7 +19,6 @@ must land in the model, shapes must agree.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lmms_msd.checkpoints import llava_from_pretrained
+from lmms_msd.checkpoints import llava_from_pretrained, load_tokenizer, load_weight_file, read_json
 from lmms_msd.image import ImagePreprocessor, load_image_preprocessor
 from lmms_msd.prompt import IMAGE_PLACEHOLDER
 
@@ -68,13 +67,6 @@ class Weight:
 
 
 # ---- config -----------------------------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; a checkpoint folder needs its config.json")
-    with path.open() as handle:
-        return json.load(handle)
-
-
 def text_config_from_original(config: dict[str, Any]) -> Any:
     """The LLaMA part of an original config.json -> LlamaConfig (mm_* and bookkeeping keys dropped)."""
     from transformers import LlamaConfig
@@ -135,9 +127,7 @@ def check_supported(config: dict[str, Any]) -> None:
 # ---- tokenizer and images ---------------------------------------------------------------------------
 def load_tokenizer_with_image_token(folder: Path) -> tuple[Any, int]:
     """The checkpoint's tokenizer with `<image>` then `<pad>` added; returns it and the `<image>` id."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
     tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer, int(tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
@@ -163,15 +153,6 @@ def find_weight_files(folder: Path) -> list[Path]:
             raise FileNotFoundError(f"{path} names shards that are not in {folder}: {missing}")
         return [folder / shard for shard in shards]
     raise FileNotFoundError(f"no weights in {folder}: looked for {list(WEIGHT_FILES)}")
-
-
-def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    """One safetensors or torch file, never unpickling arbitrary objects."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_weights(files: list[Path]) -> dict[str, Weight]:

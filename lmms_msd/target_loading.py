@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from lmms_msd.checkpoints import llava_from_pretrained, resolve_folder
+from lmms_msd.checkpoints import check_json_files, llava_from_pretrained, load_tokenizer, read_json, resolve_folder
 from lmms_msd.image import load_image_preprocessor
-from lmms_msd.original_llava import load_original_llava, read_json
+from lmms_msd.original_llava import load_original_llava
 from lmms_msd.prompt import IMAGE_PLACEHOLDER, PromptFormat
 from lmms_msd.target import Target
 
@@ -46,6 +46,7 @@ def load_target(
     """
     folder = resolve_folder(pretrained, "checkpoint")
     config = read_json(folder / "config.json")
+    check_json_files(folder)
     layout = detect_layout(config, folder)
     prompt_format = PromptFormat(
         conv_template=conv_template or "vicuna_v1",
@@ -63,6 +64,7 @@ def load_target(
     else:
         clip_name = vision_tower or config["mm_vision_tower"]
         clip_folder = resolve_folder(clip_name, f"vision tower (mm_vision_tower in {folder / 'config.json'})")
+        check_json_files(clip_folder)
         model, tokenizer, image_processor = load_original_llava(
             folder, clip_folder, dtype=torch_dtype, device=device, attn_implementation=attn_implementation
         )
@@ -100,8 +102,6 @@ def load_hf_llava(
     folder: Path, dtype: torch.dtype, device: str | torch.device, attn_implementation: str | None
 ) -> tuple[Any, Any, Any]:
     """An HF-layout folder -> (LlavaForConditionalGeneration, tokenizer, image preprocessor), strictly."""
-    from transformers import AutoTokenizer
-
     model = llava_from_pretrained(
         str(folder),
         problem=f"the weights in {folder} do not match its config.json",
@@ -109,7 +109,7 @@ def load_hf_llava(
         device=device,
         attn_implementation=attn_implementation,
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if image_token_id != model.config.image_token_id:
         raise ValueError(

@@ -71,7 +71,10 @@ def test_time_limit_stops_early_with_an_annealed_learning_rate(chart_dir: Path, 
 
 def test_checkpoint_files_and_metrics(trained: tuple[Path, dict]) -> None:
     out, metrics = trained
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+    for name in (
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+        "processor_config.json", "chat_template.jinja",
+    ):  # fmt: skip
         assert (out / name).is_file(), name
     saved = json.loads((out / "train_metrics.json").read_text())
     assert saved["steps"] == STEPS and saved["n_image_tokens"] == (IMAGE_SIZE // 16) ** 2
@@ -79,6 +82,27 @@ def test_checkpoint_files_and_metrics(trained: tuple[Path, dict]) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
     assert config["text_config"]["head_dim"] == 128
+
+
+def test_transformers_processor_makes_the_llava_hf_prompt(trained: tuple[Path, dict], chart_dir: Path) -> None:
+    """The saved folder is what transformers' AutoProcessor (and so lmms-eval's llava_hf model) loads:
+    its chat template and processor settings give the ids conv_template=llava_hf gives, `<image>`
+    repeated once per image feature."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from lmms_msd.target_loading import load_target
+
+    out, _ = trained
+    processor = AutoProcessor.from_pretrained(str(out))
+    target = load_target(str(out), conv_template="llava_hf")
+    record = read_conversations(chart_dir, "test")[0]
+    question, _ = split_conversation(record)
+    text = processor.apply_chat_template([{"role": "user", "content": "<image>\n" + question}], add_generation_prompt=True, tokenize=False)
+    with Image.open(chart_dir / record["image"]) as image:
+        inputs = processor(images=[image.convert("RGB")], text=text, return_tensors="pt")
+        prompt = target.prepare(question, [image.convert("RGB")])
+    assert inputs["input_ids"][0].tolist() == prompt.input_ids.tolist()
 
 
 def test_loads_and_generates(loaded, chart_dir: Path) -> None:

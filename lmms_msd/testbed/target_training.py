@@ -9,6 +9,10 @@ writes an HF-layout checkpoint folder that `lmms_msd.target_loading.load_target`
     tokenizer.json, tokenizer_config.json  byte-level BPE trained on the conversations; digits split one
                                            by one; <unk> <s> </s>, then <image> and <pad> added
     preprocessor_config.json               CLIP image processor at the charts' size
+    processor_config.json, chat_template.jinja
+                                           the LlavaProcessor (the same image settings, patch size, feature
+                                           strategy) and the llava-hf chat template, for transformers'
+                                           AutoProcessor and lmms-eval's llava_hf model
     train_metrics.json                     loss curve, held-out loss, sizes, timings, greedy samples
 
 The model is LLaVA-1.5's architecture at miniature size (`TargetSizes`): a CLIP vision tower read at
@@ -46,6 +50,27 @@ IGNORE_INDEX = -100  # labels of positions outside the reply
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The llava-hf LLaVA-1.5 model cards' chat template (llava-hf/llava-1.5-7b-hf, chat_template.json: images
+# first, then the text, roles upper-cased, "ASSISTANT:" to generate), plus one branch: a message whose
+# content is a plain string (as lmms-eval's llava_hf model passes "<image>\n{question}") is written as is.
+# Either way one user turn becomes conv_template=llava_hf's prompt, "USER: <image>\n{question} ASSISTANT:".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -206,6 +231,28 @@ def save_image_processor(folder: str | Path, image_size: int) -> None:
         crop_size={"height": image_size, "width": image_size},
         image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD),
+    ).save_pretrained(str(folder))
+
+
+def save_processor(folder: str | Path, tokenizer: Any, config: Any) -> None:
+    """Save the LlavaProcessor that transformers' `AutoProcessor` and lmms-eval's `llava_hf` model load:
+    the tokenizer files, processor_config.json (the image processor settings of `folder`'s
+    preprocessor_config.json, patch_size, vision_feature_select_strategy, num_additional_image_tokens)
+    and chat_template.jinja (CHAT_TEMPLATE).
+
+    The processor repeats `<image>` (patch count + num_additional_image_tokens - (strategy == "default"))
+    times; the CLIP tower's class token is the one additional token, so with the "default" strategy
+    that is the vision tower's patch count, the number of features `Target.embed` puts there.
+    """
+    from transformers import AutoImageProcessor, LlavaProcessor
+
+    LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(str(folder)),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's class token
+        chat_template=CHAT_TEMPLATE,
     ).save_pretrained(str(folder))
 
 
@@ -574,7 +621,7 @@ def train_target(
 
     # 4. save, reload through the loader, greedy samples
     model.to(SAVE_DTYPES[save_dtype]).save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    save_processor(out_dir, tokenizer, model.config)
     metrics.update(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, save_dtype=save_dtype,
         sizes=asdict(sizes), image_size=image_size, n_image_tokens=n_image_tokens, vocab_size=len(tokenizer),
