@@ -56,8 +56,8 @@ def test_bench_on_a_data_folder(bench_report):
         assert s["tau"] > 1.5 and s["alpha"] == pytest.approx(s["tau"] - 1), name  # the trained draft is accepted
         assert s["shares"]["draft"] > 0 and s["shares"]["verify"] > 0 and s["shares"]["other"] > 0
         assert sum(s["shares"].values()) <= 1.0 + 1e-9
-        # the profiled runs' trees: EAGLE-2 keeps 58 draft nodes at most 5 deep, OPT-Tree at most 60 and 10
-        depth, most = (5, 58) if name == "eagle2" else (10, 60)
+        # the profiled runs' trees: EAGLE-2 keeps 58 draft nodes at most 6 deep, OPT-Tree at most 60 and 10
+        depth, most = (6, 58) if name == "eagle2" else (10, 60)
         assert 1 <= s["depth_per_step"] <= depth and 1 <= s["nodes_per_step"] <= most and 0 <= s["bottom_share"] <= 1, name
         assert s["expected_alpha"] > 0, name
     assert methods["eagle2"]["nodes_per_step"] == 58
