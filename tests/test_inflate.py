@@ -131,6 +131,34 @@ def test_logits_and_hidden_states_are_the_miniatures(pairs):
         hook.remove()
 
 
+def test_float64_inflation_is_tight():
+    """The worst-case float32 bounds above are loose (the projector's is ~2000x what is observed), so a
+    small inflation bug (a norm eps rescaled wrongly: a relative error near 1e-6) could hide in them. In
+    float64 the same bounds shrink by 2**29 (~1e-11 of the largest value here), far below any such bug,
+    and they still hold on every CPU. Logits come back in float32: each side is rounded once more to
+    float32 (at most one unit of roundoff of |logit| per side)."""
+    from lmms_msd.target_loading import load_target
+
+    target_dir, draft_dir = bundled_paths()
+    target = load_target(str(target_dir), dtype=torch.float64)
+    big_target, _ = inflate_pair(target, load_draft(str(draft_dir)).double(), SHAPE)
+    h = target.hidden_size
+    for question, images in QUESTIONS[:2]:
+        prompt, big_prompt = target.prepare(question, images), big_target.prepare(question, images)
+        assert prompt.inputs_embeds.dtype == torch.float64
+        length = prompt.input_ids.shape[0]
+        embed_bound = chain_gap([target.model.config.vision_config.hidden_size, h], prompt.inputs_embeds.abs().max().item(), torch.float64)
+        assert (big_prompt.inputs_embeds[..., :h] - prompt.inputs_embeds).abs().max().item() <= embed_bound
+        positions = torch.arange(length)
+        hidden, logits = target.forward(prompt.inputs_embeds, target.new_cache(), positions)
+        big_hidden, big_logits = big_target.forward(big_prompt.inputs_embeds, big_target.new_cache(), positions)
+        hidden_bound = chain_gap(text_reductions(target, length, with_lm_head=False), hidden.abs().max().item(), torch.float64)
+        assert (big_hidden[:, :h].double() - hidden.double()).abs().max().item() <= hidden_bound
+        logit_bound = chain_gap(text_reductions(target, length, with_lm_head=True), logits.abs().max().item(), torch.float64)
+        logit_bound += 2 * unit_roundoff(logits.dtype) * logits.abs().max().item()
+        assert (big_logits.double() - logits.double()).abs().max().item() <= logit_bound
+
+
 def test_non_power_of_four_ratio_is_within_float_tolerance(pairs):
     """Ratio 2: sqrt(h/H) is rounded once per RMSNorm weight (relative u), one more rounding per norm
     on the chain; the chain bound with an extra h per layer covers it."""
