@@ -261,7 +261,7 @@ def test_opt_cal_scores_nodes_by_the_calibrator_mode():
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_paths()[0]))
     target = SimpleNamespace(tokenizer=tokenizer, vocab_size=len(tokenizer), device="cpu")
-    (tilt, tracked), = tree_builders(["opt_cal"], target, str(bundled_calibrator()), 0.2, "tilt").values()
+    (tilt, tracked), = tree_builders(["opt_cal"], target, str(bundled_calibrator()), {"stop_delta": 0.2}, "tilt").values()
     assert type(tilt.scorer).__name__ == "TiltScorer" and tracked and tilt.stop_delta == 0.2
     (weight, _), = tree_builders(["opt_cal"], target, str(bundled_calibrator())).values()
     assert type(weight.scorer).__name__ == "CalibratedScorer"

@@ -343,13 +343,17 @@ def test_loglikelihood_and_multi_round_are_not_implemented(model):
 
 # ---- bad input ----------------------------------------------------------------------------------------------
 def corrupt_jpeg(image: Image.Image) -> Image.Image:
-    """A JPEG whose header parses but whose entropy-coded data is garbage: Image.open succeeds,
-    decoding fails. (A merely truncated file would decode: lmms-eval sets PIL's
-    LOAD_TRUNCATED_IMAGES, which fills the missing part with grey.)"""
+    """A JPEG whose markers parse but whose Huffman table is garbage: Image.open succeeds, decoding
+    fails. The first DHT segment (marker FFC4, a 2-byte length, the class/id byte) keeps its place and
+    length; its code counts and symbols become 0xFF. Found by marker, not by offset: encoders (PIL
+    releases) write headers of different lengths. (A merely truncated file would decode: lmms-eval sets
+    PIL's LOAD_TRUNCATED_IMAGES, which fills the missing part with grey.)"""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG")
     data = bytearray(buffer.getvalue())
-    data[200:-2] = b"\xff" * (len(data) - 202)
+    dht = data.index(b"\xff\xc4")
+    length = int.from_bytes(data[dht + 2 : dht + 4], "big")
+    data[dht + 5 : dht + 2 + length] = b"\xff" * (length - 3)
     return Image.open(io.BytesIO(bytes(data)))
 
 
@@ -370,7 +374,7 @@ def as_is(doc):
         (
             {"image": "corrupt"},
             chartqa_doc_to_visual,
-            r"the task.s doc_to_visual failed \(OSError: cannot load this image\)",
+            r"the task.s doc_to_visual failed \(OSError: [^)]+\)",
         ),
         ({"image": "corrupt"}, as_is, "could not decode the image .*corrupt or not an image"),
         (

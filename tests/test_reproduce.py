@@ -42,8 +42,8 @@ def test_rows_are_plain_then_the_thesis_rows():
     assert [r.model_args for r in ROWS] == [
         "use_msd=false",
         "tree=eagle2,total_tokens=59,depth=5,top_k=10",
-        "tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none",
-        "tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,calibrator=online,train_ratio=0.3",
+        "tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none",
+        "tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,calibrator=online,train_ratio=0.3",
     ]
 
 
@@ -164,8 +164,8 @@ def test_outputs_from_a_literal_report(tmp_path: Path):
     assert settings[4:10] == [
         "| row | model_args |", "|---|---|", "| plain decoding (reference) | `use_msd=false` |",
         "| MSD baseline (EAGLE-2 tree) | `tree=eagle2,total_tokens=59,depth=5,top_k=10` |",
-        "| + OPT-Tree | `tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none` |",
-        "| + OPT-Tree + calibrator | `tree=opt,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
+        "| + OPT-Tree | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none` |",
+        "| + OPT-Tree + calibrator | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
         "calibrator=online,train_ratio=0.3` |",
     ]  # fmt: skip
     assert "**Answers differ from plain decoding at temperature 0" in text and "opt_cal on a, doc_ids [2]" in text
@@ -251,4 +251,4 @@ def test_reproduce_end_to_end_on_the_bundled_pair(tmp_path: Path, capsys: pytest
         assert f"| {label} | " in table
     assert "DIFFERS" not in table and "⚠" not in table
     assert report["preset"]["name"] == "tuned" and [r["model_args"] for r in report["rows"]][:3] == [r.model_args for r in ROWS[:3]]
-    assert "### Settings: preset `tuned`" in table and "| + OPT-Tree | `tree=opt,node_budget=60," in table
+    assert "### Settings: preset `tuned`" in table and "| + OPT-Tree | `tree=opt,opt_variant=frontier,node_budget=60," in table
