@@ -149,10 +149,8 @@ def test_eagle_tree_defaults_are_upstreams():
     assert (tree.growth.budget, tree.growth.max_depth, tree.growth.top_k) == (58, 6, 10)
 
 
-def test_eagle_tree_frontier_ancestors():
-    # Three levels: the second expansion must see exactly the slot of each node's parent.
-    table = [[0.7, 0.2, 0.05, 0.05], [0.1, 0.6, 0.2, 0.1], [0.3, 0.3, 0.3, 0.1], [0.1, 0.1, 0.1, 0.7]]
-    drafter = MarkovDrafter(table)
+def record_expansions(drafter) -> list:
+    """Wraps drafter.expand; the returned list gets (tokens, ancestor rows) of every expansion, in order."""
     seen = []
     expand = drafter.expand
 
@@ -161,6 +159,14 @@ def test_eagle_tree_frontier_ancestors():
         return expand(tokens, parent_hidden, depth, ancestors)
 
     drafter.expand = recording_expand
+    return seen
+
+
+def test_eagle_tree_frontier_ancestors():
+    # Three levels: the second expansion must see exactly the slot of each node's parent.
+    table = [[0.7, 0.2, 0.05, 0.05], [0.1, 0.6, 0.2, 0.1], [0.3, 0.3, 0.3, 0.1], [0.1, 0.1, 0.1, 0.7]]
+    drafter = MarkovDrafter(table)
+    seen = record_expansions(drafter)
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
     tree = EagleTree(total_tokens=7, depth=2, top_k=2).build(drafter, 0, root_hidden)
     # level 1: tokens 0 (0.7), 1 (0.2); level-2 candidates 0->0 .49, 0->1 .14, 1->1 .12, 1->2 .04;
@@ -205,14 +211,7 @@ def test_opt_tree_upstream_worked_example():
     """OptTree's docstring example: upstream stores only each level's frontier; frontier stores all."""
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
     drafter = MarkovDrafter(OPT_TABLE)
-    seen = []
-    expand = drafter.expand
-
-    def recording_expand(tokens, parent_hidden, depth, ancestors):
-        seen.append((tokens.tolist(), ancestors.int().tolist()))
-        return expand(tokens, parent_hidden, depth, ancestors)
-
-    drafter.expand = recording_expand
+    seen = record_expansions(drafter)
     settings = dict(node_budget=5, stop_delta=0.2, max_depth=10, top_k=2)
     tree = OptTree(**settings, variant="upstream").build(drafter, 0, root_hidden)
     assert tree.tokens.tolist() == [0, 1, 2, 0, 3, 1]
