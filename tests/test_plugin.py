@@ -343,17 +343,18 @@ def test_loglikelihood_and_multi_round_are_not_implemented(model):
 
 # ---- bad input ----------------------------------------------------------------------------------------------
 def corrupt_jpeg(image: Image.Image) -> Image.Image:
-    """A JPEG whose markers parse but whose Huffman table is garbage: Image.open succeeds, decoding
-    fails. The first DHT segment (marker FFC4, a 2-byte length, the class/id byte) keeps its place and
-    length; its code counts and symbols become 0xFF. Found by marker, not by offset: encoders (PIL
-    releases) write headers of different lengths. (A merely truncated file would decode: lmms-eval sets
-    PIL's LOAD_TRUNCATED_IMAGES, which fills the missing part with grey.)"""
+    """A JPEG whose frame header parses but whose Huffman tables, scan header and scan are garbage:
+    Image.open succeeds (it reads the size from SOF), decoding fails with or without PIL's
+    LOAD_TRUNCATED_IMAGES (which lmms-eval sets, and which would let a merely truncated or garbled scan
+    decode, grey where data is missing). Everything from the first DHT marker (FFC4; libjpeg writes it
+    after SOF) to the end-of-image marker becomes 0xFF fill bytes: found by marker, not by offset, since
+    encoders (PIL releases) write headers of different lengths."""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG")
     data = bytearray(buffer.getvalue())
-    dht = data.index(b"\xff\xc4")
-    length = int.from_bytes(data[dht + 2 : dht + 4], "big")
-    data[dht + 5 : dht + 2 + length] = b"\xff" * (length - 3)
+    dht, sof = data.index(b"\xff\xc4"), data.index(b"\xff\xc0")
+    assert sof < dht, "this encoder writes its Huffman tables (DHT) before the frame header (SOF)"
+    data[dht:-2] = b"\xff" * (len(data) - 2 - dht)
     return Image.open(io.BytesIO(bytes(data)))
 
 
