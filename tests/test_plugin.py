@@ -342,20 +342,28 @@ def test_loglikelihood_and_multi_round_are_not_implemented(model):
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
+class ReadFailsAfterOpen(io.BytesIO):
+    """An image file whose reads fail once its header has been parsed, as a damaged file's or a broken
+    mount's do. PIL's LOAD_TRUNCATED_IMAGES (which lmms-eval sets process-wide) lets short or garbled
+    image data decode, grey where it is missing, and PIL releases differ in which garbled headers they
+    refuse at open; an OSError from the file itself fails decoding on every release, with or without it."""
+
+    failing = False
+
+    def read(self, size=-1):
+        if self.failing:
+            raise OSError("the image data cannot be read")
+        return super().read(size)
+
+
 def corrupt_jpeg(image: Image.Image) -> Image.Image:
-    """A JPEG whose frame header parses but whose Huffman tables, scan header and scan are garbage:
-    Image.open succeeds (it reads the size from SOF), decoding fails with or without PIL's
-    LOAD_TRUNCATED_IMAGES (which lmms-eval sets, and which would let a merely truncated or garbled scan
-    decode, grey where data is missing). Everything from the first DHT marker (FFC4; libjpeg writes it
-    after SOF) to the end-of-image marker becomes 0xFF fill bytes: found by marker, not by offset, since
-    encoders (PIL releases) write headers of different lengths."""
-    buffer = io.BytesIO()
+    """A JPEG that opens (its header is whole) but cannot be decoded (its data cannot be read)."""
+    buffer = ReadFailsAfterOpen()
     image.save(buffer, format="JPEG")
-    data = bytearray(buffer.getvalue())
-    dht, sof = data.index(b"\xff\xc4"), data.index(b"\xff\xc0")
-    assert sof < dht, "this encoder writes its Huffman tables (DHT) before the frame header (SOF)"
-    data[dht:-2] = b"\xff" * (len(data) - 2 - dht)
-    return Image.open(io.BytesIO(bytes(data)))
+    buffer.seek(0)
+    opened = Image.open(buffer)
+    buffer.failing = True
+    return opened
 
 
 def as_is(doc):
