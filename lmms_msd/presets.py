@@ -54,13 +54,15 @@ class Preset:
         """The calibrated row's calibrator model_args for online calibration."""
         return ",".join(a for a in (f"calibrator=online,train_ratio={train_ratio:g}", self.online_args) if a)
 
-    def table_rows(self, calibrator_args: str) -> list[Row]:
-        """The rows with every model_arg they pass: the shared ones, their own, and the calibrated row's
-        calibrator (`calibrator_args`, e.g. "calibrator=/abs/c.json" or `online(...)`)."""
+    def table_rows(self, calibrator_args: str, shared: str | None = None) -> list[Row]:
+        """The rows with every model_arg they pass: the shared ones (`shared` replaces the preset's, e.g.
+        another prompt for a pair trained on it), their own, and the calibrated row's calibrator
+        (`calibrator_args`, e.g. "calibrator=/abs/c.json" or `online(...)`)."""
+        shared = self.shared if shared is None else shared
         out = []
         for row in self.rows:
             own = f"{row.model_args},{calibrator_args}" if row.key == CALIBRATED else row.model_args
-            out.append(Row(row.key, row.label, ",".join(a for a in (self.shared, own) if a)))
+            out.append(Row(row.key, row.label, ",".join(a for a in (shared, own) if a)))
         return out
 
 

@@ -51,6 +51,19 @@ PAIR_MODEL_ARGS = ("pretrained", "msd_model_path")
 FILES = ("results.md", "results.csv", "results.json", "results.png")
 
 
+def shared_args(preset: Preset, conv_template: str | None) -> str | None:
+    """The model_args every row shares: the preset's, or its own with `conv_template` as the prompt (None:
+    the preset's unchanged)."""
+    if conv_template is None:
+        return None
+    from lmms_msd.prompt import TEMPLATE_SYSTEM_PROMPTS
+
+    if conv_template not in TEMPLATE_SYSTEM_PROMPTS:
+        raise SystemExit(f"lmms-msd reproduce: --conv_template {conv_template!r} is not one of {sorted(TEMPLATE_SYSTEM_PROMPTS)}")
+    kept = [a for a in preset.shared.split(",") if a and not a.startswith("conv_template=")]
+    return ",".join([*kept, f"conv_template={conv_template}"])
+
+
 def reserved_model_args(preset: Preset) -> set[str]:
     """The model_args the rows set, which the user's --model_args may not."""
     return set(RESERVED_MODEL_ARGS) | preset.row_names()
@@ -352,6 +365,8 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--temperatures", ",".join(f"{t:g}" for t in args.temperatures)]
     if args.model_args:
         words += ["--model_args", args.model_args]
+    if args.conv_template is not None:
+        words += ["--conv_template", args.conv_template]
     if args.calibrator is not None:
         words += ["--calibrator", args.calibrator]
     if args.train_ratio is not None:
@@ -370,6 +385,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     parser.add_argument("--temperatures", type=parse_temperatures, default=[0.0, 1.0], help="comma-separated (default 0,1)")
     parser.add_argument("--model_args", default="", help="passed to every row, e.g. pretrained=...,msd_model_path=... (default: the bundled pair)")
+    parser.add_argument(
+        "--conv_template", default=None,
+        help="every row's prompt, replacing the preset's (the thesis's is msd, MSD's own; a pair trained on another "
+        "prompt, such as the bundled miniature on vicuna_v1, is measured on its own) [the preset's]",
+    )  # fmt: skip
     parser.add_argument(
         "--calibrator", default=None,
         help="the calibrated row's calibrator JSON, or 'online' (default: the preset's; tuned: "
@@ -390,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     if reserved:
         raise SystemExit(
             f"lmms-msd reproduce: --model_args may not set {reserved}: the rows of preset {preset.name} set them "
-            f"(lmms_msd.presets)"
+            f"(lmms_msd.presets; the prompt is --conv_template)"
         )
     if not tasks:
         raise SystemExit("lmms-msd reproduce: --tasks is empty")
@@ -400,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"lmms-msd reproduce: --train_ratio must be in (0, 1], got {args.train_ratio}")
     bundled_pair = not names & set(PAIR_MODEL_ARGS)
     calibrator_args, calibrator_text = choose_calibrator(args.calibrator, args.train_ratio, bundled_pair, preset)
-    rows = preset.table_rows(calibrator_args)  # plain first: the others' answers are compared with its
+    rows = preset.table_rows(calibrator_args, shared_args(preset, args.conv_template))  # plain first: the others' answers are compared with its
     log.info("calibrator: %s", calibrator_text)
     runs_dir = args.output_dir / "runs"
     if runs_dir.exists():

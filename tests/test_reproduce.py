@@ -252,3 +252,13 @@ def test_reproduce_end_to_end_on_the_bundled_pair(tmp_path: Path, capsys: pytest
     assert "DIFFERS" not in table and "⚠" not in table
     assert report["preset"]["name"] == "tuned" and [r["model_args"] for r in report["rows"]][:3] == [r.model_args for r in ROWS[:3]]
     assert "### Settings: preset `tuned`" in table and "| + OPT-Tree | `tree=opt,opt_variant=frontier,node_budget=60," in table
+
+
+def test_conv_template_replaces_the_presets_prompt_in_every_row():
+    rows = THESIS.table_rows("calibrator=online,train_ratio=0.2", reproduce.shared_args(THESIS, "vicuna_v1"))
+    assert [r.model_args.split(",")[0] for r in rows] == ["conv_template=vicuna_v1"] * len(rows)
+    assert not any("conv_template=msd" in r.model_args for r in rows)
+    assert reproduce.shared_args(THESIS, None) is None  # the preset's own prompt
+    assert THESIS.table_rows("", None)[0].model_args == "conv_template=msd,use_msd=false"
+    with pytest.raises(SystemExit, match="--conv_template 'vicuna' is not one of"):
+        reproduce.shared_args(THESIS, "vicuna")
