@@ -2,6 +2,6 @@
 
 import sys
 
-from lmms_msd.cli import main
+from lmms_msd.commands.cli import main
 
 sys.exit(main())

@@ -57,7 +57,7 @@ for dist in carried:
             continue
         if not req.specifier.contains(found, prereleases=True):
             print(f"WARNING: {dist} needs {req}, found {req.name} {found}")
-import lmms_msd.lmms_eval_model  # noqa: E402,F401  (imports lmms_eval's API, datasets and evaluate)
+import lmms_msd.lmms_eval.plugin  # noqa: E402,F401  (imports lmms_eval's API, datasets and evaluate)
 
 print("gpu_setup: lmms-eval and the plugin import")
 EOF

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lmms_msd.tiny import save_tiny_hf_target, save_tiny_original_target  # noqa: E402
+from lmms_msd.testbed.tiny import save_tiny_hf_target, save_tiny_original_target  # noqa: E402
 
 # The tests run tiny models: intra-op threads cost more than they give (several times slower on 2 cores).
 torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def tiny_clip_dir(tiny_original_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_target(tiny_hf_dir: Path):
     """`load_target(tiny_hf_dir)`, fp32 on CPU (shared: do not modify)."""
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.loading import load_target
 
     return load_target(str(tiny_hf_dir))
 
@@ -56,7 +56,7 @@ def tiny_hf_target(tiny_hf_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_original_target(tiny_original_dir: Path):
     """`load_target(tiny_original_dir)`, fp32 on CPU (shared: do not modify)."""
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.loading import load_target
 
     return load_target(str(tiny_original_dir))
 

@@ -6,11 +6,16 @@ Built in code in a second, with no files: the loop tests exercise decoding, not 
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
-from lmms_msd.draft import DraftConfig, MSDDraft, new_random_draft
-from lmms_msd.target import EmbeddedPrompt, Target
-from lmms_msd.tiny import dampen_context_, following_draft  # noqa: F401  (following_draft: re-exported)
+from lmms_msd.models.draft import DraftConfig, MSDDraft, new_random_draft
+from lmms_msd.models.target import EmbeddedPrompt, Target
+from lmms_msd.testbed.tiny import dampen_context_, following_draft  # noqa: F401  (following_draft: re-exported)
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,!?-"
 

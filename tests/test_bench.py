@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lmms_msd.bench import Method, Run, Summary, TreeStats, summarise
-from lmms_msd.cli import main
+from lmms_msd.commands.bench import Method, Run, Summary, TreeStats, summarise
+from lmms_msd.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SPECULATIVE = ("eagle2", "opt", "opt_cal")
@@ -106,7 +106,7 @@ def test_sampling_skips_hf_generate_and_the_comparison(chart_dir: Path, tmp_path
 
 
 def test_a_lossy_method_is_marked_and_fails(chart_dir: Path, tmp_path: Path, monkeypatch, capsys):
-    import lmms_msd.decoding as decoding
+    import lmms_msd.speculative.decoding as decoding
 
     real = decoding.speculative_generate
 
@@ -151,9 +151,9 @@ def test_tree_stats_on_a_hand_made_tree():
     """Per step: draft nodes, the deepest depth, whether the accepted path reached it, the sum of the weights."""
     import torch
 
-    from lmms_msd.bench import tree_totals
-    from lmms_msd.tree import Tree
-    from lmms_msd.verify import Acceptance
+    from lmms_msd.commands.bench import tree_totals
+    from lmms_msd.speculative.tree import Tree
+    from lmms_msd.speculative.verify import Acceptance
 
     # root -> 1 -> 3 -> 4, root -> 2: 4 draft nodes, deepest at depth 3
     tree = Tree(tokens=torch.tensor([5, 6, 7, 8, 9]), parents=torch.tensor([-1, 0, 0, 1, 3]),
@@ -176,10 +176,10 @@ def test_bad_data_dir_names_the_path(tmp_path: Path):
 
 
 def test_missing_static_engine_is_a_clear_error(tmp_path, monkeypatch, chart_dir):
-    monkeypatch.setitem(sys.modules, "lmms_msd.fast", None)  # as if absent: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "lmms_msd.speculative.fast", None)  # as if absent: importing it raises ImportError
     with pytest.raises(SystemExit) as error:
         main(["bench", "--data_dir", str(chart_dir), "--engine", "static", "--output_dir", str(tmp_path)])
-    assert "lmms_msd.fast.StaticEngine" in str(error.value) and "--engine eager" in str(error.value)
+    assert "lmms_msd.speculative.fast.StaticEngine" in str(error.value) and "--engine eager" in str(error.value)
 
 
 def test_bad_inflation_shape_is_a_clear_error(tmp_path, chart_dir):
@@ -203,7 +203,7 @@ def test_inflated_pair_gives_the_same_answers(bench_report, chart_dir: Path, tmp
 
 
 def test_static_engine_gives_the_same_answers(bench_report, chart_dir: Path, tmp_path: Path):
-    pytest.importorskip("lmms_msd.fast")
+    pytest.importorskip("lmms_msd.speculative.fast")
     report = _first_answer(["--engine", "static"], chart_dir, tmp_path)
     assert report["config"]["engine"] == "static" and all(s["identical"] is True for s in report["methods"])
     assert report["per_request"][0]["runs"]["opt"]["text"] == bench_report[0]["per_request"][0]["runs"]["opt"]["text"]
@@ -213,8 +213,8 @@ def test_static_engine_gives_the_same_answers(bench_report, chart_dir: Path, tmp
 # ---- profiled phases of the decoding loops ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundled_pair():
-    from lmms_msd.draft import load_draft
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.draft import load_draft
+    from lmms_msd.models.loading import load_target
     from lmms_msd.testbed.bundled import bundled_paths
 
     target_dir, draft_dir = bundled_paths()
@@ -225,10 +225,10 @@ def bundled_pair():
 def test_profile_splits_the_loop_without_changing_the_output(bundled_pair, chart_dir):
     from PIL import Image
 
-    from lmms_msd.calibrate import load_records, question_of
-    from lmms_msd.decoding import plain_generate, speculative_generate
-    from lmms_msd.sampling import GenerationConfig
-    from lmms_msd.tree import OptTree
+    from lmms_msd.commands.calibrate import load_records, question_of
+    from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+    from lmms_msd.speculative.sampling import GenerationConfig
+    from lmms_msd.speculative.tree import OptTree
 
     target, draft = bundled_pair
     record = load_records(chart_dir, "test", "long", 1)[0]
@@ -256,7 +256,7 @@ def test_opt_cal_scores_nodes_by_the_calibrator_mode():
 
     from transformers import AutoTokenizer
 
-    from lmms_msd.bench import tree_builders
+    from lmms_msd.commands.bench import tree_builders
     from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_paths()[0]))

@@ -12,22 +12,24 @@ import torch
 from sklearn.base import clone
 from sklearn.isotonic import IsotonicRegression
 
-from lmms_msd.calibration import (
-    CalibratedScorer,
+from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+from lmms_msd.calibration.observations import (
     CalibrationObserver,
-    GroupedIsotonicCalibrator,
     Observations,
+    split_by_request,
+)
+from lmms_msd.calibration.quality import (
     brier_score,
     compare_labels,
     evaluate,
     expected_calibration_error,
     reliability_diagram,
-    split_by_request,
 )
-from lmms_msd.sampling import GenerationConfig
-from lmms_msd.token_types import CONTENT, FUNCTION, NUMBER
-from lmms_msd.tree import OptTree, Tree
-from lmms_msd.verify import Acceptance
+from lmms_msd.calibration.scorer import CalibratedScorer
+from lmms_msd.calibration.token_types import CONTENT, FUNCTION, NUMBER
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import OptTree, Tree
+from lmms_msd.speculative.verify import Acceptance
 
 
 def synthetic(n: int, seed: int, visual_effect: bool = True):
@@ -215,7 +217,7 @@ def test_observer_sampling_labels_are_the_processed_probability():
     obs = observer.observations()
     # labelled: 1, 2 (root), 4 (node 2); node 4's children: none
     assert obs.token.tolist() == [1, 2, 0]
-    from lmms_msd.sampling import processed_probs
+    from lmms_msd.speculative.sampling import processed_probs
 
     p = processed_probs(logits, config)
     expected = [float(p[0, 1]), float(p[0, 2]), float(p[2, 0])]

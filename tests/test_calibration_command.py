@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from conftest import random_image
 
-from lmms_msd.calibrate import resolve_pair
-from lmms_msd.calibration import GroupedIsotonicCalibrator, Observations
-from lmms_msd.cli import main
-from lmms_msd.draft import DraftConfig, new_random_draft, save_draft
+from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+from lmms_msd.calibration.observations import Observations
+from lmms_msd.commands.calibrate import resolve_pair
+from lmms_msd.commands.cli import main
+from lmms_msd.models.draft import DraftConfig, new_random_draft, save_draft
 
 QUESTIONS = ["What is the value of the red bar?", "Which colour has the largest value?", "How many bars are there?"]
 

@@ -1,21 +1,21 @@
 """The calibrator's node features: which draft row gives a node its visual attention intensity, and
-that tracking it changes nothing else (DESIGN 4.4, lmms_msd.drafting's docstring)."""
+that tracking it changes nothing else (DESIGN 4.4, lmms_msd.speculative.drafting's docstring)."""
 
 from __future__ import annotations
 
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
 
-from lmms_msd.decoding import speculative_generate
-from lmms_msd.draft import DraftConfig, new_random_draft
-from lmms_msd.drafting import Drafter
-from lmms_msd.sampling import GenerationConfig
-from lmms_msd.target import EmbeddedPrompt
-from lmms_msd.tree import EagleTree
+from lmms_msd.models.draft import DraftConfig, new_random_draft
+from lmms_msd.models.target import EmbeddedPrompt
+from lmms_msd.speculative.decoding import speculative_generate
+from lmms_msd.speculative.drafting import Drafter
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import EagleTree
 
 V, H, N_IMAGE, N_TEXT = 8, 32, 6, 4
 # The image is at the target's positions 0..5; in MSD's shifted frame the draft is fed I_1..I_5 at
-# slots 0..4 (I_0 has no slot: lmms_msd.drafting.prefill_inputs) and text at slots 5..9.
+# slots 0..4 (I_0 has no slot: lmms_msd.speculative.drafting.prefill_inputs) and text at slots 5..9.
 N_IMAGE_SLOTS = N_IMAGE - 1
 LOOKER = 3  # the token whose rows look at the image
 

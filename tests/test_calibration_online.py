@@ -8,10 +8,12 @@ import pytest
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
 
-from lmms_msd.calibration import CalibrationObserver, GroupedIsotonicCalibrator, OnlineCalibration
-from lmms_msd.decoding import plain_generate, speculative_generate
-from lmms_msd.sampling import GenerationConfig
-from lmms_msd.tree import OptTree
+from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+from lmms_msd.calibration.observations import CalibrationObserver
+from lmms_msd.calibration.online import OnlineCalibration
+from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import OptTree
 
 
 def no_eos(target):

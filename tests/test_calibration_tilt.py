@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from lmms_msd.calibration import (
-    GroupedIsotonicCalibrator,
+from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+from lmms_msd.calibration.scorer import (
     TiltScorer,
     calibrated_scorer,
     calibrated_tree,
     percentile,
 )
-from lmms_msd.fast.graphs import CaptureRules
-from lmms_msd.token_types import CONTENT, FUNCTION, NUMBER
-from lmms_msd.tree import OptTree
+from lmms_msd.calibration.token_types import CONTENT, FUNCTION, NUMBER
+from lmms_msd.speculative.fast.graphs import CaptureRules
+from lmms_msd.speculative.tree import OptTree
 
 # Token ids 2..4 are words, 5..7 numbers (0, 1: punctuation).
 TOKEN_TYPES = torch.tensor([FUNCTION, FUNCTION, CONTENT, CONTENT, CONTENT, NUMBER, NUMBER, NUMBER])

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmms_msd.checkpoints import load_weight_file, resolve_folder
-from lmms_msd.draft import DraftConfig, load_draft, new_random_draft, save_draft
-from lmms_msd.lmms_eval_model import LlavaMsdCalibrated
-from lmms_msd.target_loading import load_target
+from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated
+from lmms_msd.models.checkpoints import load_weight_file, resolve_folder
+from lmms_msd.models.draft import DraftConfig, load_draft, new_random_draft, save_draft
+from lmms_msd.models.loading import load_target
 
 QUESTION = "What is the value of the largest bar?"
 
@@ -45,7 +45,12 @@ def draft_dir(tmp_path_factory) -> Path:
 def test_folder_written_by_transformers_save_pretrained_loads(tiny_hf_dir, tiny_hf_target, tiny_image, tmp_path):
     """transformers 5's save_pretrained of a LLaVA model and its processor keeps the image settings inside
     processor_config.json and writes no preprocessor_config.json; that folder loads, to the same target."""
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     saved = tmp_path / "saved-by-transformers"
     model = LlavaForConditionalGeneration.from_pretrained(str(tiny_hf_dir))

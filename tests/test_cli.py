@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmms_msd import __version__
-from lmms_msd.cli import main
+from lmms_msd.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION_LINE = f"lmms-msd {__version__}"
@@ -48,7 +48,7 @@ def test_usage_errors_exit_2_on_stderr(argv: list[str], capsys: pytest.CaptureFi
     assert "lmms-msd: error:" in captured.err
 
 
-@pytest.mark.parametrize("module", ["lmms_msd.cli", "lmms_msd"])
+@pytest.mark.parametrize("module", ["lmms_msd.commands.cli", "lmms_msd"])
 def test_version_and_help_as_module(module: str) -> None:
     version = _run(sys.executable, "-m", module, "--version")
     assert version.returncode == 0, version.stderr

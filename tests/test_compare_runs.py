@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lmms_msd import multi_gpu
-from lmms_msd.cli import main
-from lmms_msd.lmms_eval_runs import EvalRun, LmmsEvalFailed, launcher
-from lmms_msd.multi_gpu import generation_seconds, run_report
+from lmms_msd.commands import compare_runs
+from lmms_msd.commands.cli import main
+from lmms_msd.commands.compare_runs import generation_seconds, run_report
+from lmms_msd.commands.lmms_eval_runs import EvalRun, LmmsEvalFailed, launcher
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "msd_chartqa_synth_long"
@@ -49,7 +49,7 @@ def patch_runs(monkeypatch: pytest.MonkeyPatch, answers_by_processes: dict[int, 
         processes = kwargs["processes"]
         return fake_run(out, answers_by_processes[processes], (ran_on or {}).get(processes, processes))
 
-    monkeypatch.setattr(multi_gpu, "run_lmms_eval", fake)
+    monkeypatch.setattr(compare_runs, "run_lmms_eval", fake)
     return calls
 
 

@@ -11,11 +11,21 @@ import dataclasses
 
 import pytest
 import torch
-from decoding_fixtures import CharTokenizer, following_draft, random_draft, random_prompt, tiny_target
+from decoding_fixtures import (
+    CharTokenizer,
+    following_draft,
+    random_draft,
+    random_prompt,
+    tiny_target,
+)
 
-from lmms_msd.decoding import DecodeStats, plain_generate, speculative_generate
-from lmms_msd.sampling import GenerationConfig
-from lmms_msd.tree import EagleTree, OptTree
+from lmms_msd.speculative.decoding import (
+    DecodeStats,
+    plain_generate,
+    speculative_generate,
+)
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import EagleTree, OptTree
 
 N_PROMPTS = 20
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from decoding_fixtures import following_draft, tiny_target
 
-from lmms_msd.decoding import speculative_generate
-from lmms_msd.sampling import GenerationConfig, processed_probs
-from lmms_msd.tree import EagleTree
+from lmms_msd.speculative.decoding import speculative_generate
+from lmms_msd.speculative.sampling import GenerationConfig, processed_probs
+from lmms_msd.speculative.tree import EagleTree
 
 VOCAB = 16
 RUNS = 20_000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmms_msd.cli import main
+from lmms_msd.commands.cli import main
 
 
 def test_demo_outputs_are_identical_and_the_tree_accepts(capsys):

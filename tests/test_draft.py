@@ -8,10 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmms_msd.draft import DraftConfig, check_draft_fits, load_draft, new_random_draft, save_draft
-from lmms_msd.drafting import Drafter, prefill_inputs
-from lmms_msd.fast.static_drafter import StaticDrafter
-from lmms_msd.target import EmbeddedPrompt
+from lmms_msd.models.draft import (
+    DraftConfig,
+    check_draft_fits,
+    load_draft,
+    new_random_draft,
+    save_draft,
+)
+from lmms_msd.models.target import EmbeddedPrompt
+from lmms_msd.speculative.drafting import Drafter, prefill_inputs
+from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 
 CONFIG = DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
 

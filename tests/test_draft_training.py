@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_msd.cli import main
-from lmms_msd.draft import load_draft
-from lmms_msd.draft_training import (
+from lmms_msd.commands.cli import main
+from lmms_msd.models.draft import load_draft
+from lmms_msd.models.loading import load_target
+from lmms_msd.speculative.drafting import prefill_inputs
+from lmms_msd.testbed.draft_training import (
     TrainingConfig,
     embed_sample,
     encode_conversation,
@@ -19,8 +21,6 @@ from lmms_msd.draft_training import (
     sample_loss,
     train_draft,
 )
-from lmms_msd.drafting import prefill_inputs
-from lmms_msd.target_loading import load_target
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_command_line_writes_the_msd_format(tiny_hf_dir, data, tmp_path):
 
 def test_command_line_conv_template_reaches_the_prompt(tiny_hf_dir, data, tmp_path, monkeypatch):
     """--conv_template msd: the first turn is built with MSD's prompt (empty system prompt)."""
-    import lmms_msd.draft_training as draft_training
+    import lmms_msd.testbed.draft_training as draft_training
 
     seen = {}
 

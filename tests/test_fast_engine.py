@@ -1,4 +1,4 @@
-"""The static-cache engine (lmms_msd.fast) gives the outputs of the eager loops, token for token.
+"""The static-cache engine (lmms_msd.speculative.fast) gives the outputs of the eager loops, token for token.
 
 On CPU the engine runs its code without CUDA graphs; the graph test runs where CUDA is (the GPU
 machine), checking that replayed graphs change nothing.
@@ -10,19 +10,26 @@ import dataclasses
 
 import pytest
 import torch
-from decoding_fixtures import CharTokenizer, following_draft, random_draft, random_prompt, tiny_target
+from decoding_fixtures import (
+    CharTokenizer,
+    following_draft,
+    random_draft,
+    random_prompt,
+    tiny_target,
+)
 
-from lmms_msd.decoding import plain_generate, speculative_generate
-from lmms_msd.fast import StaticEngine
-from lmms_msd.sampling import GenerationConfig
-from lmms_msd.tree import EagleTree, OptTree, Tree
-from lmms_msd.verify import accept_greedy, children_lists
+from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+from lmms_msd.speculative.fast import StaticEngine
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import EagleTree, OptTree, Tree
+from lmms_msd.speculative.verify import accept_greedy, children_lists
+
 
 @pytest.fixture(autouse=True)
 def capture_rules(monkeypatch):
     """Every function the engine would capture in a CUDA graph runs under `CaptureRules` on CPU: a host
     scalar copied to the device or a host synchronisation inside one fails here, not on the GPU."""
-    from lmms_msd.fast.graphs import CaptureRules, GraphedFunction
+    from lmms_msd.speculative.fast.graphs import CaptureRules, GraphedFunction
 
     def checked_call(self, *args):
         if self.enabled:
@@ -140,11 +147,12 @@ def test_acceptance_on_the_device_follows_the_argmax_walk():
 def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant):
     """The bundled pair with its calibrator (attention bins need the draft's visual attention), scoring
     nodes as weights or as the thesis's logit tilt, under either OPT-Tree selection rule."""
-    from lmms_msd.calibration import GroupedIsotonicCalibrator, calibrated_tree
-    from lmms_msd.draft import load_draft
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+    from lmms_msd.calibration.scorer import calibrated_tree
+    from lmms_msd.calibration.token_types import token_type_table
+    from lmms_msd.models.draft import load_draft
+    from lmms_msd.models.loading import load_target
     from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
-    from lmms_msd.token_types import token_type_table
 
     target_dir, draft_dir = bundled_paths()
     target = load_target(str(target_dir), dtype=torch.float32)

@@ -14,12 +14,13 @@ import io
 import numpy as np
 import pytest
 import torch
+from float_bounds import chain_gap, linear_gap, unit_roundoff
 from PIL import Image
 
-from float_bounds import chain_gap, linear_gap, unit_roundoff
-from lmms_msd.decoding import plain_generate, speculative_generate
-from lmms_msd.draft import load_draft
-from lmms_msd.sampling import GenerationConfig
+from lmms_msd.models.draft import load_draft
+from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import EagleTree
 from lmms_msd.testbed.bundled import bundled_paths
 from lmms_msd.testbed.charts import (
     LONG_INSTRUCTION,
@@ -29,7 +30,6 @@ from lmms_msd.testbed.charts import (
     random_chart,
 )
 from lmms_msd.testbed.inflate import TextShape, inflate_pair, inflate_target
-from lmms_msd.tree import EagleTree
 
 SHAPE = TextShape(hidden_size=1024, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=2048)
 
@@ -37,7 +37,7 @@ SHAPE = TextShape(hidden_size=1024, num_hidden_layers=6, num_attention_heads=8, 
 @pytest.fixture(scope="module")
 def pairs():
     """(small target, small draft), (inflated target, inflated draft), fp32 on CPU."""
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.loading import load_target
 
     target_dir, draft_dir = bundled_paths()
     target, draft = load_target(str(target_dir)), load_draft(str(draft_dir))
@@ -137,7 +137,7 @@ def test_float64_inflation_is_tight():
     float64 the same bounds shrink by 2**29 (~1e-11 of the largest value here), far below any such bug,
     and they still hold on every CPU. Logits come back in float32: each side is rounded once more to
     float32 (at most one unit of roundoff of |logit| per side)."""
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.loading import load_target
 
     target_dir, draft_dir = bundled_paths()
     target = load_target(str(target_dir), dtype=torch.float64)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from lmms_msd.lmms_eval_runs import answer_differences, log_tail, read_answers
+from lmms_msd.commands.lmms_eval_runs import answer_differences, log_tail, read_answers
 from lmms_msd.testbed.bundled import bundled_paths
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
 from llava.conversation import conv_templates  # noqa: E402
 from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 
-from lmms_msd.prompt import PromptFormat  # noqa: E402
+from lmms_msd.models.prompt import PromptFormat  # noqa: E402
 
 QUESTION = "How many points are above 10.5? Answer with a number."
 

@@ -16,8 +16,7 @@ from conftest import random_image
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
-from lmms_msd.draft import DraftConfig, new_random_draft, save_draft
-from lmms_msd.lmms_eval_model import (
+from lmms_msd.lmms_eval.plugin import (
     MODEL_ID,
     LlavaMsdCalibrated,
     generation_config,
@@ -25,6 +24,7 @@ from lmms_msd.lmms_eval_model import (
     model_manifest,
     request_seed,
 )
+from lmms_msd.models.draft import DraftConfig, new_random_draft, save_draft
 from lmms_msd.testbed.inflate import TextShape
 
 TASK, SPLIT = "t", "test"
@@ -108,7 +108,7 @@ def run(lm, requests, docs, task=TASK):
 def test_manifest():
     manifest = model_manifest()
     assert manifest.model_id == MODEL_ID == "llava_msd_calibrated"
-    assert manifest.simple_class_path == "lmms_msd.lmms_eval_model.LlavaMsdCalibrated"
+    assert manifest.simple_class_path == "lmms_msd.lmms_eval.plugin.LlavaMsdCalibrated"
 
 
 def test_entry_point_registers_the_model():
@@ -439,7 +439,7 @@ def test_opt_tree_model_args(tiny_hf_dir, tiny_draft_dir):
         f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},tree=opt,node_budget=20,stop_delta=0.5,max_depth=4.0,top_k=3,"
         "opt_variant=Upstream"
     )
-    from lmms_msd.tree import OptTree, draft_confidence
+    from lmms_msd.speculative.tree import OptTree, draft_confidence
 
     assert lm.tree_builder == OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, scorer=draft_confidence, variant="upstream")
     assert lm.args.calibrator is None and lm.args.train_ratio is None
@@ -459,7 +459,8 @@ def test_online_calibration_from_gen_kwargs_is_lossless(tiny_hf_dir, tiny_draft_
 def test_calibrator_file(tiny_hf_dir, tiny_draft_dir, plain_model, docs, tmp_path):
     import numpy as np
 
-    from lmms_msd.calibration import CalibratedScorer, GroupedIsotonicCalibrator
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+    from lmms_msd.calibration.scorer import CalibratedScorer
 
     rng = np.random.default_rng(0)
     X = np.stack([rng.uniform(size=300), rng.integers(0, 3, 300), rng.uniform(size=300)], axis=1)
@@ -478,7 +479,8 @@ def test_tilt_mode_with_a_file_and_online_is_lossless(tiny_hf_dir, tiny_draft_di
     """calibrator_mode=tilt (the thesis's calibrated tree), from a calibrator file and online on the soft label."""
     import numpy as np
 
-    from lmms_msd.calibration import GroupedIsotonicCalibrator, TiltScorer
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+    from lmms_msd.calibration.scorer import TiltScorer
 
     rng = np.random.default_rng(0)
     X = np.stack([rng.uniform(size=300), rng.integers(0, 3, 300), rng.uniform(size=300)], axis=1)

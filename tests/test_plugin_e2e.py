@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmms_msd.draft import save_draft
-from lmms_msd.target_loading import load_target
-from lmms_msd.tiny import following_draft
+from lmms_msd.models.draft import save_draft
+from lmms_msd.models.loading import load_target
+from lmms_msd.testbed.tiny import following_draft
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "msd_chartqa_synth"

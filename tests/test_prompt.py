@@ -1,4 +1,4 @@
-"""`conv_template=msd`: MSD's prompt, written out literally (lmms_msd.prompt.PromptFormat.build).
+"""`conv_template=msd`: MSD's prompt, written out literally (lmms_msd.models.prompt.PromptFormat.build).
 
 MSD builds its conversation with LLaVA's SeparatorStyle.TWO template and `conv.system = ""`
 (Lyn-Lucy/MSD: EAGLE/eagle/ge_data/ge_data_all_llava15.py for training, lmms-eval/lmms_eval/models/
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmms_msd.prompt import VICUNA_V1_SYSTEM, PromptFormat
+from lmms_msd.models.prompt import VICUNA_V1_SYSTEM, PromptFormat
 
 QUESTION = "What is shown?"
 

@@ -19,8 +19,8 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from lmms_msd.original_llava import load_tokenizer_with_image_token
-from lmms_msd.prompt import PromptFormat
+from lmms_msd.models.original_llava import load_tokenizer_with_image_token
+from lmms_msd.models.prompt import PromptFormat
 
 IMAGE_TOKEN_INDEX = -200  # llava/constants.py
 CORPUS = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmms_msd.regression import compare
+from lmms_msd.commands.regression import compare
 
 BASELINE = {"tasks": {"a": {"score": 0.95, "tau": 4.97, "samples": 20}, "b": {"score": 1.0, "tau": 1.45, "samples": 20}}}
 

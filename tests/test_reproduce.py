@@ -11,11 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from lmms_msd import reproduce
-from lmms_msd.cli import main
-from lmms_msd.lmms_eval_runs import LmmsEvalFailed, answer_differences, first_metric, read_answers, run_lmms_eval
-from lmms_msd.presets import PRESETS, THESIS, TUNED
-from lmms_msd.reproduce import Measurement, gains, mark_differences, markdown_tables
+from lmms_msd.commands import reproduce
+from lmms_msd.commands.cli import main
+from lmms_msd.commands.lmms_eval_runs import (
+    LmmsEvalFailed,
+    answer_differences,
+    first_metric,
+    read_answers,
+    run_lmms_eval,
+)
+from lmms_msd.commands.presets import PRESETS, THESIS, TUNED
+from lmms_msd.commands.reproduce import (
+    Measurement,
+    gains,
+    mark_differences,
+    markdown_tables,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "msd_chartqa_synth_long"
@@ -68,10 +79,10 @@ def test_preset_model_args_are_the_plugins(name):
     """Every model_arg a preset sets is one the plugin takes, and every choice it makes is a valid one."""
     import inspect
 
-    from lmms_msd.calibration import CALIBRATOR_MODES
-    from lmms_msd.lmms_eval_model import CALIBRATOR_LABELS, LlavaMsdCalibrated
-    from lmms_msd.prompt import TEMPLATE_SYSTEM_PROMPTS
-    from lmms_msd.tree import OPT_VARIANTS
+    from lmms_msd.calibration.scorer import CALIBRATOR_MODES
+    from lmms_msd.lmms_eval.plugin import CALIBRATOR_LABELS, LlavaMsdCalibrated
+    from lmms_msd.models.prompt import TEMPLATE_SYSTEM_PROMPTS
+    from lmms_msd.speculative.tree import OPT_VARIANTS
 
     accepted = set(inspect.signature(LlavaMsdCalibrated.__init__).parameters)
     assert PRESETS[name].row_names() <= accepted

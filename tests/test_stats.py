@@ -1,4 +1,4 @@
-"""Statistics aggregation (lmms_msd.stats) on hand-made records with literal expected numbers.
+"""Statistics aggregation (lmms_msd.lmms_eval.statistics) on hand-made records with literal expected numbers.
 
 Records (a step commits accepted + 1 tokens; the prefill gives the first token):
   task a, doc 1: steps 3, accepted [2, 0, 1] -> new tokens 1 + 3 + 3 = 7, wall 1.0 s
@@ -15,8 +15,7 @@ import json
 
 import pytest
 
-from lmms_msd.decoding import DecodeStats
-from lmms_msd.stats import (
+from lmms_msd.lmms_eval.statistics import (
     SampleRecord,
     Summary,
     build_report,
@@ -24,6 +23,7 @@ from lmms_msd.stats import (
     format_table,
     write_report,
 )
+from lmms_msd.speculative.decoding import DecodeStats
 
 RECORDS = [
     SampleRecord("a", 1, new_tokens=7, steps=3, accepted=(2, 0, 1), prefill_s=0.25, wall_s=1.0, rank=1),

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_msd.image import expand2square
-from lmms_msd.original_llava import find_weight_files, load_weight_file
-from lmms_msd.prompt import LLAVA_V1_SYSTEM, VICUNA_V1_SYSTEM, PromptFormat
-from lmms_msd.target_loading import load_target, resolve_dtype
-from lmms_msd.tiny import randomize_
+from lmms_msd.models.image import expand2square
+from lmms_msd.models.loading import load_target, resolve_dtype
+from lmms_msd.models.original_llava import find_weight_files, load_weight_file
+from lmms_msd.models.prompt import LLAVA_V1_SYSTEM, VICUNA_V1_SYSTEM, PromptFormat
+from lmms_msd.testbed.tiny import randomize_
 
 QUESTION = "What is the value of the largest bar? Answer with a number."
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmms_msd.calibration.token_types import CONTENT, FUNCTION, NUMBER
+from lmms_msd.speculative.tree import Tree
+from lmms_msd.speculative.verify import Acceptance
 from lmms_msd.testbed.report import AcceptanceByType, final_answer, relaxed_correct
-from lmms_msd.token_types import CONTENT, FUNCTION, NUMBER
-from lmms_msd.tree import Tree
-from lmms_msd.verify import Acceptance
 
 CASES = [("42", "42"), ("40", "42"), ("41", "42"), ("0", "0"), ("Red", "red"), ("red", "blue"), ("5%", "0.05"),
          ("1,000", "1000"), ("Yes", "yes"), ("43.9", "42"), ("44.2", "42"), (" 42", "42")]

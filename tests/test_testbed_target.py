@@ -45,7 +45,7 @@ def trained(chart_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 @pytest.fixture(scope="module")
 def loaded(trained: tuple[Path, dict]):
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.loading import load_target
 
     return load_target(str(trained[0]))
 
@@ -91,7 +91,7 @@ def test_transformers_processor_makes_the_llava_hf_prompt(trained: tuple[Path, d
     from PIL import Image
     from transformers import AutoProcessor
 
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.loading import load_target
 
     out, _ = trained
     processor = AutoProcessor.from_pretrained(str(out))
@@ -108,8 +108,8 @@ def test_transformers_processor_makes_the_llava_hf_prompt(trained: tuple[Path, d
 def test_loads_and_generates(loaded, chart_dir: Path) -> None:
     from PIL import Image
 
-    from lmms_msd.decoding import plain_generate
-    from lmms_msd.sampling import GenerationConfig
+    from lmms_msd.speculative.decoding import plain_generate
+    from lmms_msd.speculative.sampling import GenerationConfig
 
     assert loaded.layout == "hf" and loaded.vocab_size == len(loaded.tokenizer)
     assert loaded.tokenizer.convert_ids_to_tokens(loaded.image_token_id) == "<image>"

@@ -1,6 +1,12 @@
 from __future__ import annotations
 
-from lmms_msd.token_types import CONTENT, FUNCTION, NUMBER, token_type, token_type_table
+from lmms_msd.calibration.token_types import (
+    CONTENT,
+    FUNCTION,
+    NUMBER,
+    token_type,
+    token_type_table,
+)
 
 
 def test_pieces_by_type():

@@ -7,10 +7,16 @@ from types import SimpleNamespace
 
 import torch
 
-from lmms_msd.drafting import DraftRows
-from lmms_msd.tree import EagleTree, OptTree, Tree, choose_total_tokens, select_nodes
-from lmms_msd.runtime import keep_path
-from lmms_msd.verify import accept_greedy, tree_attention_mask
+from lmms_msd.speculative.drafting import DraftRows
+from lmms_msd.speculative.runtime import keep_path
+from lmms_msd.speculative.tree import (
+    EagleTree,
+    OptTree,
+    Tree,
+    choose_total_tokens,
+    select_nodes,
+)
+from lmms_msd.speculative.verify import accept_greedy, tree_attention_mask
 
 
 def small_tree() -> Tree:

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmms_msd.draft import MSDDraft, RMSNorm, check_draft_fits
-from lmms_msd.target import Target
+from lmms_msd.models.draft import MSDDraft, RMSNorm, check_draft_fits
+from lmms_msd.models.target import Target
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lmms_msd.token_types import TYPE_NAMES, token_type_table
+from lmms_msd.calibration.token_types import TYPE_NAMES, token_type_table
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def accuracy(target, records, data_dir: Path, config, blank: bool) -> dict[str, 
     """Greedy plain decoding over the records; relaxed accuracy by question type, mean length."""
     from PIL import Image
 
-    from lmms_msd.decoding import plain_generate
+    from lmms_msd.speculative.decoding import plain_generate
 
     by_type: dict[str, list[bool]] = defaultdict(list)
     lengths = []
@@ -104,9 +104,9 @@ def accuracy(target, records, data_dir: Path, config, blank: bool) -> dict[str, 
 def speculation(target, draft, records, data_dir: Path, temperature: float, max_new_tokens: int, seed: int) -> dict[str, Any]:
     from PIL import Image
 
-    from lmms_msd.decoding import speculative_generate
-    from lmms_msd.sampling import GenerationConfig
-    from lmms_msd.tree import EagleTree
+    from lmms_msd.speculative.decoding import speculative_generate
+    from lmms_msd.speculative.sampling import GenerationConfig
+    from lmms_msd.speculative.tree import EagleTree
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
     observer = AcceptanceByType(token_type_table(target.tokenizer, target.vocab_size))
@@ -124,7 +124,7 @@ def speculation(target, draft, records, data_dir: Path, temperature: float, max_
 
 
 def build_report(target, draft, data_dir: Path, limit: int | None, max_new_tokens: int, seed: int) -> dict[str, Any]:
-    from lmms_msd.sampling import GenerationConfig
+    from lmms_msd.speculative.sampling import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     report: dict[str, Any] = {"data_dir": str(data_dir), "limit": limit, "max_new_tokens": max_new_tokens}
@@ -170,8 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmms_msd.draft import check_draft_fits, load_draft
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.draft import check_draft_fits, load_draft
+    from lmms_msd.models.loading import load_target
 
     if args.pretrained is None or args.msd_model_path is None:
         from lmms_msd.testbed.bundled import bundled_paths

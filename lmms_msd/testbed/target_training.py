@@ -3,7 +3,7 @@
     lmms-msd train-target --data data/charts --out target --device cuda
 
 reads `llava_train.json` / `llava_test.json` and the images that `lmms_msd.testbed.charts` wrote, and
-writes an HF-layout checkpoint folder that `lmms_msd.target_loading.load_target` loads:
+writes an HF-layout checkpoint folder that `lmms_msd.models.loading.load_target` loads:
 
     config.json, model.safetensors         LlavaForConditionalGeneration (saved in float16 by default)
     tokenizer.json, tokenizer_config.json  byte-level BPE trained on the conversations; digits split one
@@ -40,7 +40,11 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from lmms_msd.prompt import IMAGE_PLACEHOLDER, TEMPLATE_SYSTEM_PROMPTS, PromptFormat
+from lmms_msd.models.prompt import (
+    IMAGE_PLACEHOLDER,
+    TEMPLATE_SYSTEM_PROMPTS,
+    PromptFormat,
+)
 from lmms_msd.testbed.charts import IMAGE_PREFIX, read_conversations
 
 log = logging.getLogger(__name__)
@@ -106,7 +110,7 @@ def train_tokenizer(texts: Iterable[str], folder: str | Path, vocab_size: int, m
     one (a number is a few digit tokens, as in LLaMA's tokenizer), `<s>` prepended; `<unk>`, `<s>`,
     `</s>` first, then `<image>` and `<pad>` added as LLaVA's HF conversion adds them. Saved to
     `folder` (AutoTokenizer loads it) and returned."""
-    from lmms_msd.tiny import add_image_and_pad_tokens, train_byte_bpe
+    from lmms_msd.testbed.tiny import add_image_and_pad_tokens, train_byte_bpe
 
     tokenizer = train_byte_bpe(texts, folder, vocab_size, split_digits=True, model_max_length=model_max_length)
     add_image_and_pad_tokens(tokenizer)
@@ -360,7 +364,7 @@ class _ImageChunks(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image
 
-        from lmms_msd.image import load_image_preprocessor
+        from lmms_msd.models.image import load_image_preprocessor
 
         if self.preprocessor is None:
             self.preprocessor = load_image_preprocessor(self.processor_folder, pad_to_square=False)
@@ -574,8 +578,8 @@ def train_target(
     time_limit_s: stop training early past this many seconds of training (see `train_loop`).
     Returns the metrics also written to out_dir/train_metrics.json.
     """
-    from lmms_msd.image import load_image_preprocessor
-    from lmms_msd.target import Target
+    from lmms_msd.models.image import load_image_preprocessor
+    from lmms_msd.models.target import Target
 
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save_dtype {save_dtype!r} is not one of {sorted(SAVE_DTYPES)}")
@@ -645,9 +649,9 @@ def greedy_samples(out_dir: Path, data_dir: Path, device: str, n: int) -> list[d
     """Reload the saved checkpoint with `load_target` and answer the first n test conversations greedily."""
     from PIL import Image
 
-    from lmms_msd.decoding import plain_generate
-    from lmms_msd.sampling import GenerationConfig
-    from lmms_msd.target_loading import load_target
+    from lmms_msd.models.loading import load_target
+    from lmms_msd.speculative.decoding import plain_generate
+    from lmms_msd.speculative.sampling import GenerationConfig
 
     target = load_target(str(out_dir), device=device, dtype=torch.float32)
     samples = []

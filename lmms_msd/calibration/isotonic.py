@@ -1,0 +1,287 @@
+"""The estimator: draft confidence -> predicted acceptance probability (DESIGN 4.4).
+
+`GroupedIsotonicCalibrator`: one isotonic regression of the label on the confidence per group, a group
+being a token type x an attention bin (bins are quantiles of the visual intensity, fixed at fit time),
+falling back to the token type's fit and then to a global fit when a group has fewer than
+`min_group_size` samples. Follows the scikit-learn estimator contract; persisted as JSON (thresholds,
+bin edges, settings, label), never pickled.
+
+`TorchCalibrator`: the fitted piecewise-linear functions as padded tensors, evaluated in batch on the
+device exactly as scikit-learn's `IsotonicRegression.predict` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+
+from lmms_msd.calibration.observations import (
+    LABELS,
+    Observations,
+)
+from lmms_msd.calibration.token_types import TYPE_NAMES
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("confidence", "token_type", "visual")  # the columns of X for fit / predict
+FORMAT = "lmms-msd-calibrator"
+FORMAT_VERSION = 1
+
+
+def interpolate_thresholds(x: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """scikit-learn's `IsotonicRegression.predict` (out_of_bounds="clip") on its fitted thresholds.
+
+    Clip to [x[0], x[-1]], then scipy's `interp1d(kind="linear")` formula, operation for operation,
+    so the result is the same float for float. x: [T] increasing, y: [T]; t: [n] -> [n]
+    """
+    t = np.clip(np.asarray(t, dtype=x.dtype), x[0], x[-1])
+    if len(x) == 1:
+        return np.repeat(y, t.shape)
+    hi = np.searchsorted(x, t).clip(1, len(x) - 1)
+    lo = hi - 1
+    slope = (y[hi] - y[lo]) / (x[hi] - x[lo])
+    return slope * (t - x[lo]) + y[lo]
+
+
+class GroupedIsotonicCalibrator(BaseEstimator):
+    """One isotonic regression per (token type, attention bin) group, with fall-backs.
+
+    Settings (scikit-learn's contract: stored as given, validated in `fit`):
+      attention_bins   quantile bins of the visual intensity (1: token type only)
+      min_group_size   fewest samples a group needs for its own fit; smaller groups use their
+                       token type's fit, or the global fit when the token type is small too
+      label            which label `fit_observations` fits ("hard" or "soft"), recorded in the file
+      n_types          how many token types (lmms_msd.calibration.token_types)
+    Every fit is `IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0, y_max=1)` of the
+    label on the confidence. X is [n, 3] with columns (confidence, token_type, visual).
+
+    Learned state: bin_edges_ [attention_bins - 1] (interior quantiles; a value equal to an edge
+    falls in the upper bin), models_ (thresholds of each fitted regression and what it covers),
+    group_model_ [n_types, attention_bins] (which model serves each group), n_samples_.
+    """
+
+    def __init__(
+        self, attention_bins: int = 3, min_group_size: int = 50, label: str = "hard", n_types: int = len(TYPE_NAMES)
+    ) -> None:
+        self.attention_bins = attention_bins
+        self.min_group_size = min_group_size
+        self.label = label
+        self.n_types = n_types
+
+    def _check_settings(self) -> None:
+        if int(self.attention_bins) != self.attention_bins or self.attention_bins < 1:
+            raise ValueError(f"attention_bins must be an integer >= 1, got {self.attention_bins!r}")
+        if int(self.min_group_size) != self.min_group_size or self.min_group_size < 1:
+            raise ValueError(f"min_group_size must be an integer >= 1, got {self.min_group_size!r}")
+        if self.label not in LABELS:
+            raise ValueError(f"label must be one of {list(LABELS)}, got {self.label!r}")
+
+    # -- fitting
+    def fit(self, X: np.ndarray, y: np.ndarray) -> GroupedIsotonicCalibrator:
+        """X: [n, 3] (confidence, token_type, visual); y: [n] labels in [0, 1]."""
+        from sklearn.isotonic import IsotonicRegression
+
+        self._check_settings()
+        confidence, types, visual = self._columns(X)
+        y = np.asarray(y, dtype=np.float64)
+        if y.shape != confidence.shape:
+            raise ValueError(f"y has shape {y.shape}, X has {len(confidence)} rows")
+        if len(y) == 0:
+            raise ValueError("no observations to fit: collect some first (a run whose trees were verified at least once)")
+        if self.attention_bins > 1:
+            quantiles = np.linspace(0, 1, self.attention_bins + 1)[1:-1]
+            self.bin_edges_ = np.quantile(visual, quantiles)
+        else:
+            self.bin_edges_ = np.zeros(0)
+        bins = self._bins(visual)
+
+        def fit_one(mask: np.ndarray, name: str, level: str) -> int:
+            regression = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0.0, y_max=1.0)
+            regression.fit(confidence[mask], y[mask])
+            self.models_.append(
+                {"name": name, "level": level, "n": int(mask.sum()),
+                 "x": regression.X_thresholds_.astype(np.float64), "y": regression.y_thresholds_.astype(np.float64)}
+            )  # fmt: skip
+            return len(self.models_) - 1
+
+        self.models_: list[dict[str, Any]] = []
+        global_model = fit_one(np.ones(len(y), dtype=bool), "global", "global")
+        self.group_model_ = np.full((self.n_types, self.attention_bins), global_model, dtype=np.int64)
+        for t in range(self.n_types):
+            in_type = types == t
+            if in_type.sum() < self.min_group_size:
+                continue
+            type_model = fit_one(in_type, f"type={_type_name(t)}", "type")
+            for b in range(self.attention_bins):
+                in_group = in_type & (bins == b)
+                if self.attention_bins > 1 and in_group.sum() >= self.min_group_size:
+                    self.group_model_[t, b] = fit_one(in_group, f"type={_type_name(t)},bin={b}", "group")
+                else:
+                    self.group_model_[t, b] = type_model
+        self.n_samples_ = len(y)
+        return self
+
+    def fit_observations(self, observations: Observations) -> GroupedIsotonicCalibrator:
+        """`fit` on observations' features and their `label` label."""
+        return self.fit(observations.features(), observations.label(self.label))
+
+    def _columns(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(FEATURES):
+            raise ValueError(f"X must be [n, {len(FEATURES)}] with columns {FEATURES}, got shape {X.shape}")
+        confidence, types, visual = X[:, 0], X[:, 1], X[:, 2]
+        if np.any((types < 0) | (types >= self.n_types) | (types != np.round(types))):
+            raise ValueError(f"token types must be integers in [0, {self.n_types}), got {sorted(set(types.tolist()))[:10]}")
+        if self.attention_bins > 1 and np.isnan(visual).any():
+            raise ValueError(
+                f"attention_bins={self.attention_bins} needs the visual attention intensity, but {int(np.isnan(visual).sum())} "
+                "rows lack it: collect observations with track_visual=True, or use attention_bins=1"
+            )
+        return confidence, types.astype(np.int64), visual
+
+    def _bins(self, visual: np.ndarray) -> np.ndarray:
+        if self.attention_bins == 1:
+            return np.zeros(len(visual), dtype=np.int64)
+        return np.searchsorted(self.bin_edges_, visual, side="right")
+
+    # -- prediction
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "models_"):
+            raise RuntimeError("this calibrator is not fitted: call fit (or load a fitted one) first")
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """X: [n, 3] (confidence, token_type, visual) -> predicted acceptance probabilities [n] float64."""
+        self._check_fitted()
+        confidence, types, visual = self._columns(X)
+        which = self.group_model_[types, self._bins(visual)]
+        out = np.empty(len(confidence), dtype=np.float64)
+        for index in np.unique(which):
+            rows = which == index
+            model = self.models_[index]
+            out[rows] = interpolate_thresholds(model["x"], model["y"], confidence[rows])
+        return out
+
+    def predict_observations(self, observations: Observations) -> np.ndarray:
+        return self.predict(observations.features())
+
+    def to_torch(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> TorchCalibrator:
+        self._check_fitted()
+        return TorchCalibrator(self, torch.device(device), dtype)
+
+    # -- persistence
+    def to_dict(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "settings": self.get_params(),
+            "fitted_on": self.label,
+            "features": list(FEATURES),
+            "type_names": list(TYPE_NAMES[: self.n_types]) if self.n_types == len(TYPE_NAMES) else None,
+            "n_samples": self.n_samples_,
+            "bin_edges": self.bin_edges_.tolist(),
+            "group_model": self.group_model_.tolist(),
+            "models": [{**m, "x": m["x"].tolist(), "y": m["y"].tolist()} for m in self.models_],
+        }
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the fitted calibrator as JSON (floats round-trip exactly); `extra` goes under "info"."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        if extra:
+            data["info"] = extra
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "calibrator") -> GroupedIsotonicCalibrator:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not an lmms-msd calibrator (format {data.get('format')!r}, expected {FORMAT!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{source} has calibrator format version {data.get('version')}; this lmms-msd reads {FORMAT_VERSION}"
+            )
+        calibrator = cls(**data["settings"])
+        calibrator._check_settings()
+        calibrator.bin_edges_ = np.array(data["bin_edges"], dtype=np.float64)
+        calibrator.group_model_ = np.array(data["group_model"], dtype=np.int64)
+        calibrator.models_ = [
+            {**m, "x": np.array(m["x"], dtype=np.float64), "y": np.array(m["y"], dtype=np.float64)} for m in data["models"]
+        ]
+        calibrator.n_samples_ = int(data["n_samples"])
+        shape = (calibrator.n_types, calibrator.attention_bins)
+        if calibrator.group_model_.shape != shape or calibrator.bin_edges_.shape != (calibrator.attention_bins - 1,):
+            raise ValueError(f"{source}: group_model / bin_edges do not match the settings {data['settings']}")
+        if not all(0 <= i < len(calibrator.models_) for i in calibrator.group_model_.flatten()):
+            raise ValueError(f"{source}: group_model names models that are not in the file")
+        return calibrator
+
+    @classmethod
+    def load(cls, path: str | Path) -> GroupedIsotonicCalibrator:
+        """Read a calibrator JSON file (plain JSON: loading never runs or unpickles anything)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no calibrator file {path}; fit one with `lmms-msd calibrate --output {path}`")
+        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+
+
+def _type_name(t: int) -> str:
+    return TYPE_NAMES[t] if t < len(TYPE_NAMES) else str(t)
+
+
+class TorchCalibrator:
+    """A fitted calibrator's functions as padded tensors, evaluated in batch on the device.
+
+    x_, y_: [models, T] thresholds, each row padded by repeating its last point (so it stays sorted
+    and `searchsorted` finds the same segment); sizes_: [models] true lengths.
+    """
+
+    def __init__(self, calibrator: GroupedIsotonicCalibrator, device: torch.device, dtype: torch.dtype) -> None:
+        models = calibrator.models_
+        width = max(2, *(len(m["x"]) for m in models))  # at least one segment, even for constant fits
+
+        def padded(key: str) -> torch.Tensor:
+            rows = [np.concatenate([m[key], np.repeat(m[key][-1:], width - len(m[key]))]) for m in models]
+            return torch.tensor(np.stack(rows), dtype=dtype, device=device)
+
+        self.x, self.y = padded("x"), padded("y")
+        self.sizes = torch.tensor([len(m["x"]) for m in models], device=device)
+        self.group_model = torch.tensor(calibrator.group_model_, device=device)  # [types, bins]
+        self.bin_edges = torch.tensor(calibrator.bin_edges_, dtype=dtype, device=device)
+        self.attention_bins = calibrator.attention_bins
+
+    @property
+    def needs_visual(self) -> bool:
+        return self.attention_bins > 1
+
+    def __call__(self, confidence: torch.Tensor, types: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """confidence, types (long), visual: same shape [...] (visual may be None with one bin) -> [...]"""
+        if self.needs_visual:
+            if visual is None:
+                raise ValueError(
+                    f"this calibrator has {self.attention_bins} attention bins and needs the draft's visual attention: "
+                    "decode with speculative_generate(..., track_visual=True)"
+                )
+            bins = torch.searchsorted(self.bin_edges, visual.to(self.bin_edges.dtype).contiguous(), right=True)
+        else:
+            bins = torch.zeros_like(types)
+        which = self.group_model[types, bins].flatten()  # [n]
+        t = confidence.to(self.x.dtype).flatten()
+        x, y, size = self.x[which], self.y[which], self.sizes[which]  # [n, T], [n, T], [n]
+        t = torch.minimum(torch.maximum(t, x[:, 0]), x[:, -1])  # rows are padded with their last point
+        hi = torch.searchsorted(x, t[:, None]).squeeze(1)
+        hi = torch.minimum(hi.clamp(min=1), (size - 1).clamp(min=1))
+        lo = hi - 1
+        x_lo, x_hi = x.gather(1, lo[:, None])[:, 0], x.gather(1, hi[:, None])[:, 0]
+        y_lo, y_hi = y.gather(1, lo[:, None])[:, 0], y.gather(1, hi[:, None])[:, 0]
+        single = size == 1
+        slope = (y_hi - y_lo) / torch.where(single, torch.ones_like(x_hi), x_hi - x_lo)
+        out = torch.where(single, y[:, 0], slope * (t - x_lo) + y_lo)
+        return out.view(confidence.shape)

@@ -1,0 +1,2 @@
+"""The `lmms-msd` command line (`cli`) and its subcommands, one module each.
+"""

@@ -1,0 +1,789 @@
+"""`lmms-msd bench`: plain vs speculative decoding, timed on the same prompts.
+
+Methods (`--methods`, every one by default):
+
+    hf_generate  transformers' own `generate` on the same target (greedy only): the outside reference
+    plain        `plain_generate`: one target forward per token, the reference the others must equal
+    eagle2       speculative decoding, EAGLE-2 tree
+    opt          speculative decoding, OPT-Tree on the raw draft confidence
+    opt_cal      speculative decoding, OPT-Tree on the calibrator's predicted acceptance
+
+Every method decodes every request from the same embedded prompt (image preprocessing and the vision
+tower are done once per request, untimed: they are the same for all methods). Timing:
+
+- the first `--warmup` requests run once through every method first, untimed (allocator, kernels, caches);
+- each request then runs `--repeats` times through every method, the methods interleaved so that a
+  drift of the machine falls on all of them alike; each run is timed with `time.perf_counter` between
+  device synchronisations; a request's time is the median of its repeats;
+- per method: ms/token = the sum of the request medians / the new tokens * 1000; tokens/s; speedups are
+  ratios of ms/token (so they stay right when sampling gives the methods different lengths);
+- one more run per request with `profile=True` (the device synchronised at every phase boundary,
+  which slows it, so it is not among the timed runs) splits the time into drafting, verification
+  (target forwards after the prefill), other loop work (acceptance, stop checks, cache keeping, draft
+  advance) and the prefill, as shares of that run's wall time. The same run also records, through the
+  loop's `observer` hook, what the trees looked like (speculative methods): draft nodes per step (root
+  excluded), the depth of the deepest node per step, the share of steps whose accepted path reached that
+  deepest level ("bottom %": the tree was not deep enough for what the target would have taken), and the
+  builder's own expected accepted length (the sum of its node weights) per step, to set against alpha.
+
+At temperature 0 every run of every method (repeats and profiled run included) must give plain
+decoding's first run's token ids on every request: a speculative method that does not is marked and
+the command exits 1. hf_generate's differences are reported but do not fail the run (its kernels and
+cache are transformers', not ours). At a positive temperature the methods sample (each request from a
+generator seeded with `--seed` + its index) and nothing is compared; hf_generate is skipped.
+
+`--engine static` runs plain and speculative decoding through `lmms_msd.speculative.fast.StaticEngine`
+(preallocated caches, CUDA graphs on cuda); hf_generate is the same in both engines. `--inflate 7b`
+(or HIDDENxLAYERS) replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`):
+about 7B's cost per forward, the miniature's outputs. `--stop_delta`, `--node_budget`, `--max_depth`,
+`--top_k` and `--opt_variant` set OPT-Tree's settings for opt and opt_cal (default: `OptTree`'s; the
+plugin's model_args of the same names); `--calibrator_mode` how opt_cal's calibrator scores nodes
+(`weight`, or the thesis's logit `tilt`: `lmms_msd.calibration.scorer.calibrated_scorer`).
+
+Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
+numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
+installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from lmms_msd.models.target import EmbeddedPrompt, Target
+    from lmms_msd.speculative.decoding import GenerationResult
+    from lmms_msd.speculative.sampling import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("hf_generate", "plain", "eagle2", "opt", "opt_cal")
+REFERENCE = "plain"
+HF = "hf_generate"
+SPECULATIVE = ("eagle2", "opt", "opt_cal")
+ENGINES = ("eager", "static")
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TASK = "msd_chartqa_synth_long"
+DEFAULT_INCLUDE_PATH = REPO / "tasks"  # the repository's local tasks (absent from an installed wheel)
+DEFAULT_MAX_NEW_TOKENS = 256  # the long-answer task's setting, for a data folder
+FILES = ("bench.json", "bench.md", "bench.png")
+
+# (prompt, config, generator, profile, observer) -> result; the observer is called after every verification
+# (`lmms_msd.speculative.decoding.StepObserver`; ignored by hf_generate and plain)
+RunFn = Callable[["EmbeddedPrompt", "GenerationConfig", "torch.Generator | None", bool, "Callable | None"], "GenerationResult"]
+
+
+# ---- requests ------------------------------------------------------------------------------------------
+@dataclass
+class BenchRequest:
+    """One prompt: a question (the text the plugin would get as context) and its images."""
+
+    doc_id: int
+    context: str
+    images: list[Image.Image]
+
+
+def requests_from_data_dir(data_dir: Path, split: str, style: str, limit: int) -> list[BenchRequest]:
+    """The LLaVA conversation records of a chart data folder (`lmms-msd make-charts`), read as
+    `lmms-msd calibrate` reads them: the first human turn, the record's image."""
+    from PIL import Image
+
+    from lmms_msd.commands.calibrate import load_records, question_of
+
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"--data_dir {data_dir}: no such folder; write one with `lmms-msd make-charts --out {data_dir}`, "
+            "or pass --task/--include_path"
+        )
+    requests = []
+    for i, record in enumerate(load_records(data_dir, split, style, limit)):
+        images = []
+        if record.get("image"):
+            with Image.open(data_dir / record["image"]) as image:
+                images.append(image.convert("RGB"))
+        requests.append(BenchRequest(i, question_of(record), images))
+    return requests
+
+
+def find_task_yaml(task: str, include_path: Path) -> Path:
+    """The YAML under `include_path` whose `task:` is `task`."""
+    from lmms_eval.utils import load_yaml_config
+
+    if not include_path.is_dir():
+        raise FileNotFoundError(f"--include_path {include_path}: no such folder")
+    for path in sorted(include_path.rglob("*.yaml")):
+        try:
+            config = load_yaml_config(str(path), mode="simple")
+        except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:
+            log.debug("skipping %s: %s", path, error)
+            continue
+        if isinstance(config, dict) and config.get("task") == task:
+            return path
+    raise FileNotFoundError(f"no task {task!r} in the YAML files under {include_path}; pass --include_path <folder of its YAML>")
+
+
+def requests_from_task(task: str, include_path: Path, limit: int) -> tuple[list[BenchRequest], dict[str, Any]]:
+    """The first `limit` documents of a task's test split, made into requests as lmms-eval makes them for
+    the plugin (doc_to_text with the task's default lmms_eval_specific_kwargs, doc_to_visual), and the
+    task's gen_kwargs (with lmms-eval's default stop string when it names none)."""
+    from datasets import load_dataset
+    from lmms_eval.utils import load_yaml_config
+
+    from lmms_msd.lmms_eval.plugin import request_images
+
+    path = find_task_yaml(task, include_path)
+    config = load_yaml_config(str(path), mode="full")
+    kwargs = dict(config.get("dataset_kwargs") or {})
+    data_files = kwargs.get("data_files")
+    if isinstance(data_files, dict):
+        kwargs["data_files"] = {k: str(path.parent / v) for k, v in data_files.items()}
+    elif isinstance(data_files, str):
+        kwargs["data_files"] = str(path.parent / data_files)
+    split = config.get("test_split") or "test"
+    dataset = load_dataset(config["dataset_path"], name=config.get("dataset_name"), split=split, **kwargs)
+    doc_to_text, doc_to_visual = config.get("doc_to_text"), config.get("doc_to_visual")
+    if not callable(doc_to_text) or not callable(doc_to_visual):
+        raise ValueError(f"task {task} ({path}): bench needs doc_to_text and doc_to_visual given as !function")
+    specific = (config.get("lmms_eval_specific_kwargs") or {}).get("default")
+    requests = []
+    for doc_id in range(min(limit, len(dataset))):
+        doc = dataset[doc_id]
+        context = doc_to_text(doc, specific) if specific is not None else doc_to_text(doc)
+        requests.append(BenchRequest(doc_id, context, request_images(doc_to_visual, doc)))
+    gen_kwargs = dict(config.get("generation_kwargs") or {})
+    gen_kwargs.setdefault("until", [config.get("fewshot_delimiter", "\n\n")])  # lmms-eval's default
+    return requests, gen_kwargs
+
+
+# ---- the pair and the methods ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """One way to decode. kind: "hf" (transformers' generate), "plain" or "speculative"; tau and the
+    phases are reported for plain and speculative methods, losslessness is enforced on speculative ones."""
+
+    name: str
+    kind: str
+    run: RunFn
+
+
+def load_pair(args: argparse.Namespace, need_draft: bool, shape=None):
+    """(target, draft or None) as the plugin would load them, embedded into `shape` (a
+    `lmms_msd.testbed.inflate.TextShape`) when given."""
+    from lmms_msd.models.draft import check_draft_fits, load_draft
+    from lmms_msd.models.loading import load_target
+
+    target = load_target(args.pretrained, device=args.device, dtype=args.dtype)
+    draft = None
+    if need_draft:
+        draft = load_draft(args.msd_model_path, device=target.device, dtype=target.dtype)
+        check_draft_fits(draft, target.hidden_size, target.vocab_size)
+    if shape is not None:
+        from lmms_msd.testbed.inflate import inflate_pair, inflate_target
+
+        target, draft = inflate_pair(target, draft, shape) if draft is not None else (inflate_target(target, shape), None)
+        log.info("inflated the pair to %s", shape)
+    return target, draft
+
+
+def inflation_shape(name: str):
+    """The `TextShape` --inflate names ("7b" or HIDDENxLAYERS), from `lmms_msd.testbed.inflate`, imported
+    only when --inflate asks for it."""
+    try:
+        module = importlib.import_module("lmms_msd.testbed.inflate")
+    except ImportError as error:
+        raise SystemExit(f"lmms-msd bench: --inflate needs lmms_msd.testbed.inflate, which cannot be imported ({error})") from error
+    try:
+        return module.shape_from_name(name)
+    except ValueError as error:
+        raise SystemExit(f"lmms-msd bench: --inflate {name}: {error}") from error
+
+
+def static_engine_class():
+    """`lmms_msd.speculative.fast.StaticEngine`, imported only for --engine static."""
+    try:
+        return importlib.import_module("lmms_msd.speculative.fast").StaticEngine
+    except (ImportError, AttributeError) as error:
+        raise SystemExit(
+            f"lmms-msd bench: --engine static needs lmms_msd.speculative.fast.StaticEngine, which cannot be imported ({error}); "
+            "use --engine eager"
+        ) from error
+
+
+def tree_builders(
+    names, target, calibrator: str | None, opt_settings: dict[str, Any] | None = None, calibrator_mode: str = "weight"
+) -> dict[str, Any]:
+    """name -> (tree builder, whether the drafter must track visual attention), the plugin's defaults;
+    opt_settings (OptTree's fields, e.g. {"stop_delta": 0.2, "variant": "upstream"}) replace OPT-Tree's
+    defaults for opt and opt_cal alike; calibrator_mode is opt_cal's."""
+    from lmms_msd.speculative.tree import EagleTree, OptTree
+
+    opt_tree = OptTree(**(opt_settings or {}))
+    trees: dict[str, Any] = {}
+    if "eagle2" in names:
+        trees["eagle2"] = (EagleTree(), False)
+    if "opt" in names:
+        trees["opt"] = (opt_tree, False)
+    if "opt_cal" in names:
+        from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+        from lmms_msd.calibration.scorer import calibrated_tree
+        from lmms_msd.calibration.token_types import token_type_table
+
+        types = token_type_table(target.tokenizer, target.vocab_size)
+        tree = calibrated_tree(opt_tree, GroupedIsotonicCalibrator.load(calibrator), types, target.device, calibrator_mode)
+        trees["opt_cal"] = (tree, tree.scorer.needs_visual)
+    return trees
+
+
+def tree_settings(tree) -> dict[str, Any]:
+    """A tree builder's settings for the JSON (its scorer by name)."""
+    from dataclasses import fields
+
+    settings: dict[str, Any] = {"kind": type(tree).__name__}
+    for f in fields(tree):
+        value = getattr(tree, f.name)
+        settings[f.name] = value if isinstance(value, (int, float, str)) else getattr(value, "__name__", repr(value))
+    return settings
+
+
+def hf_generate_method(target: Target) -> Method:
+    """transformers' `generate` from the same input embeddings, cut where our stopping rule cuts."""
+    import torch
+
+    from lmms_msd.speculative.decoding import DecodeStats, GenerationResult
+    from lmms_msd.speculative.stopping import Stopper
+
+    @torch.inference_mode()
+    def run(prompt, config, generator, profile, observer=None):
+        if not config.greedy:
+            raise ValueError("hf_generate is benchmarked greedy only")
+        stop_strings = {"stop_strings": list(config.until), "tokenizer": target.tokenizer} if config.until else {}
+        mask = torch.ones(prompt.inputs_embeds.shape[:2], dtype=torch.long, device=target.device)
+        start = time.perf_counter()
+        out = target.model.generate(
+            inputs_embeds=prompt.inputs_embeds, attention_mask=mask, max_new_tokens=config.max_new_tokens,
+            do_sample=False, eos_token_id=target.eos_token_id, pad_token_id=target.eos_token_id, **stop_strings,
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        # from inputs_embeds alone, generate returns the new tokens only (the prompt has no ids to echo)
+        if out.shape[1] > config.max_new_tokens:
+            raise RuntimeError(
+                f"hf_generate returned {out.shape[1]} tokens for max_new_tokens={config.max_new_tokens}: "
+                "this transformers version echoes the prompt; the comparison would be wrong"
+            )
+        tokens = out[0].tolist()
+        stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
+        del tokens[stopper.first_stop(tokens, 0) or len(tokens) :]
+        return GenerationResult(stopper.text(tokens), tokens, DecodeStats(new_tokens=len(tokens), wall_s=wall))
+
+    return Method(HF, "hf", run)
+
+
+def eager_methods(target, draft, trees) -> dict[str, Method]:
+    from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+
+    def plain(p, c, g, profile, observer=None):
+        return plain_generate(target, p, c, g, profile=profile)
+
+    methods = {REFERENCE: Method(REFERENCE, "plain", plain)}
+    for name, (tree, track_visual) in trees.items():
+
+        def run(p, c, g, profile, observer=None, tree=tree, track_visual=track_visual):
+            return speculative_generate(target, draft, p, c, tree, g, observer, track_visual=track_visual, profile=profile)
+
+        methods[name] = Method(name, "speculative", run)
+    return methods
+
+
+def static_methods(engine_class, target, draft, trees, max_length: int) -> dict[str, Method]:
+    engine = engine_class(target, draft, max_length=max_length, cuda_graphs=None)  # CUDA graphs: on when cuda
+
+    def plain(p, c, g, profile, observer=None):
+        return engine.plain_generate(p, c, generator=g, profile=profile)
+
+    methods = {REFERENCE: Method(REFERENCE, "plain", plain)}
+    for name, (tree, track_visual) in trees.items():
+
+        def run(p, c, g, profile, observer=None, tree=tree, track_visual=track_visual):
+            return engine.speculative_generate(p, c, tree, generator=g, observer=observer, profile=profile, track_visual=track_visual)
+
+        methods[name] = Method(name, "speculative", run)
+    return methods
+
+
+def build_methods(names, target, draft, trees, engine_class=None, max_length: int = 2048) -> list[Method]:
+    """The methods in `names`; plain and speculative decoding run in `engine_class` (a StaticEngine class)
+    when given, else in lmms_msd.speculative.decoding."""
+    if engine_class is None:
+        built = eager_methods(target, draft, trees)
+    else:
+        built = static_methods(engine_class, target, draft, trees, max_length)
+    built[HF] = hf_generate_method(target)
+    return [built[name] for name in names]
+
+
+# ---- timing ------------------------------------------------------------------------------------------------
+@dataclass
+class TreeStats:
+    """Sums over the steps of one run, recorded by the decoding loop's observer (the profiled run only: it
+    reads the device once per step).
+
+    Example: a step over a tree of 6 draft nodes whose deepest is at depth 3, with 3 nodes accepted, adds
+    1 step, 6 nodes, depth 3 and 1 bottom step (the path reached depth 3: a deeper tree might have given more).
+    """
+
+    steps: int = 0
+    nodes: int = 0  # draft nodes (root excluded)
+    depth: int = 0  # the deepest node's depth
+    bottom: int = 0  # steps whose accepted path reached the deepest node's depth
+    expected: float = 0.0  # the builder's expected accepted length: the sum of the draft nodes' weights exp(score)
+
+    def __call__(self, tree, logits, acceptance) -> None:
+        import torch
+
+        deepest, expected = torch.stack([tree.depths.max().float(), tree.scores[1:].exp().sum().float()]).tolist()
+        self.steps += 1
+        self.nodes += len(tree) - 1
+        self.depth += int(deepest)
+        self.bottom += int(acceptance.accepted >= deepest > 0)
+        self.expected += expected
+
+
+@dataclass
+class Run:
+    """One method on one request: the median wall time of the timed repeats, the statistics of the first,
+    and the phases of the profiled run (None for hf_generate)."""
+
+    new_tokens: int
+    wall_s: float  # median of wall_s_repeats
+    wall_s_repeats: list[float]
+    steps: int
+    accepted: int  # draft tokens accepted over the request
+    text: str
+    identical: bool | None = None  # every run's token ids equal plain's first run's; None: not compared
+    phases: dict[str, float] | None = None  # draft_s, verify_s, other_s, prefill_s, wall_s of the profiled run
+    trees: TreeStats | None = None  # the profiled run's trees (speculative methods)
+
+
+def timed_run(method: Method, prompt, config, seed: int, device, profile: bool = False, observer=None) -> tuple[Any, float]:
+    """One run between device synchronisations: (result, seconds)."""
+    import torch
+
+    from lmms_msd.speculative.decoding import _synchronize
+
+    generator = None if config.greedy else torch.Generator(device).manual_seed(seed)
+    _synchronize(device)
+    start = time.perf_counter()
+    result = method.run(prompt, config, generator, profile, observer)
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def measure_request(methods: list[Method], prompt, config, seed: int, repeats: int, device) -> dict[str, Run]:
+    results: dict[str, list] = {m.name: [] for m in methods}
+    seconds: dict[str, list[float]] = {m.name: [] for m in methods}
+    for _ in range(repeats):
+        for method in methods:  # interleaved: a drift of the machine falls on every method alike
+            result, wall = timed_run(method, prompt, config, seed, device)
+            results[method.name].append(result)
+            seconds[method.name].append(wall)
+    runs = {}
+    for method in methods:
+        first = results[method.name][0]
+        run = Run(
+            new_tokens=first.stats.new_tokens, wall_s=statistics.median(seconds[method.name]),
+            wall_s_repeats=seconds[method.name], steps=first.stats.steps, accepted=sum(first.stats.accepted), text=first.text,
+        )  # fmt: skip
+        if method.kind != "hf":
+            trees = TreeStats() if method.kind == "speculative" else None
+            profiled, _ = timed_run(method, prompt, config, seed, device, profile=True, observer=trees)
+            run.trees = trees
+            s = profiled.stats
+            run.phases = {"draft_s": s.draft_s, "verify_s": s.verify_s, "other_s": s.other_s, "prefill_s": s.prefill_s, "wall_s": s.wall_s}
+            results[method.name].append(profiled)
+        runs[method.name] = run
+    if config.greedy and REFERENCE in results:
+        reference = results[REFERENCE][0].token_ids
+        for method in methods:
+            runs[method.name].identical = all(r.token_ids == reference for r in results[method.name])
+    return runs
+
+
+def bench(methods: list[Method], target, requests: list[BenchRequest], config, *, warmup: int, repeats: int, seed: int,
+          progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """Warm up, then time every request through every method: per request {doc_id, context, prompt_tokens, runs}."""
+    from tqdm import tqdm
+
+    prompts = [target.prepare(r.context, r.images) for r in requests]
+    for i, prompt in enumerate(prompts[:warmup]):
+        for method in methods:
+            timed_run(method, prompt, config, seed + i, target.device)
+    log.info("warmed up on %d request(s)", min(warmup, len(prompts)))
+    measured = []
+    for i, (request, prompt) in enumerate(tqdm(list(zip(requests, prompts)), desc="bench", disable=not progress)):
+        runs = measure_request(methods, prompt, config, seed + i, repeats, target.device)
+        measured.append({"doc_id": request.doc_id, "context": request.context, "prompt_tokens": int(prompt.input_ids.shape[0]),
+                         "runs": runs})  # fmt: skip
+    return measured
+
+
+# ---- totals --------------------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """One method over all requests."""
+
+    method: str
+    requests: int
+    new_tokens: int
+    wall_s: float  # sum of the request medians
+    ms_per_token: float
+    tokens_per_s: float
+    tau: float | None  # committed tokens per step (plain: 1); None for hf_generate
+    alpha: float | None  # accepted draft tokens per step
+    shares: dict[str, float] | None  # draft, verify, other, prefill: shares of the profiled runs' wall time
+    identical: bool | None  # None: not compared (sampling, or no plain method)
+    differing_doc_ids: list[int] = field(default_factory=list)
+    speedup_vs_plain: float | None = None  # plain's ms/token / this method's
+    speedup_vs_hf_generate: float | None = None
+    # the profiled runs' trees (speculative methods; `TreeStats`): per step, over all requests
+    nodes_per_step: float | None = None  # draft nodes
+    depth_per_step: float | None = None  # the deepest node's depth
+    bottom_share: float | None = None  # share of steps whose accepted path reached the deepest node
+    expected_alpha: float | None = None  # the builder's own expected accepted length (sum of node weights)
+
+
+def summarise(methods: list[Method], measured: list[dict[str, Any]]) -> list[Summary]:
+    summaries = []
+    for method in methods:
+        runs = [(m["doc_id"], m["runs"][method.name]) for m in measured]
+        tokens = sum(r.new_tokens for _, r in runs)
+        wall = sum(r.wall_s for _, r in runs)
+        steps, accepted = sum(r.steps for _, r in runs), sum(r.accepted for _, r in runs)
+        alpha = accepted / steps if steps and method.kind != "hf" else None
+        shares = None
+        if method.kind != "hf":
+            total = sum(r.phases["wall_s"] for _, r in runs)
+            shares = {k: sum(r.phases[f"{k}_s"] for _, r in runs) / total for k in ("draft", "verify", "other", "prefill")}
+        compared = [r.identical for _, r in runs]
+        trees = tree_totals([r.trees for _, r in runs]) if method.kind == "speculative" else {}
+        summaries.append(Summary(
+            method=method.name, requests=len(runs), new_tokens=tokens, wall_s=wall,
+            ms_per_token=1000 * wall / tokens if tokens else float("nan"), tokens_per_s=tokens / wall if wall else 0.0,
+            tau=None if alpha is None else alpha + 1, alpha=alpha, shares=shares,
+            identical=None if None in compared else all(compared),
+            differing_doc_ids=[doc_id for doc_id, r in runs if r.identical is False], **trees,
+        ))  # fmt: skip
+    by_name = {s.method: s for s in summaries}
+    for s in summaries:
+        for reference, attribute in ((REFERENCE, "speedup_vs_plain"), (HF, "speedup_vs_hf_generate")):
+            if reference in by_name:
+                setattr(s, attribute, by_name[reference].ms_per_token / s.ms_per_token)
+    return summaries
+
+
+def tree_totals(stats: list[TreeStats | None]) -> dict[str, float]:
+    """Summary's per-step tree fields from the requests' `TreeStats` (empty when none was recorded)."""
+    if any(s is None for s in stats):
+        return {}
+    steps = sum(s.steps for s in stats)
+    if not steps:
+        return {}
+    return {"nodes_per_step": sum(s.nodes for s in stats) / steps, "depth_per_step": sum(s.depth for s in stats) / steps,
+            "bottom_share": sum(s.bottom for s in stats) / steps, "expected_alpha": sum(s.expected for s in stats) / steps}  # fmt: skip
+
+
+def lossless_failures(summaries: list[Summary]) -> list[Summary]:
+    """Speculative methods whose greedy outputs differ from plain decoding's."""
+    return [s for s in summaries if s.method in SPECULATIVE and s.identical is False]
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _identical_text(s: Summary, greedy: bool) -> str:
+    if s.identical is None:
+        return "not checked (sampling)" if not greedy else "not checked (no plain)"
+    return "yes" if s.identical else f"**NO** (docs {', '.join(map(str, s.differing_doc_ids))})"
+
+
+def markdown_table(summaries: list[Summary], greedy: bool) -> str:
+    lines = [
+        (
+            "| method | ms/token | tokens/s | speedup vs plain | speedup vs hf_generate | tau | alpha | draft % | verify % | "
+            "other % | prefill % | nodes/step | depth/step | bottom % | expected alpha | identical |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        shares = [None] * 4 if s.shares is None else [100 * s.shares[k] for k in ("draft", "verify", "other", "prefill")]
+        lines.append(
+            f"| {s.method} | {s.ms_per_token:.2f} | {s.tokens_per_s:.1f} | {_num(s.speedup_vs_plain, '.2f', 'x')} | "
+            f"{_num(s.speedup_vs_hf_generate, '.2f', 'x')} | {_num(s.tau, '.2f')} | {_num(s.alpha, '.2f')} | "
+            + " | ".join(_num(v, ".1f") for v in shares)
+            + f" | {_num(s.nodes_per_step, '.1f')} | {_num(s.depth_per_step, '.2f')} | "
+            + f"{_num(None if s.bottom_share is None else 100 * s.bottom_share, '.1f')} | {_num(s.expected_alpha, '.2f')}"
+            + f" | {_identical_text(s, greedy)} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    c = report["config"]
+    summaries = [Summary(**s) for s in report["methods"]]
+    greedy = report["greedy"]
+    source = f"task {c['task']} ({c['include_path']})" if c["task"] else f"data folder {c['data_dir']} ({c['split']}, {c['style']})"
+    pair = f"Pair: {c['pretrained']} + {c['msd_model_path']}" + (f", inflated to {c['inflate']}" if c["inflate"] else "")
+    m = report["machine"]
+    trees = "".join(f" {name}: " + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "scorer")) + "."
+                    for name, t in report["trees"].items())  # fmt: skip
+    parts = [
+        "# lmms-msd bench",
+        f"{pair}. Calibrator: {c['calibrator'] or 'none'}. Engine: {c['engine']}.{trees}",
+        f"Machine: {m['device_name']} ({c['device']}, {m['dtype']}); torch {m['torch']}, transformers {m['transformers']}.",
+        (
+            f"Requests: {report['requests']} from {source}; max_new_tokens {report['generation']['max_new_tokens']}, "
+            f"temperature {c['temperature']:g}, stop strings {json.dumps(report['generation']['until'])}; "
+            f"warm-up {c['warmup']} request(s), median of {c['repeats']} repeat(s)."
+        ),
+        markdown_table(summaries, greedy),
+        (
+            "ms/token: the sum over requests of the median wall time of the repeats, over the new tokens. Speedups are "
+            "ratios of ms/token. Phase shares come from one extra profiled run per request (device synchronised "
+            "between phases) and are shares of that run's wall time; other = acceptance, stop checks, cache keeping "
+            "and the draft's advance over the committed tokens. tau = committed tokens per step, alpha = tau - 1. "
+            "The tree columns come from the same profiled runs, per step: draft nodes (root excluded), the depth of the "
+            "deepest node, the share of steps whose accepted path reached that depth (bottom %), and the tree "
+            "builder's own expected accepted length (the sum of its node weights: raw draft confidences for eagle2 "
+            "and opt, calibrated ones for opt_cal) to set against alpha."
+        ),
+    ]
+    if not greedy:
+        parts.append(f"Outputs were not compared: at temperature {c['temperature']:g} the methods sample; hf_generate is greedy only.")
+    else:
+        failed = lossless_failures(summaries)
+        if failed:
+            parts.append("**Speculative decoding differs from plain decoding at temperature 0:** "
+                         + "; ".join(f"{s.method} on docs {s.differing_doc_ids}" for s in failed))  # fmt: skip
+        elif REFERENCE not in {s.method for s in summaries}:
+            parts.append("Outputs were not compared: plain decoding, the reference, was not among the methods.")
+        else:
+            parts.append("At temperature 0 every speculative method gave plain decoding's token ids on every request.")
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(summaries: list[Summary], path: Path) -> bool:
+    """A bar chart of ms/token per method; False when matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.2 * len(summaries) + 2, 3.2), dpi=110)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    bars = ax.bar([s.method for s in summaries], [s.ms_per_token for s in summaries],
+                  color=[f"C{i}" for i in range(len(summaries))], hatch=None)  # fmt: skip
+    for bar, s in zip(bars, summaries):
+        if s.speedup_vs_plain is not None:
+            ax.annotate(f"{s.speedup_vs_plain:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("ms / token (lower is faster)")
+    ax.set_title("lmms-msd bench (labels: speedup vs plain)", fontsize=9)
+    fig.tight_layout()
+    canvas.print_png(str(path))
+    return True
+
+
+def machine(target) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    device = target.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return {"device_name": name, "dtype": str(target.dtype).removeprefix("torch."), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}  # fmt: skip
+
+
+def write_outputs(report: dict[str, Any], output_dir: Path) -> str:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown_report(report)
+    (output_dir / "bench.md").write_text(text)
+    (output_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not plot([Summary(**s) for s in report["methods"]], output_dir / "bench.png"):
+        log.info("matplotlib is not installed: no bench.png")
+    return text
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--methods takes a comma list of {', '.join(METHODS)}; got {text!r}")
+    return [m for m in METHODS if m in names]  # the table's order, duplicates dropped
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--pretrained", default=None, help="target folder or hub id (default: the bundled miniature)")
+    parser.add_argument("--msd_model_path", default=None, help="MSD draft folder or hub id (default: the bundled miniature's)")
+    parser.add_argument("--calibrator", default=None, help="opt_cal's calibrator JSON (default with the bundled pair: its own)")
+    source = parser.add_argument_group("prompts (default: the repository's long-answer chart task)")
+    source.add_argument("--data_dir", type=Path, default=None, help="a chart data folder (`lmms-msd make-charts`): llava_<split>.json + images")
+    source.add_argument("--split", default="test", help="the data folder's split [test]")
+    source.add_argument("--style", default="long", choices=("long", "short", "all"), help="the data folder's answer style [long]")
+    source.add_argument("--task", default=None, help=f"an lmms-eval task with local data [{DEFAULT_TASK}]")
+    source.add_argument("--include_path", type=Path, default=None, help="the folder of the task's YAML [the repository's tasks/]")
+    parser.add_argument("--limit", type=int, default=20, help="requests [20]")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help=f"[the task's; {DEFAULT_MAX_NEW_TOKENS} for a data folder]")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, outputs checked against plain [0]")
+    parser.add_argument("--seed", type=int, default=0, help="sampling: request i draws from seed + i [0]")
+    parser.add_argument("--warmup", type=int, default=2, help="requests run once, untimed, before timing [2]")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per request and method; the median counts [3]")
+    parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help=f"comma list [{','.join(METHODS)}]")
+    opt = parser.add_argument_group("OPT-Tree's settings, for opt and opt_cal [OptTree's defaults]")
+    opt.add_argument("--stop_delta", type=float, default=None, help="early-stop threshold on the expected accepted length")
+    opt.add_argument("--node_budget", type=int, default=None, help="draft nodes kept (the root not counted)")
+    opt.add_argument("--max_depth", type=int, default=None, help="the deepest a node can be")
+    opt.add_argument("--top_k", type=int, default=None, help="frontier width and children per frontier node")
+    opt.add_argument("--opt_variant", default=None, help="upstream or frontier (lmms_msd.speculative.tree.OptTree)")
+    opt.add_argument(
+        "--calibrator_mode", default="weight", choices=("weight", "tilt"),
+        help="opt_cal: the calibrated probability as the node weight, or the thesis's tilt of the draft's logits [weight]",
+    )  # fmt: skip
+    parser.add_argument("--engine", default="eager", choices=ENGINES, help="eager: lmms_msd.speculative.decoding; static: lmms_msd.speculative.fast [eager]")
+    parser.add_argument("--max_length", type=int, default=2048, help="--engine static: the preallocated cache length [2048]")
+    parser.add_argument(
+        "--inflate", default=None,
+        help='benchmark the pair embedded into a bigger shape computing the same function: "7b" or HIDDENxLAYERS, e.g. 512x6',
+    )  # fmt: skip
+    parser.add_argument("--device", default=None, help="[cuda if available, else cpu]")
+    parser.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 / auto [auto on cuda, float32 on cpu]")
+    parser.add_argument("--output_dir", type=Path, default=Path("build/bench"), help="bench.json, bench.md, bench.png [build/bench]")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return run
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors, before anything is loaded."""
+    if args.data_dir is not None and args.task is not None:
+        raise SystemExit("lmms-msd bench: give --data_dir or --task, not both")
+    for name, least in (("limit", 1), ("repeats", 1), ("warmup", 0)):
+        if getattr(args, name) < least:
+            raise SystemExit(f"lmms-msd bench: --{name} must be at least {least}, got {getattr(args, name)}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise SystemExit(f"lmms-msd bench: --max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise SystemExit(f"lmms-msd bench: --temperature must be >= 0, got {args.temperature}")
+    if opt_settings(args):
+        from lmms_msd.speculative.tree import OptTree
+
+        try:
+            OptTree(**opt_settings(args))
+        except ValueError as error:
+            raise SystemExit(f"lmms-msd bench: {error} (--stop_delta, --node_budget, --max_depth, --top_k, --opt_variant)") from error
+
+
+def opt_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The OPT-Tree settings given on the command line, as OptTree's fields."""
+    given = {"stop_delta": args.stop_delta, "node_budget": args.node_budget, "max_depth": args.max_depth,
+             "top_k": args.top_k, "variant": args.opt_variant}  # fmt: skip
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def resolve_pair_and_calibrator(args: argparse.Namespace) -> None:
+    """Fills in the bundled pair (and its calibrator) where nothing was named."""
+    from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
+
+    bundled = args.pretrained is None and args.msd_model_path is None
+    if bundled:
+        target, draft = bundled_paths()
+        args.pretrained, args.msd_model_path = str(target), str(draft)
+    elif args.pretrained is None or (args.msd_model_path is None and set(args.methods) & set(SPECULATIVE)):
+        raise SystemExit("lmms-msd bench: name both --pretrained and --msd_model_path, or neither (the bundled pair)")
+    if "opt_cal" in args.methods:
+        if args.calibrator is None and bundled:
+            args.calibrator = str(bundled_calibrator())
+        if args.calibrator is None:
+            raise SystemExit("lmms-msd bench: opt_cal needs --calibrator <json> for this pair (fit one with `lmms-msd calibrate`), or drop it from --methods")
+        if not Path(args.calibrator).is_file():
+            raise SystemExit(f"lmms-msd bench: --calibrator {args.calibrator}: no such file")
+
+
+def load_requests(args: argparse.Namespace):
+    """(requests, GenerationConfig) from the data folder or the task."""
+    from lmms_msd.speculative.sampling import GenerationConfig
+
+    if args.data_dir is not None:
+        requests = requests_from_data_dir(args.data_dir, args.split, args.style, args.limit)
+        config = GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    else:
+        from lmms_msd.lmms_eval.plugin import generation_config
+
+        args.task = args.task or DEFAULT_TASK
+        args.include_path = args.include_path or DEFAULT_INCLUDE_PATH
+        requests, gen_kwargs = requests_from_task(args.task, args.include_path, args.limit)
+        config = generation_config(gen_kwargs)
+    if not requests:
+        raise SystemExit("lmms-msd bench: no requests to run")
+    return requests, replace(
+        config, max_new_tokens=args.max_new_tokens or config.max_new_tokens, do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else config.temperature,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    check_args(args)
+    engine_class = static_engine_class() if args.engine == "static" else None  # fail before loading anything
+    shape = inflation_shape(args.inflate) if args.inflate is not None else None
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("auto" if args.device.startswith("cuda") else "float32")
+    resolve_pair_and_calibrator(args)
+    try:
+        requests, config = load_requests(args)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"lmms-msd bench: {error}") from error
+    names = list(args.methods)
+    if not config.greedy and HF in names:
+        log.warning("hf_generate is greedy only: skipped at temperature %g", config.temperature)
+        names.remove(HF)
+    if not names:
+        raise SystemExit("lmms-msd bench: no method left to run")
+    target, draft = load_pair(args, need_draft=bool(set(names) & set(SPECULATIVE)), shape=shape)
+    trees = tree_builders(names, target, args.calibrator, opt_settings(args), args.calibrator_mode)
+    methods = build_methods(names, target, draft, trees, engine_class, args.max_length)
+    measured = bench(methods, target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                     progress=not args.no_progress)  # fmt: skip
+    summaries = summarise(methods, measured)
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"},
+        "machine": machine(target),
+        "generation": asdict(config),
+        "greedy": config.greedy,
+        "requests": len(requests),
+        "trees": {name: tree_settings(tree) for name, (tree, _) in trees.items()},
+        "methods": [asdict(s) for s in summaries],
+        "per_request": [{**m, "runs": {name: asdict(r) for name, r in m["runs"].items()}} for m in measured],
+    }
+    text = write_outputs(report, args.output_dir)
+    print(text)
+    print(f"written to {args.output_dir}: {', '.join(f for f in FILES if (args.output_dir / f).exists())}")
+    failed = lossless_failures(summaries) if config.greedy else []
+    for s in failed:
+        log.error("%s differs from plain decoding at temperature 0 on docs %s", s.method, s.differing_doc_ids)
+    hf = next((s for s in summaries if s.method == HF and s.identical is False), None)
+    if hf is not None:
+        log.warning("hf_generate differs from plain decoding on docs %s (reported, not a failure)", hf.differing_doc_ids)
+    return 1 if failed else 0

@@ -1,0 +1,378 @@
+"""The MSD draft head: its module, its KV cache, and its checkpoint format (DESIGN 4.1).
+
+The head is one LLaMA decoder layer without the input RMSNorm, fed at text position t with
+fc([embed(x_{t+1}); f_t]) (embedding first; f_t is the target's last hidden state after its final
+norm) and at image positions with the projected image embedding itself. It has no final norm and no
+lm_head: logits are target.lm_head(h). Checkpoints are a folder with a LLaMA-style `config.json` and
+`model.safetensors` or `pytorch_model.bin`, keys without prefix (`embed_tokens.weight`, `fc.weight`,
+`fc.bias`, `layers.0.self_attn.q_proj.weight`, ...), as released for `lucylyn/MSD-LLaVA1.5-7B`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmms_msd.models.checkpoints import load_weight_file, read_json, resolve_folder
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """The LLaMA-style keys of an MSD checkpoint's config.json that the head needs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    num_hidden_layers: int = 1
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    bias: bool = True  # of fc
+    hidden_act: str = "silu"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "DraftConfig":
+        """Read a released config (it carries many other LLaMA keys, which are ignored)."""
+        required = ["hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"]
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise ValueError(f"{source} lacks the draft keys {missing}")
+        if raw.get("rope_scaling"):
+            raise ValueError(f"{source} sets rope_scaling={raw['rope_scaling']!r}; the MSD head supports plain RoPE only")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source} sets hidden_act={act!r}; the MSD head is a LLaMA layer with SiLU")
+        rope_theta = raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        return cls(
+            hidden_size=int(raw["hidden_size"]),
+            intermediate_size=int(raw["intermediate_size"]),
+            num_attention_heads=int(raw["num_attention_heads"]),
+            num_key_value_heads=int(raw.get("num_key_value_heads") or raw["num_attention_heads"]),
+            vocab_size=int(raw["vocab_size"]),
+            num_hidden_layers=int(raw.get("num_hidden_layers", 1)),
+            head_dim=raw.get("head_dim"),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            bias=bool(raw.get("bias", True)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "llava", "architectures": ["MSDDraftHead"], **asdict(self)}
+
+    @classmethod
+    def like_target(cls, text_config: Any, vocab_size: int) -> "DraftConfig":
+        """The head for a target: one layer shaped as the target's (transformers LlamaConfig) layers."""
+        rope = getattr(text_config, "rope_theta", None) or (getattr(text_config, "rope_parameters", None) or {}).get("rope_theta")
+        return cls(
+            hidden_size=text_config.hidden_size,
+            intermediate_size=text_config.intermediate_size,
+            num_attention_heads=text_config.num_attention_heads,
+            num_key_value_heads=text_config.num_key_value_heads,
+            vocab_size=vocab_size,
+            head_dim=getattr(text_config, "head_dim", None),
+            rms_norm_eps=text_config.rms_norm_eps,
+            rope_theta=float(rope or 10000.0),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, config: DraftConfig) -> None:
+        super().__init__()
+        d = config.resolved_head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, config.hidden_size, bias=False)
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [1, heads, T, D], positions: [T]"""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        layer_cache: "DraftLayerCache",
+        slots: torch.Tensor,
+        visible: torch.Tensor,
+        image_slots: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [1, T, H]; positions, slots: [T]; visible: [T, S] bool over cache slots 0..S-1.
+
+        image_slots: [S] bool, the slots holding image positions, or None.
+        returns the attention output [1, T, H] and, when image_slots is given, the head-averaged
+        attention mass of each query row on the image slots [T] (float32; else None).
+        """
+        t = x.shape[1]
+        q = self.q_proj(x).view(1, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(1, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(1, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        keys, values = layer_cache.write(slots, k, v, visible.shape[1])  # [1, kv_heads, S, D]
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask[None, None], enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        mass = None if image_slots is None else self.image_mass(q, keys, visible, image_slots)
+        return self.o_proj(out.transpose(1, 2).reshape(1, t, -1)), mass
+
+    def image_mass(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
+        """The share of each query row's attention that falls on image slots, averaged over heads.
+
+        Recomputes the attention probabilities next to SDPA (which does not return them), so the
+        layer's output is the same bit for bit whether or not the mass is asked for.
+        q: [1, heads, T, D]; keys: [1, kv_heads, S, D]; visible: [T, S]; image_slots: [S] -> [T] float32
+        """
+        assert image_slots.shape == (keys.shape[2],), f"image_slots {tuple(image_slots.shape)} for {keys.shape[2]} slots"
+        keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [1, heads, S, D]
+        logits = (q.float() @ keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [1, heads, T, S]
+        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        return (probs * image_slots.float()).sum(-1).mean(dim=1)[0]
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, config: DraftConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    """A LLaMA decoder layer without the input RMSNorm (the fused input is already normalised)."""
+
+    def __init__(self, config: DraftConfig) -> None:
+        super().__init__()
+        self.self_attn = DraftAttention(config)
+        self.mlp = DraftMLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, positions, layer_cache, slots, visible, image_slots=None):
+        """-> (output [1, T, H], attention mass on image slots [T] or None); see DraftAttention."""
+        attended, mass = self.self_attn(x, positions, layer_cache, slots, visible, image_slots)
+        h = x + attended
+        return h + self.mlp(self.post_attention_layernorm(h)), mass
+
+
+class DraftLayerCache:
+    """Preallocated keys and values of one layer, written by slot.
+
+    Slots past the committed prefix hold tree nodes of the current step; the next step simply
+    overwrites them, so nothing is ever rolled back.
+    """
+
+    def __init__(self, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.keys = torch.zeros(1, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` slots, at least doubling so growth stays rare."""
+        if capacity <= self.capacity:
+            return
+        pad = self.keys.new_zeros(*self.keys.shape[:2], max(capacity, 2 * self.capacity) - self.capacity, self.keys.shape[3])
+        self.keys = torch.cat([self.keys, pad], dim=2)
+        self.values = torch.cat([self.values, torch.zeros_like(pad)], dim=2)
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: int):
+        """slots: [T] (all < used <= capacity); k, v: [1, kv_heads, T, D] -> keys, values of slots [0, used)."""
+        assert used <= self.capacity, f"draft cache holds {self.capacity} slots, {used} asked; reserve first"
+        self.keys[:, :, slots] = k
+        self.values[:, :, slots] = v
+        return self.keys[:, :, :used], self.values[:, :, :used]
+
+
+class MSDDraft(nn.Module):
+    """The MSD draft head. Key names match the released checkpoints."""
+
+    def __init__(self, config: DraftConfig) -> None:
+        super().__init__()
+        if config.num_hidden_layers != 1:
+            logger.warning("the draft config says num_hidden_layers=%d; MSD heads have 1", config.num_hidden_layers)
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.bias)
+        self.layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_hidden_layers))
+
+    def new_cache(self, capacity: int) -> list[DraftLayerCache]:
+        p = self.fc.weight
+        return [
+            DraftLayerCache(self.config.num_key_value_heads, self.config.resolved_head_dim, capacity, p.dtype, p.device)
+            for _ in self.layers
+        ]
+
+    def fuse(self, next_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The layer input at text positions: fc([embed(x_{t+1}); f_t]).
+
+        next_embeds, features: [1, T, H] -> [1, T, H]
+        """
+        assert next_embeds.shape == features.shape, f"{tuple(next_embeds.shape)} != {tuple(features.shape)}"
+        return self.fc(torch.cat([next_embeds, features.to(next_embeds.dtype)], dim=-1))
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: list[DraftLayerCache], slots: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """One pass of the head over T layer inputs.
+
+        x: [1, T, H] layer inputs; positions: [T] RoPE positions; slots: [T] cache slots to write;
+        visible: [T, S] bool, which of cache slots 0..S-1 each input attends to (itself included).
+        returns the output hidden states [1, T, H] (fed to target.lm_head for logits).
+        """
+        return self._run(x, positions, cache, slots, visible, None)[0]
+
+    def forward_with_visual(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: list[DraftLayerCache],
+        slots: torch.Tensor,
+        visible: torch.Tensor,
+        image_slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, plus each query row's visual attention intensity.
+
+        image_slots: [S] bool, True at cache slots that hold image positions
+        returns the output hidden states [1, T, H] (the same as `forward`'s) and, per input row, the
+        share of its attention mass on image slots, averaged over heads (and over layers, should a
+        head have several) [T] float32 in [0, 1].
+        """
+        hidden, mass = self._run(x, positions, cache, slots, visible, image_slots)
+        return hidden, mass
+
+    def _run(self, x, positions, cache, slots, visible, image_slots):
+        t = x.shape[1]
+        assert x.dim() == 3 and x.shape[0] == 1, f"x must be [1, T, H], got {tuple(x.shape)}"
+        assert positions.shape == (t,) and slots.shape == (t,), f"positions/slots must be [{t}]"
+        assert visible.dim() == 2 and visible.shape[0] == t, f"visible must be [{t}, S], got {tuple(visible.shape)}"
+        masses = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, mass = layer(x, positions, layer_cache, slots, visible, image_slots)
+            masses.append(mass)
+        return x, (None if image_slots is None else torch.stack(masses).mean(dim=0))
+
+
+# ---- checkpoint format ---------------------------------------------------------------------------
+
+
+def expected_keys(config: DraftConfig) -> set[str]:
+    return set(MSDDraft(config).to(device="meta").state_dict().keys())
+
+
+def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The first of WEIGHT_FILES in `folder` -> (its tensors, its path); an unreadable file is an error naming it."""
+    for name in WEIGHT_FILES:
+        file = folder / name
+        if file.is_file():
+            return load_weight_file(file), file
+    raise FileNotFoundError(f"no draft weights in {folder}: looked for {', '.join(WEIGHT_FILES)}")
+
+
+def load_draft(path_or_id: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MSDDraft:
+    """Load an MSD checkpoint strictly: every key present, none unexpected, every shape right."""
+    folder = resolve_folder(path_or_id, "draft checkpoint", allow_patterns=["config.json", *WEIGHT_FILES])
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in draft folder {folder}")
+    config = DraftConfig.from_dict(read_json(config_file), source=str(config_file))
+    state, weights_file = read_state_dict(folder)
+    want = expected_keys(config)
+    missing, unexpected = sorted(want - state.keys()), sorted(state.keys() - want)
+    if missing or unexpected:
+        raise ValueError(
+            f"draft weights {weights_file} do not match an MSD head: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    draft = MSDDraft(config)
+    reference = draft.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} in file, {tuple(reference[k].shape)} expected" for k, v in state.items() if v.shape != reference[k].shape]
+    if wrong:
+        raise ValueError(f"draft weights {weights_file} have shapes that disagree with {config_file}: {wrong}")
+    draft.load_state_dict(state, strict=True)
+    return draft.to(device=device, dtype=dtype).eval()
+
+
+def save_draft(draft: MSDDraft, folder: str | Path) -> Path:
+    """Write config.json and model.safetensors in the released format."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(draft.config.to_dict(), indent=2) + "\n")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in draft.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+def check_draft_fits(draft: MSDDraft, hidden_size: int, vocab_size: int) -> None:
+    """The draft reads the target's hidden states and shares its lm_head: sizes must agree."""
+    problems = []
+    if draft.config.hidden_size != hidden_size:
+        problems.append(f"hidden size: draft {draft.config.hidden_size}, target {hidden_size}")
+    if draft.config.vocab_size != vocab_size:
+        problems.append(f"vocabulary: draft {draft.config.vocab_size}, target {vocab_size}")
+    if problems:
+        raise ValueError(
+            "the draft does not fit the target (" + "; ".join(problems) + "); use the MSD head trained for this target"
+        )
+
+
+def new_random_draft(config: DraftConfig, seed: int, std: float = 0.02) -> MSDDraft:
+    """A randomly initialised head (tests, and the start of training)."""
+    generator = torch.Generator().manual_seed(seed)
+    draft = MSDDraft(config)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return draft.eval()
+

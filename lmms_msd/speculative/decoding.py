@@ -1,0 +1,234 @@
+"""The two generation loops: plain autoregressive decoding (the baseline and the reference) and
+speculative decoding with an MSD draft. Both take the same target, embedded prompt, settings and
+stopping rule, and return the text and statistics as data. Where the forwards run is a `Runtime`
+(`lmms_msd.speculative.runtime`): transformers' forward by default, static caches and CUDA graphs with
+`lmms_msd.speculative.fast.StaticEngine`; the loops, and so the outputs, are the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from lmms_msd.models.draft import MSDDraft
+from lmms_msd.models.target import EmbeddedPrompt, Target
+from lmms_msd.speculative.runtime import EagerRuntime, Runtime, TreeBuilder
+from lmms_msd.speculative.sampling import GenerationConfig, next_token
+from lmms_msd.speculative.stopping import Stopper
+from lmms_msd.speculative.tree import Tree
+from lmms_msd.speculative.verify import Acceptance, accept_greedy, accept_sampling
+
+__all__ = ["DecodeStats", "GenerationResult", "StepObserver", "TreeBuilder", "plain_generate", "speculative_generate"]
+
+# Called after every verification with the tree, the target's logits over it [N, V] and the outcome;
+# statistics and the calibrator's labels come from here, with no extra target forward.
+StepObserver = Callable[[Tree, torch.Tensor, Acceptance], None]
+
+
+@dataclass
+class DecodeStats:
+    """Per-request statistics. A step is one target forward after the prefill."""
+
+    new_tokens: int = 0
+    steps: int = 0
+    # committed tokens of each step minus one (its bonus): draft tokens accepted and kept; a step cut
+    # by a stop counts only what it kept, so tau = committed tokens / steps exactly
+    accepted: list[int] = field(default_factory=list)
+    discarded: int = 0  # tokens the last step verified past the stop (accepted drafts or bonus)
+    prefill_s: float = 0.0  # the prompt's forward(s), the first token included
+    wall_s: float = 0.0  # the whole request
+    # Where the decoding loop's time goes, measured only with profile=True (0.0 otherwise): the device
+    # is synchronised at every phase boundary, which slows the loop, so time a profiled run apart.
+    draft_s: float = 0.0  # building the trees (speculative only)
+    verify_s: float = 0.0  # the target's forwards after the prefill (over a tree, or one token)
+    other_s: float = 0.0  # everything else in the loop: acceptance, stop checks, cache keeping, draft advance
+
+    @property
+    def alpha(self) -> float:
+        """Accepted draft tokens per step (the thesis's "average acceptance rate")."""
+        return sum(self.accepted) / self.steps if self.steps else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Tokens committed per step: accepted + 1."""
+        return self.alpha + 1.0 if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "alpha": self.alpha, "tau": self.tau, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: DecodeStats
+
+
+def _check_prompt(target: Target, prompt: EmbeddedPrompt) -> None:
+    length = prompt.input_ids.shape[0]
+    if length == 0:
+        raise ValueError("the prompt is empty")
+    if length >= target.max_length:
+        raise ValueError(
+            f"the prompt is {length} tokens long but the target's maximum length is {target.max_length}; "
+            f"shorten the context"
+        )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PhaseClock:
+    """Seconds between successive `lap` calls, each ending at a device synchronisation; a no-op
+    returning 0.0 when disabled, so an unprofiled loop gains no synchronisation."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device = device
+        self.enabled = enabled
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if not self.enabled:
+            return 0.0
+        _synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def tree_slots(tree_builder: TreeBuilder) -> int:
+    """Cache slots one tree of this builder may take (its nodes and the root)."""
+    growth = getattr(tree_builder, "growth", None)
+    return growth.budget + 1 if growth is not None else 256
+
+
+@torch.inference_mode()
+def plain_generate(
+    target: Target,
+    prompt: EmbeddedPrompt,
+    config: GenerationConfig,
+    generator: torch.Generator | None = None,
+    profile: bool = False,
+    runtime: Runtime | None = None,
+) -> GenerationResult:
+    """One target forward per token: the baseline, and the reference speculative decoding must equal.
+
+    profile: split the loop's time into `DecodeStats.verify_s` (the forwards) and `other_s` (choosing
+    the token, stop checks), synchronising the device between them; the output is the same.
+    runtime: where the forwards run [EagerRuntime: transformers' forward]
+    """
+    _check_prompt(target, prompt)
+    runtime = runtime or EagerRuntime(target, None)
+    device = target.device
+    stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
+    start = time.perf_counter()
+    _, logits = runtime.prefill(prompt, config.max_new_tokens)
+    token = next_token(logits[-1], config, generator)
+    _synchronize(device)
+    stats = DecodeStats(prefill_s=time.perf_counter() - start)
+    clock = _PhaseClock(device, profile)
+    length = prompt.input_ids.shape[0]
+    tokens = [token]
+    while stopper.first_stop(tokens, len(tokens) - 1) is None:
+        stats.other_s += clock.lap()
+        logits = runtime.forward_next(torch.full((1,), token, device=device), length + len(tokens) - 1)
+        stats.verify_s += clock.lap()
+        token = next_token(logits[-1], config, generator)
+        tokens.append(token)
+        stats.steps += 1
+        stats.accepted.append(0)
+    stats.other_s += clock.lap()
+    _synchronize(device)
+    stats.wall_s = time.perf_counter() - start
+    stats.new_tokens = len(tokens)
+    return GenerationResult(stopper.text(tokens), tokens, stats)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: Target,
+    draft: MSDDraft,
+    prompt: EmbeddedPrompt,
+    config: GenerationConfig,
+    tree_builder: TreeBuilder,
+    generator: torch.Generator | None = None,
+    observer: StepObserver | None = None,
+    track_visual: bool = False,
+    profile: bool = False,
+    runtime: Runtime | None = None,
+) -> GenerationResult:
+    """Draft a tree, verify it in one target forward, commit the accepted path plus a bonus token; repeat.
+
+    observer: called after every verification (statistics, calibration labels); it only reads.
+    track_visual: measure the draft's attention on the image for every tree node (`Tree.visual`),
+    which a calibrated scorer with attention bins and a calibration observer need; off, the draft
+    layer runs plain SDPA. Neither changes a single output token.
+    profile: split the loop's time into `DecodeStats.draft_s` (tree building), `verify_s` (the target
+    forward over the tree) and `other_s` (the rest), synchronising the device at each boundary; the
+    output is the same, only slower to come, so time unprofiled runs for speed.
+    runtime: where the forwards run [EagerRuntime(target, draft): transformers' forward]
+    """
+    _check_prompt(target, prompt)
+    runtime = runtime or EagerRuntime(target, draft)
+    device = target.device
+    stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
+    start = time.perf_counter()
+    # 1. prefill the target, choose the first token, prefill the draft
+    hidden, logits = runtime.prefill(prompt, config.max_new_tokens + tree_slots(tree_builder))
+    token = next_token(logits[-1], config, generator)
+    drafter = runtime.drafter(track_visual)
+    root_hidden, root_visual = drafter.prefill(prompt, hidden, token)
+    _synchronize(device)
+    stats = DecodeStats(prefill_s=time.perf_counter() - start)
+    clock = _PhaseClock(device, profile)
+    prefix_len = prompt.input_ids.shape[0]  # committed positions in the target's cache
+    tokens = [token]
+    stop = stopper.first_stop(tokens, 0)
+    while stop is None:
+        stats.other_s += clock.lap()
+        # 2. draft a tree under the root (the last committed token)
+        tree, ancestors = runtime.draft_tree(tree_builder, drafter, token, root_hidden, root_visual)
+        stats.draft_s += clock.lap()
+        # 3. verify it in one forward
+        tree_hidden, logits = runtime.verify(tree, ancestors, prefix_len)
+        stats.verify_s += clock.lap()
+        # 4. accept (greedy: one read from the device)
+        if config.greedy:
+            result = accept_greedy(tree, logits, ancestors)
+        else:
+            result = accept_sampling(tree, logits, config, generator)
+        committed = result.path_tokens + [result.bonus]
+        stats.steps += 1
+        stats.accepted.append(result.accepted)
+        if observer is not None:
+            observer(tree, logits, result)
+        # 5. stop exactly where plain decoding would, even inside the path
+        checked = len(tokens)
+        tokens += committed
+        stop = stopper.first_stop(tokens, checked)
+        if stop is not None:
+            stats.discarded = len(tokens) - stop
+            stats.accepted[-1] = stop - checked - 1
+            del tokens[stop:]
+            break
+        # 6. keep the accepted path in the target cache, advance the draft over it (one copy to the device)
+        on_device = torch.tensor(result.path + committed, device=device)
+        path, committed_ids = on_device[: len(result.path)], on_device[len(result.path) :]
+        runtime.keep_path(prefix_len, path)
+        prefix_len += len(result.path)
+        root_hidden, root_visual = drafter.advance(committed_ids, tree_hidden[path])
+        token = result.bonus
+    stats.other_s += clock.lap()
+    _synchronize(device)
+    stats.wall_s = time.perf_counter() - start
+    stats.new_tokens = len(tokens)
+    return GenerationResult(stopper.text(tokens), tokens, stats)

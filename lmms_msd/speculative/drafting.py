@@ -1,0 +1,216 @@
+"""The draft's side of one generation: its cache, its committed prefix, and the tree being drafted.
+
+Positions and slots (worked example). The target has committed positions 0..P-1 and the root token
+x_P (committed, not yet fed to the target). The draft's slot t (RoPE position t) holds the input
+fc([embed(x_{t+1}); f_t]) for t = 0..P-1, or, where the target read an image feature at t + 1, that
+feature (MSD's shifted frame, `prefill_inputs`), so its last output already predicts the root's children.
+A tree node at depth d (root = 0) is fed at RoPE position P - 1 + d, written to the first free slot
+after the prefix; after verification the committed inputs overwrite those slots, so tree slots need
+no rollback. With P = 10 and a first tree level of k = 3 nodes: slots 10, 11, 12 at position 10;
+their chosen children next go to slots 13.. at position 11.
+
+Visual attention intensity (`track_visual=True`): the share of a query row's attention mass, in the
+draft layer, that falls on image slots, averaged over heads. The image slots are the slots where the
+draft is fed image features: in MSD's shifted frame (`prefill_inputs`) that is one slot before each
+image position of the target (`draft_image_slots`); every later slot is text. The intensity that
+belongs with a node is the one of the query row whose output *produced the node's distribution*,
+i.e. the row whose logits gave the node its draft probability: the row that fed the node's parent.
+The node's own row (the one that feeds its token) is computed only if the node is expanded, and it
+produces the distribution of the node's children, not its own. Worked example, P = 10 committed
+slots 0..9, the target's image at positions 2..7, so the draft's image slots are 1..6:
+
+    row (slot 9, last committed)   output -> logits of the root's children (depth 1)
+                                   so every depth-1 node gets the visual intensity of row 9
+    row (slot 10, depth-1 node a)  input fc([embed(a); h9]), output -> logits of a's children
+                                   so every child of a (depth 2) gets the intensity of row 10
+
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from lmms_msd.models.draft import MSDDraft
+from lmms_msd.models.target import EmbeddedPrompt
+
+
+class DraftRows(NamedTuple):
+    """The draft's output at the rows one call fed."""
+
+    hidden: torch.Tensor  # [n, H] (prefill / advance: [H], the last committed row only)
+    visual: torch.Tensor | None  # [n] float32 (prefill / advance: [] ) visual attention intensity; None untracked
+
+
+class Drafter:
+    """Runs the MSD head against one target's hidden states, step after step.
+
+    track_visual: also measure each row's attention mass on image positions (module docstring).
+    """
+
+    def __init__(self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool = False) -> None:
+        self.draft = draft
+        self.lm_head = lm_head
+        self.cache = draft.new_cache(capacity)
+        self.committed = 0  # P: slots holding committed inputs
+        self.tree_used = 0  # slots after P taken by the current tree
+        self.track_visual = track_visual
+        # [capacity] bool: True at slots fed image features (prompt slots only; see draft_image_slots)
+        self.image_slots = torch.zeros(capacity, dtype=torch.bool, device=self.device) if track_visual else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.draft.fc.weight.device
+
+    def _reserve(self, slots: int) -> None:
+        for layer_cache in self.cache:
+            layer_cache.reserve(slots)
+        if self.image_slots is not None and self.image_slots.shape[0] < self.cache[0].capacity:
+            pad = self.image_slots.new_zeros(self.cache[0].capacity - self.image_slots.shape[0])
+            self.image_slots = torch.cat([self.image_slots, pad])
+
+    def _causal_block(self, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slots, positions and visibility for m new committed inputs appended after the prefix."""
+        p = self.committed
+        slots = torch.arange(p, p + m, device=self.device)
+        visible = torch.ones(m, p + m, dtype=torch.bool, device=self.device)
+        visible[:, p:] = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
+        return slots, slots.clone(), visible
+
+    def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
+        """x: [T, H] -> the head's output at those rows [T, H] and their visual intensity [T] or None."""
+        if not self.track_visual:
+            return DraftRows(self.draft(x[None], positions, self.cache, slots, visible)[0], None)
+        image_slots = self.image_slots[: visible.shape[1]]
+        hidden, visual = self.draft.forward_with_visual(x[None], positions, self.cache, slots, visible, image_slots)
+        return DraftRows(hidden[0], visual)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: EmbeddedPrompt, target_hidden: torch.Tensor, first_token: int) -> DraftRows:
+        """Fill the draft cache over the prompt; return the root's hidden state [H] and visual intensity [].
+
+        target_hidden: [L, H], the target's last hidden states over the prompt
+        first_token: the token the target chose after the prompt (the first root)
+        """
+        assert self.committed == 0, "prefill starts a generation; this Drafter already holds one"
+        if self.track_visual:
+            length = prompt.image_mask.shape[0]
+            self._reserve(length)
+            self.image_slots[:length] = draft_image_slots(prompt.image_mask).to(self.device)
+        return self._append(prefill_inputs(self.draft, prompt, target_hidden, first_token))
+
+    @torch.inference_mode()
+    def advance(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor) -> DraftRows:
+        """Commit m target positions (the root and the accepted nodes); return the new root's hidden [H]
+        and visual intensity [].
+
+        next_tokens: [m] the committed tokens that follow those positions (accepted tokens, then the bonus)
+        target_hidden: [m, H] the target's hidden states at those positions
+        """
+        assert next_tokens.dim() == 1 and target_hidden.shape[0] == next_tokens.shape[0], (
+            f"next_tokens {tuple(next_tokens.shape)} vs target_hidden {tuple(target_hidden.shape)}"
+        )
+        x = self.draft.fuse(self.draft.embed_tokens(next_tokens)[None], target_hidden[None])[0]
+        return self._append(x)
+
+    def _append(self, x: torch.Tensor) -> DraftRows:
+        m = x.shape[0]
+        self._reserve(self.committed + m)
+        slots, positions, visible = self._causal_block(m)
+        rows = self._run(x, positions, slots, visible)
+        self.committed += m
+        self.tree_used = 0
+        return DraftRows(rows.hidden[-1], None if rows.visual is None else rows.visual[-1])
+
+    @torch.inference_mode()
+    def expand(self, tokens: torch.Tensor, parent_hidden: torch.Tensor, depth: int, ancestors: torch.Tensor) -> DraftRows:
+        """Feed n tree nodes of one depth; return their output hidden states [n, H] and visual intensities [n].
+
+        tokens: [n] the nodes' tokens; parent_hidden: [n, H] the draft output at each node's parent
+        depth: the nodes' depth (>= 1)
+        ancestors: [n, tree_used] bool, which earlier tree slots are each node's ancestors
+        """
+        n = tokens.shape[0]
+        assert parent_hidden.shape[0] == n and ancestors.shape == (n, self.tree_used), (
+            f"tokens {tuple(tokens.shape)}, parent_hidden {tuple(parent_hidden.shape)}, "
+            f"ancestors {tuple(ancestors.shape)} with {self.tree_used} tree slots used"
+        )
+        p, used = self.committed, self.tree_used
+        self._reserve(p + used + n)
+        slots = torch.arange(p + used, p + used + n, device=self.device)
+        positions = torch.full((n,), p - 1 + depth, device=self.device)
+        visible = torch.cat(
+            [
+                torch.ones(n, p, dtype=torch.bool, device=self.device),
+                ancestors,
+                torch.eye(n, dtype=torch.bool, device=self.device),
+            ],
+            dim=1,
+        )
+        x = self.draft.fuse(self.draft.embed_tokens(tokens)[None], parent_hidden[None])[0]
+        rows = self._run(x, positions, slots, visible)
+        self.tree_used += n
+        return rows
+
+    @torch.inference_mode()
+    def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, H] -> draft log-probabilities [n, V] (float32) through the target's lm_head."""
+        return torch.log_softmax(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), dim=-1)
+
+
+def draft_image_slots(image_mask: torch.Tensor) -> torch.Tensor:
+    """The draft slots fed image features: slot t is one iff the target's position t + 1 is an image
+    position (`prefill_inputs`). image_mask: [L] bool -> [L] bool
+
+    Example: image_mask [F, F, F, T, T, T, F, F] -> [F, F, T, T, T, F, F, F].
+    """
+    assert image_mask.dim() == 1, f"image_mask must be [L], got {tuple(image_mask.shape)}"
+    return torch.cat([image_mask[1:], image_mask.new_zeros(1)])
+
+
+def prefill_inputs(draft: MSDDraft, prompt: EmbeddedPrompt, target_hidden: torch.Tensor, first_token: int) -> torch.Tensor:
+    """The draft's layer input at every prompt position, in MSD's shifted frame (DESIGN 4.1).
+
+    Rule: the draft's input at position t is built from what the target reads at t + 1 (x_L, after
+    the prompt, is the first generated token). When that is an image feature, the input is the feature
+    itself (no fc, f_t unused); otherwise it is fc([embed(x_{t+1}); f_t]). So with image features
+    I_0..I_{N-1} at the target's positions p..p+N-1, the draft gets I_0..I_{N-1} at p-1..p+N-2 and
+    fc([embed(first text token after the image); f_{p+N-1}]) at p+N-1. Worked example, target
+    inputs [t0, t1, t2, I0, I1, I2, t6, t7], first generated token r, e(.) the embedding:
+
+        position      0             1             2   3   4   5             6             7
+        target input  t0            t1            t2  I0  I1  I2            t6            t7
+        draft input   fc(e(t1),f0)  fc(e(t2),f1)  I0  I1  I2  fc(e(t6),f5)  fc(e(t7),f6)  fc(e(r),f7)
+
+    Upstream (Lyn-Lucy/MSD `EAGLE/eagle/model/cnets.py`): `topK_genrate` shifts the target's
+    `inputs_embeds` left by one and appends the sampled token (`inputs_embeds = torch.cat((inputs_embeds[:,1:],
+    new_embed),dim=1)`) and shifts `input_ids = input_ids[:, 1:]`, so the `-200` placeholder sits at
+    p - 1; the `use_msd` branch of `Model.forward` computes `new_hidden_state = self.fc(cat_tensor)`
+    over every position and then `new_hidden_state[indice : indice + image_tokens_num[0]] =
+    temp_image_tensor` (the shifted image features, indice = p - 1). The `decouple` training branch
+    does the same on data shifted the same way in `main_deepspeed.py` (`inputs_embeds_target =
+    inputs_embeds[:, 1:, :]`, `input_ids_target = input_ids[:, 1:]`).
+
+    Image at the end of the prompt (p + N = L): position L - 1 = p + N - 1 gets fc([e(r); f_{L-1}]),
+    as upstream, whose appended `new_embed` is the first text after the image there.
+    Image at the very start (p = 0): I_0 has no slot (there is no position -1) and is not fed; the
+    draft gets I_1..I_{N-1} at 0..N-2 and fc([e(x_N); f_{N-1}]) at N-1. Upstream has no such case:
+    `tokenizer_image_token` always keeps BOS in front, and a prompt starting with `-200` would lose
+    its placeholder to `input_ids[:, 1:]`, leaving `embed_tokens(input_ids)` (the unexpanded ids)
+    shorter than `hidden_states` so the `torch.cat` before `self.fc` fails. The rule above is the
+    shifted frame with nothing to shift in at position -1.
+
+    target_hidden: [L, H], the target's last hidden states over the prompt -> [L, H]
+    """
+    length = prompt.input_ids.shape[0]
+    assert target_hidden.shape[0] == length, f"target_hidden {tuple(target_hidden.shape)} vs L={length}"
+    device = draft.fc.weight.device
+    next_is_image = draft_image_slots(prompt.image_mask)  # [L]
+    next_ids = torch.cat([prompt.input_ids[1:], torch.tensor([first_token], device=prompt.input_ids.device)])
+    next_ids = next_ids.masked_fill(next_is_image, 0).to(device)  # [L]; image ids take the features below
+    next_text = draft.embed_tokens(next_ids)  # [L, H]
+    image = prompt.inputs_embeds[0, 1:].to(device, next_text.dtype)  # [L-1, H]: what the target read at t + 1
+    next_image = torch.cat([image, image.new_zeros(1, image.shape[1])])  # [L, H]; row L-1 is never an image
+    fused = draft.fuse(next_text[None], target_hidden[None])[0]  # [L, H]
+    return torch.where(next_is_image[:, None].to(device), next_image, fused)

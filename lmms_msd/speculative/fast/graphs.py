@@ -1,0 +1,111 @@
+"""CUDA graphs for fixed-shape calls: capture a function once per input shape, replay it after.
+
+A decoding step launches hundreds of small kernels; replaying them as one graph removes the launch
+cost, which dominates at batch size one. Shapes are made static by the callers (token counts and
+attention widths rounded up to buckets, `bucket`), so a handful of graphs serve a whole run.
+
+The outputs of a replay live in the graph's memory and are overwritten by its next replay: callers
+use or copy them before calling the same graph again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+WIDTH_STEP = 256  # attention widths (cache slots a forward reads) are multiples of this
+
+
+def width_bucket(used: int, capacity: int) -> int:
+    """The attention width for `used` cache slots: rounded up to WIDTH_STEP, at most `capacity`.
+    Example: width_bucket(300, 2048) == 512."""
+    return min(-(-used // WIDTH_STEP) * WIDTH_STEP, capacity)
+
+
+def bucket(n: int, sizes: Sequence[int]) -> int:
+    """The smallest of `sizes` (ascending) that holds n. Example: bucket(61, (1, 16, 64)) == 64."""
+    for size in sizes:
+        if n <= size:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: list[torch.Tensor]
+    outputs: tuple[torch.Tensor, ...]
+
+
+class GraphedFunction:
+    """`fn(*tensors) -> tuple of tensors`, replayed from a CUDA graph per distinct input shape.
+
+    enabled False (CPU, or switched off) calls `fn` directly. All graphs of one object share a
+    memory pool. `fn` must not synchronise with the host (no .item(), no data-dependent shapes).
+    device: the CUDA device the graphs run on (captured and replayed with it current, so a process
+    driving cuda:1 works whatever its current device).
+    """
+
+    def __init__(
+        self, fn: Callable[..., tuple[torch.Tensor, ...]], enabled: bool, device: torch.device | None = None, warmup: int = 2
+    ) -> None:
+        self.fn = fn
+        self.enabled = enabled
+        self.device = device
+        self.warmup = warmup
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.enabled:
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        with torch.cuda.device(self.device):
+            captured = self._graphs.get(key)
+            if captured is None:
+                captured = self._graphs[key] = self._capture(args)
+            for buffer, value in zip(captured.inputs, args):
+                buffer.copy_(value)
+            captured.graph.replay()
+        return captured.outputs
+
+    def _capture(self, args: Sequence[torch.Tensor]) -> _Captured:
+        inputs = [a.clone() for a in args]
+        # Warm up on a side stream (as torch.cuda.graphs recommends): lazy initialisation and
+        # library workspace allocation must not happen during capture. The warm-up calls compute
+        # what the replay will (same inputs), so their side effects (cache writes) are harmless.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = self.fn(*inputs)
+        return _Captured(graph, inputs, tuple(outputs))
+
+
+class CaptureRules(TorchDispatchMode):
+    """Raise on what a CUDA graph capture forbids, so that CPU tests catch it without a GPU.
+
+    - `aten.lift_fresh`: a Python number or list turned into a (host) tensor, which `t[i] = 0`,
+      `t[mask] = True` or `torch.tensor([...])` do; copying it to the device fails during capture
+      (use `fill_`, `zero_`, `new_full` or a device scalar instead);
+    - `aten._local_scalar_dense`: `.item()`, `int(t)`, `float(t)`: a host synchronisation.
+    """
+
+    FORBIDDEN = {"aten.lift_fresh.default", "aten._local_scalar_dense.default"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in self.FORBIDDEN:
+            raise RuntimeError(f"{func} inside a function meant for CUDA graph capture")
+        return func(*args, **(kwargs or {}))

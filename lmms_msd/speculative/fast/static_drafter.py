@@ -1,0 +1,72 @@
+"""The draft's side of a generation on a fixed-size cache, with each draft forward replayed from a CUDA graph.
+
+`Drafter` (lmms_msd.speculative.drafting) already writes a preallocated cache by slot; what changes here is that
+the cache is allocated once per engine at full capacity (a graph keeps the addresses it captured),
+and every call of the head is padded to a bucketed (rows, width) shape and replayed from a graph.
+Tree building (`lmms_msd.speculative.tree`) drives this drafter exactly as it drives the eager one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmms_msd.models.draft import MSDDraft
+from lmms_msd.speculative.drafting import Drafter, DraftRows
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, width_bucket
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class StaticDrafter(Drafter):
+    """A `Drafter` whose cache never grows and whose head runs from CUDA graphs (when enabled).
+
+    Reused across generations: `reset` before each prefill.
+    """
+
+    def __init__(
+        self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool, cuda_graphs: bool
+    ) -> None:
+        super().__init__(draft, lm_head, capacity, track_visual=track_visual)
+        self.capacity = capacity
+        self.scratch = capacity - 1  # padding rows write here; no real row ever sees it
+        self._graphed = GraphedFunction(self._head, cuda_graphs, self.device)
+
+    def reset(self) -> None:
+        self.committed = 0
+        self.tree_used = 0
+        if self.image_slots is not None:
+            self.image_slots.zero_()
+
+    def _reserve(self, slots: int) -> None:
+        if slots > self.capacity - 1:
+            raise ValueError(
+                f"the draft needs {slots} cache slots but the static cache holds {self.capacity - 1}; raise max_length"
+            )
+
+    def _head(self, x, positions, slots, visible):
+        width = visible.shape[1]
+        if not self.track_visual:
+            return (self.draft(x[None], positions, self.cache, slots, visible)[0],)
+        hidden, visual = self.draft.forward_with_visual(
+            x[None], positions, self.cache, slots, visible, self.image_slots[:width]
+        )
+        return hidden[0], visual
+
+    def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
+        """Pad to a (rows, width) bucket and run the head; prompts (many rows) run eagerly."""
+        n, used = visible.shape
+        width = width_bucket(used, self.capacity)
+        rows = bucket(n, ROW_BUCKETS) if n <= ROW_BUCKETS[-1] else n
+        padded_visible = torch.zeros(rows, width, dtype=torch.bool, device=self.device)
+        padded_visible[:n, :used] = visible
+        padded_visible[n:, 0] = True
+        padded_x = x.new_zeros(rows, x.shape[1])
+        padded_x[:n] = x
+        padded_positions = positions.new_zeros(rows)
+        padded_positions[:n] = positions
+        padded_slots = slots.new_full((rows,), self.scratch)
+        padded_slots[:n] = slots
+        run = self._graphed if rows <= ROW_BUCKETS[-1] else self._head
+        out = run(padded_x, padded_positions, padded_slots, padded_visible)
+        # graph outputs are overwritten by the next replay: copy what the caller keeps
+        return DraftRows(out[0][:n].clone(), out[1][:n].clone() if self.track_visual else None)

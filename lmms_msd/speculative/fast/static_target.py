@@ -1,0 +1,255 @@
+"""The target's language model over a preallocated KV cache written by slot, for the GPU loop.
+
+`Target.forward` runs transformers' Llama with a growing `DynamicCache`: right for correctness on any
+device, but each step allocates, concatenates and launches hundreds of small kernels from Python.
+`StaticTarget` computes the same function (the same weights, RoPE table and SDPA attention) with:
+
+- one KV cache tensor per kind, [layers, kv_heads, capacity, head_dim], written at given slots, so a
+  tree's nodes go to the slots after the prefix and `keep_path` moves the accepted ones down;
+- q/k/v and gate/up projections packed into one matrix each (the transformers module's parameters
+  are re-pointed at slices of the packed ones, so no weight is held twice);
+- token counts and attention widths rounded up to buckets and each (count, width) shape replayed
+  from a CUDA graph (`lmms_msd.speculative.fast.graphs`); prompts longer than the largest bucket run eagerly.
+
+Padding rows (a bucket is larger than the tree) read slot 0 and write a scratch slot (the last one),
+which no real row ever sees. Norms use `torch.nn.functional.rms_norm` (one fused kernel), so results
+equal transformers' to rounding, not bit for bit: the loop compares speculative decoding against
+plain decoding through this same class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmms_msd.models.target import Target
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, width_bucket
+
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) * D, H]
+    o: torch.Tensor  # [H, heads * D]
+    post_norm: torch.Tensor  # [H]
+    gate_up: torch.Tensor  # [2 I, H]
+    down: torch.Tensor  # [H, I]
+
+
+def _pack(*linears: torch.nn.Linear) -> torch.Tensor:
+    """Concatenate the weights of several bias-free Linear layers along the output dimension and
+    re-point each layer's weight at its slice of the result (no copy kept twice)."""
+    for linear in linears:
+        if linear.bias is not None:
+            raise ValueError(f"StaticTarget supports bias-free projections; {linear} has a bias")
+    packed = torch.cat([linear.weight.data for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = packed[start : start + rows]
+        start += rows
+    return packed
+
+
+def rope_tables(inv_freq: torch.Tensor, scaling: float, capacity: int, dtype: torch.dtype):
+    """cos and signed sin per position, as transformers computes them (float32, then cast).
+
+    returns cos [capacity, D] and sin [capacity, D] with the first half negated, so that
+    rotate_half(x) * sin == x.roll(D/2, -1) * signed_sin.
+    """
+    positions = torch.arange(capacity, dtype=torch.float32, device=inv_freq.device)
+    freqs = positions[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling
+    half = sin.shape[-1] // 2
+    signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+    return cos.to(dtype), signed.to(dtype)
+
+
+class StaticTarget:
+    """A `Target`'s language model with a static KV cache; one generation at a time.
+
+    capacity: slots in the cache (prompt + new tokens + one tree + 1 scratch slot must fit)
+    cuda_graphs: replay fixed-shape forwards from CUDA graphs (None: when the model is on CUDA)
+    """
+
+    def __init__(self, target: Target, capacity: int, cuda_graphs: bool | None = None) -> None:
+        lm = target.model.model.language_model
+        cfg = target.model.config.text_config
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            raise ValueError("StaticTarget supports LLaMA layers without attention/MLP biases (LLaVA-1.5's)")
+        rotary = lm.rotary_emb
+        if getattr(rotary, "rope_type", "default") not in ("default", "linear"):
+            raise ValueError(f"StaticTarget supports default or linear RoPE, not {rotary.rope_type!r}")
+        if capacity > target.max_length:
+            capacity = target.max_length
+        self.target = target
+        self.capacity = capacity
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden_size = cfg.hidden_size
+        self.intermediate_size = cfg.intermediate_size
+        self.eps = float(cfg.rms_norm_eps)
+        self.layers = [
+            _Layer(
+                input_norm=layer.input_layernorm.weight.data,
+                qkv=_pack(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                o=layer.self_attn.o_proj.weight.data,
+                post_norm=layer.post_attention_layernorm.weight.data,
+                gate_up=_pack(layer.mlp.gate_proj, layer.mlp.up_proj),
+                down=layer.mlp.down_proj.weight.data,
+            )
+            for layer in lm.layers
+        ]
+        self.final_norm = lm.norm.weight.data
+        self.embed = target.model.get_input_embeddings().weight.data
+        self.lm_head = target.lm_head.weight.data
+        device, dtype = self.lm_head.device, self.lm_head.dtype
+        self.cos, self.sin = rope_tables(rotary.inv_freq.to(device), float(rotary.attention_scaling), capacity, dtype)
+        shape = (len(self.layers), self.n_kv_heads, capacity, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.scratch = capacity - 1
+        self.slots = torch.arange(capacity, device=device)
+        enabled = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphed = GraphedFunction(self._forward_tokens, enabled, device)
+        self._graphed_next = GraphedFunction(self._forward_next, enabled, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.device
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether fixed-shape forwards replay CUDA graphs."""
+        return self._graphed.enabled
+
+    @property
+    def usable(self) -> int:
+        """Slots a generation may fill (the last one is the padding rows' scratch slot)."""
+        return self.capacity - 1
+
+    def width(self, used: int) -> int:
+        """The attention width (a bucket) that covers `used` slots."""
+        return width_bucket(used, self.capacity)
+
+    # ---- the forward ------------------------------------------------------------------------------
+    def _forward_embeds(self, x, positions, slots, mask):
+        """x: [T, H]; positions, slots: [T] long; mask: [T, S] additive -> hidden [T, H], logits [T, V] f32"""
+        t, width = mask.shape
+        heads, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
+        attn_mask = mask[None, None]
+        for index, w in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden_size,), w.input_norm, self.eps)
+            qkv = (h @ w.qkv.T).view(t, heads + 2 * kv, d)
+            qk = qkv[:, : heads + kv]
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv :]
+            self.keys[index].index_copy_(1, slots, k.transpose(0, 1))
+            self.values[index].index_copy_(1, slots, v.transpose(0, 1))
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                self.keys[index, :, :width][None],
+                self.values[index, :, :width][None],
+                attn_mask=attn_mask,
+                enable_gqa=kv != heads,
+            )  # [1, heads, T, D]
+            x = x + out[0].transpose(0, 1).reshape(t, heads * d) @ w.o.T
+            h = F.rms_norm(x, (self.hidden_size,), w.post_norm, self.eps)
+            gate, up = (h @ w.gate_up.T).split(self.intermediate_size, dim=-1)
+            x = x + (F.silu(gate) * up) @ w.down.T
+        hidden = F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
+        return hidden, (hidden @ self.lm_head.T).float()
+
+    def _forward_tokens(self, tokens, positions, slots, mask):
+        return self._forward_embeds(F.embedding(tokens, self.embed), positions, slots, mask)
+
+    def _forward_next(self, token, position, window):
+        """Plain decoding's step, with its mask built inside the graph: token, position [1] long;
+        window: slots 0..S-1 [S] (its length picks the attention width) -> hidden [1, H], logits [1, V]."""
+        mask = torch.zeros(1, window.shape[0], dtype=self.lm_head.dtype, device=window.device)
+        mask.masked_fill_(window[None, :] > position[:, None], torch.finfo(self.lm_head.dtype).min)
+        return self._forward_tokens(token, position, position, mask)
+
+    # ---- what the loops call -----------------------------------------------------------------------
+    def mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """[T, S] bool -> additive float mask in the model's dtype."""
+        return torch.zeros(visible.shape, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
+            ~visible, torch.finfo(self.lm_head.dtype).min
+        )
+
+    @torch.inference_mode()
+    def prefill(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt at slots 0..L-1 (eager: prompt lengths vary). inputs_embeds: [L, H] -> hidden [L, H], logits [L, V]"""
+        length = inputs_embeds.shape[0]
+        self._check_room(length)
+        width = self.width(length)
+        visible = self.slots[:width][None, :] <= self.slots[:length][:, None]
+        positions = self.slots[:length]
+        return self._forward_embeds(inputs_embeds.to(self.lm_head.dtype), positions, positions, self.mask(visible))
+
+    @torch.inference_mode()
+    def forward_tokens(
+        self, tokens: torch.Tensor, positions: torch.Tensor, prefix_len: int, tree_visible: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n new tokens after `prefix_len` committed slots, written to the slots that follow.
+
+        tokens, positions: [n] long on the device
+        tree_visible: [n, n] bool, which new tokens each one sees (a tree's ancestor mask, itself
+        included); None is causal
+        returns hidden [n, H] and logits [n, V] float32, valid until the next call
+        """
+        n = tokens.shape[0]
+        self._check_room(prefix_len + n)
+        rows = bucket(n, TOKEN_BUCKETS) if n <= TOKEN_BUCKETS[-1] else n
+        width = self.width(prefix_len + n)
+        if tree_visible is None:
+            tree_visible = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
+        visible = torch.zeros(rows, width, dtype=torch.bool, device=self.device)
+        visible[:n, :prefix_len] = True
+        visible[:n, prefix_len : prefix_len + n] = tree_visible
+        visible[n:, 0] = True
+        slots = torch.full((rows,), self.scratch, device=self.device)
+        slots[:n] = self.slots[prefix_len : prefix_len + n]
+        padded_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        padded_tokens[:n] = tokens
+        padded_positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+        padded_positions[:n] = positions
+        run = self._graphed if rows <= TOKEN_BUCKETS[-1] else self._forward_tokens
+        hidden, logits = run(padded_tokens, padded_positions, slots, self.mask(visible))
+        return hidden[:n], logits[:n]
+
+    @torch.inference_mode()
+    def forward_next(self, token: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token of plain decoding at `position` (its slot too), after `position` committed slots.
+
+        token: [1] long on the device -> hidden [1, H], logits [1, V] float32, valid until the next call
+        """
+        self._check_room(position + 1)
+        positions = torch.full((1,), position, device=self.device)
+        return self._graphed_next(token, positions, self.slots[: self.width(position + 1)])
+
+    @torch.inference_mode()
+    def keep_path(self, prefix_len: int, path: torch.Tensor) -> None:
+        """Move the accepted nodes' keys and values down to the slots after the prefix.
+
+        path: [a + 1] tree node indices, root first (node i sits at slot prefix_len + i)
+        Example: prefix_len 5, path [0, 2] -> slots 5, 7 are copied to 5, 6.
+        """
+        source = prefix_len + path
+        target = self.slots[prefix_len : prefix_len + path.shape[0]]
+        self.keys.index_copy_(2, target, self.keys.index_select(2, source))
+        self.values.index_copy_(2, target, self.values.index_select(2, source))
+
+    def _check_room(self, used: int) -> None:
+        if used > self.usable:
+            raise ValueError(
+                f"the generation needs {used} cache slots but the static cache holds {self.usable}; "
+                f"raise max_length (at most the target's {self.target.max_length})"
+            )

@@ -1,0 +1,395 @@
+"""Draft trees: the `Tree` that joins drafting to verification, and the tree builders.
+
+A builder takes a `Drafter` positioned after the committed prefix, the root token and the draft's
+hidden state at the root, and returns a `Tree`. Builders differ only in how they score and choose
+nodes; the verifier reads nothing but the `Tree`, so a new builder (OPT-Tree) or a new node scorer
+(the calibrator) never touches verification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from lmms_msd.speculative.drafting import Drafter
+
+
+@dataclass
+class Tree:
+    """One step's proposal. Node 0 is the root (the last committed token); parents precede children."""
+
+    tokens: torch.Tensor  # [N] long
+    parents: torch.Tensor  # [N] long; parents[0] = -1, otherwise parents[i] < i
+    depths: torch.Tensor  # [N] long; depths[0] = 0, depths[i] = depths[parents[i]] + 1
+    scores: torch.Tensor  # [N] float32; the builder's score of each node (root 0)
+    # The calibrator's features (lmms_msd.speculative.drafting's docstring says which row they come from):
+    confidence: torch.Tensor | None = None  # [N] float32; the draft's probability of each node (root 1)
+    visual: torch.Tensor | None = None  # [N] float32; visual attention intensity of the row that produced
+    #                                     each node's distribution (root 0); None when not tracked
+
+    def __post_init__(self) -> None:
+        n = self.tokens.shape[0]
+        for name in ("parents", "depths", "scores", "confidence", "visual"):
+            value = getattr(self, name)
+            if value is None and name in ("confidence", "visual"):
+                continue
+            shape = tuple(value.shape)
+            assert shape == (n,), f"Tree.{name} has shape {shape}, expected ({n},)"
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def ancestor_mask(self, max_depth: int) -> torch.Tensor:
+        """[N, N] bool: row i is True at i and at every ancestor of i.
+
+        Example: parents [-1, 0, 0, 1] (node 3 under node 1 under the root) gives rows
+        [1,0,0,0], [1,1,0,0], [1,0,1,0], [1,1,0,1].
+        """
+        n = len(self)
+        rows = torch.arange(n, device=self.tokens.device)
+        mask = torch.eye(n, dtype=torch.bool, device=self.tokens.device)
+        node = rows
+        true = torch.ones((), dtype=torch.bool, device=self.tokens.device)  # a device scalar: CUDA-graph safe
+        for _ in range(max_depth):
+            node = self.parents[node].clamp(min=0)  # the root is its own parent from here on
+            mask[rows, node] = true
+        return mask
+
+
+# (draft log-probabilities of the proposed children [n, k], their tokens [n, k], their depth,
+#  the visual attention intensity of the row that produced each parent's distribution [n] or None)
+#   -> log of each child's acceptance estimate [n, k]
+# Row i of the inputs holds the k children of one parent: they share its row's visual intensity.
+NodeScorer = Callable[[torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
+
+
+class Growth(NamedTuple):
+    """How a builder grows its tree (`grow_tree`'s settings); a builder's `growth` says it."""
+
+    top_k: int  # frontier width, and children proposed per frontier node
+    max_depth: int  # the deepest a node can be (the root is depth 0)
+    budget: int  # draft nodes kept (the root not counted); at most `pool_capacity`
+    node_score: "NodeScorer"
+    stop_delta: float | None  # None: always grow to max_depth
+    frontier_only: bool = False  # a level stores only its frontier (OPT-Tree as upstream, `OptTree`)
+
+
+def pool_capacity(top_k: int, max_depth: int, frontier_only: bool) -> int:
+    """Nodes a tree grown to max_depth can store, the root excluded: top_k at depth 1, then top_k
+    (frontier_only) or top_k * top_k per level. Example: pool_capacity(10, 10, True) == 100."""
+    return top_k + (max_depth - 1) * (top_k if frontier_only else top_k * top_k)
+
+
+def draft_confidence(logprobs: torch.Tensor, tokens: torch.Tensor, depth: int, visual: torch.Tensor | None) -> torch.Tensor:
+    """The uncalibrated estimate: the draft's own probability."""
+    return logprobs
+
+
+@dataclass(frozen=True)
+class EagleTree:
+    """The EAGLE-2 dynamic tree (the "MSD baseline" row), as `topK_genrate` in SafeAILab/EAGLE
+    `eagle/model/cnets.py` (EAGLE-2, commit bfeb532; MSD's copy `EAGLE/eagle/model/cnets.py` is the same).
+
+    Rule: a node's score is its cumulative draft log-probability. The root's top_k children are depth 1
+    and the first frontier. Then `depth` more draft forwards: each feeds the frontier, every frontier
+    node proposes its top_k children (depth + 1 of the frontier's), and the top_k of those top_k * top_k
+    children by score are the next frontier. So nodes reach depth `depth + 1`, and the candidates are the
+    top_k root children plus top_k * top_k per forward. Of the candidates, the best `total_tokens - 1` by
+    score form the tree with the root: `total_tokens` counts the root, as upstream's `Model.__init__`
+    sets `self.total_tokens = total_tokens - 1` (59: the root and 58 draft nodes). Candidates are ranked
+    in proposal order (depth 1, then each forward's children row by row: frontier node, then child
+    rank), and a stable sort puts the earlier of equal scores first (upstream's `torch.topk` leaves
+    ties unspecified); so a parent precedes a child of equal score and the kept set is ancestor-closed.
+
+    Worked example (tests/test_tree_bookkeeping.py), top_k 2, depth 2, total_tokens 7, root token 0
+    and draft probabilities p(next | token) t0: {1: .6, 2: .3}, t1: {0: .45, 2: .35}, t2: {3: .8, 0: .1},
+    t3: {3: .4, 2: .3} (each token's top two):
+      depth 1: 1 (.6), 2 (.3)                                     frontier 1, 2
+      forward 1 feeds 1, 2 -> depth 2: 1>0 .27, 1>2 .21, 2>3 .24, 2>0 .03; frontier 1>0, 2>3
+      forward 2 feeds 1>0, 2>3 -> depth 3: 1>0>1 .162, 1>0>2 .081, 2>3>3 .096, 2>3>2 .072
+    10 candidates over depths 1-3; the best 6 (total_tokens - 1): .6, .3, .27, .24, .21, .162, i.e.
+    tokens [root 0, 1, 2, 0, 2, 3, 1], parents [-1, 0, 0, 1, 1, 2, 3], depths [0, 1, 1, 2, 2, 2, 3];
+    4 nodes fed to the draft (two forwards of 2).
+    """
+
+    total_tokens: int = 59
+    depth: int = 5
+    top_k: int = 10
+
+    def __post_init__(self) -> None:
+        if self.total_tokens < 2 or self.depth < 1 or self.top_k < 1:
+            raise ValueError(
+                f"EAGLE-2 tree needs total_tokens >= 2 (it counts the root), depth >= 1, top_k >= 1; got "
+                f"total_tokens={self.total_tokens}, depth={self.depth}, top_k={self.top_k}"
+            )
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest a node can be: depth 1 (the root's children) plus one per draft forward."""
+        return self.depth + 1
+
+    @property
+    def growth(self) -> Growth:
+        budget = min(self.total_tokens - 1, pool_capacity(self.top_k, self.max_depth, False))
+        return Growth(self.top_k, self.max_depth, budget, draft_confidence, None)
+
+    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
+        """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
+        that row's visual attention intensity (None when the drafter does not track it)."""
+        return grow_tree(drafter, root_token, root_hidden, root_visual, *self.growth)
+
+
+# total_tokens=auto, as MSD's `total_token=-1` (`EaModel.from_pretrained`, EAGLE/eagle/model/ea_model.py;
+# SafeAILab/EAGLE's is the same): the candidate sizes (root included) and the gain upstream credits each
+AUTO_TOTAL_TOKENS = (40, 48, 50, 56, 60)
+AUTO_GAINS = (1.0, 1.05, 1.07, 1.1, 1.13)
+
+
+def choose_total_tokens(seconds: Sequence[float]) -> int:
+    """Upstream's choice of total_tokens: the candidate with the least seconds / gain, where seconds[i]
+    is the measured time of a target forward over AUTO_TOTAL_TOKENS[i] tokens (the first on a tie).
+
+    Example: seconds (1.0, 1.0, 1.0, 1.2, 1.3) cost 1.0, .952, .935, 1.091, 1.150: 50 tokens.
+    """
+    assert len(seconds) == len(AUTO_TOTAL_TOKENS), f"{len(seconds)} timings for {len(AUTO_TOTAL_TOKENS)} candidates"
+    costs = [s / gain for s, gain in zip(seconds, AUTO_GAINS)]
+    return AUTO_TOTAL_TOKENS[costs.index(min(costs))]
+
+
+OPT_VARIANTS = ("upstream", "frontier")
+
+
+@dataclass(frozen=True)
+class OptTree:
+    """OPT-Tree with early stopping, in two variants (`variant`).
+
+    Both: a node's weight is the product along its path of per-node acceptance estimates (the draft's
+    probability, or a calibrator's prediction through `scorer`); kept here as its log, the score. A
+    tree's expected accepted length is the sum of its weights; E(S) is the sum of the best
+    `node_budget` weights in a set S. Each level's frontier (`top_k` nodes) is fed to the draft and
+    every frontier node proposes its `top_k` children; the next frontier is the best `top_k` of those
+    `top_k * top_k` children. The tree is the best `node_budget` stored nodes plus the root.
+    `max_depth` is the deepest a node can be.
+
+    "upstream": Jikai0Wang/OPT-Tree `opt_eagle/tree.py` (`Tree.update`, driven by `topK_genrate` in
+    `opt_eagle/cnets.py`). A level stores only its frontier. Upstream feeds each new level, then checks
+    the gain of the level before it: it continues while E(all stored levels but the newest) exceeds
+    the previous such sum by more than `stop_delta` (absolute), and on stopping builds the tree from
+    the stored levels without the newest. So level d is in the tree iff every level before it gained
+    more than stop_delta, the first level included (its gain is over the empty tree), and the forward
+    that produced the discarded newest level changes nothing: here the gain of the newest level is
+    checked before feeding it, and growth stops without that forward (the same trees, one draft
+    forward fewer per step).
+    "frontier" (this project's earlier rule): a level stores all top_k * top_k proposals; growth stops
+    once a level raises E by at most stop_delta (the first level is not checked) and that level stays.
+
+    Worked example (tests/test_tree_bookkeeping.py), top_k 2, node_budget 5, stop_delta .2, root
+    token 0, draft probabilities t0: {1: .6, 2: .3}, t1: {0: .45, 2: .35}, t2: {3: .8, 0: .1},
+    t3: {3: .4, 2: .3}:
+      level 1: 1 .6, 2 .3; E = .9, gain .9 > .2: feed it
+      level 2 proposals: 1>0 .27, 1>2 .21, 2>3 .24, 2>0 .03; stored 1>0, 2>3; E = 1.41, gain .51: feed
+      level 3 proposals: 1>0>1 .162, 1>0>2 .081, 2>3>3 .096, 2>3>2 .072; stored 1>0>1, 2>3>3;
+        E = .6 + .3 + .27 + .24 + .162 = 1.572, gain .162 <= .2: stop (level 3 kept, not fed)
+      tree: 1, 2, 1>0, 2>3, 1>0>1: tokens [0, 1, 2, 0, 3, 1], parents [-1, 0, 0, 1, 2, 3]
+    "frontier" on the same settings keeps 1>2 (.21) instead of 1>0>1: tokens [0, 1, 2, 0, 2, 3]. With
+    stop_delta 1, "upstream" stops at level 1 (gain .9) without a forward: tokens [0, 1, 2].
+
+    Upstream's own settings (`--nodes n --threshold t --max_depth M`, README: 60, 0.5, 10) are
+    variant "upstream", node_budget = top_k = n, stop_delta = t, max_depth = M - 1: its deepest kept
+    level is M - 1 (it stops when the level it adds reaches M). The thesis
+    (ljc0359/Speculative-Decoding-For-Vision-Language-Model, `topK_genrate` in
+    `EAGLE/eagle/model/cnets.py`: nodes 500, threshold .2, max_depth 10, top_k 10) implements the same
+    rule with the frontier width top_k apart from the budget, which it takes as nodes - 1 (the root
+    counted), and keeps the newest level when it reaches max_depth: variant "upstream", top_k 10,
+    node_budget 499, stop_delta .2, max_depth 10 (at most 100 nodes are stored, so node_budget 500 or
+    499 gives the same trees). Weights are products of float32 probabilities upstream and sums of
+    log-probabilities here: the same order up to rounding.
+    The draft's attention while growing follows each node's ancestors only (`grow_tree`); upstream's
+    `kv_cache_mask` is never reset between levels, so its deeper levels also see non-ancestors: that is
+    not reproduced.
+    """
+
+    node_budget: int = 60
+    stop_delta: float = 0.3
+    max_depth: int = 10
+    top_k: int = 10
+    scorer: NodeScorer = draft_confidence
+    variant: str = "frontier"
+
+    def __post_init__(self) -> None:
+        if self.node_budget < 1 or self.max_depth < 1 or self.top_k < 1 or self.stop_delta < 0:
+            raise ValueError(
+                f"OPT-Tree needs node_budget >= 1, max_depth >= 1, top_k >= 1, stop_delta >= 0; got "
+                f"node_budget={self.node_budget}, max_depth={self.max_depth}, top_k={self.top_k}, "
+                f"stop_delta={self.stop_delta}"
+            )
+        if self.variant not in OPT_VARIANTS:
+            raise ValueError(f"OPT-Tree variant {self.variant!r}: valid ones are {list(OPT_VARIANTS)}")
+
+    @property
+    def growth(self) -> Growth:
+        frontier_only = self.variant == "upstream"
+        budget = min(self.node_budget, pool_capacity(self.top_k, self.max_depth, frontier_only))
+        return Growth(self.top_k, self.max_depth, budget, self.scorer, self.stop_delta, frontier_only)
+
+    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
+        """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
+        that row's visual attention intensity (None when the drafter does not track it)."""
+        return grow_tree(drafter, root_token, root_hidden, root_visual, *self.growth)
+
+
+@torch.inference_mode()
+def grow_tree(
+    drafter: Drafter,
+    root_token: int,
+    root_hidden: torch.Tensor,
+    root_visual: torch.Tensor | None,
+    top_k: int,
+    max_depth: int,
+    budget: int,
+    node_score: NodeScorer,
+    stop_delta: float | None,
+    frontier_only: bool = False,
+) -> Tree:
+    """Grow a tree level by level with cumulative log-scores; keep the `budget` best stored nodes.
+
+    stop_delta None: grow to max_depth (EAGLE-2). Otherwise stop once a level raises the expected
+    accepted length (the sum of the best `budget` weights, weight = exp(score)) by at most stop_delta;
+    with frontier_only (upstream OPT-Tree, `OptTree`) a level stores only its frontier, and the first
+    level is checked too (against 0), before any forward.
+    The draft sees, for each fed node, the committed prefix, its ancestors' slots and its own.
+    Every stored node also carries its draft probability and the visual intensity of the row that
+    produced it (its parent's row: `lmms_msd.speculative.drafting`), which end up in the Tree for the calibrator.
+    root_hidden: [H]; root_visual: [] or None
+    """
+    k = top_k
+    device = root_hidden.device
+    top = drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
+    visual = None if root_visual is None else root_visual.reshape(1).float()  # [1]
+    scores = node_score(top.values, top.indices, 1, visual)[0]
+    # The pool holds every stored node; pool index 0 is the root, node i of the pool is at i + 1.
+    pool = NodePool(device, tracked=visual is not None)
+    pool.add(top.indices[0], torch.zeros(k, dtype=torch.long, device=device), 1, scores, top.values[0], visual, k)
+    frontier = torch.arange(1, k + 1, device=device)  # pool indices
+    frontier_tokens, frontier_scores = top.indices[0], scores
+    parent_hidden = root_hidden[None].expand(k, -1)
+    ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
+    expected = expected_length(pool.scores, budget) if stop_delta is not None else 0.0
+    levels = 1 if frontier_only and stop_delta is not None and expected <= stop_delta else max_depth
+    for depth in range(1, levels):
+        # 1. feed the frontier, 2. propose k children each, 3. the best k of them are the next frontier
+        hidden, visual = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
+        children = drafter.logprobs(hidden).topk(k)  # [k, k]
+        scores = (frontier_scores[:, None] + node_score(children.values, children.indices, depth + 1, visual)).flatten()
+        tokens = children.indices.flatten()  # [k * k]
+        best = scores.topk(k).indices  # [k]
+        parent_row = best // k
+        first = pool.size
+        if frontier_only:
+            row_visual = None if visual is None else visual[parent_row]
+            pool.add(tokens[best], frontier[parent_row], depth + 1, scores[best], children.values.flatten()[best], row_visual, 1)
+            next_frontier = first + torch.arange(k, device=device)
+        else:
+            pool.add(tokens, frontier.repeat_interleave(k), depth + 1, scores, children.values.flatten(), visual, k)
+            next_frontier = first + best
+        if stop_delta is not None:
+            # 4. early stop: this level added too little to the expected accepted length.
+            grown = expected_length(pool.scores, budget)
+            gained, expected = grown - expected, grown
+            if gained <= stop_delta:
+                break
+        own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
+        ancestors = torch.cat([ancestors[parent_row], own_slot], dim=1)
+        frontier = next_frontier
+        frontier_tokens, frontier_scores = tokens[best], scores[best]
+        parent_hidden = hidden[parent_row]
+    tokens, parents, depths, scores, confidence, visual = pool.fields()
+    return select_nodes(root_token, tokens, parents, depths, scores, budget, confidence=confidence, visual=visual)
+
+
+class NodePool:
+    """Every node stored while growing one tree, level by level (pool index 0 is the root)."""
+
+    def __init__(self, device: torch.device, tracked: bool) -> None:
+        self.device = device
+        self.tracked = tracked  # whether nodes carry visual intensities
+        self.tokens: list[torch.Tensor] = []  # per level [m] long
+        self.parents: list[torch.Tensor] = []  # per level [m] long, pool indices
+        self.depths: list[torch.Tensor] = []  # per level [m] long
+        self.scores: list[torch.Tensor] = []  # per level [m] float32, cumulative log acceptance estimates
+        self.logprobs: list[torch.Tensor] = []  # per level [m] float32, the draft's log-probability
+        self.visual: list[torch.Tensor] = []  # per level [m] float32, when tracked
+        self.size = 1  # the root
+
+    def add(self, tokens, parents, depth: int, scores, logprobs, row_visual: torch.Tensor | None, k: int) -> None:
+        """One level of m = rows * k nodes, k consecutive nodes per producing row; row_visual: [rows],
+        the intensity of each producing row."""
+        m = tokens.shape[0]
+        assert parents.shape == scores.shape == logprobs.shape == (m,), "pool level fields must all be [m]"
+        self.tokens.append(tokens)
+        self.parents.append(parents)
+        self.depths.append(torch.full((m,), depth, dtype=torch.long, device=self.device))
+        self.scores.append(scores)
+        self.logprobs.append(logprobs)
+        assert (row_visual is not None) == self.tracked, (
+            "visual intensities come for every level or for none: a drafter built with track_visual=True "
+            "needs the root's intensity (build(..., root_visual=...)), and only such a drafter gives one"
+        )
+        if row_visual is not None:
+            assert row_visual.shape == (m // k,), f"row_visual {tuple(row_visual.shape)} for {m} nodes of {k} per row"
+            self.visual.append(row_visual.float().repeat_interleave(k))
+        self.size += m
+
+    def fields(self):
+        """tokens, parents, depths, scores, confidence (the draft's probability), visual: each [M] over
+        pool indices 1..M (visual None when not tracked)."""
+        cat = torch.cat
+        visual = cat(self.visual) if self.tracked else None
+        return cat(self.tokens), cat(self.parents), cat(self.depths), cat(self.scores), cat(self.logprobs).exp(), visual
+
+
+def expected_length(pool_scores: list[torch.Tensor], budget: int) -> float:
+    """Expected accepted length of the best `budget` nodes: the sum of their weights exp(score)."""
+    scores = torch.cat(pool_scores)
+    return float(scores.topk(min(budget, scores.shape[0])).values.exp().sum())
+
+
+def select_nodes(
+    root_token: int,
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    depths: torch.Tensor,
+    scores: torch.Tensor,
+    budget: int,
+    *,
+    confidence: torch.Tensor | None = None,
+    visual: torch.Tensor | None = None,
+) -> Tree:
+    """Keep the `budget` best-scored pool nodes as a tree.
+
+    tokens, parents, depths, scores (and confidence, visual when given): [M] over pool indices 1..M
+    (index 0 is the root), in the order proposed, so a parent always precedes its children. Scores
+    never grow along a path (every acceptance estimate is at most 1); a stable sort puts a parent
+    before a child of equal score, so the kept set contains every kept node's parent. Example: scores [-0.1, -0.5, -0.1] with parents [0, 0, 1] and budget 2 keep pool
+    nodes 1 and 3 (3's parent is 1): tree parents [-1, 0, 1].
+    """
+    m = tokens.shape[0]
+    assert parents.shape == depths.shape == scores.shape == (m,), "pool fields must all be [M]"
+    assert confidence is None or confidence.shape == (m,), f"confidence {tuple(confidence.shape)} != ({m},)"
+    assert visual is None or visual.shape == (m,), f"visual {tuple(visual.shape)} != ({m},)"
+    order = torch.sort(scores, descending=True, stable=True).indices[:budget]
+    kept = torch.sort(order).values + 1  # pool indices, ascending: parents before children
+    remap = torch.full((m + 1,), -1, dtype=torch.long, device=tokens.device)
+    remap[:1].zero_()  # the root; no host scalar, so this runs inside a CUDA graph capture
+    remap[kept] = torch.arange(1, kept.shape[0] + 1, device=tokens.device)
+    root = tokens.new_full((1,), root_token)
+    return Tree(
+        tokens=torch.cat([root, tokens[kept - 1]]),
+        parents=torch.cat([root.new_full((1,), -1), remap[parents[kept - 1]]]),
+        depths=torch.cat([root.new_zeros(1), depths[kept - 1]]),
+        scores=torch.cat([scores.new_zeros(1), scores[kept - 1]]),
+        confidence=None if confidence is None else torch.cat([confidence.new_ones(1), confidence[kept - 1]]),
+        visual=None if visual is None else torch.cat([visual.new_zeros(1), visual[kept - 1]]),
+    )
