@@ -121,7 +121,7 @@ def test_command_line_conv_template_reaches_the_prompt(tiny_hf_dir, data, tmp_pa
 
     seen = {}
 
-    def record(target, *args):
+    def record(target, *args, **kwargs):
         seen["target"] = target
         return {"last": None}
 
