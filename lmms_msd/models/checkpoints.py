@@ -212,3 +212,9 @@ def save_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_siz
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())}, "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return [folder / file for file in sorted(split.filename_to_tensors)]
+
+
+def shard_size(text: str) -> int | str:
+    """A --max-shard-size argument: a number of bytes ("15000000") as an int, or a size with a unit as
+    huggingface_hub and transformers read it ("15MB" = 15 * 10**6 bytes, "15MiB" = 15 * 2**20)."""
+    return int(text) if text.isdigit() else text

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmms_msd.models.checkpoints import shard_size
 from lmms_msd.models.draft import (
     DraftConfig,
     MSDDraft,
@@ -305,7 +306,7 @@ def add_arguments(parser: argparse.ArgumentParser):
         help="dtype of the finished head in output_dir (its resume checkpoint stays float32)",
     )
     parser.add_argument(
-        "--max_shard_size", default=None,
+        "--max_shard_size", default=None, type=shard_size,
         help="write the finished head in shards of at most this size (e.g. 15MB = 15 * 10**6 bytes) with "
         "model.safetensors.index.json; default one file, as released heads are",
     )

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from lmms_msd.models.checkpoints import shard_size
 from lmms_msd.models.prompt import (
     IMAGE_PLACEHOLDER,
     TEMPLATE_SYSTEM_PROMPTS,
@@ -821,7 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
     parser.add_argument("--size", choices=sorted(SIZE_PRESETS), default="default", help="model size preset")
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16")
     parser.add_argument(
-        "--max-shard-size", default="15MB",
+        "--max-shard-size", default="15MB", type=shard_size,
         help="largest weight file to write (transformers' save_pretrained; 15MB = 15 * 10**6 bytes); bigger models are sharded",
     )
     parser.add_argument("--samples", type=int, default=12, help="greedy test answers to log at the end (12: every question type, short and long)")
