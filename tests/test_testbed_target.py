@@ -276,8 +276,9 @@ def test_vocabulary_round_trips_the_task_text(vocabulary, chart_dir: Path) -> No
 def test_vocabulary_makes_the_vicuna_prompt(vocabulary) -> None:
     """The byte-level BPE splits the prompt as the model is trained on it: "USER:" and "ASSISTANT:"
     whole words with their leading space (Ġ), one <image> id between ":" + "Ġ" and "\n" (Ċ), <s>
-    first; LLaVA's chunk-by-chunk tokenisation (tokenizer_image_token) gives the same ids."""
-    from lmms_msd.models.prompt import PromptFormat
+    first; LLaVA's chunk-by-chunk tokenisation (tokenizer_image_token) gives the same ids (with no
+    sentencepiece model, it calls the tokenizer as is rather than SlowLlamaTokenizer)."""
+    from lmms_msd.models.prompt import PromptFormat, SlowLlamaTokenizer
 
     tokenizer = vocabulary
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -289,6 +290,7 @@ def test_vocabulary_makes_the_vicuna_prompt(vocabulary) -> None:
     assert tokens[at - 3 : at + 2] == ["ĠUSER", ":", "Ġ", "<image>", "Ċ"]
     assert tokens[-2:] == ["ĠASSISTANT", ":"]
     assert tokenizer.decode(ids[1:]) == prompt
+    assert SlowLlamaTokenizer.of(tokenizer) is None
     llava_style = PromptFormat(conv_template="vicuna_v1", tokenization="llava")
     assert llava_style.tokenize(tokenizer, prompt, image_id).tolist() == ids
 
