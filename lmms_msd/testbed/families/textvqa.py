@@ -114,7 +114,7 @@ def background(rng) -> tuple[Image.Image, ImageDraw.ImageDraw, int, list[str]]:
 
 def place_sign(image: Image.Image, draw: ImageDraw.ImageDraw, rng, x: int, horizon: int, word: str) -> tuple[str, tuple[int, int, int, int]]:
     board = pick(rng, tuple(BOARDS))
-    _, face = fitted_font(rng, word, 24, 40, 130)
+    _, face = fitted_font(rng, word, 24, 40, 150)
     width, height = text_box(word, face)
     y = int(rng.integers(46, 96))
     draw.rectangle([x - 3, y, x + 3, horizon + 10], fill=(97, 97, 97))
@@ -142,7 +142,7 @@ def scene(rng) -> tuple[Image.Image, dict[str, Any]]:
     shown = [cased(w, pick(rng, CASES)) for w in words]
     number = str(int(rng.integers(1, 100)))
     sign_left = bool(rng.integers(2))
-    sign_x = int(rng.integers(84, 110)) if sign_left else int(rng.integers(226, 252))
+    sign_x = int(rng.integers(96, 111)) if sign_left else int(rng.integers(226, 241))  # boards up to 178 px wide
     tag_x = int(rng.integers(236, 290)) if sign_left else int(rng.integers(46, 100))
     board, sign_box = place_sign(image, draw, rng, sign_x, horizon, shown[0])
     tag_box = place_tag(image, draw, rng, tag_x, int(rng.integers(70, 150)), number)
@@ -150,7 +150,7 @@ def scene(rng) -> tuple[Image.Image, dict[str, Any]]:
     colours = pick(rng, tuple(COLOURS), n_painted)
     painted = []
     for i in range(n_painted):
-        centre_x = DESIGN_SIZE // 2 if n_painted == 1 else (84 + 168 * i)
+        centre_x = DESIGN_SIZE // 2 if n_painted == 1 else (88 + 160 * i)  # two words: side by side, inside the frame
         _, face = fitted_font(rng, shown[1 + i], 22, 36, 150)
         y = int(rng.integers(horizon + 30, DESIGN_SIZE - 26))
         box = draw_text(image, (centre_x + int(rng.integers(-10, 11)), y), shown[1 + i], face, rgb(COLOURS[colours[i]]),
