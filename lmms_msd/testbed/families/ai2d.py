@@ -25,6 +25,7 @@ from PIL import Image
 from lmms_msd.testbed.families.common import (
     ANSWER_LINE,
     BLACK,
+    DESIGN_SIZE,
     OPTION_LETTERS,
     WHITE,
     Family,
@@ -115,7 +116,7 @@ def article(noun: str) -> str:
 
 
 def draw_plant(draw, dx: int, dy: int, rng) -> None:
-    draw.rectangle([0, 250 + dy, 336, 336], fill=(215, 190, 160))
+    draw.rectangle([0, 250 + dy, DESIGN_SIZE, DESIGN_SIZE], fill=(215, 190, 160))
     for end in ((132, 300), (150, 318), (186, 316), (204, 298)):
         draw.line([(168 + dx, 250 + dy), (end[0] + dx, end[1] + dy)], fill=BROWN, width=4)
     draw.line([(168 + dx, 250 + dy), (168 + dx, 96 + dy)], fill=GREEN, width=9)

@@ -123,10 +123,6 @@ def join_words(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def option_lines(options: Sequence[str], template: str = "{letter}. {option}") -> str:
-    return "\n".join(template.format(letter=OPTION_LETTERS[i], option=o) for i, o in enumerate(options))
-
-
 def numeric_options(rng: np.random.Generator, answer: int, step: int, low: int, n: int = 4) -> tuple[list[int], int]:
     """n different integers at multiples of `step` around `answer`, none below `low`, in increasing
     order, with the answer at a random place; returns them and the answer's index."""
