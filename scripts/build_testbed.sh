@@ -8,13 +8,12 @@
 #
 # Variables (defaults): PYTHON (python3), SEED (0), STAGES ("data target draft": run only some, e.g. one
 # per command on a machine that limits a command's time), WORKERS (nproc), DEVICE (cuda),
-# N_TRAIN, N_TEST (the data command's defaults), SIZE (default; "tiny" for smoke runs), TARGET_STEPS (3000),
+# N_TRAIN, N_TEST (make-data's --n and --n-test: per family), SIZE (default; "tiny" for smoke runs), TARGET_STEPS (3000),
 # BATCH_SIZE (256), SAMPLES (12 greedy test answers logged by train-target), TARGET_MINUTES (none: a time limit for train-target, which then still anneals and
 # saves), DRAFT_STEPS (1500), GRAD_ACCUM (4), DRAFT_LR (5e-4), MAX_SHARD_SIZE (15MB: every weight file at
 # most 15 * 10**6 bytes).
 #
-# The data: `lmms-msd make-data --family all` (the five task families) when this lmms-msd has it, else the
-# charts alone (`lmms-msd make-charts --image-size 336`). The ChartQA parquet files need the `datasets`
+# The data: `lmms-msd make-data --family all` (the five task families and their mix). The benchmark-schema parquet files need the `datasets`
 # package; without it they are skipped (the LLaVA conversation files, which training reads, are always
 # written). Every stage is reproducible from SEED (up to GPU arithmetic).
 #
@@ -37,21 +36,15 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if stage data; then
     counts=()
-    [[ -n "${N_TRAIN:-}" ]] && counts+=(--n-train "$N_TRAIN")
+    [[ -n "${N_TRAIN:-}" ]] && counts+=(--n "$N_TRAIN")
     [[ -n "${N_TEST:-}" ]] && counts+=(--n-test "$N_TEST")
     parquet=()
     if ! "$PYTHON" -c "import datasets" 2>/dev/null; then
         echo "build_testbed: no 'datasets' package: skipping the parquet files" >&2
         parquet=(--no-parquet)
     fi
-    if "$PYTHON" -m lmms_msd make-data --help >/dev/null 2>&1; then
-        "$PYTHON" -m lmms_msd make-data --family all --out "$OUT/data" --seed "$SEED" --workers "$WORKERS" \
-            "${counts[@]}" "${parquet[@]}"
-    else
-        echo "build_testbed: this lmms-msd has no make-data command: building the charts alone" >&2
-        "$PYTHON" -m lmms_msd make-charts --out "$OUT/data" --seed "$SEED" --workers "$WORKERS" --image-size 336 \
-            "${counts[@]}" "${parquet[@]}"
-    fi
+    "$PYTHON" -m lmms_msd make-data --family all --out "$OUT/data" --seed "$SEED" --workers "$WORKERS" \
+        "${counts[@]}" "${parquet[@]}"
 fi
 
 if stage target; then
