@@ -22,14 +22,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
-from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
-from lmms_msd.calibration.online import OnlineCalibration
-from lmms_msd.calibration.scorer import calibrated_tree
 from lmms_msd.calibration.token_types import token_type_table
 from lmms_msd.models.draft import MSDDraft, check_draft_fits, load_draft
 from lmms_msd.models.loading import load_target
@@ -57,6 +54,10 @@ from lmms_msd.testbed.inflate import (
     inflate_target,
     shape_from_name,
 )
+
+if TYPE_CHECKING:
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+    from lmms_msd.calibration.online import OnlineCalibration
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,11 @@ def build_tree(settings: TreeSettings, decoder: Decoder) -> TreeSetup:
         return TreeSetup(replace(builder, total_tokens=auto["chosen"]), track_visual=False, total_tokens_auto=auto)
     if settings.calibrator is None:
         return TreeSetup(builder, track_visual=False)
+    # the calibrator's modules import scikit-learn (seconds), which only calibrated trees need: the
+    # commands import this module to build their --help
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+    from lmms_msd.calibration.scorer import calibrated_tree
+
     calibrator = GroupedIsotonicCalibrator.load(settings.calibrator)
     types = token_type_table(decoder.target.tokenizer, decoder.target.vocab_size)
     builder = calibrated_tree(builder, calibrator, types, decoder.target.device, settings.calibrator_mode)
@@ -301,6 +307,9 @@ def online_calibration(
     """Online calibration over a run's `n_requests` (`lmms_msd.calibration.online`): observe the first
     `train_ratio` of them in a seeded order with `tree`'s raw confidence, then fit a fresh calibrator
     on `label` and score `tree`'s nodes with it in `mode`."""
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator  # scikit-learn: see `build_tree`
+    from lmms_msd.calibration.online import OnlineCalibration
+
     calibrator = GroupedIsotonicCalibrator(attention_bins=attention_bins, min_group_size=min_group_size)
     types = token_type_table(target.tokenizer, target.vocab_size)
     return OnlineCalibration(

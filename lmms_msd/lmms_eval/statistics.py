@@ -28,14 +28,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmms_msd.calibration.online import OnlineCalibration
-from lmms_msd.models.target import Target
-from lmms_msd.pipeline import TreeSetup
 from lmms_msd.speculative.tree import EagleTree, OptTree
+
+if TYPE_CHECKING:
+    from lmms_msd.calibration.online import OnlineCalibration
+    from lmms_msd.models.target import Target
+    from lmms_msd.pipeline import TreeSetup
 
 REPORT_VERSION = 1
 STATS_FILE = "msd_stats.json"
