@@ -307,7 +307,8 @@ def online_calibration(
     """Online calibration over a run's `n_requests` (`lmms_msd.calibration.online`): observe the first
     `train_ratio` of them in a seeded order with `tree`'s raw confidence, then fit a fresh calibrator
     on `label` and score `tree`'s nodes with it in `mode`."""
-    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator  # scikit-learn: see `build_tree`
+    # scikit-learn, as in `build_tree`
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
     from lmms_msd.calibration.online import OnlineCalibration
 
     calibrator = GroupedIsotonicCalibrator(attention_bins=attention_bins, min_group_size=min_group_size)

@@ -225,10 +225,10 @@ def bundled_pair():
 def test_profile_splits_the_loop_without_changing_the_output(bundled_pair, chart_dir):
     from PIL import Image
 
-    from lmms_msd.testbed.charts import load_records, question_of
     from lmms_msd.speculative.decoding import plain_generate, speculative_generate
     from lmms_msd.speculative.sampling import GenerationConfig
     from lmms_msd.speculative.tree import OptTree
+    from lmms_msd.testbed.charts import load_records, question_of
 
     target, draft = bundled_pair
     record = load_records(chart_dir, "test", "long", 1)[0]
