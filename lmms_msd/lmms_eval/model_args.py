@@ -14,17 +14,21 @@ from typing import Any
 
 from loguru import logger as eval_logger
 
+from lmms_msd.calibration.online import OnlineCalibration
 from lmms_msd.calibration.scorer import CALIBRATOR_MODES
 from lmms_msd.models.checkpoints import could_be_hub_id, missing_folder_message
+from lmms_msd.models.target import Target
 from lmms_msd.pipeline import (
     TREES,
     PairSettings,
     RuntimeSettings,
     TreeSettings,
+    TreeSetup,
     default_device,
     default_dtype,
     fitted_calibrator,
     inflation_shape,
+    online_calibration,
     resolve_pair,
     uses_bundled_pair,
 )
@@ -290,6 +294,20 @@ def online_train_ratio(args: ModelArgs, requested: Sequence[Any]) -> float | Non
     if not 0 < ratio <= 1:
         raise ValueError(f"train_ratio must be in (0, 1], got {ratio}")
     return ratio
+
+
+def start_online_calibration(
+    args: ModelArgs, requested: Sequence[Any], tree: TreeSetup | None, target: Target
+) -> OnlineCalibration | None:
+    """The `OnlineCalibration` over a generate_until call's requests, or None when the run does not
+    calibrate online (`online_train_ratio`; requested: each request's gen_kwargs train_ratio)."""
+    ratio = online_train_ratio(args, requested)
+    if ratio is None:
+        return None
+    return online_calibration(
+        len(requested), ratio, tree, target, seed=args.seed, label=args.calibrator_label, mode=args.calibrator_mode,
+        attention_bins=args.attention_bins, min_group_size=args.min_group_size,
+    )  # fmt: skip
 
 
 def train_ratio_note(args: ModelArgs) -> str:

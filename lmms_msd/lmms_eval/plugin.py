@@ -31,9 +31,9 @@ from loguru import logger as eval_logger
 from lmms_msd.lmms_eval.model_args import (
     MODEL_ID,
     coerce_model_args,
-    online_train_ratio,
     pair_settings,
     runtime_settings,
+    start_online_calibration,
     train_ratio_note,
     tree_settings,
 )
@@ -63,7 +63,6 @@ from lmms_msd.pipeline import (
     build_tree,
     decode_requests,
     load_pair,
-    online_calibration,
 )
 from lmms_msd.speculative.sampling import GenerationConfig
 
@@ -210,14 +209,8 @@ class LlavaMsdCalibrated(lmms):
     # ---- lmms-eval API -----------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
         jobs = jobs_of(requests)
-        online = None
-        ratio = online_train_ratio(self.args, [job.gen_kwargs.get("train_ratio") for job in jobs])
-        if ratio is not None:
-            a = self.args
-            online = online_calibration(
-                len(jobs), ratio, self.tree, self.decoder.target, seed=a.seed, label=a.calibrator_label,
-                mode=a.calibrator_mode, attention_bins=a.attention_bins, min_group_size=a.min_group_size,
-            )  # fmt: skip
+        requested = [job.gen_kwargs.get("train_ratio") for job in jobs]
+        online = start_online_calibration(self.args, requested, self.tree, self.decoder.target)
         decodes = [Request(job.name, partial(self._prepare, job), request_seed(self.args.seed, job.task, job.doc_id, job.repeat))
                    for job in jobs]  # fmt: skip
         results = decode_requests(self.decoder, decodes, self.tree, online, progress=self.rank == 0, desc=MODEL_ID)
