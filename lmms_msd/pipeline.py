@@ -88,8 +88,8 @@ def resolve_pair(pretrained: str | None, msd_model_path: str | None, need_draft:
     """The pair to load: the bundled miniature pair when neither is named, else both as named.
 
     need_draft: whether the draft must be named along with the target (False: plain decoding only).
-    Raises ValueError when only one is named (and a draft is needed); FileNotFoundError from
-    `bundled_paths` when the bundled pair is asked for but not installed.
+    Raises ValueError when the draft is named alone, or the target alone while a draft is needed;
+    FileNotFoundError from `bundled_paths` when the bundled pair is asked for but not installed.
     """
     if uses_bundled_pair(pretrained, msd_model_path):
         target, draft = bundled_paths()
