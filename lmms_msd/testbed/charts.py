@@ -429,11 +429,17 @@ def read_conversations(data_dir: str | Path, split: str) -> list[dict[str, Any]]
 def load_records(data_dir: str | Path, split: str, style: str, limit: int) -> list[dict[str, Any]]:
     """The first `limit` (0: all) conversation records of a split whose answer style is `style` ("all":
     every record): what `lmms-msd calibrate`, `bench` and `testbed-report` decode."""
-    records = read_conversations(data_dir, split)
+    path = Path(data_dir) / f"llava_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {path.name} in {data_dir}; write a data folder with `lmms-msd make-charts --out {data_dir}` "
+            "or pick another --split"
+        )
+    records = json.loads(path.read_text())
     if style != "all":
         records = [r for r in records if r.get("style", style) == style]
     if not records:
-        raise ValueError(f"{Path(data_dir) / f'llava_{split}.json'} has no records of style {style!r}; use --style all")
+        raise ValueError(f"{path} has no records of style {style!r}; use --style all")
     return records[:limit] if limit else records
 
 
