@@ -106,16 +106,16 @@ def test_sampling_skips_hf_generate_and_the_comparison(chart_dir: Path, tmp_path
 
 
 def test_a_lossy_method_is_marked_and_fails(chart_dir: Path, tmp_path: Path, monkeypatch, capsys):
-    import lmms_msd.speculative.decoding as decoding
+    import lmms_msd.pipeline as pipeline
 
-    real = decoding.speculative_generate
+    real = pipeline.speculative_generate
 
     def lossy(*args, **kwargs):
         result = real(*args, **kwargs)
         result.token_ids[-1] += 1
         return result
 
-    monkeypatch.setattr(decoding, "speculative_generate", lossy)
+    monkeypatch.setattr(pipeline, "speculative_generate", lossy)
     argv = ["bench", "--data_dir", str(chart_dir), "--limit", "2", "--warmup", "0", "--repeats", "1",
             "--max_new_tokens", "6", "--methods", "plain,eagle2", "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
     assert main(argv) == 1
@@ -225,10 +225,10 @@ def bundled_pair():
 def test_profile_splits_the_loop_without_changing_the_output(bundled_pair, chart_dir):
     from PIL import Image
 
-    from lmms_msd.commands.calibrate import load_records, question_of
     from lmms_msd.speculative.decoding import plain_generate, speculative_generate
     from lmms_msd.speculative.sampling import GenerationConfig
     from lmms_msd.speculative.tree import OptTree
+    from lmms_msd.testbed.charts import load_records, question_of
 
     target, draft = bundled_pair
     record = load_records(chart_dir, "test", "long", 1)[0]
@@ -256,12 +256,14 @@ def test_opt_cal_scores_nodes_by_the_calibrator_mode():
 
     from transformers import AutoTokenizer
 
-    from lmms_msd.commands.bench import tree_builders
+    from lmms_msd.commands.bench import method_trees
+    from lmms_msd.pipeline import build_tree
     from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_paths()[0]))
-    target = SimpleNamespace(tokenizer=tokenizer, vocab_size=len(tokenizer), device="cpu")
-    (tilt, tracked), = tree_builders(["opt_cal"], target, str(bundled_calibrator()), {"stop_delta": 0.2}, "tilt").values()
-    assert type(tilt.scorer).__name__ == "TiltScorer" and tracked and tilt.stop_delta == 0.2
-    (weight, _), = tree_builders(["opt_cal"], target, str(bundled_calibrator())).values()
-    assert type(weight.scorer).__name__ == "CalibratedScorer"
+    decoder = SimpleNamespace(target=SimpleNamespace(tokenizer=tokenizer, vocab_size=len(tokenizer), device="cpu"))
+    [tilt] = method_trees(["plain", "opt_cal"], {"stop_delta": 0.2}, str(bundled_calibrator()), "tilt").values()
+    tilt = build_tree(tilt, decoder)
+    assert type(tilt.builder.scorer).__name__ == "TiltScorer" and tilt.track_visual and tilt.builder.stop_delta == 0.2
+    [weight] = method_trees(["opt_cal"], {}, str(bundled_calibrator())).values()
+    assert type(build_tree(weight, decoder).builder.scorer).__name__ == "CalibratedScorer"

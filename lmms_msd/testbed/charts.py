@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,6 @@ def draw_chart(chart: Chart, image_size: int, value_labels: bool = False) -> byt
     state, so worker processes can draw in parallel). The figure is FIGURE_INCHES wide at any size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
 
     fig = Figure(figsize=(FIGURE_INCHES, FIGURE_INCHES), dpi=image_size / FIGURE_INCHES, facecolor="white")
     canvas = FigureCanvasAgg(fig)
@@ -426,6 +426,39 @@ def read_conversations(data_dir: str | Path, split: str) -> list[dict[str, Any]]
             f"no {path.name} in {data_dir}; build the chart data first: lmms-msd make-charts --out {data_dir}"
         )
     return json.loads(path.read_text())
+
+
+def load_records(data_dir: str | Path, split: str, style: str, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` (0: all) conversation records of a split whose answer style is `style` ("all":
+    every record): what `lmms-msd calibrate`, `bench` and `testbed-report` decode."""
+    path = Path(data_dir) / f"llava_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {path.name} in {data_dir}; write a data folder with `lmms-msd make-charts --out {data_dir}` "
+            "or pick another --split"
+        )
+    records = json.loads(path.read_text())
+    if style != "all":
+        records = [r for r in records if r.get("style", style) == style]
+    if not records:
+        raise ValueError(f"{path} has no records of style {style!r}; use --style all")
+    return records[:limit] if limit else records
+
+
+def record_images(data_dir: str | Path, record: dict[str, Any]) -> list[Image.Image]:
+    """The record's image as RGB, or none for a text-only record."""
+    if not record.get("image"):
+        return []
+    with Image.open(Path(data_dir) / record["image"]) as image:
+        return [image.convert("RGB")]
+
+
+def question_of(record: dict[str, Any]) -> str:
+    """The first human turn without the `<image>` placeholder (the prompt format adds it back)."""
+    turns = record.get("conversations") or []
+    if not turns or turns[0].get("from") != "human":
+        raise ValueError(f"record {record.get('id')!r} does not start with a human turn")
+    return turns[0]["value"].replace("<image>", "").strip()
 
 
 # ---- command line ---------------------------------------------------------------------------------------

@@ -787,16 +787,17 @@ def greedy_samples(out_dir: Path, data_dir: Path, device: str, n: int) -> list[d
     from PIL import Image
 
     from lmms_msd.models.loading import load_target
-    from lmms_msd.speculative.decoding import plain_generate
+    from lmms_msd.pipeline import Pair, RuntimeSettings, build_decoder, decode
     from lmms_msd.speculative.sampling import GenerationConfig
 
     target = load_target(str(out_dir), device=device, dtype=torch.float32)
+    decoder = build_decoder(Pair(target, None), RuntimeSettings())
     samples = []
     for record in read_conversations(data_dir, "test")[:n]:
         question, reference = split_conversation(record)
         with Image.open(data_dir / record["image"]) as image:
             prompt = target.prepare(question, [image.convert("RGB")])
-        result = plain_generate(target, prompt, GenerationConfig(max_new_tokens=192))
+        result = decode(decoder, prompt, GenerationConfig(max_new_tokens=192))
         sample = {
             "id": record["id"], "question": question.split("\n")[0], "reference": reference, "reply": result.text,
             "tokens": len(result.token_ids),
