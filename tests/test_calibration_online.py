@@ -12,6 +12,7 @@ from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
 from lmms_msd.calibration.observations import CalibrationObserver
 from lmms_msd.calibration.online import OnlineCalibration
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import OptTree
 
@@ -39,7 +40,7 @@ def test_greedy_observations_agree_with_the_acceptances():
     for request in range(2):
         observer.start_request(request, config)
         speculative_generate(
-            target, following_draft(target), random_prompt(target, 40 + request), config,
+            EagerRuntime(target, following_draft(target)), random_prompt(target, 40 + request), config,
             OptTree(node_budget=20, stop_delta=0.2, max_depth=6, top_k=4), observer=record, track_visual=True,
         )  # fmt: skip
     obs = observer.observations()
@@ -68,9 +69,9 @@ def test_online_calibration_is_lossless_before_and_after_fitting(mode, scorer):
         prompt = random_prompt(target, 70 + i, with_image=i % 2 == 0)
         config = GenerationConfig(max_new_tokens=15 + i)
         plan = online.plan(i, config)
-        phases.append("observe" if plan.observer is not None else type(plan.tree_builder.scorer).__name__)
-        spec = speculative_generate(target, draft, prompt, config, plan.tree_builder, None, plan.observer, plan.track_visual)
-        assert spec.token_ids == plain_generate(target, prompt, config).token_ids, (i, phases[-1])
+        phases.append("observe" if plan.observer is not None else type(plan.tree.scorer).__name__)
+        spec = speculative_generate(EagerRuntime(target, draft), prompt, config, plan.tree, None, plan.observer, plan.track_visual)
+        assert spec.token_ids == plain_generate(EagerRuntime(target), prompt, config).token_ids, (i, phases[-1])
         online.done()
     assert phases == ["observe"] * 3 + [scorer] * 3
     assert online.calibrated.node_budget == 20

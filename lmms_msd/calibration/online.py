@@ -25,17 +25,16 @@ from lmms_msd.calibration.scorer import (
     calibrated_tree,
 )
 from lmms_msd.speculative.sampling import GenerationConfig
-from lmms_msd.speculative.tree import OptTree
+from lmms_msd.speculative.tree import TreeSpec
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
 class RequestPlan:
     """How to decode one request: pass these to `speculative_generate`."""
 
-    tree_builder: OptTree
+    tree: TreeSpec
     observer: CalibrationObserver | None
     track_visual: bool
 
@@ -57,7 +56,7 @@ class OnlineCalibration:
         online = OnlineCalibration(n, 0.3, OptTree(), token_types, GroupedIsotonicCalibrator(), seed=0)
         for i in online.order:
             plan = online.plan(i, config)
-            result = speculative_generate(..., plan.tree_builder, generator, plan.observer, plan.track_visual)
+            result = speculative_generate(runtime, prompts[i], config, plan.tree, generator, plan.observer, plan.track_visual)
             online.done()
     """
 
@@ -65,7 +64,7 @@ class OnlineCalibration:
         self,
         n_requests: int,
         train_ratio: float,
-        tree: OptTree,
+        tree: TreeSpec,
         token_types: torch.Tensor,
         calibrator: GroupedIsotonicCalibrator,
         seed: int = 0,
@@ -92,7 +91,7 @@ class OnlineCalibration:
         self.n_observe = min(n_requests, math.ceil(train_ratio * n_requests))
         self.observer = CalibrationObserver(token_types)
         self.finished = 0
-        self.calibrated: OptTree | None = None  # set once fitted
+        self.calibrated: TreeSpec | None = None  # the tree scored by the calibrator, once fitted
 
     @property
     def observing(self) -> bool:
@@ -104,7 +103,7 @@ class OnlineCalibration:
             return RequestPlan(self.tree, self.observer, track_visual=True)
         if self.calibrated is None:
             return RequestPlan(self.tree, None, track_visual=False)
-        return RequestPlan(self.calibrated, None, track_visual=self.calibrated.scorer.needs_visual)
+        return RequestPlan(self.calibrated, None, track_visual=self.calibrated.needs_visual)
 
     def done(self) -> None:
         """Call after each request; fits the calibrator after the last observed one."""

@@ -241,18 +241,15 @@ def tree_builders(
 
         types = token_type_table(target.tokenizer, target.vocab_size)
         tree = calibrated_tree(opt_tree, GroupedIsotonicCalibrator.load(calibrator), types, target.device, calibrator_mode)
-        trees["opt_cal"] = (tree, tree.scorer.needs_visual)
+        trees["opt_cal"] = (tree, tree.needs_visual)
     return trees
 
 
 def tree_settings(tree) -> dict[str, Any]:
-    """A tree builder's settings for the JSON (its scorer by name)."""
-    from dataclasses import fields
-
-    settings: dict[str, Any] = {"kind": type(tree).__name__}
-    for f in fields(tree):
-        value = getattr(tree, f.name)
-        settings[f.name] = value if isinstance(value, (int, float, str)) else getattr(value, "__name__", repr(value))
+    """A tree spec's settings for the JSON, kind named by its constructor (its scorer by repr)."""
+    settings: dict[str, Any] = {"kind": {"eagle2": "EagleTree", "opt": "OptTree"}[tree.kind]}
+    for name, value in tree.settings().items():
+        settings[name] = value if isinstance(value, (int, float, str)) else repr(value)
     return settings
 
 
@@ -291,31 +288,36 @@ def hf_generate_method(target: Target) -> Method:
 
 def eager_methods(target, draft, trees) -> dict[str, Method]:
     from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
+
+    runtime = EagerRuntime(target, draft)
 
     def plain(p, c, g, profile, observer=None):
-        return plain_generate(target, p, c, g, profile=profile)
+        return plain_generate(runtime, p, c, g, profile=profile)
 
     methods = {REFERENCE: Method(REFERENCE, "plain", plain)}
     for name, (tree, track_visual) in trees.items():
 
         def run(p, c, g, profile, observer=None, tree=tree, track_visual=track_visual):
-            return speculative_generate(target, draft, p, c, tree, g, observer, track_visual=track_visual, profile=profile)
+            return speculative_generate(runtime, p, c, tree, g, observer, track_visual=track_visual, profile=profile)
 
         methods[name] = Method(name, "speculative", run)
     return methods
 
 
 def static_methods(engine_class, target, draft, trees, max_length: int) -> dict[str, Method]:
+    from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+
     engine = engine_class(target, draft, max_length=max_length, cuda_graphs=None)  # CUDA graphs: on when cuda
 
     def plain(p, c, g, profile, observer=None):
-        return engine.plain_generate(p, c, generator=g, profile=profile)
+        return plain_generate(engine, p, c, generator=g, profile=profile)
 
     methods = {REFERENCE: Method(REFERENCE, "plain", plain)}
     for name, (tree, track_visual) in trees.items():
 
         def run(p, c, g, profile, observer=None, tree=tree, track_visual=track_visual):
-            return engine.speculative_generate(p, c, tree, generator=g, observer=observer, profile=profile, track_visual=track_visual)
+            return speculative_generate(engine, p, c, tree, generator=g, observer=observer, profile=profile, track_visual=track_visual)
 
         methods[name] = Method(name, "speculative", run)
     return methods

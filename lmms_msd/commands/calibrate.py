@@ -163,6 +163,7 @@ def collect_observations(
     from lmms_msd.calibration.observations import CalibrationObserver
     from lmms_msd.calibration.token_types import token_type_table
     from lmms_msd.speculative.decoding import speculative_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
     from lmms_msd.speculative.sampling import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
@@ -176,7 +177,7 @@ def collect_observations(
         prompt = target.prepare(question_of(record), images)
         generator = None if config.greedy else torch.Generator(target.device).manual_seed(seed + i)
         observer.start_request(i, config)
-        result = speculative_generate(target, draft, prompt, config, tree, generator, observer, track_visual=True)
+        result = speculative_generate(EagerRuntime(target, draft), prompt, config, tree, generator, observer, track_visual=True)
         tokens += result.stats.new_tokens
         steps += result.stats.steps
         accepted += sum(result.stats.accepted)

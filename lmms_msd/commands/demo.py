@@ -40,12 +40,13 @@ class Comparison:
 def compare(target, draft, tree, questions, images, config, seed: int = 0) -> list[Comparison]:
     """Run each (question, image) plainly and speculatively with the same seed."""
     from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
 
     rows = []
     for question, image in zip(questions, images):
         prompt = target.prepare(question, [image] if image is not None else [])
-        plain = plain_generate(target, prompt, config, torch.Generator(target.device).manual_seed(seed))
-        spec = speculative_generate(target, draft, prompt, config, tree, torch.Generator(target.device).manual_seed(seed))
+        plain = plain_generate(EagerRuntime(target), prompt, config, torch.Generator(target.device).manual_seed(seed))
+        spec = speculative_generate(EagerRuntime(target, draft), prompt, config, tree, torch.Generator(target.device).manual_seed(seed))
         identical = plain.token_ids == spec.token_ids
         rows.append(Comparison(question, spec.text, identical, plain.stats, spec.stats))
     return rows

@@ -48,12 +48,14 @@ from lmms_msd.speculative.decoding import (
     plain_generate,
     speculative_generate,
 )
+from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import (
     AUTO_TOTAL_TOKENS,
     OPT_VARIANTS,
     EagleTree,
     OptTree,
+    TreeSpec,
     choose_total_tokens,
 )
 from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
@@ -413,7 +415,7 @@ class LlavaMsdCalibrated(lmms):
         self.target, self.draft = self._load()
         self.engine = self._static_engine() if self.args.engine == "static" else None
         self._auto_total_tokens: dict[str, Any] | None = None  # total_tokens=auto: what was timed and chosen
-        if isinstance(self.tree_builder, EagleTree) and self.args.total_tokens is None:
+        if self.tree_builder is not None and self.tree_builder.kind == "eagle2" and self.args.total_tokens is None:
             self._choose_total_tokens()
         self.token_types = None  # [V] long, once a calibrator needs them
         self.track_visual = False  # whether the tree's scorer needs the draft's visual attention
@@ -541,7 +543,7 @@ class LlavaMsdCalibrated(lmms):
             )
         return mode, label
 
-    def _tree_builder(self) -> EagleTree | OptTree:
+    def _tree_builder(self) -> TreeSpec:
         a = self.args
         if a.tree == "opt":
             return OptTree(
@@ -565,7 +567,7 @@ class LlavaMsdCalibrated(lmms):
         self.tree_builder = calibrated_tree(
             self.tree_builder, calibrator, self._types(), self.target.device, self.args.calibrator_mode
         )
-        self.track_visual = self.tree_builder.scorer.needs_visual
+        self.track_visual = self.tree_builder.needs_visual
         self._calibration_meta = {"mode": "file", "path": path, **calibrator.get_params()}
 
     def _load(self):
@@ -626,7 +628,7 @@ class LlavaMsdCalibrated(lmms):
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - start)
         chosen = choose_total_tokens(seconds)
-        self.tree_builder = replace(self.tree_builder, total_tokens=chosen)
+        self.tree_builder = replace(self.tree_builder, node_budget=chosen - 1)  # total_tokens counts the root
         self._auto_total_tokens = {"candidates": list(AUTO_TOTAL_TOKENS), "seconds": seconds, "chosen": chosen}
         timings = ", ".join(f"{n}: {t / repeats * 1000:.2f} ms" for n, t in zip(AUTO_TOTAL_TOKENS, seconds))
         eval_logger.info(f"{MODEL_ID}: total_tokens=auto chose {chosen} (target forward per candidate: {timings})")
@@ -705,20 +707,20 @@ class LlavaMsdCalibrated(lmms):
         engine = self.engine
         if self.draft is None:
             if engine is not None:
-                return engine.plain_generate(prompt, config, generator)
-            return plain_generate(self.target, prompt, config, generator)
+                return plain_generate(engine, prompt, config, generator)
+            return plain_generate(EagerRuntime(self.target), prompt, config, generator)
         if online is None:
             tree_builder, observer, track_visual = self.tree_builder, None, self.track_visual
         else:
             plan = online.plan(index, config)
-            tree_builder, observer, track_visual = plan.tree_builder, plan.observer, plan.track_visual
+            tree_builder, observer, track_visual = plan.tree, plan.observer, plan.track_visual
         if engine is not None:
-            result = engine.speculative_generate(
-                prompt, config, tree_builder, generator, observer=observer, track_visual=track_visual
+            result = speculative_generate(
+                engine, prompt, config, tree_builder, generator, observer=observer, track_visual=track_visual
             )
         else:
             result = speculative_generate(
-                self.target, self.draft, prompt, config, tree_builder, generator, observer, track_visual
+                EagerRuntime(self.target, self.draft), prompt, config, tree_builder, generator, observer, track_visual
             )
         if online is not None:
             online.done()
@@ -823,13 +825,13 @@ class LlavaMsdCalibrated(lmms):
 
     def _meta(self) -> dict[str, Any]:
         tree = None
-        if isinstance(self.tree_builder, EagleTree):
-            tree = {"kind": self.args.tree, **asdict(self.tree_builder)}
+        if self.tree_builder is not None and self.tree_builder.kind == "eagle2":
+            tree = {"kind": self.args.tree, **self.tree_builder.settings()}
             if self._auto_total_tokens is not None:
                 tree["total_tokens_auto"] = self._auto_total_tokens
-        elif isinstance(self.tree_builder, OptTree):
+        elif self.tree_builder is not None:
             b = self.tree_builder
-            tree = {"kind": "opt", "opt_variant": b.variant, "node_budget": b.node_budget, "stop_delta": b.stop_delta,
+            tree = {"kind": "opt", "opt_variant": b.opt_variant, "node_budget": b.node_budget, "stop_delta": b.stop_delta,
                     "max_depth": b.max_depth, "top_k": b.top_k, "calibrator_mode": self.args.calibrator_mode,
                     "calibrator": self._calibration_meta or {"mode": "none"}}  # fmt: skip
         return {

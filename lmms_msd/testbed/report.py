@@ -87,13 +87,14 @@ def accuracy(target, records, data_dir: Path, config, blank: bool) -> dict[str, 
     from PIL import Image
 
     from lmms_msd.speculative.decoding import plain_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
 
     by_type: dict[str, list[bool]] = defaultdict(list)
     lengths = []
     for record in records:
         with Image.open(data_dir / record["image"]) as image:
             image = Image.new("RGB", image.size, "white") if blank else image.convert("RGB")
-            result = plain_generate(target, target.prepare(question_of(record), [image]), config)
+            result = plain_generate(EagerRuntime(target), target.prepare(question_of(record), [image]), config)
         by_type[record["question_type"]].append(relaxed_correct(final_answer(result.text), record["answer"]))
         lengths.append(result.stats.new_tokens)
     scores = {kind: sum(v) / len(v) for kind, v in sorted(by_type.items())}
@@ -105,6 +106,7 @@ def speculation(target, draft, records, data_dir: Path, temperature: float, max_
     from PIL import Image
 
     from lmms_msd.speculative.decoding import speculative_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
     from lmms_msd.speculative.sampling import GenerationConfig
     from lmms_msd.speculative.tree import EagleTree
 
@@ -115,7 +117,7 @@ def speculation(target, draft, records, data_dir: Path, temperature: float, max_
         with Image.open(data_dir / record["image"]) as image:
             prompt = target.prepare(question_of(record), [image.convert("RGB")])
         generator = torch.Generator(target.device).manual_seed(seed + i)
-        result = speculative_generate(target, draft, prompt, config, EagleTree(), generator, observer)
+        result = speculative_generate(EagerRuntime(target, draft), prompt, config, EagleTree(), generator, observer)
         steps += result.stats.steps
         accepted += sum(result.stats.accepted)
         tokens += result.stats.new_tokens

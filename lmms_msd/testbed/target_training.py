@@ -651,6 +651,7 @@ def greedy_samples(out_dir: Path, data_dir: Path, device: str, n: int) -> list[d
 
     from lmms_msd.models.loading import load_target
     from lmms_msd.speculative.decoding import plain_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
     from lmms_msd.speculative.sampling import GenerationConfig
 
     target = load_target(str(out_dir), device=device, dtype=torch.float32)
@@ -659,7 +660,7 @@ def greedy_samples(out_dir: Path, data_dir: Path, device: str, n: int) -> list[d
         question, reference = split_conversation(record)
         with Image.open(data_dir / record["image"]) as image:
             prompt = target.prepare(question, [image.convert("RGB")])
-        result = plain_generate(target, prompt, GenerationConfig(max_new_tokens=192))
+        result = plain_generate(EagerRuntime(target), prompt, GenerationConfig(max_new_tokens=192))
         sample = {
             "id": record["id"], "question": question.split("\n")[0], "reference": reference, "reply": result.text,
             "tokens": len(result.token_ids),
