@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
 from lmms_msd.calibration.observations import CalibrationObserver
@@ -58,9 +60,10 @@ def test_online_calibration_is_lossless_before_and_after_fitting(mode, scorer):
     draft = following_draft(target)
     types = torch.arange(target.vocab_size) % 3
     n = 6
+    estimator = GroupedIsotonicCalibrator(attention_bins=2, min_group_size=5)
     online = OnlineCalibration(
         n, train_ratio=0.5, tree=OptTree(node_budget=20, stop_delta=0.2, max_depth=6, top_k=4), token_types=types,
-        calibrator=GroupedIsotonicCalibrator(attention_bins=2, min_group_size=5), seed=3, mode=mode,
+        calibrator=estimator, seed=3, mode=mode,
     )  # fmt: skip
     assert sorted(online.order) == list(range(n)) and online.order != list(range(n))
     assert online.order == OnlineCalibration(n, 0.5, OptTree(), types, GroupedIsotonicCalibrator(), seed=3).order
@@ -78,3 +81,8 @@ def test_online_calibration_is_lossless_before_and_after_fitting(mode, scorer):
     assert online.calibrator.n_samples_ == len(online.observer.observations()) > 0
     # label "auto": both labels were fitted on half of the observed requests and scored on the rest
     assert online.label_report is not None and online.calibrator.label == online.label_report["winner"]
+    # the estimator passed in only gave the settings: a clone was fitted, it is as it was (unfitted)
+    assert online.calibrator is not estimator
+    assert estimator.get_params() == GroupedIsotonicCalibrator(attention_bins=2, min_group_size=5).get_params()
+    with pytest.raises(NotFittedError):
+        check_is_fitted(estimator)

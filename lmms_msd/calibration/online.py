@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import clone
 
 from lmms_msd.calibration.isotonic import (
     GroupedIsotonicCalibrator,
@@ -53,6 +54,9 @@ class OnlineCalibration:
     all of them. "hard" or "soft" fits that label directly. `mode` is how the fitted calibrator scores
     the tree's nodes (`calibrated_scorer`: "weight" or "tilt").
 
+    calibrator: the estimator's settings (attention bins, group size); it is cloned
+    (`sklearn.base.clone`) and the clone fitted, `self.calibrator`, so the one passed stays unfitted.
+
         online = OnlineCalibration(n, 0.3, OptTree(), token_types, GroupedIsotonicCalibrator(), seed=0)
         for i in online.order:
             plan = online.plan(i, config)
@@ -85,7 +89,8 @@ class OnlineCalibration:
         self.label_report: dict[str, Any] | None = None  # choose_label's, when label is auto
         self.tree = tree
         self.device = device
-        self.calibrator = calibrator
+        self.estimator = calibrator  # the settings, never fitted
+        self.calibrator: GroupedIsotonicCalibrator | None = None  # its fitted clone, once fitted
         self.token_types = token_types
         self.order = np.random.default_rng(seed).permutation(n_requests).tolist()
         self.n_observe = min(n_requests, math.ceil(train_ratio * n_requests))
@@ -117,8 +122,8 @@ class OnlineCalibration:
         label = self.label
         if label == "auto":
             label, self.label_report = choose_label(
-                observations, self.calibrator.attention_bins, self.calibrator.min_group_size, self.seed
+                observations, self.estimator.attention_bins, self.estimator.min_group_size, self.seed
             )
-        self.calibrator.set_params(label=label).fit_observations(observations)
+        self.calibrator = clone(self.estimator).set_params(label=label).fit_observations(observations)
         self.calibrated = calibrated_tree(self.tree, self.calibrator, self.token_types, self.device, self.mode)
         log.info("online calibration fitted on %d nodes from %d requests: %r", len(observations), self.n_observe, self.calibrator)
