@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +45,7 @@ from lmms_msd.speculative.tree import (
     EagleTree,
     OptTree,
     Tree,
+    TreeSpec,
     choose_total_tokens,
 )
 from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
@@ -203,6 +204,9 @@ def build_decoder(pair: Pair, settings: RuntimeSettings) -> Decoder:
 
 
 # ---- 4. the tree ---------------------------------------------------------------------------------------------
+_EAGLE2, _OPT = EagleTree(), OptTree()  # the builders' defaults
+
+
 @dataclass(frozen=True)
 class TreeSettings:
     """Which draft tree to grow and how (the plugin's model_args of the same names); the defaults are
@@ -210,13 +214,13 @@ class TreeSettings:
     stop_delta, max_depth, opt_variant and the calibrator."""
 
     kind: str = "eagle2"  # TREES: "eagle2" (`EagleTree`) or "opt" (`OptTree`)
-    total_tokens: int | None = EagleTree.total_tokens  # nodes counting the root; None: auto, timed (`build_tree`)
-    depth: int = EagleTree.depth
-    top_k: int = EagleTree.top_k  # frontier width and children per frontier node, both trees
-    node_budget: int = OptTree.node_budget
-    stop_delta: float = OptTree.stop_delta
-    max_depth: int = OptTree.max_depth
-    opt_variant: str = OptTree.variant
+    total_tokens: int | None = _EAGLE2.total_tokens  # nodes counting the root; None: auto, timed (`build_tree`)
+    depth: int = _EAGLE2.depth
+    top_k: int = _EAGLE2.top_k  # frontier width and children per frontier node, both trees
+    node_budget: int = _OPT.node_budget
+    stop_delta: float = _OPT.stop_delta
+    max_depth: int = _OPT.max_depth
+    opt_variant: str = _OPT.opt_variant
     calibrator: str | None = None  # a calibrator JSON (`lmms-msd calibrate`); None: the raw draft confidence
     calibrator_mode: str = "weight"  # how the calibrator scores nodes (`lmms_msd.calibration.scorer`)
 
@@ -228,7 +232,7 @@ class TreeSettings:
         tree_builder(self)  # the builder checks its own settings, before anything is loaded
 
 
-def tree_builder(settings: TreeSettings) -> EagleTree | OptTree:
+def tree_builder(settings: TreeSettings) -> TreeSpec:
     """The uncalibrated builder the settings describe; with total_tokens auto, EAGLE-2 holds the largest
     candidate until `build_tree` times them."""
     s = settings
@@ -241,7 +245,7 @@ def tree_builder(settings: TreeSettings) -> EagleTree | OptTree:
 class TreeSetup:
     """A tree builder ready to decode with, and where its settings came from."""
 
-    builder: EagleTree | OptTree
+    builder: TreeSpec
     track_visual: bool  # its scorer reads the draft's visual attention (a calibrator with attention bins)
     calibrator: GroupedIsotonicCalibrator | None = None  # the fitted calibrator scoring its nodes, if any
     total_tokens_auto: dict[str, Any] | None = None  # total_tokens auto: candidates, seconds, chosen (`time_total_tokens`)
@@ -253,7 +257,7 @@ def build_tree(settings: TreeSettings, decoder: Decoder) -> TreeSetup:
     builder = tree_builder(settings)
     if settings.kind == "eagle2" and settings.total_tokens is None:
         auto = time_total_tokens(decoder)
-        return TreeSetup(replace(builder, total_tokens=auto["chosen"]), track_visual=False, total_tokens_auto=auto)
+        return TreeSetup(EagleTree(auto["chosen"], settings.depth, settings.top_k), track_visual=False, total_tokens_auto=auto)
     if settings.calibrator is None:
         return TreeSetup(builder, track_visual=False)
     # the calibrator's modules import scikit-learn (seconds), which only calibrated trees need: the
@@ -264,7 +268,7 @@ def build_tree(settings: TreeSettings, decoder: Decoder) -> TreeSetup:
     calibrator = GroupedIsotonicCalibrator.load(settings.calibrator)
     types = token_type_table(decoder.target.tokenizer, decoder.target.vocab_size)
     builder = calibrated_tree(builder, calibrator, types, decoder.target.device, settings.calibrator_mode)
-    return TreeSetup(builder, builder.scorer.needs_visual, calibrator)
+    return TreeSetup(builder, builder.needs_visual, calibrator)
 
 
 @torch.inference_mode()
@@ -290,10 +294,10 @@ def time_total_tokens(decoder: Decoder, repeats: int = 20) -> dict[str, Any]:
         ancestors = chain.ancestor_mask(n - 1)  # [n, n], lower triangular
         total = 0.0
         for repeat in range(repeats + 1):
-            runtime.prefill(prompt, n)
+            sequence, _, _ = runtime.prefill(prompt, n)
             _synchronize(device)
             start = time.perf_counter()
-            runtime.verify(chain, ancestors, prefix_len=1)
+            runtime.verify(sequence, chain, ancestors)
             _synchronize(device)
             total += (time.perf_counter() - start) if repeat else 0.0
         seconds.append(total)
@@ -324,7 +328,7 @@ def decode(
     prompt: EmbeddedPrompt,
     config: GenerationConfig,
     generator: torch.Generator | None = None,
-    tree: EagleTree | OptTree | None = None,
+    tree: TreeSpec | None = None,
     observer: StepObserver | None = None,
     track_visual: bool = False,
     profile: bool = False,
@@ -333,12 +337,10 @@ def decode(
     plain decoding without a tree (the baseline; observer and track_visual unused), speculative decoding
     with one. The arguments are the loops' own."""
     if tree is None:
-        return plain_generate(decoder.target, prompt, config, generator, profile=profile, runtime=decoder.runtime)
+        return plain_generate(decoder.runtime, prompt, config, generator, profile=profile)
     if decoder.draft is None:
         raise ValueError("speculative decoding needs a draft; this decoder was built without one (plain decoding only)")
-    return speculative_generate(
-        decoder.target, decoder.draft, prompt, config, tree, generator, observer, track_visual, profile, runtime=decoder.runtime
-    )
+    return speculative_generate(decoder.runtime, prompt, config, tree, generator, observer, track_visual, profile)
 
 
 def request_generator(config: GenerationConfig, seed: int, device: torch.device | str) -> torch.Generator | None:
@@ -387,7 +389,7 @@ def decode_requests(
                 builder, observer, track_visual = tree.builder, None, tree.track_visual
             else:
                 plan = online.plan(index, config)
-                builder, observer, track_visual = plan.tree_builder, plan.observer, plan.track_visual
+                builder, observer, track_visual = plan.tree, plan.observer, plan.track_visual
             results[index] = decode(decoder, prompt, config, generator, builder, observer, track_visual)
             if online is not None:
                 online.done()

@@ -226,6 +226,7 @@ def test_profile_splits_the_loop_without_changing_the_output(bundled_pair, chart
     from PIL import Image
 
     from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
     from lmms_msd.speculative.sampling import GenerationConfig
     from lmms_msd.speculative.tree import OptTree
     from lmms_msd.testbed.charts import load_records, question_of
@@ -235,19 +236,19 @@ def test_profile_splits_the_loop_without_changing_the_output(bundled_pair, chart
     with Image.open(chart_dir / record["image"]) as image:
         prompt = target.prepare(question_of(record), [image.convert("RGB")])
     config = GenerationConfig(max_new_tokens=24)
-    fast = speculative_generate(target, draft, prompt, config, OptTree())
-    profiled = speculative_generate(target, draft, prompt, config, OptTree(), profile=True)
+    fast = speculative_generate(EagerRuntime(target, draft), prompt, config, OptTree())
+    profiled = speculative_generate(EagerRuntime(target, draft), prompt, config, OptTree(), profile=True)
     assert profiled.token_ids == fast.token_ids
     assert (fast.stats.draft_s, fast.stats.verify_s, fast.stats.other_s) == (0.0, 0.0, 0.0)
     s = profiled.stats
     assert s.steps > 1 and s.draft_s > 0 and s.verify_s > 0 and s.other_s > 0
     assert s.draft_s + s.verify_s + s.other_s <= s.wall_s - s.prefill_s
-    plain = plain_generate(target, prompt, config, profile=True)
+    plain = plain_generate(EagerRuntime(target), prompt, config, profile=True)
     assert plain.token_ids == fast.token_ids
     p = plain.stats
     assert p.draft_s == 0.0 and p.verify_s > 0 and p.other_s > 0
     assert p.verify_s + p.other_s <= p.wall_s - p.prefill_s
-    assert plain_generate(target, prompt, config).stats.verify_s == 0.0
+    assert plain_generate(EagerRuntime(target), prompt, config).stats.verify_s == 0.0
 
 
 def test_opt_cal_scores_nodes_by_the_calibrator_mode():

@@ -22,6 +22,7 @@ from PIL import Image
 
 from lmms_msd.models.draft import load_draft
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import EagleTree
 from lmms_msd.testbed.bundled import bundled_paths
@@ -239,8 +240,8 @@ def test_draft_outputs_are_the_miniatures(pairs):
 def test_greedy_decoding_is_the_miniatures(pairs, question, images):
     (target, _), (big_target, _) = pairs
     config = GenerationConfig(max_new_tokens=40)
-    small = plain_generate(target, target.prepare(question, images), config)
-    big = plain_generate(big_target, big_target.prepare(question, images), config)
+    small = plain_generate(EagerRuntime(target), target.prepare(question, images), config)
+    big = plain_generate(EagerRuntime(big_target), big_target.prepare(question, images), config)
     assert big.token_ids == small.token_ids
 
 
@@ -249,8 +250,8 @@ def test_speculative_decoding_accepts_what_the_miniature_accepts(pairs, question
     (target, draft), (big_target, big_draft) = pairs
     config = GenerationConfig(max_new_tokens=60)
     tree = EagleTree(total_tokens=30, depth=5, top_k=6)
-    small = speculative_generate(target, draft, target.prepare(question, images), config, tree)
-    big = speculative_generate(big_target, big_draft, big_target.prepare(question, images), config, tree)
+    small = speculative_generate(EagerRuntime(target, draft), target.prepare(question, images), config, tree)
+    big = speculative_generate(EagerRuntime(big_target, big_draft), big_target.prepare(question, images), config, tree)
     assert big.token_ids == small.token_ids
     assert big.stats.accepted == small.stats.accepted and sum(small.stats.accepted) > 0
 

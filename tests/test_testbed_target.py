@@ -117,6 +117,7 @@ def test_loads_and_generates(loaded, chart_dir: Path) -> None:
     from PIL import Image
 
     from lmms_msd.speculative.decoding import plain_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
     from lmms_msd.speculative.sampling import GenerationConfig
 
     assert loaded.layout == "hf" and loaded.vocab_size == len(loaded.tokenizer)
@@ -127,7 +128,7 @@ def test_loads_and_generates(loaded, chart_dir: Path) -> None:
     with Image.open(chart_dir / record["image"]) as image:
         prompt = loaded.prepare(question, [image.convert("RGB")])
     assert int(prompt.image_mask.sum()) == N_IMAGE_TOKENS
-    result = plain_generate(loaded, prompt, GenerationConfig(max_new_tokens=12))
+    result = plain_generate(EagerRuntime(loaded), prompt, GenerationConfig(max_new_tokens=12))
     assert 1 <= len(result.token_ids) <= 12 and isinstance(result.text, str)
 
 

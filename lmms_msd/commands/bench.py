@@ -55,7 +55,7 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -87,6 +87,7 @@ from lmms_msd.pipeline import (
 from lmms_msd.speculative.decoding import DecodeStats, GenerationResult, _synchronize
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.stopping import Stopper
+from lmms_msd.speculative.tree import TreeSpec
 from lmms_msd.testbed.charts import load_records, question_of, record_images
 
 log = logging.getLogger(__name__)
@@ -200,12 +201,11 @@ def method_trees(names, opt: dict[str, Any], calibrator: str | None, calibrator_
     return {name: trees[name] for name in names if name in SPECULATIVE}
 
 
-def builder_settings(tree) -> dict[str, Any]:
-    """A tree builder's settings for the JSON (its scorer by name)."""
-    settings: dict[str, Any] = {"kind": type(tree).__name__}
-    for f in fields(tree):
-        value = getattr(tree, f.name)
-        settings[f.name] = value if isinstance(value, (int, float, str)) else getattr(value, "__name__", repr(value))
+def builder_settings(tree: TreeSpec) -> dict[str, Any]:
+    """A tree spec's settings for the JSON, kind named by its constructor (its scorer by repr)."""
+    settings: dict[str, Any] = {"kind": {"eagle2": "EagleTree", "opt": "OptTree"}[tree.kind]}
+    for name, value in tree.settings().items():
+        settings[name] = value if isinstance(value, (int, float, str)) else repr(value)
     return settings
 
 

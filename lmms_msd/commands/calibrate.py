@@ -48,7 +48,7 @@ from lmms_msd.pipeline import (
     resolve_pair,
 )
 from lmms_msd.speculative.sampling import GenerationConfig
-from lmms_msd.speculative.tree import OptTree
+from lmms_msd.speculative.tree import TreeSpec
 from lmms_msd.testbed.charts import load_records, question_of, record_images
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def collect_from_folder(args: argparse.Namespace) -> Observations:
 
 
 def collect_observations(
-    decoder: Decoder, records, data_dir: Path, tree: OptTree, temperature: float, max_new_tokens: int, seed: int, progress: bool = True
+    decoder: Decoder, records, data_dir: Path, tree: TreeSpec, temperature: float, max_new_tokens: int, seed: int, progress: bool = True
 ) -> Observations:
     """Speculative decoding over the records with `tree`, observing every step. Request i is records[i].
 

@@ -32,8 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmms_msd.speculative.tree import EagleTree, OptTree
-
 if TYPE_CHECKING:
     from lmms_msd.calibration.online import OnlineCalibration
     from lmms_msd.models.target import Target
@@ -300,13 +298,13 @@ def run_meta(
     dataclass, recorded whole); tree: None for plain decoding; calibration: OPT-Tree's calibrator block
     (None: raw draft confidence)."""
     tree_meta = None
-    if tree is not None and isinstance(tree.builder, EagleTree):
-        tree_meta = {"kind": model_args.tree, **asdict(tree.builder)}
+    if tree is not None and tree.builder.kind == "eagle2":
+        tree_meta = {"kind": model_args.tree, **tree.builder.settings()}
         if tree.total_tokens_auto is not None:
             tree_meta["total_tokens_auto"] = tree.total_tokens_auto
-    elif tree is not None and isinstance(tree.builder, OptTree):
+    elif tree is not None:
         b = tree.builder
-        tree_meta = {"kind": "opt", "opt_variant": b.variant, "node_budget": b.node_budget, "stop_delta": b.stop_delta,
+        tree_meta = {"kind": "opt", "opt_variant": b.opt_variant, "node_budget": b.node_budget, "stop_delta": b.stop_delta,
                      "max_depth": b.max_depth, "top_k": b.top_k, "calibrator_mode": model_args.calibrator_mode,
                      "calibrator": calibration or {"mode": "none"}}  # fmt: skip
     return {

@@ -8,7 +8,7 @@ is one graph replay, and so is choosing the final nodes. The trees are the same 
 
 Layout: every stored node has a fixed place in the pool. Depth 1 holds the root's k children at
 places 0..k-1; depth d >= 2 holds w nodes from place k + (d-2)*w on, w = k*k (every proposal) or k
-(`Growth.frontier_only`: the frontier only, in the order the frontier is fed). Pool index = place + 1
+(`TreeSpec.frontier_only`: the frontier only, in the order the frontier is fed). Pool index = place + 1
 (pool index 0 is the root), as in `grow_tree`. The frontier fed at depth d is kept in row d of the
 frontier tensors, so a level reads row d and writes row d + 1: replaying a level twice (as graph
 warm-up does) gives the same result.
@@ -25,20 +25,20 @@ import torch
 
 from lmms_msd.speculative.fast.graphs import GraphedFunction, width_bucket
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
-from lmms_msd.speculative.tree import Growth, Tree, pool_capacity, select_nodes
+from lmms_msd.speculative.tree import Tree, TreeSpec, pool_capacity, select_nodes
 
 
 class GraphedTreeGrower:
-    """Grows trees with the settings of one builder (`EagleTree.growth` / `OptTree.growth`) on one drafter."""
+    """Grows the trees of one `TreeSpec` (EAGLE-2 or OPT-Tree, as `grow_tree`) on one drafter."""
 
-    def __init__(self, drafter: StaticDrafter, growth: Growth, cuda_graphs: bool) -> None:
+    def __init__(self, drafter: StaticDrafter, spec: TreeSpec, cuda_graphs: bool) -> None:
         self.drafter = drafter
-        self.growth = growth
-        k, depth = growth.top_k, growth.max_depth
+        self.spec = spec
+        k, depth = spec.top_k, spec.max_depth
         device = drafter.device
         hidden_size = drafter.draft.config.hidden_size
-        self.width = k if growth.frontier_only else k * k  # nodes stored per level after the first
-        self.places = pool_capacity(k, depth, growth.frontier_only)  # pool places, the root excluded
+        self.width = k if spec.frontier_only else k * k  # nodes stored per level after the first
+        self.places = spec.pool_capacity  # pool places, the root excluded
         long = dict(dtype=torch.long, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         self.tokens = torch.zeros(self.places, **long)
@@ -62,17 +62,17 @@ class GraphedTreeGrower:
 
     def end(self, depth: int) -> int:
         """Pool places used once levels 1..depth are grown."""
-        return pool_capacity(self.growth.top_k, depth, self.growth.frontier_only)
+        return pool_capacity(self.spec.top_k, depth, self.spec.frontier_only)
 
     # ---- the graphed pieces --------------------------------------------------------------------------
     def _record_expected(self, depth: int) -> None:
         used = self.end(depth)
-        budget = min(self.growth.budget, used)
+        budget = min(self.spec.budget, used)
         self.expected[depth] = self.scores[:used].topk(budget).values.exp().sum()
 
     def _grow_root(self, root_hidden, root_visual):
         """root_hidden: [H]; root_visual: [1] (zeros when untracked)."""
-        k, score = self.growth.top_k, self.growth.node_score
+        k, score = self.spec.top_k, self.spec.scorer
         top = self.drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
         visual = root_visual.float() if self.visual is not None else None
         scores = score(top.values, top.indices, 1, visual)[0]
@@ -83,7 +83,7 @@ class GraphedTreeGrower:
         if self.visual is not None:
             self.visual[:k] = visual.repeat_interleave(k)
         self._record_expected(1)
-        if self.growth.max_depth > 1:
+        if self.spec.max_depth > 1:
             self.frontier[1] = self.rows + 1
             self.frontier_tokens[1] = top.indices[0]
             self.frontier_scores[1] = scores
@@ -93,7 +93,7 @@ class GraphedTreeGrower:
     def _grow_level(self, depth: int, prefix, window):
         """Feed the frontier of `depth` and propose depth + 1. prefix: [1] long, the committed slots P;
         window: [S] slots 0..S-1 (its length is the draft's attention width)."""
-        k, score = self.growth.top_k, self.growth.node_score
+        k, score = self.spec.top_k, self.spec.scorer
         drafter, draft = self.drafter, self.drafter.draft
         used = (depth - 1) * k  # tree slots fed before this level
         # 1. feed the frontier: tree slots P + used .. P + used + k - 1, RoPE position P - 1 + depth
@@ -105,7 +105,7 @@ class GraphedTreeGrower:
         if used:
             visible[self.rows[:, None], (prefix + self.window[:used])[None, :]] = self.ancestors[depth, :, :used]
         visible[self.rows, slots] = torch.ones((), dtype=torch.bool, device=visible.device)  # no host scalar in a graph
-        out = drafter._head(x, positions, slots, visible)
+        out = drafter.head(x, positions, slots, visible)
         hidden, visual = out[0], (out[1] if self.visual is not None else None)
         # 2. propose k children each, scored cumulatively; store them (or only the best k)
         children = drafter.logprobs(hidden).topk(k)  # [k, k]
@@ -116,7 +116,7 @@ class GraphedTreeGrower:
         parent_row = best // k
         start = self.end(depth)
         places = slice(start, start + self.width)
-        stored = best if self.growth.frontier_only else slice(None)
+        stored = best if self.spec.frontier_only else slice(None)
         self.tokens[places] = tokens[stored]
         self.parents[places] = parents[stored]
         self.scores[places] = scores[stored]
@@ -125,10 +125,10 @@ class GraphedTreeGrower:
             self.visual[places] = visual.float().repeat_interleave(k)[stored]
         self._record_expected(depth + 1)
         # 3. the best k become the frontier of depth + 1
-        if depth + 1 < self.growth.max_depth:
+        if depth + 1 < self.spec.max_depth:
             self.ancestors[depth + 1, :, :used] = self.ancestors[depth, :, :used][parent_row]
             self.ancestors[depth + 1, :, used : used + k] = torch.nn.functional.one_hot(parent_row, k).bool()
-            self.frontier[depth + 1] = start + 1 + (self.rows if self.growth.frontier_only else best)
+            self.frontier[depth + 1] = start + 1 + (self.rows if self.spec.frontier_only else best)
             self.frontier_tokens[depth + 1] = tokens[best]
             self.frontier_scores[depth + 1] = scores[best]
             self.parent_hidden[depth + 1] = hidden[parent_row]
@@ -138,7 +138,7 @@ class GraphedTreeGrower:
         used = self.end(depth)
         visual = None if self.visual is None else self.visual[:used]
         tree = select_nodes(
-            0, self.tokens[:used], self.parents[:used], self.depths[:used], self.scores[:used], self.growth.budget,
+            0, self.tokens[:used], self.parents[:used], self.depths[:used], self.scores[:used], self.spec.budget,
             confidence=self.logprobs[:used].exp(), visual=visual,
         )  # fmt: skip
         fields = (tree.tokens, tree.parents, tree.depths, tree.scores, tree.confidence)
@@ -148,16 +148,16 @@ class GraphedTreeGrower:
     @torch.inference_mode()
     def build(self, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None) -> tuple[Tree, torch.Tensor]:
         """The tree under the root and its ancestor mask [N, N] (what verification needs)."""
-        drafter, growth = self.drafter, self.growth
+        drafter, spec = self.drafter, self.spec
         assert (root_visual is not None) == (self.visual is not None), "track_visual differs between drafter and call"
         visual = root_visual.reshape(1) if root_visual is not None else root_hidden.new_zeros(1, dtype=torch.float32)
         expected = self._root(root_hidden, visual)[0]
-        stop_delta = growth.stop_delta
+        stop_delta = spec.stop_delta
         last = float(expected[1]) if stop_delta is not None else 0.0
-        levels = 1 if growth.frontier_only and stop_delta is not None and last <= stop_delta else growth.max_depth
+        levels = 1 if spec.frontier_only and stop_delta is not None and last <= stop_delta else spec.max_depth
         prefix = torch.full((1,), drafter.committed, device=drafter.device)
-        reach = drafter.committed + (growth.max_depth - 1) * growth.top_k
-        drafter._reserve(reach)
+        reach = drafter.committed + (spec.max_depth - 1) * spec.top_k
+        drafter.reserve(reach)
         width = width_bucket(reach, drafter.capacity)
         grown = 1
         for depth in range(1, levels):
@@ -168,7 +168,7 @@ class GraphedTreeGrower:
                 gained, last = now - last, now
                 if gained <= stop_delta:
                     break
-        drafter.tree_used = (grown - 1) * growth.top_k
+        drafter.mark_tree_fed((grown - 1) * spec.top_k)
         out = [t.clone() for t in self._select[grown]()]
         tokens, parents, depths, scores, confidence = out[:5]
         tokens[0] = root_token
