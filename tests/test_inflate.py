@@ -340,10 +340,10 @@ def test_vision_tower_copy_gives_the_miniatures_features_and_answers(pairs):
     assert (big_prompt.inputs_embeds[0, image, :h] - prompt.inputs_embeds[0, image]).abs().max().item() <= embed_bound
     assert not big_prompt.inputs_embeds[..., h:].any()
     config = GenerationConfig(max_new_tokens=40)
-    assert plain_generate(big_target, big_prompt, config).token_ids == plain_generate(target, prompt, config).token_ids
+    assert plain_generate(EagerRuntime(big_target), big_prompt, config).token_ids == plain_generate(EagerRuntime(target), prompt, config).token_ids
     tree = EagleTree(total_tokens=30, depth=5, top_k=6)
-    small_run = speculative_generate(target, draft, target.prepare(question, images), config, tree)
-    big_run = speculative_generate(big_target, big_draft, big_target.prepare(question, images), config, tree)
+    small_run = speculative_generate(EagerRuntime(target, draft), target.prepare(question, images), config, tree)
+    big_run = speculative_generate(EagerRuntime(big_target, big_draft), big_target.prepare(question, images), config, tree)
     assert big_run.token_ids == small_run.token_ids and big_run.stats.accepted == small_run.stats.accepted
 
 
