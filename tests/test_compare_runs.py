@@ -36,7 +36,10 @@ def fake_run(out: Path, answers: dict[int, str], processes: int, score: float = 
     n = len(rows)
     summary = {"samples": n, "new_tokens": 10 * n, "steps": 4 * n, "tau": 2.5, "alpha": 1.5, "wall_s": float(n), "tokens_per_s": 10.0}
     stats = {"processes": processes, "tasks": {TASK: {"summary": summary, "samples": rows}}}
-    results = {"results": {TASK: {"alias": TASK, METRIC: score, f"{METRIC.split(',')[0]}_stderr,none": "N/A"}}}
+    results = {
+        "configs": {TASK: {"task": TASK, "metric_list": [{"metric": METRIC.split(",")[0]}]}},
+        "results": {TASK: {"alias": TASK, METRIC: score, f"{METRIC.split(',')[0]}_stderr,none": "N/A"}},
+    }
     return EvalRun(out, results, stats, wall_s)
 
 

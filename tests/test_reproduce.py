@@ -12,11 +12,19 @@ from pathlib import Path
 import pytest
 
 from lmms_msd.commands import reproduce
+from lmms_msd.commands.benchmark_data import (
+    LOCAL_TASKS,
+    THESIS_TASKS,
+    DefaultTasks,
+    benchmark_datasets,
+    dataset_cached,
+    default_tasks,
+)
 from lmms_msd.commands.cli import main
 from lmms_msd.commands.lmms_eval_runs import (
+    EvalRun,
     LmmsEvalFailed,
     answer_differences,
-    first_metric,
     read_answers,
     run_lmms_eval,
 )
@@ -95,11 +103,98 @@ def test_preset_model_args_are_the_plugins(name):
             assert key not in choices or value in choices[key], f"{name}: {key}={value} is not one of {choices[key]}"
 
 
-def test_first_metric_skips_alias_and_stderr():
-    results = {"alias": "t", "relaxed_overall,none": 0.9, "relaxed_overall_stderr,none": 0.1, "relaxed_human_split,none": 1.0}
-    assert first_metric(results) == ("relaxed_overall,none", 0.9)
-    with pytest.raises(ValueError, match="no metric"):
-        first_metric({"alias": "t"})
+def test_a_cell_scores_by_its_tasks_primary_metric(tmp_path: Path):
+    """The first of the task's metric_list (lmms-eval's results keep only the metrics some document returned,
+    so their first key may be another one)."""
+    results = {
+        "configs": {"m": {"metric_list": [{"metric": "accuracy"}, {"metric": "text_dominant"}]}},
+        "results": {"m": {"alias": "m", "text_dominant,none": 0.0, "accuracy,none": 0.75}},
+    }  # fmt: skip
+    stats = {"tasks": {"m": {"summary": {"alpha": 2.0, "tau": 3.0, "tokens_per_s": 50.0, "samples": 4}}}}
+    m = reproduce.measure(EvalRun(tmp_path, results, stats, 1.0), ROWS[1], "m", 0.0)
+    assert (m.metric, m.score, m.tau, m.samples) == ("accuracy,none", 0.75, 3.0, 4)
+
+
+# ---- the default tasks --------------------------------------------------------------------------------------
+def write_yaml(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def fake_lmms_eval_tasks(root: Path) -> Path:
+    """lmms-eval's layout for the five benchmarks: a folder per name; chartqa and ai2d tasks, the others
+    groups (mathvista of a group and a task, textvqa's tasks including a template that names the dataset)."""
+    write_yaml(root / "chartqa" / "chartqa.yaml", "task: chartqa\ndataset_path: lab/ChartQA\ndoc_to_text: !function utils.x\n")
+    write_yaml(root / "ai2d" / "ai2d.yaml", "task: ai2d\ndataset_path: lab/ai2d\n")
+    write_yaml(root / "ai2d" / "ai2d_lite.yaml", "task: ai2d_lite\ndataset_path: lab/Lite\n")  # not part of ai2d
+    write_yaml(root / "mathvista" / "mathvista.yaml", "group: mathvista\ntask:\n  - mathvista_testmini\n  - mathvista_test\n")
+    write_yaml(root / "mathvista" / "mathvista_testmini.yaml", "group: mathvista_testmini\ntask:\n  - mathvista_testmini_cot\n")
+    write_yaml(root / "mathvista" / "mathvista_testmini_cot.yaml", "task: mathvista_testmini_cot\ndataset_path: AI4Math/MathVista\n")
+    write_yaml(root / "mathvista" / "mathvista_test.yaml", "task: mathvista_test\ndataset_path: AI4Math/MathVista\n")
+    write_yaml(root / "mathverse" / "mathverse.yaml", "group: mathverse\ntask:\n  - mathverse_testmini\n")
+    write_yaml(root / "mathverse" / "mathverse_testmini.yaml", "task: mathverse_testmini\ndataset_path: CaraJ/MathVerse-lmmseval\ndataset_name: testmini\n")
+    write_yaml(root / "textvqa" / "_default_template_textvqa_yaml", "dataset_path: lab/textvqa\n")
+    write_yaml(root / "textvqa" / "_textvqa.yaml", "group: textvqa\ntask:\n- textvqa_val\n")
+    write_yaml(root / "textvqa" / "textvqa_val.yaml", "task: textvqa_val\ninclude: _default_template_textvqa_yaml\n")
+    return root
+
+
+def test_benchmark_datasets_follow_groups_and_includes(tmp_path: Path):
+    pytest.importorskip("lmms_eval")
+    root = fake_lmms_eval_tasks(tmp_path / "tasks")
+    assert {name: benchmark_datasets(name, root) for name in THESIS_TASKS} == {
+        "chartqa": ["lab/ChartQA"], "mathvista": ["AI4Math/MathVista"], "ai2d": ["lab/ai2d"],
+        "mathverse": ["CaraJ/MathVerse-lmmseval"], "textvqa": ["lab/textvqa"],
+    }  # fmt: skip
+    with pytest.raises(LookupError, match="no task or group 'mmmu'"):
+        benchmark_datasets("mmmu", root)
+
+
+def test_a_dataset_is_cached_as_a_hub_snapshot_or_prepared_by_datasets(tmp_path: Path):
+    """huggingface_hub: <hub>/datasets--<org>--<name>/snapshots/<revision>; datasets: <cache>/<org>___<snake_case
+    name>/<config>/<version>/<hash> (MathVista -> math_vista)."""
+    pytest.importorskip("datasets")
+    hub, prepared = tmp_path / "hub", tmp_path / "datasets"
+    (hub / "datasets--lab--ChartQA" / "snapshots" / "0123abc").mkdir(parents=True)
+    (hub / "datasets--lab--ai2d" / "snapshots").mkdir(parents=True)  # no revision: an interrupted download
+    (prepared / "AI4Math___math_vista" / "default" / "0.0.0" / "f00d").mkdir(parents=True)
+    assert [dataset_cached(d, hub, prepared) for d in ("lab/ChartQA", "lab/ai2d", "AI4Math/MathVista", "lab/textvqa")] == [
+        True, False, True, False,
+    ]  # fmt: skip
+
+
+def test_default_tasks_are_the_local_families_unless_every_benchmark_is_cached(tmp_path: Path):
+    pytest.importorskip("lmms_eval")
+    root = fake_lmms_eval_tasks(tmp_path / "tasks")
+    hub, prepared = tmp_path / "hub", tmp_path / "datasets"
+    for hub_id in ("lab/ChartQA", "AI4Math/MathVista", "lab/ai2d", "CaraJ/MathVerse-lmmseval"):
+        (hub / f"datasets--{hub_id.replace('/', '--')}" / "snapshots" / "r").mkdir(parents=True)
+    local = default_tasks(root, hub, prepared)
+    assert local.tasks == LOCAL_TASKS == (
+        "msd_chartqa_synth_long", "msd_mathvista_synth_long", "msd_ai2d_synth_long", "msd_mathverse_synth_long",
+        "msd_textvqa_synth_long",
+    ) and local.local  # fmt: skip
+    assert "not in the Hugging Face cache" in local.why and "textvqa: lab/textvqa;" in local.why and "chartqa" not in local.why
+    (hub / "datasets--lab--textvqa" / "snapshots" / "r").mkdir(parents=True)
+    real = default_tasks(root, hub, prepared)
+    assert real.tasks == THESIS_TASKS and not real.local and "are in the Hugging Face cache" in real.why
+
+
+def test_without_tasks_reproduce_takes_the_default_and_says_why(monkeypatch: pytest.MonkeyPatch):
+    choice = DefaultTasks(LOCAL_TASKS, local=True, why="the real benchmarks cannot run offline")
+    monkeypatch.setattr(reproduce, "default_tasks", lambda: choice)
+    args = argparse.Namespace(tasks=None, include_path=None)
+    assert reproduce.choose_tasks(args) == choice.why
+    assert args.tasks == ",".join(LOCAL_TASKS) and args.include_path == REPO / "tasks"
+    args = argparse.Namespace(tasks=None, include_path=Path("mine"))
+    reproduce.choose_tasks(args)
+    assert args.include_path == Path("mine")  # the user's folder is kept
+    args = argparse.Namespace(tasks="chartqa", include_path=None)
+    assert reproduce.choose_tasks(args) is None and (args.tasks, args.include_path) == ("chartqa", None)
+    monkeypatch.setattr(reproduce, "default_tasks", lambda: DefaultTasks(THESIS_TASKS, local=False, why="cached"))
+    args = argparse.Namespace(tasks=None, include_path=None)
+    reproduce.choose_tasks(args)
+    assert args.tasks == "chartqa,mathvista,ai2d,mathverse,textvqa" and args.include_path is None
 
 
 def test_answer_differences_per_doc_id():
@@ -129,7 +224,7 @@ def test_markdown_table_rows_by_tasks_and_the_mark():
     assert text.splitlines() == [
         "### Temperature 0",
         "",
-        "| row | a | b |",
+        "| row | a (relaxed_overall) | b (relaxed_overall) |",
         "|---|---|---|",
         "| plain decoding (reference) | 0.00 / 1.00 / 0.500 / 100 | – |",
         "| MSD baseline (EAGLE-2 tree) | 4.00 / 5.00 / 0.500 / 150 | 2.00 / 3.00 / 0.250 / 80 |",

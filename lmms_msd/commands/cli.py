@@ -45,12 +45,12 @@ def _subcommands() -> dict[str, Subcommand]:
         demo,
         regression,
         reproduce,
+        testbed_report,
     )
     from lmms_msd.testbed import (
         charts,
         draft_training,
         make_data,
-        report,
         target_training,
     )
 
@@ -66,7 +66,7 @@ def _subcommands() -> dict[str, Subcommand]:
         "reproduce": Subcommand("the thesis tables: plain, EAGLE-2, + OPT-Tree, + calibrator on lmms-eval tasks at temperatures 0 and 1", reproduce.add_arguments),
         "bench": Subcommand("time plain vs speculative decoding (each tree, with and without the calibrator) on the same prompts", bench.add_arguments),
         "compare-runs": Subcommand("lmms-eval on 1 vs N data-parallel processes (GPUs): answers per doc_id, score, docs/s, tokens/s, tau", compare_runs.add_arguments),
-        "testbed-report": Subcommand("accuracy, tau/alpha and acceptance by token type of a pair on the chart test split", report.add_arguments),
+        "testbed-report": Subcommand("per task family: accuracy with the image and a blank one, EAGLE-2 tau, acceptance by token type, long-answer length", testbed_report.add_arguments),
     }
 
 

@@ -33,10 +33,10 @@ from lmms_msd.commands.lmms_eval_runs import (
     EvalRun,
     LmmsEvalFailed,
     answer_differences,
-    first_metric,
     read_answers,
     run_lmms_eval,
 )
+from lmms_msd.lmms_eval.metrics import primary_metric
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def run_report(run: EvalRun, task: str, processes: int) -> RunReport:
         )
     if run.stats.get("processes") != processes:
         raise LmmsEvalFailed(f"the run in {run.out} was asked for {processes} processes and ran on {run.stats.get('processes')}")
-    metric, score = first_metric(run.results["results"][task])
+    metric, score = primary_metric(run.results, task)
     body = run.stats["tasks"][task]
     summary = body["summary"]
     generation_s = generation_seconds(body["samples"])

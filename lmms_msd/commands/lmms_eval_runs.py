@@ -100,14 +100,6 @@ def run_lmms_eval(
 
 
 # ---- reading a run --------------------------------------------------------------------------------------------
-def first_metric(task_results: Mapping[str, Any]) -> tuple[str, float]:
-    """The task's first metric in lmms-eval's results ("alias" and the stderr entries skipped)."""
-    for key, value in task_results.items():
-        if "," in key and "_stderr" not in key.split(",")[0]:
-            return key, float(value)
-    raise ValueError(f"no metric in lmms-eval's results for the task: {sorted(task_results)}")
-
-
 def read_answers(out: Path, task: str) -> dict[int, Any]:
     """doc_id -> the model's raw answer, from lmms-eval's `<date>_samples_<task>.jsonl` under `out`.
 

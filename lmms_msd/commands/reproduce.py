@@ -13,7 +13,13 @@ the thesis's own settings) or `tuned` (this project's); results.md and results.j
 Columns are lmms-eval tasks, one table per temperature. Each (row, task, temperature) is one lmms-eval
 run, with `--log_samples`, under `<output_dir>/runs/t<temperature>/<task>/<row>`; each cell reads
 alpha and tau (accepted draft tokens per step, and + 1) and tokens/s from the plugin's statistics, and
-the score from lmms-eval's results (the task's first metric).
+the score from lmms-eval's results: the task's primary metric, the first of its YAML's metric_list
+(`lmms_msd.lmms_eval.metrics`), named in the column's header.
+
+Without `--tasks`, the tasks are the real benchmarks' (chartqa, mathvista, ai2d, mathverse, textvqa) when
+their datasets are in the Hugging Face cache, else the five local families' long-answer tasks with
+`--include_path` the repository's tasks/ (`lmms_msd.commands.benchmark_data`); the log, results.md and
+results.json say which and why.
 
 Greedy speculative decoding is lossless: at temperature 0 every row's answers must equal the plain
 row's, doc_id by doc_id. A row whose answers differ is marked in every output and the command exits 1.
@@ -38,11 +44,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lmms_msd.commands.benchmark_data import THESIS_TASKS, default_tasks
 from lmms_msd.commands.lmms_eval_runs import (
     EvalRun,
     LmmsEvalFailed,
     answer_differences,
-    first_metric,
     read_answers,
     run_lmms_eval,
 )
@@ -57,14 +63,15 @@ from lmms_msd.commands.presets import (
     Preset,
     Row,
 )
+from lmms_msd.lmms_eval.metrics import primary_metric
 from lmms_msd.models.prompt import TEMPLATE_SYSTEM_PROMPTS
 from lmms_msd.pipeline import uses_bundled_pair
 from lmms_msd.testbed.bundled import bundled_calibrator
 
 log = logging.getLogger(__name__)
 
-THESIS_TASKS = "chartqa,mathvista,ai2d,mathverse,textvqa"
 REPO = Path(__file__).resolve().parents[2]
+LOCAL_TASKS_DIR = REPO / "tasks"  # the local task families' YAMLs and data
 DEFAULT_CALIBRATOR = REPO / "calibrators" / "miniature.json"  # fitted for the bundled pair
 RESERVED_MODEL_ARGS = ("use_msd", "tree", "calibrator", "train_ratio", "stats_path")  # set per row, whatever the preset
 FILES = ("results.md", "results.csv", "results.json", "results.png")
@@ -113,7 +120,7 @@ def measure(run: EvalRun, row: Row, task: str, temperature: float) -> Measuremen
             f"the run has no results for {task!r} (lmms-eval: {sorted(run.results['results'])}, statistics: "
             f"{sorted(run.stats['tasks'])}); is it a group? list its tasks instead"
         )
-    metric, score = first_metric(run.results["results"][task])
+    metric, score = primary_metric(run.results, task)
     summary = run.stats["tasks"][task]["summary"]
     return Measurement(
         row.key, task, temperature, alpha=summary["alpha"], tau=summary["tau"], score=score, metric=metric,
@@ -169,12 +176,15 @@ def cell_text(m: Measurement | None) -> str:
 
 
 def markdown_tables(measurements: Sequence[Measurement], rows: Sequence[Row], tasks: Sequence[str], temperatures: Sequence[float]) -> str:
-    """One table per temperature, rows x tasks, cells "alpha / tau / score / tok/s"; a row whose
+    """One table per temperature, rows x tasks (each headed by its score's metric), cells "alpha / tau / score /
+    tok/s"; a row whose
     temperature-0 answers differ from the plain row's is marked in its label and in its cells."""
     cells = index(measurements)
+    metrics = {m.task: m.metric.split(",")[0] for m in measurements}
+    header = " | ".join(f"{task} ({metrics[task]})" if task in metrics else task for task in tasks)
     parts = []
     for temperature in temperatures:
-        lines = [f"### Temperature {temperature:g}", "", "| row | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines = [f"### Temperature {temperature:g}", "", f"| row | {header} |", "|---" * (len(tasks) + 1) + "|"]
         for row in rows:
             row_cells = [cells.get((row.key, task, temperature)) for task in tasks]
             label = row.label + (" ⚠ answers differ from plain decoding" if any(c and c.marked for c in row_cells) else "")
@@ -223,8 +233,11 @@ def markdown_report(report: Mapping[str, Any], rows: Sequence[Row]) -> str:
     parts = [
         "# Reproduction: MSD baseline vs OPT-Tree vs OPT-Tree + calibrator",
         f"Command: `{report['command']}`",
-        f"Preset: {report['preset']['name']}. Calibrator: {report['calibrator']}. Docs per task: {report['limit'] or 'all'}. "
-        f"Pair: {report['pair']}.",
+        (
+            f"Preset: {report['preset']['name']}. Calibrator: {report['calibrator']}. Docs per task: {report['limit'] or 'all'}. "
+            f"Pair: {report['pair']}."
+        ),
+        *([f"Tasks: the default, {report['tasks_default']}."] if report.get("tasks_default") else []),
         (
             f"Cells: alpha (accepted draft tokens per step) / tau (tokens per step) / score ({', '.join(metrics)}) / "
             "tokens per second (generation only, summed over requests)."
@@ -398,7 +411,12 @@ def add_arguments(parser: argparse.ArgumentParser):
         "--preset", default=DEFAULT, choices=sorted(PRESETS),
         help=f"the rows' settings (lmms_msd.commands.presets): thesis (the thesis's own) or tuned (this project's) (default {DEFAULT})",
     )  # fmt: skip
-    parser.add_argument("--tasks", default=THESIS_TASKS, help=f"lmms-eval tasks, comma-separated (default {THESIS_TASKS})")
+    parser.add_argument(
+        "--tasks", default=None,
+        help=f"lmms-eval tasks, comma-separated (default: the real benchmarks {','.join(THESIS_TASKS)} when their datasets are "
+        "in the Hugging Face cache, else the local families' long-answer tasks msd_<family>_synth_long with --include_path "
+        "the repository's tasks/)",
+    )  # fmt: skip
     parser.add_argument("--include_path", type=Path, default=None, help="a folder of extra task YAMLs, e.g. the repository's tasks/")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     parser.add_argument("--temperatures", type=parse_temperatures, default=[0.0, 1.0], help="comma-separated (default 0,1)")
@@ -420,8 +438,25 @@ def add_arguments(parser: argparse.ArgumentParser):
     return run
 
 
+def choose_tasks(args: argparse.Namespace) -> str | None:
+    """Sets args.tasks (and args.include_path for the local families) when --tasks was not given; returns
+    the sentence saying which default was taken and why (None when --tasks was given)."""
+    if args.tasks is not None:
+        return None
+    choice = default_tasks()
+    args.tasks = ",".join(choice.tasks)
+    if choice.local and args.include_path is None:
+        if not LOCAL_TASKS_DIR.is_dir():
+            raise SystemExit(
+                f"lmms-msd reproduce: {choice.why}; but there is no tasks folder at {LOCAL_TASKS_DIR} (an installed package "
+                "has none): pass the repository's tasks/ with --include_path"
+            )
+        args.include_path = LOCAL_TASKS_DIR
+    log.info("no --tasks: %s (%s)", args.tasks, choice.why)
+    return choice.why
+
+
 def run(args: argparse.Namespace) -> int:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     preset = PRESETS[args.preset]
     given = model_arg_values(args.model_args)
     reserved = sorted(given.keys() & reserved_model_args(preset))
@@ -430,12 +465,14 @@ def run(args: argparse.Namespace) -> int:
             f"lmms-msd reproduce: --model_args may not set {reserved}: the rows of preset {preset.name} set them "
             f"(lmms_msd.commands.presets; the prompt is --conv_template)"
         )
-    if not tasks:
+    if args.tasks is not None and not args.tasks.strip(", "):
         raise SystemExit("lmms-msd reproduce: --tasks is empty")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"lmms-msd reproduce: --limit must be at least 1, got {args.limit}")
     if args.train_ratio is not None and not 0 < args.train_ratio <= 1:
         raise SystemExit(f"lmms-msd reproduce: --train_ratio must be in (0, 1], got {args.train_ratio}")
+    tasks_default = choose_tasks(args)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bundled_pair = uses_bundled_pair(given.get("pretrained"), given.get("msd_model_path"))
     calibrator_args, calibrator_text = choose_calibrator(args.calibrator, args.train_ratio, bundled_pair, preset)
     rows = preset.table_rows(calibrator_args, shared_args(preset, args.conv_template))  # plain first: the others' answers are compared with its
@@ -450,6 +487,7 @@ def run(args: argparse.Namespace) -> int:
         "calibrator": calibrator_text,
         "pair": args.model_args if not bundled_pair else "the bundled miniature pair",
         "tasks": tasks,
+        "tasks_default": tasks_default,
         "temperatures": args.temperatures,
         "limit": args.limit,
         "rows": [asdict(r) for r in rows],

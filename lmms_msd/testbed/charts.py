@@ -430,7 +430,7 @@ def read_conversations(data_dir: str | Path, split: str) -> list[dict[str, Any]]
 
 def load_records(data_dir: str | Path, split: str, style: str, limit: int) -> list[dict[str, Any]]:
     """The first `limit` (0: all) conversation records of a split whose answer style is `style` ("all":
-    every record): what `lmms-msd calibrate`, `bench` and `testbed-report` decode."""
+    every record): what `lmms-msd calibrate` and `bench` decode."""
     path = Path(data_dir) / f"llava_{split}.json"
     if not path.is_file():
         raise FileNotFoundError(
