@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from lmms_msd.speculative.cost import STOPS, CostModel, cost_aware_size
 from lmms_msd.speculative.drafting import Drafter
 
 
@@ -74,6 +75,7 @@ class Growth(NamedTuple):
     node_score: "NodeScorer"
     stop_delta: float | None  # None: always grow to max_depth
     frontier_only: bool = False  # a level stores only its frontier (OPT-Tree as upstream, `OptTree`)
+    cost: "CostModel | None" = None  # stop=cost: size and stop by expected tokens per second (stop_delta None)
 
 
 def pool_capacity(top_k: int, max_depth: int, frontier_only: bool) -> int:
@@ -196,6 +198,24 @@ class OptTree:
     "frontier" on the same settings keeps 1>2 (.21) instead of 1>0>1: tokens [0, 1, 2, 0, 2, 3]. With
     stop_delta 1, "upstream" stops at level 1 (gain .9) without a forward: tokens [0, 1, 2].
 
+    stop "cost" (`lmms_msd.speculative.cost`; stop_delta is then unused): after each level, the best
+    n stored nodes are expected to commit 1 + (the sum of their weights) tokens in
+    `cost.step_seconds(levels)[n]` seconds; the tree keeps the n (at most node_budget) with the most
+    tokens per second, and another level is grown only while that best rate rises. The rate before
+    level 1 is a plain step's (n = 0), so when no tree of level 1 beats it the tree is the root alone.
+    Both variants check level 1 before any forward. Worked example (tests/test_cost.py), the draft
+    above, variant "upstream", top_k 2, node_budget 6, max_depth 4; costs: first level .1, each
+    further level .1, rest of a step 0, verifying widths 1, 4, 8 (root included) 1.0, 1.0, 1.3,
+    bucketed (a tree of 5 to 8 tokens costs 1.3):
+      level 1, .1 drafted: n = 0, 1, 2: 1/1.1, 1.6/1.1, 1.9/1.1 = .9091, 1.4545, 1.7273: best n 2 > 0: grow
+      level 2, .2: weights .6 .3 .27 .24: n = 3: 2.17/1.2 = 1.8083; n = 4: 2.41/1.5 = 1.6067; best
+        1.8083 > 1.7273: grow
+      level 3, .3: with .162 .096: n = 3: 2.17/1.3 = 1.6692; n = 4, 5, 6: 2.41, 2.572, 2.668 over 1.6 =
+        1.5063, 1.6075, 1.6675; best 1.6692 (n 3) <= 1.8083: stop, keep the best 3
+      tree: 1, 2, 1>0: tokens [0, 1, 2, 0], parents [-1, 0, 0, 1]
+    Verifying widths 1, 4, 8 at 1.0, 3.0, 3.0 instead: level 1 rates 1/1.1, 1.6/3.1, 1.9/3.1 = .9091,
+    .5161, .6129: best n 0, a plain step without any forward: tokens [0].
+
     Upstream's own settings (`--nodes n --threshold t --max_depth M`, README: 60, 0.5, 10) are
     variant "upstream", node_budget = top_k = n, stop_delta = t, max_depth = M - 1: its deepest kept
     level is M - 1 (it stops when the level it adds reaches M). The thesis
@@ -217,6 +237,8 @@ class OptTree:
     top_k: int = 10
     scorer: NodeScorer = draft_confidence
     variant: str = "frontier"
+    stop: str = "delta"  # "delta" (stop_delta) or "cost" (the cost model's rate, below)
+    cost: CostModel | None = None  # stop "cost": the runtime's measured costs (lmms_msd.speculative.cost)
 
     def __post_init__(self) -> None:
         if self.node_budget < 1 or self.max_depth < 1 or self.top_k < 1 or self.stop_delta < 0:
@@ -227,12 +249,20 @@ class OptTree:
             )
         if self.variant not in OPT_VARIANTS:
             raise ValueError(f"OPT-Tree variant {self.variant!r}: valid ones are {list(OPT_VARIANTS)}")
+        if self.stop not in STOPS or (self.stop == "cost") != (self.cost is not None):
+            raise ValueError(
+                f"OPT-Tree stop={self.stop!r} with cost={self.cost!r}: stop is one of {list(STOPS)}, and a cost "
+                "model (lmms_msd.speculative.cost.cached_cost_model) goes with stop='cost' and only with it"
+            )
+        if self.cost is not None:
+            self.cost.step_seconds(1, self.growth.budget)  # raises when the model did not time trees this wide
 
     @property
     def growth(self) -> Growth:
         frontier_only = self.variant == "upstream"
         budget = min(self.node_budget, pool_capacity(self.top_k, self.max_depth, frontier_only))
-        return Growth(self.top_k, self.max_depth, budget, self.scorer, self.stop_delta, frontier_only)
+        stop_delta = self.stop_delta if self.stop == "delta" else None
+        return Growth(self.top_k, self.max_depth, budget, self.scorer, stop_delta, frontier_only, self.cost)
 
     def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
         """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
@@ -252,13 +282,15 @@ def grow_tree(
     node_score: NodeScorer,
     stop_delta: float | None,
     frontier_only: bool = False,
+    cost: CostModel | None = None,
 ) -> Tree:
     """Grow a tree level by level with cumulative log-scores; keep the `budget` best stored nodes.
 
     stop_delta None: grow to max_depth (EAGLE-2). Otherwise stop once a level raises the expected
     accepted length (the sum of the best `budget` weights, weight = exp(score)) by at most stop_delta;
     with frontier_only (upstream OPT-Tree, `OptTree`) a level stores only its frontier, and the first
-    level is checked too (against 0), before any forward.
+    level is checked too (against 0), before any forward. cost (with stop_delta None): `OptTree`'s stop
+    "cost", which also sets how many of the budget's nodes are kept.
     The draft sees, for each fed node, the committed prefix, its ancestors' slots and its own.
     Every stored node also carries its draft probability and the visual intensity of the row that
     produced it (its parent's row: `lmms_msd.speculative.drafting`), which end up in the Tree for the calibrator.
@@ -278,6 +310,9 @@ def grow_tree(
     ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
     expected = expected_length(pool.scores, budget) if stop_delta is not None else 0.0
     levels = 1 if frontier_only and stop_delta is not None and expected <= stop_delta else max_depth
+    if cost is not None:  # stop=cost: the best tree so far; none beats a plain step: stop before any forward
+        rate, size = cost_aware_size(pool.scores, 1, budget, cost)
+        levels = 1 if size == 0 else max_depth
     for depth in range(1, levels):
         # 1. feed the frontier, 2. propose k children each, 3. the best k of them are the next frontier
         hidden, visual = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
@@ -300,13 +335,19 @@ def grow_tree(
             gained, expected = grown - expected, grown
             if gained <= stop_delta:
                 break
+        if cost is not None:  # stop=cost: stop once the best rate stops rising; size by this level's rate
+            grown_rate, size = cost_aware_size(pool.scores, depth + 1, budget, cost)
+            if grown_rate <= rate:
+                break
+            rate = grown_rate
         own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
         ancestors = torch.cat([ancestors[parent_row], own_slot], dim=1)
         frontier = next_frontier
         frontier_tokens, frontier_scores = tokens[best], scores[best]
         parent_hidden = hidden[parent_row]
     tokens, parents, depths, scores, confidence, visual = pool.fields()
-    return select_nodes(root_token, tokens, parents, depths, scores, budget, confidence=confidence, visual=visual)
+    kept = size if cost is not None else budget
+    return select_nodes(root_token, tokens, parents, depths, scores, kept, confidence=confidence, visual=visual)
 
 
 class NodePool:

@@ -1,0 +1,362 @@
+"""What a speculative step costs on the runtime in use, and OPT-Tree's cost-aware stop and size rule.
+
+Words. A step drafts L *levels* of nodes (level 1: the root's children, scored from the root's draft
+output; each further level: one draft forward of the frontier), verifies a tree of n draft nodes and
+the root (n + 1 tokens) in one target forward, and commits the accepted nodes plus the bonus token.
+A tree of the root alone (n = 0) is a *plain step*: its verification is a plain forward over the last
+committed token and its bonus is plain decoding's next token.
+
+`CostModel` holds the measured seconds of those parts on one runtime and device: verification by tree
+size, the first level and each further one, the rest of a step (acceptance, cache keeping, the draft's
+advance over the committed tokens), and one step of plain decoding (`use_msd=false`) for reference.
+`measure_cost_model` times them with a few warm calls on the runtime that will decode (transformers'
+forward on CPU; on a GPU the static engine's token buckets and graphed levels make it cheap);
+`cached_cost_model` keeps them in a JSON file per `CostKey` (runtime, device, dtype, model shape,
+frontier width), so a later run on the same machine and model skips the timing.
+
+The rule (`stop=cost`, `best_size`): after each level, the tree of the best n stored nodes is expected
+to commit 1 + (the sum of their weights) tokens (a weight is the product of acceptance estimates
+along the node's path, so the sum is the expected accepted length, and the bonus adds one) in
+`CostModel.step_seconds(L)[n]` seconds. The builder keeps the n that maximises tokens per second
+(the smallest n on a tie), and grows another level only while that best rate rises; the rate before
+level 1 is the plain step's, so when no tree of level 1 beats a plain step the step is a plain one.
+`lmms_msd.speculative.tree.OptTree` gives the worked example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from lmms_msd.models.target import Target
+    from lmms_msd.speculative.runtime import Runtime
+
+STOPS = ("delta", "cost")  # OPT-Tree's stop rules: stop_delta's absolute gain, or this module's rate
+DEFAULT_CACHE = Path.home() / ".cache" / "lmms_msd" / "cost_models"
+# Tree sizes (root included) whose verification is timed: the static engine's token buckets
+# (lmms_msd.speculative.fast.static_target.TOKEN_BUCKETS), up to the first that holds the largest tree.
+WIDTHS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+
+
+@dataclass(frozen=True)
+class CostKey:
+    """What the timings depend on; a cached model is used only for an equal key."""
+
+    runtime: str  # the runtime's class name (EagerRuntime, StaticEngine)
+    device: str  # the GPU's name, or the CPU's with the thread count torch uses
+    dtype: str
+    hidden_size: int  # the target's text model
+    layers: int
+    vocab_size: int
+    image_positions: int  # positions one image takes in the prompt (sets the measured prefix length)
+    top_k: int  # the frontier width: rows fed per draft level
+    frontier_only: bool  # OPT-Tree's variant: a level stores its frontier only (upstream) or every proposal
+
+    def file_name(self) -> str:
+        """A file name that says what the key is and differs between keys. Example:
+        EagerRuntime-float32-h256x4-v538-i64-k10-frontier-3f2a9c0d1e7b4a65.json"""
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        variant = "upstream" if self.frontier_only else "frontier"
+        return (
+            f"{self.runtime}-{self.dtype}-h{self.hidden_size}x{self.layers}-v{self.vocab_size}-"
+            f"i{self.image_positions}-k{self.top_k}-{variant}-{digest}.json"
+        )
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of a speculative step's parts on one runtime and device (module docstring for the words).
+
+    widths: tree sizes (root included) whose verification was timed, ascending, widths[0] == 1
+    verify_s: seconds of one verification over widths[i] tokens, after `prefix_len` committed ones
+    bucketed: True when a verification costs what the smallest timed width holding it costs (the
+        static engine pads every forward to a token bucket); False: linear between timed widths
+    draft_root_s: the first level (scoring the root's children; no draft forward)
+    draft_level_s: each further level (one draft forward of the frontier, its scoring and storing)
+    step_s: the rest of a step (acceptance, cache keeping, the draft's advance over the committed tokens)
+    plain_step_s: one step of plain decoding (one target forward, choosing the token), for reference
+    """
+
+    key: CostKey
+    prefix_len: int
+    widths: tuple[int, ...]
+    verify_s: tuple[float, ...]
+    bucketed: bool
+    draft_root_s: float
+    draft_level_s: float
+    step_s: float
+    plain_step_s: float
+    # [widths[-1] + 1] float32: verification seconds by tree size (index 0 unused), derived in __post_init__
+    verify_table: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        widths = self.widths
+        if not widths or widths[0] != 1 or list(widths) != sorted(set(widths)) or len(self.verify_s) != len(widths):
+            raise ValueError(
+                f"a cost model needs ascending distinct widths starting at 1 (the plain step) and one time per "
+                f"width; got widths {widths}, {len(self.verify_s)} times"
+            )
+        sizes = range(1, widths[-1] + 1)
+        object.__setattr__(self, "verify_table", torch.tensor([0.0] + [self._verify(n) for n in sizes], dtype=torch.float32))
+
+    def _verify(self, size: int) -> float:
+        """Seconds to verify a tree of `size` tokens (root included). Example: widths (1, 4, 8), verify_s
+        (1.0, 1.0, 1.3): size 6 costs 1.3 bucketed, 1.15 otherwise."""
+        upper = next(i for i, w in enumerate(self.widths) if w >= size)
+        if self.bucketed or self.widths[upper] == size:
+            return self.verify_s[upper]
+        (w0, t0), (w1, t1) = (self.widths[upper - 1], self.verify_s[upper - 1]), (self.widths[upper], self.verify_s[upper])
+        return t0 + (t1 - t0) * (size - w0) / (w1 - w0)
+
+    def draft_seconds(self, levels: int) -> float:
+        """Drafting `levels` levels: the first, then one draft forward each."""
+        assert levels >= 1, f"a tree has at least one level, got {levels}"
+        return self.draft_root_s + (levels - 1) * self.draft_level_s
+
+    def step_seconds(self, levels: int, max_nodes: int) -> torch.Tensor:
+        """[max_nodes + 1] float32: seconds of a step that drafted `levels` levels and verifies n draft
+        nodes and the root, n = 0..max_nodes."""
+        if max_nodes + 1 > self.widths[-1]:
+            raise ValueError(
+                f"the cost model timed verifications of at most {self.widths[-1]} tokens; a tree of {max_nodes} nodes "
+                f"and the root needs {max_nodes + 1}: measure again with wider widths or lower node_budget"
+            )
+        return self.verify_table[1 : max_nodes + 2] + (self.draft_seconds(levels) + self.step_s)
+
+    def __repr__(self) -> str:
+        k = self.key
+        return f"CostModel({k.runtime}, {k.device}, {k.dtype}, h{k.hidden_size}x{k.layers})"
+
+
+# ---- the rule --------------------------------------------------------------------------------------------
+def tree_rates(top_scores: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
+    """Expected committed tokens per second of the trees of the best n nodes, n = 0..m.
+
+    top_scores: [m] the best m log-weights, descending; seconds: [>= m + 1] (`CostModel.step_seconds`)
+    -> [m + 1]: (1 + sum of the n best weights) / seconds[n]
+    """
+    m = top_scores.shape[0]
+    assert top_scores.dim() == 1 and seconds.shape[0] >= m + 1, f"top_scores {tuple(top_scores.shape)}, seconds {tuple(seconds.shape)}"
+    tokens = torch.cat([top_scores.new_ones(1), 1 + top_scores.exp().cumsum(0)])  # [m + 1]
+    return tokens / seconds[: m + 1].to(tokens)
+
+
+def best_size(top_scores: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
+    """[2] float32 on the device: the best rate of `tree_rates` and its n (the smallest n on a tie). No
+    host read, so it runs inside a CUDA graph.
+
+    Example: weights .6, .3 (top_scores their logs) and seconds (1.1, 1.1, 1.1) give rates 1/1.1,
+    1.6/1.1, 1.9/1.1: (1.7273, 2).
+    """
+    rates = tree_rates(top_scores, seconds)
+    return torch.stack([rates.max(), rates.argmax().to(rates.dtype)])  # argmax: the first of equal maxima
+
+
+def cost_aware_size(pool_scores: Sequence[torch.Tensor], levels: int, budget: int, cost: CostModel) -> tuple[float, int]:
+    """(best rate, node count) of the trees in a pool of stored nodes, `levels` levels drafted; one host read.
+
+    pool_scores: every stored node's log-weight, level by level (each [m_level])
+    """
+    scores = torch.cat(list(pool_scores))
+    top = scores.topk(min(budget, scores.shape[0])).values
+    rate, size = best_size(top, cost.step_seconds(levels, budget)).tolist()
+    return rate, int(size)
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with torch's thread count (timings scale with it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def image_positions(target: Target) -> int:
+    """Prompt positions one image takes: the vision tower's patches, and its class token with the "full"
+    feature strategy. Example: LLaVA-1.5's CLIP at 336 px, patch 14, "default": 24 * 24 = 576."""
+    config = target.model.config
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + int(config.vision_feature_select_strategy == "full")
+
+
+def cost_key(runtime: Runtime, target: Target, top_k: int, frontier_only: bool) -> CostKey:
+    cfg = target.model.config.text_config
+    return CostKey(
+        runtime=type(runtime).__name__, device=device_name(target.device), dtype=str(target.dtype).removeprefix("torch."),
+        hidden_size=int(cfg.hidden_size), layers=int(cfg.num_hidden_layers), vocab_size=target.vocab_size,
+        image_positions=image_positions(target), top_k=top_k, frontier_only=frontier_only,
+    )  # fmt: skip
+
+
+def widths_for(max_nodes: int) -> tuple[int, ...]:
+    """The timed widths for trees of up to max_nodes draft nodes. Example: widths_for(60) ends at 64."""
+    last = next((i for i, w in enumerate(WIDTHS) if w >= max_nodes + 1), None)
+    if last is None:
+        raise ValueError(f"trees of {max_nodes} nodes exceed the largest timed width {WIDTHS[-1]}")
+    return WIDTHS[: last + 1]
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.inference_mode()
+def measure_cost_model(
+    runtime: Runtime, target: Target, tree: Any, *, repeats: int = 5, warmup: int = 2, text_positions: int = 96
+) -> CostModel:
+    """Time the parts of a step on `runtime` for OPT-Tree `tree` (its top_k, variant, max_depth, node_budget).
+
+    A generation is started over a random text prompt as long as one image and `text_positions` tokens;
+    then `warmup + repeats` steps per setting run as the decoding loop runs them (draft a tree, verify,
+    accept, keep the path, advance the draft), each phase between device synchronisations; the median
+    of the timed repeats counts. Verification is timed over trees of the root and n - 1 children for
+    every width of `widths_for(node_budget)` (the time depends on the size, not the shape); drafting
+    with the tree grown without a stop to depth 1 and to max_depth; the rest of the step over all steps.
+    Plain decoding's step is timed last, on the same cache.
+    """
+    from lmms_msd.speculative.tree import OptTree, Tree, pool_capacity
+    from lmms_msd.speculative.verify import accept_greedy
+
+    assert isinstance(tree, OptTree), f"the cost model is measured for an OptTree, got {type(tree).__name__}"
+    device, k, frontier_only = target.device, tree.top_k, tree.variant == "upstream"
+    budget = tree.growth.budget
+    widths = widths_for(budget)
+    prefix = image_positions(target) + text_positions
+    ids = torch.randint(0, target.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
+    prompt = target.embed(ids, None)
+    depths = (1, tree.max_depth)
+    steps = (warmup + repeats) * (len(widths) + len(depths))
+    # each step commits at most 2 tokens (the star's root and one child), each plain step 1; then one tree
+    extra = 2 * steps + warmup + repeats + max(widths[-1], tree.max_depth * k)
+    hidden, logits = runtime.prefill(prompt, extra)
+    token = int(logits[-1].argmax())
+    drafter = runtime.drafter(False)
+    root_hidden, root_visual = drafter.prefill(prompt, hidden, token)
+
+    def unstopped(max_depth: int) -> OptTree:
+        capacity = pool_capacity(k, max_depth, frontier_only)
+        return replace(tree, max_depth=max_depth, node_budget=capacity, stop="delta", stop_delta=0.0, cost=None)
+
+    def star(width: int):
+        assert width - 1 <= target.vocab_size, f"a star of {width} nodes needs distinct child tokens"
+        tokens = torch.cat([torch.tensor([token]), torch.arange(width - 1)]).to(device)
+        t = Tree(tokens, torch.tensor([-1] + [0] * (width - 1), device=device),
+                 torch.tensor([0] + [1] * (width - 1), device=device), torch.zeros(width, device=device))  # fmt: skip
+        return t, t.ancestor_mask(1)
+
+    prefix_len = prefix
+    times: dict[str, list[float]] = {"other": []}
+
+    def step(builder: OptTree, width: int) -> tuple[float, float]:
+        nonlocal prefix_len, token, root_hidden, root_visual
+        start = _sync(device)
+        runtime.draft_tree(builder, drafter, token, root_hidden, root_visual)
+        drafted = _sync(device)
+        verified_tree, ancestors = star(width)
+        tree_hidden, tree_logits = runtime.verify(verified_tree, ancestors, prefix_len)
+        verified = _sync(device)
+        result = accept_greedy(verified_tree, tree_logits, ancestors)
+        committed = torch.tensor(result.path_tokens + [result.bonus], device=device)
+        path = torch.tensor(result.path, device=device)
+        runtime.keep_path(prefix_len, path)
+        prefix_len += len(result.path)
+        root_hidden, root_visual = drafter.advance(committed, tree_hidden[path])
+        token = result.bonus
+        times["other"].append(_sync(device) - verified)
+        return drafted - start, verified - drafted
+
+    def median_of(builder: OptTree, width: int, phase: int) -> float:
+        for _ in range(warmup):
+            step(builder, width)
+            times["other"].pop()
+        return statistics.median(step(builder, width)[phase] for _ in range(repeats))
+
+    shallow = unstopped(1)
+    verify_s = tuple(median_of(shallow, w, 1) for w in widths)
+    root_s, deep_s = (median_of(unstopped(d), 1, 0) for d in depths)
+    level_s = max(0.0, (deep_s - root_s) / (depths[1] - 1)) if depths[1] > 1 else 0.0
+    plain = []
+    for i in range(warmup + repeats):
+        start = _sync(device)
+        logits = runtime.forward_next(torch.full((1,), token, device=device), prefix_len)
+        token = int(logits[-1].argmax())
+        plain.append(_sync(device) - start)
+        prefix_len += 1
+    return CostModel(
+        key=cost_key(runtime, target, k, frontier_only), prefix_len=prefix, widths=widths, verify_s=verify_s,
+        bucketed=type(runtime).__name__ == "StaticEngine", draft_root_s=root_s, draft_level_s=level_s,
+        step_s=statistics.median(times["other"]), plain_step_s=statistics.median(plain[warmup:]),
+    )  # fmt: skip
+
+
+# ---- the JSON cache ----------------------------------------------------------------------------------------
+def save_cost_model(model: CostModel, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {f.name: getattr(model, f.name) for f in fields(model) if f.init}
+    data["key"] = asdict(model.key)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_cost_model(path: Path, key: CostKey | None = None) -> CostModel:
+    """A saved model; with `key`, it must be that key's (an error names both otherwise)."""
+    data = json.loads(Path(path).read_text())
+    expected = {f.name for f in fields(CostModel) if f.init}
+    if set(data) != expected:
+        raise ValueError(f"{path} is not a cost model: keys {sorted(data)}, expected {sorted(expected)}; delete it to measure again")
+    stored = CostKey(**data.pop("key"))
+    if key is not None and stored != key:
+        raise ValueError(f"{path} holds the cost model of {stored}, not of {key}; delete it to measure again")
+    tuples = {name: tuple(data.pop(name)) for name in ("widths", "verify_s")}
+    return CostModel(key=stored, **tuples, **data)
+
+
+def cached_cost_model(runtime: Runtime, target: Target, tree: Any, folder: Path = DEFAULT_CACHE) -> tuple[CostModel, Path, bool]:
+    """(model, its file, whether it was measured now): the cached model for this runtime, device, dtype,
+    model shape and frontier width, measured and saved when there is none."""
+    key = cost_key(runtime, target, tree.top_k, tree.variant == "upstream")
+    path = Path(folder) / key.file_name()
+    if path.is_file():
+        model = load_cost_model(path, key)
+        if model.widths[-1] >= tree.growth.budget + 1:
+            return model, path, False
+    model = measure_cost_model(runtime, target, tree)
+    save_cost_model(model, path)
+    return model, path, True
+
+
+def describe(model: CostModel) -> dict[str, Any]:
+    """The model for the statistics report: its key and its times in milliseconds."""
+    ms = 1000.0
+    return {
+        "key": asdict(model.key),
+        "prefix_len": model.prefix_len,
+        "bucketed": model.bucketed,
+        "verify_ms": {str(w): round(t * ms, 4) for w, t in zip(model.widths, model.verify_s)},
+        "draft_root_ms": round(model.draft_root_s * ms, 4),
+        "draft_level_ms": round(model.draft_level_s * ms, 4),
+        "step_ms": round(model.step_s * ms, 4),
+        "plain_step_ms": round(model.plain_step_s * ms, 4),
+    }
+
+
+def summary_line(model: CostModel) -> str:
+    """One line for a log. Example: "verify 1/2/.../64 tokens 6.1/8.9/.../15.2 ms, first level 0.3 ms,
+    each further level 1.2 ms, rest of a step 1.1 ms, plain step 5.8 ms (EagerRuntime, cpu ..., float32)"."""
+    ms = 1000.0
+    return (
+        f"verify {'/'.join(map(str, model.widths))} tokens {'/'.join(f'{t * ms:.2f}' for t in model.verify_s)} ms, "
+        f"first level {model.draft_root_s * ms:.2f} ms, each further level {model.draft_level_s * ms:.2f} ms, "
+        f"rest of a step {model.step_s * ms:.2f} ms, plain step {model.plain_step_s * ms:.2f} ms "
+        f"({model.key.runtime}, {model.key.device}, {model.key.dtype})"
+    )
