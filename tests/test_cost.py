@@ -34,7 +34,7 @@ from lmms_msd.speculative.verify import accept_sampling
 
 KEY = CostKey(
     runtime="EagerRuntime", device="cpu test", dtype="float32", hidden_size=64, layers=2, vocab_size=48,
-    image_positions=4, top_k=2, frontier_only=True,
+    image_positions=4, top_k=2, frontier_only=True, scorer="draft_confidence", track_visual=False,
 )  # fmt: skip
 # float32 rates of sums of a few weights over a few seconds: relative rounding ~1e-7; the literals
 # below are rounded to 4 decimals, so they are compared to 1e-4
@@ -130,7 +130,7 @@ def tiny_pair(draft_kind: str):
 def test_cached_cost_model_measures_once(tmp_path, monkeypatch):
     target, draft = tiny_pair("following")
     runtime, tree = EagerRuntime(target, draft), OptTree(node_budget=12, max_depth=4, top_k=4)
-    model, path, measured = cached_cost_model(runtime, target, tree, tmp_path)
+    model, path, measured = cached_cost_model(runtime, target, tree, folder=tmp_path)
     assert measured and path.is_file() and path.parent == tmp_path
     assert model.widths == (1, 2, 4, 8, 16)  # the buckets up to the first holding 13 tokens
     assert (model.key.runtime, model.key.hidden_size, model.key.layers, model.key.vocab_size) == ("EagerRuntime", 64, 2, 48)
@@ -141,7 +141,7 @@ def test_cached_cost_model_measures_once(tmp_path, monkeypatch):
         raise AssertionError("the cached model should have been read")
 
     monkeypatch.setattr(cost_module, "measure_cost_model", fail)
-    again, same_path, measured = cached_cost_model(runtime, target, tree, tmp_path)
+    again, same_path, measured = cached_cost_model(runtime, target, tree, folder=tmp_path)
     assert (again, same_path, measured) == (model, path, False)
 
 
@@ -224,12 +224,15 @@ def test_cost_aware_decoding_on_the_bundled_pair():
     target_dir, draft_dir = bundled_paths()
     target, draft = load_target(str(target_dir), dtype=torch.float32), load_draft(str(draft_dir))
     runtime = EagerRuntime(target, draft)
-    model = measure_cost_model(runtime, target, OptTree(), repeats=2, warmup=1)
-    assert model.key.image_positions == 64 and model.widths[-1] == 64
-    raw = OptTree(stop="cost", cost=model)
     calibrator = GroupedIsotonicCalibrator.load(bundled_calibrator())
     types = token_type_table(target.tokenizer, target.vocab_size)
-    trees = [raw] + [calibrated_tree(raw, calibrator, types, "cpu", mode) for mode in ("weight", "tilt")]
+    trees = []
+    for tree in [OptTree()] + [calibrated_tree(OptTree(), calibrator, types, "cpu", mode) for mode in ("weight", "tilt")]:
+        track = getattr(tree.scorer, "needs_visual", False)
+        model = measure_cost_model(runtime, target, tree, track_visual=track, repeats=2, warmup=1)
+        assert model.key.image_positions == 64 and model.widths[-1] == 64 and model.key.track_visual == track
+        trees.append(dataclasses.replace(tree, stop="cost", cost=model))
+    assert [tree.cost.key.scorer for tree in trees] == ["draft_confidence", "CalibratedScorer", "TiltScorer"]
     config = GenerationConfig(max_new_tokens=48)
     for i, colour in enumerate(["white", "navy"]):
         prompt = target.prepare(f"Describe the chart, part {i}.", [Image.new("RGB", (64, 64), colour)])

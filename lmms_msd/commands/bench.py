@@ -7,6 +7,9 @@ Methods (`--methods`, every one by default):
     eagle2       speculative decoding, EAGLE-2 tree
     opt          speculative decoding, OPT-Tree on the raw draft confidence
     opt_cal      speculative decoding, OPT-Tree on the calibrator's predicted acceptance
+    opt_cost, opt_cal_cost   opt and opt_cal with stop=cost (`lmms_msd.speculative.cost`), each on a
+                 cost model measured at start-up on the runtime that decodes, with its own scorer
+                 (run only when named)
 
 Every method decodes every request from the same embedded prompt (image preprocessing and the vision
 tower are done once per request, untimed: they are the same for all methods). Timing:
@@ -68,10 +71,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hf_generate", "plain", "eagle2", "opt", "opt_cal")
+METHODS = ("hf_generate", "plain", "eagle2", "opt", "opt_cal", "opt_cost", "opt_cal_cost")
+DEFAULT_METHODS = METHODS[:5]
 REFERENCE = "plain"
 HF = "hf_generate"
-SPECULATIVE = ("eagle2", "opt", "opt_cal")
+SPECULATIVE = ("eagle2", "opt", "opt_cal", "opt_cost", "opt_cal_cost")
 ENGINES = ("eager", "static")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TASK = "msd_chartqa_synth_long"
@@ -221,11 +225,13 @@ def static_engine_class():
 
 
 def tree_builders(
-    names, target, calibrator: str | None, opt_settings: dict[str, Any] | None = None, calibrator_mode: str = "weight"
-) -> dict[str, Any]:
+    names, target, calibrator: str | None, opt_settings: dict[str, Any] | None = None, calibrator_mode: str = "weight",
+    runtime=None,
+) -> dict[str, Any]:  # fmt: skip
     """name -> (tree builder, whether the drafter must track visual attention), the plugin's defaults;
     opt_settings (OptTree's fields, e.g. {"stop_delta": 0.2, "variant": "upstream"}) replace OPT-Tree's
-    defaults for opt and opt_cal alike; calibrator_mode is opt_cal's."""
+    defaults for opt and opt_cal alike; calibrator_mode is opt_cal's; runtime (the one that will
+    decode) is where the *_cost methods' costs are measured."""
     from lmms_msd.speculative.tree import EagleTree, OptTree
 
     opt_tree = OptTree(**(opt_settings or {}))
@@ -234,15 +240,29 @@ def tree_builders(
         trees["eagle2"] = (EagleTree(), False)
     if "opt" in names:
         trees["opt"] = (opt_tree, False)
-    if "opt_cal" in names:
+    if "opt_cost" in names:
+        trees["opt_cost"] = (with_cost_model(opt_tree, False, runtime, target), False)
+    if {"opt_cal", "opt_cal_cost"} & set(names):
         from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
         from lmms_msd.calibration.scorer import calibrated_tree
         from lmms_msd.calibration.token_types import token_type_table
 
         types = token_type_table(target.tokenizer, target.vocab_size)
         tree = calibrated_tree(opt_tree, GroupedIsotonicCalibrator.load(calibrator), types, target.device, calibrator_mode)
-        trees["opt_cal"] = (tree, tree.scorer.needs_visual)
+        if "opt_cal" in names:
+            trees["opt_cal"] = (tree, tree.scorer.needs_visual)
+        if "opt_cal_cost" in names:
+            trees["opt_cal_cost"] = (with_cost_model(tree, tree.scorer.needs_visual, runtime, target), tree.scorer.needs_visual)
     return trees
+
+
+def with_cost_model(tree, track_visual: bool, runtime, target):
+    """OPT-Tree `tree` with stop=cost, on its costs measured now on `runtime` (`measure_cost_model`)."""
+    from lmms_msd.speculative.cost import measure_cost_model, summary_line
+
+    model = measure_cost_model(runtime, target, tree, track_visual=track_visual)
+    log.info("cost model (%s): %s", model.key.scorer, summary_line(model))
+    return replace(tree, stop="cost", cost=model)
 
 
 def tree_settings(tree) -> dict[str, Any]:
@@ -305,9 +325,7 @@ def eager_methods(target, draft, trees) -> dict[str, Method]:
     return methods
 
 
-def static_methods(engine_class, target, draft, trees, max_length: int) -> dict[str, Method]:
-    engine = engine_class(target, draft, max_length=max_length, cuda_graphs=None)  # CUDA graphs: on when cuda
-
+def static_methods(engine, trees) -> dict[str, Method]:
     def plain(p, c, g, profile, observer=None):
         return engine.plain_generate(p, c, generator=g, profile=profile)
 
@@ -321,13 +339,13 @@ def static_methods(engine_class, target, draft, trees, max_length: int) -> dict[
     return methods
 
 
-def build_methods(names, target, draft, trees, engine_class=None, max_length: int = 2048) -> list[Method]:
-    """The methods in `names`; plain and speculative decoding run in `engine_class` (a StaticEngine class)
-    when given, else in lmms_msd.speculative.decoding."""
-    if engine_class is None:
+def build_methods(names, target, draft, trees, engine=None) -> list[Method]:
+    """The methods in `names`; plain and speculative decoding run in `engine` (a StaticEngine) when
+    given, else in lmms_msd.speculative.decoding."""
+    if engine is None:
         built = eager_methods(target, draft, trees)
     else:
-        built = static_methods(engine_class, target, draft, trees, max_length)
+        built = static_methods(engine, trees)
     built[HF] = hf_generate_method(target)
     return [built[name] for name in names]
 
@@ -546,7 +564,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     source = f"task {c['task']} ({c['include_path']})" if c["task"] else f"data folder {c['data_dir']} ({c['split']}, {c['style']})"
     pair = f"Pair: {c['pretrained']} + {c['msd_model_path']}" + (f", inflated to {c['inflate']}" if c["inflate"] else "")
     m = report["machine"]
-    trees = "".join(f" {name}: " + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "scorer")) + "."
+    trees = "".join(f" {name}: " + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "scorer", "cost")) + "."
                     for name, t in report["trees"].items())  # fmt: skip
     parts = [
         "# lmms-msd bench",
@@ -558,6 +576,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"warm-up {c['warmup']} request(s), median of {c['repeats']} repeat(s)."
         ),
         markdown_table(summaries, greedy),
+        *[cost_text(name, cost) for name, cost in report.get("cost_models", {}).items()],
         (
             "ms/token: the sum over requests of the median wall time of the repeats, over the new tokens. Speedups are "
             "ratios of ms/token. Phase shares come from one extra profiled run per request (device synchronised "
@@ -581,6 +600,16 @@ def markdown_report(report: dict[str, Any]) -> str:
         else:
             parts.append("At temperature 0 every speculative method gave plain decoding's token ids on every request.")
     return "\n\n".join(parts) + "\n"
+
+
+def cost_text(name: str, cost: dict[str, Any]) -> str:
+    """A *_cost method's cost model (`lmms_msd.speculative.cost.describe`) in a sentence."""
+    verify = ", ".join(f"{w}: {t:.2f}" for w, t in cost["verify_ms"].items())
+    return (
+        f"Cost model of {name}, measured at start-up (ms): verification by tree size (root included) "
+        f"{verify}; first level {cost['draft_root_ms']:.2f}, each further level {cost['draft_level_ms']:.2f}, rest of a step "
+        f"{cost['step_ms']:.2f}; plain decoding's step {cost['plain_step_ms']:.2f}."
+    )
 
 
 def plot(summaries: list[Summary], path: Path) -> bool:
@@ -650,7 +679,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="sampling: request i draws from seed + i [0]")
     parser.add_argument("--warmup", type=int, default=2, help="requests run once, untimed, before timing [2]")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per request and method; the median counts [3]")
-    parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help=f"comma list [{','.join(METHODS)}]")
+    parser.add_argument("--methods", type=parse_methods, default=list(DEFAULT_METHODS), help=f"comma list of {','.join(METHODS)} [{','.join(DEFAULT_METHODS)}]")
     opt = parser.add_argument_group("OPT-Tree's settings, for opt and opt_cal [OptTree's defaults]")
     opt.add_argument("--stop_delta", type=float, default=None, help="early-stop threshold on the expected accepted length")
     opt.add_argument("--node_budget", type=int, default=None, help="draft nodes kept (the root not counted)")
@@ -711,7 +740,7 @@ def resolve_pair_and_calibrator(args: argparse.Namespace) -> None:
         args.pretrained, args.msd_model_path = str(target), str(draft)
     elif args.pretrained is None or (args.msd_model_path is None and set(args.methods) & set(SPECULATIVE)):
         raise SystemExit("lmms-msd bench: name both --pretrained and --msd_model_path, or neither (the bundled pair)")
-    if "opt_cal" in args.methods:
+    if {"opt_cal", "opt_cal_cost"} & set(args.methods):
         if args.calibrator is None and bundled:
             args.calibrator = str(bundled_calibrator())
         if args.calibrator is None:
@@ -745,6 +774,8 @@ def load_requests(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lmms_msd.speculative import cost as cost_module
+
     check_args(args)
     engine_class = static_engine_class() if args.engine == "static" else None  # fail before loading anything
     shape = inflation_shape(args.inflate) if args.inflate is not None else None
@@ -762,8 +793,10 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise SystemExit("lmms-msd bench: no method left to run")
     target, draft = load_pair(args, need_draft=bool(set(names) & set(SPECULATIVE)), shape=shape)
-    trees = tree_builders(names, target, args.calibrator, opt_settings(args), args.calibrator_mode)
-    methods = build_methods(names, target, draft, trees, engine_class, args.max_length)
+    engine = None if engine_class is None else engine_class(target, draft, max_length=args.max_length, cuda_graphs=None)
+    runtime = engine or importlib.import_module("lmms_msd.speculative.runtime").EagerRuntime(target, draft)
+    trees = tree_builders(names, target, args.calibrator, opt_settings(args), args.calibrator_mode, runtime)
+    methods = build_methods(names, target, draft, trees, engine)
     measured = bench(methods, target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                      progress=not args.no_progress)  # fmt: skip
     summaries = summarise(methods, measured)
@@ -774,6 +807,7 @@ def run(args: argparse.Namespace) -> int:
         "greedy": config.greedy,
         "requests": len(requests),
         "trees": {name: tree_settings(tree) for name, (tree, _) in trees.items()},
+        "cost_models": {name: cost_module.describe(tree.cost) for name, (tree, _) in trees.items() if getattr(tree, "cost", None)},
         "methods": [asdict(s) for s in summaries],
         "per_request": [{**m, "runs": {name: asdict(r) for name, r in m["runs"].items()}} for m in measured],
     }

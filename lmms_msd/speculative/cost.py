@@ -60,15 +60,17 @@ class CostKey:
     image_positions: int  # positions one image takes in the prompt (sets the measured prefix length)
     top_k: int  # the frontier width: rows fed per draft level
     frontier_only: bool  # OPT-Tree's variant: a level stores its frontier only (upstream) or every proposal
+    scorer: str  # the node scorer's name (draft_confidence, CalibratedScorer, TiltScorer): it runs every level
+    track_visual: bool  # whether the draft measures its attention on the image (a calibrator's feature)
 
     def file_name(self) -> str:
         """A file name that says what the key is and differs between keys. Example:
-        EagerRuntime-float32-h256x4-v538-i64-k10-frontier-3f2a9c0d1e7b4a65.json"""
+        EagerRuntime-float32-h256x4-v538-i64-k10-frontier-draft_confidence-3f2a9c0d1e7b4a65.json"""
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
         variant = "upstream" if self.frontier_only else "frontier"
         return (
             f"{self.runtime}-{self.dtype}-h{self.hidden_size}x{self.layers}-v{self.vocab_size}-"
-            f"i{self.image_positions}-k{self.top_k}-{variant}-{digest}.json"
+            f"i{self.image_positions}-k{self.top_k}-{variant}-{self.scorer}-{digest}.json"
         )
 
 
@@ -188,12 +190,14 @@ def image_positions(target: Target) -> int:
     return (vision.image_size // vision.patch_size) ** 2 + int(config.vision_feature_select_strategy == "full")
 
 
-def cost_key(runtime: Runtime, target: Target, top_k: int, frontier_only: bool) -> CostKey:
+def cost_key(runtime: Runtime, target: Target, tree: Any, track_visual: bool) -> CostKey:
+    """The key of OPT-Tree `tree`'s costs on `runtime` (its frontier width, variant and scorer)."""
     cfg = target.model.config.text_config
     return CostKey(
         runtime=type(runtime).__name__, device=device_name(target.device), dtype=str(target.dtype).removeprefix("torch."),
         hidden_size=int(cfg.hidden_size), layers=int(cfg.num_hidden_layers), vocab_size=target.vocab_size,
-        image_positions=image_positions(target), top_k=top_k, frontier_only=frontier_only,
+        image_positions=image_positions(target), top_k=tree.top_k, frontier_only=tree.variant == "upstream",
+        scorer=getattr(tree.scorer, "__name__", type(tree.scorer).__name__), track_visual=track_visual,
     )  # fmt: skip
 
 
@@ -213,9 +217,11 @@ def _sync(device: torch.device) -> float:
 
 @torch.inference_mode()
 def measure_cost_model(
-    runtime: Runtime, target: Target, tree: Any, *, repeats: int = 5, warmup: int = 2, text_positions: int = 96
-) -> CostModel:
-    """Time the parts of a step on `runtime` for OPT-Tree `tree` (its top_k, variant, max_depth, node_budget).
+    runtime: Runtime, target: Target, tree: Any, *, track_visual: bool = False, repeats: int = 5, warmup: int = 2,
+    text_positions: int = 96,
+) -> CostModel:  # fmt: skip
+    """Time the parts of a step on `runtime` for OPT-Tree `tree` (its top_k, variant, max_depth,
+    node_budget and scorer), the draft measuring its attention on the image when `track_visual`.
 
     A generation is started over a random text prompt as long as one image and `text_positions` tokens;
     then `warmup + repeats` steps per setting run as the decoding loop runs them (draft a tree, verify,
@@ -241,7 +247,7 @@ def measure_cost_model(
     extra = 2 * steps + warmup + repeats + max(widths[-1], tree.max_depth * k)
     hidden, logits = runtime.prefill(prompt, extra)
     token = int(logits[-1].argmax())
-    drafter = runtime.drafter(False)
+    drafter = runtime.drafter(track_visual)
     root_hidden, root_visual = drafter.prefill(prompt, hidden, token)
 
     def unstopped(max_depth: int) -> OptTree:
@@ -294,7 +300,7 @@ def measure_cost_model(
         plain.append(_sync(device) - start)
         prefix_len += 1
     return CostModel(
-        key=cost_key(runtime, target, k, frontier_only), prefix_len=prefix, widths=widths, verify_s=verify_s,
+        key=cost_key(runtime, target, tree, track_visual), prefix_len=prefix, widths=widths, verify_s=verify_s,
         bucketed=type(runtime).__name__ == "StaticEngine", draft_root_s=root_s, draft_level_s=level_s,
         step_s=statistics.median(times["other"]), plain_step_s=statistics.median(plain[warmup:]),
     )  # fmt: skip
@@ -321,16 +327,19 @@ def load_cost_model(path: Path, key: CostKey | None = None) -> CostModel:
     return CostModel(key=stored, **tuples, **data)
 
 
-def cached_cost_model(runtime: Runtime, target: Target, tree: Any, folder: Path = DEFAULT_CACHE) -> tuple[CostModel, Path, bool]:
+def cached_cost_model(
+    runtime: Runtime, target: Target, tree: Any, track_visual: bool = False, folder: Path = DEFAULT_CACHE
+) -> tuple[CostModel, Path, bool]:
     """(model, its file, whether it was measured now): the cached model for this runtime, device, dtype,
-    model shape and frontier width, measured and saved when there is none."""
-    key = cost_key(runtime, target, tree.top_k, tree.variant == "upstream")
+    model shape and OPT-Tree frontier width, variant and scorer, measured and saved when there is none
+    (or when the cached one did not time trees as wide as `tree`'s)."""
+    key = cost_key(runtime, target, tree, track_visual)
     path = Path(folder) / key.file_name()
     if path.is_file():
         model = load_cost_model(path, key)
         if model.widths[-1] >= tree.growth.budget + 1:
             return model, path, False
-    model = measure_cost_model(runtime, target, tree)
+    model = measure_cost_model(runtime, target, tree, track_visual=track_visual)
     save_cost_model(model, path)
     return model, path, True
 
