@@ -135,6 +135,7 @@ def test_cached_cost_model_measures_once(tmp_path, monkeypatch):
     assert model.widths == (1, 2, 4, 8, 16)  # the buckets up to the first holding 13 tokens
     assert (model.key.runtime, model.key.hidden_size, model.key.layers, model.key.vocab_size) == ("EagerRuntime", 64, 2, 48)
     assert model.key.image_positions == 4  # 28 px, patch 14, no class token
+    assert list(model.verify_s) == sorted(model.verify_s)  # made non-decreasing in the width
     assert min(model.verify_s) > 0 and model.draft_root_s > 0 and model.step_s > 0 and model.plain_step_s > 0
 
     def fail(*args, **kwargs):
@@ -247,3 +248,26 @@ def test_rates_are_expected_tokens_per_second():
     rates = cost_module.tree_rates(torch.tensor([0.5, 0.25]).log(), torch.tensor([2.0, 2.5, 3.0, 9.0]))
     assert rates.tolist() == pytest.approx([0.5, 0.6, 1.75 / 3], rel=1e-6)
     assert math.isclose(float(rates.max()), 0.6, rel_tol=1e-6)
+
+
+# ---- the plugin's model_arg ----------------------------------------------------------------------------------
+def test_plugin_stop_cost_reads_the_cache_it_wrote(tmp_path, monkeypatch):
+    from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = LlavaMsdCalibrated(tree="opt", stop="cost", stats_path=str(tmp_path / "s.json"))
+    tree = first._meta()["tree"]
+    assert tree["stop"] == "cost" and tree["cost_model"]["measured_now"] is True
+    assert tree["cost_model"]["key"]["scorer"] == "CalibratedScorer"  # the bundled pair's calibrator, the default
+    assert first.tree_builder.cost is not None and str(tmp_path) in tree["cost_model"]["file"]
+    second = LlavaMsdCalibrated(tree="opt", stop="cost", stats_path=str(tmp_path / "s.json"))
+    assert second._meta()["tree"]["cost_model"]["measured_now"] is False
+    assert second.tree_builder.cost == first.tree_builder.cost
+
+
+@pytest.mark.parametrize("args", [{"stop": "cost"}, {"stop": "cost", "tree": "opt", "use_msd": False}, {"stop": "fast", "tree": "opt"}])
+def test_plugin_stop_cost_needs_opt_tree(args):
+    from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated
+
+    with pytest.raises(ValueError, match="stop must be one of"):
+        LlavaMsdCalibrated(**args)

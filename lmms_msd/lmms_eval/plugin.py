@@ -43,6 +43,7 @@ from lmms_msd.lmms_eval.statistics import (
     write_report,
 )
 from lmms_msd.models.checkpoints import could_be_hub_id, missing_folder_message
+from lmms_msd.speculative.cost import STOPS
 from lmms_msd.speculative.decoding import (
     GenerationResult,
     plain_generate,
@@ -137,6 +138,7 @@ class ModelArgs:
     attention_bins: int
     inflate: TextShape | None  # the testbed shape the loaded pair is embedded into, or None
     engine: str  # "static" (lmms_msd.speculative.fast: static caches, CUDA graphs) or "eager" (lmms_msd.speculative.decoding)
+    stop: str  # OPT-Tree's stop rule: "delta" (stop_delta) or "cost" (lmms_msd.speculative.cost)
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -340,6 +342,10 @@ class LlavaMsdCalibrated(lmms):
       engine               "static": static KV caches and CUDA graphs (lmms_msd.speculative.fast), the fast loop on a GPU;
                            "eager": transformers' forward with a growing cache (lmms_msd.speculative.decoding); the same
                            outputs either way [auto: static on cuda, eager on cpu]
+      stop                 OPT-Tree's stop and size rule: "delta" (stop_delta) or "cost" (the tree with the most
+                           expected committed tokens per second on this runtime's costs, measured at start-up or
+                           read from $XDG_CACHE_HOME (~/.cache)/lmms_msd/cost_models; a plain step when no tree
+                           pays: lmms_msd.speculative.cost) [delta]
       device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
       dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
       attn_implementation  the target's attention [sdpa]
@@ -385,6 +391,7 @@ class LlavaMsdCalibrated(lmms):
         attention_bins: int = 3,
         inflate: str | None = "",
         engine: str = "auto",
+        stop: str = "delta",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -407,7 +414,7 @@ class LlavaMsdCalibrated(lmms):
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
             node_budget, stop_delta, max_depth, opt_variant, calibrator, calibrator_mode, calibrator_label,
-            train_ratio, min_group_size, attention_bins, inflate, engine,
+            train_ratio, min_group_size, attention_bins, inflate, engine, stop,
         )  # fmt: skip
         self.tree_builder = self._tree_builder() if self.args.use_msd else None
         self.target, self.draft = self._load()
@@ -420,6 +427,9 @@ class LlavaMsdCalibrated(lmms):
         self._calibration_meta: dict[str, Any] | None = None
         if self.args.calibrator not in (None, "none", "online"):
             self._load_calibrator(self.args.calibrator)
+        self._cost_meta: dict[str, Any] | None = None  # stop=cost: the cost model in use
+        if self.args.stop == "cost":
+            self._use_cost_model()
         self._records: list[SampleRecord] = []  # every process's records, on rank 0
         self._noted: set[str] = set()
         self._run_started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -428,7 +438,7 @@ class LlavaMsdCalibrated(lmms):
         self, pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
         attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
         node_budget, stop_delta, max_depth, opt_variant, calibrator, calibrator_mode, calibrator_label, train_ratio,
-        min_group_size, attention_bins, inflate, engine,
+        min_group_size, attention_bins, inflate, engine, stop,
     ) -> ModelArgs:  # fmt: skip
         pretrained = _as_optional_str(pretrained)
         use_msd = _as_bool("use_msd", use_msd)
@@ -488,6 +498,10 @@ class LlavaMsdCalibrated(lmms):
             raise ValueError(f"engine must be auto, static or eager, got {engine!r}")
         if engine == "auto":
             engine = "static" if device.startswith("cuda") else "eager"
+        stop = str(_as_optional_str(stop) or "delta").lower()
+        if stop not in STOPS or (stop == "cost" and (tree != "opt" or not use_msd)):
+            raise ValueError(f"stop must be one of {list(STOPS)}, and cost sizes OPT-Tree (use_msd=true, tree=opt); got "
+                             f"stop={stop}, tree={tree}, use_msd={use_msd}")  # fmt: skip
         return ModelArgs(
             pretrained=pretrained,
             msd_model_path=msd_model_path,
@@ -516,6 +530,7 @@ class LlavaMsdCalibrated(lmms):
             attention_bins=_as_int("attention_bins", attention_bins),
             inflate=_as_shape("inflate", inflate),
             engine=engine,
+            stop=stop,
         )
 
     @staticmethod
@@ -567,6 +582,18 @@ class LlavaMsdCalibrated(lmms):
         )
         self.track_visual = self.tree_builder.scorer.needs_visual
         self._calibration_meta = {"mode": "file", "path": path, **calibrator.get_params()}
+
+    def _use_cost_model(self) -> None:
+        """stop=cost: OPT-Tree sized by this runtime's costs (`cached_cost_model`: read from the cache, or
+        measured now and cached), for the tree's scorer; online calibration keeps the observation phase's."""
+        from lmms_msd.speculative.cost import cached_cost_model, describe, summary_line
+        from lmms_msd.speculative.runtime import EagerRuntime
+
+        runtime = self.engine or EagerRuntime(self.target, self.draft)
+        model, path, measured = cached_cost_model(runtime, self.target, self.tree_builder, self.track_visual)
+        self.tree_builder = replace(self.tree_builder, stop="cost", cost=model)
+        self._cost_meta = {"file": str(path), "measured_now": measured, **describe(model)}
+        eval_logger.info(f"{MODEL_ID}: stop=cost, cost model {'measured now' if measured else 'read'} ({path}): {summary_line(model)}")
 
     def _load(self):
         from lmms_msd.models.draft import check_draft_fits, load_draft
@@ -831,6 +858,7 @@ class LlavaMsdCalibrated(lmms):
             b = self.tree_builder
             tree = {"kind": "opt", "opt_variant": b.variant, "node_budget": b.node_budget, "stop_delta": b.stop_delta,
                     "max_depth": b.max_depth, "top_k": b.top_k, "calibrator_mode": self.args.calibrator_mode,
+                    "stop": b.stop, "cost_model": self._cost_meta,
                     "calibrator": self._calibration_meta or {"mode": "none"}}  # fmt: skip
         return {
             "model": MODEL_ID,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from lmms_msd.speculative.runtime import Runtime
 
 STOPS = ("delta", "cost")  # OPT-Tree's stop rules: stop_delta's absolute gain, or this module's rate
-DEFAULT_CACHE = Path.home() / ".cache" / "lmms_msd" / "cost_models"
 # Tree sizes (root included) whose verification is timed: the static engine's token buckets
 # (lmms_msd.speculative.fast.static_target.TOKEN_BUCKETS), up to the first that holds the largest tree.
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
@@ -217,7 +217,7 @@ def _sync(device: torch.device) -> float:
 
 @torch.inference_mode()
 def measure_cost_model(
-    runtime: Runtime, target: Target, tree: Any, *, track_visual: bool = False, repeats: int = 5, warmup: int = 2,
+    runtime: Runtime, target: Target, tree: Any, *, track_visual: bool = False, repeats: int = 9, warmup: int = 3,
     text_positions: int = 96,
 ) -> CostModel:  # fmt: skip
     """Time the parts of a step on `runtime` for OPT-Tree `tree` (its top_k, variant, max_depth,
@@ -227,10 +227,14 @@ def measure_cost_model(
     then `warmup + repeats` steps per setting run as the decoding loop runs them (draft a tree, verify,
     accept, keep the path, advance the draft), each phase between device synchronisations; the median
     of the timed repeats counts. Verification is timed over trees of the root and n - 1 children for
-    every width of `widths_for(node_budget)` (the time depends on the size, not the shape); drafting
-    with the tree grown without a stop to depth 1 and to max_depth; the rest of the step over all steps.
-    Plain decoding's step is timed last, on the same cache.
+    every width of `widths_for(node_budget)` (the time depends on the size, not the shape), and the
+    medians are made non-decreasing in the width (isotonic regression: more tokens never cost less;
+    on a busy machine single medians can dip); drafting with the tree grown without a stop to depth 1
+    and to max_depth; the rest of the step over all steps. Plain decoding's step is timed last, on the
+    same cache.
     """
+    from sklearn.isotonic import isotonic_regression
+
     from lmms_msd.speculative.tree import OptTree, Tree, pool_capacity
     from lmms_msd.speculative.verify import accept_greedy
 
@@ -289,7 +293,7 @@ def measure_cost_model(
         return statistics.median(step(builder, width)[phase] for _ in range(repeats))
 
     shallow = unstopped(1)
-    verify_s = tuple(median_of(shallow, w, 1) for w in widths)
+    verify_s = tuple(float(t) for t in isotonic_regression([median_of(shallow, w, 1) for w in widths]))
     root_s, deep_s = (median_of(unstopped(d), 1, 0) for d in depths)
     level_s = max(0.0, (deep_s - root_s) / (depths[1] - 1)) if depths[1] > 1 else 0.0
     plain = []
@@ -311,7 +315,9 @@ def save_cost_model(model: CostModel, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {f.name: getattr(model, f.name) for f in fields(model) if f.init}
     data["key"] = asdict(model.key)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # renamed whole: processes never read half a file
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)
 
 
 def load_cost_model(path: Path, key: CostKey | None = None) -> CostModel:
@@ -327,14 +333,19 @@ def load_cost_model(path: Path, key: CostKey | None = None) -> CostModel:
     return CostModel(key=stored, **tuples, **data)
 
 
+def default_cache() -> Path:
+    """$XDG_CACHE_HOME/lmms_msd/cost_models, ~/.cache/lmms_msd/cost_models without it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmms_msd" / "cost_models"
+
+
 def cached_cost_model(
-    runtime: Runtime, target: Target, tree: Any, track_visual: bool = False, folder: Path = DEFAULT_CACHE
+    runtime: Runtime, target: Target, tree: Any, track_visual: bool = False, folder: Path | None = None
 ) -> tuple[CostModel, Path, bool]:
     """(model, its file, whether it was measured now): the cached model for this runtime, device, dtype,
     model shape and OPT-Tree frontier width, variant and scorer, measured and saved when there is none
-    (or when the cached one did not time trees as wide as `tree`'s)."""
+    (or when the cached one did not time trees as wide as `tree`'s). folder: [default_cache()]"""
     key = cost_key(runtime, target, tree, track_visual)
-    path = Path(folder) / key.file_name()
+    path = Path(folder or default_cache()) / key.file_name()
     if path.is_file():
         model = load_cost_model(path, key)
         if model.widths[-1] >= tree.growth.budget + 1:

@@ -1,0 +1,221 @@
+"""A fair comparison of OPT-Tree's stop rules and node scorers on the same prompts (issue 14).
+
+Every OPT-Tree variant x scorer (raw draft confidence, the calibrator as node weight, the thesis's
+logit tilt) x stop (delta, with its threshold chosen on a development split; cost, on the cost model
+measured at start-up for that scorer on the runtime that decodes), with EAGLE-2 and plain decoding,
+timed by `lmms-msd bench`'s machinery (`lmms_msd.commands.bench.bench`: methods interleaved per
+request, the median of the repeats, one extra profiled run per request for the tree statistics).
+
+1. Development split: charts that share none with the test task or the calibrator's fit data
+   (`make-charts` seed 2's test split, the long-answer instruction, as docs/calibrator_vs_opt_tree.md),
+   written to OUTPUT_DIR/dev_charts unless --dev_data_dir names a folder. Every delta of --deltas runs
+   there at temperature 0; per variant and scorer the delta with the lowest ms/token is kept (the
+   larger delta on a tie: fewer draft levels). The test set plays no part in the choice.
+2. Test set: the first --limit documents of the long-answer task, at each of --temperatures; per
+   method: ms/token, tau, the realised accepted tokens per step (alpha) beside the builder's own
+   prediction (expected alpha, the sum of the kept nodes' weights per step) and their ratio.
+
+Outputs in --output_dir: compare_trees.md (the tables), compare_trees.json (every summary, the chosen
+deltas, the cost models), compare_trees_t<T>.png (ms/token per method) when matplotlib is installed.
+Exit status 1 when a method's temperature-0 tokens differ from plain decoding's.
+
+    OMP_NUM_THREADS=1 python scripts/compare_trees.py --limit 8 --dev_limit 8 --output_dir build/compare_trees
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("compare_trees")
+
+SCORERS = ("raw", "weight", "tilt")
+VARIANTS = ("frontier", "upstream")
+
+
+def parse_list(kind, choices=None):
+    def parse(text: str):
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        if not values or (choices and set(values) - set(choices)):
+            raise argparse.ArgumentTypeError(f"a comma list{f' of {choices}' if choices else ''}, got {text!r}")
+        return values
+
+    return parse
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=Path("build/compare_trees"))
+    parser.add_argument("--limit", type=int, default=8, help="test documents of the long-answer task [8]")
+    parser.add_argument("--dev_limit", type=int, default=8, help="development charts [8]")
+    parser.add_argument("--dev_data_dir", type=Path, default=None, help="[OUTPUT_DIR/dev_charts, written when missing: seed 2]")
+    parser.add_argument("--deltas", type=parse_list(float), default=[0.1, 0.3, 0.6, 1.0, 1.5], help="stop_delta candidates")
+    parser.add_argument("--temperatures", type=parse_list(float), default=[0.0, 1.0])
+    parser.add_argument("--variants", type=parse_list(str, VARIANTS), default=["frontier"])
+    parser.add_argument("--scorers", type=parse_list(str, SCORERS), default=list(SCORERS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per test request and method [3]")
+    parser.add_argument("--dev_repeats", type=int, default=1, help="timed runs per development request [1]")
+    parser.add_argument("--warmup", type=int, default=1, help="requests run once, untimed, first [1]")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="[the task's, 256]")
+    parser.add_argument("--engine", default="eager", choices=("eager", "static"))
+    parser.add_argument("--max_length", type=int, default=2048, help="--engine static: cache slots [2048]")
+    parser.add_argument("--inflate", default=None, help='"7b" or HIDDENxLAYERS: the 7B-shaped testbed (lmms_msd.testbed.inflate)')
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--msd_model_path", default=None)
+    parser.add_argument("--calibrator", default=None, help="[the bundled pair's]")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def opt_trees(scored: dict[str, tuple[Any, bool]], deltas, measure) -> dict[str, dict[str, Any]]:
+    """(variant, scorer) name -> {"delta <d>": (tree, track), ..., "cost": (tree, track)}."""
+    trees = {}
+    for name, (tree, track) in scored.items():
+        trees[name] = {f"delta {d:g}": (replace(tree, stop_delta=d), track) for d in deltas}
+        trees[name]["cost"] = (replace(tree, stop="cost", cost=measure(tree, track)), track)
+    return trees
+
+
+def run_methods(bench, trees: dict[str, tuple[Any, bool]], target, draft, engine, requests, config, args, repeats):
+    """bench's summaries of plain and `trees` (name -> (tree, track_visual)) on the requests."""
+    methods = bench.build_methods(["plain", *trees], target, draft, trees, engine)
+    measured = bench.bench(methods, target, requests, config, warmup=args.warmup, repeats=repeats, seed=args.seed, progress=True)
+    return bench.summarise(methods, measured)
+
+
+def row(s, greedy: bool) -> str:
+    ratio = "–" if not s.alpha or s.expected_alpha is None else f"{s.expected_alpha / s.alpha:.2f}"
+    same = "–" if not greedy else {True: "yes", False: "**NO**", None: "–"}[s.identical]
+    speedup = "–" if s.speedup_vs_plain is None else f"{s.speedup_vs_plain:.2f}x"
+    cells = [s.method, f"{s.ms_per_token:.2f}", speedup, f"{s.tau:.2f}", f"{s.alpha:.2f}",
+             "–" if s.expected_alpha is None else f"{s.expected_alpha:.2f}", ratio,
+             "–" if s.nodes_per_step is None else f"{s.nodes_per_step:.1f}",
+             "–" if s.depth_per_step is None else f"{s.depth_per_step:.2f}", same]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = (
+    "| method | ms/token | speedup vs plain | tau | alpha (realised) | expected alpha (predicted) | predicted / realised "
+    "| nodes/step | depth/step | identical to plain |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    import torch
+
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+    from lmms_msd.calibration.scorer import calibrated_tree
+    from lmms_msd.calibration.token_types import token_type_table
+    from lmms_msd.commands import bench
+    from lmms_msd.lmms_eval.plugin import generation_config
+    from lmms_msd.speculative.cost import describe, measure_cost_model, summary_line
+    from lmms_msd.speculative.runtime import EagerRuntime
+    from lmms_msd.speculative.sampling import GenerationConfig
+    from lmms_msd.speculative.tree import EagleTree, OptTree
+    from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
+    from lmms_msd.testbed.charts import build_chart_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = arguments(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("auto" if args.device.startswith("cuda") else "float32")
+    if args.pretrained is None and args.msd_model_path is None:
+        args.pretrained, args.msd_model_path = (str(p) for p in bundled_paths())
+        args.calibrator = args.calibrator or str(bundled_calibrator())
+    if args.calibrator is None and set(args.scorers) - {"raw"}:
+        raise SystemExit("compare_trees: --calibrator <json> is needed for the weight and tilt scorers with this pair")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    shape = bench.inflation_shape(args.inflate) if args.inflate else None
+    target, draft = bench.load_pair(args, need_draft=True, shape=shape)
+    engine = None
+    if args.engine == "static":
+        engine = importlib.import_module("lmms_msd.speculative.fast").StaticEngine(target, draft, max_length=args.max_length)
+    runtime = engine or EagerRuntime(target, draft)
+
+    # the trees: every variant x scorer, each with every delta and with its own cost model
+    scored: dict[str, tuple[Any, bool]] = {}
+    types = token_type_table(target.tokenizer, target.vocab_size) if set(args.scorers) - {"raw"} else None
+    calibrator = GroupedIsotonicCalibrator.load(args.calibrator) if types is not None else None
+    for variant in args.variants:
+        for scorer in args.scorers:
+            tree = OptTree(variant=variant)
+            if scorer != "raw":
+                tree = calibrated_tree(tree, calibrator, types, target.device, scorer)
+            scored[f"opt {variant} {scorer}"] = (tree, getattr(tree.scorer, "needs_visual", False))
+    cost_models = {}
+
+    def measure(tree, track):
+        model = measure_cost_model(runtime, target, tree, track_visual=track)
+        log.info("cost model (%s, %s): %s", tree.variant, model.key.scorer, summary_line(model))
+        cost_models[f"{tree.variant} {model.key.scorer}"] = describe(model)
+        return model
+
+    trees = opt_trees(scored, args.deltas, measure)
+
+    # 1. the development split: choose each delta by ms/token at temperature 0
+    dev_dir = args.dev_data_dir or args.output_dir / "dev_charts"
+    if not (dev_dir / "llava_test.json").is_file():
+        build_chart_dataset(dev_dir, n_train=0, n_test=max(80, args.dev_limit), seed=2, write_parquet=False, progress=False)
+    dev_requests = bench.requests_from_data_dir(dev_dir, "test", "long", args.dev_limit)
+    dev_config = GenerationConfig(max_new_tokens=args.max_new_tokens or bench.DEFAULT_MAX_NEW_TOKENS)
+    dev_trees = {f"{name} / {stop}": t for name, stops in trees.items() for stop, t in stops.items() if stop != "cost"}
+    dev = run_methods(bench, dev_trees, target, draft, engine, dev_requests, dev_config, args, args.dev_repeats)
+    dev_ms = {s.method: s.ms_per_token for s in dev}
+    chosen = {}
+    for name, stops in trees.items():
+        ranked = sorted((dev_ms[f"{name} / delta {d:g}"], -d) for d in args.deltas)
+        chosen[name] = -ranked[0][1]
+
+    # 2. the test set at each temperature
+    requests, gen_kwargs = bench.requests_from_task(bench.DEFAULT_TASK, bench.DEFAULT_INCLUDE_PATH, args.limit)
+    task_config = generation_config(gen_kwargs)
+    results, failed = {}, []
+    parts = [
+        "# OPT-Tree stop rules and scorers on the same prompts (scripts/compare_trees.py)",
+        f"Pair {args.pretrained} + {args.msd_model_path}{f', inflated to {args.inflate}' if args.inflate else ''}; "
+        f"calibrator {args.calibrator}; engine {args.engine}; machine {bench.machine(target)['device_name']} "
+        f"({target.dtype}). Development: {len(dev_requests)} charts of {dev_dir} (seed 2, long answers), temperature 0, "
+        f"median of {args.dev_repeats}. Test: the first {len(requests)} documents of {bench.DEFAULT_TASK}, median of "
+        f"{args.repeats}, warm-up {args.warmup}.",
+        "## Development split: ms/token by stop_delta\n\n| tree / scorer | " + " | ".join(f"delta {d:g}" for d in args.deltas)
+        + " | chosen |\n|---|" + "---|" * (len(args.deltas) + 1) + "\n"
+        + "\n".join(f"| {name} | " + " | ".join(f"{dev_ms[f'{name} / delta {d:g}']:.2f}" for d in args.deltas)
+                    + f" | {chosen[name]:g} |" for name in trees),
+    ]  # fmt: skip
+    for temperature in args.temperatures:
+        config = replace(task_config, max_new_tokens=args.max_new_tokens or task_config.max_new_tokens,
+                         do_sample=temperature > 0, temperature=temperature if temperature > 0 else task_config.temperature)  # fmt: skip
+        test_trees = {"eagle2 raw": (EagleTree(), False)}
+        for name, stops in trees.items():
+            test_trees[f"{name} / delta {chosen[name]:g}"] = stops[f"delta {chosen[name]:g}"]
+            test_trees[f"{name} / cost"] = stops["cost"]
+        summaries = run_methods(bench, test_trees, target, draft, engine, requests, config, args, args.repeats)
+        results[f"{temperature:g}"] = [asdict(s) for s in summaries]
+        if config.greedy:
+            failed += [f"T={temperature:g} {s.method}" for s in summaries if s.identical is False]
+        parts.append(f"## Test set, temperature {temperature:g}\n\n{HEADER}\n" + "\n".join(row(s, config.greedy) for s in summaries))
+        bench.plot(summaries, args.output_dir / f"compare_trees_t{temperature:g}.png")
+    parts.append("Cost models (ms), measured at start-up on the runtime that decodes:\n\n"
+                 + "\n".join(f"- {name}: {json.dumps({k: v for k, v in c.items() if k != 'key'})}" for name, c in cost_models.items()))  # fmt: skip
+    if failed:
+        parts.append("**Differs from plain decoding at temperature 0:** " + "; ".join(failed))
+    text = "\n\n".join(parts) + "\n"
+    (args.output_dir / "compare_trees.md").write_text(text)
+    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "chosen_delta": chosen,
+              "development": [asdict(s) for s in dev], "test": results, "cost_models": cost_models}  # fmt: skip
+    (args.output_dir / "compare_trees.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
