@@ -61,12 +61,10 @@ class GraphedTreeGrower:
         self._root = GraphedFunction(self._grow_root, cuda_graphs, device)
         self._levels = [GraphedFunction(partial(self._grow_level, d), cuda_graphs, device) for d in range(depth)]
         self._select = [GraphedFunction(partial(self._select_nodes, d), cuda_graphs, device) for d in range(depth + 1)]
-        self.cuda_graphs = cuda_graphs
         if growth.cost is not None:  # stop=cost: [depth + 1, budget + 1] step seconds by levels (row 0 unused)
             rows = [growth.cost.step_seconds(max(d, 1), growth.budget) for d in range(depth + 1)]
             self.seconds = torch.stack(rows).to(device)
             self.best = torch.zeros(depth + 1, 2, **f32)  # row d: the best rate and size once depth d is grown
-            self._select_sized: dict[tuple[int, int], GraphedFunction] = {}
 
     def end(self, depth: int) -> int:
         """Pool places used once levels 1..depth are grown."""
@@ -145,24 +143,18 @@ class GraphedTreeGrower:
             self.parent_hidden[depth + 1] = hidden[parent_row]
         return (self.expected,)
 
-    def _select_nodes(self, depth: int, budget: int | None = None):
+    def _select_nodes(self, depth: int, size: torch.Tensor | None = None):
+        """size (stop=cost): [n], whose length is the number of nodes to keep: a graph per shape, so one
+        depth's selections of every size share its graphs' memory pool."""
         used = self.end(depth)
         visual = None if self.visual is None else self.visual[:used]
+        budget = self.growth.budget if size is None else size.shape[0]
         tree = select_nodes(
-            0, self.tokens[:used], self.parents[:used], self.depths[:used], self.scores[:used], self.growth.budget if budget is None else budget,
+            0, self.tokens[:used], self.parents[:used], self.depths[:used], self.scores[:used], budget,
             confidence=self.logprobs[:used].exp(), visual=visual,
         )  # fmt: skip
         fields = (tree.tokens, tree.parents, tree.depths, tree.scores, tree.confidence)
         return fields + ((tree.visual,) if visual is not None else ()) + (tree.ancestor_mask(depth),)
-
-    def _selection(self, depth: int, size: int | None) -> GraphedFunction:
-        """The graphed selection of the budget's nodes, or (stop=cost) of the best `size`, one graph each."""
-        if size is None:
-            return self._select[depth]
-        key = (depth, size)
-        if key not in self._select_sized:
-            self._select_sized[key] = GraphedFunction(partial(self._select_nodes, depth, size), self.cuda_graphs, self.drafter.device)
-        return self._select_sized[key]
 
     # ---- one tree ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -197,7 +189,8 @@ class GraphedTreeGrower:
                     break
                 rate = grown_rate
         drafter.tree_used = (grown - 1) * growth.top_k
-        out = [t.clone() for t in self._selection(grown, int(size) if growth.cost is not None else None)()]
+        sized = () if growth.cost is None else (self.scores.new_empty(int(size)),)
+        out = [t.clone() for t in self._select[grown](*sized)]
         tokens, parents, depths, scores, confidence = out[:5]
         tokens[0] = root_token
         visual = out[5] if self.visual is not None else None
