@@ -11,6 +11,8 @@ request, the median of the repeats, one extra profiled run per request for the t
    written to OUTPUT_DIR/dev_charts unless --dev_data_dir names a folder. Every delta of --deltas runs
    there at temperature 0; per variant and scorer the delta with the lowest ms/token is kept (the
    larger delta on a tie: fewer draft levels). The test set plays no part in the choice.
+   --chosen_from reads the choice from an earlier run's compare_trees.json instead (so the test set
+   can run at another temperature, or on another occasion, without the development runs).
 2. Test set: the first --limit documents of the long-answer task, at each of --temperatures; per
    method: ms/token, tau, the realised accepted tokens per step (alpha) beside the builder's own
    prediction (expected alpha, the sum of the kept nodes' weights per step) and their ratio.
@@ -54,6 +56,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=8, help="test documents of the long-answer task [8]")
     parser.add_argument("--dev_limit", type=int, default=8, help="development charts [8]")
     parser.add_argument("--dev_data_dir", type=Path, default=None, help="[OUTPUT_DIR/dev_charts, written when missing: seed 2]")
+    parser.add_argument("--chosen_from", type=Path, default=None, help="an earlier compare_trees.json: its chosen deltas, no development runs")
     parser.add_argument("--deltas", type=parse_list(float), default=[0.1, 0.3, 0.6, 1.0, 1.5], help="stop_delta candidates")
     parser.add_argument("--temperatures", type=parse_list(float), default=[0.0, 1.0])
     parser.add_argument("--variants", type=parse_list(str, VARIANTS), default=["frontier"])
@@ -162,18 +165,34 @@ def main(argv: list[str] | None = None) -> int:
     trees = opt_trees(scored, args.deltas, measure)
 
     # 1. the development split: choose each delta by ms/token at temperature 0
-    dev_dir = args.dev_data_dir or args.output_dir / "dev_charts"
-    if not (dev_dir / "llava_test.json").is_file():
-        build_chart_dataset(dev_dir, n_train=0, n_test=max(80, args.dev_limit), seed=2, write_parquet=False, progress=False)
-    dev_requests = bench.requests_from_data_dir(dev_dir, "test", "long", args.dev_limit)
-    dev_config = GenerationConfig(max_new_tokens=args.max_new_tokens or bench.DEFAULT_MAX_NEW_TOKENS)
-    dev_trees = {f"{name} / {stop}": t for name, stops in trees.items() for stop, t in stops.items() if stop != "cost"}
-    dev = run_methods(bench, dev_trees, target, draft, engine, dev_requests, dev_config, args, args.dev_repeats)
-    dev_ms = {s.method: s.ms_per_token for s in dev}
-    chosen = {}
-    for name, stops in trees.items():
-        ranked = sorted((dev_ms[f"{name} / delta {d:g}"], -d) for d in args.deltas)
-        chosen[name] = -ranked[0][1]
+    if args.chosen_from is not None:
+        earlier = json.loads(args.chosen_from.read_text())
+        chosen, dev, dev_note = earlier["chosen_delta"], [], f"Deltas chosen by {args.chosen_from} (its development runs)."
+        missing = sorted(set(trees) - set(chosen))
+        if missing:
+            raise SystemExit(f"compare_trees: {args.chosen_from} chose no delta for {missing}; run the development split")
+        trees = {name: {**stops, f"delta {chosen[name]:g}": (replace(stops["cost"][0], stop="delta", cost=None, stop_delta=chosen[name]),
+                                                             stops["cost"][1])} for name, stops in trees.items()}  # fmt: skip
+    else:
+        dev_dir = args.dev_data_dir or args.output_dir / "dev_charts"
+        if not (dev_dir / "llava_test.json").is_file():
+            build_chart_dataset(dev_dir, n_train=0, n_test=max(80, args.dev_limit), seed=2, write_parquet=False, progress=False)
+        dev_requests = bench.requests_from_data_dir(dev_dir, "test", "long", args.dev_limit)
+        dev_config = GenerationConfig(max_new_tokens=args.max_new_tokens or bench.DEFAULT_MAX_NEW_TOKENS)
+        dev_trees = {f"{name} / {stop}": t for name, stops in trees.items() for stop, t in stops.items() if stop != "cost"}
+        dev = run_methods(bench, dev_trees, target, draft, engine, dev_requests, dev_config, args, args.dev_repeats)
+        dev_ms = {s.method: s.ms_per_token for s in dev}
+        chosen = {}
+        for name in trees:
+            ranked = sorted((dev_ms[f"{name} / delta {d:g}"], -d) for d in args.deltas)
+            chosen[name] = -ranked[0][1]
+        dev_note = (
+            f"Development: {len(dev_requests)} charts of {dev_dir} (seed 2, long answers), temperature 0, median of "
+            f"{args.dev_repeats}.\n\n## Development split: ms/token by stop_delta\n\n| tree / scorer | "
+            + " | ".join(f"delta {d:g}" for d in args.deltas) + " | chosen |\n|---|" + "---|" * (len(args.deltas) + 1) + "\n"
+            + "\n".join(f"| {name} | " + " | ".join(f"{dev_ms[f'{name} / delta {d:g}']:.2f}" for d in args.deltas)
+                        + f" | {chosen[name]:g} |" for name in trees)
+        )  # fmt: skip
 
     # 2. the test set at each temperature
     requests, gen_kwargs = bench.requests_from_task(bench.DEFAULT_TASK, bench.DEFAULT_INCLUDE_PATH, args.limit)
@@ -183,13 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "# OPT-Tree stop rules and scorers on the same prompts (scripts/compare_trees.py)",
         f"Pair {args.pretrained} + {args.msd_model_path}{f', inflated to {args.inflate}' if args.inflate else ''}; "
         f"calibrator {args.calibrator}; engine {args.engine}; machine {bench.machine(target)['device_name']} "
-        f"({target.dtype}). Development: {len(dev_requests)} charts of {dev_dir} (seed 2, long answers), temperature 0, "
-        f"median of {args.dev_repeats}. Test: the first {len(requests)} documents of {bench.DEFAULT_TASK}, median of "
-        f"{args.repeats}, warm-up {args.warmup}.",
-        "## Development split: ms/token by stop_delta\n\n| tree / scorer | " + " | ".join(f"delta {d:g}" for d in args.deltas)
-        + " | chosen |\n|---|" + "---|" * (len(args.deltas) + 1) + "\n"
-        + "\n".join(f"| {name} | " + " | ".join(f"{dev_ms[f'{name} / delta {d:g}']:.2f}" for d in args.deltas)
-                    + f" | {chosen[name]:g} |" for name in trees),
+        f"({target.dtype}). Test: the first {len(requests)} documents of {bench.DEFAULT_TASK}, median of {args.repeats}, "
+        f"warm-up {args.warmup}. {dev_note}",
     ]  # fmt: skip
     for temperature in args.temperatures:
         config = replace(task_config, max_new_tokens=args.max_new_tokens or task_config.max_new_tokens,

@@ -224,14 +224,15 @@ def measure_cost_model(
     node_budget and scorer), the draft measuring its attention on the image when `track_visual`.
 
     A generation is started over a random text prompt as long as one image and `text_positions` tokens;
-    then `warmup + repeats` steps per setting run as the decoding loop runs them (draft a tree, verify,
-    accept, keep the path, advance the draft), each phase between device synchronisations; the median
-    of the timed repeats counts. Verification is timed over trees of the root and n - 1 children for
+    then `warmup + repeats` rounds run one step of every setting each, as the decoding loop runs a
+    step (draft a tree, verify, accept, keep the path, advance the draft), each phase between device
+    synchronisations (rounds, so that a change of the machine's load falls on every setting alike);
+    the median of the timed rounds counts. Verification is timed over trees of the root and n - 1 children for
     every width of `widths_for(node_budget)` (the time depends on the size, not the shape), and the
     medians are made non-decreasing in the width (isotonic regression: more tokens never cost less;
     on a busy machine single medians can dip); drafting with the tree grown without a stop to depth 1
-    and to max_depth; the rest of the step over all steps. Plain decoding's step is timed last, on the
-    same cache.
+    and to max_depth; the rest of the step over all steps; plain decoding's step at the same position
+    (dropped from the cache afterwards).
     """
     from sklearn.isotonic import isotonic_regression
 
@@ -247,8 +248,8 @@ def measure_cost_model(
     prompt = target.embed(ids, None)
     depths = (1, tree.max_depth)
     steps = (warmup + repeats) * (len(widths) + len(depths))
-    # each step commits at most 2 tokens (the star's root and one child), each plain step 1; then one tree
-    extra = 2 * steps + warmup + repeats + max(widths[-1], tree.max_depth * k)
+    # each step commits at most 2 tokens (the star's root and one child); then room for one tree
+    extra = 2 * steps + max(widths[-1], tree.max_depth * k)
     hidden, logits = runtime.prefill(prompt, extra)
     token = int(logits[-1].argmax())
     drafter = runtime.drafter(track_visual)
@@ -266,9 +267,9 @@ def measure_cost_model(
         return t, t.ancestor_mask(1)
 
     prefix_len = prefix
-    times: dict[str, list[float]] = {"other": []}
 
-    def step(builder: OptTree, width: int) -> tuple[float, float]:
+    def step(builder: OptTree, width: int) -> tuple[float, float, float]:
+        """One decoding step (draft, verify a star of `width`, accept, keep, advance): its phases' seconds."""
         nonlocal prefix_len, token, root_hidden, root_visual
         start = _sync(device)
         runtime.draft_tree(builder, drafter, token, root_hidden, root_visual)
@@ -283,30 +284,39 @@ def measure_cost_model(
         prefix_len += len(result.path)
         root_hidden, root_visual = drafter.advance(committed, tree_hidden[path])
         token = result.bonus
-        times["other"].append(_sync(device) - verified)
-        return drafted - start, verified - drafted
+        return drafted - start, verified - drafted, _sync(device) - verified
 
-    def median_of(builder: OptTree, width: int, phase: int) -> float:
-        for _ in range(warmup):
-            step(builder, width)
-            times["other"].pop()
-        return statistics.median(step(builder, width)[phase] for _ in range(repeats))
-
-    shallow = unstopped(1)
-    verify_s = tuple(float(t) for t in isotonic_regression([median_of(shallow, w, 1) for w in widths]))
-    root_s, deep_s = (median_of(unstopped(d), 1, 0) for d in depths)
-    level_s = max(0.0, (deep_s - root_s) / (depths[1] - 1)) if depths[1] > 1 else 0.0
-    plain = []
-    for i in range(warmup + repeats):
+    def plain_step() -> float:
+        """Plain decoding's step at the current position, then dropped from the cache (nothing committed)."""
         start = _sync(device)
-        logits = runtime.forward_next(torch.full((1,), token, device=device), prefix_len)
-        token = int(logits[-1].argmax())
-        plain.append(_sync(device) - start)
-        prefix_len += 1
+        runtime.forward_next(torch.full((1,), token, device=device), prefix_len)[-1].argmax()
+        seconds = _sync(device) - start
+        runtime.keep_path(prefix_len, torch.zeros(0, dtype=torch.long, device=device))
+        return seconds
+
+    # Rounds over every setting, so that a change of the machine's load falls on all of them alike.
+    shallow, builders = unstopped(1), {d: unstopped(d) for d in depths}
+    verify: dict[int, list[float]] = {w: [] for w in widths}
+    draft: dict[int, list[float]] = {d: [] for d in depths}
+    rest, plain = [], []
+    for round_ in range(warmup + repeats):
+        timed = round_ >= warmup
+        for w in widths:
+            _, seconds, other = step(shallow, w)
+            verify[w] += [seconds] if timed else []
+            rest += [other] if timed else []
+        for d in depths:
+            seconds, _, other = step(builders[d], 1)
+            draft[d] += [seconds] if timed else []
+            rest += [other] if timed else []
+        plain += [plain_step()] if timed else []
+    verify_s = tuple(float(t) for t in isotonic_regression([statistics.median(verify[w]) for w in widths]))
+    root_s, deep_s = (statistics.median(draft[d]) for d in depths)
+    level_s = max(0.0, (deep_s - root_s) / (depths[1] - 1)) if depths[1] > 1 else 0.0
     return CostModel(
         key=cost_key(runtime, target, tree, track_visual), prefix_len=prefix, widths=widths, verify_s=verify_s,
         bucketed=type(runtime).__name__ == "StaticEngine", draft_root_s=root_s, draft_level_s=level_s,
-        step_s=statistics.median(times["other"]), plain_step_s=statistics.median(plain[warmup:]),
+        step_s=statistics.median(rest), plain_step_s=statistics.median(plain),
     )  # fmt: skip
 
 
