@@ -104,6 +104,32 @@ def row(s, greedy: bool) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def plot(summaries, path: Path, title: str) -> bool:
+    """Horizontal bars of ms/token per method (the names are long); False when matplotlib is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 0.42 * len(summaries) + 1.2), dpi=110)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    names = [s.method for s in summaries][::-1]
+    values = [s.ms_per_token for s in summaries][::-1]
+    bars = ax.barh(names, values, color=[f"C{i}" for i in range(len(names))])
+    for bar, s in zip(bars, summaries[::-1]):
+        label = f" {s.ms_per_token:.2f}" + ("" if s.speedup_vs_plain is None else f" ({s.speedup_vs_plain:.2f}x plain)")
+        ax.annotate(label, (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=8)
+    ax.set_xlabel("ms / token (lower is faster)")
+    ax.set_xlim(0, max(values) * 1.35)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    canvas.print_png(str(path))
+    return True
+
+
 HEADER = (
     "| method | ms/token | speedup vs plain | tau | alpha (realised) | expected alpha (predicted) | predicted / realised "
     "| nodes/step | depth/step | identical to plain |\n|---|---|---|---|---|---|---|---|---|---|"
@@ -217,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.greedy:
             failed += [f"T={temperature:g} {s.method}" for s in summaries if s.identical is False]
         parts.append(f"## Test set, temperature {temperature:g}\n\n{HEADER}\n" + "\n".join(row(s, config.greedy) for s in summaries))
-        bench.plot(summaries, args.output_dir / f"compare_trees_t{temperature:g}.png")
+        title = f"{bench.machine(target)['device_name']}, {args.engine}{f', inflated {args.inflate}' if args.inflate else ''}, T={temperature:g}"
+        plot(summaries, args.output_dir / f"compare_trees_t{temperature:g}.png", title)
     parts.append("Cost models (ms), measured at start-up on the runtime that decodes:\n\n"
                  + "\n".join(f"- {name}: {json.dumps({k: v for k, v in c.items() if k != 'key'})}" for name, c in cost_models.items()))  # fmt: skip
     if failed:
