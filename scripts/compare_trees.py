@@ -12,7 +12,8 @@ request, the median of the repeats, one extra profiled run per request for the t
    there at temperature 0; per variant and scorer the delta with the lowest ms/token is kept (the
    larger delta on a tie: fewer draft levels). The test set plays no part in the choice.
    --chosen_from reads the choice from an earlier run's compare_trees.json instead (so the test set
-   can run at another temperature, or on another occasion, without the development runs).
+   can run at another temperature, or on another occasion, without the development runs; --dev_only
+   runs the development split alone).
 2. Test set: the first --limit documents of the long-answer task, at each of --temperatures; per
    method: ms/token, tau, the realised accepted tokens per step (alpha) beside the builder's own
    prediction (expected alpha, the sum of the kept nodes' weights per step) and their ratio.
@@ -57,6 +58,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dev_limit", type=int, default=8, help="development charts [8]")
     parser.add_argument("--dev_data_dir", type=Path, default=None, help="[OUTPUT_DIR/dev_charts, written when missing: seed 2]")
     parser.add_argument("--chosen_from", type=Path, default=None, help="an earlier compare_trees.json: its chosen deltas, no development runs")
+    parser.add_argument("--dev_only", action="store_true", help="the development split only (for a later --chosen_from)")
     parser.add_argument("--deltas", type=parse_list(float), default=[0.1, 0.3, 0.6, 1.0, 1.5], help="stop_delta candidates")
     parser.add_argument("--temperatures", type=parse_list(float), default=[0.0, 1.0])
     parser.add_argument("--variants", type=parse_list(str, VARIANTS), default=["frontier"])
@@ -228,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         "# OPT-Tree stop rules and scorers on the same prompts (scripts/compare_trees.py)",
         f"Pair {args.pretrained} + {args.msd_model_path}{f', inflated to {args.inflate}' if args.inflate else ''}; "
         f"calibrator {args.calibrator}; engine {args.engine}; machine {bench.machine(target)['device_name']} "
-        f"({target.dtype}). Test: the first {len(requests)} documents of {bench.DEFAULT_TASK}, median of {args.repeats}, "
-        f"warm-up {args.warmup}. {dev_note}",
+        f"({target.dtype}). "
+        + ("" if args.dev_only else f"Test: the first {len(requests)} documents of {bench.DEFAULT_TASK}, median of "
+                                    f"{args.repeats}, warm-up {args.warmup}. ")
+        + dev_note,
     ]  # fmt: skip
-    for temperature in args.temperatures:
+    for temperature in [] if args.dev_only else args.temperatures:
         config = replace(task_config, max_new_tokens=args.max_new_tokens or task_config.max_new_tokens,
                          do_sample=temperature > 0, temperature=temperature if temperature > 0 else task_config.temperature)  # fmt: skip
         test_trees = {"eagle2 raw": (EagleTree(), False)}
