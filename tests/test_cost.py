@@ -188,6 +188,25 @@ def test_cost_aware_decoding_equals_plain_and_the_static_engine(draft_kind, cost
         assert max(sizes) >= 4 and min(sizes) < 12  # real trees, sized below the budget at times
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cost_trees_under_cuda_graphs_change_nothing():
+    """Replayed level and selection graphs (one per depth and kept size, the root alone included)."""
+    target, draft = tiny_pair("following")
+    target.model.to("cuda")
+    draft = draft.to("cuda")
+    graphs = StaticEngine(target, draft, max_length=256, cuda_graphs=True)
+    eager = StaticEngine(target, draft, max_length=256, cuda_graphs=False)
+    for costs in sorted(COSTS):
+        model = literal_cost(key=dataclasses.replace(KEY, top_k=4, frontier_only=False), **COSTS[costs])
+        tree = OptTree(node_budget=12, max_depth=6, top_k=4, stop="cost", cost=model)
+        for i in range(3):
+            prompt = random_prompt(target, 900 + i)
+            config = GenerationConfig(max_new_tokens=30)
+            want = plain_generate(target, prompt, config).token_ids
+            a, b = graphs.speculative_generate(prompt, config, tree), eager.speculative_generate(prompt, config, tree)
+            assert a.token_ids == b.token_ids == want and a.stats.accepted == b.stats.accepted
+
+
 def test_plain_step_counts_as_a_step():
     target, draft = tiny_pair("random")
     tree = OptTree(node_budget=12, max_depth=6, top_k=4, stop="cost",
