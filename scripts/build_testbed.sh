@@ -1,39 +1,69 @@
 #!/usr/bin/env bash
-# Rebuild the bundled miniature pair from a seed: the chart data, the tokenizer and target trained on
-# it, then the MSD draft trained against that target. These are the settings the pair in
-# lmms_msd/assets/miniature was built with, on one H200 (target 142 s, draft 90 s; the data takes
-# about a minute on 16 cores). On a CPU, pass smaller settings through the variables below.
+# Rebuild the bundled miniature pair from a seed: the task data, the tokenizer and target trained on it,
+# then the MSD draft trained against that target, at LLaVA-1.5's shapes (336-pixel images: 576 image
+# positions, a 32000-entry vocabulary; lmms_msd.testbed.target_training.TargetSizes). Meant for one H200;
+# on a CPU, pass smaller settings through the variables below (SIZE=tiny and small counts for a smoke run).
 #
-#   bash scripts/build_testbed.sh [OUT_DIR]      # writes OUT_DIR/{charts,target,draft}
+#   bash scripts/build_testbed.sh [OUT_DIR]      # writes OUT_DIR/{data,target,draft}
 #
-# Variables (defaults): PYTHON (python3), SEED (0), N_TRAIN (40000 charts), N_TEST (300 charts),
-# WORKERS (nproc), DEVICE (cuda), SIZE (default; "tiny" for smoke runs),
-# TARGET_STEPS (3000), BATCH_SIZE (256), DRAFT_STEPS (1500), GRAD_ACCUM (4), DRAFT_LR (5e-4).
-# Every stage is reproducible from SEED (up to GPU arithmetic). To ship a rebuilt pair, copy
-# OUT_DIR/target and OUT_DIR/draft/{config.json,model.safetensors} over lmms_msd/assets/miniature/.
-# The ChartQA parquet files need the `datasets` package; without it they are skipped (the LLaVA
-# conversation files, which training reads, are always written).
+# Variables (defaults): PYTHON (python3), SEED (0), STAGES ("data target draft": run only some, e.g. one
+# per command on a machine that limits a command's time), WORKERS (nproc), DEVICE (cuda),
+# N_TRAIN, N_TEST (make-data's --n and --n-test: per family), SIZE (default; "tiny" for smoke runs), TARGET_STEPS (3000),
+# BATCH_SIZE (256), SAMPLES (12 greedy test answers logged by train-target), TARGET_MINUTES (none: a time limit for train-target, which then still anneals and
+# saves), DRAFT_STEPS (1500), GRAD_ACCUM (4), DRAFT_LR (5e-4), MAX_SHARD_SIZE (15MB: every weight file at
+# most 15 * 10**6 bytes).
+#
+# The data: `lmms-msd make-data --family all` (the five task families and their mix). The benchmark-schema parquet files need the `datasets`
+# package; without it they are skipped (the LLaVA conversation files, which training reads, are always
+# written). Every stage is reproducible from SEED (up to GPU arithmetic).
+#
+# The result, in float16 with the default sizes: OUT_DIR/target about 21.6 MB (two weight shards of 8.2 and
+# 12.4 MB, the 0.9 MB tokenizer.json, small JSON files), OUT_DIR/draft/model.safetensors 8.8 MB; about 30 MB
+# to bundle. To ship it, replace lmms_msd/assets/miniature/target by OUT_DIR/target and copy
+# OUT_DIR/draft/{config.json,model*.safetensors,model.safetensors.index.json if any} over
+# lmms_msd/assets/miniature/draft/ (not OUT_DIR/draft/checkpoint: the float32 resume state, about 20 MB).
 set -euo pipefail
 
 OUT=${1:-build/testbed}
 PYTHON=${PYTHON:-python3}
 SEED=${SEED:-0}
+STAGES=${STAGES:-data target draft}
 WORKERS=${WORKERS:-$(nproc)}
+DEVICE=${DEVICE:-cuda}
+MAX_SHARD_SIZE=${MAX_SHARD_SIZE:-15MB}
 
-parquet=()
-if ! "$PYTHON" -c "import datasets" 2>/dev/null; then
-    echo "build_testbed: no 'datasets' package: skipping the ChartQA parquet files" >&2
-    parquet=(--no-parquet)
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if stage data; then
+    counts=()
+    [[ -n "${N_TRAIN:-}" ]] && counts+=(--n "$N_TRAIN")
+    [[ -n "${N_TEST:-}" ]] && counts+=(--n-test "$N_TEST")
+    parquet=()
+    if ! "$PYTHON" -c "import datasets" 2>/dev/null; then
+        echo "build_testbed: no 'datasets' package: skipping the parquet files" >&2
+        parquet=(--no-parquet)
+    fi
+    "$PYTHON" -m lmms_msd make-data --family all --out "$OUT/data" --seed "$SEED" --workers "$WORKERS" \
+        "${counts[@]}" "${parquet[@]}"
 fi
 
-"$PYTHON" -m lmms_msd make-charts --out "$OUT/charts" --seed "$SEED" --workers "$WORKERS" \
-    --n-train "${N_TRAIN:-40000}" --n-test "${N_TEST:-300}" "${parquet[@]}"
+if stage target; then
+    limit=()
+    [[ -n "${TARGET_MINUTES:-}" ]] && limit=(--time-limit-minutes "$TARGET_MINUTES")
+    "$PYTHON" -m lmms_msd train-target --data "$OUT/data" --out "$OUT/target" --seed "$SEED" \
+        --workers "$WORKERS" --steps "${TARGET_STEPS:-3000}" --batch-size "${BATCH_SIZE:-256}" \
+        --device "$DEVICE" --size "${SIZE:-default}" --max-shard-size "$MAX_SHARD_SIZE" --samples "${SAMPLES:-12}" \
+        "${limit[@]}"
+fi
 
-"$PYTHON" -m lmms_msd train-target --data "$OUT/charts" --out "$OUT/target" --seed "$SEED" \
-    --workers "$WORKERS" --steps "${TARGET_STEPS:-3000}" --batch-size "${BATCH_SIZE:-256}" \
-    --device "${DEVICE:-cuda}" --size "${SIZE:-default}"
+if stage draft; then
+    "$PYTHON" -m lmms_msd train-draft --pretrained "$OUT/target" --data "$OUT/data/llava_train.json" \
+        --image_folder "$OUT/data" --output_dir "$OUT/draft" --device "$DEVICE" --dtype float32 \
+        --seed "$SEED" --steps "${DRAFT_STEPS:-1500}" --grad_accum "${GRAD_ACCUM:-4}" --lr "${DRAFT_LR:-5e-4}" \
+        --save_every 250 --save_dtype float16 --max_shard_size "$MAX_SHARD_SIZE"
+fi
 
-"$PYTHON" -m lmms_msd train-draft --pretrained "$OUT/target" --data "$OUT/charts/llava_train.json" \
-    --image_folder "$OUT/charts" --output_dir "$OUT/draft" --device "${DEVICE:-cuda}" --dtype float32 \
-    --seed "$SEED" --steps "${DRAFT_STEPS:-1500}" --grad_accum "${GRAD_ACCUM:-4}" --lr "${DRAFT_LR:-5e-4}" \
-    --save_every 250
+for folder in "$OUT/target" "$OUT/draft"; do
+    [[ -d "$folder" ]] && find "$folder" -maxdepth 1 -type f -printf "%10s  %p\n" | sort -k2
+done
+exit 0

@@ -2,12 +2,14 @@
 
 Every OPT-Tree variant x scorer (raw draft confidence, the calibrator as node weight, the thesis's
 logit tilt) x stop (delta, with its threshold chosen on a development split; cost, on the cost model
-measured at start-up for that scorer on the runtime that decodes), with EAGLE-2 and plain decoding,
-timed by `lmms-msd bench`'s machinery (`lmms_msd.commands.bench.bench`: methods interleaved per
-request, the median of the repeats, one extra profiled run per request for the tree statistics).
+of that scorer on the runtime that decodes, measured at start-up and kept in OUTPUT_DIR/cost_models,
+where a later run reads it), with EAGLE-2 and plain decoding. The pair, the runtime and every tree
+come from `lmms_msd.pipeline` (as the plugin's); they are timed by `lmms-msd bench`'s machinery
+(`lmms_msd.commands.bench.bench`: methods interleaved per request, the median of the repeats, one
+extra profiled run per request for the tree statistics).
 
 1. Development split: charts that share none with the test task or the calibrator's fit data
-   (`make-charts` seed 2's test split, the long-answer instruction, as docs/calibrator_vs_opt_tree.md),
+   (`make-charts` seed 2's test split at 336 px, the long-answer instruction, as docs/calibrator_vs_opt_tree.md),
    written to OUTPUT_DIR/dev_charts unless --dev_data_dir names a folder. Every delta of --deltas runs
    there at temperature 0; per variant and scorer the delta with the lowest ms/token is kept (the
    larger delta on a tie: fewer draft levels). The test set plays no part in the choice.
@@ -79,19 +81,22 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def opt_trees(scored: dict[str, tuple[Any, bool]], deltas, measure) -> dict[str, dict[str, Any]]:
-    """(variant, scorer) name -> {"delta <d>": (tree, track), ..., "cost": (tree, track)}."""
+def opt_trees(scorers: dict[str, dict[str, Any]], deltas, decoder, cost_cache: Path) -> dict[str, dict[str, Any]]:
+    """(variant, scorer) name -> {"delta <d>": TreeSetup, ..., "cost": TreeSetup}, each built by the
+    pipeline from TreeSettings' OPT-Tree fields `scorers[name]`."""
+    from lmms_msd.pipeline import TreeSettings, build_tree
+
     trees = {}
-    for name, (tree, track) in scored.items():
-        trees[name] = {f"delta {d:g}": (replace(tree, stop_delta=d), track) for d in deltas}
-        trees[name]["cost"] = (replace(tree, stop="cost", cost=measure(tree, track)), track)
+    for name, fields in scorers.items():
+        trees[name] = {f"delta {d:g}": build_tree(TreeSettings("opt", **fields, stop_delta=d), decoder) for d in deltas}
+        trees[name]["cost"] = build_tree(TreeSettings("opt", **fields, stop="cost", cost_cache=str(cost_cache)), decoder)
     return trees
 
 
-def run_methods(bench, trees: dict[str, tuple[Any, bool]], target, draft, engine, requests, config, args, repeats):
-    """bench's summaries of plain and `trees` (name -> (tree, track_visual)) on the requests."""
-    methods = bench.build_methods(["plain", *trees], target, draft, trees, engine)
-    measured = bench.bench(methods, target, requests, config, warmup=args.warmup, repeats=repeats, seed=args.seed, progress=True)
+def run_methods(bench, trees: dict[str, Any], decoder, requests, config, args, repeats):
+    """bench's summaries of plain and `trees` (name -> TreeSetup) on the requests."""
+    methods = bench.build_methods(["plain", *trees], decoder, trees)
+    measured = bench.bench(methods, decoder.target, requests, config, warmup=args.warmup, repeats=repeats, seed=args.seed, progress=True)
     return bench.summarise(methods, measured)
 
 
@@ -139,58 +144,46 @@ HEADER = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib
-
-    import torch
-
-    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
-    from lmms_msd.calibration.scorer import calibrated_tree
-    from lmms_msd.calibration.token_types import token_type_table
     from lmms_msd.commands import bench
-    from lmms_msd.lmms_eval.plugin import generation_config
-    from lmms_msd.speculative.cost import describe, measure_cost_model, summary_line
-    from lmms_msd.speculative.runtime import EagerRuntime
+    from lmms_msd.pipeline import (
+        PairSettings,
+        RuntimeSettings,
+        TreeSettings,
+        build_decoder,
+        build_tree,
+        default_device,
+        default_dtype,
+        fitted_calibrator,
+        inflation_shape,
+        load_pair,
+        resolve_pair,
+    )
     from lmms_msd.speculative.sampling import GenerationConfig
-    from lmms_msd.speculative.tree import EagleTree, OptTree
-    from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
     from lmms_msd.testbed.charts import build_chart_dataset
+    from lmms_msd.testbed.families.common import DESIGN_SIZE
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = arguments(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.dtype = args.dtype or ("auto" if args.device.startswith("cuda") else "float32")
-    if args.pretrained is None and args.msd_model_path is None:
-        args.pretrained, args.msd_model_path = (str(p) for p in bundled_paths())
-        args.calibrator = args.calibrator or str(bundled_calibrator())
+    args.device = args.device or default_device()
+    args.dtype = args.dtype or default_dtype(args.device)
+    pair_paths = resolve_pair(args.pretrained, args.msd_model_path)
+    args.pretrained, args.msd_model_path = pair_paths.pretrained, pair_paths.msd_model_path
+    args.calibrator = args.calibrator or fitted_calibrator(pair_paths)
     if args.calibrator is None and set(args.scorers) - {"raw"}:
         raise SystemExit("compare_trees: --calibrator <json> is needed for the weight and tilt scorers with this pair")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    shape = bench.inflation_shape(args.inflate) if args.inflate else None
-    target, draft = bench.load_pair(args, need_draft=True, shape=shape)
-    engine = None
-    if args.engine == "static":
-        engine = importlib.import_module("lmms_msd.speculative.fast").StaticEngine(target, draft, max_length=args.max_length)
-    runtime = engine or EagerRuntime(target, draft)
+    pair = load_pair(PairSettings(args.pretrained, args.msd_model_path, args.device, args.dtype, inflate=inflation_shape(args.inflate)))
+    decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length))
+    target = decoder.target
 
     # the trees: every variant x scorer, each with every delta and with its own cost model
-    scored: dict[str, tuple[Any, bool]] = {}
-    types = token_type_table(target.tokenizer, target.vocab_size) if set(args.scorers) - {"raw"} else None
-    calibrator = GroupedIsotonicCalibrator.load(args.calibrator) if types is not None else None
+    scorers = {}
     for variant in args.variants:
         for scorer in args.scorers:
-            tree = OptTree(variant=variant)
-            if scorer != "raw":
-                tree = calibrated_tree(tree, calibrator, types, target.device, scorer)
-            scored[f"opt {variant} {scorer}"] = (tree, getattr(tree.scorer, "needs_visual", False))
-    cost_models = {}
-
-    def measure(tree, track):
-        model = measure_cost_model(runtime, target, tree, track_visual=track)
-        log.info("cost model (%s, %s): %s", tree.variant, model.key.scorer, summary_line(model))
-        cost_models[f"{tree.variant} {model.key.scorer}"] = describe(model)
-        return model
-
-    trees = opt_trees(scored, args.deltas, measure)
+            calibrated = {} if scorer == "raw" else {"calibrator": args.calibrator, "calibrator_mode": scorer}
+            scorers[f"opt {variant} {scorer}"] = {"opt_variant": variant, **calibrated}
+    trees = opt_trees(scorers, args.deltas, decoder, args.output_dir / "cost_models")
+    cost_models = {name: stops["cost"].cost_model for name, stops in trees.items()}
 
     # 1. the development split: choose each delta by ms/token at temperature 0
     if args.chosen_from is not None:
@@ -199,16 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         missing = sorted(set(trees) - set(chosen))
         if missing:
             raise SystemExit(f"compare_trees: {args.chosen_from} chose no delta for {missing}; run the development split")
-        trees = {name: {**stops, f"delta {chosen[name]:g}": (replace(stops["cost"][0], stop="delta", cost=None, stop_delta=chosen[name]),
-                                                             stops["cost"][1])} for name, stops in trees.items()}  # fmt: skip
+        for name, stops in trees.items():
+            stops.setdefault(f"delta {chosen[name]:g}", build_tree(TreeSettings("opt", **scorers[name], stop_delta=chosen[name]), decoder))
     else:
         dev_dir = args.dev_data_dir or args.output_dir / "dev_charts"
         if not (dev_dir / "llava_test.json").is_file():
-            build_chart_dataset(dev_dir, n_train=0, n_test=max(80, args.dev_limit), seed=2, write_parquet=False, progress=False)
+            build_chart_dataset(dev_dir, n_train=0, n_test=max(80, args.dev_limit), seed=2, image_size=DESIGN_SIZE,
+                                write_parquet=False, progress=False)  # fmt: skip
         dev_requests = bench.requests_from_data_dir(dev_dir, "test", "long", args.dev_limit)
         dev_config = GenerationConfig(max_new_tokens=args.max_new_tokens or bench.DEFAULT_MAX_NEW_TOKENS)
         dev_trees = {f"{name} / {stop}": t for name, stops in trees.items() for stop, t in stops.items() if stop != "cost"}
-        dev = run_methods(bench, dev_trees, target, draft, engine, dev_requests, dev_config, args, args.dev_repeats)
+        dev = run_methods(bench, dev_trees, decoder, dev_requests, dev_config, args, args.dev_repeats)
         dev_ms = {s.method: s.ms_per_token for s in dev}
         chosen = {}
         for name in trees:
@@ -223,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
 
     # 2. the test set at each temperature
-    requests, gen_kwargs = bench.requests_from_task(bench.DEFAULT_TASK, bench.DEFAULT_INCLUDE_PATH, args.limit)
-    task_config = generation_config(gen_kwargs)
+    requests, task_config = bench.requests_from_task(bench.DEFAULT_TASK, bench.DEFAULT_INCLUDE_PATH, args.limit)
     results, failed = {}, []
     parts = [
         "# OPT-Tree stop rules and scorers on the same prompts (scripts/compare_trees.py)",
@@ -235,21 +228,22 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{args.repeats}, warm-up {args.warmup}. ")
         + dev_note,
     ]  # fmt: skip
+    eagle2 = build_tree(TreeSettings("eagle2"), decoder)
     for temperature in [] if args.dev_only else args.temperatures:
         config = replace(task_config, max_new_tokens=args.max_new_tokens or task_config.max_new_tokens,
                          do_sample=temperature > 0, temperature=temperature if temperature > 0 else task_config.temperature)  # fmt: skip
-        test_trees = {"eagle2 raw": (EagleTree(), False)}
+        test_trees = {"eagle2 raw": eagle2}
         for name, stops in trees.items():
             test_trees[f"{name} / delta {chosen[name]:g}"] = stops[f"delta {chosen[name]:g}"]
             test_trees[f"{name} / cost"] = stops["cost"]
-        summaries = run_methods(bench, test_trees, target, draft, engine, requests, config, args, args.repeats)
+        summaries = run_methods(bench, test_trees, decoder, requests, config, args, args.repeats)
         results[f"{temperature:g}"] = [asdict(s) for s in summaries]
         if config.greedy:
             failed += [f"T={temperature:g} {s.method}" for s in summaries if s.identical is False]
         parts.append(f"## Test set, temperature {temperature:g}\n\n{HEADER}\n" + "\n".join(row(s, config.greedy) for s in summaries))
         title = f"{bench.machine(target)['device_name']}, {args.engine}{f', inflated {args.inflate}' if args.inflate else ''}, T={temperature:g}"
         plot(summaries, args.output_dir / f"compare_trees_t{temperature:g}.png", title)
-    parts.append("Cost models (ms), measured at start-up on the runtime that decodes:\n\n"
+    parts.append("Cost models (ms), of the runtime that decodes:\n\n"
                  + "\n".join(f"- {name}: {json.dumps({k: v for k, v in c.items() if k != 'key'})}" for name, c in cost_models.items()))  # fmt: skip
     if failed:
         parts.append("**Differs from plain decoding at temperature 0:** " + "; ".join(failed))

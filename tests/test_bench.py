@@ -106,16 +106,16 @@ def test_sampling_skips_hf_generate_and_the_comparison(chart_dir: Path, tmp_path
 
 
 def test_a_lossy_method_is_marked_and_fails(chart_dir: Path, tmp_path: Path, monkeypatch, capsys):
-    import lmms_msd.speculative.decoding as decoding
+    import lmms_msd.pipeline as pipeline
 
-    real = decoding.speculative_generate
+    real = pipeline.speculative_generate
 
     def lossy(*args, **kwargs):
         result = real(*args, **kwargs)
         result.token_ids[-1] += 1
         return result
 
-    monkeypatch.setattr(decoding, "speculative_generate", lossy)
+    monkeypatch.setattr(pipeline, "speculative_generate", lossy)
     argv = ["bench", "--data_dir", str(chart_dir), "--limit", "2", "--warmup", "0", "--repeats", "1",
             "--max_new_tokens", "6", "--methods", "plain,eagle2", "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
     assert main(argv) == 1
@@ -220,9 +220,10 @@ def test_cost_rows_give_the_same_answers_and_their_cost_models(chart_dir: Path, 
     assert all(s["identical"] is True for s in report["methods"])
     runtime = {"eager": "EagerRuntime", "static": "StaticEngine"}[engine]
     scorers = {name: (cost["key"]["runtime"], cost["key"]["scorer"]) for name, cost in report["cost_models"].items()}
-    assert scorers == {"opt_cost": (runtime, "draft_confidence"), "opt_cal_cost": (runtime, "CalibratedScorer")}
-    assert report["trees"]["opt_cost"]["stop"] == "cost"
-    assert "Cost model of opt_cal_cost" in (tmp_path / "bench.md").read_text()
+    assert scorers == {"opt_cost": (runtime, "DraftConfidence"), "opt_cal_cost": (runtime, "CalibratedScorer")}
+    assert all(cost["measured_now"] and str(tmp_path / "cost_models") in cost["file"] for cost in report["cost_models"].values())
+    assert (report["trees"]["opt_cost"]["stop"], report["trees"]["opt_cost"]["stop_delta"]) == ("cost", None)
+    assert "Cost model of opt_cal_cost (measured at start-up" in (tmp_path / "bench.md").read_text()
 
 
 # ---- profiled phases of the decoding loops ---------------------------------------------------------------
@@ -240,29 +241,30 @@ def bundled_pair():
 def test_profile_splits_the_loop_without_changing_the_output(bundled_pair, chart_dir):
     from PIL import Image
 
-    from lmms_msd.commands.calibrate import load_records, question_of
     from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+    from lmms_msd.speculative.runtime import EagerRuntime
     from lmms_msd.speculative.sampling import GenerationConfig
     from lmms_msd.speculative.tree import OptTree
+    from lmms_msd.testbed.charts import load_records, question_of
 
     target, draft = bundled_pair
     record = load_records(chart_dir, "test", "long", 1)[0]
     with Image.open(chart_dir / record["image"]) as image:
         prompt = target.prepare(question_of(record), [image.convert("RGB")])
     config = GenerationConfig(max_new_tokens=24)
-    fast = speculative_generate(target, draft, prompt, config, OptTree())
-    profiled = speculative_generate(target, draft, prompt, config, OptTree(), profile=True)
+    fast = speculative_generate(EagerRuntime(target, draft), prompt, config, OptTree())
+    profiled = speculative_generate(EagerRuntime(target, draft), prompt, config, OptTree(), profile=True)
     assert profiled.token_ids == fast.token_ids
     assert (fast.stats.draft_s, fast.stats.verify_s, fast.stats.other_s) == (0.0, 0.0, 0.0)
     s = profiled.stats
     assert s.steps > 1 and s.draft_s > 0 and s.verify_s > 0 and s.other_s > 0
     assert s.draft_s + s.verify_s + s.other_s <= s.wall_s - s.prefill_s
-    plain = plain_generate(target, prompt, config, profile=True)
+    plain = plain_generate(EagerRuntime(target), prompt, config, profile=True)
     assert plain.token_ids == fast.token_ids
     p = plain.stats
     assert p.draft_s == 0.0 and p.verify_s > 0 and p.other_s > 0
     assert p.verify_s + p.other_s <= p.wall_s - p.prefill_s
-    assert plain_generate(target, prompt, config).stats.verify_s == 0.0
+    assert plain_generate(EagerRuntime(target), prompt, config).stats.verify_s == 0.0
 
 
 def test_opt_cal_scores_nodes_by_the_calibrator_mode():
@@ -271,12 +273,14 @@ def test_opt_cal_scores_nodes_by_the_calibrator_mode():
 
     from transformers import AutoTokenizer
 
-    from lmms_msd.commands.bench import tree_builders
+    from lmms_msd.commands.bench import method_trees
+    from lmms_msd.pipeline import build_tree
     from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_paths()[0]))
-    target = SimpleNamespace(tokenizer=tokenizer, vocab_size=len(tokenizer), device="cpu")
-    (tilt, tracked), = tree_builders(["opt_cal"], target, str(bundled_calibrator()), {"stop_delta": 0.2}, "tilt").values()
-    assert type(tilt.scorer).__name__ == "TiltScorer" and tracked and tilt.stop_delta == 0.2
-    (weight, _), = tree_builders(["opt_cal"], target, str(bundled_calibrator())).values()
-    assert type(weight.scorer).__name__ == "CalibratedScorer"
+    decoder = SimpleNamespace(target=SimpleNamespace(tokenizer=tokenizer, vocab_size=len(tokenizer), device="cpu"))
+    [tilt] = method_trees(["plain", "opt_cal"], {"stop_delta": 0.2}, str(bundled_calibrator()), "tilt").values()
+    tilt = build_tree(tilt, decoder)
+    assert type(tilt.builder.scorer).__name__ == "TiltScorer" and tilt.track_visual and tilt.builder.stop_delta == 0.2
+    [weight] = method_trees(["opt_cal"], {}, str(bundled_calibrator())).values()
+    assert type(build_tree(weight, decoder).builder.scorer).__name__ == "CalibratedScorer"

@@ -28,7 +28,7 @@ from lmms_msd.calibration.quality import (
 from lmms_msd.calibration.scorer import CalibratedScorer
 from lmms_msd.calibration.token_types import CONTENT, FUNCTION, NUMBER
 from lmms_msd.speculative.sampling import GenerationConfig
-from lmms_msd.speculative.tree import OptTree, Tree
+from lmms_msd.speculative.tree import OptTree, Tree, grow_tree
 from lmms_msd.speculative.verify import Acceptance
 
 
@@ -298,7 +298,7 @@ def test_opt_tree_weights_are_products_of_calibrated_predictions():
     calibrator = GroupedIsotonicCalibrator(attention_bins=1, n_types=1).fit(X, y)
     scorer = CalibratedScorer(calibrator, torch.zeros(4, dtype=torch.long))
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
-    tree = OptTree(node_budget=6, stop_delta=0.0, max_depth=3, top_k=2, scorer=scorer).build(MarkovDrafter(OPT_TABLE), 0, root_hidden)
+    tree = grow_tree(MarkovDrafter(OPT_TABLE), OptTree(node_budget=6, stop_delta=0.0, max_depth=3, top_k=2, scorer=scorer), 0, root_hidden)
     predicted = calibrator.predict(np.stack([tree.confidence.numpy(), np.zeros(len(tree)), np.zeros(len(tree))], axis=1))
     for node in range(1, len(tree)):
         weight, i = 0.0, node

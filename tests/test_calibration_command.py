@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from conftest import random_image
 
 from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
 from lmms_msd.calibration.observations import Observations
-from lmms_msd.commands.calibrate import resolve_pair
+from lmms_msd.commands.calibrate import pair_paths
 from lmms_msd.commands.cli import main
 from lmms_msd.models.draft import DraftConfig, new_random_draft, save_draft
 
@@ -107,6 +107,8 @@ def test_missing_inputs_name_the_fix(tmp_path, monkeypatch):
         main(["calibrate", "--output", str(tmp_path / "c.json")])
     with pytest.raises(FileNotFoundError, match="no llava_train.json"):
         main(["calibrate", "--data_dir", str(tmp_path), "--pretrained", "t", "--msd_model_path", "d", "--output", "x.json"])
-    monkeypatch.setitem(sys.modules, "lmms_msd.testbed.bundled", None)  # as if the bundled pair were not installed
+    with pytest.raises(SystemExit, match="calibrate: name both --pretrained and --msd_model_path, or neither"):
+        pair_paths(argparse.Namespace(pretrained="t", msd_model_path=None))
+    monkeypatch.setattr("lmms_msd.testbed.bundled.BUNDLED", tmp_path / "absent")  # as if the bundled pair were not installed
     with pytest.raises(SystemExit, match="pass --pretrained <target> --msd_model_path <draft>"):
-        resolve_pair(None, None)
+        pair_paths(argparse.Namespace(pretrained=None, msd_model_path=None))

@@ -10,8 +10,9 @@ from lmms_msd.models.draft import DraftConfig, new_random_draft
 from lmms_msd.models.target import EmbeddedPrompt
 from lmms_msd.speculative.decoding import speculative_generate
 from lmms_msd.speculative.drafting import Drafter
+from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
-from lmms_msd.speculative.tree import EagleTree
+from lmms_msd.speculative.tree import EagleTree, grow_tree
 
 V, H, N_IMAGE, N_TEXT = 8, 32, 6, 4
 # The image is at the target's positions 0..5; in MSD's shifted frame the draft is fed I_1..I_5 at
@@ -70,7 +71,7 @@ def build(root_token: int, track: bool):
     drafter = Drafter(draft, lm_head, capacity=64, track_visual=track)
     hidden = torch.randn(N_IMAGE + N_TEXT, H, generator=torch.Generator().manual_seed(4))
     root_hidden, root_visual = drafter.prefill(prompt, hidden, root_token)
-    tree = EagleTree(total_tokens=1 + V + V * V, depth=1, top_k=V).build(drafter, root_token, root_hidden, root_visual)
+    tree = grow_tree(drafter, EagleTree(total_tokens=1 + V + V * V, depth=1, top_k=V), root_token, root_hidden, root_visual)
     return tree, root_hidden, root_visual
 
 
@@ -130,7 +131,7 @@ def test_tracking_changes_no_output_token_and_no_tree_of_the_loop():
     for track in (False, True):
         trees = []
         result = speculative_generate(
-            target, draft, random_prompt(target, 11), config, EagleTree(total_tokens=20, depth=4, top_k=4),
+            EagerRuntime(target, draft), random_prompt(target, 11), config, EagleTree(total_tokens=20, depth=4, top_k=4),
             observer=lambda tree, logits, acceptance, trees=trees: trees.append(tree), track_visual=track,
         )  # fmt: skip
         runs[track] = (result.token_ids, trees)

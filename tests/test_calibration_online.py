@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
 from lmms_msd.calibration.observations import CalibrationObserver
 from lmms_msd.calibration.online import OnlineCalibration
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import OptTree
 
@@ -39,7 +42,7 @@ def test_greedy_observations_agree_with_the_acceptances():
     for request in range(2):
         observer.start_request(request, config)
         speculative_generate(
-            target, following_draft(target), random_prompt(target, 40 + request), config,
+            EagerRuntime(target, following_draft(target)), random_prompt(target, 40 + request), config,
             OptTree(node_budget=20, stop_delta=0.2, max_depth=6, top_k=4), observer=record, track_visual=True,
         )  # fmt: skip
     obs = observer.observations()
@@ -57,9 +60,10 @@ def test_online_calibration_is_lossless_before_and_after_fitting(mode, scorer):
     draft = following_draft(target)
     types = torch.arange(target.vocab_size) % 3
     n = 6
+    estimator = GroupedIsotonicCalibrator(attention_bins=2, min_group_size=5)
     online = OnlineCalibration(
         n, train_ratio=0.5, tree=OptTree(node_budget=20, stop_delta=0.2, max_depth=6, top_k=4), token_types=types,
-        calibrator=GroupedIsotonicCalibrator(attention_bins=2, min_group_size=5), seed=3, mode=mode,
+        calibrator=estimator, seed=3, mode=mode,
     )  # fmt: skip
     assert sorted(online.order) == list(range(n)) and online.order != list(range(n))
     assert online.order == OnlineCalibration(n, 0.5, OptTree(), types, GroupedIsotonicCalibrator(), seed=3).order
@@ -68,12 +72,17 @@ def test_online_calibration_is_lossless_before_and_after_fitting(mode, scorer):
         prompt = random_prompt(target, 70 + i, with_image=i % 2 == 0)
         config = GenerationConfig(max_new_tokens=15 + i)
         plan = online.plan(i, config)
-        phases.append("observe" if plan.observer is not None else type(plan.tree_builder.scorer).__name__)
-        spec = speculative_generate(target, draft, prompt, config, plan.tree_builder, None, plan.observer, plan.track_visual)
-        assert spec.token_ids == plain_generate(target, prompt, config).token_ids, (i, phases[-1])
+        phases.append("observe" if plan.observer is not None else type(plan.tree.scorer).__name__)
+        spec = speculative_generate(EagerRuntime(target, draft), prompt, config, plan.tree, None, plan.observer, plan.track_visual)
+        assert spec.token_ids == plain_generate(EagerRuntime(target), prompt, config).token_ids, (i, phases[-1])
         online.done()
     assert phases == ["observe"] * 3 + [scorer] * 3
     assert online.calibrated.node_budget == 20
     assert online.calibrator.n_samples_ == len(online.observer.observations()) > 0
     # label "auto": both labels were fitted on half of the observed requests and scored on the rest
     assert online.label_report is not None and online.calibrator.label == online.label_report["winner"]
+    # the estimator passed in only gave the settings: a clone was fitted, it is as it was (unfitted)
+    assert online.calibrator is not estimator
+    assert estimator.get_params() == GroupedIsotonicCalibrator(attention_bins=2, min_group_size=5).get_params()
+    with pytest.raises(NotFittedError):
+        check_is_fitted(estimator)

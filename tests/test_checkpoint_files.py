@@ -101,6 +101,66 @@ def test_bundled_target_is_a_complete_hf_folder(tiny_image):
     assert torch.equal(inputs["pixel_values"], pixels)  # the same CLIP processor on the same image
 
 
+# ---- sharded folders (what train-target and train-draft write with a max shard size) -----------------
+SHARD = 20_000  # bytes: more than any tensor of the tiny draft in float16 (16 KB at most), so every shard fits
+
+
+def test_sharded_draft_loads_the_same(draft_dir, tmp_path):
+    """save_draft with max_shard_size writes shards and model.safetensors.index.json (transformers' names);
+    load_draft reads them back to the same tensors, in the asked save dtype."""
+    draft = load_draft(str(draft_dir))
+    folder = save_draft(draft, tmp_path / "sharded", dtype=torch.float16, max_shard_size=SHARD)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(path.name for path in folder.glob("*.safetensors")) == shards and not (folder / "model.safetensors").exists()
+    assert index["weight_map"].keys() == draft.state_dict().keys()
+    assert all((folder / shard).stat().st_size <= SHARD + 1024 for shard in shards)  # + the safetensors header
+    loaded = load_draft(str(folder))
+    for key, value in draft.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.half().float()), key
+
+
+def test_draft_saved_again_keeps_one_version(draft_dir, tmp_path):
+    """A folder saved sharded, then as one file (or the other way round), holds only the last save."""
+    draft = load_draft(str(draft_dir))
+    folder = save_draft(draft, tmp_path / "again", max_shard_size=SHARD)
+    save_draft(draft, folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.safetensors"]
+    save_draft(draft, folder, max_shard_size=SHARD)
+    assert not (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").is_file()
+
+
+def test_sharded_draft_with_a_missing_or_truncated_shard_is_named(draft_dir, tmp_path):
+    folder = save_draft(load_draft(str(draft_dir)), tmp_path / "broken", max_shard_size=SHARD)
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    truncate(shard)
+    with pytest.raises(ValueError, match=rf"could not read the weights file {shard} .*SafetensorError"):
+        load_draft(str(folder))
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"no draft weights in {folder}: .*index\.json names shards that are not in .*{shard.name}"):
+        load_draft(str(folder))
+
+
+def test_sharded_hf_target_loads_the_same(tiny_hf_dir, tiny_hf_target, tiny_image, tmp_path):
+    """An HF-layout folder whose weights transformers' save_pretrained sharded (train-target's
+    --max-shard-size) loads to the same target; a truncated shard is named."""
+    from transformers import LlavaForConditionalGeneration
+
+    folder = copy_folder(tiny_hf_dir, tmp_path)
+    (folder / "model.safetensors").unlink()
+    LlavaForConditionalGeneration.from_pretrained(str(tiny_hf_dir)).save_pretrained(str(folder), max_shard_size=SHARD)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    ids, pixels, logits = prompt_logits(load_target(str(folder)), [tiny_image])
+    expected_ids, expected_pixels, expected_logits = prompt_logits(tiny_hf_target, [tiny_image])
+    # the same weights, settings and input shapes on both sides: the same kernels, so bit for bit
+    assert torch.equal(ids, expected_ids) and torch.equal(logits, expected_logits)
+    truncate(shards[1])
+    with pytest.raises(ValueError, match=rf"could not read the weights file {shards[1]}"):
+        load_target(str(folder))
+
+
 # ---- unreadable files -------------------------------------------------------------------------------
 def test_truncated_draft_weights_are_named(draft_dir, tmp_path):
     folder = copy_folder(draft_dir, tmp_path)

@@ -22,19 +22,18 @@ from lmms_msd.speculative.cost import (
     cached_cost_model,
     describe,
     load_cost_model,
-    measure_cost_model,
     save_cost_model,
 )
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate
 from lmms_msd.speculative.fast import StaticEngine
 from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
-from lmms_msd.speculative.tree import OptTree, Tree
+from lmms_msd.speculative.tree import OptTree, Tree, grow_tree
 from lmms_msd.speculative.verify import accept_sampling
 
 KEY = CostKey(
     runtime="EagerRuntime", device="cpu test", dtype="float32", hidden_size=64, layers=2, vocab_size=48,
-    image_positions=4, top_k=2, frontier_only=True, scorer="draft_confidence", track_visual=False,
+    image_positions=4, top_k=2, frontier_only=True, scorer="DraftConfidence", track_visual=False,
 )  # fmt: skip
 # float32 rates of sums of a few weights over a few seconds: relative rounding ~1e-7; the literals
 # below are rounded to 4 decimals, so they are compared to 1e-4
@@ -77,7 +76,7 @@ def grow_recording(monkeypatch, tree: OptTree):
 
     monkeypatch.setattr(tree_module, "cost_aware_size", recording)
     drafter = MarkovDrafter(OPT_TABLE)
-    built = tree.build(drafter, 0, torch.nn.functional.one_hot(torch.tensor(0), 4).float())
+    built = grow_tree(drafter, tree, 0, torch.nn.functional.one_hot(torch.tensor(0), 4).float())
     return built, drafter, seen
 
 
@@ -96,12 +95,16 @@ def test_cost_stop_worked_example(monkeypatch):
 
 
 def test_cost_stop_needs_a_model_wide_enough():
-    with pytest.raises(ValueError, match="goes with stop='cost'"):
+    with pytest.raises(ValueError, match="'cost' a cost model"):
         OptTree(stop="cost")
-    with pytest.raises(ValueError, match="goes with stop='cost'"):
+    with pytest.raises(ValueError, match="'cost' a cost model"):
         OptTree(cost=literal_cost((1.0, 1.0, 1.3)))
+    with pytest.raises(ValueError, match="stop is one of"):
+        OptTree(stop="fast")
     with pytest.raises(ValueError, match="lower node_budget"):
         OptTree(node_budget=8, top_k=2, stop="cost", cost=literal_cost((1.0, 1.0, 1.3)))
+    spec = OptTree(stop_delta=0.5, stop="cost", cost=literal_cost((1.0,) * 7, widths=(1, 2, 4, 8, 16, 32, 64)))
+    assert spec.stop_delta is None and OptTree(**spec.settings()) == spec  # stop "cost" reads no stop_delta
 
 
 # ---- the cache -------------------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ def tiny_pair(draft_kind: str):
 def test_cached_cost_model_measures_once(tmp_path, monkeypatch):
     target, draft = tiny_pair("following")
     runtime, tree = EagerRuntime(target, draft), OptTree(node_budget=12, max_depth=4, top_k=4)
-    model, path, measured = cached_cost_model(runtime, target, tree, folder=tmp_path)
+    model, path, measured = cached_cost_model(runtime, tree, folder=tmp_path)
     assert measured and path.is_file() and path.parent == tmp_path
     assert model.widths == (1, 2, 4, 8, 16)  # the buckets up to the first holding 13 tokens
     assert (model.key.runtime, model.key.hidden_size, model.key.layers, model.key.vocab_size) == ("EagerRuntime", 64, 2, 48)
@@ -142,7 +145,7 @@ def test_cached_cost_model_measures_once(tmp_path, monkeypatch):
         raise AssertionError("the cached model should have been read")
 
     monkeypatch.setattr(cost_module, "measure_cost_model", fail)
-    again, same_path, measured = cached_cost_model(runtime, target, tree, folder=tmp_path)
+    again, same_path, measured = cached_cost_model(runtime, tree, folder=tmp_path)
     assert (again, same_path, measured) == (model, path, False)
 
 
@@ -169,15 +172,15 @@ def test_cost_aware_decoding_equals_plain_and_the_static_engine(draft_kind, cost
     target, draft = tiny_pair(draft_kind)
     model = literal_cost(key=dataclasses.replace(KEY, top_k=4, frontier_only=variant == "upstream"), **COSTS[costs])
     tree = OptTree(node_budget=12, max_depth=6, top_k=4, variant=variant, stop="cost", cost=model)
-    engine = StaticEngine(target, draft, max_length=256)
+    runtime, engine = EagerRuntime(target, draft), StaticEngine(target, draft, max_length=256)
     sizes = []
     for i in range(4):
         prompt = random_prompt(target, 500 + i, with_image=i % 2 == 0)
         config = GenerationConfig(max_new_tokens=20 + 5 * i)
-        plain = plain_generate(target, prompt, config)
+        plain = plain_generate(runtime, prompt, config)
         eager_trees, fast_trees = [], []
-        eager = speculative_generate(target, draft, prompt, config, tree, observer=record_trees(eager_trees))
-        fast = engine.speculative_generate(prompt, config, tree, observer=record_trees(fast_trees))
+        eager = speculative_generate(runtime, prompt, config, tree, observer=record_trees(eager_trees))
+        fast = speculative_generate(engine, prompt, config, tree, observer=record_trees(fast_trees))
         assert eager.token_ids == fast.token_ids == plain.token_ids
         assert fast_trees == eager_trees  # the graphed grower builds the eager grower's trees
         assert 1 + sum(a + 1 for a in eager.stats.accepted) == eager.stats.new_tokens
@@ -202,8 +205,8 @@ def test_cost_trees_under_cuda_graphs_change_nothing():
         for i in range(3):
             prompt = random_prompt(target, 900 + i)
             config = GenerationConfig(max_new_tokens=30)
-            want = plain_generate(target, prompt, config).token_ids
-            a, b = graphs.speculative_generate(prompt, config, tree), eager.speculative_generate(prompt, config, tree)
+            want = plain_generate(EagerRuntime(target), prompt, config).token_ids
+            a, b = speculative_generate(graphs, prompt, config, tree), speculative_generate(eager, prompt, config, tree)
             assert a.token_ids == b.token_ids == want and a.stats.accepted == b.stats.accepted
 
 
@@ -212,7 +215,7 @@ def test_plain_step_counts_as_a_step():
     tree = OptTree(node_budget=12, max_depth=6, top_k=4, stop="cost",
                    cost=literal_cost(key=dataclasses.replace(KEY, top_k=4, frontier_only=False), **COSTS["plain"]))  # fmt: skip
     config = GenerationConfig(max_new_tokens=15)
-    result = speculative_generate(target, draft, random_prompt(target, 7), config, tree)
+    result = speculative_generate(EagerRuntime(target, draft), random_prompt(target, 7), config, tree)
     assert result.stats.steps == 14 and result.stats.accepted == [0] * 14  # the first token comes from the prefill
     assert (result.stats.tau, result.stats.alpha) == (1.0, 0.0)
 
@@ -230,36 +233,38 @@ def test_plain_step_samples_from_the_target():
     assert torch.allclose(frequencies, probs, atol=0.025)
 
 
-def test_cost_aware_decoding_on_the_bundled_pair():
-    """Measured on the eager runtime; raw, calibrated-weight and tilt scorers; plain decoding's tokens."""
+def test_cost_aware_decoding_on_the_bundled_pair(tmp_path):
+    """Built by the pipeline on the eager runtime; raw, calibrated-weight and tilt scorers, each with its
+    own cost model; plain decoding's tokens."""
     from PIL import Image
 
-    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
-    from lmms_msd.calibration.scorer import calibrated_tree
-    from lmms_msd.calibration.token_types import token_type_table
-    from lmms_msd.models.draft import load_draft
-    from lmms_msd.models.loading import load_target
+    from lmms_msd.pipeline import (
+        PairSettings,
+        RuntimeSettings,
+        TreeSettings,
+        build_decoder,
+        build_tree,
+        decode,
+        load_pair,
+    )
     from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
 
     target_dir, draft_dir = bundled_paths()
-    target, draft = load_target(str(target_dir), dtype=torch.float32), load_draft(str(draft_dir))
-    runtime = EagerRuntime(target, draft)
-    calibrator = GroupedIsotonicCalibrator.load(bundled_calibrator())
-    types = token_type_table(target.tokenizer, target.vocab_size)
-    trees = []
-    for tree in [OptTree()] + [calibrated_tree(OptTree(), calibrator, types, "cpu", mode) for mode in ("weight", "tilt")]:
-        track = getattr(tree.scorer, "needs_visual", False)
-        model = measure_cost_model(runtime, target, tree, track_visual=track, repeats=2, warmup=1)
-        assert model.key.image_positions == 64 and model.widths[-1] == 64 and model.key.track_visual == track
-        trees.append(dataclasses.replace(tree, stop="cost", cost=model))
-    assert [tree.cost.key.scorer for tree in trees] == ["draft_confidence", "CalibratedScorer", "TiltScorer"]
+    decoder = build_decoder(load_pair(PairSettings(str(target_dir), str(draft_dir), "cpu", "float32")), RuntimeSettings("eager"))
+    calibrated = [{"calibrator": str(bundled_calibrator()), "calibrator_mode": mode} for mode in ("weight", "tilt")]
+    trees = [build_tree(TreeSettings("opt", stop="cost", cost_cache=str(tmp_path), **c), decoder) for c in [{}, *calibrated]]
+    for tree in trees:
+        key = tree.cost_model["key"]
+        assert tree.builder.stop == "cost" and tree.builder.stop_delta is None and tree.cost_model["measured_now"]
+        assert key["image_positions"] == 576 and list(tree.cost_model["verify_ms"])[-1] == "64"  # 60 nodes and the root
+        assert key["runtime"] == "EagerRuntime" and key["track_visual"] == tree.track_visual
+    assert [t.cost_model["key"]["scorer"] for t in trees] == ["DraftConfidence", "CalibratedScorer", "TiltScorer"]
     config = GenerationConfig(max_new_tokens=48)
     for i, colour in enumerate(["white", "navy"]):
-        prompt = target.prepare(f"Describe the chart, part {i}.", [Image.new("RGB", (64, 64), colour)])
-        want = plain_generate(target, prompt, config).token_ids
+        prompt = decoder.target.prepare(f"Describe the chart, part {i}.", [Image.new("RGB", (64, 64), colour)])
+        want = decode(decoder, prompt, config).token_ids
         for tree in trees:
-            track = getattr(tree.scorer, "needs_visual", False)
-            assert speculative_generate(target, draft, prompt, config, tree, track_visual=track).token_ids == want
+            assert decode(decoder, prompt, config, tree=tree.builder, track_visual=tree.track_visual).token_ids == want
 
 
 def test_rates_are_expected_tokens_per_second():
@@ -272,16 +277,17 @@ def test_rates_are_expected_tokens_per_second():
 # ---- the plugin's model_arg ----------------------------------------------------------------------------------
 def test_plugin_stop_cost_reads_the_cache_it_wrote(tmp_path, monkeypatch):
     from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated
+    from lmms_msd.lmms_eval.statistics import run_meta
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = LlavaMsdCalibrated(tree="opt", stop="cost", stats_path=str(tmp_path / "s.json"))
-    tree = first._meta()["tree"]
-    assert tree["stop"] == "cost" and tree["cost_model"]["measured_now"] is True
-    assert tree["cost_model"]["key"]["scorer"] == "CalibratedScorer"  # the bundled pair's calibrator, the default
-    assert first.tree_builder.cost is not None and str(tmp_path) in tree["cost_model"]["file"]
+    meta = run_meta("m", first.args, first.tree, first._calibration, first.decoder.target, 1, "now")["tree"]
+    assert meta["stop"] == "cost" and meta["stop_delta"] is None and meta["cost_model"]["measured_now"] is True
+    assert meta["cost_model"]["key"]["scorer"] == "CalibratedScorer"  # the bundled pair's calibrator, the default
+    assert first.tree.builder.cost is not None and str(tmp_path) in meta["cost_model"]["file"]
     second = LlavaMsdCalibrated(tree="opt", stop="cost", stats_path=str(tmp_path / "s.json"))
-    assert second._meta()["tree"]["cost_model"]["measured_now"] is False
-    assert second.tree_builder.cost == first.tree_builder.cost
+    assert second.tree.cost_model["measured_now"] is False
+    assert second.tree.builder.cost == first.tree.builder.cost
 
 
 @pytest.mark.parametrize("args", [{"stop": "cost"}, {"stop": "cost", "tree": "opt", "use_msd": False}, {"stop": "fast", "tree": "opt"}])

@@ -24,6 +24,7 @@ from lmms_msd.speculative.decoding import (
     plain_generate,
     speculative_generate,
 )
+from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import EagleTree, OptTree
 
@@ -41,8 +42,8 @@ def with_eos(target, eos_token_id):
 
 
 def check_equal(target, draft, prompt, config):
-    plain = plain_generate(target, prompt, config)
-    spec = speculative_generate(target, draft, prompt, config, EagleTree())
+    plain = plain_generate(EagerRuntime(target), prompt, config)
+    spec = speculative_generate(EagerRuntime(target, draft), prompt, config, EagleTree())
     assert spec.token_ids == plain.token_ids
     assert spec.text == plain.text
     return plain, spec
@@ -92,16 +93,16 @@ def test_prompt_longer_than_max_length_is_refused():
     ids = torch.zeros(target.max_length + 1, dtype=torch.long)
     prompt = target.embed(ids, None)
     with pytest.raises(ValueError, match="maximum length is 512"):
-        plain_generate(target, prompt, GenerationConfig())
+        plain_generate(EagerRuntime(target), prompt, GenerationConfig())
     with pytest.raises(ValueError, match="maximum length"):
-        speculative_generate(target, random_draft(target, 0), prompt, GenerationConfig(), EagleTree())
+        speculative_generate(EagerRuntime(target, random_draft(target, 0)), prompt, GenerationConfig(), EagleTree())
 
 
 def test_stats_add_up():
     target = tiny_target(0, context_scale=0.05)
     prompt = random_prompt(target, 5)
     config = GenerationConfig(max_new_tokens=30)
-    spec = speculative_generate(with_eos(target, 10_000), following_draft(target), prompt, config, EagleTree())
+    spec = speculative_generate(EagerRuntime(with_eos(target, 10_000), following_draft(target)), prompt, config, EagleTree())
     stats = spec.stats
     assert stats.new_tokens == 30 and stats.steps == len(stats.accepted)
     assert stats.tau == pytest.approx(1 + sum(stats.accepted) / stats.steps)
@@ -124,9 +125,29 @@ def test_opt_tree_greedy_equals_plain(draft_kind, variant, stop_delta):
     for i in range(10):
         prompt = random_prompt(target, 500 + i, with_image=i % 2 == 0)
         config = GenerationConfig(max_new_tokens=20 + i)
-        plain = plain_generate(target, prompt, config)
-        spec = speculative_generate(target, draft, prompt, config, tree)
+        plain = plain_generate(EagerRuntime(target), prompt, config)
+        spec = speculative_generate(EagerRuntime(target, draft), prompt, config, tree)
         assert spec.token_ids == plain.token_ids
         taus.append(spec.stats.tau)
     if draft_kind == "following":
         assert sum(taus) / len(taus) >= 3.0
+
+
+def test_eager_runtime_holds_two_sequences_at_once():
+    """Each sequence owns its caches: two generations stepped in turn give each its own tokens."""
+    target = with_eos(tiny_target(1), 10_000)
+    runtime = EagerRuntime(target, random_draft(target, 0))
+    prompts = [random_prompt(target, 21), random_prompt(target, 22, with_image=False)]
+    config = GenerationConfig(max_new_tokens=9)
+    want = [plain_generate(runtime, prompt, config).token_ids for prompt in prompts]
+    running = []
+    for prompt in prompts:
+        sequence, hidden, logits = runtime.prefill(prompt, config.max_new_tokens)
+        token = int(logits[-1].argmax())
+        runtime.prefill_draft(sequence, prompt, hidden, token, track_visual=False)
+        running.append((sequence, [token]))
+    for _ in range(config.max_new_tokens - 1):
+        for sequence, tokens in running:
+            tokens.append(int(runtime.forward_next(sequence, torch.tensor([tokens[-1]]))[-1].argmax()))
+    assert [tokens for _, tokens in running] == want
+    assert running[0][0].drafter is not running[1][0].drafter

@@ -121,7 +121,7 @@ def test_command_line_conv_template_reaches_the_prompt(tiny_hf_dir, data, tmp_pa
 
     seen = {}
 
-    def record(target, *args):
+    def record(target, *args, **kwargs):
         seen["target"] = target
         return {"last": None}
 
@@ -140,3 +140,56 @@ def test_missing_image_is_named(target, data, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(records))
     with pytest.raises(FileNotFoundError, match="nope.png"):
         train_draft(target, tmp_path / "bad.json", data / "images", tmp_path / "o", TrainingConfig(steps=1))
+
+
+def test_draft_sees_the_ids_the_target_was_trained_on(data, tmp_path):
+    """With the testbed target's padded byte-level vocabulary, train-draft's sequence for a conversation
+    is train-target's (prompt, " " + reply, </s>; one placeholder where train-target expands it) and its
+    answer mask is train-target's label span."""
+    from lmms_msd.models.image import load_image_preprocessor
+    from lmms_msd.models.target import Target
+    from lmms_msd.testbed.target_training import (
+        IGNORE_INDEX,
+        PROMPT_FORMAT,
+        SIZE_PRESETS,
+        build_target_model,
+        encode_conversations,
+        save_image_processor,
+        tokenizer_corpus,
+        train_tokenizer,
+    )
+
+    records = [r for r in json.loads((data / "data.json").read_text()) if "image" in r]
+    one_turn = [{**r, "conversations": r["conversations"][:2]} for r in records]
+    sizes = SIZE_PRESETS["tiny"]
+    tokenizer = train_tokenizer(tokenizer_corpus(one_turn), tmp_path, sizes.vocab_size, sizes.max_position_embeddings)
+    save_image_processor(tmp_path, sizes.image_size)
+    model = build_target_model(sizes, tokenizer, seed=0)
+    target = Target(model.eval(), tokenizer, load_image_preprocessor(tmp_path, pad_to_square=False), PROMPT_FORMAT, "hf")
+    n_image = (sizes.image_size // sizes.patch_size) ** 2
+    input_ids, labels, lengths = encode_conversations(one_turn, tokenizer, target.image_token_id, n_image, 1024)
+    for row, record in enumerate(one_turn):
+        sample = encode_conversation(target, record, data / "images", with_image=True)
+        ids = input_ids[row, : int(lengths[row])]
+        is_image = ids == target.image_token_id
+        keep = ~is_image | (is_image.cumsum(0) == 1)  # the expanded image ids back to one placeholder
+        assert torch.equal(sample.input_ids, ids[keep])
+        assert torch.equal(sample.answer_mask, (labels[row, : int(lengths[row])] != IGNORE_INDEX)[keep])
+
+
+def test_command_line_writes_float16_shards(tiny_hf_dir, data, tmp_path):
+    """--save_dtype float16 --max_shard_size: the finished head in float16 shards with their index (the
+    bundled pair's format); the resume checkpoint stays one float32 file."""
+    status = main([
+        "train-draft", "--pretrained", str(tiny_hf_dir), "--data", str(data / "data.json"),
+        "--image_folder", str(data / "images"), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+        "--steps", "1", "--warmup_steps", "1", "--grad_accum", "1", "--save_dtype", "float16", "--max_shard_size", "20000",
+    ])
+    assert status == 0
+    out = tmp_path / "out"
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    draft = load_draft(str(out), dtype=torch.float16)
+    resumable = load_draft(str(out / "checkpoint"), dtype=torch.float32)
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    for key, value in resumable.state_dict().items():
+        assert torch.equal(draft.state_dict()[key], value.half()), key

@@ -20,6 +20,7 @@ from decoding_fixtures import (
 
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate
 from lmms_msd.speculative.fast import StaticEngine
+from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import EagleTree, OptTree, Tree
 from lmms_msd.speculative.verify import accept_greedy, children_lists
@@ -64,11 +65,11 @@ def test_static_engine_greedy_equals_eager(draft_kind):
     for i in range(8):
         prompt = random_prompt(target, 300 + i, with_image=i % 2 == 0)
         config = GenerationConfig(max_new_tokens=12 + 3 * i)
-        plain = plain_generate(no_eos, prompt, config)
-        assert engine.plain_generate(prompt, config).token_ids == plain.token_ids
+        plain = plain_generate(EagerRuntime(no_eos), prompt, config)
+        assert plain_generate(engine, prompt, config).token_ids == plain.token_ids
         for name, tree in TREES.items():
-            eager = speculative_generate(no_eos, draft, prompt, config, tree)
-            fast = engine.speculative_generate(prompt, config, tree)
+            eager = speculative_generate(EagerRuntime(no_eos, draft), prompt, config, tree)
+            fast = speculative_generate(engine, prompt, config, tree)
             assert fast.token_ids == plain.token_ids, name
             assert fast.stats.accepted == eager.stats.accepted, name
             deep += max(fast.stats.accepted) >= 3
@@ -77,14 +78,14 @@ def test_static_engine_greedy_equals_eager(draft_kind):
         k = next((k for k in range(3, len(text) - 2) if text[k : k + 2] not in text[: k + 1]), None)
         if k is not None:
             until = GenerationConfig(max_new_tokens=config.max_new_tokens, until=(text[k : k + 2],))
-            fast = engine.speculative_generate(prompt, until, TREES["opt"])
-            assert fast.text == plain_generate(no_eos, prompt, until).text == text[:k]
+            fast = speculative_generate(engine, prompt, until, TREES["opt"])
+            assert fast.text == plain_generate(EagerRuntime(no_eos), prompt, until).text == text[:k]
     # an EOS inside the output
     eos = plain.token_ids[5]
     with_stop = with_eos(target, eos)
     config = GenerationConfig(max_new_tokens=40)
-    expected = plain_generate(with_stop, prompt, config).token_ids
-    assert StaticEngine(with_stop, draft, max_length=256).speculative_generate(prompt, config, TREES["opt"]).token_ids == expected
+    expected = plain_generate(EagerRuntime(with_stop), prompt, config).token_ids
+    assert speculative_generate(StaticEngine(with_stop, draft, max_length=256), prompt, config, TREES["opt"]).token_ids == expected
     if draft_kind == "following":
         assert deep >= 8, "the following draft should have paths of 3+ accepted tokens"
 
@@ -97,11 +98,11 @@ def test_static_engine_sampling_equals_eager():
     config = GenerationConfig(max_new_tokens=25, do_sample=True, temperature=1.0, top_p=0.9)
     for i in range(4):
         prompt = random_prompt(target, 700 + i)
-        eager = speculative_generate(target, draft, prompt, config, TREES["opt"], generator=torch.Generator().manual_seed(i))
-        fast = engine.speculative_generate(prompt, config, TREES["opt"], generator=torch.Generator().manual_seed(i))
+        eager = speculative_generate(EagerRuntime(target, draft), prompt, config, TREES["opt"], generator=torch.Generator().manual_seed(i))
+        fast = speculative_generate(engine, prompt, config, TREES["opt"], generator=torch.Generator().manual_seed(i))
         assert fast.token_ids == eager.token_ids
-        plain_eager = plain_generate(target, prompt, config, generator=torch.Generator().manual_seed(i))
-        plain_fast = engine.plain_generate(prompt, config, generator=torch.Generator().manual_seed(i))
+        plain_eager = plain_generate(EagerRuntime(target), prompt, config, generator=torch.Generator().manual_seed(i))
+        plain_fast = plain_generate(engine, prompt, config, generator=torch.Generator().manual_seed(i))
         assert plain_fast.token_ids == plain_eager.token_ids
 
 
@@ -168,9 +169,9 @@ def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant):
 
     for i, colour in enumerate(["white", "navy"]):
         prompt = target.prepare(f"Describe the chart, part {i}.", [Image.new("RGB", (64, 64), colour)])
-        eager = speculative_generate(target, draft, prompt, config, tree, track_visual=True)
-        fast = engine.speculative_generate(prompt, config, tree, track_visual=True)
-        assert fast.token_ids == eager.token_ids == plain_generate(target, prompt, config).token_ids
+        eager = speculative_generate(EagerRuntime(target, draft), prompt, config, tree, track_visual=True)
+        fast = speculative_generate(engine, prompt, config, tree, track_visual=True)
+        assert fast.token_ids == eager.token_ids == plain_generate(EagerRuntime(target), prompt, config).token_ids
         assert fast.stats.accepted == eager.stats.accepted
 
 
@@ -179,7 +180,20 @@ def test_too_long_generation_names_the_sizes():
     engine = StaticEngine(target, random_draft(target, 1), max_length=64)
     prompt = random_prompt(target, 1)
     with pytest.raises(ValueError, match="raise max_length"):
-        engine.speculative_generate(prompt, GenerationConfig(max_new_tokens=60), TREES["opt"])
+        speculative_generate(engine, prompt, GenerationConfig(max_new_tokens=60), TREES["opt"])
+
+
+def test_a_second_prefill_invalidates_the_first_sequence():
+    """The engine's caches hold one generation: a prefill starts a new one and the old one refuses to go on."""
+    target = tiny_target(0)
+    engine = StaticEngine(target, random_draft(target, 1), max_length=128)
+    first, _, _ = engine.prefill(random_prompt(target, 1), 8)
+    second, _, logits = engine.prefill(random_prompt(target, 2), 8)
+    with pytest.raises(RuntimeError, match="no longer live"):
+        engine.forward_next(first, logits[-1].argmax()[None])
+    committed = second.committed
+    engine.forward_next(second, logits[-1].argmax()[None])
+    assert second.committed == committed + 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -193,10 +207,10 @@ def test_cuda_graphs_change_nothing():
     for i in range(4):
         prompt = random_prompt(target, 900 + i)
         config = GenerationConfig(max_new_tokens=30)
-        want = plain_generate(target, prompt, config).token_ids
-        assert graphs.plain_generate(prompt, config).token_ids == want
+        want = plain_generate(EagerRuntime(target), prompt, config).token_ids
+        assert plain_generate(graphs, prompt, config).token_ids == want
         for tree in TREES.values():
-            a = graphs.speculative_generate(prompt, config, tree)
-            b = eager.speculative_generate(prompt, config, tree)
+            a = speculative_generate(graphs, prompt, config, tree)
+            b = speculative_generate(eager, prompt, config, tree)
             assert a.token_ids == b.token_ids == want and a.stats.accepted == b.stats.accepted
     assert len(graphs.static_target._graphed) > 0

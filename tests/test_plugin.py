@@ -16,14 +16,10 @@ from conftest import random_image
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
-from lmms_msd.lmms_eval.plugin import (
-    MODEL_ID,
-    LlavaMsdCalibrated,
-    generation_config,
-    lmms_eval_output_path,
-    model_manifest,
-    request_seed,
-)
+from lmms_msd.lmms_eval.model_args import MODEL_ID
+from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated, model_manifest
+from lmms_msd.lmms_eval.requests import generation_config, request_seed
+from lmms_msd.lmms_eval.statistics import lmms_eval_output_path
 from lmms_msd.models.draft import DraftConfig, new_random_draft, save_draft
 from lmms_msd.testbed.inflate import TextShape
 
@@ -176,7 +172,7 @@ def test_model_args_are_coerced(tiny_hf_dir, tiny_draft_dir):
     assert (a.total_tokens, a.depth, a.top_k, a.seed, a.use_msd) == (30, 3, 4, -1, True)
     assert type(a.depth) is int and a.system_prompt is None and a.conv_template == "vicuna_v1"
     assert (a.device, a.dtype) == ("cpu", "float32")
-    assert (lm.tree_builder.total_tokens, lm.tree_builder.depth, lm.tree_builder.top_k) == (30, 3, 4)
+    assert (lm.tree.builder.total_tokens, lm.tree.builder.depth, lm.tree.builder.top_k) == (30, 3, 4)
 
 
 @pytest.mark.parametrize("value", ["auto", "-1"])
@@ -184,12 +180,12 @@ def test_total_tokens_auto_times_the_target(tiny_hf_dir, tiny_draft_dir, tmp_pat
     lm = LlavaMsdCalibrated.create_from_arg_string(
         f"pretrained={tiny_hf_dir},msd_model_path={tiny_draft_dir},total_tokens={value},stats_path={tmp_path / 's.json'}"
     )
-    assert lm.args.total_tokens is None and lm.tree_builder.total_tokens in (40, 48, 50, 56, 60)
+    assert lm.args.total_tokens is None and lm.tree.builder.total_tokens in (40, 48, 50, 56, 60)
     lm.task_dict = {TASK: {SPLIT: docs}}
     lm.generate_until([request(0)])
     auto = json.loads((tmp_path / "s.json").read_text())["tree"]["total_tokens_auto"]
     assert auto["candidates"] == [40, 48, 50, 56, 60] and len(auto["seconds"]) == 5
-    assert auto["chosen"] == lm.tree_builder.total_tokens
+    assert auto["chosen"] == lm.tree.builder.total_tokens
 
 
 def test_draft_that_does_not_fit_the_target(tiny_hf_dir, tiny_hf_target, tmp_path):
@@ -199,7 +195,7 @@ def test_draft_that_does_not_fit_the_target(tiny_hf_dir, tiny_hf_target, tmp_pat
 
 
 def test_plain_baseline_needs_no_draft(plain_model):
-    assert plain_model.draft is None and plain_model.tree_builder is None
+    assert plain_model.decoder.draft is None and plain_model.tree is None
 
 
 # ---- gen_kwargs --------------------------------------------------------------------------------------------
@@ -275,14 +271,17 @@ def test_speculative_equals_plain_greedy_in_request_order(model, plain_model, do
 def test_static_engine_gives_the_eager_answers(tiny_hf_dir, tiny_draft_dir, model, docs, tmp_path):
     """engine=static (static caches; CUDA graphs where CUDA is) answers as the eager loop does, greedy and
     sampled, plain and speculative; on CPU the default engine is the eager one."""
-    assert model.args.engine == "eager" and model.engine is None
+    from lmms_msd.speculative.fast import StaticEngine
+    from lmms_msd.speculative.runtime import EagerRuntime
+
+    assert model.args.engine == "eager" and isinstance(model.decoder.runtime, EagerRuntime)
     static = LlavaMsdCalibrated(
         pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), engine="static", stats_path=str(tmp_path / "s.json")
     )
     static_plain = LlavaMsdCalibrated(
         pretrained=str(tiny_hf_dir), use_msd="false", engine="static", stats_path=str(tmp_path / "p.json")
     )
-    assert static.engine is not None
+    assert isinstance(static.decoder.runtime, StaticEngine)
     sampled = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
     for gen_kwargs in (None, sampled):
         requests = [request(i, gen_kwargs) for i in range(4)]
@@ -308,7 +307,7 @@ def test_padding_requests_are_not_decoded_or_counted(model, docs):
     padding = request(1, metadata={"__padding_only__": True})
     texts = run(model, [request(0), padding], docs)
     assert texts[1] == ""
-    report = json.loads(model.stats_path.read_text())
+    report = json.loads(model.report.path.read_text())
     assert report["decoding"] == "speculative"
 
 
@@ -441,7 +440,7 @@ def test_opt_tree_model_args(tiny_hf_dir, tiny_draft_dir):
     )
     from lmms_msd.speculative.tree import OptTree, draft_confidence
 
-    assert lm.tree_builder == OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, scorer=draft_confidence, variant="upstream")
+    assert lm.tree.builder == OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, scorer=draft_confidence, variant="upstream")
     assert lm.args.calibrator is None and lm.args.train_ratio is None
 
 
@@ -466,7 +465,7 @@ def test_calibrator_file(tiny_hf_dir, tiny_draft_dir, plain_model, docs, tmp_pat
     X = np.stack([rng.uniform(size=300), rng.integers(0, 3, 300), rng.uniform(size=300)], axis=1)
     path = GroupedIsotonicCalibrator(attention_bins=2, min_group_size=20).fit(X, (X[:, 0] > 0.5) * 1.0).save(tmp_path / "c.json")
     lm = opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "s.json", calibrator=str(path), node_budget=12, top_k=3)
-    assert isinstance(lm.tree_builder.scorer, CalibratedScorer) and lm.track_visual
+    assert isinstance(lm.tree.builder.scorer, CalibratedScorer) and lm.tree.track_visual
     assert run(lm, [request(i) for i in range(3)], docs) == run(plain_model, [request(i) for i in range(3)], docs)
     calibration = json.loads((tmp_path / "s.json").read_text())["tree"]["calibrator"]
     settings = {"attention_bins": 2, "min_group_size": 20, "label": "hard", "n_types": 3}
@@ -487,7 +486,7 @@ def test_tilt_mode_with_a_file_and_online_is_lossless(tiny_hf_dir, tiny_draft_di
     path = GroupedIsotonicCalibrator(attention_bins=2, min_group_size=20).fit(X, (X[:, 0] > 0.5) * 1.0).save(tmp_path / "c.json")
     plain = run(plain_model, [request(i) for i in range(4)], docs)
     lm = opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "s.json", calibrator=str(path), calibrator_mode="tilt", node_budget=12, top_k=3)
-    assert isinstance(lm.tree_builder.scorer, TiltScorer) and lm.track_visual
+    assert isinstance(lm.tree.builder.scorer, TiltScorer) and lm.tree.track_visual
     assert run(lm, [request(i) for i in range(3)], docs) == plain[:3]
     assert json.loads((tmp_path / "s.json").read_text())["tree"]["calibrator_mode"] == "tilt"
     online = opt_model(
@@ -529,5 +528,6 @@ def test_inflate_embeds_the_loaded_pair_into_the_shape():
     lm = LlavaMsdCalibrated.create_from_arg_string("inflate=512x6", {"batch_size": 1, "max_batch_size": None, "device": None})
     assert lm.args.inflate == TextShape(512, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
                                         intermediate_size=1376)  # fmt: skip
-    text = lm.target.model.config.text_config
-    assert (lm.target.hidden_size, text.num_hidden_layers, lm.draft.config.hidden_size) == (512, 6, 512)
+    target, draft = lm.decoder.target, lm.decoder.draft
+    text = target.model.config.text_config
+    assert (target.hidden_size, text.num_hidden_layers, draft.config.hidden_size) == (512, 6, 512)

@@ -80,7 +80,8 @@ def test_preset_model_args_are_the_plugins(name):
     import inspect
 
     from lmms_msd.calibration.scorer import CALIBRATOR_MODES
-    from lmms_msd.lmms_eval.plugin import CALIBRATOR_LABELS, LlavaMsdCalibrated
+    from lmms_msd.lmms_eval.model_args import CALIBRATOR_LABELS
+    from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated
     from lmms_msd.models.prompt import TEMPLATE_SYSTEM_PROMPTS
     from lmms_msd.speculative.tree import OPT_VARIANTS
 

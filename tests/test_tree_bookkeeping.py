@@ -5,15 +5,20 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from lmms_msd.speculative.drafting import DraftRows
 from lmms_msd.speculative.runtime import keep_path
 from lmms_msd.speculative.tree import (
     EagleTree,
+    NodeScorer,
     OptTree,
     Tree,
+    TreeSpec,
     choose_total_tokens,
+    draft_confidence,
+    grow_tree,
     select_nodes,
 )
 from lmms_msd.speculative.verify import accept_greedy, tree_attention_mask
@@ -120,7 +125,7 @@ def test_eagle_tree_by_hand():
     ]
     drafter = MarkovDrafter(table)
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
-    tree = EagleTree(total_tokens=5, depth=1, top_k=2).build(drafter, root_token=0, root_hidden=root_hidden)
+    tree = grow_tree(drafter, EagleTree(total_tokens=5, depth=1, top_k=2), root_token=0, root_hidden=root_hidden)
     assert tree.tokens.tolist() == [0, 1, 2, 0, 3]
     assert tree.parents.tolist() == [-1, 0, 0, 1, 2]
     assert tree.depths.tolist() == [0, 1, 1, 2, 2]
@@ -133,7 +138,7 @@ def test_eagle_tree_worked_example():
     """EagleTree's docstring example: depth 2 reaches depth 3; total_tokens 7 keeps 6 draft nodes."""
     drafter = MarkovDrafter(OPT_TABLE)
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
-    tree = EagleTree(total_tokens=7, depth=2, top_k=2).build(drafter, root_token=0, root_hidden=root_hidden)
+    tree = grow_tree(drafter, EagleTree(total_tokens=7, depth=2, top_k=2), root_token=0, root_hidden=root_hidden)
     assert tree.tokens.tolist() == [0, 1, 2, 0, 2, 3, 1]
     assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2, 3]
     assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2, 3]
@@ -152,7 +157,9 @@ def test_choose_total_tokens_divides_by_upstreams_gains():
 def test_eagle_tree_defaults_are_upstreams():
     # upstream's defaults total_token 59, depth 5, top_k 10: 58 draft nodes, reaching depth 6
     tree = EagleTree()
-    assert (tree.growth.budget, tree.growth.max_depth, tree.growth.top_k) == (58, 6, 10)
+    assert (tree.budget, tree.max_depth, tree.top_k) == (58, 6, 10)
+    assert tree == TreeSpec(kind="eagle2", top_k=10, max_depth=6, node_budget=58) and tree.slots == 59
+    assert tree.settings() == {"total_tokens": 59, "depth": 5, "top_k": 10} and EagleTree(**tree.settings()) == tree
 
 
 def record_expansions(drafter) -> list:
@@ -174,7 +181,7 @@ def test_eagle_tree_frontier_ancestors():
     drafter = MarkovDrafter(table)
     seen = record_expansions(drafter)
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
-    tree = EagleTree(total_tokens=7, depth=2, top_k=2).build(drafter, 0, root_hidden)
+    tree = grow_tree(drafter, EagleTree(total_tokens=7, depth=2, top_k=2), 0, root_hidden)
     # level 1: tokens 0 (0.7), 1 (0.2); level-2 candidates 0->0 .49, 0->1 .14, 1->1 .12, 1->2 .04;
     # frontier 0->0 (slot 0's child), 0->1 (slot 0's child).
     assert seen[0] == ([0, 1], [[], []])
@@ -189,26 +196,31 @@ def test_opt_tree_stops_when_a_level_adds_little():
     # .6 + .3 + .27 = 1.17, gain .27). stop_delta .3 stops there: only level 1 was fed to the draft.
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
     drafter = MarkovDrafter(OPT_TABLE)
-    tree = OptTree(node_budget=3, stop_delta=0.3, max_depth=10, top_k=2).build(drafter, 0, root_hidden)
+    tree = grow_tree(drafter, OptTree(node_budget=3, stop_delta=0.3, max_depth=10, top_k=2), 0, root_hidden)
     assert drafter.tree_used == 2
     assert tree.tokens.tolist() == [0, 1, 2, 0] and tree.parents.tolist() == [-1, 0, 0, 1]
     # stop_delta .2 grows level 3 (frontier 1->0 .27 and 2->3 .24; children .162, .081, .096, .072),
     # which cannot enter the best 3: gain 0, stop. Same tree, two levels fed.
     drafter = MarkovDrafter(OPT_TABLE)
-    tree = OptTree(node_budget=3, stop_delta=0.2, max_depth=10, top_k=2).build(drafter, 0, root_hidden)
+    tree = grow_tree(drafter, OptTree(node_budget=3, stop_delta=0.2, max_depth=10, top_k=2), 0, root_hidden)
     assert drafter.tree_used == 4
     assert tree.tokens.tolist() == [0, 1, 2, 0]
 
 
-def test_opt_tree_scorer_replaces_draft_confidence():
-    # A scorer that trusts token 2 fully and distrusts everything else re-ranks the tree.
-    def scorer(logprobs, tokens, depth, visual):
+class TrustTokenTwo:
+    """A scorer that trusts token 2 fully and distrusts everything else."""
+
+    needs_visual = False
+
+    def __call__(self, logprobs, tokens, depth, visual):
         return torch.where(tokens == 2, torch.zeros_like(logprobs), logprobs + math.log(0.1))
 
+
+def test_opt_tree_scorer_replaces_draft_confidence():
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
-    tree = OptTree(node_budget=2, stop_delta=0.0, max_depth=2, top_k=2, scorer=scorer).build(
-        MarkovDrafter(OPT_TABLE), 0, root_hidden
-    )
+    spec = OptTree(node_budget=2, stop_delta=0.0, max_depth=2, top_k=2, scorer=TrustTokenTwo())
+    assert not spec.needs_visual
+    tree = grow_tree(MarkovDrafter(OPT_TABLE), spec, 0, root_hidden)
     # weights: 2 -> 1.0, 1 -> .06; level 2: 2->3 .08, 2->0 .01, 1->0 .0027, 1->2 .021 -> best two: 2, 2->3
     assert tree.tokens.tolist() == [0, 2, 3] and tree.parents.tolist() == [-1, 0, 1]
 
@@ -219,13 +231,13 @@ def test_opt_tree_upstream_worked_example():
     drafter = MarkovDrafter(OPT_TABLE)
     seen = record_expansions(drafter)
     settings = dict(node_budget=5, stop_delta=0.2, max_depth=10, top_k=2)
-    tree = OptTree(**settings, variant="upstream").build(drafter, 0, root_hidden)
+    tree = grow_tree(drafter, OptTree(**settings, variant="upstream"), 0, root_hidden)
     assert tree.tokens.tolist() == [0, 1, 2, 0, 3, 1]
     assert tree.parents.tolist() == [-1, 0, 0, 1, 2, 3]
     assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3]
     # levels 1 and 2 fed (level 3 is kept unfed); level 2's frontier 1>0, 2>3 sees its parent's slot
     assert seen == [([1, 2], [[], []]), ([0, 3], [[1, 0], [0, 1]])]
-    tree = OptTree(**settings, variant="frontier").build(MarkovDrafter(OPT_TABLE), 0, root_hidden)
+    tree = grow_tree(MarkovDrafter(OPT_TABLE), OptTree(**settings, variant="frontier"), 0, root_hidden)
     assert tree.tokens.tolist() == [0, 1, 2, 0, 2, 3] and tree.parents.tolist() == [-1, 0, 0, 1, 1, 2]
 
 
@@ -233,15 +245,40 @@ def test_opt_tree_upstream_checks_the_first_level():
     # level 1 weighs .6 + .3 = .9: with stop_delta 1 upstream keeps it alone and runs no forward
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
     drafter = MarkovDrafter(OPT_TABLE)
-    tree = OptTree(node_budget=5, stop_delta=1.0, max_depth=10, top_k=2, variant="upstream").build(drafter, 0, root_hidden)
+    tree = grow_tree(drafter, OptTree(node_budget=5, stop_delta=1.0, max_depth=10, top_k=2, variant="upstream"), 0, root_hidden)
     assert tree.tokens.tolist() == [0, 1, 2] and drafter.tree_used == 0
     drafter = MarkovDrafter(OPT_TABLE)
-    OptTree(node_budget=5, stop_delta=1.0, max_depth=10, top_k=2, variant="frontier").build(drafter, 0, root_hidden)
+    grow_tree(drafter, OptTree(node_budget=5, stop_delta=1.0, max_depth=10, top_k=2, variant="frontier"), 0, root_hidden)
     assert drafter.tree_used == 2
 
 
 def test_opt_tree_budget_is_clipped_to_what_can_be_stored():
     # the thesis's settings: 10 levels of 10 stored nodes at most, so a budget of 500 keeps them all
-    growth = OptTree(node_budget=500, stop_delta=0.2, max_depth=10, top_k=10, variant="upstream").growth
-    assert growth.budget == 100 and growth.frontier_only
-    assert OptTree(node_budget=500, max_depth=2, top_k=3).growth.budget == 3 + 9
+    spec = OptTree(node_budget=500, stop_delta=0.2, max_depth=10, top_k=10, variant="upstream")
+    assert spec.budget == 100 and spec.frontier_only and spec.slots == 101
+    assert OptTree(node_budget=500, max_depth=2, top_k=3).budget == 3 + 9
+
+
+def test_tree_spec_holds_what_both_kinds_may_set():
+    spec = OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, variant="upstream")
+    assert spec == TreeSpec(kind="opt", top_k=3, max_depth=4, node_budget=20, stop_delta=0.5, opt_variant="upstream", stop="delta")
+    assert spec.settings() == {
+        "node_budget": 20, "stop_delta": 0.5, "max_depth": 4, "top_k": 3, "scorer": draft_confidence, "variant": "upstream",
+        "stop": "delta", "cost": None,
+    }  # fmt: skip
+    assert OptTree(**spec.settings()) == spec
+    assert isinstance(draft_confidence, NodeScorer) and not draft_confidence.needs_visual
+    with pytest.raises(ValueError, match="total_tokens >= 2"):
+        EagleTree(total_tokens=1)
+    with pytest.raises(ValueError, match="OPT-Tree's"):
+        TreeSpec(kind="eagle2", top_k=2, max_depth=3, node_budget=4, stop_delta=0.1)
+    with pytest.raises(ValueError, match="OPT-Tree's"):
+        TreeSpec(kind="eagle2", top_k=2, max_depth=3, node_budget=4, stop="delta")
+    with pytest.raises(ValueError, match="stop=None"):
+        TreeSpec(kind="opt", top_k=2, max_depth=3, node_budget=4, stop_delta=0.1, opt_variant="frontier")  # no stop rule
+    with pytest.raises(ValueError, match="variant 'wide'"):
+        OptTree(variant="wide")
+    with pytest.raises(TypeError, match="needs_visual"):
+        OptTree(scorer=lambda logprobs, tokens, depth, visual: logprobs)  # a bare function does not say
+    with pytest.raises(TypeError, match="positional"):
+        TreeSpec("opt", 3, 4, 20)  # keyword fields only

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import clone
 
 from lmms_msd.calibration.isotonic import (
     GroupedIsotonicCalibrator,
@@ -25,17 +26,16 @@ from lmms_msd.calibration.scorer import (
     calibrated_tree,
 )
 from lmms_msd.speculative.sampling import GenerationConfig
-from lmms_msd.speculative.tree import OptTree
+from lmms_msd.speculative.tree import TreeSpec
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
 class RequestPlan:
     """How to decode one request: pass these to `speculative_generate`."""
 
-    tree_builder: OptTree
+    tree: TreeSpec
     observer: CalibrationObserver | None
     track_visual: bool
 
@@ -54,10 +54,13 @@ class OnlineCalibration:
     all of them. "hard" or "soft" fits that label directly. `mode` is how the fitted calibrator scores
     the tree's nodes (`calibrated_scorer`: "weight" or "tilt").
 
+    calibrator: the estimator's settings (attention bins, group size); it is cloned
+    (`sklearn.base.clone`) and the clone fitted, `self.calibrator`, so the one passed stays unfitted.
+
         online = OnlineCalibration(n, 0.3, OptTree(), token_types, GroupedIsotonicCalibrator(), seed=0)
         for i in online.order:
             plan = online.plan(i, config)
-            result = speculative_generate(..., plan.tree_builder, generator, plan.observer, plan.track_visual)
+            result = speculative_generate(runtime, prompts[i], config, plan.tree, generator, plan.observer, plan.track_visual)
             online.done()
     """
 
@@ -65,7 +68,7 @@ class OnlineCalibration:
         self,
         n_requests: int,
         train_ratio: float,
-        tree: OptTree,
+        tree: TreeSpec,
         token_types: torch.Tensor,
         calibrator: GroupedIsotonicCalibrator,
         seed: int = 0,
@@ -86,13 +89,14 @@ class OnlineCalibration:
         self.label_report: dict[str, Any] | None = None  # choose_label's, when label is auto
         self.tree = tree
         self.device = device
-        self.calibrator = calibrator
+        self.estimator = calibrator  # the settings, never fitted
+        self.calibrator: GroupedIsotonicCalibrator | None = None  # its fitted clone, once fitted
         self.token_types = token_types
         self.order = np.random.default_rng(seed).permutation(n_requests).tolist()
         self.n_observe = min(n_requests, math.ceil(train_ratio * n_requests))
         self.observer = CalibrationObserver(token_types)
         self.finished = 0
-        self.calibrated: OptTree | None = None  # set once fitted
+        self.calibrated: TreeSpec | None = None  # the tree scored by the calibrator, once fitted
 
     @property
     def observing(self) -> bool:
@@ -104,7 +108,7 @@ class OnlineCalibration:
             return RequestPlan(self.tree, self.observer, track_visual=True)
         if self.calibrated is None:
             return RequestPlan(self.tree, None, track_visual=False)
-        return RequestPlan(self.calibrated, None, track_visual=self.calibrated.scorer.needs_visual)
+        return RequestPlan(self.calibrated, None, track_visual=self.calibrated.needs_visual)
 
     def done(self) -> None:
         """Call after each request; fits the calibrator after the last observed one."""
@@ -118,8 +122,8 @@ class OnlineCalibration:
         label = self.label
         if label == "auto":
             label, self.label_report = choose_label(
-                observations, self.calibrator.attention_bins, self.calibrator.min_group_size, self.seed
+                observations, self.estimator.attention_bins, self.estimator.min_group_size, self.seed
             )
-        self.calibrator.set_params(label=label).fit_observations(observations)
+        self.calibrator = clone(self.estimator).set_params(label=label).fit_observations(observations)
         self.calibrated = calibrated_tree(self.tree, self.calibrator, self.token_types, self.device, self.mode)
         log.info("online calibration fitted on %d nodes from %d requests: %r", len(observations), self.n_observe, self.calibrator)

@@ -4,12 +4,11 @@
 - `tilt` (`TiltScorer`, the thesis's): the prediction tilts the draft's logits of the proposed
   children, and the re-normalised draft probability is the node's weight.
 
-Both satisfy `lmms_msd.speculative.tree.NodeScorer`; OPT-Tree's weights and its stopping rule use them.
+Both implement the `lmms_msd.speculative.tree.NodeScorer` protocol; OPT-Tree's weights and its stopping rule use them.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,10 +19,7 @@ from lmms_msd.calibration.isotonic import (
     GroupedIsotonicCalibrator,
 )
 from lmms_msd.calibration.token_types import NUMBER
-from lmms_msd.speculative.tree import OptTree
-
-log = logging.getLogger(__name__)
-
+from lmms_msd.speculative.tree import TreeSpec
 
 
 class CalibratedScorer:
@@ -48,6 +44,7 @@ class CalibratedScorer:
 
     @property
     def needs_visual(self) -> bool:
+        """Whether the calibrator's groups read the visual attention (it was fitted with attention bins)."""
         return self.predictor.needs_visual
 
     def __call__(self, logprobs: torch.Tensor, tokens: torch.Tensor, depth: int, visual: torch.Tensor | None) -> torch.Tensor:
@@ -262,7 +259,7 @@ def calibrated_scorer(
 
 
 def calibrated_tree(
-    tree: OptTree, calibrator: GroupedIsotonicCalibrator, token_types: torch.Tensor, device: torch.device | str, mode: str = "weight"
-) -> OptTree:
+    tree: TreeSpec, calibrator: GroupedIsotonicCalibrator, token_types: torch.Tensor, device: torch.device | str, mode: str = "weight"
+) -> TreeSpec:
     """The same OPT-Tree settings, scored by the calibrator in `mode` (`calibrated_scorer`)."""
     return replace(tree, scorer=calibrated_scorer(calibrator, token_types, device, mode))

@@ -7,9 +7,9 @@ Methods (`--methods`, every one by default):
     eagle2       speculative decoding, EAGLE-2 tree
     opt          speculative decoding, OPT-Tree on the raw draft confidence
     opt_cal      speculative decoding, OPT-Tree on the calibrator's predicted acceptance
-    opt_cost, opt_cal_cost   opt and opt_cal with stop=cost (`lmms_msd.speculative.cost`), each on a
-                 cost model measured at start-up on the runtime that decodes, with its own scorer
-                 (run only when named)
+    opt_cost, opt_cal_cost   opt and opt_cal with stop=cost (`lmms_msd.speculative.cost`), each on the
+                 cost model of the runtime that decodes and its own scorer, measured at start-up and
+                 saved in --cost_cache (read from there by a later run) (run only when named)
 
 Every method decodes every request from the same embedded prompt (image preprocessing and the vision
 tower are done once per request, untimed: they are the same for all methods). Timing:
@@ -35,12 +35,13 @@ the command exits 1. hf_generate's differences are reported but do not fail the 
 cache are transformers', not ours). At a positive temperature the methods sample (each request from a
 generator seeded with `--seed` + its index) and nothing is compared; hf_generate is skipped.
 
-`--engine static` runs plain and speculative decoding through `lmms_msd.speculative.fast.StaticEngine`
-(preallocated caches, CUDA graphs on cuda); hf_generate is the same in both engines. `--inflate 7b`
-(or HIDDENxLAYERS) replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`):
+The pair, its trees and its runtime come from `lmms_msd.pipeline`, as the plugin's do. `--engine static`
+runs plain and speculative decoding through `lmms_msd.speculative.fast.StaticEngine` (preallocated
+caches, CUDA graphs on cuda); hf_generate is the same in both engines. `--inflate 7b` (or
+HIDDENxLAYERS) replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`):
 about 7B's cost per forward, the miniature's outputs. `--stop_delta`, `--node_budget`, `--max_depth`,
-`--top_k` and `--opt_variant` set OPT-Tree's settings for opt and opt_cal (default: `OptTree`'s; the
-plugin's model_args of the same names); `--calibrator_mode` how opt_cal's calibrator scores nodes
+`--top_k` and `--opt_variant` set OPT-Tree's settings for every opt* method (default: `OptTree`'s; the
+plugin's model_args of the same names); `--calibrator_mode` how opt_cal's (and opt_cal_cost's) calibrator scores nodes
 (`weight`, or the thesis's logit `tilt`: `lmms_msd.calibration.scorer.calibrated_scorer`).
 
 Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
@@ -58,16 +59,39 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    import torch
-    from PIL import Image
+import torch
+from PIL import Image
+from tqdm import tqdm
 
-    from lmms_msd.models.target import EmbeddedPrompt, Target
-    from lmms_msd.speculative.decoding import GenerationResult
-    from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.models.target import EmbeddedPrompt, Target
+from lmms_msd.pipeline import (
+    ENGINES,
+    Decoder,
+    PairSettings,
+    RuntimeSettings,
+    TreeSettings,
+    TreeSetup,
+    build_decoder,
+    build_tree,
+    decode,
+    default_device,
+    default_dtype,
+    fitted_calibrator,
+    inflation_shape,
+    load_pair,
+    request_generator,
+    resolve_pair,
+    static_engine_class,
+)
+from lmms_msd.speculative.decoding import DecodeStats, GenerationResult, _synchronize
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.stopping import Stopper
+from lmms_msd.speculative.tree import TreeSpec
+from lmms_msd.testbed.charts import load_records, question_of, record_images
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +100,7 @@ DEFAULT_METHODS = METHODS[:5]
 REFERENCE = "plain"
 HF = "hf_generate"
 SPECULATIVE = ("eagle2", "opt", "opt_cal", "opt_cost", "opt_cal_cost")
-ENGINES = ("eager", "static")
+CALIBRATED = ("opt_cal", "opt_cal_cost")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TASK = "msd_chartqa_synth_long"
 DEFAULT_INCLUDE_PATH = REPO / "tasks"  # the repository's local tasks (absent from an installed wheel)
@@ -85,7 +109,7 @@ FILES = ("bench.json", "bench.md", "bench.png")
 
 # (prompt, config, generator, profile, observer) -> result; the observer is called after every verification
 # (`lmms_msd.speculative.decoding.StepObserver`; ignored by hf_generate and plain)
-RunFn = Callable[["EmbeddedPrompt", "GenerationConfig", "torch.Generator | None", bool, "Callable | None"], "GenerationResult"]
+RunFn = Callable[[EmbeddedPrompt, GenerationConfig, "torch.Generator | None", bool, "Callable | None"], GenerationResult]
 
 
 # ---- requests ------------------------------------------------------------------------------------------
@@ -101,25 +125,17 @@ class BenchRequest:
 def requests_from_data_dir(data_dir: Path, split: str, style: str, limit: int) -> list[BenchRequest]:
     """The LLaVA conversation records of a chart data folder (`lmms-msd make-charts`), read as
     `lmms-msd calibrate` reads them: the first human turn, the record's image."""
-    from PIL import Image
-
-    from lmms_msd.commands.calibrate import load_records, question_of
-
     if not data_dir.is_dir():
         raise FileNotFoundError(
             f"--data_dir {data_dir}: no such folder; write one with `lmms-msd make-charts --out {data_dir}`, "
             "or pass --task/--include_path"
         )
-    requests = []
-    for i, record in enumerate(load_records(data_dir, split, style, limit)):
-        images = []
-        if record.get("image"):
-            with Image.open(data_dir / record["image"]) as image:
-                images.append(image.convert("RGB"))
-        requests.append(BenchRequest(i, question_of(record), images))
-    return requests
+    records = load_records(data_dir, split, style, limit)
+    return [BenchRequest(i, question_of(record), record_images(data_dir, record)) for i, record in enumerate(records)]
 
 
+# lmms-eval's side (its task YAMLs, `datasets`, the adapter's request conversion) is imported in the two
+# functions that read a task: a data folder (--data_dir) needs none of it.
 def find_task_yaml(task: str, include_path: Path) -> Path:
     """The YAML under `include_path` whose `task:` is `task`."""
     from lmms_eval.utils import load_yaml_config
@@ -137,14 +153,14 @@ def find_task_yaml(task: str, include_path: Path) -> Path:
     raise FileNotFoundError(f"no task {task!r} in the YAML files under {include_path}; pass --include_path <folder of its YAML>")
 
 
-def requests_from_task(task: str, include_path: Path, limit: int) -> tuple[list[BenchRequest], dict[str, Any]]:
+def requests_from_task(task: str, include_path: Path, limit: int) -> tuple[list[BenchRequest], GenerationConfig]:
     """The first `limit` documents of a task's test split, made into requests as lmms-eval makes them for
     the plugin (doc_to_text with the task's default lmms_eval_specific_kwargs, doc_to_visual), and the
-    task's gen_kwargs (with lmms-eval's default stop string when it names none)."""
+    settings of the task's gen_kwargs (with lmms-eval's default stop string when it names none)."""
     from datasets import load_dataset
     from lmms_eval.utils import load_yaml_config
 
-    from lmms_msd.lmms_eval.plugin import request_images
+    from lmms_msd.lmms_eval.requests import generation_config, request_images
 
     path = find_task_yaml(task, include_path)
     config = load_yaml_config(str(path), mode="full")
@@ -167,10 +183,10 @@ def requests_from_task(task: str, include_path: Path, limit: int) -> tuple[list[
         requests.append(BenchRequest(doc_id, context, request_images(doc_to_visual, doc)))
     gen_kwargs = dict(config.get("generation_kwargs") or {})
     gen_kwargs.setdefault("until", [config.get("fewshot_delimiter", "\n\n")])  # lmms-eval's default
-    return requests, gen_kwargs
+    return requests, generation_config(gen_kwargs)
 
 
-# ---- the pair and the methods ------------------------------------------------------------------------------
+# ---- the methods ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
     """One way to decode. kind: "hf" (transformers' generate), "plain" or "speculative"; tau and the
@@ -181,107 +197,32 @@ class Method:
     run: RunFn
 
 
-def load_pair(args: argparse.Namespace, need_draft: bool, shape=None):
-    """(target, draft or None) as the plugin would load them, embedded into `shape` (a
-    `lmms_msd.testbed.inflate.TextShape`) when given."""
-    from lmms_msd.models.draft import check_draft_fits, load_draft
-    from lmms_msd.models.loading import load_target
-
-    target = load_target(args.pretrained, device=args.device, dtype=args.dtype)
-    draft = None
-    if need_draft:
-        draft = load_draft(args.msd_model_path, device=target.device, dtype=target.dtype)
-        check_draft_fits(draft, target.hidden_size, target.vocab_size)
-    if shape is not None:
-        from lmms_msd.testbed.inflate import inflate_pair, inflate_target
-
-        target, draft = inflate_pair(target, draft, shape) if draft is not None else (inflate_target(target, shape), None)
-        log.info("inflated the pair to %s", shape)
-    return target, draft
+def method_trees(
+    names, opt: dict[str, Any], calibrator: str | None, calibrator_mode: str = "weight", cost_cache: str | None = None
+) -> dict[str, TreeSettings]:
+    """name -> the tree settings of each speculative method in `names`: eagle2 the plugin's defaults;
+    opt and opt_cal OPT-Tree with `opt` (TreeSettings' OPT-Tree fields, e.g. {"stop_delta": 0.2}) over
+    its defaults, opt_cal scored by `calibrator` in `calibrator_mode`; opt_cost and opt_cal_cost the same
+    with stop "cost", their cost models in `cost_cache`."""
+    calibrated = {"calibrator": calibrator, "calibrator_mode": calibrator_mode}
+    cost = {"stop": "cost", "cost_cache": cost_cache}
+    trees = {"eagle2": TreeSettings("eagle2"), "opt": TreeSettings("opt", **opt), "opt_cal": TreeSettings("opt", **opt, **calibrated),
+             "opt_cost": TreeSettings("opt", **opt, **cost), "opt_cal_cost": TreeSettings("opt", **opt, **calibrated, **cost)}  # fmt: skip
+    return {name: trees[name] for name in names if name in SPECULATIVE}
 
 
-def inflation_shape(name: str):
-    """The `TextShape` --inflate names ("7b" or HIDDENxLAYERS), from `lmms_msd.testbed.inflate`, imported
-    only when --inflate asks for it."""
-    try:
-        module = importlib.import_module("lmms_msd.testbed.inflate")
-    except ImportError as error:
-        raise SystemExit(f"lmms-msd bench: --inflate needs lmms_msd.testbed.inflate, which cannot be imported ({error})") from error
-    try:
-        return module.shape_from_name(name)
-    except ValueError as error:
-        raise SystemExit(f"lmms-msd bench: --inflate {name}: {error}") from error
-
-
-def static_engine_class():
-    """`lmms_msd.speculative.fast.StaticEngine`, imported only for --engine static."""
-    try:
-        return importlib.import_module("lmms_msd.speculative.fast").StaticEngine
-    except (ImportError, AttributeError) as error:
-        raise SystemExit(
-            f"lmms-msd bench: --engine static needs lmms_msd.speculative.fast.StaticEngine, which cannot be imported ({error}); "
-            "use --engine eager"
-        ) from error
-
-
-def tree_builders(
-    names, target, calibrator: str | None, opt_settings: dict[str, Any] | None = None, calibrator_mode: str = "weight",
-    runtime=None,
-) -> dict[str, Any]:  # fmt: skip
-    """name -> (tree builder, whether the drafter must track visual attention), the plugin's defaults;
-    opt_settings (OptTree's fields, e.g. {"stop_delta": 0.2, "variant": "upstream"}) replace OPT-Tree's
-    defaults for opt and opt_cal alike; calibrator_mode is opt_cal's; runtime (the one that will
-    decode) is where the *_cost methods' costs are measured."""
-    from lmms_msd.speculative.tree import EagleTree, OptTree
-
-    opt_tree = OptTree(**(opt_settings or {}))
-    trees: dict[str, Any] = {}
-    if "eagle2" in names:
-        trees["eagle2"] = (EagleTree(), False)
-    if "opt" in names:
-        trees["opt"] = (opt_tree, False)
-    if "opt_cost" in names:
-        trees["opt_cost"] = (with_cost_model(opt_tree, False, runtime, target), False)
-    if {"opt_cal", "opt_cal_cost"} & set(names):
-        from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
-        from lmms_msd.calibration.scorer import calibrated_tree
-        from lmms_msd.calibration.token_types import token_type_table
-
-        types = token_type_table(target.tokenizer, target.vocab_size)
-        tree = calibrated_tree(opt_tree, GroupedIsotonicCalibrator.load(calibrator), types, target.device, calibrator_mode)
-        if "opt_cal" in names:
-            trees["opt_cal"] = (tree, tree.scorer.needs_visual)
-        if "opt_cal_cost" in names:
-            trees["opt_cal_cost"] = (with_cost_model(tree, tree.scorer.needs_visual, runtime, target), tree.scorer.needs_visual)
-    return trees
-
-
-def with_cost_model(tree, track_visual: bool, runtime, target):
-    """OPT-Tree `tree` with stop=cost, on its costs measured now on `runtime` (`measure_cost_model`)."""
-    from lmms_msd.speculative.cost import measure_cost_model, summary_line
-
-    model = measure_cost_model(runtime, target, tree, track_visual=track_visual)
-    log.info("cost model (%s): %s", model.key.scorer, summary_line(model))
-    return replace(tree, stop="cost", cost=model)
-
-
-def tree_settings(tree) -> dict[str, Any]:
-    """A tree builder's settings for the JSON (its scorer by name)."""
-    from dataclasses import fields
-
-    settings: dict[str, Any] = {"kind": type(tree).__name__}
-    for f in fields(tree):
-        value = getattr(tree, f.name)
-        settings[f.name] = value if isinstance(value, (int, float, str)) else getattr(value, "__name__", repr(value))
+def builder_settings(tree: TreeSpec) -> dict[str, Any]:
+    """A tree spec's settings for the JSON, kind named by its constructor (its scorer by repr; a cost
+    model is the report's "cost_models")."""
+    settings: dict[str, Any] = {"kind": {"eagle2": "EagleTree", "opt": "OptTree"}[tree.kind]}
+    for name, value in tree.settings().items():
+        if name != "cost":
+            settings[name] = value if value is None or isinstance(value, (int, float, str)) else repr(value)
     return settings
 
 
 def hf_generate_method(target: Target) -> Method:
     """transformers' `generate` from the same input embeddings, cut where our stopping rule cuts."""
-    import torch
-
-    from lmms_msd.speculative.decoding import DecodeStats, GenerationResult
-    from lmms_msd.speculative.stopping import Stopper
 
     @torch.inference_mode()
     def run(prompt, config, generator, profile, observer=None):
@@ -309,44 +250,20 @@ def hf_generate_method(target: Target) -> Method:
     return Method(HF, "hf", run)
 
 
-def eager_methods(target, draft, trees) -> dict[str, Method]:
-    from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+def build_methods(names, decoder: Decoder, trees: dict[str, TreeSetup]) -> list[Method]:
+    """The methods in `names`: plain and speculative decoding on the decoder's runtime (eager or
+    static), speculative with `trees[name]`, and hf_generate on its target."""
 
     def plain(p, c, g, profile, observer=None):
-        return plain_generate(target, p, c, g, profile=profile)
+        return decode(decoder, p, c, g, profile=profile)
 
-    methods = {REFERENCE: Method(REFERENCE, "plain", plain)}
-    for name, (tree, track_visual) in trees.items():
+    built = {REFERENCE: Method(REFERENCE, "plain", plain), HF: hf_generate_method(decoder.target)}
+    for name, tree in trees.items():
 
-        def run(p, c, g, profile, observer=None, tree=tree, track_visual=track_visual):
-            return speculative_generate(target, draft, p, c, tree, g, observer, track_visual=track_visual, profile=profile)
+        def run(p, c, g, profile, observer=None, tree=tree):
+            return decode(decoder, p, c, g, tree.builder, observer, tree.track_visual, profile)
 
-        methods[name] = Method(name, "speculative", run)
-    return methods
-
-
-def static_methods(engine, trees) -> dict[str, Method]:
-    def plain(p, c, g, profile, observer=None):
-        return engine.plain_generate(p, c, generator=g, profile=profile)
-
-    methods = {REFERENCE: Method(REFERENCE, "plain", plain)}
-    for name, (tree, track_visual) in trees.items():
-
-        def run(p, c, g, profile, observer=None, tree=tree, track_visual=track_visual):
-            return engine.speculative_generate(p, c, tree, generator=g, observer=observer, profile=profile, track_visual=track_visual)
-
-        methods[name] = Method(name, "speculative", run)
-    return methods
-
-
-def build_methods(names, target, draft, trees, engine=None) -> list[Method]:
-    """The methods in `names`; plain and speculative decoding run in `engine` (a StaticEngine) when
-    given, else in lmms_msd.speculative.decoding."""
-    if engine is None:
-        built = eager_methods(target, draft, trees)
-    else:
-        built = static_methods(engine, trees)
-    built[HF] = hf_generate_method(target)
+        built[name] = Method(name, "speculative", run)
     return [built[name] for name in names]
 
 
@@ -367,8 +284,6 @@ class TreeStats:
     expected: float = 0.0  # the builder's expected accepted length: the sum of the draft nodes' weights exp(score)
 
     def __call__(self, tree, logits, acceptance) -> None:
-        import torch
-
         deepest, expected = torch.stack([tree.depths.max().float(), tree.scores[1:].exp().sum().float()]).tolist()
         self.steps += 1
         self.nodes += len(tree) - 1
@@ -395,11 +310,7 @@ class Run:
 
 def timed_run(method: Method, prompt, config, seed: int, device, profile: bool = False, observer=None) -> tuple[Any, float]:
     """One run between device synchronisations: (result, seconds)."""
-    import torch
-
-    from lmms_msd.speculative.decoding import _synchronize
-
-    generator = None if config.greedy else torch.Generator(device).manual_seed(seed)
+    generator = request_generator(config, seed, device)
     _synchronize(device)
     start = time.perf_counter()
     result = method.run(prompt, config, generator, profile, observer)
@@ -440,8 +351,6 @@ def measure_request(methods: list[Method], prompt, config, seed: int, repeats: i
 def bench(methods: list[Method], target, requests: list[BenchRequest], config, *, warmup: int, repeats: int, seed: int,
           progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """Warm up, then time every request through every method: per request {doc_id, context, prompt_tokens, runs}."""
-    from tqdm import tqdm
-
     prompts = [target.prepare(r.context, r.images) for r in requests]
     for i, prompt in enumerate(prompts[:warmup]):
         for method in methods:
@@ -564,7 +473,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     source = f"task {c['task']} ({c['include_path']})" if c["task"] else f"data folder {c['data_dir']} ({c['split']}, {c['style']})"
     pair = f"Pair: {c['pretrained']} + {c['msd_model_path']}" + (f", inflated to {c['inflate']}" if c["inflate"] else "")
     m = report["machine"]
-    trees = "".join(f" {name}: " + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "scorer", "cost")) + "."
+    trees = "".join(f" {name}: " + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "scorer") and v is not None) + "."
                     for name, t in report["trees"].items())  # fmt: skip
     parts = [
         "# lmms-msd bench",
@@ -585,7 +494,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             "The tree columns come from the same profiled runs, per step: draft nodes (root excluded), the depth of the "
             "deepest node, the share of steps whose accepted path reached that depth (bottom %), and the tree "
             "builder's own expected accepted length (the sum of its node weights: raw draft confidences for eagle2 "
-            "and opt, calibrated ones for opt_cal) to set against alpha."
+            "and opt*, calibrated ones for opt_cal*) to set against alpha."
         ),
     ]
     if not greedy:
@@ -603,17 +512,17 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def cost_text(name: str, cost: dict[str, Any]) -> str:
-    """A *_cost method's cost model (`lmms_msd.speculative.cost.describe`) in a sentence."""
+    """A *_cost method's cost model (`lmms_msd.pipeline.TreeSetup.cost_model`) in a sentence."""
     verify = ", ".join(f"{w}: {t:.2f}" for w, t in cost["verify_ms"].items())
     return (
-        f"Cost model of {name}, measured at start-up (ms): verification by tree size (root included) "
-        f"{verify}; first level {cost['draft_root_ms']:.2f}, each further level {cost['draft_level_ms']:.2f}, rest of a step "
-        f"{cost['step_ms']:.2f}; plain decoding's step {cost['plain_step_ms']:.2f}."
+        f"Cost model of {name} ({'measured at start-up' if cost['measured_now'] else 'read from ' + cost['file']}, ms): "
+        f"verification by tree size (root included) {verify}; first level {cost['draft_root_ms']:.2f}, each further "
+        f"level {cost['draft_level_ms']:.2f}, rest of a step {cost['step_ms']:.2f}; plain decoding's step {cost['plain_step_ms']:.2f}."
     )
 
 
 def plot(summaries: list[Summary], path: Path) -> bool:
-    """A bar chart of ms/token per method; False when matplotlib is missing."""
+    """A bar chart of ms/token per method; False when matplotlib is missing (it is optional: imported here)."""
     if importlib.util.find_spec("matplotlib") is None:
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -635,13 +544,10 @@ def plot(summaries: list[Summary], path: Path) -> bool:
 
 
 def machine(target) -> dict[str, Any]:
-    import torch
-    import transformers
-
     device = target.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return {"device_name": name, "dtype": str(target.dtype).removeprefix("torch."), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}  # fmt: skip
+            "transformers": metadata.version("transformers"), "python": platform.python_version()}  # fmt: skip
 
 
 def write_outputs(report: dict[str, Any], output_dir: Path) -> str:
@@ -679,8 +585,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="sampling: request i draws from seed + i [0]")
     parser.add_argument("--warmup", type=int, default=2, help="requests run once, untimed, before timing [2]")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per request and method; the median counts [3]")
-    parser.add_argument("--methods", type=parse_methods, default=list(DEFAULT_METHODS), help=f"comma list of {','.join(METHODS)} [{','.join(DEFAULT_METHODS)}]")
-    opt = parser.add_argument_group("OPT-Tree's settings, for opt and opt_cal [OptTree's defaults]")
+    parser.add_argument("--methods", type=parse_methods, default=list(DEFAULT_METHODS),
+                        help=f"comma list of {','.join(METHODS)} [{','.join(DEFAULT_METHODS)}]")  # fmt: skip
+    opt = parser.add_argument_group("OPT-Tree's settings, for every opt* method [OptTree's defaults]")
     opt.add_argument("--stop_delta", type=float, default=None, help="early-stop threshold on the expected accepted length")
     opt.add_argument("--node_budget", type=int, default=None, help="draft nodes kept (the root not counted)")
     opt.add_argument("--max_depth", type=int, default=None, help="the deepest a node can be")
@@ -699,6 +606,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default=None, help="[cuda if available, else cpu]")
     parser.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 / auto [auto on cuda, float32 on cpu]")
     parser.add_argument("--output_dir", type=Path, default=Path("build/bench"), help="bench.json, bench.md, bench.png [build/bench]")
+    parser.add_argument("--cost_cache", type=Path, default=None,
+                        help="opt_cost, opt_cal_cost: their cost models' folder, read when there, else measured and saved [OUTPUT_DIR/cost_models]")  # fmt: skip
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return run
 
@@ -714,55 +623,47 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"lmms-msd bench: --max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise SystemExit(f"lmms-msd bench: --temperature must be >= 0, got {args.temperature}")
-    if opt_settings(args):
-        from lmms_msd.speculative.tree import OptTree
-
-        try:
-            OptTree(**opt_settings(args))
-        except ValueError as error:
-            raise SystemExit(f"lmms-msd bench: {error} (--stop_delta, --node_budget, --max_depth, --top_k, --opt_variant)") from error
+    try:
+        TreeSettings("opt", **opt_settings(args))
+    except ValueError as error:
+        raise SystemExit(f"lmms-msd bench: {error} (--stop_delta, --node_budget, --max_depth, --top_k, --opt_variant)") from error
 
 
 def opt_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The OPT-Tree settings given on the command line, as OptTree's fields."""
+    """The OPT-Tree settings given on the command line, as TreeSettings' fields."""
     given = {"stop_delta": args.stop_delta, "node_budget": args.node_budget, "max_depth": args.max_depth,
-             "top_k": args.top_k, "variant": args.opt_variant}  # fmt: skip
+             "top_k": args.top_k, "opt_variant": args.opt_variant}  # fmt: skip
     return {name: value for name, value in given.items() if value is not None}
 
 
 def resolve_pair_and_calibrator(args: argparse.Namespace) -> None:
-    """Fills in the bundled pair (and its calibrator) where nothing was named."""
-    from lmms_msd.testbed.bundled import bundled_calibrator, bundled_paths
-
-    bundled = args.pretrained is None and args.msd_model_path is None
-    if bundled:
-        target, draft = bundled_paths()
-        args.pretrained, args.msd_model_path = str(target), str(draft)
-    elif args.pretrained is None or (args.msd_model_path is None and set(args.methods) & set(SPECULATIVE)):
-        raise SystemExit("lmms-msd bench: name both --pretrained and --msd_model_path, or neither (the bundled pair)")
-    if {"opt_cal", "opt_cal_cost"} & set(args.methods):
-        if args.calibrator is None and bundled:
-            args.calibrator = str(bundled_calibrator())
+    """Fills in the bundled pair (and its calibrator) where nothing was named (`lmms_msd.pipeline.resolve_pair`)."""
+    try:
+        pair = resolve_pair(args.pretrained, args.msd_model_path, need_draft=bool(set(args.methods) & set(SPECULATIVE)))
+    except ValueError as error:
+        raise SystemExit(f"lmms-msd bench: {error}") from error
+    args.pretrained, args.msd_model_path = pair.pretrained, pair.msd_model_path
+    if set(CALIBRATED) & set(args.methods):
         if args.calibrator is None:
-            raise SystemExit("lmms-msd bench: opt_cal needs --calibrator <json> for this pair (fit one with `lmms-msd calibrate`), or drop it from --methods")
+            args.calibrator = fitted_calibrator(pair)
+        if args.calibrator is None:
+            raise SystemExit(
+                "lmms-msd bench: opt_cal and opt_cal_cost need --calibrator <json> for this pair (fit one with "
+                "`lmms-msd calibrate`), or drop them from --methods"
+            )
         if not Path(args.calibrator).is_file():
             raise SystemExit(f"lmms-msd bench: --calibrator {args.calibrator}: no such file")
 
 
 def load_requests(args: argparse.Namespace):
     """(requests, GenerationConfig) from the data folder or the task."""
-    from lmms_msd.speculative.sampling import GenerationConfig
-
     if args.data_dir is not None:
         requests = requests_from_data_dir(args.data_dir, args.split, args.style, args.limit)
         config = GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     else:
-        from lmms_msd.lmms_eval.plugin import generation_config
-
         args.task = args.task or DEFAULT_TASK
         args.include_path = args.include_path or DEFAULT_INCLUDE_PATH
-        requests, gen_kwargs = requests_from_task(args.task, args.include_path, args.limit)
-        config = generation_config(gen_kwargs)
+        requests, config = requests_from_task(args.task, args.include_path, args.limit)
     if not requests:
         raise SystemExit("lmms-msd bench: no requests to run")
     return requests, replace(
@@ -772,15 +673,21 @@ def load_requests(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from lmms_msd.speculative import cost as cost_module
-
     check_args(args)
-    engine_class = static_engine_class() if args.engine == "static" else None  # fail before loading anything
-    shape = inflation_shape(args.inflate) if args.inflate is not None else None
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.dtype = args.dtype or ("auto" if args.device.startswith("cuda") else "float32")
+    if args.engine == "static":
+        try:
+            static_engine_class()  # fail before loading anything
+        except (ImportError, AttributeError) as error:
+            raise SystemExit(
+                f"lmms-msd bench: --engine static needs lmms_msd.speculative.fast.StaticEngine, which cannot be imported ({error}); "
+                "use --engine eager"
+            ) from error
+    try:
+        shape = inflation_shape(args.inflate)
+    except ValueError as error:
+        raise SystemExit(f"lmms-msd bench: --inflate {args.inflate}: {error}") from error
+    args.device = args.device or default_device()
+    args.dtype = args.dtype or default_dtype(args.device)
     resolve_pair_and_calibrator(args)
     try:
         requests, config = load_requests(args)
@@ -792,22 +699,24 @@ def run(args: argparse.Namespace) -> int:
         names.remove(HF)
     if not names:
         raise SystemExit("lmms-msd bench: no method left to run")
-    target, draft = load_pair(args, need_draft=bool(set(names) & set(SPECULATIVE)), shape=shape)
-    engine = None if engine_class is None else engine_class(target, draft, max_length=args.max_length, cuda_graphs=None)
-    runtime = engine or importlib.import_module("lmms_msd.speculative.runtime").EagerRuntime(target, draft)
-    trees = tree_builders(names, target, args.calibrator, opt_settings(args), args.calibrator_mode, runtime)
-    methods = build_methods(names, target, draft, trees, engine)
-    measured = bench(methods, target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+    need_draft = bool(set(names) & set(SPECULATIVE))
+    pair = load_pair(PairSettings(args.pretrained, args.msd_model_path if need_draft else None, args.device, args.dtype, inflate=shape))
+    decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length))
+    args.cost_cache = args.cost_cache or args.output_dir / "cost_models"
+    settings = method_trees(names, opt_settings(args), args.calibrator, args.calibrator_mode, str(args.cost_cache))
+    trees = {name: build_tree(tree, decoder) for name, tree in settings.items()}
+    methods = build_methods(names, decoder, trees)
+    measured = bench(methods, decoder.target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                      progress=not args.no_progress)  # fmt: skip
     summaries = summarise(methods, measured)
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"},
-        "machine": machine(target),
+        "machine": machine(decoder.target),
         "generation": asdict(config),
         "greedy": config.greedy,
         "requests": len(requests),
-        "trees": {name: tree_settings(tree) for name, (tree, _) in trees.items()},
-        "cost_models": {name: cost_module.describe(tree.cost) for name, (tree, _) in trees.items() if getattr(tree, "cost", None)},
+        "trees": {name: builder_settings(tree.builder) for name, tree in trees.items()},
+        "cost_models": {name: tree.cost_model for name, tree in trees.items() if tree.cost_model is not None},
         "methods": [asdict(s) for s in summaries],
         "per_request": [{**m, "runs": {name: asdict(r) for name, r in m["runs"].items()}} for m in measured],
     }

@@ -23,6 +23,34 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tqdm import tqdm
+
+from lmms_msd.calibration.observations import (
+    CalibrationObserver,
+    Observations,
+    split_by_request,
+)
+from lmms_msd.calibration.token_types import token_type_table
+from lmms_msd.pipeline import (
+    Decoder,
+    PairPaths,
+    PairSettings,
+    RuntimeSettings,
+    TreeSettings,
+    build_decoder,
+    build_tree,
+    decode,
+    default_device,
+    default_dtype,
+    load_pair,
+    request_generator,
+    resolve_pair,
+)
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import TreeSpec
+from lmms_msd.testbed.charts import load_records, question_of, record_images
+
 log = logging.getLogger(__name__)
 
 STYLES = ("long", "short", "all")
@@ -59,8 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmms_msd.calibration.observations import Observations
-
     if (args.data_dir is None) == (args.observations is None):
         raise SystemExit("lmms-msd calibrate: give exactly one of --data_dir (decode and observe) or --observations (a saved file)")
     if args.observations is not None:
@@ -85,98 +111,52 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---- 1. collect ------------------------------------------------------------------------------------------
-def resolve_pair(pretrained: str | None, msd_model_path: str | None) -> tuple[str, str]:
-    """The named pair, or the bundled miniature for whichever is not named."""
-    if pretrained is not None and msd_model_path is not None:
-        return pretrained, msd_model_path
+def pair_paths(args: argparse.Namespace) -> PairPaths:
+    """--pretrained and --msd_model_path, or the bundled pair when neither is given."""
     try:
-        from lmms_msd.testbed.bundled import bundled_paths
-
-        target, draft = bundled_paths()
-    except (ImportError, FileNotFoundError) as error:
+        return resolve_pair(args.pretrained, args.msd_model_path)
+    except FileNotFoundError as error:
         raise SystemExit(
             f"lmms-msd calibrate: no --pretrained/--msd_model_path given and the bundled pair is not available ({error}); "
             "pass --pretrained <target> --msd_model_path <draft>"
         ) from error
-    return pretrained or str(target), msd_model_path or str(draft)
+    except ValueError as error:
+        raise SystemExit(f"lmms-msd calibrate: {error}") from error
 
 
-def load_records(data_dir: Path, split: str, style: str, limit: int) -> list[dict[str, Any]]:
-    path = data_dir / f"llava_{split}.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {path.name} in {data_dir}; write a data folder with `lmms-msd make-charts --out {data_dir}` "
-            "or pick another --split"
-        )
-    records = json.loads(path.read_text())
-    if style != "all":
-        records = [r for r in records if r.get("style", style) == style]
-    if not records:
-        raise ValueError(f"{path} has no records of style {style!r}; use --style all")
-    return records[:limit] if limit else records
-
-
-def question_of(record: dict[str, Any]) -> str:
-    """The first human turn without the `<image>` placeholder (the prompt format adds it back)."""
-    turns = record.get("conversations") or []
-    if not turns or turns[0].get("from") != "human":
-        raise ValueError(f"record {record.get('id')!r} does not start with a human turn")
-    return turns[0]["value"].replace("<image>", "").strip()
-
-
-def collect_from_folder(args: argparse.Namespace):
-    import torch
-
-    from lmms_msd.models.draft import check_draft_fits, load_draft
-    from lmms_msd.models.loading import load_target
-    from lmms_msd.speculative.tree import OptTree
-
+def collect_from_folder(args: argparse.Namespace) -> Observations:
     records = load_records(args.data_dir, args.split, args.style, args.limit)  # before loading models: fail fast
-    pretrained, msd_model_path = resolve_pair(args.pretrained, args.msd_model_path)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("auto" if device.startswith("cuda") else "float32")
-    target = load_target(pretrained, device=device, dtype=dtype)
-    draft = load_draft(msd_model_path, device=target.device, dtype=target.dtype)
-    check_draft_fits(draft, target.hidden_size, target.vocab_size)
-    tree = OptTree(node_budget=args.node_budget, stop_delta=args.stop_delta, max_depth=args.max_depth, top_k=args.top_k)
+    pair = pair_paths(args)
+    device = args.device or default_device()
+    settings = PairSettings(pair.pretrained, pair.msd_model_path, device, args.dtype or default_dtype(device))
+    decoder = build_decoder(load_pair(settings), RuntimeSettings())
+    tree = TreeSettings("opt", node_budget=args.node_budget, stop_delta=args.stop_delta, max_depth=args.max_depth, top_k=args.top_k)
     observations = collect_observations(
-        target, draft, records, args.data_dir, tree, args.temperature, args.max_new_tokens, args.seed, not args.no_progress
-    )
+        decoder, records, args.data_dir, build_tree(tree, decoder).builder, args.temperature, args.max_new_tokens, args.seed,
+        not args.no_progress,
+    )  # fmt: skip
     observations.meta.update(
-        pretrained=pretrained, msd_model_path=msd_model_path, data_dir=str(args.data_dir), split=args.split,
+        pretrained=pair.pretrained, msd_model_path=pair.msd_model_path, data_dir=str(args.data_dir), split=args.split,
         style=args.style, requests=len(records),
     )  # fmt: skip
     return observations
 
 
 def collect_observations(
-    target, draft, records, data_dir: Path, tree, temperature: float, max_new_tokens: int, seed: int, progress: bool = True
-):
+    decoder: Decoder, records, data_dir: Path, tree: TreeSpec, temperature: float, max_new_tokens: int, seed: int, progress: bool = True
+) -> Observations:
     """Speculative decoding over the records with `tree`, observing every step. Request i is records[i].
 
     Sampling (temperature > 0) draws request i from a generator seeded with seed + i.
     """
-    import torch
-    from PIL import Image
-    from tqdm import tqdm
-
-    from lmms_msd.calibration.observations import CalibrationObserver
-    from lmms_msd.calibration.token_types import token_type_table
-    from lmms_msd.speculative.decoding import speculative_generate
-    from lmms_msd.speculative.sampling import GenerationConfig
-
+    target = decoder.target
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
     observer = CalibrationObserver(token_type_table(target.tokenizer, target.vocab_size))
     tokens = steps = accepted = 0
     for i, record in enumerate(tqdm(records, desc="calibrate: decoding", disable=not progress)):
-        images = []
-        if record.get("image"):
-            with Image.open(data_dir / record["image"]) as image:
-                images.append(image.convert("RGB"))
-        prompt = target.prepare(question_of(record), images)
-        generator = None if config.greedy else torch.Generator(target.device).manual_seed(seed + i)
+        prompt = target.prepare(question_of(record), record_images(data_dir, record))
         observer.start_request(i, config)
-        result = speculative_generate(target, draft, prompt, config, tree, generator, observer, track_visual=True)
+        result = decode(decoder, prompt, config, request_generator(config, seed + i, target.device), tree, observer, track_visual=True)
         tokens += result.stats.new_tokens
         steps += result.stats.steps
         accepted += sum(result.stats.accepted)
@@ -205,9 +185,7 @@ def fit_and_report(
     ece_bins: int,
 ) -> dict[str, Any]:
     """Split, fit on both labels, pick one, write the calibrator and the report; returns the report."""
-    import numpy as np
-
-    from lmms_msd.calibration.observations import split_by_request
+    # scikit-learn (seconds to import) only here: `lmms-msd --help` imports this module
     from lmms_msd.calibration.quality import compare_labels, reliability_diagram
 
     fit_part, held_out = split_by_request(observations, fit_ratio, seed)

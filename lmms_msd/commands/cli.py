@@ -46,12 +46,19 @@ def _subcommands() -> dict[str, Subcommand]:
         regression,
         reproduce,
     )
-    from lmms_msd.testbed import charts, draft_training, report, target_training
+    from lmms_msd.testbed import (
+        charts,
+        draft_training,
+        make_data,
+        report,
+        target_training,
+    )
 
     return {
         "demo": Subcommand("plain vs speculative decoding on a tiny LLaVA made on the spot (no downloads)", demo.add_demo_arguments),
         "generate": Subcommand("plain vs speculative decoding on a target and MSD draft you name", demo.add_generate_arguments),
-        "make-charts": Subcommand("write the testbed's synthetic chart data (LLaVA conversations, ChartQA parquet)", charts.add_arguments),
+        "make-data": Subcommand("write the testbed's synthetic data: charts, mathvista, ai2d, mathverse, textvqa or all (LLaVA conversations, benchmark-schema parquet)", make_data.add_arguments),
+        "make-charts": Subcommand("the chart family alone, with its own options (make-data --family charts at 128 px by default)", charts.add_arguments),
         "train-target": Subcommand("train the testbed's miniature LLaVA target on the chart data", target_training.add_arguments),
         "train-draft": Subcommand("train an MSD draft head for a target on LLaVA conversation data", draft_training.add_arguments),
         "calibrate": Subcommand("fit the acceptance calibrator on a pair's observations; report ECE/Brier raw vs calibrated", calibrate.add_arguments),

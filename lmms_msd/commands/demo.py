@@ -17,6 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
+
+from lmms_msd.models.draft import load_draft, save_draft
+from lmms_msd.models.loading import load_target
+from lmms_msd.pipeline import (
+    Decoder,
+    Pair,
+    PairSettings,
+    RuntimeSettings,
+    build_decoder,
+    decode,
+    default_device,
+    load_pair,
+)
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import EagleTree
+from lmms_msd.testbed.tiny import dampen_context_, following_draft, save_tiny_hf_target
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +54,14 @@ class Comparison:
     speculative: Any  # DecodeStats
 
 
-def compare(target, draft, tree, questions, images, config, seed: int = 0) -> list[Comparison]:
+def compare(decoder: Decoder, tree, questions, images, config, seed: int = 0) -> list[Comparison]:
     """Run each (question, image) plainly and speculatively with the same seed."""
-    from lmms_msd.speculative.decoding import plain_generate, speculative_generate
-
+    target = decoder.target
     rows = []
     for question, image in zip(questions, images):
         prompt = target.prepare(question, [image] if image is not None else [])
-        plain = plain_generate(target, prompt, config, torch.Generator(target.device).manual_seed(seed))
-        spec = speculative_generate(target, draft, prompt, config, tree, torch.Generator(target.device).manual_seed(seed))
+        plain = decode(decoder, prompt, config, torch.Generator(target.device).manual_seed(seed))
+        spec = decode(decoder, prompt, config, torch.Generator(target.device).manual_seed(seed), tree)
         identical = plain.token_ids == spec.token_ids
         rows.append(Comparison(question, spec.text, identical, plain.stats, spec.stats))
     return rows
@@ -76,8 +92,6 @@ def format_table(rows: list[Comparison]) -> str:
 
 def demo_images(n: int, size: int, seed: int):
     """Simple bar-chart-like pictures: coloured bars of seeded heights."""
-    from PIL import Image, ImageDraw
-
     g = torch.Generator().manual_seed(seed)
     images = []
     for _ in range(n):
@@ -102,9 +116,6 @@ def add_tree_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings(args: argparse.Namespace):
-    from lmms_msd.speculative.sampling import GenerationConfig
-    from lmms_msd.speculative.tree import EagleTree
-
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature, top_p=args.top_p
     )
@@ -112,7 +123,7 @@ def settings(args: argparse.Namespace):
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, dtype: str) -> None:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtype", default=dtype, choices=["auto", "float16", "bfloat16", "float32"])
 
 
@@ -124,14 +135,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from lmms_msd.models.draft import load_draft, save_draft
-    from lmms_msd.models.loading import load_target
-    from lmms_msd.testbed.tiny import (
-        dampen_context_,
-        following_draft,
-        save_tiny_hf_target,
-    )
-
     config, tree = settings(args)
     with tempfile.TemporaryDirectory() as tmp:
         save_tiny_hf_target(Path(tmp) / "target", seed=args.seed)
@@ -140,7 +143,8 @@ def run_demo(args: argparse.Namespace) -> int:
         save_draft(following_draft(target), Path(tmp) / "draft")
         draft = load_draft(str(Path(tmp) / "draft"), device=target.device, dtype=target.dtype)
     size = target.model.config.vision_config.image_size
-    rows = compare(target, draft, tree, DEMO_QUESTIONS, demo_images(len(DEMO_QUESTIONS), size, args.seed), config, args.seed)
+    decoder = build_decoder(Pair(target, draft), RuntimeSettings())
+    rows = compare(decoder, tree, DEMO_QUESTIONS, demo_images(len(DEMO_QUESTIONS), size, args.seed), config, args.seed)
     print("tiny random LLaVA (HF layout) + a hand-built MSD head; outputs are gibberish, equality and tau are the point")
     print(format_table(rows))
     return 0 if all(r.identical for r in rows) else 1
@@ -158,11 +162,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from lmms_msd.models.draft import check_draft_fits, load_draft
-    from lmms_msd.models.loading import load_target
-
     if args.image and len(args.image) != len(args.question):
         raise SystemExit(f"give one --image per --question ({len(args.image)} images, {len(args.question)} questions)")
     images = []
@@ -171,9 +170,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise SystemExit(f"image not found: {path}")
         images.append(Image.open(path).convert("RGB"))
     config, tree = settings(args)
-    target = load_target(args.pretrained, vision_tower=args.vision_tower, device=args.device, dtype=args.dtype)
-    draft = load_draft(args.msd_model_path, device=target.device, dtype=target.dtype)
-    check_draft_fits(draft, target.hidden_size, target.vocab_size)
-    rows = compare(target, draft, tree, args.question, images or [None] * len(args.question), config, args.seed)
+    pair = load_pair(PairSettings(args.pretrained, args.msd_model_path, args.device, args.dtype, vision_tower=args.vision_tower))
+    rows = compare(build_decoder(pair, RuntimeSettings()), tree, args.question, images or [None] * len(args.question), config, args.seed)
     print(format_table(rows))
     return 0 if all(r.identical for r in rows) else 1

@@ -57,6 +57,9 @@ from lmms_msd.commands.presets import (
     Preset,
     Row,
 )
+from lmms_msd.models.prompt import TEMPLATE_SYSTEM_PROMPTS
+from lmms_msd.pipeline import uses_bundled_pair
+from lmms_msd.testbed.bundled import bundled_calibrator
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,6 @@ THESIS_TASKS = "chartqa,mathvista,ai2d,mathverse,textvqa"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CALIBRATOR = REPO / "calibrators" / "miniature.json"  # fitted for the bundled pair
 RESERVED_MODEL_ARGS = ("use_msd", "tree", "calibrator", "train_ratio", "stats_path")  # set per row, whatever the preset
-PAIR_MODEL_ARGS = ("pretrained", "msd_model_path")
 FILES = ("results.md", "results.csv", "results.json", "results.png")
 
 
@@ -73,8 +75,6 @@ def shared_args(preset: Preset, conv_template: str | None) -> str | None:
     the preset's unchanged)."""
     if conv_template is None:
         return None
-    from lmms_msd.models.prompt import TEMPLATE_SYSTEM_PROMPTS
-
     if conv_template not in TEMPLATE_SYSTEM_PROMPTS:
         raise SystemExit(f"lmms-msd reproduce: --conv_template {conv_template!r} is not one of {sorted(TEMPLATE_SYSTEM_PROMPTS)}")
     kept = [a for a in preset.shared.split(",") if a and not a.startswith("conv_template=")]
@@ -268,6 +268,7 @@ def write_csv(measurements: Sequence[Measurement], rows: Sequence[Row], path: Pa
 def plot(measurements: Sequence[Measurement], rows: Sequence[Row], tasks: Sequence[str], temperatures: Sequence[float], path: Path) -> None:
     """Grouped bars (one group per task, one bar per row): alpha, tau, score and tokens/s (one line of
     panels each), one column of panels per temperature. Rows with differing answers are hatched."""
+    # matplotlib is imported when the figure is drawn, not when `lmms-msd --help` imports this module
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -324,8 +325,10 @@ def gen_kwargs_for(temperature: float) -> str:
     return "temperature=0,do_sample=False" if temperature == 0 else f"temperature={temperature:g},do_sample=True"
 
 
-def model_arg_names(model_args: str) -> set[str]:
-    return {part.split("=", 1)[0].strip() for part in model_args.split(",") if part.strip()}
+def model_arg_values(model_args: str) -> dict[str, str]:
+    """name -> value of a model_args string ("a=1,b=x")."""
+    pairs = (part.split("=", 1) for part in model_args.split(",") if part.strip())
+    return {pair[0].strip(): pair[1] if len(pair) > 1 else "" for pair in pairs}
 
 
 def default_calibrator() -> Path | None:
@@ -333,8 +336,6 @@ def default_calibrator() -> Path | None:
     copy shipped in the package (an installed wheel has no repository); None when neither exists."""
     if DEFAULT_CALIBRATOR.is_file():
         return DEFAULT_CALIBRATOR
-    from lmms_msd.testbed.bundled import bundled_calibrator
-
     try:
         return bundled_calibrator()
     except FileNotFoundError:
@@ -422,8 +423,8 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     preset = PRESETS[args.preset]
-    names = model_arg_names(args.model_args)
-    reserved = sorted(names & reserved_model_args(preset))
+    given = model_arg_values(args.model_args)
+    reserved = sorted(given.keys() & reserved_model_args(preset))
     if reserved:
         raise SystemExit(
             f"lmms-msd reproduce: --model_args may not set {reserved}: the rows of preset {preset.name} set them "
@@ -435,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"lmms-msd reproduce: --limit must be at least 1, got {args.limit}")
     if args.train_ratio is not None and not 0 < args.train_ratio <= 1:
         raise SystemExit(f"lmms-msd reproduce: --train_ratio must be in (0, 1], got {args.train_ratio}")
-    bundled_pair = not names & set(PAIR_MODEL_ARGS)
+    bundled_pair = uses_bundled_pair(given.get("pretrained"), given.get("msd_model_path"))
     calibrator_args, calibrator_text = choose_calibrator(args.calibrator, args.train_ratio, bundled_pair, preset)
     rows = preset.table_rows(calibrator_args, shared_args(preset, args.conv_template))  # plain first: the others' answers are compared with its
     log.info("calibrator: %s", calibrator_text)

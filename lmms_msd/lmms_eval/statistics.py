@@ -14,20 +14,31 @@ Words as in the rest of the package: a **step** is one target forward after the 
 Plain decoding (`use_msd=false`) records the same fields: every step accepts 0 draft tokens, so tau
 is 1, and tokens_per_s is the baseline that a speculative run's tokens_per_s is divided by.
 
-This module knows nothing about lmms-eval; the plugin turns requests into `SampleRecord`s.
+The plugin turns requests into `SampleRecord`s; this module gathers them from every process
+(`gather_records`), describes the run (`run_meta`) and keeps the report of a run across its
+generate_until calls (`RunReport`). It does not import lmms-eval.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from lmms_msd.calibration.online import OnlineCalibration
+    from lmms_msd.models.target import Target
+    from lmms_msd.pipeline import TreeSetup
 
 REPORT_VERSION = 1
+STATS_FILE = "msd_stats.json"
 
 
 @dataclass(frozen=True)
@@ -219,3 +230,113 @@ def format_table(report: Mapping[str, Any], max_sample_rows: int = 20) -> str:
         if len(rows) > max_sample_rows:
             lines.append(f"({len(rows) - max_sample_rows} more samples in the JSON report)")
     return "\n".join(lines)
+
+
+# ---- one run of the plugin ---------------------------------------------------------------------------------
+def lmms_eval_output_path(argv: Sequence[str]) -> str | None:
+    """lmms-eval's `--output_path` when this process is an lmms-eval command line run.
+
+    lmms-eval does not hand its output path to the model, so it is read from the command line of
+    `python -m lmms_eval` / `accelerate launch -m lmms_eval` / `lmms-eval`.
+    """
+    if not argv:
+        return None
+    program = Path(argv[0])
+    if program.name != "lmms-eval" and program.parent.name != "lmms_eval":
+        return None
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--output_path")
+    known, _ = parser.parse_known_args(list(argv[1:]))
+    return known.output_path
+
+
+def report_path(given: str | None, argv: Sequence[str]) -> Path:
+    """Where the report goes: `given` (model_args stats_path), else <lmms-eval --output_path>/msd_stats.json,
+    else ./msd_stats.json."""
+    if given is not None:
+        return Path(given)
+    output_path = lmms_eval_output_path(argv)
+    return Path(output_path) / STATS_FILE if output_path else Path.cwd() / STATS_FILE
+
+
+def gather_records(records: list[SampleRecord], world_size: int) -> list[SampleRecord]:
+    """Every process's records, on every process; under data parallelism all processes must call this together."""
+    dist = torch.distributed
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return records
+    gathered: list[list[SampleRecord] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    return [r for part in gathered for r in part or []]
+
+
+def file_calibration_meta(path: str, tree: TreeSetup) -> dict[str, Any]:
+    """The report's calibrator block for a calibrator file."""
+    return {"mode": "file", "path": path, **tree.calibrator.get_params()}
+
+
+def online_calibration_meta(online: OnlineCalibration, observed: list[list[Any]]) -> dict[str, Any]:
+    """The report's calibrator block for online calibration. observed: [task, doc_id, repeat] of each
+    request decoded with the raw confidence while observing."""
+    fitted = online.calibrated is not None
+    return {
+        "mode": "online",
+        "train_ratio": online.train_ratio,
+        "requests": len(online.order),
+        "observed_requests": observed,
+        "observations": len(online.observer.observations()),
+        "fitted": fitted,
+        **(online.calibrator.get_params() if fitted else {}),
+        "label_comparison": online.label_report,
+    }
+
+
+def run_meta(
+    model: str, model_args: Any, tree: TreeSetup | None, calibration: dict[str, Any] | None, target: Target,
+    processes: int, started: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The report's head: how the run was set up. model_args: the plugin's coerced model_args (a
+    dataclass, recorded whole); tree: None for plain decoding; calibration: OPT-Tree's calibrator block
+    (None: raw draft confidence). OPT-Tree's stop "cost" records its cost model (`tree.cost_model`: the
+    file, whether it was measured now, its key and times in ms; None with stop "delta")."""
+    tree_meta = None
+    if tree is not None and tree.builder.kind == "eagle2":
+        tree_meta = {"kind": model_args.tree, **tree.builder.settings()}
+        if tree.total_tokens_auto is not None:
+            tree_meta["total_tokens_auto"] = tree.total_tokens_auto
+    elif tree is not None:
+        b = tree.builder
+        tree_meta = {"kind": "opt", "opt_variant": b.opt_variant, "node_budget": b.node_budget, "stop": b.stop,
+                     "stop_delta": b.stop_delta, "max_depth": b.max_depth, "top_k": b.top_k,
+                     "calibrator_mode": model_args.calibrator_mode, "calibrator": calibration or {"mode": "none"},
+                     "cost_model": tree.cost_model}  # fmt: skip
+    return {
+        "model": model,
+        "decoding": "speculative" if tree is not None else "plain",
+        "tree": tree_meta,
+        "model_args": asdict(model_args),
+        "target_layout": target.layout,
+        "torch_dtype": str(target.dtype).removeprefix("torch."),
+        "processes": processes,
+        "started": started,
+    }
+
+
+@dataclass
+class RunReport:
+    """The report of one run across its generate_until calls: every process's records, kept on the
+    process that writes (rank 0), and rewritten whole after each call."""
+
+    path: Path
+    records: list[SampleRecord] = field(default_factory=list)
+
+    @property
+    def overwrites_an_earlier_run(self) -> bool:
+        """Nothing written yet, but the file exists: an earlier run's."""
+        return not self.records and self.path.exists()
+
+    def add(self, records: Sequence[SampleRecord], meta: Mapping[str, Any]) -> dict[str, Any]:
+        """Add a call's records (of every process) and write the report; returns it."""
+        self.records.extend(records)
+        report = build_report(self.records, meta)
+        write_report(report, self.path)
+        return report

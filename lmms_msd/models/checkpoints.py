@@ -28,6 +28,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
 # what safetensors and torch.load raise on a truncated or foreign file
 READ_ERRORS = (SafetensorError, OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# a checkpoint's weights, in the order looked for: one file, or the shards its index names (the names
+# transformers' save_pretrained and huggingface_hub's sharding write)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def resolve_folder(name_or_path: str, what: str, allow_patterns: list[str] | None = None) -> Path:
@@ -166,3 +169,52 @@ def llava_from_pretrained(source, *, problem: str, dtype, device, attn_implement
     if reported:
         raise ValueError(f"{problem}: {reported}")
     return model
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: one file, or the shards its index names."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        shards = sorted(set(read_json(path)["weight_map"].values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path} names shards that are not in {folder}: {missing}")
+        return [folder / shard for shard in shards]
+    raise FileNotFoundError(f"no weights in {folder}: looked for {list(WEIGHT_FILES)}")
+
+
+def save_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None = None) -> list[Path]:
+    """Write `state` to `folder` as transformers' save_pretrained does: model.safetensors, or, when it
+    is bigger than max_shard_size (bytes, or a string such as "15MB" = 15 * 10**6 bytes; None: one
+    file), shards model-00001-of-0000n.safetensors and model.safetensors.index.json ({"metadata":
+    {"total_size": bytes}, "weight_map": {key: shard}}). A tensor bigger than max_shard_size gets a
+    shard of its own. Weight files of an earlier save in `folder` are removed first, so the folder
+    never holds two versions that `find_weight_files` could pick from. Returns the weight files written.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*(folder / name for name in WEIGHT_FILES), *folder.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
+    state = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    if max_shard_size is None:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return [folder / "model.safetensors"]
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for file, keys in split.filename_to_tensors.items():
+        save_file({key: state[key] for key in keys}, str(folder / file), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())}, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [folder / file for file in sorted(split.filename_to_tensors)]
+
+
+def shard_size(text: str) -> int | str:
+    """A --max-shard-size argument: a number of bytes ("15000000") as an int, or a size with a unit as
+    huggingface_hub and transformers read it ("15MB" = 15 * 10**6 bytes, "15MiB" = 15 * 2**20)."""
+    return int(text) if text.isdigit() else text

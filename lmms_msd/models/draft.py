@@ -4,8 +4,11 @@ The head is one LLaMA decoder layer without the input RMSNorm, fed at text posit
 fc([embed(x_{t+1}); f_t]) (embedding first; f_t is the target's last hidden state after its final
 norm) and at image positions with the projected image embedding itself. It has no final norm and no
 lm_head: logits are target.lm_head(h). Checkpoints are a folder with a LLaMA-style `config.json` and
-`model.safetensors` or `pytorch_model.bin`, keys without prefix (`embed_tokens.weight`, `fc.weight`,
-`fc.bias`, `layers.0.self_attn.q_proj.weight`, ...), as released for `lucylyn/MSD-LLaVA1.5-7B`.
+`model.safetensors` or `pytorch_model.bin` (or shards of either with their `*.index.json`, as
+transformers writes them), keys without prefix (`embed_tokens.weight`, `fc.weight`, `fc.bias`,
+`layers.0.self_attn.q_proj.weight`, ...), as released for `lucylyn/MSD-LLaVA1.5-7B`. The embedding is
+a frozen copy of the target's and is stored, as MSD (DeepSpeed's save_16bit_model, frozen parameters
+included) and EAGLE-1/2 store it; EAGLE-3 heads leave it out but carry an lm_head of their own.
 """
 
 from __future__ import annotations
@@ -20,11 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmms_msd.models.checkpoints import load_weight_file, read_json, resolve_folder
+from lmms_msd.models.checkpoints import (
+    WEIGHT_FILES,
+    find_weight_files,
+    load_weight_file,
+    read_json,
+    resolve_folder,
+    save_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# what a hub download of a draft fetches: the config and any of WEIGHT_FILES, shards included
+DOWNLOAD_PATTERNS = ["config.json", *WEIGHT_FILES, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin"]
 
 
 @dataclass(frozen=True)
@@ -305,18 +316,26 @@ def expected_keys(config: DraftConfig) -> set[str]:
     return set(MSDDraft(config).to(device="meta").state_dict().keys())
 
 
-def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """The first of WEIGHT_FILES in `folder` -> (its tensors, its path); an unreadable file is an error naming it."""
-    for name in WEIGHT_FILES:
-        file = folder / name
-        if file.is_file():
-            return load_weight_file(file), file
-    raise FileNotFoundError(f"no draft weights in {folder}: looked for {', '.join(WEIGHT_FILES)}")
+def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The draft's tensors in `folder` (one weight file, or the shards its index names) and the files'
+    names for messages; an unreadable file is an error naming it."""
+    try:
+        files = find_weight_files(folder)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"no draft weights in {folder}: {error}") from error
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        part = load_weight_file(file)
+        repeated = sorted(state.keys() & part.keys())
+        if repeated:
+            raise ValueError(f"draft weights {file} repeat keys of an earlier shard in {folder}: {repeated[:10]}")
+        state.update(part)
+    return state, str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
 
 
 def load_draft(path_or_id: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MSDDraft:
     """Load an MSD checkpoint strictly: every key present, none unexpected, every shape right."""
-    folder = resolve_folder(path_or_id, "draft checkpoint", allow_patterns=["config.json", *WEIGHT_FILES])
+    folder = resolve_folder(path_or_id, "draft checkpoint", allow_patterns=DOWNLOAD_PATTERNS)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in draft folder {folder}")
@@ -337,15 +356,20 @@ def load_draft(path_or_id: str, device: str | torch.device = "cpu", dtype: torch
     return draft.to(device=device, dtype=dtype).eval()
 
 
-def save_draft(draft: MSDDraft, folder: str | Path) -> Path:
-    """Write config.json and model.safetensors in the released format."""
-    from safetensors.torch import save_file
+def save_draft(
+    draft: MSDDraft, folder: str | Path, dtype: torch.dtype | None = None, max_shard_size: int | str | None = None
+) -> Path:
+    """Write config.json and model.safetensors in the released format.
 
+    dtype: of the saved weights [the draft's]
+    max_shard_size: None writes one file, as released heads are; else shards of at most this size
+        (bytes, or "15MB" = 15 * 10**6 bytes) with model.safetensors.index.json (`save_safetensors`)
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(draft.config.to_dict(), indent=2) + "\n")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in draft.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
+    state = {k: v if dtype is None else v.to(dtype) for k, v in draft.state_dict().items()}
+    save_safetensors(state, folder, max_shard_size)
     return folder
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lmms_msd.models.checkpoints import (
+    find_weight_files,
     llava_from_pretrained,
     load_tokenizer,
     load_weight_file,
@@ -59,7 +60,6 @@ LLAMA_KEYS = frozenset((
     "rms_norm_eps", "pretraining_tp", "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
     "attention_bias", "attention_dropout", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
 ))
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -144,22 +144,6 @@ def original_image_preprocessor(config: dict[str, Any], clip_folder: Path) -> Im
 
 
 # ---- weights ----------------------------------------------------------------------------------------
-def find_weight_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder: one file, or the shards its index names."""
-    for name in WEIGHT_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if not name.endswith(".index.json"):
-            return [path]
-        shards = sorted(set(read_json(path)["weight_map"].values()))
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path} names shards that are not in {folder}: {missing}")
-        return [folder / shard for shard in shards]
-    raise FileNotFoundError(f"no weights in {folder}: looked for {list(WEIGHT_FILES)}")
-
-
 def load_weights(files: list[Path]) -> dict[str, Weight]:
     """All tensors of `files` by key, with provenance, minus the ignorable buffers."""
     weights: dict[str, Weight] = {}

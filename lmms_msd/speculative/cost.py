@@ -20,7 +20,8 @@ along the node's path, so the sum is the expected accepted length, and the bonus
 `CostModel.step_seconds(L)[n]` seconds. The builder keeps the n that maximises tokens per second
 (the smallest n on a tie), and grows another level only while that best rate rises; the rate before
 level 1 is the plain step's, so when no tree of level 1 beats a plain step the step is a plain one.
-`lmms_msd.speculative.tree.OptTree` gives the worked example.
+`lmms_msd.speculative.tree.OptTree` gives the worked example; `OptTree(stop="cost", cost=model)` builds
+such a tree (`lmms_msd.pipeline.build_tree` reads or measures its model on the runtime that decodes).
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from lmms_msd.models.target import Target
     from lmms_msd.speculative.runtime import Runtime
+    from lmms_msd.speculative.tree import TreeSpec
 
 STOPS = ("delta", "cost")  # OPT-Tree's stop rules: stop_delta's absolute gain, or this module's rate
 # Tree sizes (root included) whose verification is timed: the static engine's token buckets
@@ -60,12 +63,12 @@ class CostKey:
     image_positions: int  # positions one image takes in the prompt (sets the measured prefix length)
     top_k: int  # the frontier width: rows fed per draft level
     frontier_only: bool  # OPT-Tree's variant: a level stores its frontier only (upstream) or every proposal
-    scorer: str  # the node scorer's name (draft_confidence, CalibratedScorer, TiltScorer): it runs every level
+    scorer: str  # the node scorer's class (DraftConfidence, CalibratedScorer, TiltScorer): it runs every level
     track_visual: bool  # whether the draft measures its attention on the image (a calibrator's feature)
 
     def file_name(self) -> str:
         """A file name that says what the key is and differs between keys. Example:
-        EagerRuntime-float32-h256x4-v538-i64-k10-frontier-draft_confidence-3f2a9c0d1e7b4a65.json"""
+        EagerRuntime-float32-h128x4-v32000-i576-k10-frontier-DraftConfidence-3f2a9c0d1e7b4a65.json"""
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
         variant = "upstream" if self.frontier_only else "frontier"
         return (
@@ -190,14 +193,15 @@ def image_positions(target: Target) -> int:
     return (vision.image_size // vision.patch_size) ** 2 + int(config.vision_feature_select_strategy == "full")
 
 
-def cost_key(runtime: Runtime, target: Target, tree: Any, track_visual: bool) -> CostKey:
+def cost_key(runtime: Runtime, tree: TreeSpec, track_visual: bool) -> CostKey:
     """The key of OPT-Tree `tree`'s costs on `runtime` (its frontier width, variant and scorer)."""
+    target = runtime.target
     cfg = target.model.config.text_config
     return CostKey(
         runtime=type(runtime).__name__, device=device_name(target.device), dtype=str(target.dtype).removeprefix("torch."),
         hidden_size=int(cfg.hidden_size), layers=int(cfg.num_hidden_layers), vocab_size=target.vocab_size,
-        image_positions=image_positions(target), top_k=tree.top_k, frontier_only=tree.variant == "upstream",
-        scorer=getattr(tree.scorer, "__name__", type(tree.scorer).__name__), track_visual=track_visual,
+        image_positions=image_positions(target), top_k=tree.top_k, frontier_only=tree.frontier_only,
+        scorer=type(tree.scorer).__name__, track_visual=track_visual,
     )  # fmt: skip
 
 
@@ -217,106 +221,107 @@ def _sync(device: torch.device) -> float:
 
 @torch.inference_mode()
 def measure_cost_model(
-    runtime: Runtime, target: Target, tree: Any, *, track_visual: bool = False, repeats: int = 9, warmup: int = 3,
+    runtime: Runtime, tree: TreeSpec, *, track_visual: bool = False, repeats: int = 9, warmup: int = 3,
     text_positions: int = 96,
 ) -> CostModel:  # fmt: skip
     """Time the parts of a step on `runtime` for OPT-Tree `tree` (its top_k, variant, max_depth,
-    node_budget and scorer), the draft measuring its attention on the image when `track_visual`.
+    node_budget and scorer; not its stop), the draft measuring its attention on the image when `track_visual`.
 
-    A generation is started over a random text prompt as long as one image and `text_positions` tokens;
-    then `warmup + repeats` rounds run one step of every setting each, as the decoding loop runs a
-    step (draft a tree, verify, accept, keep the path, advance the draft), each phase between device
-    synchronisations (rounds, so that a change of the machine's load falls on every setting alike);
-    the median of the timed rounds counts. Verification is timed over trees of the root and n - 1 children for
-    every width of `widths_for(node_budget)` (the time depends on the size, not the shape), and the
-    medians are made non-decreasing in the width (isotonic regression: more tokens never cost less;
-    on a busy machine single medians can dip); drafting with the tree grown without a stop to depth 1
-    and to max_depth; the rest of the step over all steps; plain decoding's step at the same position
-    (dropped from the cache afterwards).
+    A generation (`runtime.prefill`, `prefill_draft`) is started over a random text prompt as long as
+    one image and `text_positions` tokens; then `warmup + repeats` rounds run one step of every setting
+    each, as the decoding loop runs a step (`draft_tree`, `verify`, accept, `commit`), each phase between
+    device synchronisations (rounds, so that a change of the machine's load falls on every setting
+    alike); the median of the timed rounds counts. Verification is timed over trees of the root and
+    n - 1 children for every width of `widths_for(node_budget)` (the time depends on the size, not the
+    shape), and the medians are made non-decreasing in the width (isotonic regression: more tokens never
+    cost less; on a busy machine single medians can dip). Drafting is timed with the tree grown to
+    depth 1 and to max_depth (stop_delta 0; a level whose gain rounds to 0 in float32 stops it earlier,
+    so each round's further levels are counted from the draft forwards it fed); the rest of the step
+    over all steps; plain decoding's step (`forward_next`) at the same position, once a round (it
+    commits its token to the target only: the draft falls one position behind, which times the same).
     """
+    # scikit-learn for the isotonic fit (seconds to import: lazy, as in lmms_msd.pipeline); tree imports
+    # this module (the rule), so its names come in here
     from sklearn.isotonic import isotonic_regression
 
-    from lmms_msd.speculative.tree import OptTree, Tree, pool_capacity
+    from lmms_msd.speculative.tree import OptTree, Tree
     from lmms_msd.speculative.verify import accept_greedy
 
-    assert isinstance(tree, OptTree), f"the cost model is measured for an OptTree, got {type(tree).__name__}"
-    device, k, frontier_only = target.device, tree.top_k, tree.variant == "upstream"
-    budget = tree.growth.budget
-    widths = widths_for(budget)
+    assert tree.kind == "opt", f"the cost model is measured for an OPT-Tree spec, got kind {tree.kind!r}"
+    target = runtime.target
+    device, k = target.device, tree.top_k
+    widths = widths_for(tree.budget)
     prefix = image_positions(target) + text_positions
-    ids = torch.randint(0, target.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
+    # random text ids, never the image placeholder (ids at or above it shift up by one)
+    ids = torch.randint(0, target.vocab_size - 1, (prefix,), generator=torch.Generator().manual_seed(0))
+    ids += (ids >= target.image_token_id).long()
     prompt = target.embed(ids, None)
     depths = (1, tree.max_depth)
-    steps = (warmup + repeats) * (len(widths) + len(depths))
-    # each step commits at most 2 tokens (the star's root and one child); then room for one tree
-    extra = 2 * steps + max(widths[-1], tree.max_depth * k)
-    hidden, logits = runtime.prefill(prompt, extra)
+    rounds = warmup + repeats
+    # each step commits at most 2 tokens (the star's root and one child), each plain step 1; then one tree
+    extra = 2 * rounds * (len(widths) + len(depths)) + rounds + max(widths[-1], tree.max_depth * k)
+    sequence, hidden, logits = runtime.prefill(prompt, extra)
     token = int(logits[-1].argmax())
-    drafter = runtime.drafter(track_visual)
-    root_hidden, root_visual = drafter.prefill(prompt, hidden, token)
+    root = runtime.prefill_draft(sequence, prompt, hidden, token, track_visual)
 
-    def unstopped(max_depth: int) -> OptTree:
-        capacity = pool_capacity(k, max_depth, frontier_only)
-        return replace(tree, max_depth=max_depth, node_budget=capacity, stop="delta", stop_delta=0.0, cost=None)
+    def unstopped(max_depth: int) -> TreeSpec:
+        return OptTree(node_budget=tree.node_budget, stop_delta=0.0, max_depth=max_depth, top_k=k, scorer=tree.scorer,
+                       variant=tree.opt_variant)  # fmt: skip
 
-    def star(width: int):
+    def star(width: int) -> tuple[Tree, torch.Tensor]:
         assert width - 1 <= target.vocab_size, f"a star of {width} nodes needs distinct child tokens"
         tokens = torch.cat([torch.tensor([token]), torch.arange(width - 1)]).to(device)
         t = Tree(tokens, torch.tensor([-1] + [0] * (width - 1), device=device),
                  torch.tensor([0] + [1] * (width - 1), device=device), torch.zeros(width, device=device))  # fmt: skip
         return t, t.ancestor_mask(1)
 
-    prefix_len = prefix
-
-    def step(builder: OptTree, width: int) -> tuple[float, float, float]:
-        """One decoding step (draft, verify a star of `width`, accept, keep, advance): its phases' seconds."""
-        nonlocal prefix_len, token, root_hidden, root_visual
+    def step(builder: TreeSpec, width: int) -> tuple[float, int, float, float]:
+        """One decoding step (draft, verify a star of `width`, accept, commit): (draft seconds, draft
+        forwards fed, verification seconds, the rest's seconds)."""
+        nonlocal token, root
         start = _sync(device)
-        runtime.draft_tree(builder, drafter, token, root_hidden, root_visual)
+        runtime.draft_tree(sequence, builder, token, root)
         drafted = _sync(device)
+        forwards = sequence.drafter.tree_used // k
         verified_tree, ancestors = star(width)
-        tree_hidden, tree_logits = runtime.verify(verified_tree, ancestors, prefix_len)
+        tree_hidden, tree_logits = runtime.verify(sequence, verified_tree, ancestors)
         verified = _sync(device)
         result = accept_greedy(verified_tree, tree_logits, ancestors)
-        committed = torch.tensor(result.path_tokens + [result.bonus], device=device)
-        path = torch.tensor(result.path, device=device)
-        runtime.keep_path(prefix_len, path)
-        prefix_len += len(result.path)
-        root_hidden, root_visual = drafter.advance(committed, tree_hidden[path])
+        on_device = torch.tensor(result.path + result.path_tokens + [result.bonus], device=device)
+        path, committed = on_device[: len(result.path)], on_device[len(result.path) :]
+        root = runtime.commit(sequence, path, committed, tree_hidden[path])
         token = result.bonus
-        return drafted - start, verified - drafted, _sync(device) - verified
+        return drafted - start, forwards, verified - drafted, _sync(device) - verified
 
     def plain_step() -> float:
-        """Plain decoding's step at the current position, then dropped from the cache (nothing committed)."""
+        """Plain decoding's step: one forward of the last token, and its next token chosen."""
         start = _sync(device)
-        runtime.forward_next(torch.full((1,), token, device=device), prefix_len)[-1].argmax()
-        seconds = _sync(device) - start
-        runtime.keep_path(prefix_len, torch.zeros(0, dtype=torch.long, device=device))
-        return seconds
+        runtime.forward_next(sequence, torch.full((1,), token, device=device))[-1].argmax()
+        return _sync(device) - start
 
-    # Rounds over every setting, so that a change of the machine's load falls on all of them alike.
-    shallow, builders = unstopped(1), {d: unstopped(d) for d in depths}
+    shallow, deep = unstopped(1), unstopped(tree.max_depth)
     verify: dict[int, list[float]] = {w: [] for w in widths}
-    draft: dict[int, list[float]] = {d: [] for d in depths}
-    rest, plain = [], []
-    for round_ in range(warmup + repeats):
+    root_s, level_s, rest, plain = [], [], [], []
+    for round_ in range(rounds):
         timed = round_ >= warmup
         for w in widths:
-            _, seconds, other = step(shallow, w)
+            _, _, seconds, other = step(shallow, w)
             verify[w] += [seconds] if timed else []
             rest += [other] if timed else []
-        for d in depths:
-            seconds, _, other = step(builders[d], 1)
-            draft[d] += [seconds] if timed else []
-            rest += [other] if timed else []
+        first, _, _, other = step(shallow, 1)
+        rest += [other] if timed else []
+        deeper, forwards, _, other = step(deep, 1)
+        rest += [other] if timed else []
+        if timed:
+            root_s.append(first)
+            level_s += [max(0.0, (deeper - first) / forwards)] if forwards else []
         plain += [plain_step()] if timed else []
     verify_s = tuple(float(t) for t in isotonic_regression([statistics.median(verify[w]) for w in widths]))
-    root_s, deep_s = (statistics.median(draft[d]) for d in depths)
-    level_s = max(0.0, (deep_s - root_s) / (depths[1] - 1)) if depths[1] > 1 else 0.0
     return CostModel(
-        key=cost_key(runtime, target, tree, track_visual), prefix_len=prefix, widths=widths, verify_s=verify_s,
-        bucketed=type(runtime).__name__ == "StaticEngine", draft_root_s=root_s, draft_level_s=level_s,
-        step_s=statistics.median(rest), plain_step_s=statistics.median(plain),
+        key=cost_key(runtime, tree, track_visual), prefix_len=prefix, widths=widths, verify_s=verify_s,
+        bucketed=type(runtime).__name__ == "StaticEngine", draft_root_s=statistics.median(root_s),
+        draft_level_s=statistics.median(level_s) if level_s else 0.0, step_s=statistics.median(rest),
+        plain_step_s=statistics.median(plain),
     )  # fmt: skip
 
 
@@ -349,18 +354,18 @@ def default_cache() -> Path:
 
 
 def cached_cost_model(
-    runtime: Runtime, target: Target, tree: Any, track_visual: bool = False, folder: Path | None = None
+    runtime: Runtime, tree: TreeSpec, track_visual: bool = False, folder: Path | None = None
 ) -> tuple[CostModel, Path, bool]:
     """(model, its file, whether it was measured now): the cached model for this runtime, device, dtype,
     model shape and OPT-Tree frontier width, variant and scorer, measured and saved when there is none
     (or when the cached one did not time trees as wide as `tree`'s). folder: [default_cache()]"""
-    key = cost_key(runtime, target, tree, track_visual)
+    key = cost_key(runtime, tree, track_visual)
     path = Path(folder or default_cache()) / key.file_name()
     if path.is_file():
         model = load_cost_model(path, key)
-        if model.widths[-1] >= tree.growth.budget + 1:
+        if model.widths[-1] >= tree.budget + 1:
             return model, path, False
-    model = measure_cost_model(runtime, target, tree, track_visual=track_visual)
+    model = measure_cost_model(runtime, tree, track_visual=track_visual)
     save_cost_model(model, path)
     return model, path, True
 

@@ -1,8 +1,12 @@
 """The two generation loops: plain autoregressive decoding (the baseline and the reference) and
-speculative decoding with an MSD draft. Both take the same target, embedded prompt, settings and
-stopping rule, and return the text and statistics as data. Where the forwards run is a `Runtime`
-(`lmms_msd.speculative.runtime`): transformers' forward by default, static caches and CUDA graphs with
-`lmms_msd.speculative.fast.StaticEngine`; the loops, and so the outputs, are the same.
+speculative decoding with an MSD draft. Both take a runtime, an embedded prompt, settings and the
+stopping rule, and return the text and statistics as data. The runtime (`lmms_msd.speculative.runtime`)
+holds the target and the draft and decides where the forwards run: `EagerRuntime` (transformers'
+forward) or `lmms_msd.speculative.fast.StaticEngine` (static caches and CUDA graphs); the loops, and
+so the outputs, are the same.
+
+    runtime = EagerRuntime(target, draft)
+    result = speculative_generate(runtime, target.prepare(question, images), GenerationConfig(), EagleTree())
 """
 
 from __future__ import annotations
@@ -13,15 +17,14 @@ from typing import Any, Callable
 
 import torch
 
-from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
-from lmms_msd.speculative.runtime import EagerRuntime, Runtime, TreeBuilder
+from lmms_msd.speculative.runtime import Runtime
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
 from lmms_msd.speculative.stopping import Stopper
-from lmms_msd.speculative.tree import Tree
+from lmms_msd.speculative.tree import Tree, TreeSpec
 from lmms_msd.speculative.verify import Acceptance, accept_greedy, accept_sampling
 
-__all__ = ["DecodeStats", "GenerationResult", "StepObserver", "TreeBuilder", "plain_generate", "speculative_generate"]
+__all__ = ["DecodeStats", "GenerationResult", "StepObserver", "plain_generate", "speculative_generate"]
 
 # Called after every verification with the tree, the target's logits over it [N, V] and the outcome;
 # statistics and the calibrator's labels come from here, with no extra target forward.
@@ -105,42 +108,34 @@ class _PhaseClock:
         return elapsed
 
 
-def tree_slots(tree_builder: TreeBuilder) -> int:
-    """Cache slots one tree of this builder may take (its nodes and the root)."""
-    growth = getattr(tree_builder, "growth", None)
-    return growth.budget + 1 if growth is not None else 256
-
-
 @torch.inference_mode()
 def plain_generate(
-    target: Target,
+    runtime: Runtime,
     prompt: EmbeddedPrompt,
     config: GenerationConfig,
     generator: torch.Generator | None = None,
     profile: bool = False,
-    runtime: Runtime | None = None,
 ) -> GenerationResult:
     """One target forward per token: the baseline, and the reference speculative decoding must equal.
 
+    runtime: where the forwards run (`EagerRuntime(target)`: transformers' forward; a `StaticEngine`)
     profile: split the loop's time into `DecodeStats.verify_s` (the forwards) and `other_s` (choosing
     the token, stop checks), synchronising the device between them; the output is the same.
-    runtime: where the forwards run [EagerRuntime: transformers' forward]
     """
+    target = runtime.target
     _check_prompt(target, prompt)
-    runtime = runtime or EagerRuntime(target, None)
     device = target.device
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
     start = time.perf_counter()
-    _, logits = runtime.prefill(prompt, config.max_new_tokens)
+    sequence, _, logits = runtime.prefill(prompt, config.max_new_tokens)
     token = next_token(logits[-1], config, generator)
     _synchronize(device)
     stats = DecodeStats(prefill_s=time.perf_counter() - start)
     clock = _PhaseClock(device, profile)
-    length = prompt.input_ids.shape[0]
     tokens = [token]
     while stopper.first_stop(tokens, len(tokens) - 1) is None:
         stats.other_s += clock.lap()
-        logits = runtime.forward_next(torch.full((1,), token, device=device), length + len(tokens) - 1)
+        logits = runtime.forward_next(sequence, torch.full((1,), token, device=device))
         stats.verify_s += clock.lap()
         token = next_token(logits[-1], config, generator)
         tokens.append(token)
@@ -155,62 +150,60 @@ def plain_generate(
 
 @torch.inference_mode()
 def speculative_generate(
-    target: Target,
-    draft: MSDDraft,
+    runtime: Runtime,
     prompt: EmbeddedPrompt,
     config: GenerationConfig,
-    tree_builder: TreeBuilder,
+    tree: TreeSpec,
     generator: torch.Generator | None = None,
     observer: StepObserver | None = None,
     track_visual: bool = False,
     profile: bool = False,
-    runtime: Runtime | None = None,
 ) -> GenerationResult:
     """Draft a tree, verify it in one target forward, commit the accepted path plus a bonus token; repeat.
 
+    runtime: where the forwards run, holding the target and the draft (`EagerRuntime(target, draft)`:
+    transformers' forward; a `StaticEngine`)
+    tree: how each step's tree grows (`EagleTree(...)`, `OptTree(...)`)
     observer: called after every verification (statistics, calibration labels); it only reads.
     track_visual: measure the draft's attention on the image for every tree node (`Tree.visual`),
-    which a calibrated scorer with attention bins and a calibration observer need; off, the draft
-    layer runs plain SDPA. Neither changes a single output token.
+    which a calibrated scorer with attention bins (`tree.needs_visual`) and a calibration observer
+    need; off, the draft layer runs plain SDPA. Neither changes a single output token.
     profile: split the loop's time into `DecodeStats.draft_s` (tree building), `verify_s` (the target
     forward over the tree) and `other_s` (the rest), synchronising the device at each boundary; the
     output is the same, only slower to come, so time unprofiled runs for speed.
-    runtime: where the forwards run [EagerRuntime(target, draft): transformers' forward]
     """
+    target = runtime.target
     _check_prompt(target, prompt)
-    runtime = runtime or EagerRuntime(target, draft)
     device = target.device
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
     start = time.perf_counter()
     # 1. prefill the target, choose the first token, prefill the draft
-    hidden, logits = runtime.prefill(prompt, config.max_new_tokens + tree_slots(tree_builder))
+    sequence, hidden, logits = runtime.prefill(prompt, config.max_new_tokens + tree.slots)
     token = next_token(logits[-1], config, generator)
-    drafter = runtime.drafter(track_visual)
-    root_hidden, root_visual = drafter.prefill(prompt, hidden, token)
+    root = runtime.prefill_draft(sequence, prompt, hidden, token, track_visual)
     _synchronize(device)
     stats = DecodeStats(prefill_s=time.perf_counter() - start)
     clock = _PhaseClock(device, profile)
-    prefix_len = prompt.input_ids.shape[0]  # committed positions in the target's cache
     tokens = [token]
     stop = stopper.first_stop(tokens, 0)
     while stop is None:
         stats.other_s += clock.lap()
         # 2. draft a tree under the root (the last committed token)
-        tree, ancestors = runtime.draft_tree(tree_builder, drafter, token, root_hidden, root_visual)
+        drafted, ancestors = runtime.draft_tree(sequence, tree, token, root)
         stats.draft_s += clock.lap()
         # 3. verify it in one forward
-        tree_hidden, logits = runtime.verify(tree, ancestors, prefix_len)
+        tree_hidden, logits = runtime.verify(sequence, drafted, ancestors)
         stats.verify_s += clock.lap()
         # 4. accept (greedy: one read from the device)
         if config.greedy:
-            result = accept_greedy(tree, logits, ancestors)
+            result = accept_greedy(drafted, logits, ancestors)
         else:
-            result = accept_sampling(tree, logits, config, generator)
+            result = accept_sampling(drafted, logits, config, generator)
         committed = result.path_tokens + [result.bonus]
         stats.steps += 1
         stats.accepted.append(result.accepted)
         if observer is not None:
-            observer(tree, logits, result)
+            observer(drafted, logits, result)
         # 5. stop exactly where plain decoding would, even inside the path
         checked = len(tokens)
         tokens += committed
@@ -223,9 +216,7 @@ def speculative_generate(
         # 6. keep the accepted path in the target cache, advance the draft over it (one copy to the device)
         on_device = torch.tensor(result.path + committed, device=device)
         path, committed_ids = on_device[: len(result.path)], on_device[len(result.path) :]
-        runtime.keep_path(prefix_len, path)
-        prefix_len += len(result.path)
-        root_hidden, root_visual = drafter.advance(committed_ids, tree_hidden[path])
+        root = runtime.commit(sequence, path, committed_ids, tree_hidden[path])
         token = result.bonus
     stats.other_s += clock.lap()
     _synchronize(device)

@@ -63,7 +63,8 @@ class Drafter:
     def device(self) -> torch.device:
         return self.draft.fc.weight.device
 
-    def _reserve(self, slots: int) -> None:
+    def reserve(self, slots: int) -> None:
+        """Make the cache hold at least `slots` slots (it grows; `StaticDrafter`'s checks instead)."""
         for layer_cache in self.cache:
             layer_cache.reserve(slots)
         if self.image_slots is not None and self.image_slots.shape[0] < self.cache[0].capacity:
@@ -96,7 +97,7 @@ class Drafter:
         assert self.committed == 0, "prefill starts a generation; this Drafter already holds one"
         if self.track_visual:
             length = prompt.image_mask.shape[0]
-            self._reserve(length)
+            self.reserve(length)
             self.image_slots[:length] = draft_image_slots(prompt.image_mask).to(self.device)
         return self._append(prefill_inputs(self.draft, prompt, target_hidden, first_token))
 
@@ -116,7 +117,7 @@ class Drafter:
 
     def _append(self, x: torch.Tensor) -> DraftRows:
         m = x.shape[0]
-        self._reserve(self.committed + m)
+        self.reserve(self.committed + m)
         slots, positions, visible = self._causal_block(m)
         rows = self._run(x, positions, slots, visible)
         self.committed += m
@@ -137,7 +138,7 @@ class Drafter:
             f"ancestors {tuple(ancestors.shape)} with {self.tree_used} tree slots used"
         )
         p, used = self.committed, self.tree_used
-        self._reserve(p + used + n)
+        self.reserve(p + used + n)
         slots = torch.arange(p + used, p + used + n, device=self.device)
         positions = torch.full((n,), p - 1 + depth, device=self.device)
         visible = torch.cat(

@@ -8,100 +8,150 @@ The loops in `lmms_msd.speculative.decoding` (plain and speculative decoding) de
   the reference.
 - `lmms_msd.speculative.fast.StaticEngine`: static KV caches written by slot and CUDA graphs, for speed on a GPU.
 
-One runtime serves one generation at a time: `prefill` starts a generation and forgets the last.
+A generation in flight is a `Sequence`: `prefill` starts one and returns it, and every later call
+takes it, so what a generation has written (its caches, its committed length, its drafter) belongs
+to its `Sequence`, not to the runtime. `EagerRuntime` holds any number at once (each has its own
+caches); `StaticEngine` holds one, and a `prefill` invalidates the sequence before it.
+
+The calls of one speculative generation, in order (plain decoding: `prefill`, then `forward_next` per token):
+
+    sequence, hidden, logits = runtime.prefill(prompt, extra_slots)
+    root = runtime.prefill_draft(sequence, prompt, hidden, first_token, track_visual)
+    per step: tree, ancestors = runtime.draft_tree(sequence, spec, token, root)
+              tree_hidden, logits = runtime.verify(sequence, tree, ancestors)
+              root = runtime.commit(sequence, path, next_tokens, tree_hidden[path])
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
-from lmms_msd.speculative.drafting import Drafter
-from lmms_msd.speculative.tree import Tree
+from lmms_msd.speculative.drafting import Drafter, DraftRows
+from lmms_msd.speculative.tree import Tree, TreeSpec, grow_tree
 from lmms_msd.speculative.verify import tree_attention_mask
 
 
-class TreeBuilder(Protocol):
-    max_depth: int
+@dataclass(eq=False, kw_only=True)
+class Sequence:
+    """One generation in flight on a runtime: the loop holds it and hands it back; only the runtime
+    that made it changes it."""
 
-    def build(
-        self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None
-    ) -> Tree: ...
+    # target positions holding committed tokens: the prompt, then each step's accepted path (speculative)
+    # or each fed token (plain); the next tree or token goes right after them
+    committed: int
+    drafter: Drafter | None = None  # the draft's side, from `prefill_draft` on (speculative decoding only)
 
 
 class Runtime(Protocol):
-    device: torch.device
+    """Where the loops' forwards run. L: prompt positions; N: tree nodes; H: hidden size; V: vocabulary."""
 
-    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start a generation over the prompt; hidden [L, H] (after the final norm) and logits [L, V].
-        extra_slots: positions the generation may add after the prompt (new tokens and one tree)."""
+    target: Target
+
+    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[Sequence, torch.Tensor, torch.Tensor]:
+        """Start a generation over the prompt: its sequence, the target's hidden [L, H] (after the final
+        norm) and logits [L, V]. extra_slots: positions it may add after the prompt (new tokens, one tree)."""
         ...
 
-    def forward_next(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Plain decoding's step: token [1] at `position` (all before it committed) -> logits [1, V]."""
+    def forward_next(self, sequence: Sequence, token: torch.Tensor) -> torch.Tensor:
+        """Plain decoding's step: feed token [1] after the committed positions and commit it -> logits [1, V]."""
         ...
 
-    def drafter(self, track_visual: bool) -> Drafter:
-        """The draft's side of this generation (to be prefilled)."""
+    def prefill_draft(
+        self, sequence: Sequence, prompt: EmbeddedPrompt, hidden: torch.Tensor, token: int, track_visual: bool
+    ) -> DraftRows:
+        """Start the draft's side over the prompt (hidden: the target's [L, H]; token: the first one chosen)
+        -> the root's draft output [H] and its visual intensity [] (None untracked; `Drafter`)."""
         ...
 
-    def draft_tree(
-        self, tree_builder: TreeBuilder, drafter: Drafter, token: int, root_hidden: torch.Tensor, root_visual
-    ) -> tuple[Tree, torch.Tensor]:
-        """The step's tree under `token` and its ancestor mask [N, N] (`Tree.ancestor_mask`)."""
+    def draft_tree(self, sequence: Sequence, tree: TreeSpec, token: int, root: DraftRows) -> tuple[Tree, torch.Tensor]:
+        """The step's tree grown as `tree` says under `token` (the last committed token, not yet fed to
+        the target) from the draft output `root`, and its ancestor mask [N, N] (`Tree.ancestor_mask`)."""
         ...
 
-    def verify(self, tree: Tree, ancestors: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One target forward over the tree after `prefix_len` committed positions: hidden [N, H], logits [N, V]."""
+    def verify(self, sequence: Sequence, tree: Tree, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target forward over the tree after the committed positions: hidden [N, H], logits [N, V]."""
         ...
 
-    def keep_path(self, prefix_len: int, path: torch.Tensor) -> None:
-        """Keep only the accepted nodes (path: [a + 1] node indices, root first) after the prefix."""
+    def commit(
+        self, sequence: Sequence, path: torch.Tensor, next_tokens: torch.Tensor, path_hidden: torch.Tensor
+    ) -> DraftRows:
+        """Keep only the accepted nodes of the verified tree in the target's cache, commit them and
+        advance the draft over them -> the new root's draft output [H] and visual intensity [].
+        path: [a + 1] node indices, root first; next_tokens: [a + 1] the committed tokens that follow
+        them (the accepted tokens, then the bonus); path_hidden: [a + 1, H] the target's hidden there."""
         ...
+
+
+def require_draft(draft: MSDDraft | None, runtime: object) -> MSDDraft:
+    """The runtime's draft, or an error saying speculative decoding needs one."""
+    if draft is None:
+        raise ValueError(f"speculative decoding needs a draft; this {type(runtime).__name__} was built without one")
+    return draft
+
+
+def drafter_of(sequence: Sequence) -> Drafter:
+    """The sequence's drafter, once `prefill_draft` has made it."""
+    assert sequence.drafter is not None, "prefill_draft starts a sequence's draft side; call it before draft_tree or commit"
+    return sequence.drafter
+
+
+@dataclass(eq=False, kw_only=True)
+class EagerSequence(Sequence):
+    """A sequence on `EagerRuntime`: it owns its caches."""
+
+    cache: Any  # transformers' DynamicCache: the committed positions (and one tree, from verify to commit)
+    capacity: int  # positions the generation may fill: the draft's cache starts this large (it grows if needed)
 
 
 class EagerRuntime:
-    """transformers' forward over a `DynamicCache`, and the eager `Drafter`: the reference runtime."""
+    """transformers' forward over a `DynamicCache` per sequence, and the eager `Drafter`: the reference
+    runtime. Any number of sequences may be in flight; each owns its caches."""
 
-    def __init__(self, target: Target, draft: MSDDraft | None) -> None:
+    def __init__(self, target: Target, draft: MSDDraft | None = None) -> None:
         self.target = target
-        self.draft = draft
-        self.cache: Any = None
-        self.capacity = 0  # draft cache slots to start with (it grows if needed)
+        self.draft = draft  # None: plain decoding only
 
-    @property
-    def device(self) -> torch.device:
-        return self.target.device
-
-    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.cache = self.target.new_cache()
+    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[EagerSequence, torch.Tensor, torch.Tensor]:
         length = prompt.input_ids.shape[0]
-        self.capacity = length + extra_slots
-        return self.target.forward(prompt.inputs_embeds, self.cache, torch.arange(length, device=self.device))
+        sequence = EagerSequence(committed=length, cache=self.target.new_cache(), capacity=length + extra_slots)
+        positions = torch.arange(length, device=self.target.device)
+        hidden, logits = self.target.forward(prompt.inputs_embeds, sequence.cache, positions)
+        return sequence, hidden, logits
 
-    def forward_next(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        positions = torch.full((1,), position, device=self.device)
-        return self.target.forward(self.target.embed_tokens(token), self.cache, positions)[1]
+    def forward_next(self, sequence: EagerSequence, token: torch.Tensor) -> torch.Tensor:
+        positions = torch.full((1,), sequence.committed, device=self.target.device)
+        logits = self.target.forward(self.target.embed_tokens(token), sequence.cache, positions)[1]
+        sequence.committed += 1
+        return logits
 
-    def drafter(self, track_visual: bool) -> Drafter:
-        if self.draft is None:
-            raise ValueError("speculative decoding needs a draft; this runtime was built without one")
-        return Drafter(self.draft, self.target.lm_head, capacity=self.capacity, track_visual=track_visual)
+    def prefill_draft(
+        self, sequence: EagerSequence, prompt: EmbeddedPrompt, hidden: torch.Tensor, token: int, track_visual: bool
+    ) -> DraftRows:
+        draft = require_draft(self.draft, self)
+        sequence.drafter = Drafter(draft, self.target.lm_head, capacity=sequence.capacity, track_visual=track_visual)
+        return sequence.drafter.prefill(prompt, hidden, token)
 
-    def draft_tree(self, tree_builder, drafter, token, root_hidden, root_visual):
-        tree = tree_builder.build(drafter, token, root_hidden, root_visual)
-        return tree, tree.ancestor_mask(tree_builder.max_depth)
+    def draft_tree(self, sequence: EagerSequence, tree: TreeSpec, token: int, root: DraftRows) -> tuple[Tree, torch.Tensor]:
+        drafted = grow_tree(drafter_of(sequence), tree, token, root.hidden, root.visual)
+        return drafted, drafted.ancestor_mask(tree.max_depth)
 
-    def verify(self, tree: Tree, ancestors: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.cache.get_seq_length() == prefix_len, f"cache holds {self.cache.get_seq_length()}, not {prefix_len}"
+    def verify(self, sequence: EagerSequence, tree: Tree, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix_len = sequence.committed
+        assert sequence.cache.get_seq_length() == prefix_len, f"cache holds {sequence.cache.get_seq_length()}, not {prefix_len}"
         mask = tree_attention_mask(ancestors, prefix_len, self.target.dtype)
-        return self.target.forward(self.target.embed_tokens(tree.tokens), self.cache, prefix_len + tree.depths, mask)
+        return self.target.forward(self.target.embed_tokens(tree.tokens), sequence.cache, prefix_len + tree.depths, mask)
 
-    def keep_path(self, prefix_len: int, path: torch.Tensor) -> None:
-        keep_path(self.cache, prefix_len, path)
+    def commit(
+        self, sequence: EagerSequence, path: torch.Tensor, next_tokens: torch.Tensor, path_hidden: torch.Tensor
+    ) -> DraftRows:
+        keep_path(sequence.cache, sequence.committed, path)
+        sequence.committed += path.shape[0]
+        return drafter_of(sequence).advance(next_tokens, path_hidden)
 
 
 def keep_path(cache: Any, prefix_len: int, path: torch.Tensor) -> None:

@@ -1,15 +1,16 @@
-"""Draft trees: the `Tree` that joins drafting to verification, and the tree builders.
+"""Draft trees: the `Tree` that joins drafting to verification, the `TreeSpec` that says how one
+grows (`EagleTree`, `OptTree`), its `NodeScorer`, and the eager grower `grow_tree`.
 
-A builder takes a `Drafter` positioned after the committed prefix, the root token and the draft's
-hidden state at the root, and returns a `Tree`. Builders differ only in how they score and choose
-nodes; the verifier reads nothing but the `Tree`, so a new builder (OPT-Tree) or a new node scorer
-(the calibrator) never touches verification.
+A grower takes a `Drafter` positioned after the committed prefix, a spec, the root token and the
+draft's hidden state at the root, and returns a `Tree`. Specs differ only in how they score and
+choose nodes; the verifier reads nothing but the `Tree`, so a new tree (OPT-Tree) or a new node
+scorer (the calibrator) never touches verification.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -59,23 +60,44 @@ class Tree:
         return mask
 
 
-# (draft log-probabilities of the proposed children [n, k], their tokens [n, k], their depth,
-#  the visual attention intensity of the row that produced each parent's distribution [n] or None)
-#   -> log of each child's acceptance estimate [n, k]
-# Row i of the inputs holds the k children of one parent: they share its row's visual intensity.
-NodeScorer = Callable[[torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
+@runtime_checkable
+class NodeScorer(Protocol):
+    """How a tree scores the children a level proposes: the log of each child's acceptance estimate.
+
+    Called with the draft's log-probabilities of the proposed children [n, k], their tokens [n, k], their
+    depth, and the visual attention intensity of the row that produced each parent's distribution [n]
+    (None when the drafter does not track it); returns [n, k]. Row i of the inputs holds the k children
+    of one parent: they share its row's visual intensity. A child's score is its parent's plus this.
+    Implementations: `draft_confidence` (here), `lmms_msd.calibration.scorer.CalibratedScorer` and
+    `lmms_msd.calibration.scorer.TiltScorer`.
+    """
+
+    @property
+    def needs_visual(self) -> bool:
+        """Whether the scores read the visual intensity, so the drafter must track it (`track_visual=True`)."""
+        ...
+
+    def __call__(
+        self, logprobs: torch.Tensor, tokens: torch.Tensor, depth: int, visual: torch.Tensor | None
+    ) -> torch.Tensor: ...
 
 
-class Growth(NamedTuple):
-    """How a builder grows its tree (`grow_tree`'s settings); a builder's `growth` says it."""
+@dataclass(frozen=True)
+class DraftConfidence:
+    """The uncalibrated `NodeScorer`: the draft's own probability (its log-probabilities, unchanged)."""
 
-    top_k: int  # frontier width, and children proposed per frontier node
-    max_depth: int  # the deepest a node can be (the root is depth 0)
-    budget: int  # draft nodes kept (the root not counted); at most `pool_capacity`
-    node_score: "NodeScorer"
-    stop_delta: float | None  # None: always grow to max_depth
-    frontier_only: bool = False  # a level stores only its frontier (OPT-Tree as upstream, `OptTree`)
-    cost: "CostModel | None" = None  # stop=cost: size and stop by expected tokens per second (stop_delta None)
+    @property
+    def needs_visual(self) -> bool:
+        return False
+
+    def __call__(self, logprobs: torch.Tensor, tokens: torch.Tensor, depth: int, visual: torch.Tensor | None) -> torch.Tensor:
+        return logprobs
+
+    def __repr__(self) -> str:
+        return "draft_confidence"  # the name it is imported by, which records (bench.json) show
+
+
+draft_confidence = DraftConfidence()
 
 
 def pool_capacity(top_k: int, max_depth: int, frontier_only: bool) -> int:
@@ -84,14 +106,130 @@ def pool_capacity(top_k: int, max_depth: int, frontier_only: bool) -> int:
     return top_k + (max_depth - 1) * (top_k if frontier_only else top_k * top_k)
 
 
-def draft_confidence(logprobs: torch.Tensor, tokens: torch.Tensor, depth: int, visual: torch.Tensor | None) -> torch.Tensor:
-    """The uncalibrated estimate: the draft's own probability."""
-    return logprobs
+TREE_KINDS = ("eagle2", "opt")
+OPT_VARIANTS = ("upstream", "frontier")
 
 
-@dataclass(frozen=True)
-class EagleTree:
-    """The EAGLE-2 dynamic tree (the "MSD baseline" row), as `topK_genrate` in SafeAILab/EAGLE
+@dataclass(frozen=True, kw_only=True)
+class TreeSpec:
+    """How a draft tree grows: the one contract both growers read, `grow_tree` (here: level by level on
+    any `Drafter`) and `lmms_msd.speculative.fast.tree_growth.GraphedTreeGrower` (each level replayed
+    from a CUDA graph); they give the same trees. Build one with `EagleTree(...)` or `OptTree(...)`,
+    which take upstream's settings in upstream's words and say how each kind grows.
+
+    Both kinds: a node's score is its parent's plus the scorer's log acceptance estimate of the node
+    (the draft's log-probability unless calibrated). The root's top_k children are depth 1 and the
+    first frontier; each further level feeds the frontier to the draft, every frontier node proposes
+    its top_k children, and the best top_k of those top_k * top_k are the next frontier. A level
+    stores all its proposals, or only its frontier (`frontier_only`: OPT-Tree as upstream). The tree
+    is the best `budget` stored nodes and the root. EAGLE-2 grows to max_depth; OPT-Tree stops early,
+    by `stop`: "delta" once a level adds at most `stop_delta` to the expected accepted length, "cost"
+    once the best expected committed tokens per second on `cost` stop rising (which also sets how many
+    of the budget's nodes are kept: `OptTree`).
+    Example: `EagleTree()` is TreeSpec(kind="eagle2", top_k=10, max_depth=6, node_budget=58).
+    """
+
+    kind: str  # "eagle2" (`EagleTree`) or "opt" (`OptTree`)
+    top_k: int  # frontier width, and children proposed per frontier node
+    max_depth: int  # the deepest a node can be, the root being depth 0 (EAGLE-2: its depth + 1)
+    node_budget: int  # draft nodes kept, the root not counted (EAGLE-2: its total_tokens - 1)
+    stop_delta: float | None = None  # OPT-Tree's stop "delta" (an absolute gain); None for EAGLE-2 and stop "cost"
+    opt_variant: str | None = None  # OPT-Tree's "upstream" or "frontier" (`OptTree`); None for EAGLE-2
+    scorer: NodeScorer = draft_confidence  # EAGLE-2 ranks by the draft's probability only, as upstream
+    stop: str | None = None  # OPT-Tree's stop rule, "delta" or "cost" (`OptTree`); None for EAGLE-2
+    cost: CostModel | None = None  # stop "cost": the runtime's measured costs (`lmms_msd.speculative.cost`)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TREE_KINDS:
+            raise ValueError(f"tree kind {self.kind!r}: valid ones are {list(TREE_KINDS)}")
+        if self.kind == "eagle2":
+            if self.node_budget < 1 or self.max_depth < 2 or self.top_k < 1:
+                raise ValueError(
+                    f"EAGLE-2 tree needs total_tokens >= 2 (it counts the root), depth >= 1, top_k >= 1; got "
+                    f"total_tokens={self.total_tokens}, depth={self.depth}, top_k={self.top_k}"
+                )
+            opt_only = (self.stop_delta, self.opt_variant, self.stop, self.cost)
+            if opt_only != (None,) * 4 or self.scorer != draft_confidence:
+                raise ValueError(
+                    "an EAGLE-2 tree grows to its depth and ranks by the draft's probability: stop_delta, "
+                    f"opt_variant, stop, cost and scorer are OPT-Tree's (got {self.stop_delta!r}, {self.opt_variant!r}, "
+                    f"{self.stop!r}, {self.cost!r}, {self.scorer!r}); use OptTree(...) for those"
+                )
+            return
+        if self.node_budget < 1 or self.max_depth < 1 or self.top_k < 1 or (self.stop_delta or 0.0) < 0:
+            raise ValueError(
+                f"OPT-Tree needs node_budget >= 1, max_depth >= 1, top_k >= 1, stop_delta >= 0; got "
+                f"node_budget={self.node_budget}, max_depth={self.max_depth}, top_k={self.top_k}, "
+                f"stop_delta={self.stop_delta}"
+            )
+        by_delta = self.stop == "delta" and self.stop_delta is not None and self.cost is None
+        by_cost = self.stop == "cost" and self.stop_delta is None and self.cost is not None
+        if not (by_delta or by_cost):
+            raise ValueError(
+                f"OPT-Tree stop={self.stop!r} with stop_delta={self.stop_delta!r}, cost={self.cost!r}: stop is one of "
+                f"{list(STOPS)}; 'delta' reads stop_delta, 'cost' a cost model "
+                "(lmms_msd.speculative.cost.cached_cost_model) and no stop_delta"
+            )
+        if self.opt_variant not in OPT_VARIANTS:
+            raise ValueError(f"OPT-Tree variant {self.opt_variant!r}: valid ones are {list(OPT_VARIANTS)}")
+        if not isinstance(self.scorer, NodeScorer):
+            raise TypeError(
+                f"scorer must be a NodeScorer (lmms_msd.speculative.tree: callable, with a needs_visual property); "
+                f"got {self.scorer!r}"
+            )
+        if self.cost is not None:
+            self.cost.step_seconds(1, self.budget)  # raises when the model did not time trees this wide
+
+    @property
+    def total_tokens(self) -> int:
+        """EAGLE-2's word for the size: nodes kept counting the root (node_budget + 1)."""
+        return self.node_budget + 1
+
+    @property
+    def depth(self) -> int:
+        """EAGLE-2's word for the height: draft forwards after the root's children (max_depth - 1)."""
+        return self.max_depth - 1
+
+    @property
+    def frontier_only(self) -> bool:
+        """Whether a level stores only its frontier (OPT-Tree as upstream) instead of every proposal."""
+        return self.opt_variant == "upstream"
+
+    @property
+    def pool_capacity(self) -> int:
+        """Nodes growth can store, the root excluded (`pool_capacity`)."""
+        return pool_capacity(self.top_k, self.max_depth, self.frontier_only)
+
+    @property
+    def budget(self) -> int:
+        """Draft nodes a tree keeps: node_budget, or fewer when growth cannot store that many."""
+        return min(self.node_budget, self.pool_capacity)
+
+    @property
+    def slots(self) -> int:
+        """Cache slots one tree takes in the target's cache: its kept nodes and the root."""
+        return self.budget + 1
+
+    @property
+    def needs_visual(self) -> bool:
+        """Whether the scorer reads the draft's visual attention: decode with track_visual=True."""
+        return self.scorer.needs_visual
+
+    def settings(self) -> dict[str, Any]:
+        """The arguments that build this spec, by name (`EagleTree(**s)` or `OptTree(**s)`), for records.
+
+        Example: EagleTree().settings() == {"total_tokens": 59, "depth": 5, "top_k": 10}.
+        """
+        if self.kind == "eagle2":
+            return {"total_tokens": self.total_tokens, "depth": self.depth, "top_k": self.top_k}
+        return {
+            "node_budget": self.node_budget, "stop_delta": self.stop_delta, "max_depth": self.max_depth,
+            "top_k": self.top_k, "scorer": self.scorer, "variant": self.opt_variant, "stop": self.stop, "cost": self.cost,
+        }  # fmt: skip
+
+
+def EagleTree(total_tokens: int = 59, depth: int = 5, top_k: int = 10) -> TreeSpec:  # noqa: N802 (a spec's constructor)
+    """The EAGLE-2 dynamic tree's `TreeSpec` (the "MSD baseline" row), as `topK_genrate` in SafeAILab/EAGLE
     `eagle/model/cnets.py` (EAGLE-2, commit bfeb532; MSD's copy `EAGLE/eagle/model/cnets.py` is the same).
 
     Rule: a node's score is its cumulative draft log-probability. The root's top_k children are depth 1
@@ -115,32 +253,7 @@ class EagleTree:
     tokens [root 0, 1, 2, 0, 2, 3, 1], parents [-1, 0, 0, 1, 1, 2, 3], depths [0, 1, 1, 2, 2, 2, 3];
     4 nodes fed to the draft (two forwards of 2).
     """
-
-    total_tokens: int = 59
-    depth: int = 5
-    top_k: int = 10
-
-    def __post_init__(self) -> None:
-        if self.total_tokens < 2 or self.depth < 1 or self.top_k < 1:
-            raise ValueError(
-                f"EAGLE-2 tree needs total_tokens >= 2 (it counts the root), depth >= 1, top_k >= 1; got "
-                f"total_tokens={self.total_tokens}, depth={self.depth}, top_k={self.top_k}"
-            )
-
-    @property
-    def max_depth(self) -> int:
-        """The deepest a node can be: depth 1 (the root's children) plus one per draft forward."""
-        return self.depth + 1
-
-    @property
-    def growth(self) -> Growth:
-        budget = min(self.total_tokens - 1, pool_capacity(self.top_k, self.max_depth, False))
-        return Growth(self.top_k, self.max_depth, budget, draft_confidence, None)
-
-    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
-        """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
-        that row's visual attention intensity (None when the drafter does not track it)."""
-        return grow_tree(drafter, root_token, root_hidden, root_visual, *self.growth)
+    return TreeSpec(kind="eagle2", top_k=top_k, max_depth=depth + 1, node_budget=total_tokens - 1)
 
 
 # total_tokens=auto, as MSD's `total_token=-1` (`EaModel.from_pretrained`, EAGLE/eagle/model/ea_model.py;
@@ -160,12 +273,17 @@ def choose_total_tokens(seconds: Sequence[float]) -> int:
     return AUTO_TOTAL_TOKENS[costs.index(min(costs))]
 
 
-OPT_VARIANTS = ("upstream", "frontier")
-
-
-@dataclass(frozen=True)
-class OptTree:
-    """OPT-Tree with early stopping, in two variants (`variant`).
+def OptTree(  # noqa: N802 (a spec's constructor)
+    node_budget: int = 60,
+    stop_delta: float = 0.3,
+    max_depth: int = 10,
+    top_k: int = 10,
+    scorer: NodeScorer = draft_confidence,
+    variant: str = "frontier",
+    stop: str = "delta",
+    cost: CostModel | None = None,
+) -> TreeSpec:
+    """The `TreeSpec` of OPT-Tree with early stopping, in two variants (`variant`) and two stop rules (`stop`).
 
     Both: a node's weight is the product along its path of per-node acceptance estimates (the draft's
     probability, or a calibrator's prediction through `scorer`); kept here as its log, the score. A
@@ -198,8 +316,8 @@ class OptTree:
     "frontier" on the same settings keeps 1>2 (.21) instead of 1>0>1: tokens [0, 1, 2, 0, 2, 3]. With
     stop_delta 1, "upstream" stops at level 1 (gain .9) without a forward: tokens [0, 1, 2].
 
-    stop "cost" (`lmms_msd.speculative.cost`; stop_delta is then unused): after each level, the best
-    n stored nodes are expected to commit 1 + (the sum of their weights) tokens in
+    stop "cost" (`lmms_msd.speculative.cost`; stop_delta is not read, and the spec holds None): after
+    each level, the best n stored nodes are expected to commit 1 + (the sum of their weights) tokens in
     `cost.step_seconds(levels)[n]` seconds; the tree keeps the n (at most node_budget) with the most
     tokens per second, and another level is grown only while that best rate rises. The rate before
     level 1 is a plain step's (n = 0), so when no tree of level 1 beats it the tree is the root alone.
@@ -230,73 +348,32 @@ class OptTree:
     `kv_cache_mask` is never reset between levels, so its deeper levels also see non-ancestors: that is
     not reproduced.
     """
-
-    node_budget: int = 60
-    stop_delta: float = 0.3
-    max_depth: int = 10
-    top_k: int = 10
-    scorer: NodeScorer = draft_confidence
-    variant: str = "frontier"
-    stop: str = "delta"  # "delta" (stop_delta) or "cost" (the cost model's rate, below)
-    cost: CostModel | None = None  # stop "cost": the runtime's measured costs (lmms_msd.speculative.cost)
-
-    def __post_init__(self) -> None:
-        if self.node_budget < 1 or self.max_depth < 1 or self.top_k < 1 or self.stop_delta < 0:
-            raise ValueError(
-                f"OPT-Tree needs node_budget >= 1, max_depth >= 1, top_k >= 1, stop_delta >= 0; got "
-                f"node_budget={self.node_budget}, max_depth={self.max_depth}, top_k={self.top_k}, "
-                f"stop_delta={self.stop_delta}"
-            )
-        if self.variant not in OPT_VARIANTS:
-            raise ValueError(f"OPT-Tree variant {self.variant!r}: valid ones are {list(OPT_VARIANTS)}")
-        if self.stop not in STOPS or (self.stop == "cost") != (self.cost is not None):
-            raise ValueError(
-                f"OPT-Tree stop={self.stop!r} with cost={self.cost!r}: stop is one of {list(STOPS)}, and a cost "
-                "model (lmms_msd.speculative.cost.cached_cost_model) goes with stop='cost' and only with it"
-            )
-        if self.cost is not None:
-            self.cost.step_seconds(1, self.growth.budget)  # raises when the model did not time trees this wide
-
-    @property
-    def growth(self) -> Growth:
-        frontier_only = self.variant == "upstream"
-        budget = min(self.node_budget, pool_capacity(self.top_k, self.max_depth, frontier_only))
-        stop_delta = self.stop_delta if self.stop == "delta" else None
-        return Growth(self.top_k, self.max_depth, budget, self.scorer, stop_delta, frontier_only, self.cost)
-
-    def build(self, drafter: Drafter, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None) -> Tree:
-        """root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [],
-        that row's visual attention intensity (None when the drafter does not track it)."""
-        return grow_tree(drafter, root_token, root_hidden, root_visual, *self.growth)
+    return TreeSpec(
+        kind="opt", top_k=top_k, max_depth=max_depth, node_budget=node_budget,
+        stop_delta=stop_delta if stop == "delta" else None, opt_variant=variant, scorer=scorer, stop=stop, cost=cost,
+    )  # fmt: skip
 
 
 @torch.inference_mode()
 def grow_tree(
-    drafter: Drafter,
-    root_token: int,
-    root_hidden: torch.Tensor,
-    root_visual: torch.Tensor | None,
-    top_k: int,
-    max_depth: int,
-    budget: int,
-    node_score: NodeScorer,
-    stop_delta: float | None,
-    frontier_only: bool = False,
-    cost: CostModel | None = None,
+    drafter: Drafter, spec: TreeSpec, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None = None
 ) -> Tree:
-    """Grow a tree level by level with cumulative log-scores; keep the `budget` best stored nodes.
+    """Grow a tree as `spec` says, level by level with cumulative log-scores; keep its `budget` best stored nodes.
 
-    stop_delta None: grow to max_depth (EAGLE-2). Otherwise stop once a level raises the expected
-    accepted length (the sum of the best `budget` weights, weight = exp(score)) by at most stop_delta;
-    with frontier_only (upstream OPT-Tree, `OptTree`) a level stores only its frontier, and the first
-    level is checked too (against 0), before any forward. cost (with stop_delta None): `OptTree`'s stop
-    "cost", which also sets how many of the budget's nodes are kept.
+    EAGLE-2 grows to max_depth. OPT-Tree's stop "delta" stops once a level raises the expected accepted
+    length (the sum of the best `budget` weights, weight = exp(score)) by at most stop_delta; with
+    frontier_only (upstream OPT-Tree, `OptTree`) a level stores only its frontier, and the first level
+    is checked too (against 0), before any forward. Its stop "cost" (`OptTree`) checks every level,
+    the first before any forward, and also sets how many of the budget's nodes are kept.
     The draft sees, for each fed node, the committed prefix, its ancestors' slots and its own.
     Every stored node also carries its draft probability and the visual intensity of the row that
     produced it (its parent's row: `lmms_msd.speculative.drafting`), which end up in the Tree for the calibrator.
-    root_hidden: [H]; root_visual: [] or None
+    drafter: positioned after the committed prefix (`Drafter.prefill` / `advance`)
+    root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [], that
+    row's visual attention intensity (None when the drafter does not track it)
     """
-    k = top_k
+    k, max_depth, budget, node_score = spec.top_k, spec.max_depth, spec.budget, spec.scorer
+    stop_delta, frontier_only, cost = spec.stop_delta, spec.frontier_only, spec.cost
     device = root_hidden.device
     top = drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
     visual = None if root_visual is None else root_visual.reshape(1).float()  # [1]
@@ -310,7 +387,7 @@ def grow_tree(
     ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
     expected = expected_length(pool.scores, budget) if stop_delta is not None else 0.0
     levels = 1 if frontier_only and stop_delta is not None and expected <= stop_delta else max_depth
-    if cost is not None:  # stop=cost: the best tree so far; none beats a plain step: stop before any forward
+    if cost is not None:  # stop "cost": the best tree so far; none beats a plain step: stop before any forward
         rate, size = cost_aware_size(pool.scores, 1, budget, cost)
         levels = 1 if size == 0 else max_depth
     for depth in range(1, levels):
@@ -335,7 +412,7 @@ def grow_tree(
             gained, expected = grown - expected, grown
             if gained <= stop_delta:
                 break
-        if cost is not None:  # stop=cost: stop once the best rate stops rising; size by this level's rate
+        if cost is not None:  # stop "cost": stop once the best rate stops rising; size by this level's rate
             grown_rate, size = cost_aware_size(pool.scores, depth + 1, budget, cost)
             if grown_rate <= rate:
                 break

@@ -2,7 +2,8 @@
 
 Each chart is a bar, line or pie chart of 3-5 categories; a category is a colour (its mark is drawn in
 that colour and labelled with its name), its value an integer multiple of 5 (bars and points on a
-fixed 0-65 axis, pie slices in percent of 100). The images are small (128 x 128 by default) with big,
+fixed 0-65 axis, pie slices in percent of 100). The images are small (128 x 128 by default; `lmms-msd
+make-data` draws them at 336 like the other families, the same figure at a higher resolution) with big,
 high-contrast marks, so that a tiny vision tower trained from scratch can read them.
 
 Questions (`question_type`) whose answers are read off the image:
@@ -52,10 +53,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump when a change alters the charts, questions or answers a seed gives
+GENERATOR_VERSION = 2  # bump when a change alters the charts, questions or answers a seed gives (2: the figure scales with image_size)
 
 # Fixed, distinct, high-contrast colours: the category names.
 COLOURS: dict[str, str] = {
@@ -82,7 +84,8 @@ MIN_CATEGORIES, MAX_CATEGORIES = 3, 5
 VALUE_LEVELS = tuple(range(5, 61, 5))  # values of bars and points; pie slices too (summing to 100)
 Y_MAX = 65  # fixed value axis: a bar's height in pixels tells its value
 PIE_TOTAL = 100
-DPI = 100
+FIGURE_INCHES = 1.28  # the figure's side; drawn at image_size / FIGURE_INCHES dpi, so a chart of any size is the
+                      # 128 px chart (100 dpi) at another resolution: fonts, marks and layout scale together
 
 # The prompts of the local lmms-eval tasks (tasks/msd_chartqa_synth*.yaml): lmms-eval's ChartQA
 # short-answer instruction, and the long-answer task's request for an explanation.
@@ -152,12 +155,11 @@ def pie_values(rng: np.random.Generator, n: int) -> tuple[int, ...]:
 
 def draw_chart(chart: Chart, image_size: int, value_labels: bool = False) -> bytes:
     """The chart as an RGB PNG of image_size x image_size pixels (matplotlib's Agg canvas, no pyplot
-    state, so worker processes can draw in parallel)."""
+    state, so worker processes can draw in parallel). The figure is FIGURE_INCHES wide at any size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
 
-    fig = Figure(figsize=(image_size / DPI, image_size / DPI), dpi=DPI, facecolor="white")
+    fig = Figure(figsize=(FIGURE_INCHES, FIGURE_INCHES), dpi=image_size / FIGURE_INCHES, facecolor="white")
     canvas = FigureCanvasAgg(fig)
     colours = [COLOURS[c] for c in chart.colours]
     if chart.kind == "pie":
@@ -424,6 +426,39 @@ def read_conversations(data_dir: str | Path, split: str) -> list[dict[str, Any]]
             f"no {path.name} in {data_dir}; build the chart data first: lmms-msd make-charts --out {data_dir}"
         )
     return json.loads(path.read_text())
+
+
+def load_records(data_dir: str | Path, split: str, style: str, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` (0: all) conversation records of a split whose answer style is `style` ("all":
+    every record): what `lmms-msd calibrate`, `bench` and `testbed-report` decode."""
+    path = Path(data_dir) / f"llava_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {path.name} in {data_dir}; write a data folder with `lmms-msd make-charts --out {data_dir}` "
+            "or pick another --split"
+        )
+    records = json.loads(path.read_text())
+    if style != "all":
+        records = [r for r in records if r.get("style", style) == style]
+    if not records:
+        raise ValueError(f"{path} has no records of style {style!r}; use --style all")
+    return records[:limit] if limit else records
+
+
+def record_images(data_dir: str | Path, record: dict[str, Any]) -> list[Image.Image]:
+    """The record's image as RGB, or none for a text-only record."""
+    if not record.get("image"):
+        return []
+    with Image.open(Path(data_dir) / record["image"]) as image:
+        return [image.convert("RGB")]
+
+
+def question_of(record: dict[str, Any]) -> str:
+    """The first human turn without the `<image>` placeholder (the prompt format adds it back)."""
+    turns = record.get("conversations") or []
+    if not turns or turns[0].get("from") != "human":
+        raise ValueError(f"record {record.get('id')!r} does not start with a human turn")
+    return turns[0]["value"].replace("<image>", "").strip()
 
 
 # ---- command line ---------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ Data: LLaVA conversation JSON (the format of llava_v1_5_mix665k.json: a list of 
 {"from": "gpt", "value": ...}, ...]}) and an image folder. Checkpoints (draft in the MSD format plus
 `trainer_state.pt` with the optimizer, read back with weights_only=True) go to
 `<output_dir>/checkpoint` every `save_every` steps; a run started again on the same output folder
-resumes from there. Samples are drawn by a generator seeded with (seed, step), so a resumed run
+resumes from there. The finished head goes to `<output_dir>` in `save_dtype` (float32 by default; the
+checkpoint stays float32 so a resumed run is exact), as one model.safetensors or, with
+`max_shard_size`, in shards of at most that size with model.safetensors.index.json. Samples are drawn by a generator seeded with (seed, step), so a resumed run
 sees the same samples as an uninterrupted one.
 """
 
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmms_msd.models.checkpoints import shard_size
 from lmms_msd.models.draft import (
     DraftConfig,
     MSDDraft,
@@ -42,6 +45,8 @@ from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.speculative.drafting import prefill_inputs
 
 log = logging.getLogger(__name__)
+
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -197,10 +202,13 @@ def train_draft(
     output_dir: Path,
     config: TrainingConfig,
     stop_after: int | None = None,
+    save_dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume training) a draft for `target`; write it to `output_dir` in the MSD format.
 
     stop_after: end the run after this many steps (checkpoints as usual), as an interruption would
+    save_dtype, max_shard_size: of the finished head in `output_dir` (`save_draft`) [float32, one file]
     """
     from tqdm.auto import tqdm
 
@@ -229,7 +237,7 @@ def train_draft(
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{metrics['top1']:.2f}")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             save_checkpoint(draft, optimizer, step + 1, checkpoint, config)
-    save_draft(draft.eval(), output_dir)
+    save_draft(draft.eval(), output_dir, dtype=save_dtype, max_shard_size=max_shard_size)
     summary = {"config": asdict(config), "last": history[-1] if history else None, "history": history[-200:]}
     (output_dir / "training_log.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -293,6 +301,15 @@ def add_arguments(parser: argparse.ArgumentParser):
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="the target's dtype (the draft trains in float32)")
+    parser.add_argument(
+        "--save_dtype", choices=sorted(SAVE_DTYPES), default="float32",
+        help="dtype of the finished head in output_dir (its resume checkpoint stays float32)",
+    )
+    parser.add_argument(
+        "--max_shard_size", default=None, type=shard_size,
+        help="write the finished head in shards of at most this size (e.g. 15MB = 15 * 10**6 bytes) with "
+        "model.safetensors.index.json; default one file, as released heads are",
+    )
     for field, value in asdict(defaults).items():
         parser.add_argument(f"--{field}", type=type(value), default=value)
     return run
@@ -307,7 +324,10 @@ def run(args: argparse.Namespace) -> int:
     )
     target.model.requires_grad_(False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    summary = train_draft(target, args.data, args.image_folder, args.output_dir, config)
+    summary = train_draft(
+        target, args.data, args.image_folder, args.output_dir, config,
+        save_dtype=SAVE_DTYPES[args.save_dtype], max_shard_size=args.max_shard_size,
+    )
     last = summary["last"] or {}
     print(f"draft written to {args.output_dir}; last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     return 0

@@ -2,7 +2,8 @@
 function (DESIGN 4.5): a run costs about what a LLaVA-1.5-7B pair costs per forward while the
 acceptance behaviour stays the trained miniature's.
 
-Every weight of the small model goes into the leading slice of the bigger matrix and the rest is zero:
+The language model and the projector's output: every weight of the small model goes into the leading
+slice of the bigger matrix and the rest is zero:
 
 - the residual stream of width H carries the small model's h values in [0, h) and zeros in [h, H);
 - RMSNorm over the padded vector sees a mean square h/H times the small one, so every text RMSNorm
@@ -12,25 +13,41 @@ Every weight of the small model goes into the leading slice of the bigger matrix
 - extra layers (appended after the small ones) have all q/k/v/o and MLP weights zero: their attention
   and MLP outputs are zero and the residual passes through them unchanged;
 - the multimodal projector's output is zero-padded (linear_1 rows and bias, linear_2 rows and columns),
-  so image features come out as the small ones followed by zeros; the vision tower is unchanged;
-- the vocabulary is NOT inflated: embeddings and the LM head keep the source's rows (538 for the bundled
-  miniature), so the bundled target inflated to SEVEN_B has about 6.50B parameters (weight bytes) rather
-  than LLaVA-1.5-7B's 7.06B (6.74B language model with 32,000 rows, plus the 0.30B CLIP ViT-L tower).
-  For the same reason an image still gives the source's number of image positions (64 for the
-  miniature, 576 for LLaVA-1.5-7B): prompts, prefill and KV caches are shorter than real 7B's.
+  so image features come out as the small ones followed by zeros.
 
-The draft head is inflated the same way; its `fc` reads [embed; feature] of width 2H, so the small
-weight's two input halves go to columns [0, h) and [H, H + h).
+The vision tower, when the shape names one (`VisionShape`; SEVEN_B names CLIP ViT-L/14-336's), is
+inflated by repetition instead, since its LayerNorms subtract the mean, which zero padding would change:
+
+- its residual stream of width D = k d carries k copies of the small one, [x, x, ..., x]; a LayerNorm
+  sees the same mean and variance, so its weight and bias are repeated k times and its eps kept;
+- every width (attention heads, MLP units) is repeated k times, so heads are copies of the small ones
+  (head_dim kept) and GELU acts on copies; a linear map reading a repeated input has its weight
+  repeated k x k times and divided by k (k copies of each term sum to the small sum), biases repeated;
+- the patch embedding, class and position embeddings are repeated along the width;
+- extra layers have all weights and biases zero, so attention and MLP add exactly zero; they are put
+  before the small tower's last layer, so the second-to-last layer that LLaVA reads
+  (vision_feature_layer=-2) still gives the small tower's features, k times over;
+- the projector's linear_1 reads those copies: its columns are repeated k times and divided by k.
+
+The vocabulary is NOT inflated: embeddings and the LM head keep the source's rows (the miniature has
+LLaVA-1.5's 32,000), and an image gives the source's number of positions (576 for the miniature at
+336 px, as LLaVA-1.5-7B's). With both, the miniature inflated to SEVEN_B has exactly LLaVA-1.5-7B's
+parameter count, 7,062,902,784 (`tests/test_inflate.py` derives it from the official configs), and
+its MSD head exactly an MSD head for LLaVA-1.5-7B (DESIGN 4.1: embed_tokens, fc, one LLaMA-7B layer
+without input norm), 367,009,792.
+
+The draft head is inflated the same way as the language model; its `fc` reads [embed; feature] of width
+2H, so the small weight's two input halves go to columns [0, h) and [H, H + h).
 
 Exactness: when the width ratio H/h is a power of four (256 -> 4096 is 16), sqrt(h/H) and h/H are powers
-of two and every rescaling is exact, so the big target computes the small one's function up to the order
-in which its kernels sum: zero terms add nothing, but a wider matrix may be summed in another order. On
-some CPUs fp32 logits come out bit for bit the same; on others (AVX-512 ones here) the projector output
-differs by up to 7e-6 and the logits by up to 4e-5. Other ratios (a power of two such as 2 included:
-sqrt(1/2) is rounded; 256 -> 512 gives a max abs logit difference of about 2e-5) and GPUs agree within
-float tolerance too. The draft's fc is within float tolerance even then (about 1e-6): its two input
-halves lie H apart, so the matrix product sums them in a different order. `tests/test_inflate.py`
-states the bounds.
+of two and every rescaling is exact, and so is the vision tower's division by a power-of-two k; the
+big pair then computes the small one's function up to the order in which its kernels sum: zero terms
+add nothing, but a wider matrix (or k copies of each term) may be summed in another order. On some CPUs
+fp32 logits come out bit for bit the same; on others (AVX-512 ones here) the projector output differs
+by up to 7e-6 and the logits by up to 4e-5. Other ratios (the miniature's 128 -> 4096 is 32, a power
+of two but not of four: sqrt(1/32) is rounded) and GPUs agree within float tolerance too. The draft's
+fc is within float tolerance even then (about 1e-6): its two input halves lie H apart, so the matrix
+product sums them in a different order. `tests/test_inflate.py` states the bounds.
 """
 
 from __future__ import annotations
@@ -48,26 +65,44 @@ from lmms_msd.models.target import Target
 
 
 @dataclass(frozen=True)
+class VisionShape:
+    """The sizes of a CLIP vision tower that inflation sets: each width the same multiple k of the
+    source's (head_dim kept), at least as many layers. Patch and image size stay the source's."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
 class TextShape:
-    """The sizes of a LLaMA text model that inflation sets (head_dim and vocabulary stay the source's)."""
+    """The sizes inflation sets: the LLaMA text model's (head_dim and vocabulary stay the source's) and,
+    when `vision` is given, the vision tower's (None keeps the source's tower)."""
 
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
+    vision: VisionShape | None = None
 
 
-# LLaVA-1.5-7B's language model (Vicuna-7B); head_dim 4096 / 32 = 128. The vocabulary is not part of a
-# shape: an inflated model keeps its source's (538 rows for the bundled miniature, not 32,000).
+TEXT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+# LLaVA-1.5-7B's vision tower, openai/clip-vit-large-patch14-336 (head_dim 1024 / 16 = 64)
+VIT_L_336 = VisionShape(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+# LLaVA-1.5-7B: its language model (Vicuna-7B; head_dim 4096 / 32 = 128) and its vision tower. The
+# vocabulary is not part of a shape: an inflated model keeps its source's.
 SEVEN_B = TextShape(
-    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008
+    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
+    vision=VIT_L_336,
 )
 
 
 def shape_from_name(name: str) -> TextShape:
-    """A shape by name: "7b" is SEVEN_B; "HIDDENxLAYERS" (e.g. "512x6") has SEVEN_B's proportions: head_dim
-    128 (heads = HIDDEN / 128, as many key/value heads) and intermediate_size = HIDDEN * 11008 / 4096, rounded."""
+    """A shape by name: "7b" is SEVEN_B (vision tower included); "HIDDENxLAYERS" (e.g. "512x6") is a text
+    shape with SEVEN_B's proportions: head_dim 128 (heads = HIDDEN / 128, as many key/value heads) and
+    intermediate_size = HIDDEN * 11008 / 4096, rounded; it keeps the source's vision tower."""
     text = name.strip().lower()
     if text == "7b":
         return SEVEN_B
@@ -86,11 +121,13 @@ def shape_from_name(name: str) -> TextShape:
 def inflate_target(
     target: Target, shape: TextShape, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> Target:
-    """A `Target` whose language model has `shape` and computes what `target`'s does.
+    """A `Target` whose language model (and vision tower, when shape.vision is given) has `shape` and
+    computes what `target`'s does.
 
     The vocabulary is not inflated (see the module docstring). The new model is built without
     materialising it anywhere but on `device` (meta first, then allocated there), so a 7B fp16 copy
-    takes seconds on a GPU. The tokenizer, image preprocessing, prompt format and layout are shared.
+    takes seconds on a GPU; device="meta" builds it without memory (to count its parameters). The
+    tokenizer, image preprocessing, prompt format and layout are shared.
     device, dtype: of the new model [the source's]
     """
     from transformers import LlavaForConditionalGeneration
@@ -102,13 +139,17 @@ def inflate_target(
         raise ValueError(
             f"cannot inflate the target to {shape.num_hidden_layers} layers: it has {text.num_hidden_layers}"
         )
+    repeats = None if shape.vision is None else _vision_repeats(small.config.vision_config, shape.vision)
     device, dtype = torch.device(device or target.device), dtype or target.dtype
     ratio = text.hidden_size / shape.hidden_size
 
     config = copy.deepcopy(small.config)
     big_text = config.text_config
-    for field in dataclasses.fields(TextShape):
-        setattr(big_text, field.name, getattr(shape, field.name))
+    for name in TEXT_FIELDS:
+        setattr(big_text, name, getattr(shape, name))
+    if shape.vision is not None:
+        for field in dataclasses.fields(VisionShape):
+            setattr(config.vision_config, field.name, getattr(shape.vision, field.name))
     big_text.head_dim = _head_dim(text)
     big_text.rms_norm_eps = text.rms_norm_eps * ratio
     with torch.device("meta"):
@@ -119,7 +160,13 @@ def inflate_target(
     assert norms, "found no RMSNorm in the language model: transformers changed its module names"
     eps = {m.variance_epsilon for m in model.model.language_model.modules() if _is_rms_norm(m)}
     assert eps == {big_text.rms_norm_eps}, f"the inflated RMSNorms have eps {eps}, {big_text.rms_norm_eps} was set"
-    _copy_parameters(small, model, scales={name: math.sqrt(ratio) for name in norms})
+    tiled = set()  # copied by repetition below
+    if repeats is not None:
+        tiled = {f"model.vision_tower.{name}" for name, _ in small.model.vision_tower.named_parameters()}
+        tiled.add("model.multi_modal_projector.linear_1.weight")
+    _copy_parameters(small, model, scales={name: math.sqrt(ratio) for name in norms}, skip=tiled)
+    if repeats is not None:
+        _repeat_vision(small, model, repeats)
     # non-persistent buffers (RoPE inv_freq, CLIP position ids) hold garbage after to_empty; they depend on
     # head_dim, rope_theta and the vision config only, so the source's are right (kept in their dtype, as
     # transformers keeps inv_freq in float32 whatever the model's dtype)
@@ -187,8 +234,32 @@ def inflate_pair(
 
 # ---- checks ----------------------------------------------------------------------------------------------
 def _text_shape(config) -> TextShape:
-    """The TextShape fields of a LlamaConfig or a DraftConfig."""
-    return TextShape(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TextShape)})
+    """The text sizes of a LlamaConfig or a DraftConfig (no vision)."""
+    return TextShape(**{name: getattr(config, name) for name in TEXT_FIELDS})
+
+
+def _vision_repeats(config, shape: VisionShape) -> int:
+    """k, the number of copies of the source tower's widths in `shape`; a shape that is not k times
+    every width (so head_dim is kept) with at least as many layers is an error naming the sizes."""
+    k, rest = divmod(shape.hidden_size, config.hidden_size)
+    widths = {
+        "hidden_size": (config.hidden_size, shape.hidden_size),
+        "num_attention_heads": (config.num_attention_heads, shape.num_attention_heads),
+        "intermediate_size": (config.intermediate_size, shape.intermediate_size),
+    }
+    wrong = [f"{name} {big} != {k} x {small}" for name, (small, big) in widths.items() if big != k * small]
+    if rest or k < 1 or wrong:
+        raise ValueError(
+            f"cannot inflate the vision tower to {shape}: every width must be the same whole multiple k of the "
+            f"tower's (hidden {config.hidden_size}, heads {config.num_attention_heads}, intermediate "
+            f"{config.intermediate_size}), with k = hidden_size ratio = {shape.hidden_size / config.hidden_size:g}"
+            + (f" ({'; '.join(wrong)})" if wrong and not rest else "")
+        )
+    if shape.num_hidden_layers < config.num_hidden_layers:
+        raise ValueError(
+            f"cannot inflate the vision tower to {shape.num_hidden_layers} layers: it has {config.num_hidden_layers}"
+        )
+    return k
 
 
 def _head_dim(text_config) -> int:
@@ -250,6 +321,36 @@ def _copy_parameters(small: nn.Module, big: nn.Module, scales: dict[str, float],
         if name in scales:
             value = value.float() * scales[name]
         target[tuple(slice(0, s) for s in value.shape)].copy_(value)
+
+
+@torch.no_grad()
+def _repeat_vision(small: nn.Module, big: nn.Module, k: int) -> None:
+    """Copy the small LLaVA's vision tower into the big one's by repetition (module docstring), and the
+    projector's linear_1 into the leading rows of the big one's, its columns repeated k times / k.
+
+    Every dimension of a tower parameter is either the same in both (patch pixels, positions) or k
+    times the small one's (a width): the small tensor is repeated k times along the latter (copies
+    back to back, [x, x, ..., x]); an nn.Linear weight reads a repeated input and is divided by k.
+    Small layer i < n - 1 goes to big layer i, the last small layer to the last big layer; the layers
+    between keep their zeros (`_copy_parameters` zeroed them).
+    """
+    small_tower, big_tower = small.model.vision_tower, big.model.vision_tower
+    n_small, n_big = small.config.vision_config.num_hidden_layers, big.config.vision_config.num_hidden_layers
+    last, big_last = f"encoder.layers.{n_small - 1}.", f"encoder.layers.{n_big - 1}."
+    for name, value in small_tower.named_parameters():
+        big_name = name.replace(last, big_last)
+        target = big_tower.get_parameter(big_name)
+        assert all(b in (s, k * s) for s, b in zip(value.shape, target.shape)) and value.dim() == target.dim(), (
+            f"vision tower {name}: {tuple(value.shape)} is not {tuple(target.shape)} divided by 1 or {k} along each dimension"
+        )
+        module = big_tower.get_submodule(big_name.rpartition(".")[0])
+        divisor = k if isinstance(module, nn.Linear) and big_name.endswith(".weight") else 1
+        repeated = value.to(target.device).float().repeat(*(b // s for s, b in zip(value.shape, target.shape)))
+        target.copy_(repeated / divisor)
+    linear_1 = small.model.multi_modal_projector.linear_1.weight  # [h, d]
+    big_linear_1 = big.model.multi_modal_projector.linear_1.weight  # [H, k d]
+    assert big_linear_1.shape[1] == k * linear_1.shape[1], f"projector linear_1 {tuple(big_linear_1.shape)} for k={k}"
+    big_linear_1[: linear_1.shape[0]].copy_(linear_1.to(big_linear_1.device).float().repeat(1, k) / k)
 
 
 def _copy_buffers(source: nn.Module, big: nn.Module, dtype: torch.dtype | None) -> None:

@@ -21,8 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from lmms_msd.calibration.token_types import TYPE_NAMES, token_type_table
+from lmms_msd.pipeline import (
+    Decoder,
+    PairSettings,
+    RuntimeSettings,
+    build_decoder,
+    decode,
+    default_device,
+    load_pair,
+    request_generator,
+    resolve_pair,
+)
+from lmms_msd.speculative.sampling import GenerationConfig
+from lmms_msd.speculative.tree import EagleTree
+from lmms_msd.testbed.charts import load_records, question_of, record_images
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +88,15 @@ class AcceptanceByType:
         }
 
 
-def load_records(data_dir: Path, style: str, limit: int | None) -> list[dict[str, Any]]:
-    records = [r for r in json.loads((data_dir / "llava_test.json").read_text()) if r["style"] == style]
-    return records[:limit] if limit else records
-
-
-def question_of(record: dict[str, Any]) -> str:
-    return record["conversations"][0]["value"].replace("<image>", "").strip()
-
-
-def accuracy(target, records, data_dir: Path, config, blank: bool) -> dict[str, Any]:
+def accuracy(decoder: Decoder, records, data_dir: Path, config, blank: bool) -> dict[str, Any]:
     """Greedy plain decoding over the records; relaxed accuracy by question type, mean length."""
-    from PIL import Image
-
-    from lmms_msd.speculative.decoding import plain_generate
-
     by_type: dict[str, list[bool]] = defaultdict(list)
     lengths = []
     for record in records:
-        with Image.open(data_dir / record["image"]) as image:
-            image = Image.new("RGB", image.size, "white") if blank else image.convert("RGB")
-            result = plain_generate(target, target.prepare(question_of(record), [image]), config)
+        images = record_images(data_dir, record)
+        if blank:
+            images = [Image.new("RGB", image.size, "white") for image in images]
+        result = decode(decoder, decoder.target.prepare(question_of(record), images), config)
         by_type[record["question_type"]].append(relaxed_correct(final_answer(result.text), record["answer"]))
         lengths.append(result.stats.new_tokens)
     scores = {kind: sum(v) / len(v) for kind, v in sorted(by_type.items())}
@@ -101,21 +104,14 @@ def accuracy(target, records, data_dir: Path, config, blank: bool) -> dict[str, 
     return {"overall": sum(every) / len(every), "by_question_type": scores, "mean_tokens": sum(lengths) / len(lengths), "n": len(every)}
 
 
-def speculation(target, draft, records, data_dir: Path, temperature: float, max_new_tokens: int, seed: int) -> dict[str, Any]:
-    from PIL import Image
-
-    from lmms_msd.speculative.decoding import speculative_generate
-    from lmms_msd.speculative.sampling import GenerationConfig
-    from lmms_msd.speculative.tree import EagleTree
-
+def speculation(decoder: Decoder, records, data_dir: Path, temperature: float, max_new_tokens: int, seed: int) -> dict[str, Any]:
+    target = decoder.target
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
     observer = AcceptanceByType(token_type_table(target.tokenizer, target.vocab_size))
     steps = accepted = tokens = 0
     for i, record in enumerate(records):
-        with Image.open(data_dir / record["image"]) as image:
-            prompt = target.prepare(question_of(record), [image.convert("RGB")])
-        generator = torch.Generator(target.device).manual_seed(seed + i)
-        result = speculative_generate(target, draft, prompt, config, EagleTree(), generator, observer)
+        prompt = target.prepare(question_of(record), record_images(data_dir, record))
+        result = decode(decoder, prompt, config, request_generator(config, seed + i, target.device), EagleTree(), observer)
         steps += result.stats.steps
         accepted += sum(result.stats.accepted)
         tokens += result.stats.new_tokens
@@ -123,19 +119,17 @@ def speculation(target, draft, records, data_dir: Path, temperature: float, max_
     return {"temperature": temperature, "tau": alpha + 1, "alpha": alpha, "steps": steps, "new_tokens": tokens, "acceptance_by_type": observer.rates()}
 
 
-def build_report(target, draft, data_dir: Path, limit: int | None, max_new_tokens: int, seed: int) -> dict[str, Any]:
-    from lmms_msd.speculative.sampling import GenerationConfig
-
+def build_report(decoder: Decoder, data_dir: Path, limit: int | None, max_new_tokens: int, seed: int) -> dict[str, Any]:
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     report: dict[str, Any] = {"data_dir": str(data_dir), "limit": limit, "max_new_tokens": max_new_tokens}
     for style in ("short", "long"):
-        records = load_records(data_dir, style, limit)
+        records = load_records(data_dir, "test", style, limit or 0)
         report[f"{style}_answers"] = {
-            "with_image": accuracy(target, records, data_dir, config, blank=False),
-            "blank_image": accuracy(target, records, data_dir, config, blank=True),
+            "with_image": accuracy(decoder, records, data_dir, config, blank=False),
+            "blank_image": accuracy(decoder, records, data_dir, config, blank=True),
         }
-    long_records = load_records(data_dir, "long", limit)
-    report["speculative"] = [speculation(target, draft, long_records, data_dir, t, max_new_tokens, seed) for t in (0.0, 1.0)]
+    long_records = load_records(data_dir, "test", "long", limit or 0)
+    report["speculative"] = [speculation(decoder, long_records, data_dir, t, max_new_tokens, seed) for t in (0.0, 1.0)]
     return report
 
 
@@ -164,25 +158,19 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--limit", type=int, default=100, help="questions per answer style (0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--output", type=Path, default=Path("testbed_report"), help="writes OUTPUT.json and OUTPUT.md")
     return run
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmms_msd.models.draft import check_draft_fits, load_draft
-    from lmms_msd.models.loading import load_target
-
-    if args.pretrained is None or args.msd_model_path is None:
-        from lmms_msd.testbed.bundled import bundled_paths
-
-        default_target, default_draft = bundled_paths()
-        args.pretrained = args.pretrained or str(default_target)
-        args.msd_model_path = args.msd_model_path or str(default_draft)
-    target = load_target(args.pretrained, device=args.device)
-    draft = load_draft(args.msd_model_path, device=target.device, dtype=target.dtype)
-    check_draft_fits(draft, target.hidden_size, target.vocab_size)
-    report = build_report(target, draft, args.data_dir, args.limit or None, args.max_new_tokens, args.seed)
+    try:
+        pair = resolve_pair(args.pretrained, args.msd_model_path)
+    except ValueError as error:
+        raise SystemExit(f"lmms-msd testbed-report: {error}") from error
+    args.pretrained, args.msd_model_path = pair.pretrained, pair.msd_model_path
+    decoder = build_decoder(load_pair(PairSettings(args.pretrained, args.msd_model_path, args.device, "float32")), RuntimeSettings())
+    report = build_report(decoder, args.data_dir, args.limit or None, args.max_new_tokens, args.seed)
     report["pretrained"], report["msd_model_path"] = args.pretrained, args.msd_model_path
     args.output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)

@@ -1,29 +1,43 @@
-"""Train the testbed's target: a tokenizer and a small LLaVA-1.5-architecture model on the chart data.
+"""Train the testbed's target: a tokenizer and a small LLaVA-1.5-architecture model on the task data.
 
-    lmms-msd train-target --data data/charts --out target --device cuda
+    lmms-msd train-target --data data/tasks --out target --device cuda
 
-reads `llava_train.json` / `llava_test.json` and the images that `lmms_msd.testbed.charts` wrote, and
-writes an HF-layout checkpoint folder that `lmms_msd.models.loading.load_target` loads:
+reads `llava_train.json` / `llava_test.json` and the images they name (LLaVA conversation files, as
+`lmms-msd make-charts` writes them), and writes an HF-layout checkpoint folder that
+`lmms_msd.models.loading.load_target` loads:
 
-    config.json, model.safetensors         LlavaForConditionalGeneration (saved in float16 by default)
-    tokenizer.json, tokenizer_config.json  byte-level BPE trained on the conversations; digits split one
-                                           by one; <unk> <s> </s>, then <image> and <pad> added
-    preprocessor_config.json               CLIP image processor at the charts' size
+    config.json, model.safetensors         LlavaForConditionalGeneration (saved in float16 by default), in
+      (or model-0000i-of-0000n.safetensors shards of at most --max-shard-size, 15 MB by default, with
+       model.safetensors.index.json)
+    tokenizer.json, tokenizer_config.json  the 32000-entry vocabulary (`train_tokenizer`, below)
+    preprocessor_config.json               CLIP image processor at LLaVA-1.5's 336 px
     processor_config.json, chat_template.jinja
                                            the LlavaProcessor (the same image settings, patch size, feature
                                            strategy) and the llava-hf chat template, for transformers'
                                            AutoProcessor and lmms-eval's llava_hf model
     train_metrics.json                     loss curve, held-out loss, sizes, timings, greedy samples
 
-The model is LLaVA-1.5's architecture at miniature size (`TargetSizes`): a CLIP vision tower read at
-its second-to-last layer without the CLS token, a 2-layer GELU projector, a Llama text model whose
-head_dim is 128 like LLaVA-1.5-7B's (so a 7B-shaped copy, DESIGN 4.5, only adds zero heads).
+The model is LLaVA-1.5's architecture at LLaVA-1.5-7B's shapes where cost or behaviour depends on them,
+and small elsewhere (`TargetSizes`):
+
+- images: 336 x 336 pixels in 14-pixel patches, so 576 image positions; the features are the CLIP
+  tower's second-to-last layer without the CLS token (vision_feature_layer=-2, strategy "default"),
+  through a 2-layer GELU projector;
+- vocabulary: 32000 entries, as LLaMA's (see `train_tokenizer`);
+- head_dim 128 and 4096 positions, as LLaMA-7B's, so a 7B-shaped copy (`lmms_msd.testbed.inflate`)
+  only adds zero heads; the CLIP heads are 64 wide, as ViT-L/14's, so its copy of the tower only
+  repeats them;
+- widths and depths small: the default pair (target, draft, tokenizer) takes about 30 MB on disk in
+  float16, almost all of it the three 32000-row tables (target embeddings and lm_head, the draft's
+  embedding copy).
 
 Training is LLaVA's instruction tuning on one-turn conversations: the prompt is the one
 `Target.prepare` builds (vicuna_v1 conversation, `<image>` expanded to as many positions as the vision
 tower returns features, the count read from the tower's output), the reply is " " + answer + "</s>",
-and the loss is the cross-entropy on the reply tokens only. Every weight is trained from scratch.
-AdamW, linear warm-up then cosine decay, bf16 autocast on CUDA, all data held on the device.
+and the loss is the cross-entropy on the reply tokens only (lm_head runs on those positions alone).
+Every weight is trained from scratch. AdamW, linear warm-up then cosine decay, bf16 autocast on CUDA,
+all data held on the device: token ids, and each image once as its resized and cropped uint8 pixels
+(normalised per batch, as the image processor normalises them), 0.34 MB per 336-pixel image.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from lmms_msd.models.checkpoints import shard_size
 from lmms_msd.models.prompt import (
     IMAGE_PLACEHOLDER,
     TEMPLATE_SYSTEM_PROMPTS,
@@ -79,43 +94,100 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TargetSizes:
-    """Sizes of the miniature target. The vision tower gives (image_size // patch_size) ** 2 features."""
+    """Sizes of the miniature target. The vision tower gives (image_size // patch_size) ** 2 features.
 
-    vocab_size: int = 1024  # BPE budget before <image> / <pad>; the trained vocabulary may be smaller
-    hidden_size: int = 256
-    intermediate_size: int = 1024
+    The default's parameters (`parameter_counts`; 20.6 MB in float16, the draft for it 8.8 MB):
+    text embeddings and lm_head 32000 x 128 each (4,096,000 apiece), 4 text layers of 278,784
+    (attention 2 heads x 128 = 256 wide: q/k/v/o 131,072; MLP 128 -> 384 -> 128: 147,456; norms 256),
+    vision tower 942,848 (patches 75,264, class and 577 positions 73,984, 4 layers of 198,272, two
+    LayerNorms 512), projector 33,024; 10,283,136 in all.
+    """
+
+    vocab_size: int = 32000  # entries in all, <image> and <pad> included (LLaMA's 32000); see train_tokenizer
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_layers: int = 4
-    num_heads: int = 2  # head_dim = hidden_size // num_heads = 128, as LLaVA-1.5-7B's
-    max_position_embeddings: int = 1024
-    vision_hidden_size: int = 256
-    vision_intermediate_size: int = 1024
+    num_heads: int = 2  # attention is num_heads * head_dim = 256 wide, twice the residual stream
+    head_dim: int = 128  # LLaVA-1.5-7B's
+    max_position_embeddings: int = 4096  # LLaVA-1.5's
+    image_size: int = 336  # LLaVA-1.5's CLIP ViT-L/14-336 input
+    patch_size: int = 14  # (336 / 14) ** 2 = 576 image positions
+    vision_hidden_size: int = 128
+    vision_intermediate_size: int = 512
     vision_layers: int = 4  # the last one is not read (vision_feature_layer=-2), as in LLaVA-1.5
-    vision_heads: int = 4
-    patch_size: int = 16
+    vision_heads: int = 2  # head_dim 64, CLIP ViT-L's
 
 
 SIZE_PRESETS = {
     "default": TargetSizes(),
-    # seconds on a CPU: tests and smoke runs
+    # seconds on a CPU: tests and smoke runs (4 image positions, a 1024-entry vocabulary)
     "tiny": TargetSizes(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=1,
-        vision_hidden_size=32, vision_intermediate_size=64, vision_layers=2, vision_heads=2, patch_size=16,
+        vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=1, image_size=28,
+        vision_hidden_size=32, vision_intermediate_size=64, vision_layers=2, vision_heads=2,
     ),
 }
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------------
+UNUSED_TOKEN = "<unused{}>"  # the padding entries' names: <unused0>, <unused1>, ...
+N_ADDED = 2  # <image> and <pad>, added after the BPE vocabulary
+
+
 def train_tokenizer(texts: Iterable[str], folder: str | Path, vocab_size: int, model_max_length: int) -> Any:
-    """A byte-level BPE trained on `texts` (any text still encodes, byte by byte), digits split one by
-    one (a number is a few digit tokens, as in LLaMA's tokenizer), `<s>` prepended; `<unk>`, `<s>`,
-    `</s>` first, then `<image>` and `<pad>` added as LLaVA's HF conversion adds them. Saved to
-    `folder` (AutoTokenizer loads it) and returned."""
+    """The target's vocabulary of exactly `vocab_size` entries, saved to `folder` (AutoTokenizer loads
+    it) and returned.
+
+    A byte-level BPE (the `tokenizers` library) trained on `texts` with a budget of vocab_size - 2
+    entries: any text encodes (byte by byte at worst) and decodes back to itself; digits are split one
+    by one (a number is a few digit tokens, as in LLaMA's tokenizer); `<s>` is prepended. When the text
+    has fewer distinct pieces than the budget (the task text fills a few thousand), the BPE vocabulary
+    is padded with entries named `<unused0>`, `<unused1>`, ...: they are in the BPE model's vocabulary
+    but no merge produces them, so no text ever encodes to them (typed in a text, "<unused5>" is
+    encoded as its characters), and they decode to their names. Then `<image>` and `<pad>` are added
+    as LLaVA's HF conversion adds them. The ids:
+
+        0 <unk>, 1 <s>, 2 </s>                       LLaMA's special tokens, at LLaMA's ids
+        3 .. n - 1                                   the trained BPE: the 256 byte symbols, then merges
+        n .. vocab_size - 3                          <unused0> .. (padding, never produced by encoding)
+        vocab_size - 2 <image>, vocab_size - 1 <pad> added special tokens (31998 and 31999 by default)
+    """
     from lmms_msd.testbed.tiny import add_image_and_pad_tokens, train_byte_bpe
 
-    tokenizer = train_byte_bpe(texts, folder, vocab_size, split_digits=True, model_max_length=model_max_length)
+    budget = vocab_size - N_ADDED
+    if budget < 3 + 256:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for the 3 special tokens, 256 byte symbols, <image> and <pad>; use at least {3 + 256 + N_ADDED}")
+    tokenizer = train_byte_bpe(texts, folder, budget, split_digits=True, model_max_length=model_max_length)
+    tokenizer = pad_vocabulary(tokenizer, budget, model_max_length)
     add_image_and_pad_tokens(tokenizer)
+    assert len(tokenizer) == vocab_size, f"the tokenizer has {len(tokenizer)} entries, {vocab_size} were asked"
     tokenizer.save_pretrained(str(folder))
     return tokenizer
+
+
+def pad_vocabulary(tokenizer: Any, size: int, model_max_length: int) -> Any:
+    """A copy of the trained byte-level BPE `tokenizer` whose model vocabulary has `size` entries, the
+    ones past the trained vocabulary named UNUSED_TOKEN (see `train_tokenizer`); ids of trained entries
+    are unchanged."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    assert model["type"] == "BPE" and not model.get("ignore_merges"), (
+        "padding entries are unreachable only in a BPE model that encodes through its merges"
+    )
+    vocab = model["vocab"]
+    n = len(vocab)
+    if n > size:
+        raise ValueError(f"the trained BPE has {n} entries, more than the {size} asked")
+    for index in range(size - n):
+        name = UNUSED_TOKEN.format(index)
+        assert name not in vocab, f"{name} is already a trained token"
+        vocab[name] = n + index
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
 
 
 def tokenizer_corpus(records: list[dict[str, Any]], max_texts: int = 20_000) -> list[str]:
@@ -150,21 +222,23 @@ def split_conversation(record: dict[str, Any]) -> tuple[str, str]:
 
 
 # ---- model -------------------------------------------------------------------------------------------
-def target_config(sizes: TargetSizes, tokenizer: Any, image_size: int) -> Any:
+def target_config(sizes: TargetSizes, tokenizer: Any) -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    if sizes.hidden_size % sizes.num_heads:
-        raise ValueError(f"hidden_size {sizes.hidden_size} is not a multiple of num_heads {sizes.num_heads}")
-    if image_size % sizes.patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {sizes.patch_size}")
+    if sizes.image_size % sizes.patch_size:
+        raise ValueError(f"image_size {sizes.image_size} is not a multiple of patch_size {sizes.patch_size}")
+    if sizes.vision_hidden_size % sizes.vision_heads:
+        raise ValueError(f"vision_hidden_size {sizes.vision_hidden_size} is not a multiple of vision_heads {sizes.vision_heads}")
+    if len(tokenizer) != sizes.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the sizes say vocab_size={sizes.vocab_size}")
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=sizes.vocab_size,
         hidden_size=sizes.hidden_size,
         intermediate_size=sizes.intermediate_size,
         num_hidden_layers=sizes.num_layers,
         num_attention_heads=sizes.num_heads,
         num_key_value_heads=sizes.num_heads,
-        head_dim=sizes.hidden_size // sizes.num_heads,
+        head_dim=sizes.head_dim,
         max_position_embeddings=sizes.max_position_embeddings,
         rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,
@@ -177,7 +251,7 @@ def target_config(sizes: TargetSizes, tokenizer: Any, image_size: int) -> Any:
         intermediate_size=sizes.vision_intermediate_size,
         num_hidden_layers=sizes.vision_layers,
         num_attention_heads=sizes.vision_heads,
-        image_size=image_size,
+        image_size=sizes.image_size,
         patch_size=sizes.patch_size,
         projection_dim=sizes.vision_hidden_size,
     )
@@ -185,7 +259,7 @@ def target_config(sizes: TargetSizes, tokenizer: Any, image_size: int) -> Any:
         text_config=text,
         vision_config=vision,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        image_seq_length=(image_size // sizes.patch_size) ** 2,
+        image_seq_length=(sizes.image_size // sizes.patch_size) ** 2,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -216,10 +290,10 @@ def init_weights_(model: torch.nn.Module, seed: int, std: float = 0.02) -> torch
     return model
 
 
-def build_target_model(sizes: TargetSizes, tokenizer: Any, image_size: int, seed: int) -> Any:
+def build_target_model(sizes: TargetSizes, tokenizer: Any, seed: int) -> Any:
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration._from_config(target_config(sizes, tokenizer, image_size), attn_implementation="sdpa")
+    model = LlavaForConditionalGeneration._from_config(target_config(sizes, tokenizer), attn_implementation="sdpa")
     init_weights_(model, seed)
     embed, head = model.get_input_embeddings().weight, model.lm_head.weight
     assert embed.data_ptr() != head.data_ptr(), "lm_head must not be tied to the input embeddings (LLaVA's are not)"
@@ -227,7 +301,8 @@ def build_target_model(sizes: TargetSizes, tokenizer: Any, image_size: int, seed
 
 
 def save_image_processor(folder: str | Path, image_size: int) -> None:
-    """A CLIP preprocessor_config.json at the charts' size (resize shortest edge, centre crop, CLIP mean/std)."""
+    """A CLIP preprocessor_config.json at the target's input size, as LLaVA-1.5's (resize the shortest edge
+    to image_size, centre crop, CLIP mean/std)."""
     from transformers import CLIPImageProcessor
 
     CLIPImageProcessor(
@@ -284,6 +359,38 @@ def expand_image_placeholder(input_ids: torch.Tensor, image_token_id: int, n_ima
 
 
 @dataclass
+class PixelNormalizer:
+    """Resized and cropped uint8 pixels -> the pixel values the image processor returns for them.
+
+    Rescaling and normalising are fused as transformers' image processors fuse them:
+    (x - mean / rescale_factor) / (std / rescale_factor), x in 0..255. Worked example, CLIP's red
+    channel (mean 0.48145466, std 0.26862954, rescale 1/255): x = 255 gives
+    (255 - 122.770943) / 68.500534 = 1.930336, x = 0 gives -1.792263.
+    """
+
+    mean: torch.Tensor  # [3, 1, 1] float32, in 0..255 units
+    std: torch.Tensor  # [3, 1, 1] float32, in 0..255 units
+
+    @classmethod
+    def of(cls, processor: Any, device: torch.device) -> PixelNormalizer:
+        """From a transformers image processor that rescales and normalises (CLIP's)."""
+        if not (processor.do_rescale and processor.do_normalize):
+            raise ValueError(
+                f"the image processor has do_rescale={processor.do_rescale}, do_normalize={processor.do_normalize}; "
+                "training keeps uint8 pixels and needs both to normalise them as the processor does"
+            )
+        scale = 1.0 / processor.rescale_factor
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32) * scale
+        std = torch.tensor(processor.image_std, dtype=torch.float32) * scale
+        return cls(mean.view(3, 1, 1).to(device), std.view(3, 1, 1).to(device))
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: [B, 3, S, S] uint8 -> [B, 3, S, S] float32"""
+        assert pixels.dtype == torch.uint8 and pixels.dim() == 4, f"expected uint8 [B, 3, S, S], got {pixels.dtype} {tuple(pixels.shape)}"
+        return (pixels.float() - self.mean) / self.std
+
+
+@dataclass
 class ConversationSet:
     """Tokenised conversations, padded, with their images; all tensors on one device but `lengths_cpu`."""
 
@@ -291,14 +398,17 @@ class ConversationSet:
     labels: torch.Tensor  # [N, L] long; the input id on reply tokens, IGNORE_INDEX elsewhere
     lengths_cpu: torch.Tensor  # [N] long, on the CPU: unpadded lengths (batch shapes without a device sync)
     image_index: torch.Tensor  # [N] long; row of `pixels`
-    pixels: torch.Tensor  # [n_images, 3, S, S] preprocessed pixel values (float16: half the memory)
+    pixels: torch.Tensor  # [n_images, 3, S, S] uint8: resized and cropped, not yet normalised
+    normalize: PixelNormalizer
 
     def __post_init__(self) -> None:
         n, length = self.input_ids.shape
         assert self.labels.shape == (n, length), f"labels {tuple(self.labels.shape)} != {(n, length)}"
         assert self.lengths_cpu.shape == (n,) and self.image_index.shape == (n,)
         assert self.lengths_cpu.device.type == "cpu", "lengths_cpu must stay on the CPU"
-        assert self.pixels.dim() == 4, f"pixels must be [n_images, 3, S, S], got {tuple(self.pixels.shape)}"
+        assert self.pixels.dim() == 4 and self.pixels.dtype == torch.uint8, (
+            f"pixels must be uint8 [n_images, 3, S, S], got {self.pixels.dtype} {tuple(self.pixels.shape)}"
+        )
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -312,7 +422,7 @@ class ConversationSet:
         return {
             "input_ids": self.input_ids[index, :length],
             "labels": self.labels[index, :length],
-            "pixel_values": self.pixels[self.image_index[index]],
+            "pixel_values": self.normalize(self.pixels[self.image_index[index]]),
         }
 
 
@@ -350,13 +460,15 @@ def encode_conversations(
 
 
 class _ImageChunks(torch.utils.data.Dataset):
-    """Chunks of image paths -> pixel values [n, 3, S, S] float16, through `ImagePreprocessor`, the path
-    `Target.prepare` takes (a torch Dataset, so a DataLoader's worker processes can share the work)."""
+    """Chunks of image paths -> uint8 pixels [n, 3, S, S]: decoded to RGB, then resized and cropped by the
+    checkpoint's own image processor with rescaling and normalising left to `PixelNormalizer` (the path
+    `Target.prepare` takes, in two parts). A torch Dataset, so a DataLoader's worker processes can share
+    the work."""
 
     def __init__(self, paths: list[str], processor_folder: str | Path, chunk: int) -> None:
         self.chunks = [paths[start : start + chunk] for start in range(0, len(paths), chunk)]
         self.processor_folder = str(processor_folder)
-        self.preprocessor: Any = None  # loaded in each worker on first use
+        self.processor: Any = None  # loaded in each worker on first use
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -366,63 +478,85 @@ class _ImageChunks(torch.utils.data.Dataset):
 
         from lmms_msd.models.image import load_image_preprocessor
 
-        if self.preprocessor is None:
-            self.preprocessor = load_image_preprocessor(self.processor_folder, pad_to_square=False)
+        if self.processor is None:
+            self.processor = load_image_preprocessor(self.processor_folder, pad_to_square=False).processor
         pixels = []
         for path in self.chunks[index]:
             with Image.open(path) as image:
-                pixels.append(self.preprocessor(image).to(torch.float16))
+                cropped = self.processor(image.convert("RGB"), do_rescale=False, do_normalize=False, return_tensors="pt")
+            values = cropped["pixel_values"]  # [1, 3, S, S], 0..255
+            assert torch.equal(values, values.round()) and values.min() >= 0 and values.max() <= 255, (
+                f"the image processor's resize of {path} gave values that are not uint8 pixels"
+            )
+            pixels.append(values.to(torch.uint8))
         return torch.cat(pixels)
 
 
-def load_pixels(paths: list[str], processor_folder: str | Path, workers: int, progress: bool = True) -> torch.Tensor:
-    """Images -> pixel values [N, 3, S, S] float16 on the CPU, preprocessed by the checkpoint's own
-    image processor (saved in `processor_folder`), in `workers` DataLoader worker processes."""
+def load_pixels(
+    paths: list[str], processor_folder: str | Path, workers: int, device: torch.device | str = "cpu", progress: bool = True
+) -> torch.Tensor:
+    """Images -> uint8 pixels [N, 3, S, S] on `device` (resized and cropped by the image processor saved
+    in `processor_folder`; `PixelNormalizer` finishes the preprocessing), decoded in `workers` DataLoader
+    worker processes and written chunk by chunk into one tensor (no second copy on the host)."""
     from tqdm.auto import tqdm
 
     chunks = _ImageChunks(paths, processor_folder, chunk=256)
     loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=workers if workers > 1 else 0)
-    pixels = []
+    pixels, start = None, 0
     with tqdm(total=len(paths), desc="images", mininterval=2, disable=not progress) as bar:
         for chunk in loader:
-            pixels.append(chunk)
+            if pixels is None:
+                pixels = torch.empty((len(paths), *chunk.shape[1:]), dtype=torch.uint8, device=device)
+                log.info("%d images: %.1f GB of uint8 pixels on %s", len(paths), pixels.numel() / 1e9, device)
+            pixels[start : start + chunk.shape[0]] = chunk.to(device)
+            start += chunk.shape[0]
             bar.update(chunk.shape[0])
-    return torch.cat(pixels)
+    assert pixels is not None and start == len(paths), f"read {start} of {len(paths)} images"
+    return pixels
 
 
 def load_conversation_set(
     data_dir: Path, split: str, tokenizer: Any, processor_folder: Path, n_image_tokens: int, max_length: int,
     device: torch.device, workers: int, limit: int | None = None, progress: bool = True,
 ) -> ConversationSet:
+    from lmms_msd.models.image import load_image_preprocessor
+
     records = read_conversations(data_dir, split)[:limit]
     image_paths = sorted({record["image"] for record in records})
     row_of = {path: row for row, path in enumerate(image_paths)}
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     input_ids, labels, lengths = encode_conversations(records, tokenizer, image_token_id, n_image_tokens, max_length)
-    pixels = load_pixels([str(data_dir / path) for path in image_paths], processor_folder, workers, progress).to(device)
+    pixels = load_pixels([str(data_dir / path) for path in image_paths], processor_folder, workers, device, progress)
     image_index = torch.tensor([row_of[record["image"]] for record in records], dtype=torch.long)
-    return ConversationSet(input_ids.to(device), labels.to(device), lengths, image_index.to(device), pixels)
+    normalize = PixelNormalizer.of(load_image_preprocessor(processor_folder, pad_to_square=False).processor, device)
+    return ConversationSet(input_ids.to(device), labels.to(device), lengths, image_index.to(device), pixels, normalize)
 
 
 # ---- training ----------------------------------------------------------------------------------------
-def reply_logits(target: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token logits [B, L - 1, V] (float32), computed the way `Target.embed` + `Target.forward`
-    run the model: image features replace the placeholder positions, then the language model.
-    Position t predicts the token at t + 1, whose label is batch["labels"][:, t + 1].
-    """
+def reply_hidden(target: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The language model's last hidden states [B, L, H] (after the final norm), computed the way
+    `Target.embed` + `Target.forward` run the model: image features replace the placeholder positions,
+    then the language model."""
     input_ids = batch["input_ids"]  # [B, L]
     model = target.model
     features = target.image_features(batch["pixel_values"])  # [B, n_image_tokens, H]
     embeds = model.get_input_embeddings()(input_ids)  # [B, L, H]
     image_mask = (input_ids == target.image_token_id)[..., None]  # [B, L, 1]; counts checked when encoding
     embeds = embeds.masked_scatter(image_mask, features.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # [B, L, H]
-    return model.lm_head(hidden[:, :-1]).float()
+    return model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
 
-def reply_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over reply tokens. logits [B, L - 1, V], labels [B, L]."""
-    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+def reply_logits(target: Any, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits at the positions whose next token is a reply token, and those tokens.
+
+    Position t predicts the token at t + 1, whose label is labels[:, t + 1]; lm_head runs on those n
+    positions only (with 32000 entries, logits over every position of a 700-token batch would take
+    gigabytes). hidden: [B, L, H], labels: [B, L] -> logits [n, V] float32, gold [n] long.
+    """
+    assert hidden.shape[:2] == labels.shape, f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree"
+    gold = labels[:, 1:]  # [B, L - 1]
+    scored = gold != IGNORE_INDEX
+    return target.model.lm_head(hidden[:, :-1][scored]).float(), gold[scored]
 
 
 def lr_schedule(steps: int, warmup: int, final_fraction: float = 0.1) -> Callable[[int], float]:
@@ -446,14 +580,12 @@ def evaluate(target: Any, data: ConversationSet, batch_size: int, digit_ids: tor
         rows = torch.arange(start, min(start + batch_size, len(data)))
         batch = data.batch(rows.to(data.input_ids.device), int(data.lengths_cpu[rows].max()))
         with autocast():
-            logits = reply_logits(target, batch)
-        gold = batch["labels"][:, 1:]
-        scored = gold != IGNORE_INDEX
-        total += float(reply_loss(logits, batch["labels"])) * int(scored.sum())
-        count += int(scored.sum())
-        hit = (logits.argmax(-1) == gold) & scored
+            logits, gold = reply_logits(target, reply_hidden(target, batch), batch["labels"])  # [n, V], [n]
+        total += float(F.cross_entropy(logits, gold, reduction="sum"))
+        count += gold.numel()
+        hit = logits.argmax(-1) == gold
         correct += int(hit.sum())
-        is_digit = torch.isin(gold, digit_ids) & scored
+        is_digit = torch.isin(gold, digit_ids)
         digit_count += int(is_digit.sum())
         digit_correct += int((hit & is_digit).sum())
     target.model.train()
@@ -518,7 +650,8 @@ def train_loop(
             group["lr"] = lr * lr_factor(min(clock, steps - 1))
         batch = train.batch(schedule[step - 1], batch_lengths[step - 1])
         with autocast():
-            loss = reply_loss(reply_logits(target, batch), batch["labels"])
+            logits, gold = reply_logits(target, reply_hidden(target, batch), batch["labels"])
+            loss = F.cross_entropy(logits, gold)  # the mean over the batch's reply tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -566,15 +699,19 @@ def train_target(
     eval_every: int | None = None,
     held_out_limit: int = 512,
     save_dtype: str = "float16",
+    max_shard_size: str | int = "15MB",
     n_samples: int = 12,
     workers: int = 1,
     time_limit_s: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the tokenizer and the target on `data_dir` (charts' output) and save both to `out_dir`.
+    """Train the tokenizer and the target on `data_dir` (LLaVA conversation files and their images) and
+    save both to `out_dir`.
 
     warmup: default min(500, steps // 10); eval_every: default steps // 5 (held-out loss on the
-    first `held_out_limit` test conversations); n_samples: greedy answers to log at the end (test set);
+    first `held_out_limit` test conversations); max_shard_size: the largest weight file written
+    (transformers' save_pretrained: "15MB" is 15 * 10**6 bytes; a bigger model is split into shards
+    with model.safetensors.index.json); n_samples: greedy answers to log at the end (test set);
     time_limit_s: stop training early past this many seconds of training (see `train_loop`).
     Returns the metrics also written to out_dir/train_metrics.json.
     """
@@ -588,14 +725,13 @@ def train_target(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     torch_device = torch.device(device)
     started = time.perf_counter()
-    meta = json.loads((data_dir / "meta.json").read_text())
-    image_size = int(meta["image_size"])
+    image_size = sizes.image_size
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. tokenizer, model, image processor
     train_records = read_conversations(data_dir, "train")
     tokenizer = train_tokenizer(tokenizer_corpus(train_records), out_dir, sizes.vocab_size, sizes.max_position_embeddings)
-    model = build_target_model(sizes, tokenizer, image_size, seed).to(torch_device)
+    model = build_target_model(sizes, tokenizer, seed).to(torch_device)
     save_image_processor(out_dir, image_size)
     preprocessor = load_image_preprocessor(out_dir, pad_to_square=False)
     target = Target(model, tokenizer, preprocessor, PROMPT_FORMAT, "hf")
@@ -624,13 +760,14 @@ def train_target(
     )
 
     # 4. save, reload through the loader, greedy samples
-    model.to(SAVE_DTYPES[save_dtype]).save_pretrained(str(out_dir))
+    model.to(SAVE_DTYPES[save_dtype]).save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     save_processor(out_dir, tokenizer, model.config)
     metrics.update(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, save_dtype=save_dtype,
         sizes=asdict(sizes), image_size=image_size, n_image_tokens=n_image_tokens, vocab_size=len(tokenizer),
         parameters=counts, train_conversations=len(train), train_images=int(train.pixels.shape[0]),
-        checkpoint_mb=sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 2**20,
+        checkpoint_mb=sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 1e6,
+        largest_file_mb=max(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 1e6,
     )
     metrics["samples"] = greedy_samples(out_dir, data_dir, device, n_samples) if n_samples else []
     metrics["total_seconds"] = time.perf_counter() - started
@@ -650,16 +787,17 @@ def greedy_samples(out_dir: Path, data_dir: Path, device: str, n: int) -> list[d
     from PIL import Image
 
     from lmms_msd.models.loading import load_target
-    from lmms_msd.speculative.decoding import plain_generate
+    from lmms_msd.pipeline import Pair, RuntimeSettings, build_decoder, decode
     from lmms_msd.speculative.sampling import GenerationConfig
 
     target = load_target(str(out_dir), device=device, dtype=torch.float32)
+    decoder = build_decoder(Pair(target, None), RuntimeSettings())
     samples = []
     for record in read_conversations(data_dir, "test")[:n]:
         question, reference = split_conversation(record)
         with Image.open(data_dir / record["image"]) as image:
             prompt = target.prepare(question, [image.convert("RGB")])
-        result = plain_generate(target, prompt, GenerationConfig(max_new_tokens=192))
+        result = decode(decoder, prompt, GenerationConfig(max_new_tokens=192))
         sample = {
             "id": record["id"], "question": question.split("\n")[0], "reference": reference, "reply": result.text,
             "tokens": len(result.token_ids),
@@ -673,7 +811,7 @@ def greedy_samples(out_dir: Path, data_dir: Path, device: str, n: int) -> list[d
 
 # ---- command line ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    parser.add_argument("--data", required=True, help="the charts folder (lmms-msd make-charts --out ...)")
+    parser.add_argument("--data", required=True, help="the data folder: llava_train.json, llava_test.json and their images (lmms-msd make-charts --out ...)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write (HF layout)")
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -684,6 +822,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZE_PRESETS), default="default", help="model size preset")
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16")
+    parser.add_argument(
+        "--max-shard-size", default="15MB", type=shard_size,
+        help="largest weight file to write (transformers' save_pretrained; 15MB = 15 * 10**6 bytes); bigger models are sharded",
+    )
     parser.add_argument("--samples", type=int, default=12, help="greedy test answers to log at the end (12: every question type, short and long)")
     parser.add_argument("--workers", type=int, default=1, help="processes decoding images")
     parser.add_argument(
@@ -697,7 +839,7 @@ def _run(args: argparse.Namespace) -> int:
     train_target(
         args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, device=args.device, seed=args.seed, sizes=SIZE_PRESETS[args.size],
-        save_dtype=args.save_dtype, n_samples=args.samples, workers=args.workers,
+        save_dtype=args.save_dtype, max_shard_size=args.max_shard_size, n_samples=args.samples, workers=args.workers,
         time_limit_s=None if args.time_limit_minutes is None else 60 * args.time_limit_minutes,
     )
     return 0

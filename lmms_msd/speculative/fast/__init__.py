@@ -1,7 +1,8 @@
 """Fast generation on a GPU: static KV caches written by slot, CUDA graphs, one host read per step.
 
-`StaticEngine` runs the same algorithms as `lmms_msd.speculative.decoding` (and gives the same outputs); use it
-on CUDA for speed. On CPU it runs the same code without graphs (tests).
+`StaticEngine` is a runtime for the loops of `lmms_msd.speculative.decoding` (the same outputs as
+`EagerRuntime`): pass it as their `runtime` on CUDA for speed. On CPU it runs the same code without
+graphs (tests).
 """
 
 from lmms_msd.speculative.fast.engine import StaticEngine

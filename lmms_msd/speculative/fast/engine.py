@@ -1,6 +1,7 @@
 """`StaticEngine`: the runtime (`lmms_msd.speculative.runtime.Runtime`) that makes the decoding loops fast on a GPU.
 
-The loops are `lmms_msd.speculative.decoding`'s, unchanged; what the engine changes is where their work runs:
+The loops are `lmms_msd.speculative.decoding`'s, unchanged (pass the engine as their runtime); what the
+engine changes is where their work runs:
 
 - the target runs from `StaticTarget` (a static KV cache written by slot, CUDA graphs per bucket) and
   the draft from `StaticDrafter` (the same), both allocated once per engine and reused;
@@ -19,66 +20,45 @@ import torch
 
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
-from lmms_msd.speculative.decoding import (
-    GenerationResult,
-    StepObserver,
-    plain_generate,
-    speculative_generate,
-)
+from lmms_msd.speculative.drafting import DraftRows
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.fast.static_target import StaticTarget
 from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
-from lmms_msd.speculative.runtime import TreeBuilder
-from lmms_msd.speculative.sampling import GenerationConfig
-from lmms_msd.speculative.tree import Tree
+from lmms_msd.speculative.runtime import Sequence, drafter_of, require_draft
+from lmms_msd.speculative.tree import Tree, TreeSpec
 
 
 class StaticEngine:
-    """Static caches and CUDA graphs for one target (and draft); one generation at a time.
+    """Static caches and CUDA graphs for one target (and draft): a `Runtime` for one sequence at a time.
 
+    The caches are the engine's, allocated once, so `prefill` starts a sequence over them and
+    invalidates the one before: any later call with the old sequence raises (a `RuntimeError` that
+    says so), rather than read caches another generation has overwritten.
     max_length: cache slots (prompt + new tokens + one tree must fit); clipped to the target's maximum
     cuda_graphs: None replays graphs when the target is on CUDA; False runs the same code eagerly
     The first requests of each shape capture graphs (slower); time after a warm-up.
     """
 
-    def __init__(self, target: Target, draft: MSDDraft | None, max_length: int = 2048, cuda_graphs: bool | None = None) -> None:
+    def __init__(
+        self, target: Target, draft: MSDDraft | None = None, max_length: int = 2048, cuda_graphs: bool | None = None
+    ) -> None:
         self.target = target
-        self.draft = draft
+        self.draft = draft  # None: plain decoding only
         self.static_target = StaticTarget(target, max_length, cuda_graphs)
         self.cuda_graphs = self.static_target.cuda_graphs
-        self._drafters: dict[bool, StaticDrafter] = {}
-        self._growers: dict[tuple, GraphedTreeGrower] = {}
+        self._drafters: dict[bool, StaticDrafter] = {}  # by track_visual
+        self._growers: dict[tuple[bool, TreeSpec], GraphedTreeGrower] = {}  # by (track_visual, spec)
+        self._live: Sequence | None = None  # the one sequence the caches hold
 
-    # ---- the loops, on this runtime ------------------------------------------------------------------
-    def plain_generate(
-        self, prompt: EmbeddedPrompt, config: GenerationConfig, generator: torch.Generator | None = None, profile: bool = False
-    ) -> GenerationResult:
-        """`lmms_msd.speculative.decoding.plain_generate` on static caches."""
-        return plain_generate(self.target, prompt, config, generator, profile=profile, runtime=self)
+    def _check_live(self, sequence: Sequence) -> None:
+        if sequence is not self._live:
+            raise RuntimeError(
+                "this sequence is no longer live: a StaticEngine holds one generation at a time, and a later "
+                "prefill on it started another over the same caches; finish a generation before starting the "
+                "next, or give each concurrent generation its own engine (or use an EagerRuntime)"
+            )
 
-    def speculative_generate(
-        self,
-        prompt: EmbeddedPrompt,
-        config: GenerationConfig,
-        tree_builder: TreeBuilder,
-        generator: torch.Generator | None = None,
-        observer: StepObserver | None = None,
-        track_visual: bool = False,
-        profile: bool = False,
-    ) -> GenerationResult:
-        """`lmms_msd.speculative.decoding.speculative_generate` on static caches (same arguments, same outputs)."""
-        if self.draft is None:
-            raise ValueError("speculative decoding needs a draft; this StaticEngine was built without one")
-        return speculative_generate(
-            self.target, self.draft, prompt, config, tree_builder, generator, observer, track_visual, profile, runtime=self
-        )
-
-    # ---- the Runtime interface ------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.target.device
-
-    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[Sequence, torch.Tensor, torch.Tensor]:
         length = prompt.input_ids.shape[0]
         if length + extra_slots > self.static_target.usable:
             raise ValueError(
@@ -86,37 +66,48 @@ class StaticEngine:
                 f"{extra_slots}) need {length + extra_slots} cache slots; the engine holds "
                 f"{self.static_target.usable}: raise max_length"
             )
-        return self.static_target.prefill(prompt.inputs_embeds[0])
+        self._live = Sequence(committed=length)
+        hidden, logits = self.static_target.prefill(prompt.inputs_embeds[0])
+        return self._live, hidden, logits
 
-    def forward_next(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        return self.static_target.forward_next(token, position)[1]
+    def forward_next(self, sequence: Sequence, token: torch.Tensor) -> torch.Tensor:
+        self._check_live(sequence)
+        logits = self.static_target.forward_next(token, sequence.committed)[1]
+        sequence.committed += 1
+        return logits
 
-    def drafter(self, track_visual: bool) -> StaticDrafter:
+    def prefill_draft(
+        self, sequence: Sequence, prompt: EmbeddedPrompt, hidden: torch.Tensor, token: int, track_visual: bool
+    ) -> DraftRows:
+        self._check_live(sequence)
         drafter = self._drafters.get(track_visual)
         if drafter is None:
             drafter = self._drafters[track_visual] = StaticDrafter(
-                self.draft, self.target.lm_head, self.static_target.capacity, track_visual, self.cuda_graphs
-            )
+                require_draft(self.draft, self), self.target.lm_head, self.static_target.capacity, track_visual,
+                self.cuda_graphs,
+            )  # fmt: skip
         drafter.reset()
-        return drafter
+        sequence.drafter = drafter
+        return drafter.prefill(prompt, hidden, token)
 
-    def draft_tree(
-        self, tree_builder: TreeBuilder, drafter: StaticDrafter, token: int, root_hidden: torch.Tensor, root_visual
-    ) -> tuple[Tree, torch.Tensor]:
-        """Graphed growth for the builders that describe theirs (`growth`: EAGLE-2, OPT-Tree), the
-        builder's own `build` for any other."""
-        growth = getattr(tree_builder, "growth", None)
-        if growth is None:
-            tree = tree_builder.build(drafter, token, root_hidden, root_visual)
-            return tree, tree.ancestor_mask(tree_builder.max_depth)
-        key = (drafter.track_visual, growth)
+    def draft_tree(self, sequence: Sequence, tree: TreeSpec, token: int, root: DraftRows) -> tuple[Tree, torch.Tensor]:
+        """Grown by a `GraphedTreeGrower` (one per drafter and spec, reused: its graphs are captured once)."""
+        self._check_live(sequence)
+        drafter = drafter_of(sequence)
+        assert isinstance(drafter, StaticDrafter), f"a StaticEngine sequence drafts with a StaticDrafter, not {drafter!r}"
+        key = (drafter.track_visual, tree)
         grower = self._growers.get(key)
         if grower is None:
-            grower = self._growers[key] = GraphedTreeGrower(drafter, growth, self.cuda_graphs)
-        return grower.build(token, root_hidden, root_visual)
+            grower = self._growers[key] = GraphedTreeGrower(drafter, tree, self.cuda_graphs)
+        return grower.build(token, root.hidden, root.visual)
 
-    def verify(self, tree: Tree, ancestors: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify(self, sequence: Sequence, tree: Tree, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_live(sequence)
+        prefix_len = sequence.committed
         return self.static_target.forward_tokens(tree.tokens, prefix_len + tree.depths, prefix_len, ancestors)
 
-    def keep_path(self, prefix_len: int, path: torch.Tensor) -> None:
-        self.static_target.keep_path(prefix_len, path)
+    def commit(self, sequence: Sequence, path: torch.Tensor, next_tokens: torch.Tensor, path_hidden: torch.Tensor) -> DraftRows:
+        self._check_live(sequence)
+        self.static_target.keep_path(sequence.committed, path)
+        sequence.committed += path.shape[0]
+        return drafter_of(sequence).advance(next_tokens, path_hidden)

@@ -29,21 +29,34 @@ class StaticDrafter(Drafter):
         super().__init__(draft, lm_head, capacity, track_visual=track_visual)
         self.capacity = capacity
         self.scratch = capacity - 1  # padding rows write here; no real row ever sees it
-        self._graphed = GraphedFunction(self._head, cuda_graphs, self.device)
+        self._graphed = GraphedFunction(self.head, cuda_graphs, self.device)
 
     def reset(self) -> None:
+        """Forget the last generation (before the next prefill)."""
         self.committed = 0
         self.tree_used = 0
         if self.image_slots is not None:
             self.image_slots.zero_()
 
-    def _reserve(self, slots: int) -> None:
+    def mark_tree_fed(self, slots: int) -> None:
+        """Record that a tree's first `slots` slots after the prefix were fed through `head` (by a grower
+        that writes them itself), as `expand` records its own."""
+        assert 0 <= slots <= self.capacity - 1 - self.committed, f"{slots} tree slots after {self.committed} committed"
+        self.tree_used = slots
+
+    def reserve(self, slots: int) -> None:
+        """Check that `slots` slots fit: the cache never grows (a graph keeps the addresses it captured)."""
         if slots > self.capacity - 1:
             raise ValueError(
                 f"the draft needs {slots} cache slots but the static cache holds {self.capacity - 1}; raise max_length"
             )
 
-    def _head(self, x, positions, slots, visible):
+    def head(self, x, positions, slots, visible):
+        """The head over rows at given cache slots, as they come (no padding, no graph): what this
+        drafter replays, and what a caller capturing a larger graph (`GraphedTreeGrower`) runs inside it.
+        x: [T, H]; positions, slots: [T] long; visible: [T, S] bool -> (hidden [T, H],) or, tracking
+        visual attention, (hidden [T, H], visual [T])
+        """
         width = visible.shape[1]
         if not self.track_visual:
             return (self.draft(x[None], positions, self.cache, slots, visible)[0],)
@@ -66,7 +79,7 @@ class StaticDrafter(Drafter):
         padded_positions[:n] = positions
         padded_slots = slots.new_full((rows,), self.scratch)
         padded_slots[:n] = slots
-        run = self._graphed if rows <= ROW_BUCKETS[-1] else self._head
+        run = self._graphed if rows <= ROW_BUCKETS[-1] else self.head
         out = run(padded_x, padded_positions, padded_slots, padded_visible)
         # graph outputs are overwritten by the next replay: copy what the caller keeps
         return DraftRows(out[0][:n].clone(), out[1][:n].clone() if self.track_visual else None)

@@ -8,13 +8,13 @@ is one graph replay, and so is choosing the final nodes. The trees are the same 
 
 Layout: every stored node has a fixed place in the pool. Depth 1 holds the root's k children at
 places 0..k-1; depth d >= 2 holds w nodes from place k + (d-2)*w on, w = k*k (every proposal) or k
-(`Growth.frontier_only`: the frontier only, in the order the frontier is fed). Pool index = place + 1
+(`TreeSpec.frontier_only`: the frontier only, in the order the frontier is fed). Pool index = place + 1
 (pool index 0 is the root), as in `grow_tree`. The frontier fed at depth d is kept in row d of the
 frontier tensors, so a level reads row d and writes row d + 1: replaying a level twice (as graph
 warm-up does) gives the same result.
 
-The host reads nothing while drafting an EAGLE-2 tree; OPT-Tree's early stop reads the expected
-accepted length once per level (and once after the first level, upstream's variant); its stop=cost
+The host reads nothing while drafting an EAGLE-2 tree; OPT-Tree's stop "delta" reads the expected
+accepted length once per level (and once after the first level, upstream's variant); its stop "cost"
 reads the best rate and size once per level, and selects the nodes with a graph per depth and size.
 """
 
@@ -27,20 +27,20 @@ import torch
 from lmms_msd.speculative.cost import best_size
 from lmms_msd.speculative.fast.graphs import GraphedFunction, width_bucket
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
-from lmms_msd.speculative.tree import Growth, Tree, pool_capacity, select_nodes
+from lmms_msd.speculative.tree import Tree, TreeSpec, pool_capacity, select_nodes
 
 
 class GraphedTreeGrower:
-    """Grows trees with the settings of one builder (`EagleTree.growth` / `OptTree.growth`) on one drafter."""
+    """Grows the trees of one `TreeSpec` (EAGLE-2 or OPT-Tree, as `grow_tree`) on one drafter."""
 
-    def __init__(self, drafter: StaticDrafter, growth: Growth, cuda_graphs: bool) -> None:
+    def __init__(self, drafter: StaticDrafter, spec: TreeSpec, cuda_graphs: bool) -> None:
         self.drafter = drafter
-        self.growth = growth
-        k, depth = growth.top_k, growth.max_depth
+        self.spec = spec
+        k, depth = spec.top_k, spec.max_depth
         device = drafter.device
         hidden_size = drafter.draft.config.hidden_size
-        self.width = k if growth.frontier_only else k * k  # nodes stored per level after the first
-        self.places = pool_capacity(k, depth, growth.frontier_only)  # pool places, the root excluded
+        self.width = k if spec.frontier_only else k * k  # nodes stored per level after the first
+        self.places = spec.pool_capacity  # pool places, the root excluded
         long = dict(dtype=torch.long, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         self.tokens = torch.zeros(self.places, **long)
@@ -61,27 +61,27 @@ class GraphedTreeGrower:
         self._root = GraphedFunction(self._grow_root, cuda_graphs, device)
         self._levels = [GraphedFunction(partial(self._grow_level, d), cuda_graphs, device) for d in range(depth)]
         self._select = [GraphedFunction(partial(self._select_nodes, d), cuda_graphs, device) for d in range(depth + 1)]
-        if growth.cost is not None:  # stop=cost: [depth + 1, budget + 1] step seconds by levels (row 0 unused)
-            rows = [growth.cost.step_seconds(max(d, 1), growth.budget) for d in range(depth + 1)]
+        if spec.cost is not None:  # stop "cost": [depth + 1, budget + 1] step seconds by levels (row 0 unused)
+            rows = [spec.cost.step_seconds(max(d, 1), spec.budget) for d in range(depth + 1)]
             self.seconds = torch.stack(rows).to(device)
             self.best = torch.zeros(depth + 1, 2, **f32)  # row d: the best rate and size once depth d is grown
 
     def end(self, depth: int) -> int:
         """Pool places used once levels 1..depth are grown."""
-        return pool_capacity(self.growth.top_k, depth, self.growth.frontier_only)
+        return pool_capacity(self.spec.top_k, depth, self.spec.frontier_only)
 
     # ---- the graphed pieces --------------------------------------------------------------------------
     def _record_expected(self, depth: int) -> None:
         used = self.end(depth)
-        budget = min(self.growth.budget, used)
+        budget = min(self.spec.budget, used)
         top = self.scores[:used].topk(budget).values
         self.expected[depth] = top.exp().sum()
-        if self.growth.cost is not None:
+        if self.spec.cost is not None:
             self.best[depth] = best_size(top, self.seconds[depth])
 
     def _grow_root(self, root_hidden, root_visual):
         """root_hidden: [H]; root_visual: [1] (zeros when untracked)."""
-        k, score = self.growth.top_k, self.growth.node_score
+        k, score = self.spec.top_k, self.spec.scorer
         top = self.drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
         visual = root_visual.float() if self.visual is not None else None
         scores = score(top.values, top.indices, 1, visual)[0]
@@ -92,7 +92,7 @@ class GraphedTreeGrower:
         if self.visual is not None:
             self.visual[:k] = visual.repeat_interleave(k)
         self._record_expected(1)
-        if self.growth.max_depth > 1:
+        if self.spec.max_depth > 1:
             self.frontier[1] = self.rows + 1
             self.frontier_tokens[1] = top.indices[0]
             self.frontier_scores[1] = scores
@@ -102,7 +102,7 @@ class GraphedTreeGrower:
     def _grow_level(self, depth: int, prefix, window):
         """Feed the frontier of `depth` and propose depth + 1. prefix: [1] long, the committed slots P;
         window: [S] slots 0..S-1 (its length is the draft's attention width)."""
-        k, score = self.growth.top_k, self.growth.node_score
+        k, score = self.spec.top_k, self.spec.scorer
         drafter, draft = self.drafter, self.drafter.draft
         used = (depth - 1) * k  # tree slots fed before this level
         # 1. feed the frontier: tree slots P + used .. P + used + k - 1, RoPE position P - 1 + depth
@@ -114,7 +114,7 @@ class GraphedTreeGrower:
         if used:
             visible[self.rows[:, None], (prefix + self.window[:used])[None, :]] = self.ancestors[depth, :, :used]
         visible[self.rows, slots] = torch.ones((), dtype=torch.bool, device=visible.device)  # no host scalar in a graph
-        out = drafter._head(x, positions, slots, visible)
+        out = drafter.head(x, positions, slots, visible)
         hidden, visual = out[0], (out[1] if self.visual is not None else None)
         # 2. propose k children each, scored cumulatively; store them (or only the best k)
         children = drafter.logprobs(hidden).topk(k)  # [k, k]
@@ -125,7 +125,7 @@ class GraphedTreeGrower:
         parent_row = best // k
         start = self.end(depth)
         places = slice(start, start + self.width)
-        stored = best if self.growth.frontier_only else slice(None)
+        stored = best if self.spec.frontier_only else slice(None)
         self.tokens[places] = tokens[stored]
         self.parents[places] = parents[stored]
         self.scores[places] = scores[stored]
@@ -134,21 +134,21 @@ class GraphedTreeGrower:
             self.visual[places] = visual.float().repeat_interleave(k)[stored]
         self._record_expected(depth + 1)
         # 3. the best k become the frontier of depth + 1
-        if depth + 1 < self.growth.max_depth:
+        if depth + 1 < self.spec.max_depth:
             self.ancestors[depth + 1, :, :used] = self.ancestors[depth, :, :used][parent_row]
             self.ancestors[depth + 1, :, used : used + k] = torch.nn.functional.one_hot(parent_row, k).bool()
-            self.frontier[depth + 1] = start + 1 + (self.rows if self.growth.frontier_only else best)
+            self.frontier[depth + 1] = start + 1 + (self.rows if self.spec.frontier_only else best)
             self.frontier_tokens[depth + 1] = tokens[best]
             self.frontier_scores[depth + 1] = scores[best]
             self.parent_hidden[depth + 1] = hidden[parent_row]
         return (self.expected,)
 
     def _select_nodes(self, depth: int, size: torch.Tensor | None = None):
-        """size (stop=cost): [n], whose length is the number of nodes to keep: a graph per shape, so one
+        """size (stop "cost"): [n], whose length is the number of nodes to keep: a graph per shape, so one
         depth's selections of every size share its graphs' memory pool."""
         used = self.end(depth)
         visual = None if self.visual is None else self.visual[:used]
-        budget = self.growth.budget if size is None else size.shape[0]
+        budget = self.spec.budget if size is None else size.shape[0]
         tree = select_nodes(
             0, self.tokens[:used], self.parents[:used], self.depths[:used], self.scores[:used], budget,
             confidence=self.logprobs[:used].exp(), visual=visual,
@@ -160,21 +160,21 @@ class GraphedTreeGrower:
     @torch.inference_mode()
     def build(self, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None) -> tuple[Tree, torch.Tensor]:
         """The tree under the root and its ancestor mask [N, N] (what verification needs)."""
-        drafter, growth = self.drafter, self.growth
+        drafter, spec = self.drafter, self.spec
         assert (root_visual is not None) == (self.visual is not None), "track_visual differs between drafter and call"
         visual = root_visual.reshape(1) if root_visual is not None else root_hidden.new_zeros(1, dtype=torch.float32)
         expected = self._root(root_hidden, visual)[0]
-        stop_delta = growth.stop_delta
+        stop_delta = spec.stop_delta
         last = float(expected[1]) if stop_delta is not None else 0.0
-        levels = 1 if growth.frontier_only and stop_delta is not None and last <= stop_delta else growth.max_depth
+        levels = 1 if spec.frontier_only and stop_delta is not None and last <= stop_delta else spec.max_depth
         prefix = torch.full((1,), drafter.committed, device=drafter.device)
-        reach = drafter.committed + (growth.max_depth - 1) * growth.top_k
-        drafter._reserve(reach)
+        reach = drafter.committed + (spec.max_depth - 1) * spec.top_k
+        drafter.reserve(reach)
         width = width_bucket(reach, drafter.capacity)
         grown = 1
-        if growth.cost is not None:  # stop=cost, as grow_tree: no tree beats a plain step: no forward
+        if spec.cost is not None:  # stop "cost", as grow_tree: no tree beats a plain step: no forward
             rate, size = self.best[1].tolist()
-            levels = 1 if size == 0 else growth.max_depth
+            levels = 1 if size == 0 else spec.max_depth
         for depth in range(1, levels):
             expected = self._levels[depth](prefix, self.window[:width])[0]
             grown = depth + 1
@@ -183,13 +183,13 @@ class GraphedTreeGrower:
                 gained, last = now - last, now
                 if gained <= stop_delta:
                     break
-            if growth.cost is not None:
+            if spec.cost is not None:
                 grown_rate, size = self.best[grown].tolist()
                 if grown_rate <= rate:
                     break
                 rate = grown_rate
-        drafter.tree_used = (grown - 1) * growth.top_k
-        sized = () if growth.cost is None else (self.scores.new_empty(int(size)),)
+        drafter.mark_tree_fed((grown - 1) * spec.top_k)
+        sized = () if spec.cost is None else (self.scores.new_empty(int(size)),)
         out = [t.clone() for t in self._select[grown](*sized)]
         tokens, parents, depths, scores, confidence = out[:5]
         tokens[0] = root_token
