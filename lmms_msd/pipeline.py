@@ -11,7 +11,8 @@ Every caller that decodes goes through here (the lmms-eval plugin, `lmms-msd ben
 3. `build_decoder`: the pair on its runtime, eager (transformers' forward, any device) or static
    (static caches and CUDA graphs, `lmms_msd.speculative.fast`). This is the only eager/static choice.
 4. `build_tree`: the tree builder from `TreeSettings`: EAGLE-2, or OPT-Tree scored by the raw draft
-   confidence or by a fitted calibrator; EAGLE-2's total_tokens=auto is timed on the decoder's runtime.
+   confidence or by a fitted calibrator; EAGLE-2's total_tokens=auto is timed on the decoder's runtime,
+   and so is OPT-Tree's cost model with stop=cost (`lmms_msd.speculative.cost`, cached per machine).
 5. `decode`: the one call of the decoding loops. `decode_requests` runs a run's requests through it one
    at a time, in online calibration's order when there is one (`online_calibration`).
 """
@@ -21,7 +22,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +33,7 @@ from lmms_msd.calibration.token_types import token_type_table
 from lmms_msd.models.draft import MSDDraft, check_draft_fits, load_draft
 from lmms_msd.models.loading import load_target
 from lmms_msd.models.target import EmbeddedPrompt, Target
+from lmms_msd.speculative.cost import STOPS, cached_cost_model, describe, summary_line
 from lmms_msd.speculative.decoding import (
     GenerationResult,
     StepObserver,
@@ -211,7 +214,7 @@ _EAGLE2, _OPT = EagleTree(), OptTree()  # the builders' defaults
 class TreeSettings:
     """Which draft tree to grow and how (the plugin's model_args of the same names); the defaults are
     the builders' own. EAGLE-2 reads total_tokens, depth and top_k; OPT-Tree reads top_k, node_budget,
-    stop_delta, max_depth, opt_variant and the calibrator."""
+    stop, stop_delta (stop "delta"), max_depth, opt_variant, the calibrator and cost_cache (stop "cost")."""
 
     kind: str = "eagle2"  # TREES: "eagle2" (`EagleTree`) or "opt" (`OptTree`)
     total_tokens: int | None = _EAGLE2.total_tokens  # nodes counting the root; None: auto, timed (`build_tree`)
@@ -223,18 +226,23 @@ class TreeSettings:
     opt_variant: str = _OPT.opt_variant
     calibrator: str | None = None  # a calibrator JSON (`lmms-msd calibrate`); None: the raw draft confidence
     calibrator_mode: str = "weight"  # how the calibrator scores nodes (`lmms_msd.calibration.scorer`)
+    stop: str = _OPT.stop  # OPT-Tree's stop rule: "delta" (stop_delta) or "cost" (`lmms_msd.speculative.cost`)
+    cost_cache: str | None = None  # stop "cost": the folder of cached cost models [cost.default_cache()]
 
     def __post_init__(self) -> None:
         if self.kind not in TREES:
             raise ValueError(f"unknown tree {self.kind!r}; valid: {list(TREES)}")
         if self.calibrator is not None and self.kind != "opt":
             raise ValueError(f"a calibrator scores OPT-Tree's nodes; tree {self.kind!r} does not read one")
+        if self.stop not in STOPS or (self.stop != "delta" and self.kind != "opt"):
+            raise ValueError(f"stop={self.stop!r}: one of {list(STOPS)}, and only OPT-Tree stops otherwise than by delta (tree {self.kind!r})")
         tree_builder(self)  # the builder checks its own settings, before anything is loaded
 
 
 def tree_builder(settings: TreeSettings) -> TreeSpec:
     """The uncalibrated builder the settings describe; with total_tokens auto, EAGLE-2 holds the largest
-    candidate until `build_tree` times them."""
+    candidate until `build_tree` times them; with stop "cost", OPT-Tree stops by delta until `build_tree`
+    has its cost model (what the cost model times does not depend on the stop)."""
     s = settings
     if s.kind == "opt":
         return OptTree(node_budget=s.node_budget, stop_delta=s.stop_delta, max_depth=s.max_depth, top_k=s.top_k, variant=s.opt_variant)
@@ -249,17 +257,34 @@ class TreeSetup:
     track_visual: bool  # its scorer reads the draft's visual attention (a calibrator with attention bins)
     calibrator: GroupedIsotonicCalibrator | None = None  # the fitted calibrator scoring its nodes, if any
     total_tokens_auto: dict[str, Any] | None = None  # total_tokens auto: candidates, seconds, chosen (`time_total_tokens`)
+    # stop "cost": the cost model's file, whether it was measured now, its key and times (`cost.describe`)
+    cost_model: dict[str, Any] | None = None
 
 
 def build_tree(settings: TreeSettings, decoder: Decoder) -> TreeSetup:
     """The builder of `settings` for the decoder's pair: a calibrator file is loaded and scores OPT-Tree's
-    nodes; EAGLE-2's total_tokens auto is chosen by timing the decoder's runtime."""
+    nodes; EAGLE-2's total_tokens auto is chosen by timing the decoder's runtime; stop "cost" reads the
+    cost model of the decoder's runtime and the tree's scorer from the cache, or measures and caches it."""
     builder = tree_builder(settings)
     if settings.kind == "eagle2" and settings.total_tokens is None:
         auto = time_total_tokens(decoder)
         return TreeSetup(EagleTree(auto["chosen"], settings.depth, settings.top_k), track_visual=False, total_tokens_auto=auto)
-    if settings.calibrator is None:
-        return TreeSetup(builder, track_visual=False)
+    setup = TreeSetup(builder, track_visual=False) if settings.calibrator is None else calibrated_setup(settings, decoder, builder)
+    return setup if settings.stop == "delta" else with_cost_model(setup, decoder, settings.cost_cache)
+
+
+def with_cost_model(setup: TreeSetup, decoder: Decoder, folder: str | None) -> TreeSetup:
+    """OPT-Tree `setup` with stop "cost" on its cost model for the decoder's runtime (`cached_cost_model`:
+    read from `folder`, or measured now and saved there); online calibration keeps the raw scorer's."""
+    model, path, measured = cached_cost_model(decoder.runtime, setup.builder, setup.track_visual, None if folder is None else Path(folder))
+    log.info("stop=cost, cost model %s (%s): %s", "measured now" if measured else "read", path, summary_line(model))
+    builder = OptTree(**(setup.builder.settings() | {"stop": "cost", "cost": model}))
+    meta = {"file": str(path), "measured_now": measured, **describe(model)}
+    return replace(setup, builder=builder, cost_model=meta)
+
+
+def calibrated_setup(settings: TreeSettings, decoder: Decoder, builder: TreeSpec) -> TreeSetup:
+    """OPT-Tree `builder` scored by the calibrator file of `settings`."""
     # the calibrator's modules import scikit-learn (seconds), which only calibrated trees need: the
     # commands import this module to build their --help
     from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator

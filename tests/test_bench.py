@@ -210,6 +210,22 @@ def test_static_engine_gives_the_same_answers(bench_report, chart_dir: Path, tmp
     assert report["methods"][1]["shares"]["draft"] > 0  # the engine fills the profiled phases too
 
 
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_cost_rows_give_the_same_answers_and_their_cost_models(chart_dir: Path, tmp_path: Path, engine: str):
+    argv = ["bench", "--data_dir", str(chart_dir), "--limit", "1", "--warmup", "0", "--repeats", "1", "--engine", engine,
+            "--max_new_tokens", "20", "--methods", "plain,opt_cost,opt_cal_cost", "--output_dir", str(tmp_path), "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [s["method"] for s in report["methods"]] == ["plain", "opt_cost", "opt_cal_cost"]
+    assert all(s["identical"] is True for s in report["methods"])
+    runtime = {"eager": "EagerRuntime", "static": "StaticEngine"}[engine]
+    scorers = {name: (cost["key"]["runtime"], cost["key"]["scorer"]) for name, cost in report["cost_models"].items()}
+    assert scorers == {"opt_cost": (runtime, "DraftConfidence"), "opt_cal_cost": (runtime, "CalibratedScorer")}
+    assert all(cost["measured_now"] and str(tmp_path / "cost_models") in cost["file"] for cost in report["cost_models"].values())
+    assert (report["trees"]["opt_cost"]["stop"], report["trees"]["opt_cost"]["stop_delta"]) == ("cost", None)
+    assert "Cost model of opt_cal_cost (measured at start-up" in (tmp_path / "bench.md").read_text()
+
+
 # ---- profiled phases of the decoding loops ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundled_pair():

@@ -163,7 +163,7 @@ def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant):
     tree = calibrated_tree(
         OptTree(node_budget=40, stop_delta=0.3, max_depth=8, top_k=8, variant=variant), calibrator, types, "cpu", mode
     )
-    engine = StaticEngine(target, draft, max_length=1024)
+    engine = StaticEngine(target, draft, max_length=1024)  # the bundled prompt: 576 image positions and the text
     config = GenerationConfig(max_new_tokens=40)
     from PIL import Image
 

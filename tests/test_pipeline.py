@@ -155,6 +155,8 @@ def test_tree_settings_default_to_the_builders_defaults():
         ({"kind": "opt", "opt_variant": "wide"}, "OPT-Tree variant 'wide'"),
         ({"total_tokens": 1}, "EAGLE-2 tree needs total_tokens >= 2"),
         ({"calibrator": "c.json"}, "a calibrator scores OPT-Tree's nodes; tree 'eagle2' does not read one"),
+        ({"stop": "cost"}, "only OPT-Tree stops otherwise than by delta"),
+        ({"kind": "opt", "stop": "fast"}, r"stop='fast': one of \['delta', 'cost'\]"),
     ],
 )
 def test_bad_tree_settings_fail_on_construction(settings, message):

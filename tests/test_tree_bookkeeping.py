@@ -261,9 +261,10 @@ def test_opt_tree_budget_is_clipped_to_what_can_be_stored():
 
 def test_tree_spec_holds_what_both_kinds_may_set():
     spec = OptTree(node_budget=20, stop_delta=0.5, max_depth=4, top_k=3, variant="upstream")
-    assert spec == TreeSpec(kind="opt", top_k=3, max_depth=4, node_budget=20, stop_delta=0.5, opt_variant="upstream")
+    assert spec == TreeSpec(kind="opt", top_k=3, max_depth=4, node_budget=20, stop_delta=0.5, opt_variant="upstream", stop="delta")
     assert spec.settings() == {
         "node_budget": 20, "stop_delta": 0.5, "max_depth": 4, "top_k": 3, "scorer": draft_confidence, "variant": "upstream",
+        "stop": "delta", "cost": None,
     }  # fmt: skip
     assert OptTree(**spec.settings()) == spec
     assert isinstance(draft_confidence, NodeScorer) and not draft_confidence.needs_visual
@@ -271,6 +272,10 @@ def test_tree_spec_holds_what_both_kinds_may_set():
         EagleTree(total_tokens=1)
     with pytest.raises(ValueError, match="OPT-Tree's"):
         TreeSpec(kind="eagle2", top_k=2, max_depth=3, node_budget=4, stop_delta=0.1)
+    with pytest.raises(ValueError, match="OPT-Tree's"):
+        TreeSpec(kind="eagle2", top_k=2, max_depth=3, node_budget=4, stop="delta")
+    with pytest.raises(ValueError, match="stop=None"):
+        TreeSpec(kind="opt", top_k=2, max_depth=3, node_budget=4, stop_delta=0.1, opt_variant="frontier")  # no stop rule
     with pytest.raises(ValueError, match="variant 'wide'"):
         OptTree(variant="wide")
     with pytest.raises(TypeError, match="needs_visual"):

@@ -7,6 +7,9 @@ Methods (`--methods`, every one by default):
     eagle2       speculative decoding, EAGLE-2 tree
     opt          speculative decoding, OPT-Tree on the raw draft confidence
     opt_cal      speculative decoding, OPT-Tree on the calibrator's predicted acceptance
+    opt_cost, opt_cal_cost   opt and opt_cal with stop=cost (`lmms_msd.speculative.cost`), each on the
+                 cost model of the runtime that decodes and its own scorer, measured at start-up and
+                 saved in --cost_cache (read from there by a later run) (run only when named)
 
 Every method decodes every request from the same embedded prompt (image preprocessing and the vision
 tower are done once per request, untimed: they are the same for all methods). Timing:
@@ -37,8 +40,8 @@ runs plain and speculative decoding through `lmms_msd.speculative.fast.StaticEng
 caches, CUDA graphs on cuda); hf_generate is the same in both engines. `--inflate 7b` (or
 HIDDENxLAYERS) replaces the pair, after loading, by its 7B-shaped copy (`lmms_msd.testbed.inflate`):
 about 7B's cost per forward, the miniature's outputs. `--stop_delta`, `--node_budget`, `--max_depth`,
-`--top_k` and `--opt_variant` set OPT-Tree's settings for opt and opt_cal (default: `OptTree`'s; the
-plugin's model_args of the same names); `--calibrator_mode` how opt_cal's calibrator scores nodes
+`--top_k` and `--opt_variant` set OPT-Tree's settings for every opt* method (default: `OptTree`'s; the
+plugin's model_args of the same names); `--calibrator_mode` how opt_cal's (and opt_cal_cost's) calibrator scores nodes
 (`weight`, or the thesis's logit `tilt`: `lmms_msd.calibration.scorer.calibrated_scorer`).
 
 Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
@@ -92,10 +95,12 @@ from lmms_msd.testbed.charts import load_records, question_of, record_images
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hf_generate", "plain", "eagle2", "opt", "opt_cal")
+METHODS = ("hf_generate", "plain", "eagle2", "opt", "opt_cal", "opt_cost", "opt_cal_cost")
+DEFAULT_METHODS = METHODS[:5]
 REFERENCE = "plain"
 HF = "hf_generate"
-SPECULATIVE = ("eagle2", "opt", "opt_cal")
+SPECULATIVE = ("eagle2", "opt", "opt_cal", "opt_cost", "opt_cal_cost")
+CALIBRATED = ("opt_cal", "opt_cal_cost")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TASK = "msd_chartqa_synth_long"
 DEFAULT_INCLUDE_PATH = REPO / "tasks"  # the repository's local tasks (absent from an installed wheel)
@@ -192,20 +197,27 @@ class Method:
     run: RunFn
 
 
-def method_trees(names, opt: dict[str, Any], calibrator: str | None, calibrator_mode: str = "weight") -> dict[str, TreeSettings]:
+def method_trees(
+    names, opt: dict[str, Any], calibrator: str | None, calibrator_mode: str = "weight", cost_cache: str | None = None
+) -> dict[str, TreeSettings]:
     """name -> the tree settings of each speculative method in `names`: eagle2 the plugin's defaults;
     opt and opt_cal OPT-Tree with `opt` (TreeSettings' OPT-Tree fields, e.g. {"stop_delta": 0.2}) over
-    its defaults, opt_cal scored by `calibrator` in `calibrator_mode`."""
-    trees = {"eagle2": TreeSettings("eagle2"), "opt": TreeSettings("opt", **opt),
-             "opt_cal": TreeSettings("opt", **opt, calibrator=calibrator, calibrator_mode=calibrator_mode)}  # fmt: skip
+    its defaults, opt_cal scored by `calibrator` in `calibrator_mode`; opt_cost and opt_cal_cost the same
+    with stop "cost", their cost models in `cost_cache`."""
+    calibrated = {"calibrator": calibrator, "calibrator_mode": calibrator_mode}
+    cost = {"stop": "cost", "cost_cache": cost_cache}
+    trees = {"eagle2": TreeSettings("eagle2"), "opt": TreeSettings("opt", **opt), "opt_cal": TreeSettings("opt", **opt, **calibrated),
+             "opt_cost": TreeSettings("opt", **opt, **cost), "opt_cal_cost": TreeSettings("opt", **opt, **calibrated, **cost)}  # fmt: skip
     return {name: trees[name] for name in names if name in SPECULATIVE}
 
 
 def builder_settings(tree: TreeSpec) -> dict[str, Any]:
-    """A tree spec's settings for the JSON, kind named by its constructor (its scorer by repr)."""
+    """A tree spec's settings for the JSON, kind named by its constructor (its scorer by repr; a cost
+    model is the report's "cost_models")."""
     settings: dict[str, Any] = {"kind": {"eagle2": "EagleTree", "opt": "OptTree"}[tree.kind]}
     for name, value in tree.settings().items():
-        settings[name] = value if isinstance(value, (int, float, str)) else repr(value)
+        if name != "cost":
+            settings[name] = value if value is None or isinstance(value, (int, float, str)) else repr(value)
     return settings
 
 
@@ -461,7 +473,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     source = f"task {c['task']} ({c['include_path']})" if c["task"] else f"data folder {c['data_dir']} ({c['split']}, {c['style']})"
     pair = f"Pair: {c['pretrained']} + {c['msd_model_path']}" + (f", inflated to {c['inflate']}" if c["inflate"] else "")
     m = report["machine"]
-    trees = "".join(f" {name}: " + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "scorer")) + "."
+    trees = "".join(f" {name}: " + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("kind", "scorer") and v is not None) + "."
                     for name, t in report["trees"].items())  # fmt: skip
     parts = [
         "# lmms-msd bench",
@@ -473,6 +485,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"warm-up {c['warmup']} request(s), median of {c['repeats']} repeat(s)."
         ),
         markdown_table(summaries, greedy),
+        *[cost_text(name, cost) for name, cost in report.get("cost_models", {}).items()],
         (
             "ms/token: the sum over requests of the median wall time of the repeats, over the new tokens. Speedups are "
             "ratios of ms/token. Phase shares come from one extra profiled run per request (device synchronised "
@@ -481,7 +494,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             "The tree columns come from the same profiled runs, per step: draft nodes (root excluded), the depth of the "
             "deepest node, the share of steps whose accepted path reached that depth (bottom %), and the tree "
             "builder's own expected accepted length (the sum of its node weights: raw draft confidences for eagle2 "
-            "and opt, calibrated ones for opt_cal) to set against alpha."
+            "and opt*, calibrated ones for opt_cal*) to set against alpha."
         ),
     ]
     if not greedy:
@@ -496,6 +509,16 @@ def markdown_report(report: dict[str, Any]) -> str:
         else:
             parts.append("At temperature 0 every speculative method gave plain decoding's token ids on every request.")
     return "\n\n".join(parts) + "\n"
+
+
+def cost_text(name: str, cost: dict[str, Any]) -> str:
+    """A *_cost method's cost model (`lmms_msd.pipeline.TreeSetup.cost_model`) in a sentence."""
+    verify = ", ".join(f"{w}: {t:.2f}" for w, t in cost["verify_ms"].items())
+    return (
+        f"Cost model of {name} ({'measured at start-up' if cost['measured_now'] else 'read from ' + cost['file']}, ms): "
+        f"verification by tree size (root included) {verify}; first level {cost['draft_root_ms']:.2f}, each further "
+        f"level {cost['draft_level_ms']:.2f}, rest of a step {cost['step_ms']:.2f}; plain decoding's step {cost['plain_step_ms']:.2f}."
+    )
 
 
 def plot(summaries: list[Summary], path: Path) -> bool:
@@ -562,8 +585,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="sampling: request i draws from seed + i [0]")
     parser.add_argument("--warmup", type=int, default=2, help="requests run once, untimed, before timing [2]")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per request and method; the median counts [3]")
-    parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help=f"comma list [{','.join(METHODS)}]")
-    opt = parser.add_argument_group("OPT-Tree's settings, for opt and opt_cal [OptTree's defaults]")
+    parser.add_argument("--methods", type=parse_methods, default=list(DEFAULT_METHODS),
+                        help=f"comma list of {','.join(METHODS)} [{','.join(DEFAULT_METHODS)}]")  # fmt: skip
+    opt = parser.add_argument_group("OPT-Tree's settings, for every opt* method [OptTree's defaults]")
     opt.add_argument("--stop_delta", type=float, default=None, help="early-stop threshold on the expected accepted length")
     opt.add_argument("--node_budget", type=int, default=None, help="draft nodes kept (the root not counted)")
     opt.add_argument("--max_depth", type=int, default=None, help="the deepest a node can be")
@@ -582,6 +606,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default=None, help="[cuda if available, else cpu]")
     parser.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 / auto [auto on cuda, float32 on cpu]")
     parser.add_argument("--output_dir", type=Path, default=Path("build/bench"), help="bench.json, bench.md, bench.png [build/bench]")
+    parser.add_argument("--cost_cache", type=Path, default=None,
+                        help="opt_cost, opt_cal_cost: their cost models' folder, read when there, else measured and saved [OUTPUT_DIR/cost_models]")  # fmt: skip
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return run
 
@@ -617,11 +643,14 @@ def resolve_pair_and_calibrator(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise SystemExit(f"lmms-msd bench: {error}") from error
     args.pretrained, args.msd_model_path = pair.pretrained, pair.msd_model_path
-    if "opt_cal" in args.methods:
+    if set(CALIBRATED) & set(args.methods):
         if args.calibrator is None:
             args.calibrator = fitted_calibrator(pair)
         if args.calibrator is None:
-            raise SystemExit("lmms-msd bench: opt_cal needs --calibrator <json> for this pair (fit one with `lmms-msd calibrate`), or drop it from --methods")
+            raise SystemExit(
+                "lmms-msd bench: opt_cal and opt_cal_cost need --calibrator <json> for this pair (fit one with "
+                "`lmms-msd calibrate`), or drop them from --methods"
+            )
         if not Path(args.calibrator).is_file():
             raise SystemExit(f"lmms-msd bench: --calibrator {args.calibrator}: no such file")
 
@@ -673,8 +702,9 @@ def run(args: argparse.Namespace) -> int:
     need_draft = bool(set(names) & set(SPECULATIVE))
     pair = load_pair(PairSettings(args.pretrained, args.msd_model_path if need_draft else None, args.device, args.dtype, inflate=shape))
     decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length))
-    trees = {name: build_tree(settings, decoder)
-             for name, settings in method_trees(names, opt_settings(args), args.calibrator, args.calibrator_mode).items()}  # fmt: skip
+    args.cost_cache = args.cost_cache or args.output_dir / "cost_models"
+    settings = method_trees(names, opt_settings(args), args.calibrator, args.calibrator_mode, str(args.cost_cache))
+    trees = {name: build_tree(tree, decoder) for name, tree in settings.items()}
     methods = build_methods(names, decoder, trees)
     measured = bench(methods, decoder.target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                      progress=not args.no_progress)  # fmt: skip
@@ -686,6 +716,7 @@ def run(args: argparse.Namespace) -> int:
         "greedy": config.greedy,
         "requests": len(requests),
         "trees": {name: builder_settings(tree.builder) for name, tree in trees.items()},
+        "cost_models": {name: tree.cost_model for name, tree in trees.items() if tree.cost_model is not None},
         "methods": [asdict(s) for s in summaries],
         "per_request": [{**m, "runs": {name: asdict(r) for name, r in m["runs"].items()}} for m in measured],
     }

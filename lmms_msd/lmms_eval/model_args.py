@@ -32,6 +32,7 @@ from lmms_msd.pipeline import (
     resolve_pair,
     uses_bundled_pair,
 )
+from lmms_msd.speculative.cost import STOPS
 from lmms_msd.speculative.tree import OPT_VARIANTS
 from lmms_msd.testbed.inflate import TextShape
 
@@ -71,6 +72,7 @@ class ModelArgs:
     attention_bins: int
     inflate: TextShape | None  # the testbed shape the loaded pair is embedded into, or None
     engine: str  # "static" (lmms_msd.speculative.fast: static caches, CUDA graphs) or "eager" (lmms_msd.speculative.decoding)
+    stop: str  # OPT-Tree's stop rule: "delta" (stop_delta) or "cost" (lmms_msd.speculative.cost)
 
 
 def as_bool(name: str, value: Any) -> bool:
@@ -134,7 +136,7 @@ def coerce_model_args(
     pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype, attn_implementation,
     conv_template, system_prompt, vision_tower, stats_path, seed, node_budget, stop_delta, max_depth, opt_variant,
     calibrator, calibrator_mode, calibrator_label, train_ratio, min_group_size, attention_bins, inflate, engine,
-    *, world_size: int, local_rank: int,
+    stop, *, world_size: int, local_rank: int,
 ) -> ModelArgs:  # fmt: skip
     """The plugin's keyword arguments, coerced and checked. world_size and local_rank (accelerate's):
     under data parallelism device cuda becomes cuda:<local_rank>."""
@@ -192,6 +194,10 @@ def coerce_model_args(
         raise ValueError(f"engine must be auto, static or eager, got {engine!r}")
     if engine == "auto":
         engine = "static" if device.startswith("cuda") else "eager"
+    stop = str(as_optional_str(stop) or "delta").lower()
+    if stop not in STOPS or (stop == "cost" and (tree != "opt" or not use_msd)):
+        raise ValueError(f"stop must be one of {list(STOPS)}, and cost sizes OPT-Tree (use_msd=true, tree=opt); got "
+                         f"stop={stop}, tree={tree}, use_msd={use_msd}")  # fmt: skip
     return ModelArgs(
         pretrained=pair.pretrained,
         msd_model_path=pair.msd_model_path,
@@ -220,6 +226,7 @@ def coerce_model_args(
         attention_bins=as_int("attention_bins", attention_bins),
         inflate=_as_shape("inflate", inflate),
         engine=engine,
+        stop=stop,
     )
 
 
@@ -263,7 +270,7 @@ def tree_settings(args: ModelArgs) -> TreeSettings | None:
     return TreeSettings(
         kind=args.tree, total_tokens=args.total_tokens, depth=args.depth, top_k=args.top_k, node_budget=args.node_budget,
         stop_delta=args.stop_delta, max_depth=args.max_depth, opt_variant=args.opt_variant, calibrator=calibrator,
-        calibrator_mode=args.calibrator_mode,
+        calibrator_mode=args.calibrator_mode, stop=args.stop,
     )  # fmt: skip
 
 

@@ -118,6 +118,10 @@ class LlavaMsdCalibrated(lmms):
       engine               "static": static KV caches and CUDA graphs (lmms_msd.speculative.fast), the fast loop on a GPU;
                            "eager": transformers' forward with a growing cache (lmms_msd.speculative.decoding); the same
                            outputs either way [auto: static on cuda, eager on cpu]
+      stop                 OPT-Tree's stop and size rule: "delta" (stop_delta) or "cost" (the tree with the most
+                           expected committed tokens per second on this runtime's costs, measured at start-up or
+                           read from $XDG_CACHE_HOME (~/.cache)/lmms_msd/cost_models; a plain step when no tree
+                           pays: lmms_msd.speculative.cost) [delta]
       device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
       dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
       attn_implementation  the target's attention [sdpa]
@@ -163,6 +167,7 @@ class LlavaMsdCalibrated(lmms):
         attention_bins: int = 3,
         inflate: str | None = "",
         engine: str = "auto",
+        stop: str = "delta",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -183,7 +188,7 @@ class LlavaMsdCalibrated(lmms):
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
             node_budget, stop_delta, max_depth, opt_variant, calibrator, calibrator_mode, calibrator_label,
-            train_ratio, min_group_size, attention_bins, inflate, engine,
+            train_ratio, min_group_size, attention_bins, inflate, engine, stop,
             world_size=self._world_size, local_rank=self.accelerator.local_process_index,
         )  # fmt: skip
         settings = tree_settings(self.args)  # checked before anything is loaded
@@ -197,6 +202,9 @@ class LlavaMsdCalibrated(lmms):
             auto = self.tree.total_tokens_auto
             timings = ", ".join(f"{n}: {t:.4f} s" for n, t in zip(auto["candidates"], auto["seconds"]))
             eval_logger.info(f"{MODEL_ID}: total_tokens=auto chose {auto['chosen']} (timed target forwards per candidate: {timings})")
+        if self.tree is not None and self.tree.cost_model is not None:
+            cost = self.tree.cost_model
+            eval_logger.info(f"{MODEL_ID}: stop=cost, cost model {'measured now' if cost['measured_now'] else 'read'}: {cost['file']}")
         self._calibration = None if settings is None or settings.calibrator is None else file_calibration_meta(settings.calibrator, self.tree)
         self.report = RunReport(report_path(self.args.stats_path, sys.argv))
         self._noted: set[str] = set()  # gen_kwargs keys whose note was logged

@@ -296,7 +296,8 @@ def run_meta(
 ) -> dict[str, Any]:  # fmt: skip
     """The report's head: how the run was set up. model_args: the plugin's coerced model_args (a
     dataclass, recorded whole); tree: None for plain decoding; calibration: OPT-Tree's calibrator block
-    (None: raw draft confidence)."""
+    (None: raw draft confidence). OPT-Tree's stop "cost" records its cost model (`tree.cost_model`: the
+    file, whether it was measured now, its key and times in ms; None with stop "delta")."""
     tree_meta = None
     if tree is not None and tree.builder.kind == "eagle2":
         tree_meta = {"kind": model_args.tree, **tree.builder.settings()}
@@ -304,9 +305,10 @@ def run_meta(
             tree_meta["total_tokens_auto"] = tree.total_tokens_auto
     elif tree is not None:
         b = tree.builder
-        tree_meta = {"kind": "opt", "opt_variant": b.opt_variant, "node_budget": b.node_budget, "stop_delta": b.stop_delta,
-                     "max_depth": b.max_depth, "top_k": b.top_k, "calibrator_mode": model_args.calibrator_mode,
-                     "calibrator": calibration or {"mode": "none"}}  # fmt: skip
+        tree_meta = {"kind": "opt", "opt_variant": b.opt_variant, "node_budget": b.node_budget, "stop": b.stop,
+                     "stop_delta": b.stop_delta, "max_depth": b.max_depth, "top_k": b.top_k,
+                     "calibrator_mode": model_args.calibrator_mode, "calibrator": calibration or {"mode": "none"},
+                     "cost_model": tree.cost_model}  # fmt: skip
     return {
         "model": model,
         "decoding": "speculative" if tree is not None else "plain",

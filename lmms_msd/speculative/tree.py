@@ -14,6 +14,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from lmms_msd.speculative.cost import STOPS, CostModel, cost_aware_size
 from lmms_msd.speculative.drafting import Drafter
 
 
@@ -121,8 +122,10 @@ class TreeSpec:
     first frontier; each further level feeds the frontier to the draft, every frontier node proposes
     its top_k children, and the best top_k of those top_k * top_k are the next frontier. A level
     stores all its proposals, or only its frontier (`frontier_only`: OPT-Tree as upstream). The tree
-    is the best `budget` stored nodes and the root. EAGLE-2 grows to max_depth; OPT-Tree stops early
-    once a level adds at most `stop_delta` to the expected accepted length.
+    is the best `budget` stored nodes and the root. EAGLE-2 grows to max_depth; OPT-Tree stops early,
+    by `stop`: "delta" once a level adds at most `stop_delta` to the expected accepted length, "cost"
+    once the best expected committed tokens per second on `cost` stop rising (which also sets how many
+    of the budget's nodes are kept: `OptTree`).
     Example: `EagleTree()` is TreeSpec(kind="eagle2", top_k=10, max_depth=6, node_budget=58).
     """
 
@@ -130,9 +133,11 @@ class TreeSpec:
     top_k: int  # frontier width, and children proposed per frontier node
     max_depth: int  # the deepest a node can be, the root being depth 0 (EAGLE-2: its depth + 1)
     node_budget: int  # draft nodes kept, the root not counted (EAGLE-2: its total_tokens - 1)
-    stop_delta: float | None = None  # OPT-Tree's early stop (an absolute gain); None for EAGLE-2
+    stop_delta: float | None = None  # OPT-Tree's stop "delta" (an absolute gain); None for EAGLE-2 and stop "cost"
     opt_variant: str | None = None  # OPT-Tree's "upstream" or "frontier" (`OptTree`); None for EAGLE-2
     scorer: NodeScorer = draft_confidence  # EAGLE-2 ranks by the draft's probability only, as upstream
+    stop: str | None = None  # OPT-Tree's stop rule, "delta" or "cost" (`OptTree`); None for EAGLE-2
+    cost: CostModel | None = None  # stop "cost": the runtime's measured costs (`lmms_msd.speculative.cost`)
 
     def __post_init__(self) -> None:
         if self.kind not in TREE_KINDS:
@@ -143,18 +148,27 @@ class TreeSpec:
                     f"EAGLE-2 tree needs total_tokens >= 2 (it counts the root), depth >= 1, top_k >= 1; got "
                     f"total_tokens={self.total_tokens}, depth={self.depth}, top_k={self.top_k}"
                 )
-            if self.stop_delta is not None or self.opt_variant is not None or self.scorer != draft_confidence:
+            opt_only = (self.stop_delta, self.opt_variant, self.stop, self.cost)
+            if opt_only != (None,) * 4 or self.scorer != draft_confidence:
                 raise ValueError(
                     "an EAGLE-2 tree grows to its depth and ranks by the draft's probability: stop_delta, "
-                    f"opt_variant and scorer are OPT-Tree's (got {self.stop_delta!r}, {self.opt_variant!r}, "
-                    f"{self.scorer!r}); use OptTree(...) for those"
+                    f"opt_variant, stop, cost and scorer are OPT-Tree's (got {self.stop_delta!r}, {self.opt_variant!r}, "
+                    f"{self.stop!r}, {self.cost!r}, {self.scorer!r}); use OptTree(...) for those"
                 )
             return
-        if self.stop_delta is None or self.node_budget < 1 or self.max_depth < 1 or self.top_k < 1 or self.stop_delta < 0:
+        if self.node_budget < 1 or self.max_depth < 1 or self.top_k < 1 or (self.stop_delta or 0.0) < 0:
             raise ValueError(
                 f"OPT-Tree needs node_budget >= 1, max_depth >= 1, top_k >= 1, stop_delta >= 0; got "
                 f"node_budget={self.node_budget}, max_depth={self.max_depth}, top_k={self.top_k}, "
                 f"stop_delta={self.stop_delta}"
+            )
+        by_delta = self.stop == "delta" and self.stop_delta is not None and self.cost is None
+        by_cost = self.stop == "cost" and self.stop_delta is None and self.cost is not None
+        if not (by_delta or by_cost):
+            raise ValueError(
+                f"OPT-Tree stop={self.stop!r} with stop_delta={self.stop_delta!r}, cost={self.cost!r}: stop is one of "
+                f"{list(STOPS)}; 'delta' reads stop_delta, 'cost' a cost model "
+                "(lmms_msd.speculative.cost.cached_cost_model) and no stop_delta"
             )
         if self.opt_variant not in OPT_VARIANTS:
             raise ValueError(f"OPT-Tree variant {self.opt_variant!r}: valid ones are {list(OPT_VARIANTS)}")
@@ -163,6 +177,8 @@ class TreeSpec:
                 f"scorer must be a NodeScorer (lmms_msd.speculative.tree: callable, with a needs_visual property); "
                 f"got {self.scorer!r}"
             )
+        if self.cost is not None:
+            self.cost.step_seconds(1, self.budget)  # raises when the model did not time trees this wide
 
     @property
     def total_tokens(self) -> int:
@@ -208,7 +224,7 @@ class TreeSpec:
             return {"total_tokens": self.total_tokens, "depth": self.depth, "top_k": self.top_k}
         return {
             "node_budget": self.node_budget, "stop_delta": self.stop_delta, "max_depth": self.max_depth,
-            "top_k": self.top_k, "scorer": self.scorer, "variant": self.opt_variant,
+            "top_k": self.top_k, "scorer": self.scorer, "variant": self.opt_variant, "stop": self.stop, "cost": self.cost,
         }  # fmt: skip
 
 
@@ -264,8 +280,10 @@ def OptTree(  # noqa: N802 (a spec's constructor)
     top_k: int = 10,
     scorer: NodeScorer = draft_confidence,
     variant: str = "frontier",
+    stop: str = "delta",
+    cost: CostModel | None = None,
 ) -> TreeSpec:
-    """The `TreeSpec` of OPT-Tree with early stopping, in two variants (`variant`).
+    """The `TreeSpec` of OPT-Tree with early stopping, in two variants (`variant`) and two stop rules (`stop`).
 
     Both: a node's weight is the product along its path of per-node acceptance estimates (the draft's
     probability, or a calibrator's prediction through `scorer`); kept here as its log, the score. A
@@ -298,6 +316,24 @@ def OptTree(  # noqa: N802 (a spec's constructor)
     "frontier" on the same settings keeps 1>2 (.21) instead of 1>0>1: tokens [0, 1, 2, 0, 2, 3]. With
     stop_delta 1, "upstream" stops at level 1 (gain .9) without a forward: tokens [0, 1, 2].
 
+    stop "cost" (`lmms_msd.speculative.cost`; stop_delta is not read, and the spec holds None): after
+    each level, the best n stored nodes are expected to commit 1 + (the sum of their weights) tokens in
+    `cost.step_seconds(levels)[n]` seconds; the tree keeps the n (at most node_budget) with the most
+    tokens per second, and another level is grown only while that best rate rises. The rate before
+    level 1 is a plain step's (n = 0), so when no tree of level 1 beats it the tree is the root alone.
+    Both variants check level 1 before any forward. Worked example (tests/test_cost.py), the draft
+    above, variant "upstream", top_k 2, node_budget 6, max_depth 4; costs: first level .1, each
+    further level .1, rest of a step 0, verifying widths 1, 4, 8 (root included) 1.0, 1.0, 1.3,
+    bucketed (a tree of 5 to 8 tokens costs 1.3):
+      level 1, .1 drafted: n = 0, 1, 2: 1/1.1, 1.6/1.1, 1.9/1.1 = .9091, 1.4545, 1.7273: best n 2 > 0: grow
+      level 2, .2: weights .6 .3 .27 .24: n = 3: 2.17/1.2 = 1.8083; n = 4: 2.41/1.5 = 1.6067; best
+        1.8083 > 1.7273: grow
+      level 3, .3: with .162 .096: n = 3: 2.17/1.3 = 1.6692; n = 4, 5, 6: 2.41, 2.572, 2.668 over 1.6 =
+        1.5063, 1.6075, 1.6675; best 1.6692 (n 3) <= 1.8083: stop, keep the best 3
+      tree: 1, 2, 1>0: tokens [0, 1, 2, 0], parents [-1, 0, 0, 1]
+    Verifying widths 1, 4, 8 at 1.0, 3.0, 3.0 instead: level 1 rates 1/1.1, 1.6/3.1, 1.9/3.1 = .9091,
+    .5161, .6129: best n 0, a plain step without any forward: tokens [0].
+
     Upstream's own settings (`--nodes n --threshold t --max_depth M`, README: 60, 0.5, 10) are
     variant "upstream", node_budget = top_k = n, stop_delta = t, max_depth = M - 1: its deepest kept
     level is M - 1 (it stops when the level it adds reaches M). The thesis
@@ -313,8 +349,8 @@ def OptTree(  # noqa: N802 (a spec's constructor)
     not reproduced.
     """
     return TreeSpec(
-        kind="opt", top_k=top_k, max_depth=max_depth, node_budget=node_budget, stop_delta=stop_delta,
-        opt_variant=variant, scorer=scorer,
+        kind="opt", top_k=top_k, max_depth=max_depth, node_budget=node_budget,
+        stop_delta=stop_delta if stop == "delta" else None, opt_variant=variant, scorer=scorer, stop=stop, cost=cost,
     )  # fmt: skip
 
 
@@ -324,10 +360,11 @@ def grow_tree(
 ) -> Tree:
     """Grow a tree as `spec` says, level by level with cumulative log-scores; keep its `budget` best stored nodes.
 
-    EAGLE-2 grows to max_depth. OPT-Tree stops once a level raises the expected accepted length (the
-    sum of the best `budget` weights, weight = exp(score)) by at most stop_delta; with frontier_only
-    (upstream OPT-Tree, `OptTree`) a level stores only its frontier, and the first level is checked
-    too (against 0), before any forward.
+    EAGLE-2 grows to max_depth. OPT-Tree's stop "delta" stops once a level raises the expected accepted
+    length (the sum of the best `budget` weights, weight = exp(score)) by at most stop_delta; with
+    frontier_only (upstream OPT-Tree, `OptTree`) a level stores only its frontier, and the first level
+    is checked too (against 0), before any forward. Its stop "cost" (`OptTree`) checks every level,
+    the first before any forward, and also sets how many of the budget's nodes are kept.
     The draft sees, for each fed node, the committed prefix, its ancestors' slots and its own.
     Every stored node also carries its draft probability and the visual intensity of the row that
     produced it (its parent's row: `lmms_msd.speculative.drafting`), which end up in the Tree for the calibrator.
@@ -336,7 +373,7 @@ def grow_tree(
     row's visual attention intensity (None when the drafter does not track it)
     """
     k, max_depth, budget, node_score = spec.top_k, spec.max_depth, spec.budget, spec.scorer
-    stop_delta, frontier_only = spec.stop_delta, spec.frontier_only
+    stop_delta, frontier_only, cost = spec.stop_delta, spec.frontier_only, spec.cost
     device = root_hidden.device
     top = drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
     visual = None if root_visual is None else root_visual.reshape(1).float()  # [1]
@@ -350,6 +387,9 @@ def grow_tree(
     ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
     expected = expected_length(pool.scores, budget) if stop_delta is not None else 0.0
     levels = 1 if frontier_only and stop_delta is not None and expected <= stop_delta else max_depth
+    if cost is not None:  # stop "cost": the best tree so far; none beats a plain step: stop before any forward
+        rate, size = cost_aware_size(pool.scores, 1, budget, cost)
+        levels = 1 if size == 0 else max_depth
     for depth in range(1, levels):
         # 1. feed the frontier, 2. propose k children each, 3. the best k of them are the next frontier
         hidden, visual = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
@@ -372,13 +412,19 @@ def grow_tree(
             gained, expected = grown - expected, grown
             if gained <= stop_delta:
                 break
+        if cost is not None:  # stop "cost": stop once the best rate stops rising; size by this level's rate
+            grown_rate, size = cost_aware_size(pool.scores, depth + 1, budget, cost)
+            if grown_rate <= rate:
+                break
+            rate = grown_rate
         own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
         ancestors = torch.cat([ancestors[parent_row], own_slot], dim=1)
         frontier = next_frontier
         frontier_tokens, frontier_scores = tokens[best], scores[best]
         parent_hidden = hidden[parent_row]
     tokens, parents, depths, scores, confidence, visual = pool.fields()
-    return select_nodes(root_token, tokens, parents, depths, scores, budget, confidence=confidence, visual=visual)
+    kept = size if cost is not None else budget
+    return select_nodes(root_token, tokens, parents, depths, scores, kept, confidence=confidence, visual=visual)
 
 
 class NodePool:

@@ -13,8 +13,9 @@ places 0..k-1; depth d >= 2 holds w nodes from place k + (d-2)*w on, w = k*k (ev
 frontier tensors, so a level reads row d and writes row d + 1: replaying a level twice (as graph
 warm-up does) gives the same result.
 
-The host reads nothing while drafting an EAGLE-2 tree; OPT-Tree's early stop reads the expected
-accepted length once per level (and once after the first level, upstream's variant).
+The host reads nothing while drafting an EAGLE-2 tree; OPT-Tree's stop "delta" reads the expected
+accepted length once per level (and once after the first level, upstream's variant); its stop "cost"
+reads the best rate and size once per level, and selects the nodes with a graph per depth and size.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from functools import partial
 
 import torch
 
+from lmms_msd.speculative.cost import best_size
 from lmms_msd.speculative.fast.graphs import GraphedFunction, width_bucket
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.tree import Tree, TreeSpec, pool_capacity, select_nodes
@@ -59,6 +61,10 @@ class GraphedTreeGrower:
         self._root = GraphedFunction(self._grow_root, cuda_graphs, device)
         self._levels = [GraphedFunction(partial(self._grow_level, d), cuda_graphs, device) for d in range(depth)]
         self._select = [GraphedFunction(partial(self._select_nodes, d), cuda_graphs, device) for d in range(depth + 1)]
+        if spec.cost is not None:  # stop "cost": [depth + 1, budget + 1] step seconds by levels (row 0 unused)
+            rows = [spec.cost.step_seconds(max(d, 1), spec.budget) for d in range(depth + 1)]
+            self.seconds = torch.stack(rows).to(device)
+            self.best = torch.zeros(depth + 1, 2, **f32)  # row d: the best rate and size once depth d is grown
 
     def end(self, depth: int) -> int:
         """Pool places used once levels 1..depth are grown."""
@@ -68,7 +74,10 @@ class GraphedTreeGrower:
     def _record_expected(self, depth: int) -> None:
         used = self.end(depth)
         budget = min(self.spec.budget, used)
-        self.expected[depth] = self.scores[:used].topk(budget).values.exp().sum()
+        top = self.scores[:used].topk(budget).values
+        self.expected[depth] = top.exp().sum()
+        if self.spec.cost is not None:
+            self.best[depth] = best_size(top, self.seconds[depth])
 
     def _grow_root(self, root_hidden, root_visual):
         """root_hidden: [H]; root_visual: [1] (zeros when untracked)."""
@@ -134,11 +143,14 @@ class GraphedTreeGrower:
             self.parent_hidden[depth + 1] = hidden[parent_row]
         return (self.expected,)
 
-    def _select_nodes(self, depth: int):
+    def _select_nodes(self, depth: int, size: torch.Tensor | None = None):
+        """size (stop "cost"): [n], whose length is the number of nodes to keep: a graph per shape, so one
+        depth's selections of every size share its graphs' memory pool."""
         used = self.end(depth)
         visual = None if self.visual is None else self.visual[:used]
+        budget = self.spec.budget if size is None else size.shape[0]
         tree = select_nodes(
-            0, self.tokens[:used], self.parents[:used], self.depths[:used], self.scores[:used], self.spec.budget,
+            0, self.tokens[:used], self.parents[:used], self.depths[:used], self.scores[:used], budget,
             confidence=self.logprobs[:used].exp(), visual=visual,
         )  # fmt: skip
         fields = (tree.tokens, tree.parents, tree.depths, tree.scores, tree.confidence)
@@ -160,6 +172,9 @@ class GraphedTreeGrower:
         drafter.reserve(reach)
         width = width_bucket(reach, drafter.capacity)
         grown = 1
+        if spec.cost is not None:  # stop "cost", as grow_tree: no tree beats a plain step: no forward
+            rate, size = self.best[1].tolist()
+            levels = 1 if size == 0 else spec.max_depth
         for depth in range(1, levels):
             expected = self._levels[depth](prefix, self.window[:width])[0]
             grown = depth + 1
@@ -168,8 +183,14 @@ class GraphedTreeGrower:
                 gained, last = now - last, now
                 if gained <= stop_delta:
                     break
+            if spec.cost is not None:
+                grown_rate, size = self.best[grown].tolist()
+                if grown_rate <= rate:
+                    break
+                rate = grown_rate
         drafter.mark_tree_fed((grown - 1) * spec.top_k)
-        out = [t.clone() for t in self._select[grown]()]
+        sized = () if spec.cost is None else (self.scores.new_empty(int(size)),)
+        out = [t.clone() for t in self._select[grown](*sized)]
         tokens, parents, depths, scores, confidence = out[:5]
         tokens[0] = root_token
         visual = out[5] if self.visual is not None else None
