@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmms_msd.commands.reproduce import parse_temperatures
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,16 +56,6 @@ def parse_families(text: str) -> list[str]:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"--families takes names from {list(FAMILIES)} separated by commas; got {text!r}")
     return names
-
-
-def parse_temperatures(text: str) -> list[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--temperatures takes numbers separated by commas, e.g. 0,1; got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"--temperatures needs at least one temperature >= 0; got {text!r}")
-    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser):
