@@ -5,8 +5,10 @@ Problems (`PROBLEMS`), four options each:
     parts       a plant or an insect whose four parts carry big numbered labels (1-4, in discs at
                 fixed places) with leader lines;
                 "Which part of the plant is labeled 3?" -> the part's name among the four parts
-    food_chain  four organisms in boxes in four rows joined by arrows from food to eater (top-down or
-                bottom-up); "In this food chain, what does the fox eat?" / "... what eats the rabbit?"
+    food_chain  a producer and three consumers in boxes in four rows joined by arrows from food to eater
+                (top-down or bottom-up); "In this food chain, what does the fox eat?" / "... what eats
+                the rabbit?"; the options are the answer and three other organisms of its kind
+                (producers or consumers)
     cycle       the four stages of a cycle in boxes at the top, right, bottom and left of a ring, in a
                 random arrangement, joined by arrows clockwise; "According to the diagram, which stage
                 comes after pupa?"
@@ -20,9 +22,9 @@ slots (food chains: four rows; cycles: four places on the ring) moved by a few p
 
 Every answer is read off the diagram: the label numbers, the order of a chain and the arrangement of a
 cycle are random and the options a random order of the candidates, so the correct letter is uniform
-and the question alone gives chance level: 1/4 for parts; 1/3 for a cycle (the asked stage is an
-option but never the answer) and at most 1/3 for a food chain (the producer eats nothing, and is the
-food of one of the three consumers).
+and the question alone gives chance level: 1/4 for parts and food chains (the four options are
+exchangeable: a chain's consumers are a random draw from `CONSUMERS`, the distractors too), 1/3 for a
+cycle (the asked stage is an option but never the answer).
 
 The documents follow AI2D's schema as lmms-eval reads it (lmms-lab/ai2d: question, options, answer = the
 correct option's index as a string, image). The prompts are lmms-eval's AI2D prompt (`ai2d_doc_to_text`,
@@ -62,11 +64,11 @@ LONG_POST_PROMPT = (
 )
 # organism -> its box colour (hues far apart; black names read on all of them)
 ORGANISMS = {
-    "grass": (102, 187, 106), "algae": (77, 182, 172), "insect": (255, 238, 88), "mouse": (176, 176, 176),
-    "rabbit": (255, 183, 77), "frog": (129, 212, 250), "snake": (188, 160, 150), "fox": (239, 83, 80),
-    "owl": (186, 104, 200), "hawk": (121, 134, 203),
+    "grass": (102, 187, 106), "algae": (77, 182, 172), "leaves": (212, 225, 87), "seeds": (244, 143, 177),
+    "insect": (255, 238, 88), "mouse": (176, 176, 176), "rabbit": (255, 183, 77), "frog": (129, 212, 250),
+    "snake": (188, 160, 150), "fox": (239, 83, 80), "owl": (186, 104, 200), "hawk": (121, 134, 203),
 }  # fmt: skip
-PRODUCERS = ("grass", "algae")
+PRODUCERS = ("grass", "algae", "leaves", "seeds")
 CONSUMERS = tuple(name for name in ORGANISMS if name not in PRODUCERS)
 CYCLES = {
     "life cycle of a butterfly": ("egg", "caterpillar", "pupa", "butterfly"),
@@ -177,14 +179,14 @@ def food_chain(rng, k: int) -> tuple[Image.Image, list[Drawn], str]:
         arrow(draw, (xs[i], ys[i] + step * 25), (xs[i + 1], ys[i + 1] - step * 25), BLACK, width=4, head=14)
     links = join_words([f"{a} to {b}" for a, b in zip(chain, chain[1:])])
     opening = f"The diagram shows a food chain. The arrows point from the food to the animal that eats it: {links}."
-    outsider = pick(rng, [c for c in CONSUMERS if c not in chain])
     asks = [("eats", i) for i in (1, 2, 3)] + [("eaten", i) for i in (0, 1, 2)]
     questions = []
     for kind, i in pick(rng, asks, k):
         subject = chain[i]
         answer = chain[i - 1] if kind == "eats" else chain[i + 1]
-        candidates = [c for c in chain if c != subject] + [outsider]
-        options = [candidates[int(j)] for j in rng.permutation(4)]
+        kind_of_answer = PRODUCERS if answer in PRODUCERS else CONSUMERS  # the options: the answer and 3 of its kind
+        others = pick(rng, [c for c in kind_of_answer if c not in (answer, subject)], 3)
+        options = [[answer, *others][int(j)] for j in rng.permutation(4)]
         if kind == "eats":
             question = f"In this food chain, what does the {subject} eat?"
             reason = f"{opening} So the {subject} eats the {answer}"
