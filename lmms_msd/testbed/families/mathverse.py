@@ -28,6 +28,12 @@ the option letter or the value. query_wo and query_cot are MathVerse's instructi
 "Question: " and the question (its "According to the question shown in the image, ..." sentence alone
 in Vision Only); lmms-eval's prompt is the one or the other (query_type), unchanged. The short task
 uses query_wo, the long task query_cot, whose answers end with a line "Answer: <answer>".
+
+A long answer is one fixed template per problem (`explanation`), in the verbose style of LLaVA's
+explanations: the description, where the values are ("The question says that" in the text versions,
+"The figure shows that" in the vision ones) and the values, the rule in words, each step written out
+with "minus", "times" and "which is" around its numbers, and the result restated, so most tokens are
+predictable prose and a computed number comes after words that announce it.
 """
 
 from __future__ import annotations

@@ -29,6 +29,14 @@ Worked example (a free_form integer with unit cm, format-prompt):
 
 The short task (tasks/msd_mathvista_synth.yaml) uses format-prompt, the long one reason-first, whose
 hint asks for the final line "Answer: xxx" that the long answers end with.
+
+A long answer is one fixed template per problem, in the verbose style of LLaVA's explanations: what the
+figure shows with its values, the rule in words, each step written out with "plus", "times" and
+"which is" around its numbers, and the result restated ("The figure shows a rectangle with a width of 5
+cm and a height of 3 cm. The perimeter of a rectangle is two times the sum of its width and its height.
+The sum of the width and the height is 5 plus 3, which is 8. So the perimeter is 2 times 8, which is 16
+cm. The perimeter of the rectangle is 16."), so most tokens are predictable prose and a computed number
+comes after words that announce it (the charts' explanations are of this kind).
 """
 
 from __future__ import annotations
