@@ -126,7 +126,10 @@ def parts(rng, k: int) -> tuple[Image.Image, list[Drawn], str]:
     questions = []
     for number, name in pick(rng, by_number, k):
         options = [names[int(i)] for i in rng.permutation(len(names))]
-        reason = f"The diagram shows {article(thing)} with four numbered labels: {listing}. So label {number} shows the {name}"
+        reason = (
+            f"The diagram shows {article(thing)} with four numbered labels: {listing}. The question asks which part "
+            f"is labeled {number}. Label {number} points to the {name}, so the part labeled {number} is the {name}"
+        )
         questions.append((f"Which part of the {thing} is labeled {number}?", options, options.index(name), reason))
     return image, questions, thing
 
@@ -189,10 +192,16 @@ def food_chain(rng, k: int) -> tuple[Image.Image, list[Drawn], str]:
         options = [[answer, *others][int(j)] for j in rng.permutation(4)]
         if kind == "eats":
             question = f"In this food chain, what does the {subject} eat?"
-            reason = f"{opening} So the {subject} eats the {answer}"
+            reason = (
+                f"{opening} The question asks what the {subject} eats. The arrow into the {subject} comes from the "
+                f"{answer}, so the {subject} eats the {answer}"
+            )
         else:
             question = f"In this food chain, what eats the {subject}?"
-            reason = f"{opening} So the {subject} is eaten by the {answer}"
+            reason = (
+                f"{opening} The question asks what eats the {subject}. The arrow from the {subject} points to the "
+                f"{answer}, so the {subject} is eaten by the {answer}"
+            )
         questions.append((question, options, options.index(answer), reason))
     return image, questions, "food chain"
 
@@ -233,7 +242,8 @@ def cycle(rng, k: int) -> tuple[Image.Image, list[Drawn], str]:
         options = [stages[int(j)] for j in rng.permutation(4)]
         reason = (
             f"The diagram shows the {title} as four stages joined by arrows that go clockwise: {listing}. "
-            f"The arrow from {stage} points to {following}, so {following} comes after {stage}"
+            f"The question asks which stage comes after {stage}. The arrow from {stage} points to {following}, "
+            f"so {following} comes after {stage}"
         )
         questions.append((f"According to the diagram, which stage comes after {stage}?", options, options.index(following), reason))
     return image, questions, title
