@@ -23,8 +23,10 @@ import yaml
 from PIL import Image
 
 from lmms_msd.testbed.families import FAMILY_NAMES, get_family
+from lmms_msd.testbed.families.ai2d import CONSUMERS, PRODUCERS
 from lmms_msd.testbed.families.common import (
     ANSWER_LINE,
+    DESIGN_SIZE,
     IMAGE_PREFIX,
     build_family_dataset,
 )
@@ -177,6 +179,9 @@ def test_ai2d_schema(family_dirs) -> None:
         assert isinstance(doc["question"], str) and len(doc["options"]) == 4 and all(isinstance(o, str) for o in doc["options"])
         assert isinstance(doc["answer"], str) and 0 <= int(doc["answer"]) < 4
         assert doc["image"].size == (IMAGE_SIZE, IMAGE_SIZE)
+        if doc["problem"] == "food_chain":  # the answer and three of its kind: the question alone gives 1/4
+            assert set(doc["options"]) <= set(PRODUCERS) or set(doc["options"]) <= set(CONSUMERS), doc["options"]
+            assert len(set(doc["options"])) == 4
 
 
 def test_mathverse_schema_and_versions(family_dirs) -> None:
@@ -210,7 +215,11 @@ def test_textvqa_schema(family_dirs) -> None:
         assert len(doc["answers"]) == 10 and all(isinstance(a, str) for a in doc["answers"])
         assert doc["answer"] in [token.lower() for token in doc["ocr_tokens"]]  # the answer is written in the image
         assert [info["word"] for info in doc["ocr_info"]] == doc["ocr_tokens"]
-        assert all(0 <= info["bounding_box"]["top_left_x"] <= 1 for info in doc["ocr_info"])
+        for info in doc["ocr_info"]:  # inside the image, and at least 30 px tall on the 336-px canvas (two 14-px patches)
+            box = info["bounding_box"]
+            assert 0 <= box["top_left_x"] and box["top_left_x"] + box["width"] <= 1, box
+            assert 0 <= box["top_left_y"] and box["top_left_y"] + box["height"] <= 1, box
+            assert box["height"] * DESIGN_SIZE >= 30, box
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

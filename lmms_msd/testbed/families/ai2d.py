@@ -2,15 +2,29 @@
 
 Problems (`PROBLEMS`), four options each:
 
-    parts       a plant or an insect whose parts carry numbered labels with leader lines;
+    parts       a plant or an insect whose four parts carry big numbered labels (1-4, in discs at
+                fixed places) with leader lines;
                 "Which part of the plant is labeled 3?" -> the part's name among the four parts
-    food_chain  four organisms in boxes joined by arrows from food to eater (top-down or bottom-up);
-                "In this food chain, what does the fox eat?" / "... what eats the rabbit?"
-    cycle       four stages of a cycle around a ring, joined by arrows clockwise or counter-clockwise
-                in a random order; "According to the diagram, which stage comes after pupa?"
+    food_chain  a producer and three consumers in boxes in four rows joined by arrows from food to eater
+                (top-down or bottom-up); "In this food chain, what does the fox eat?" / "... what eats
+                the rabbit?"; the options are the answer and three other organisms of its kind
+                (producers or consumers)
+    cycle       the four stages of a cycle in boxes at the top, right, bottom and left of a ring, in a
+                random arrangement, joined by arrows clockwise; "According to the diagram, which stage
+                comes after pupa?"
 
-Every answer is read off the diagram: the label numbers, the order of a chain and the order and
-direction of a cycle are random, so the question alone gives no more than chance (25%).
+The diagrams are drawn for the testbed's small vision tower (128 wide, trained from scratch), which
+did no better on the earlier drawings than with a blank image: what decides the answer is coarse.
+Labels are 34-px digits in 44-px discs; every organism has its own box colour (the stand-in for the
+pictures AI2D's food webs show; `ORGANISMS`) and every stage the colour of its place in its cycle
+(`STAGE_FILLS`), so a box is found by its colour as well as by its 20-26 px name; boxes sit in fixed
+slots (food chains: four rows; cycles: four places on the ring) moved by a few px.
+
+Every answer is read off the diagram: the label numbers, the order of a chain and the arrangement of a
+cycle are random and the options a random order of the candidates, so the correct letter is uniform
+and the question alone gives chance level: 1/4 for parts and food chains (the four options are
+exchangeable: a chain's consumers are a random draw from `CONSUMERS`, the distractors too), 1/3 for a
+cycle (the asked stage is an option but never the answer).
 
 The documents follow AI2D's schema as lmms-eval reads it (lmms-lab/ai2d: question, options, answer = the
 correct option's index as a string, image). The prompts are lmms-eval's AI2D prompt (`ai2d_doc_to_text`,
@@ -48,15 +62,21 @@ LONG_POST_PROMPT = (
     "\nFirst explain in one or two sentences how you read the answer from the diagram. Then give the option's "
     'letter on the last line in the form "Answer: <letter>".'
 )
+# organism -> its box colour (hues far apart; black names read on all of them)
+ORGANISMS = {
+    "grass": (102, 187, 106), "algae": (77, 182, 172), "leaves": (212, 225, 87), "seeds": (244, 143, 177),
+    "insect": (255, 238, 88), "mouse": (176, 176, 176), "rabbit": (255, 183, 77), "frog": (129, 212, 250),
+    "snake": (188, 160, 150), "fox": (239, 83, 80), "owl": (186, 104, 200), "hawk": (121, 134, 203),
+}  # fmt: skip
 PRODUCERS = ("grass", "algae", "leaves", "seeds")
-CONSUMERS = ("insect", "mouse", "rabbit", "frog", "snake", "fox", "owl", "hawk", "fish", "bird")
+CONSUMERS = tuple(name for name in ORGANISMS if name not in PRODUCERS)
 CYCLES = {
     "life cycle of a butterfly": ("egg", "caterpillar", "pupa", "butterfly"),
     "life cycle of a frog": ("egg", "tadpole", "froglet", "frog"),
     "water cycle": ("evaporation", "condensation", "precipitation", "collection"),
     "life cycle of a plant": ("seed", "sprout", "plant", "flower"),
 }
-BOX_FILLS = ((255, 236, 179), (200, 230, 201), (187, 222, 251), (248, 187, 208), (225, 190, 231))
+STAGE_FILLS = ((255, 238, 88), (129, 199, 132), (100, 181, 246), (240, 98, 146))  # a cycle's stages 1-4
 GREEN, BROWN = (46, 125, 50), (121, 85, 72)
 
 # A drawn question: (question, options, index of the correct option, the explanation's last sentence
@@ -95,18 +115,21 @@ def parts(rng, k: int) -> tuple[Image.Image, list[Drawn], str]:
     dx, dy = (int(v) for v in rng.integers(-12, 13, size=2))
     image, draw = canvas()
     (draw_plant if thing == "plant" else draw_insect)(draw, dx, dy, rng)
-    face = font("sans-bold", 20)
+    face = font("sans-bold", 34)
     for name, number in zip(names, numbers):
         (ax, ay), (lx, ly) = layout[name]
-        draw.line([(lx + dx, ly + dy), (ax + dx, ay + dy)], fill=BLACK, width=2)
-        draw.ellipse([lx + dx - 16, ly + dy - 16, lx + dx + 16, ly + dy + 16], fill=WHITE, outline=BLACK, width=2)
+        draw.line([(lx + dx, ly + dy), (ax + dx, ay + dy)], fill=BLACK, width=3)
+        draw.ellipse([lx + dx - 22, ly + dy - 22, lx + dx + 22, ly + dy + 22], fill=WHITE, outline=BLACK, width=3)
         draw_text(image, (lx + dx, ly + dy), str(number), face, BLACK)
     by_number = sorted(zip(numbers, names))
     listing = join_words([f"label {n} points to the {name}" for n, name in by_number])
     questions = []
     for number, name in pick(rng, by_number, k):
         options = [names[int(i)] for i in rng.permutation(len(names))]
-        reason = f"The diagram shows {article(thing)} with four numbered labels: {listing}. So label {number} shows the {name}"
+        reason = (
+            f"The diagram shows {article(thing)} with four numbered labels: {listing}. The question asks which part "
+            f"is labeled {number}. Label {number} points to the {name}, so the part labeled {number} is the {name}"
+        )
         questions.append((f"Which part of the {thing} is labeled {number}?", options, options.index(name), reason))
     return image, questions, thing
 
@@ -148,32 +171,37 @@ def food_chain(rng, k: int) -> tuple[Image.Image, list[Drawn], str]:
     chain = [pick(rng, PRODUCERS), *pick(rng, CONSUMERS, 3)]
     upward = bool(rng.integers(2))  # the producer at the bottom, arrows pointing up
     ys = [283, 206, 129, 52] if upward else [52, 129, 206, 283]
-    xs = [int(v) for v in rng.integers(110, 227, size=4)]
+    xs = [int(v) for v in rng.integers(148, 189, size=4)]
     image, draw = canvas()
-    face = font("sans-bold", 22)
-    fill = pick(rng, BOX_FILLS)
+    face = font("sans-bold", 26)
     for x, y, name in zip(xs, ys, chain):
-        draw.rounded_rectangle([x - 72, y - 22, x + 72, y + 22], radius=8, fill=fill, outline=BLACK, width=2)
+        draw.rounded_rectangle([x - 76, y - 24, x + 76, y + 24], radius=8, fill=ORGANISMS[name], outline=BLACK, width=2)
         draw_text(image, (x, y), name, face, BLACK)
     for i in range(3):
         step = 1 if ys[i + 1] > ys[i] else -1
-        arrow(draw, (xs[i], ys[i] + step * 24), (xs[i + 1], ys[i + 1] - step * 24), BLACK, width=3, head=12)
+        arrow(draw, (xs[i], ys[i] + step * 25), (xs[i + 1], ys[i + 1] - step * 25), BLACK, width=4, head=14)
     links = join_words([f"{a} to {b}" for a, b in zip(chain, chain[1:])])
     opening = f"The diagram shows a food chain. The arrows point from the food to the animal that eats it: {links}."
-    outsider = pick(rng, [c for c in CONSUMERS if c not in chain])
     asks = [("eats", i) for i in (1, 2, 3)] + [("eaten", i) for i in (0, 1, 2)]
     questions = []
     for kind, i in pick(rng, asks, k):
         subject = chain[i]
         answer = chain[i - 1] if kind == "eats" else chain[i + 1]
-        candidates = [c for c in chain if c != subject] + [outsider]
-        options = [candidates[int(j)] for j in rng.permutation(4)]
+        kind_of_answer = PRODUCERS if answer in PRODUCERS else CONSUMERS  # the options: the answer and 3 of its kind
+        others = pick(rng, [c for c in kind_of_answer if c not in (answer, subject)], 3)
+        options = [[answer, *others][int(j)] for j in rng.permutation(4)]
         if kind == "eats":
             question = f"In this food chain, what does the {subject} eat?"
-            reason = f"{opening} So the {subject} eats the {answer}"
+            reason = (
+                f"{opening} The question asks what the {subject} eats. The arrow into the {subject} comes from the "
+                f"{answer}, so the {subject} eats the {answer}"
+            )
         else:
             question = f"In this food chain, what eats the {subject}?"
-            reason = f"{opening} So the {subject} is eaten by the {answer}"
+            reason = (
+                f"{opening} The question asks what eats the {subject}. The arrow from the {subject} points to the "
+                f"{answer}, so the {subject} is eaten by the {answer}"
+            )
         questions.append((question, options, options.index(answer), reason))
     return image, questions, "food chain"
 
@@ -182,33 +210,40 @@ def food_chain(rng, k: int) -> tuple[Image.Image, list[Drawn], str]:
 CYCLE_SLOTS = ((168, 58), (252, 168), (168, 278), (84, 168))  # top, right, bottom, left (clockwise)
 
 
+def stage_font(name: str):
+    """Bold sans at 26 px, or smaller (down to 20) until `name` is at most 140 px wide."""
+    for size in (26, 24, 22):
+        if text_box(name, font("sans-bold", size))[0] <= 140:
+            return font("sans-bold", size)
+    return font("sans-bold", 20)
+
+
 def cycle(rng, k: int) -> tuple[Image.Image, list[Drawn], str]:
     title = pick(rng, tuple(CYCLES))
     stages = [CYCLES[title][int(i)] for i in rng.permutation(4)]  # stages[i] sits in CYCLE_SLOTS[i]
-    clockwise = bool(rng.integers(2))
-    order = [0, 1, 2, 3] if clockwise else [0, 3, 2, 1]  # slots in the arrows' order
+    dx, dy = (int(v) for v in rng.integers(-6, 7, size=2))
+    slots = [(x + dx, y + dy) for x, y in CYCLE_SLOTS]
     image, draw = canvas()
-    face = font("sans-bold", 18)
-    fill = pick(rng, BOX_FILLS)
-    for (x, y), name in zip(CYCLE_SLOTS, stages):
-        half = max(text_box(name, face)[0] // 2 + 10, 40)
-        draw.rounded_rectangle([x - half, y - 20, x + half, y + 20], radius=10, fill=fill, outline=BLACK, width=2)
+    for (x, y), name in zip(slots, stages):
+        face = stage_font(name)
+        half = max(text_box(name, face)[0] // 2 + 10, 44)
+        fill = STAGE_FILLS[CYCLES[title].index(name)]
+        draw.rounded_rectangle([x - half, y - 24, x + half, y + 24], radius=10, fill=fill, outline=BLACK, width=2)
         draw_text(image, (x, y), name, face, BLACK)
-    for a, b in zip(order, order[1:] + order[:1]):
-        (x0, y0), (x1, y1) = CYCLE_SLOTS[a], CYCLE_SLOTS[b]
+    for a in range(4):  # clockwise, slot a to slot a + 1
+        (x0, y0), (x1, y1) = slots[a], slots[(a + 1) % 4]
         start = (x0 + 0.3 * (x1 - x0) + (x1 - x0) * 0.1, y0 + 0.3 * (y1 - y0))
         end = (x0 + 0.7 * (x1 - x0), y0 + 0.7 * (y1 - y0) - (y1 - y0) * 0.1)
-        arrow(draw, start, end, (60, 60, 60), width=4, head=14)
-    in_order = [stages[s] for s in order]
-    listing = join_words(in_order)
-    direction = "clockwise" if clockwise else "counter-clockwise"
+        arrow(draw, start, end, (60, 60, 60), width=6, head=18)
+    listing = join_words(stages)
     questions = []
     for i in pick(rng, range(4), k):
-        stage, following = in_order[i], in_order[(i + 1) % 4]
+        stage, following = stages[i], stages[(i + 1) % 4]
         options = [stages[int(j)] for j in rng.permutation(4)]
         reason = (
-            f"The diagram shows the {title} as four stages joined by arrows that go {direction}: {listing}. "
-            f"The arrow from {stage} points to {following}, so {following} comes after {stage}"
+            f"The diagram shows the {title} as four stages joined by arrows that go clockwise: {listing}. "
+            f"The question asks which stage comes after {stage}. The arrow from {stage} points to {following}, "
+            f"so {following} comes after {stage}"
         )
         questions.append((f"According to the diagram, which stage comes after {stage}?", options, options.index(following), reason))
     return image, questions, title

@@ -28,6 +28,12 @@ the option letter or the value. query_wo and query_cot are MathVerse's instructi
 "Question: " and the question (its "According to the question shown in the image, ..." sentence alone
 in Vision Only); lmms-eval's prompt is the one or the other (query_type), unchanged. The short task
 uses query_wo, the long task query_cot, whose answers end with a line "Answer: <answer>".
+
+A long answer is one fixed template per problem (`explanation`), in the verbose style of LLaVA's
+explanations: the description, where the values are ("The question says that" in the text versions,
+"The figure shows that" in the vision ones) and the values, the rule in words, each step written out
+with "minus", "times" and "which is" around its numbers, and the result restated, so most tokens are
+predictable prose and a computed number comes after words that announce it.
 """
 
 from __future__ import annotations
@@ -118,7 +124,8 @@ def triangle_angle(rng) -> Problem:
     return Problem(
         "As shown in the figure, ABC is a triangle.", f"Angle A = {a}° and angle B = {b}°.", "Find the measure of angle C.",
         [f"{v}°" for v in options], letter, f"angle A = {a}° and angle B = {b}°",
-        f"The angles of a triangle add up to 180°, so angle C = 180° - {a}° - {b}° = {c}°. This is option {letter}.",
+        f"The three angles of a triangle add up to 180°. So angle C is 180° minus {a}° minus {b}°, which is {c}°. "
+        f"The measure of angle C is {c}°, which is option {letter}.",
         "Angle", draw,
     )  # fmt: skip
 
@@ -144,7 +151,8 @@ def rectangle_area(rng) -> Problem:
     return Problem(
         "As shown in the figure, ABCD is a rectangle.", f"AB = {w} and BC = {h}.", "Find the area of ABCD.",
         None, str(area), f"AB = {w} and BC = {h}",
-        f"The area of a rectangle is its length times its width, so the area of ABCD = {w} * {h} = {area}.",
+        f"The area of a rectangle is its length times its width. The length AB is {w} and the width BC is {h}. "
+        f"So the area of ABCD is {w} times {h}, which is {area}. The area of ABCD is {area}.",
         "Area", draw,
     )  # fmt: skip
 
@@ -171,7 +179,10 @@ def hypotenuse(rng) -> Problem:
     return Problem(
         "As shown in the figure, ABC is a right triangle with the right angle at C.", f"AC = {a} and BC = {b}.",
         "Find the length of AB.", None, str(c), f"AC = {a} and BC = {b}",
-        f"By the Pythagorean theorem the square of AB is the sum of the squares of AC and BC, so AB = sqrt({a}^2 + {b}^2) = sqrt({a * a} + {b * b}) = sqrt({c * c}) = {c}.",
+        f"By the Pythagorean theorem, the square of the hypotenuse AB is the sum of the squares of the legs AC and BC. "
+        f"The square of AC is {a} times {a}, which is {a * a}, and the square of BC is {b} times {b}, which is {b * b}. "
+        f"The sum of the squares is {a * a} plus {b * b}, which is {c * c}. So AB is the square root of {c * c}, "
+        f"which is {c}. The length of AB is {c}.",
         "Length", draw,
     )  # fmt: skip
 
@@ -202,7 +213,8 @@ def supplementary(rng) -> Problem:
     return Problem(
         "As shown in the figure, A, O and B lie on a straight line.", f"Angle AOC = {angle}°.", "Find the measure of angle BOC in degrees.",
         None, str(other), f"angle AOC = {angle}°",
-        f"Angles AOC and BOC together make the straight angle AOB of 180°, so angle BOC = 180° - {angle}° = {other}°.",
+        f"The angles AOC and BOC together make the straight angle AOB, and a straight angle is 180°. So angle BOC is "
+        f"180° minus {angle}°, which is {other}°. The measure of angle BOC is {other}°.",
         "Angle", draw,
     )  # fmt: skip
 
@@ -269,8 +281,10 @@ def queries(problem: Problem, version: str, question: str) -> tuple[str, str]:
 
 
 def explanation(problem: Problem, version: str) -> str:
-    source = "The question gives" if version in TEXT_VERSIONS else "The figure shows"
-    return f"{source} {problem.given}. {problem.solution}"
+    """The figure's description, where the values come from and the values, then the solution: "As shown in
+    the figure, ABCD is a rectangle. The figure shows that AB = 5 and BC = 3. The area of a rectangle ..."."""
+    source = "The question says that" if version in TEXT_VERSIONS else "The figure shows that"
+    return f"{problem.description} {source} {problem.given}. {problem.solution}"
 
 
 def make_question(problem: Problem, problem_name: str, version: str, sample_index: int, problem_index: int) -> tuple[Image.Image, Question]:

@@ -29,6 +29,14 @@ Worked example (a free_form integer with unit cm, format-prompt):
 
 The short task (tasks/msd_mathvista_synth.yaml) uses format-prompt, the long one reason-first, whose
 hint asks for the final line "Answer: xxx" that the long answers end with.
+
+A long answer is one fixed template per problem, in the verbose style of LLaVA's explanations: what the
+figure shows with its values, the rule in words, each step written out with "plus", "times" and
+"which is" around its numbers, and the result restated ("The figure shows a rectangle with a width of 5
+cm and a height of 3 cm. The perimeter of a rectangle is two times the sum of its width and its height.
+The sum of the width and the height is 5 plus 3, which is 8. So the perimeter is 2 times 8, which is 16
+cm. The perimeter of the rectangle is 16."), so most tokens are predictable prose and a computed number
+comes after words that announce it (the charts' explanations are of this kind).
 """
 
 from __future__ import annotations
@@ -134,8 +142,10 @@ def rect_perimeter(rng) -> tuple[Image.Image, dict[str, Any], str]:
     perimeter = 2 * (w + h)
     doc = free_form("What is the perimeter of the rectangle?", perimeter, "cm")
     reason = (
-        f"The rectangle is {w} cm wide and {h} cm tall. Its perimeter is twice the sum of the two sides: "
-        f"2 * ({w} + {h}) = 2 * {w + h} = {perimeter}."
+        f"The figure shows a rectangle with a width of {w} cm and a height of {h} cm. The perimeter of a rectangle "
+        f"is two times the sum of its width and its height. The sum of the width and the height is {w} plus {h}, "
+        f"which is {w + h}. So the perimeter is 2 times {w + h}, which is {perimeter} cm. "
+        f"The perimeter of the rectangle is {perimeter}."
     )
     return image, doc, reason
 
@@ -156,8 +166,9 @@ def triangle_angle(rng) -> tuple[Image.Image, dict[str, Any], str]:
     doc = multi_choice("What is the value of x in the triangle?", [str(v) for v in options], correct)
     letter = OPTION_LETTERS[correct]
     reason = (
-        f"The angles of a triangle add up to 180 degrees. The figure shows angles of {a} and {b} degrees, "
-        f"so x = 180 - {a} - {b} = {x}. This is choice ({letter})."
+        f"The figure shows a triangle with an angle of {a} degrees, an angle of {b} degrees and an unknown angle x. "
+        f"The three angles of a triangle add up to 180 degrees. So x is 180 degrees minus {a} degrees minus "
+        f"{b} degrees, which is {x} degrees. The value of x is {x}, which is choice ({letter})."
     )
     return image, doc, reason
 
@@ -169,10 +180,11 @@ def table_sum(rng) -> tuple[Image.Image, dict[str, Any], str]:
     i, j = sorted(int(v) for v in rng.choice(3, size=2, replace=False))
     total = prices[i] + prices[j]
     doc = free_form(f"How much do the {items[i]} and the {items[j]} cost together?", total, "$")
-    listing = join_words([f"the {item} costs {price}" for item, price in zip(items, prices)])
+    listing = join_words([f"the {item} costs {price} dollars" for item, price in zip(items, prices)])
     reason = (
-        f"The table lists three prices: {listing}. "
-        f"Together the {items[i]} and the {items[j]} cost {prices[i]} + {prices[j]} = {total} dollars."
+        f"The table shows the prices of three items: {listing}. The question asks for the total price of "
+        f"the {items[i]} and the {items[j]}. The {items[i]} costs {prices[i]} dollars and the {items[j]} costs "
+        f"{prices[j]} dollars. So together they cost {prices[i]} plus {prices[j]} dollars, which is {total} dollars."
     )
     return image, doc, reason
 
@@ -184,10 +196,13 @@ def table_mean(rng) -> tuple[Image.Image, dict[str, Any], str]:
     i, j = sorted(int(v) for v in rng.choice(3, size=2, replace=False))
     mean = round((scores[i] + scores[j]) / 2, 1)
     doc = free_form(f"What is the average score of {names[i]} and {names[j]}?", mean, None, precision=1)
-    listing = join_words([f"{name} has {score}" for name, score in zip(names, scores)])
+    listing = join_words([f"{name} has a score of {score}" for name, score in zip(names, scores)])
+    total = scores[i] + scores[j]
     reason = (
-        f"The table lists three scores: {listing}. The average of {names[i]} and {names[j]} is "
-        f"({scores[i]} + {scores[j]}) / 2 = {scores[i] + scores[j]} / 2 = {mean}."
+        f"The table shows the scores of three people: {listing}. The question asks for the average score of "
+        f"{names[i]} and {names[j]}. {names[i]} has a score of {scores[i]} and {names[j]} has a score of {scores[j]}. "
+        f"The sum of the two scores is {scores[i]} plus {scores[j]}, which is {total}. The average is the sum "
+        f"divided by 2, so it is {total} divided by 2, which is {mean}."
     )
     return image, doc, reason
 
@@ -204,9 +219,11 @@ def clock_later(rng) -> tuple[Image.Image, dict[str, Any], str]:
     doc = multi_choice(f"What time will it be in {hours}?", options, correct)
     hand = "12" if minute == 0 else "6"
     between = f"at {hour}" if minute == 0 else f"between {hour} and {hour % 12 + 1}"
+    now = clock_time(hour, minute)
     reason = (
-        f"The short hand points {between} and the long hand points at {hand}, so the clock shows "
-        f"{clock_time(hour, minute)}. {hours} later it is {times[0]}, which is choice ({OPTION_LETTERS[correct]})."
+        f"The figure shows a clock. The short hand points {between} and the long hand points at {hand}, so the "
+        f"clock shows {now}. The question asks for the time {hours} later. Adding {hours} to {now} gives "
+        f"{times[0]}. The time {times[0]} is choice ({OPTION_LETTERS[correct]})."
     )
     return image, doc, reason
 

@@ -1,15 +1,24 @@
 """TextVQA-like: outdoor scenes drawn with shapes (sky, ground, trees, houses, sun, clouds) that carry
 rendered text, and questions about the text.
 
-Every scene has a sign on a pole with one word, a round or square tag with a number (1-99) and one or
-two words painted on the ground in named colours. Words come from `WORDS` (shop signs), written in upper,
-title or lower case; each text uses a random font (PIL's bundled Aileron and matplotlib's DejaVu faces:
-sans, bold, oblique, serif, serif bold, mono bold), size (22-40 px) and tilt (painted words up to 25
-degrees, signs and tags up to 8). Questions (`PROBLEMS`):
+Every scene has a sign on a pole with one word (top), a round or square tag with a number (middle, at
+the left or the right edge) and two words painted on the ground in two named colours, one above the
+other (bottom). Questions (`PROBLEMS`):
 
     sign    "what does the sign say?"              -> the sign's word, lower case
     number  "what number is on the tag?"           -> the number
-    colour  "what word is written in orange?"      -> the painted word of that colour, lower case
+    colour  "what word is written in blue?"        -> the painted word of that colour, lower case
+
+The text is sized for the testbed's small vision tower (128 wide, trained from scratch on 14-px patches),
+which could not read 22-40 px words in seven fonts from a 45-word list (5% accuracy, as with a blank
+image). So the variety of real TextVQA photos is kept in a moderate form: words come from `WORDS`, 16
+signs of 3-7 letters with 16 different first letters, written in capitals; numbers have one digit
+(1-9); each text uses one of three bold faces (`FONTS`: DejaVu sans, serif and mono) at 34-48 px (a
+capital spans two to three patches), dark on light or light on dark, tilted at most 4 degrees (signs),
+6 (tags) or 8 (painted words); each text has its place in the layout, moved by up to 40 px. The answer
+is uniform over its values (the words are three distinct draws from `WORDS`, the number a uniform
+digit, the asked colour one of the two painted words), so without the image a model does no better
+than chance (1/16 for a word, 1/9 for the number).
 
 The documents follow TextVQA's schema as lmms-eval reads it (lmms-lab/textvqa: question_id, question,
 image_id, image, image_classes, flickr_original_url, flickr_300k_url, image_width, image_height,
@@ -32,7 +41,6 @@ from lmms_msd.testbed.families.common import (
     ANSWER_LINE,
     BLACK,
     DESIGN_SIZE,
-    FONT_FILES,
     WHITE,
     Family,
     Question,
@@ -54,17 +62,16 @@ LONG_POST_PROMPT = (
     'word or number, on the last line in the form "Answer: <answer>".'
 )
 WORDS = (
-    "stop", "open", "exit", "cafe", "hotel", "park", "sale", "bank", "taxi", "bus", "pizza", "books",
-    "shop", "market", "school", "museum", "bakery", "library", "garage", "station", "police", "welcome",
-    "danger", "parking", "closed", "music", "sushi", "coffee", "garden", "beach", "cinema", "pharmacy",
-    "zoo", "airport", "bar", "menu", "tea", "fresh", "fruit", "toys", "pets", "gym", "pool", "post", "farm",
+    "bus", "cafe", "danger", "exit", "farm", "gym", "hotel", "library",
+    "menu", "open", "pizza", "ramen", "stop", "taxi", "welcome", "zoo",
 )  # fmt: skip
-BOARDS = {"white": (245, 245, 245), "yellow": (255, 214, 0), "grey": (90, 90, 90), "navy": (26, 35, 126), "dark green": (27, 94, 32)}
-DARK_BOARDS = ("grey", "navy", "dark green")
+NUMBERS = tuple(str(n) for n in range(1, 10))
+BOARDS = {"white": (245, 245, 245), "yellow": (255, 214, 0), "navy": (26, 35, 126), "dark green": (27, 94, 32)}
+DARK_BOARDS = ("navy", "dark green")
+PAINTS = ("red", "blue", "green")  # keys of charts.COLOURS, dark enough on every ground
 SKIES = ((187, 222, 251), (225, 245, 254), (236, 239, 241), (255, 243, 224))
-GROUNDS = ((222, 222, 222), (239, 235, 233), (215, 215, 205))  # light, greyish: every named colour reads on them
-CASES = ("upper", "title", "lower")
-FONTS = tuple(FONT_FILES)
+GROUNDS = ((222, 222, 222), (239, 235, 233), (215, 215, 205))  # light, greyish: every paint reads on them
+FONTS = ("sans-bold", "serif-bold", "mono-bold")
 
 
 def prompt(question: str, post_prompt: str) -> str:
@@ -72,26 +79,22 @@ def prompt(question: str, post_prompt: str) -> str:
     return question.capitalize() + post_prompt
 
 
-def cased(word: str, case: str) -> str:
-    return {"upper": word.upper(), "title": word.title(), "lower": word}[case]
-
-
 def rgb(hex_colour: str) -> tuple[int, int, int]:
     return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
 
 
 def fitted_font(rng, text: str, low: int, high: int, max_width: int):
-    """A random font at a random size in low..high, shrunk until `text` is at most max_width px wide."""
+    """A random face of FONTS at a random size in low..high, shrunk until `text` is at most max_width px wide."""
     name = pick(rng, FONTS)
     size = int(rng.integers(low, high + 1))
-    while size > 16 and text_box(text, font(name, size))[0] > max_width:
+    while size > 24 and text_box(text, font(name, size))[0] > max_width:
         size -= 2
     return name, font(name, size)
 
 
 # ---- the scene -----------------------------------------------------------------------------------------------
 def background(rng) -> tuple[Image.Image, ImageDraw.ImageDraw, int, list[str]]:
-    horizon = int(rng.integers(196, 236))
+    horizon = int(rng.integers(196, 211))
     image, draw = canvas(pick(rng, SKIES))
     draw.rectangle([0, horizon, DESIGN_SIZE, DESIGN_SIZE], fill=pick(rng, GROUNDS))
     classes = []
@@ -112,49 +115,49 @@ def background(rng) -> tuple[Image.Image, ImageDraw.ImageDraw, int, list[str]]:
     return image, draw, horizon, classes
 
 
-def place_sign(image: Image.Image, draw: ImageDraw.ImageDraw, rng, x: int, horizon: int, word: str) -> tuple[str, tuple[int, int, int, int]]:
+def place_sign(
+    image: Image.Image, draw: ImageDraw.ImageDraw, rng, horizon: int, word: str
+) -> tuple[str, tuple[int, int, int, int]]:
+    """The sign: a board centred at x 148-188, y 58-78, its word at most 250 px wide, on a pole."""
     board = pick(rng, tuple(BOARDS))
-    _, face = fitted_font(rng, word, 24, 40, 150)
+    _, face = fitted_font(rng, word, 40, 48, 250)
     width, height = text_box(word, face)
-    y = int(rng.integers(46, 96))
-    draw.rectangle([x - 3, y, x + 3, horizon + 10], fill=(97, 97, 97))
+    x, y = int(rng.integers(148, 189)), int(rng.integers(58, 79))
+    draw.rectangle([x - 4, y, x + 4, horizon + 10], fill=(97, 97, 97))
     half_w, half_h = width // 2 + 14, height // 2 + 12
-    draw.rectangle([x - half_w, y - half_h, x + half_w, y + half_h], fill=BOARDS[board], outline=BLACK, width=2)
+    draw.rectangle([x - half_w, y - half_h, x + half_w, y + half_h], fill=BOARDS[board], outline=BLACK, width=3)
     ink = WHITE if board in DARK_BOARDS else BLACK
-    box = draw_text(image, (x, y), word, face, ink, angle=float(rng.uniform(-8, 8)))
+    box = draw_text(image, (x, y), word, face, ink, angle=float(rng.uniform(-4, 4)))
     return board, box
 
 
-def place_tag(image: Image.Image, draw: ImageDraw.ImageDraw, rng, x: int, y: int, number: str) -> tuple[int, int, int, int]:
+def place_tag(image: Image.Image, draw: ImageDraw.ImageDraw, rng, number: str) -> tuple[int, int, int, int]:
+    """The tag: a 70-px disc or rounded square at the left or right edge (x 44-84 or 252-292, y 144-164)."""
+    x = int(rng.integers(44, 85)) if rng.integers(2) else int(rng.integers(252, 293))
+    y = int(rng.integers(144, 165))
     dark = bool(rng.integers(2))
     fill, ink = ((40, 40, 40), WHITE) if dark else ((255, 255, 255), BLACK)
     if rng.integers(2):
-        draw.ellipse([x - 32, y - 32, x + 32, y + 32], fill=fill, outline=BLACK, width=3)
+        draw.ellipse([x - 35, y - 35, x + 35, y + 35], fill=fill, outline=BLACK, width=3)
     else:
-        draw.rounded_rectangle([x - 32, y - 28, x + 32, y + 28], radius=6, fill=fill, outline=BLACK, width=3)
-    _, face = fitted_font(rng, number, 26, 36, 50)
-    return draw_text(image, (x, y), number, face, ink, angle=float(rng.uniform(-8, 8)))
+        draw.rounded_rectangle([x - 35, y - 33, x + 35, y + 33], radius=8, fill=fill, outline=BLACK, width=3)
+    _, face = fitted_font(rng, number, 44, 52, 56)
+    return draw_text(image, (x, y), number, face, ink, angle=float(rng.uniform(-6, 6)))
 
 
 def scene(rng) -> tuple[Image.Image, dict[str, Any]]:
     image, draw, horizon, classes = background(rng)
     words = pick(rng, WORDS, 3)
-    shown = [cased(w, pick(rng, CASES)) for w in words]
-    number = str(int(rng.integers(1, 100)))
-    sign_left = bool(rng.integers(2))
-    sign_x = int(rng.integers(96, 111)) if sign_left else int(rng.integers(226, 241))  # boards up to 178 px wide
-    tag_x = int(rng.integers(236, 290)) if sign_left else int(rng.integers(46, 100))
-    board, sign_box = place_sign(image, draw, rng, sign_x, horizon, shown[0])
-    tag_box = place_tag(image, draw, rng, tag_x, int(rng.integers(70, 150)), number)
-    n_painted = int(rng.integers(1, 3))
-    colours = pick(rng, tuple(COLOURS), n_painted)
+    shown = [w.upper() for w in words]
+    number = pick(rng, NUMBERS)
+    board, sign_box = place_sign(image, draw, rng, horizon, shown[0])
+    tag_box = place_tag(image, draw, rng, number)
+    colours = pick(rng, PAINTS, 2)
     painted = []
-    for i in range(n_painted):
-        centre_x = DESIGN_SIZE // 2 if n_painted == 1 else (88 + 160 * i)  # two words: side by side, inside the frame
-        _, face = fitted_font(rng, shown[1 + i], 22, 36, 150)
-        y = int(rng.integers(horizon + 30, DESIGN_SIZE - 26))
-        box = draw_text(image, (centre_x + int(rng.integers(-10, 11)), y), shown[1 + i], face, rgb(COLOURS[colours[i]]),
-                        angle=float(rng.uniform(-25, 25)))  # fmt: skip
+    for i in range(2):  # one row each: about 34 and 92 px below the horizon
+        _, face = fitted_font(rng, shown[1 + i], 34, 42, 290)
+        centre = (DESIGN_SIZE // 2 + int(rng.integers(-20, 21)), horizon + 34 + 58 * i + int(rng.integers(-4, 5)))
+        box = draw_text(image, centre, shown[1 + i], face, rgb(COLOURS[colours[i]]), angle=float(rng.uniform(-8, 8)))
         painted.append((words[1 + i], shown[1 + i], colours[i], box))
     return image, {
         "sign": (words[0], shown[0], board, sign_box),
