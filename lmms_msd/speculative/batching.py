@@ -108,6 +108,7 @@ class BatchRequest:
     prompt: EmbeddedPrompt
     config: GenerationConfig
     generator: torch.Generator | None = None  # its own; None when greedy
+    name: str = ""  # names it in errors ["request <its index>"]
     tree: TreeSpec | None = None  # None: plain decoding (every request of one call decodes alike)
     observer: StepObserver | None = None  # speculative: called after each of its verifications
     track_visual: bool = False  # speculative: the draft measures visual attention (`speculative_generate`)
@@ -168,7 +169,10 @@ def generate_batched(
                     f"request {index} decodes {'speculatively' if request.tree is not None else 'plainly'} but the "
                     "first one did not: every request of one generate_batched call decodes alike"
                 )
-            row = _start(runtime, index, request)
+            try:
+                row = _start(runtime, index, request)
+            except ValueError as error:
+                raise ValueError(f"{request.name or f'request {index}'}: {error}") from error
             if row.done:
                 runtime.release(row.sequence)
                 yield row.index, row.result()

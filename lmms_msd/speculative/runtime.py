@@ -43,7 +43,7 @@ sampled tokens are drawn by its own generator in the same order whatever the bat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -105,6 +105,7 @@ class Runtime(Protocol):
         ...
 
 
+@runtime_checkable
 class BatchedRuntime(Runtime, Protocol):
     """A `Runtime` that also steps many live sequences at once (the module docstring says how a batch
     changes between calls). B: sequences in the call; N_b: row b's tree nodes."""
