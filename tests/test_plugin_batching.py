@@ -1,0 +1,60 @@
+"""The lmms-eval model decodes many requests at once (`--batch_size`, or model_args max_batch): the same
+answers per doc_id as one at a time at T=0, and each sampled request its batch-1 answer with its seed."""
+
+from __future__ import annotations
+
+import pytest
+from test_plugin import docs, request, run, tiny_draft_dir  # noqa: F401  (fixtures)
+
+from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated, requests_at_once
+from lmms_msd.speculative.batching import NodeBudgets, same_tree
+
+SAMPLED = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
+LONGER = {"max_new_tokens": 12, "temperature": 0, "do_sample": False}
+
+
+def models(target_dir, draft_dir, tmp_path, **model_args):
+    """The speculative model and the plain one on the tiny pair, with these model_args."""
+    stats = {name: str(tmp_path / f"{name}.json") for name in ("spec", "plain")}
+    return (
+        LlavaMsdCalibrated(pretrained=str(target_dir), msd_model_path=str(draft_dir), stats_path=stats["spec"], **model_args),
+        LlavaMsdCalibrated(pretrained=str(target_dir), use_msd="false", stats_path=stats["plain"], **model_args),
+    )
+
+
+def test_batched_answers_equal_batch_one(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
+    one = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "one")
+    many = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "many", batch_size=3)
+    assert [m.max_batch for m in many] == [3, 3] and many[0].schedule is same_tree
+    # mixed answer lengths, so requests leave the batch at different steps and waiting ones join
+    requests = [request(i, LONGER if i % 2 else None) for i in (2, 0, 3, 1, 0, 2)]
+    expected = run(one[1], requests, docs)  # plain decoding, one at a time
+    for model in (*one, *many):
+        assert run(model, requests, docs) == expected
+    sampled = [request(i, SAMPLED) for i in (2, 0, 3, 1)]
+    assert run(many[0], sampled, docs) == run(one[0], sampled, docs)
+    assert run(many[1], sampled, docs) == run(one[1], sampled, docs)
+
+
+def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
+    spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58,2:3,4:0")
+    assert spec.max_batch == 4 and spec.schedule == NodeBudgets(((1, 58), (2, 3), (4, 0)))
+    _, plain = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "p")
+    requests = [request(i, LONGER) for i in range(4)]
+    assert run(spec, requests, docs) == run(plain, requests, docs)
+
+
+@pytest.mark.parametrize("batch_size, max_batch, expected", [(1, None, 1), ("16", None, 16), (4.0, None, 4), (1, "8", 8), (64, 2.0, 2)])
+def test_requests_at_once(batch_size, max_batch, expected):
+    assert requests_at_once(batch_size, max_batch) == expected
+
+
+def test_bad_max_batch_is_named():
+    with pytest.raises(ValueError, match="max_batch='x'"):
+        requests_at_once(1, "x")
+
+
+def test_static_engine_refuses_batches_it_cannot_run(tiny_hf_dir, tiny_draft_dir, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="engine=static decodes one request at a time"):
+        LlavaMsdCalibrated(pretrained=str(tiny_hf_dir), use_msd="false", engine="static", batch_size=2,
+                           stats_path=str(tmp_path / "s.json"))  # fmt: skip
