@@ -182,6 +182,7 @@ def inflation_shape(name: str | None) -> TextShape | None:
 class RuntimeSettings:
     engine: str = "eager"  # ENGINES: "eager" (transformers' forward) or "static" (static caches, CUDA graphs on cuda)
     max_length: int = 2048  # static: the preallocated cache slots (clipped to the target's maximum length)
+    max_batch: int = 1  # sequences decoded at once; static: more than 1 takes the batched engine, a cache row each
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,17 @@ def static_engine_class() -> type:
 
 
 def build_decoder(pair: Pair, settings: RuntimeSettings) -> Decoder:
-    """The pair on the runtime `settings.engine` names: the one place that chooses eager or static."""
-    if settings.engine == "static":
+    """The pair on the runtime `settings.engine` names: the one place that chooses eager or static.
+    Static with max_batch > 1 is `lmms_msd.speculative.fast.BatchedStaticEngine` (a cache row per
+    sequence); the eager runtime batches any number."""
+    if settings.max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {settings.max_batch}")
+    if settings.engine == "static" and settings.max_batch > 1:
+        # imported only when asked for, as static_engine_class
+        from lmms_msd.speculative.fast import BatchedStaticEngine
+
+        runtime = BatchedStaticEngine(pair.target, pair.draft, max_batch=settings.max_batch, max_length=settings.max_length)
+    elif settings.engine == "static":
         runtime = static_engine_class()(pair.target, pair.draft, max_length=settings.max_length)
     elif settings.engine == "eager":
         runtime = EagerRuntime(pair.target, pair.draft)

@@ -67,7 +67,7 @@ def test_online_calibration_observes_alone_then_batches(decoders):
 
 
 def test_a_runtime_without_batches_is_refused(decoders):
-    _, static = decoders
+    _, static = decoders  # the one-sequence StaticEngine (max_batch 1)
     with pytest.raises(ValueError, match="max_batch=2: this StaticEngine decodes one request at a time"):
         decode_requests(static, requests(static.target, 2, greedy), None, max_batch=2, progress=False)
 

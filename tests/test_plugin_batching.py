@@ -54,7 +54,15 @@ def test_bad_max_batch_is_named():
         requests_at_once(1, "x")
 
 
-def test_static_engine_refuses_batches_it_cannot_run(tiny_hf_dir, tiny_draft_dir, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="engine=static decodes one request at a time"):
-        LlavaMsdCalibrated(pretrained=str(tiny_hf_dir), use_msd="false", engine="static", batch_size=2,
-                           stats_path=str(tmp_path / "s.json"))  # fmt: skip
+def test_static_engine_batches_with_the_eager_answers(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
+    from lmms_msd.speculative.fast import BatchedStaticEngine
+
+    static = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "static", engine="static", batch_size=3)
+    eager = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "eager")
+    assert all(isinstance(m.decoder.runtime, BatchedStaticEngine) and m.decoder.runtime.max_batch == 3 for m in static)
+    for gen_kwargs in (LONGER, SAMPLED):
+        requests = [request(i, gen_kwargs) for i in (2, 0, 3, 1, 0)]
+        expected = run(eager[0], requests, docs)
+        assert run(static[0], requests, docs) == expected
+        if gen_kwargs is LONGER:
+            assert run(static[1], requests, docs) == expected

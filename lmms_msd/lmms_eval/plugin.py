@@ -16,6 +16,7 @@ target, same prompt). Answers come back in request order.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from datetime import UTC, datetime
@@ -66,7 +67,6 @@ from lmms_msd.pipeline import (
     load_pair,
 )
 from lmms_msd.speculative.batching import NodeBudgets, same_tree
-from lmms_msd.speculative.runtime import BatchedRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 
 
@@ -218,12 +218,8 @@ class LlavaMsdCalibrated(lmms):
             eval_logger.info(f"{MODEL_ID}: use_msd=false, plain decoding; msd_model_path is not loaded")
         if self.args.inflate is not None:
             eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {self.args.inflate}: the same function at a bigger model's cost")
-        self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime_settings(self.args))
-        if self.max_batch > 1 and not isinstance(self.decoder.runtime, BatchedRuntime):
-            raise ValueError(
-                f"batch_size/max_batch={self.max_batch}: engine={self.args.engine} decodes one request at a time; "
-                "use engine=eager to decode many at once, or batch size 1"
-            )
+        runtime = dataclasses.replace(runtime_settings(self.args), max_batch=self.max_batch)
+        self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime)
         self.tree = None if settings is None else build_tree(settings, self.decoder)
         if self.tree is not None and self.tree.total_tokens_auto is not None:
             auto = self.tree.total_tokens_auto
