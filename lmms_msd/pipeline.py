@@ -342,6 +342,7 @@ def time_total_tokens(decoder: Decoder, repeats: int = 20) -> dict[str, Any]:
             runtime.verify(sequence, chain, ancestors)
             _synchronize(device)
             total += (time.perf_counter() - start) if repeat else 0.0
+            runtime.release(sequence)
         seconds.append(total)
     return {"candidates": list(AUTO_TOTAL_TOKENS), "seconds": seconds, "chosen": choose_total_tokens(seconds)}
 

@@ -80,3 +80,20 @@ def test_rows_are_given_out_lowest_first_and_released_sequences_refused():
 
 def test_row_buckets():
     assert row_buckets(1) == (1,) and row_buckets(16) == (1, 2, 4, 8, 16) and row_buckets(24) == (1, 2, 4, 8, 16, 24)
+
+
+def test_every_caller_gives_its_rows_back():
+    """One-request loops release their sequence at the end; the batched loop releases the rows in flight
+    when its caller stops early. On a 2-row engine, neither would get far otherwise."""
+    target, draft = pair("following")
+    engine = BatchedStaticEngine(target, draft, max_batch=2, max_length=128)
+    eager = EagerRuntime(target, draft)
+    configs = greedy_configs()[:5]
+    prompts = mixed_requests(target, configs)
+    for prompt, config in zip(prompts, configs):
+        for tree in (None, TREES["eagle2"]):
+            assert one_at_a_time(engine, prompt, config, tree).token_ids == one_at_a_time(eager, prompt, config, tree).token_ids
+    batched = generate_batched(engine, [BatchRequest(p, c) for p, c in zip(prompts, configs)], max_batch=2)
+    next(batched)
+    batched.close()
+    assert sorted(engine._free) == [0, 1]

@@ -155,42 +155,47 @@ def generate_batched(
     waiting = enumerate(requests)
     live: list[_Row] = []
     speculative: bool | None = None  # set by the first request
-    while True:
-        # 1. join: waiting requests take the free rows, each prefilled alone (prompts are ragged)
-        while len(live) < max_batch:
-            item = next(waiting, None)
-            if item is None:
-                break
-            index, request = item
-            if speculative is None:
-                speculative = request.tree is not None
-            if (request.tree is not None) != speculative:
-                raise ValueError(
-                    f"request {index} decodes {'speculatively' if request.tree is not None else 'plainly'} but the "
-                    "first one did not: every request of one generate_batched call decodes alike"
-                )
-            try:
-                row = _start(runtime, index, request)
-            except ValueError as error:
-                raise ValueError(f"{request.name or f'request {index}'}: {error}") from error
-            if row.done:
-                runtime.release(row.sequence)
-                yield row.index, row.result()
+    try:
+        while True:
+            # 1. join: waiting requests take the free rows, each prefilled alone (prompts are ragged)
+            while len(live) < max_batch:
+                item = next(waiting, None)
+                if item is None:
+                    break
+                index, request = item
+                if speculative is None:
+                    speculative = request.tree is not None
+                if (request.tree is not None) != speculative:
+                    raise ValueError(
+                        f"request {index} decodes {'speculatively' if request.tree is not None else 'plainly'} but the "
+                        "first one did not: every request of one generate_batched call decodes alike"
+                    )
+                try:
+                    row = _start(runtime, index, request)
+                except ValueError as error:
+                    raise ValueError(f"{request.name or f'request {index}'}: {error}") from error
+                if row.done:
+                    runtime.release(row.sequence)
+                    yield row.index, row.result()
+                else:
+                    live.append(row)
+            if not live:
+                return
+            # 2. one step for every row: one target forward
+            if speculative:
+                _speculative_step(runtime, live, schedule)
             else:
-                live.append(row)
-        if not live:
-            return
-        # 2. one step for every row: one target forward
-        if speculative:
-            _speculative_step(runtime, live, schedule)
-        else:
-            _plain_step(runtime, live)
-        # 3. leave: finished rows free their place
-        for row in live:
-            if row.done:
+                _plain_step(runtime, live)
+            # 3. leave: finished rows free their place
+            finished = [row for row in live if row.done]
+            live = [row for row in live if not row.done]
+            for row in finished:
                 runtime.release(row.sequence)
+            for row in finished:
                 yield row.index, row.result()
-        live = [row for row in live if not row.done]
+    finally:  # however the loop ends (an error, the caller stopping early), the rows in flight are given back
+        for row in live:
+            runtime.release(row.sequence)
 
 
 def _start(runtime: BatchedRuntime, index: int, request: BatchRequest) -> _Row:

@@ -164,19 +164,22 @@ def plain_generate(
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
     start = time.perf_counter()
     sequence, _, logits = runtime.prefill(prompt, config.max_new_tokens)
-    token = next_token(logits[-1], config, generator)
-    _synchronize(device)
-    stats = DecodeStats(prefill_s=time.perf_counter() - start)
-    clock = _PhaseClock(device, profile)
-    tokens = [token]
-    while stopper.first_stop(tokens, len(tokens) - 1) is None:
-        stats.other_s += clock.lap()
-        logits = runtime.forward_next(sequence, torch.full((1,), token, device=device))
-        stats.verify_s += clock.lap()
+    try:
         token = next_token(logits[-1], config, generator)
-        tokens.append(token)
-        stats.steps += 1
-        stats.accepted.append(0)
+        _synchronize(device)
+        stats = DecodeStats(prefill_s=time.perf_counter() - start)
+        clock = _PhaseClock(device, profile)
+        tokens = [token]
+        while stopper.first_stop(tokens, len(tokens) - 1) is None:
+            stats.other_s += clock.lap()
+            logits = runtime.forward_next(sequence, torch.full((1,), token, device=device))
+            stats.verify_s += clock.lap()
+            token = next_token(logits[-1], config, generator)
+            tokens.append(token)
+            stats.steps += 1
+            stats.accepted.append(0)
+    finally:
+        runtime.release(sequence)
     stats.other_s += clock.lap()
     _synchronize(device)
     stats.wall_s = time.perf_counter() - start
@@ -215,32 +218,35 @@ def speculative_generate(
     start = time.perf_counter()
     # 1. prefill the target, choose the first token, prefill the draft
     sequence, hidden, logits = runtime.prefill(prompt, config.max_new_tokens + tree.slots)
-    token = next_token(logits[-1], config, generator)
-    root = runtime.prefill_draft(sequence, prompt, hidden, token, track_visual)
-    _synchronize(device)
-    stats = DecodeStats(prefill_s=time.perf_counter() - start)
-    clock = _PhaseClock(device, profile)
-    tokens = [token]
-    stop = stopper.first_stop(tokens, 0)
-    while stop is None:
-        stats.other_s += clock.lap()
-        # 2. draft a tree under the root (the last committed token)
-        drafted, ancestors = runtime.draft_tree(sequence, tree, token, root)
-        stats.draft_s += clock.lap()
-        # 3. verify it in one forward
-        tree_hidden, logits = runtime.verify(sequence, drafted, ancestors)
-        stats.verify_s += clock.lap()
-        # 4. accept (greedy: one read from the device)
-        result = accept(drafted, logits, ancestors, config, generator)
-        if observer is not None:
-            observer(drafted, logits, result)
-        # 5. stop exactly where plain decoding would, even inside the path
-        if record_step(tokens, stats, stopper, result):
-            break
-        # 6. keep the accepted path in the target cache, advance the draft over it (one copy to the device)
-        path, committed_ids = path_on_device(result, device)
-        root = runtime.commit(sequence, path, committed_ids, tree_hidden[path])
-        token = result.bonus
+    try:
+        token = next_token(logits[-1], config, generator)
+        root = runtime.prefill_draft(sequence, prompt, hidden, token, track_visual)
+        _synchronize(device)
+        stats = DecodeStats(prefill_s=time.perf_counter() - start)
+        clock = _PhaseClock(device, profile)
+        tokens = [token]
+        stop = stopper.first_stop(tokens, 0)
+        while stop is None:
+            stats.other_s += clock.lap()
+            # 2. draft a tree under the root (the last committed token)
+            drafted, ancestors = runtime.draft_tree(sequence, tree, token, root)
+            stats.draft_s += clock.lap()
+            # 3. verify it in one forward
+            tree_hidden, logits = runtime.verify(sequence, drafted, ancestors)
+            stats.verify_s += clock.lap()
+            # 4. accept (greedy: one read from the device)
+            result = accept(drafted, logits, ancestors, config, generator)
+            if observer is not None:
+                observer(drafted, logits, result)
+            # 5. stop exactly where plain decoding would, even inside the path
+            if record_step(tokens, stats, stopper, result):
+                break
+            # 6. keep the accepted path in the target cache, advance the draft over it (one copy to the device)
+            path, committed_ids = path_on_device(result, device)
+            root = runtime.commit(sequence, path, committed_ids, tree_hidden[path])
+            token = result.bonus
+    finally:
+        runtime.release(sequence)
     stats.other_s += clock.lap()
     _synchronize(device)
     stats.wall_s = time.perf_counter() - start

@@ -20,6 +20,7 @@ The calls of one speculative generation, in order (plain decoding: `prefill`, th
     per step: tree, ancestors = runtime.draft_tree(sequence, spec, token, root)
               tree_hidden, logits = runtime.verify(sequence, tree, ancestors)
               root = runtime.commit(sequence, path, next_tokens, tree_hidden[path])
+    at the end:   runtime.release(sequence)
 
 Many generations at once (`lmms_msd.speculative.batching`, the batched loop): a `BatchedRuntime` adds
 calls that take a list of B live sequences and run *one* target forward for all of them. Each sequence
@@ -104,6 +105,11 @@ class Runtime(Protocol):
         them (the accepted tokens, then the bonus); path_hidden: [a + 1, H] the target's hidden there."""
         ...
 
+    def release(self, sequence: Sequence) -> None:
+        """The generation is over: free what it holds (a runtime with a cache row per sequence gives its
+        row back). Every caller that starts a sequence releases it, however the generation ends."""
+        ...
+
 
 @runtime_checkable
 class BatchedRuntime(Runtime, Protocol):
@@ -138,9 +144,6 @@ class BatchedRuntime(Runtime, Protocol):
         """`Runtime.commit` for every row (each row's path, tokens and hidden as there) -> the new roots."""
         ...
 
-    def release(self, sequence: Sequence) -> None:
-        """The generation is over: free what it holds (a runtime with fixed rows gives its row back)."""
-        ...
 
 
 def require_draft(draft: MSDDraft | None, runtime: object) -> MSDDraft:
