@@ -97,3 +97,21 @@ def test_every_caller_gives_its_rows_back():
     next(batched)
     batched.close()
     assert sorted(engine._free) == [0, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_change_nothing_in_batches():
+    target, draft = pair("following")
+    target.model.to("cuda")
+    draft = draft.to("cuda")
+    configs = greedy_configs()
+    prompts = mixed_requests(target, configs)
+    graphs = BatchedStaticEngine(target, draft, max_batch=4, max_length=256, cuda_graphs=True)
+    eager = BatchedStaticEngine(target, draft, max_batch=4, max_length=256, cuda_graphs=False)
+    for tree in TREES.values():
+        replayed = dict(generate_batched(graphs, [BatchRequest(p, c, tree=tree) for p, c in zip(prompts, configs)], 4))
+        direct = dict(generate_batched(eager, [BatchRequest(p, c, tree=tree) for p, c in zip(prompts, configs)], 4))
+        for index in range(N_REQUESTS):
+            assert replayed[index].token_ids == direct[index].token_ids, f"request {index}"
+            assert replayed[index].stats.accepted == direct[index].stats.accepted
+    assert len(graphs.static_target._graphed_next_rows) > 0 and len(graphs.static_target._graphed_rows) > 0
