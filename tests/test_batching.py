@@ -122,9 +122,13 @@ def test_node_budgets_shrink_trees_losslessly():
     # 4 rows in flight at first: plain steps (budget 0); as rows leave, 3 rows: 5 nodes; 1 row: the full tree
     schedule = NodeBudgets.parse("1:58,2:5,4:0")
     requests = [BatchRequest(p, c, tree=tree) for p, c in zip(prompts, configs)]
+    advanced: list[int] = []  # tokens per draft advance: plain steps leave the draft behind, a tree catches it up
+    real = runtime.advance_batch
+    runtime.advance_batch = lambda seqs, tokens, hidden: advanced.extend(t.shape[0] for t in tokens) or real(seqs, tokens, hidden)
     results = dict(generate_batched(runtime, requests, max_batch=4, schedule=schedule))
     for index, result in results.items():
         assert result.token_ids == plain[index].token_ids, f"request {index}"
+    assert max(advanced) > tree.max_depth + 1  # more than one step commits: a catch-up over plain steps
     first = results[0].stats  # request 0 starts with 4 rows in flight: its first steps are plain
     assert first.accepted[0] == 0
     assert max(a for r in results.values() for a in r.stats.accepted) > 1  # trees grow once rows leave

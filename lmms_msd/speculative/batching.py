@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -125,7 +125,10 @@ class _Row:
     stats: DecodeStats
     tokens: list[int]  # committed so far; the last is fed next (plain) or is the next tree's root
     start: float  # perf_counter at its prefill
-    root: DraftRows | None = None  # speculative: the draft's output at the root
+    root: DraftRows | None = None  # speculative: the draft's output at the root (stale while `behind` holds steps)
+    # speculative: steps the draft has not advanced over (plain steps: no tree needed it), oldest first:
+    # each the committed tokens [m] that follow its committed positions and the target's hidden there [m, H]
+    behind: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     done: bool = False
 
     def result(self) -> GenerationResult:
@@ -233,11 +236,16 @@ def _plain_step(runtime: BatchedRuntime, live: list[_Row]) -> None:
 
 
 def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeSchedule) -> None:
-    """Draft every row's tree, verify them all in one forward, accept, stop or commit row by row."""
+    """Draft every row's tree, verify them all in one forward, accept, stop or commit row by row.
+
+    A row whose schedule says plain step verifies its root alone and leaves its draft behind; the draft
+    catches up over all the steps it missed, in one forward, before the row's next tree (`_Row.behind`).
+    """
     device = runtime.target.device
-    # 1. this step's trees: grown as scheduled for this batch size, or the root alone
+    # 1. this step's trees: grown as scheduled for this batch size (the draft caught up first), or the root alone
     specs = [schedule(row.request.tree, len(live)) for row in live]
     grown = [b for b, spec in enumerate(specs) if spec is not None]
+    _catch_up(runtime, [live[b] for b in grown if live[b].behind])
     drafted = runtime.draft_trees(
         [live[b].sequence for b in grown], [specs[b] for b in grown], [live[b].tokens[-1] for b in grown],
         [live[b].root for b in grown],
@@ -248,8 +256,8 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
     # 2. verify every tree in one target forward
     outs = runtime.verify_batch([row.sequence for row in live], [t for t, _ in trees], [a for _, a in trees])
     # 3. per row: accept, observe, stop, or commit the accepted path
-    commits = []
-    for row, (tree, ancestors), (tree_hidden, logits) in zip(live, trees, outs):
+    kept = []
+    for b, (row, (tree, ancestors), (tree_hidden, logits)) in enumerate(zip(live, trees, outs)):
         result = accept(tree, logits, ancestors, row.request.config, row.request.generator)
         if row.request.observer is not None:
             row.request.observer(tree, logits, result)
@@ -257,12 +265,24 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
             row.done = True
             continue
         path, committed = path_on_device(result, device)
-        commits.append((row, path, committed, tree_hidden[path]))
-    if commits:
-        rows, paths, committed, hidden = zip(*commits)
-        roots = runtime.commit_batch([row.sequence for row in rows], list(paths), list(committed), list(hidden))
-        for row, root in zip(rows, roots):
-            row.root = root
+        row.behind.append((committed, tree_hidden[path]))
+        kept.append((b, row, path))
+    if not kept:
+        return
+    runtime.keep_batch([row.sequence for _, row, _ in kept], [path for _, _, path in kept])
+    # 4. the draft advances now where this step grew a tree (as the one-request loop), later elsewhere
+    _catch_up(runtime, [row for b, row, _ in kept if specs[b] is not None])
+
+
+def _catch_up(runtime: BatchedRuntime, rows: list[_Row]) -> None:
+    """Advance the rows' drafts over every step they are behind, in one call: their new roots."""
+    if not rows:
+        return
+    tokens = [torch.cat([t for t, _ in row.behind]) for row in rows]
+    hidden = [torch.cat([h for _, h in row.behind]) for row in rows]
+    for row, root in zip(rows, runtime.advance_batch([row.sequence for row in rows], tokens, hidden)):
+        row.root = root
+        row.behind.clear()
 
 
 def root_only(token: int, track_visual: bool, device: torch.device) -> tuple[Tree, torch.Tensor]:

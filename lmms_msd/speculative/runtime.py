@@ -31,7 +31,8 @@ The calls of one batched speculative step (plain decoding: `forward_next_batch` 
 
     trees = runtime.draft_trees(sequences, specs, tokens, roots)      # [(Tree, ancestors [N_b, N_b])]
     outs = runtime.verify_batch(sequences, [t for t, _ in trees], [a for _, a in trees])  # one forward
-    roots = runtime.commit_batch(sequences, paths, next_tokens, path_hidden)          # per-row commit
+    runtime.keep_batch(sequences, paths)                               # per-row commit, target side
+    roots = runtime.advance_batch(sequences, next_tokens, path_hidden)  # and draft side (may be deferred)
 
 Rows are ragged: row b has its own committed length P_b and tree size N_b. The one forward pads every
 row to the longest (prefix and tree): row b's tree node i is at RoPE position P_b + depth_i and sees
@@ -137,11 +138,18 @@ class BatchedRuntime(Runtime, Protocol):
         hidden [N_b, H] and logits [N_b, V] (`Runtime.verify`)."""
         ...
 
-    def commit_batch(
-        self, sequences: list[Sequence], paths: list[torch.Tensor], next_tokens: list[torch.Tensor],
-        path_hidden: list[torch.Tensor],
-    ) -> list[DraftRows]:  # fmt: skip
-        """`Runtime.commit` for every row (each row's path, tokens and hidden as there) -> the new roots."""
+    def keep_batch(self, sequences: list[Sequence], paths: list[torch.Tensor]) -> None:
+        """`Runtime.commit`'s target side for every row: keep only the accepted nodes of its verified tree
+        (paths[b]: [a_b + 1] node indices, root first) and commit them. The draft side stays where it
+        was until `advance_batch`, which may come steps later (a row taking plain steps drafts nothing)."""
+        ...
+
+    def advance_batch(
+        self, sequences: list[Sequence], next_tokens: list[torch.Tensor], hidden: list[torch.Tensor]
+    ) -> list[DraftRows]:
+        """`Runtime.commit`'s draft side for every row: advance its draft over the m_b target positions
+        committed since its last advance -> its new root. next_tokens[b]: [m_b] the committed tokens that
+        follow those positions; hidden[b]: [m_b, H] the target's hidden states there."""
         ...
 
 
@@ -245,11 +253,15 @@ class EagerRuntime:
         positions = [s.committed + tree.depths for s, tree in zip(sequences, trees)]
         return self._forward_rows(sequences, embeds, positions, ancestors)
 
-    def commit_batch(
-        self, sequences: list[EagerSequence], paths: list[torch.Tensor], next_tokens: list[torch.Tensor],
-        path_hidden: list[torch.Tensor],
-    ) -> list[DraftRows]:  # fmt: skip
-        return [self.commit(*row) for row in zip(sequences, paths, next_tokens, path_hidden, strict=True)]
+    def keep_batch(self, sequences: list[EagerSequence], paths: list[torch.Tensor]) -> None:
+        for sequence, path in zip(sequences, paths, strict=True):
+            keep_path(sequence.cache, sequence.committed, path)
+            sequence.committed += path.shape[0]
+
+    def advance_batch(
+        self, sequences: list[EagerSequence], next_tokens: list[torch.Tensor], hidden: list[torch.Tensor]
+    ) -> list[DraftRows]:
+        return [drafter_of(s).advance(t, h) for s, t, h in zip(sequences, next_tokens, hidden, strict=True)]
 
     def release(self, sequence: EagerSequence) -> None:
         """Nothing to give back: the sequence's caches go with it."""

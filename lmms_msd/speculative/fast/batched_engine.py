@@ -125,7 +125,8 @@ class BatchedStaticEngine:
         return self.verify_batch([sequence], [tree], [ancestors])[0]
 
     def commit(self, sequence: RowSequence, path: torch.Tensor, next_tokens: torch.Tensor, path_hidden: torch.Tensor) -> DraftRows:
-        return self.commit_batch([sequence], [path], [next_tokens], [path_hidden])[0]
+        self.keep_batch([sequence], [path])
+        return self.advance_batch([sequence], [next_tokens], [path_hidden])[0]
 
     # ---- many sequences at once ------------------------------------------------------------------------
     def forward_next_batch(self, sequences: list[RowSequence], tokens: torch.Tensor) -> torch.Tensor:
@@ -152,14 +153,14 @@ class BatchedStaticEngine:
             rows, [s.committed for s in sequences], [t.tokens for t in trees], [t.depths for t in trees], ancestors
         )
 
-    def commit_batch(
-        self, sequences: list[RowSequence], paths: list[torch.Tensor], next_tokens: list[torch.Tensor],
-        path_hidden: list[torch.Tensor],
-    ) -> list[DraftRows]:  # fmt: skip
+    def keep_batch(self, sequences: list[RowSequence], paths: list[torch.Tensor]) -> None:
         rows = self._check_live(sequences)
         self.static_target.keep_paths(rows, [s.committed for s in sequences], paths)
-        roots = []
-        for sequence, path, tokens, hidden in zip(sequences, paths, next_tokens, path_hidden, strict=True):
+        for sequence, path in zip(sequences, paths, strict=True):
             sequence.committed += path.shape[0]
-            roots.append(drafter_of(sequence).advance(tokens, hidden))
-        return roots
+
+    def advance_batch(
+        self, sequences: list[RowSequence], next_tokens: list[torch.Tensor], hidden: list[torch.Tensor]
+    ) -> list[DraftRows]:
+        self._check_live(sequences)
+        return [drafter_of(s).advance(t, h) for s, t, h in zip(sequences, next_tokens, hidden, strict=True)]
