@@ -20,7 +20,7 @@ from test_batching import (
 )
 from test_fast_engine import capture_rules  # noqa: F401  (autouse fixture)
 
-from lmms_msd.speculative.batching import BatchRequest, generate_batched
+from lmms_msd.speculative.batching import BatchRequest, NodeBudgets, generate_batched
 from lmms_msd.speculative.fast.batched_engine import BatchedStaticEngine
 from lmms_msd.speculative.fast.batched_target import row_buckets
 from lmms_msd.speculative.runtime import BatchedRuntime, EagerRuntime
@@ -59,6 +59,20 @@ def test_batched_static_engine_samples_each_request_with_its_own_generator(tree_
     requests = [BatchRequest(p, c, torch.Generator().manual_seed(i), tree=tree) for i, (p, c) in enumerate(zip(prompts, configs))]
     for index, result in generate_batched(BatchedStaticEngine(target, draft, max_batch=4, max_length=256), requests, 4):
         assert result.token_ids == alone[index].token_ids, f"request {index}"
+
+
+def test_plain_steps_of_a_schedule_on_the_static_engine():
+    """Budget 0 from 2 rows on: while 2 or more rows are in flight every step is plain (the root alone,
+    through the plain forward), the drafts fall behind and catch up once a row is alone."""
+    target, draft = pair("following")
+    configs = greedy_configs()
+    prompts = mixed_requests(target, configs)
+    plain = [one_at_a_time(EagerRuntime(target), p, c, None) for p, c in zip(prompts, configs)]
+    engine = BatchedStaticEngine(target, draft, max_batch=4, max_length=256)
+    requests = [BatchRequest(p, c, tree=TREES["eagle2"]) for p, c in zip(prompts, configs)]
+    results = dict(generate_batched(engine, requests, 4, NodeBudgets.parse("1:58,2:0")))
+    assert [results[i].token_ids for i in range(N_REQUESTS)] == [r.token_ids for r in plain]
+    assert max(a for r in results.values() for a in r.stats.accepted) > 1  # the last row alone grew trees
 
 
 def test_rows_are_given_out_lowest_first_and_released_sequences_refused():

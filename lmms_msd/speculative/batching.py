@@ -50,6 +50,7 @@ from lmms_msd.speculative.runtime import BatchedRuntime, Sequence
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
 from lmms_msd.speculative.stopping import Stopper
 from lmms_msd.speculative.tree import Tree, TreeSpec
+from lmms_msd.speculative.verify import Acceptance
 
 __all__ = ["BatchRequest", "NodeBudgets", "TreeSchedule", "generate_batched", "same_tree"]
 
@@ -224,7 +225,7 @@ def _plain_step(runtime: BatchedRuntime, live: list[_Row]) -> None:
     """Feed every row's last token in one forward and choose each row's next."""
     device = runtime.target.device
     fed = torch.tensor([row.tokens[-1] for row in live], device=device)
-    logits = runtime.forward_next_batch([row.sequence for row in live], fed)  # [B, V]
+    logits = runtime.forward_next_batch([row.sequence for row in live], fed)[1]  # [B, V]
     argmax = logits.argmax(dim=-1).tolist()  # the greedy rows' tokens, in one read
     for b, row in enumerate(live):
         config = row.request.config
@@ -245,6 +246,9 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
     # 1. this step's trees: grown as scheduled for this batch size (the draft caught up first), or the root alone
     specs = [schedule(row.request.tree, len(live)) for row in live]
     grown = [b for b, spec in enumerate(specs) if spec is not None]
+    if not grown and all(row.request.observer is None for row in live):
+        _plain_steps(runtime, live)
+        return
     _catch_up(runtime, [live[b] for b in grown if live[b].behind])
     drafted = runtime.draft_trees(
         [live[b].sequence for b in grown], [specs[b] for b in grown], [live[b].tokens[-1] for b in grown],
@@ -272,6 +276,26 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
     runtime.keep_batch([row.sequence for _, row, _ in kept], [path for _, _, path in kept])
     # 4. the draft advances now where this step grew a tree (as the one-request loop), later elsewhere
     _catch_up(runtime, [row for b, row, _ in kept if specs[b] is not None])
+
+
+def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
+    """A speculative step where no row grows a tree: each row's root alone, verified as plain decoding's
+    step (`forward_next_batch`: no tree masks, one read), accepted as a root-only tree would be (the
+    bonus: argmax, or drawn from the processed distribution), its draft left behind."""
+    device = runtime.target.device
+    fed = torch.tensor([row.tokens[-1] for row in live], device=device)
+    hidden, logits = runtime.forward_next_batch([row.sequence for row in live], fed)  # [B, H], [B, V]
+    argmax = logits.argmax(dim=-1).tolist()
+    chosen = []
+    for b, row in enumerate(live):
+        config = row.request.config
+        token = argmax[b] if config.greedy else next_token(logits[b], config, row.request.generator)
+        chosen.append(token)
+        row.done = record_step(row.tokens, row.stats, row.stopper, Acceptance([0], token, []))
+    committed = torch.tensor(chosen, device=device)
+    for b, row in enumerate(live):
+        if not row.done:
+            row.behind.append((committed[b : b + 1], hidden[b : b + 1]))
 
 
 def _catch_up(runtime: BatchedRuntime, rows: list[_Row]) -> None:

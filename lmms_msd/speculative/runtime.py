@@ -27,7 +27,8 @@ calls that take a list of B live sequences and run *one* target forward for all 
 keeps its own state (caches, committed length, drafter); a batch is only the list passed to a call, so
 the loop may change it between any two calls: a finished generation leaves (`release`) and a waiting
 one joins (`prefill`, `prefill_draft`, as above: prompts are ragged and are prefilled one at a time).
-The calls of one batched speculative step (plain decoding: `forward_next_batch` per token):
+The calls of one batched speculative step (plain decoding, or a step where no row grows a tree:
+`forward_next_batch`):
 
     trees = runtime.draft_trees(sequences, specs, tokens, roots)      # [(Tree, ancestors [N_b, N_b])]
     outs = runtime.verify_batch(sequences, [t for t, _ in trees], [a for _, a in trees])  # one forward
@@ -119,9 +120,9 @@ class BatchedRuntime(Runtime, Protocol):
 
     max_batch: int | None  # the most sequences it can hold live at once; None: no limit but memory
 
-    def forward_next_batch(self, sequences: list[Sequence], tokens: torch.Tensor) -> torch.Tensor:
+    def forward_next_batch(self, sequences: list[Sequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain decoding's step for B sequences in one forward: feed tokens [B] (row b after sequence b's
-        committed positions) and commit them -> logits [B, V]."""
+        committed positions) and commit them -> the target's hidden [B, H] and logits [B, V] there."""
         ...
 
     def draft_trees(
@@ -228,7 +229,7 @@ class EagerRuntime:
         return drafter_of(sequence).advance(next_tokens, path_hidden)
 
     # ---- many sequences at once (BatchedRuntime) -------------------------------------------------------
-    def forward_next_batch(self, sequences: list[EagerSequence], tokens: torch.Tensor) -> torch.Tensor:
+    def forward_next_batch(self, sequences: list[EagerSequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert tokens.shape == (len(sequences),), f"tokens {tuple(tokens.shape)} for {len(sequences)} sequences"
         embeds = self.target.embed_tokens(tokens)[0]  # [B, H]
         device = self.target.device
@@ -237,7 +238,7 @@ class EagerRuntime:
         outs = self._forward_rows(sequences, [embeds[b : b + 1] for b in range(len(sequences))], positions, [itself] * len(sequences))
         for sequence in sequences:
             sequence.committed += 1
-        return torch.cat([logits for _, logits in outs])
+        return torch.cat([hidden for hidden, _ in outs]), torch.cat([logits for _, logits in outs])
 
     def draft_trees(
         self, sequences: list[EagerSequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]

@@ -93,7 +93,7 @@ class BatchedStaticEngine:
         heapq.heappush(self._free, sequence.row)
 
     def forward_next(self, sequence: RowSequence, token: torch.Tensor) -> torch.Tensor:
-        return self.forward_next_batch([sequence], token)
+        return self.forward_next_batch([sequence], token)[1]
 
     def prefill_draft(
         self, sequence: RowSequence, prompt: EmbeddedPrompt, hidden: torch.Tensor, token: int, track_visual: bool
@@ -129,13 +129,13 @@ class BatchedStaticEngine:
         return self.advance_batch([sequence], [next_tokens], [path_hidden])[0]
 
     # ---- many sequences at once ------------------------------------------------------------------------
-    def forward_next_batch(self, sequences: list[RowSequence], tokens: torch.Tensor) -> torch.Tensor:
+    def forward_next_batch(self, sequences: list[RowSequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._check_live(sequences)
         assert tokens.shape == (len(sequences),), f"tokens {tuple(tokens.shape)} for {len(sequences)} sequences"
-        logits = self.static_target.forward_next_rows(rows, [s.committed for s in sequences], tokens)
+        out = self.static_target.forward_next_rows(rows, [s.committed for s in sequences], tokens)
         for sequence in sequences:
             sequence.committed += 1
-        return logits
+        return out
 
     def draft_trees(
         self, sequences: list[RowSequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]

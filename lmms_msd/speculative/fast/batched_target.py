@@ -118,9 +118,10 @@ class BatchedStaticTarget(StaticTarget):
         return hidden[0], logits[0]
 
     @torch.inference_mode()
-    def forward_next_rows(self, rows: list[int], positions: list[int], tokens: torch.Tensor) -> torch.Tensor:
+    def forward_next_rows(self, rows: list[int], positions: list[int], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per listed row: row rows[i] feeds tokens[i] at positions[i] (its slot too), after
-        that many committed slots. tokens: [B] long -> logits [B, V] float32, valid until the next call"""
+        that many committed slots. tokens: [B] long -> hidden [B, H], logits [B, V] float32 (gathered: they
+        outlive the next call)"""
         self._check_room(max(positions) + 1)
         r = self._row_bucket(rows)
         index = torch.tensor(rows, device=self.device)
@@ -132,7 +133,8 @@ class BatchedStaticTarget(StaticTarget):
         slots = torch.full((r, 1), self.scratch, dtype=torch.long, device=self.device)
         slots[index, 0] = at
         window = self.slots[: self.width(max(positions) + 1)]
-        return self._graphed_next_rows(padded_tokens, padded_positions, slots, window)[1][index, 0]
+        hidden, logits = self._graphed_next_rows(padded_tokens, padded_positions, slots, window)
+        return hidden[index, 0], logits[index, 0]
 
     @torch.inference_mode()
     def forward_trees(
