@@ -3,6 +3,9 @@ answers per doc_id as one at a time at T=0, and each sampled request its batch-1
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from test_plugin import docs, request, run, tiny_draft_dir  # noqa: F401  (fixtures)
 
@@ -39,6 +42,9 @@ def test_batched_answers_equal_batch_one(tiny_hf_dir, tiny_draft_dir, docs, tmp_
 def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
     spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58,2:3,4:0")
     assert spec.max_batch == 4 and spec.schedule == NodeBudgets(((1, 58), (2, 3), (4, 0)))
+    run(spec, [request(0)], docs)
+    meta = json.loads(Path(spec.report.path).read_text())
+    assert '"max_batch": 4' in json.dumps(meta) and "NodeBudgets" in json.dumps(meta)
     _, plain = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "p")
     requests = [request(i, LONGER) for i in range(4)]
     assert run(spec, requests, docs) == run(plain, requests, docs)

@@ -151,8 +151,10 @@ class LlavaMsdCalibrated(lmms):
       seed                 seeds every sampled request (with the task, doc_id and repeat index) [0]
       max_batch            requests decoded at once (lmms_msd.speculative.batching: continuous batching, one
                            target forward per step for all of them); the same answers per doc_id at T=0 as
-                           one at a time, and each sampled request draws from its own seeded generator
-                           [lmms-eval's --batch_size]
+                           one at a time, and each sampled request draws from its own seeded generator.
+                           A request's wall_s in the statistics is then its time in the batch, shared with
+                           the others (so their tokens/s understates throughput: `lmms-msd bench --batch`
+                           measures it) [lmms-eval's --batch_size]
       batch_node_budgets   the tree's node budget by requests in flight, "B:N,..." (batch size from which a
                            budget holds, budget; 0: plain steps), e.g. 1:60,16:20,64:0 [none: the tree's own]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
@@ -288,5 +290,7 @@ class LlavaMsdCalibrated(lmms):
                 f"{MODEL_ID}: overwriting the statistics of an earlier run in {self.report.path}; set stats_path to keep both"
             )
         meta = run_meta(MODEL_ID, self.args, self.tree, self._calibration, self.decoder.target, self._world_size, self._run_started)
+        # with many requests in flight, a request's wall_s is its time in the batch, shared with the others
+        meta |= {"max_batch": self.max_batch, "batch_node_budgets": None if self.schedule is same_tree else repr(self.schedule)}
         report = self.report.add(records, meta)
         eval_logger.info(f"{MODEL_ID} statistics ({report['decoding']}), written to {self.report.path}:\n{format_table(report)}")
