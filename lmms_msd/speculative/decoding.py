@@ -7,6 +7,9 @@ so the outputs, are the same.
 
     runtime = EagerRuntime(target, draft)
     result = speculative_generate(runtime, target.prepare(question, images), GenerationConfig(), EagleTree())
+
+Many requests at once go through `lmms_msd.speculative.batching.generate_batched`, which steps each
+request exactly as these loops do (`accept`, `record_step` and the `Stopper` are shared).
 """
 
 from __future__ import annotations
