@@ -129,3 +129,17 @@ def test_cuda_graphs_change_nothing_in_batches():
             assert replayed[index].token_ids == direct[index].token_ids, f"request {index}"
             assert replayed[index].stats.accepted == direct[index].stats.accepted
     assert len(graphs.static_target._graphed_next_rows) > 0 and len(graphs.static_target._graphed_rows) > 0
+
+
+def test_a_cache_the_device_cannot_hold_is_refused(monkeypatch):
+    """7B's shape (32 layers, 32 kv heads of 128) in float16: 0.5 MiB a slot, so 64 rows x 4096 slots = 128 GiB."""
+    from types import SimpleNamespace
+
+    from lmms_msd.speculative.fast.batched_target import check_cache_fits
+
+    text = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=32, head_dim=128, hidden_size=4096, num_attention_heads=32)
+    target = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, model=SimpleNamespace(config=SimpleNamespace(text_config=text)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * 2**30, 141 * 2**30))
+    check_cache_fits(target, 64, 1024)  # 32 GiB
+    with pytest.raises(ValueError, match=r"64 rows x 4096 slots needs 128.0 GiB \(2.00 GiB a row\) but 100.0 GiB"):
+        check_cache_fits(target, 64, 4096)

@@ -159,7 +159,7 @@ def test_bad_model_args(arg_string, message):
 
 @pytest.mark.parametrize("batch", [{"batch_size": "auto"}, {"batch_size": 0}, {"batch_size": "2.5"}])
 def test_batch_size_that_is_no_whole_number_is_refused(batch):
-    with pytest.raises(ValueError, match="batch_size=.*whole number of requests decoded at once"):
+    with pytest.raises(ValueError, match="batch_size=.*needs a whole number >= 1"):
         LlavaMsdCalibrated.create_from_arg_string("pretrained=x,msd_model_path=y", batch)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_plugin import docs, request, run, tiny_draft_dir  # noqa: F401  (fixtures)
 
-from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated, requests_at_once
+from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated, requests_at_once, whole_number
 from lmms_msd.speculative.batching import NodeBudgets, same_tree
 
 SAMPLED = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
@@ -40,7 +40,9 @@ def test_batched_answers_equal_batch_one(tiny_hf_dir, tiny_draft_dir, docs, tmp_
 
 
 def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
-    spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58,2:3,4:0")
+    spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58,2:3,4:0",
+                     engine="static", max_length="256")  # fmt: skip
+    assert spec.decoder.runtime.static_target.capacity == 256 and spec.decoder.runtime.max_batch == 4
     assert spec.max_batch == 4 and spec.schedule == NodeBudgets(((1, 58), (2, 3), (4, 0)))
     run(spec, [request(0)], docs)
     meta = json.loads(Path(spec.report.path).read_text())
@@ -58,6 +60,8 @@ def test_requests_at_once(batch_size, max_batch, expected):
 def test_bad_max_batch_is_named():
     with pytest.raises(ValueError, match="max_batch='x'"):
         requests_at_once(1, "x")
+    with pytest.raises(ValueError, match="max_length=0.5"):
+        whole_number("max_length", 0.5)
 
 
 def test_static_engine_batches_with_the_eager_answers(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811

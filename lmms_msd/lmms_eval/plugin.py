@@ -70,17 +70,23 @@ from lmms_msd.speculative.batching import NodeBudgets, same_tree
 from lmms_msd.speculative.sampling import GenerationConfig
 
 
-def requests_at_once(batch_size: Any, max_batch: Any) -> int:
-    """Requests decoded at once: model_args max_batch when given, else lmms-eval's batch_size; whole
-    numbers >= 1, as strings or floats too (model_args are parsed loosely: "4" may come as 4.0)."""
-    name, value = ("max_batch", max_batch) if as_optional_str(max_batch) is not None else ("batch_size", batch_size)
+def whole_number(name: str, value: Any) -> int:
+    """A model_arg that counts something, >= 1; strings and floats too (model_args are parsed loosely:
+    "4" may come as 4.0)."""
     try:
         number = float(str(value).strip())
     except ValueError:
         number = 0.0
     if number < 1 or number != int(number):
-        raise ValueError(f"{name}={value!r}: {MODEL_ID} needs a whole number of requests decoded at once, >= 1 (e.g. 16)")
+        raise ValueError(f"{name}={value!r}: {MODEL_ID} needs a whole number >= 1 here (e.g. 16)")
     return int(number)
+
+
+def requests_at_once(batch_size: Any, max_batch: Any) -> int:
+    """Requests decoded at once: model_args max_batch when given, else lmms-eval's batch_size."""
+    if as_optional_str(max_batch) is not None:
+        return whole_number("max_batch", max_batch)
+    return whole_number("batch_size", batch_size)
 
 
 def model_manifest():
@@ -155,6 +161,9 @@ class LlavaMsdCalibrated(lmms):
                            A request's wall_s in the statistics is then its time in the batch, shared with
                            the others (so their tokens/s understates throughput: `lmms-msd bench --batch`
                            measures it) [lmms-eval's --batch_size]
+      max_length           engine=static: KV cache slots per request in flight (prompt, max_new_tokens and one
+                           tree must fit); with a batch the cache holds max_batch of them, so lower it to fit
+                           the device [4096, clipped to the target's maximum length]
       batch_node_budgets   the tree's node budget by requests in flight, "B:N,..." (batch size from which a
                            budget holds, budget; 0: plain steps), e.g. 1:60,16:20,64:0 [none: the tree's own]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
@@ -194,6 +203,7 @@ class LlavaMsdCalibrated(lmms):
         stop: str = "delta",
         max_batch: int | None = None,
         batch_node_budgets: str | None = None,
+        max_length: int | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -221,6 +231,8 @@ class LlavaMsdCalibrated(lmms):
         if self.args.inflate is not None:
             eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {self.args.inflate}: the same function at a bigger model's cost")
         runtime = dataclasses.replace(runtime_settings(self.args), max_batch=self.max_batch)
+        if as_optional_str(max_length) is not None:
+            runtime = dataclasses.replace(runtime, max_length=whole_number("max_length", max_length))
         self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime)
         self.tree = None if settings is None else build_tree(settings, self.decoder)
         if self.tree is not None and self.tree.total_tokens_auto is not None:

@@ -36,6 +36,23 @@ def row_buckets(rows: int) -> tuple[int, ...]:
     return (*sizes, rows)
 
 
+def check_cache_fits(target: Target, rows: int, capacity: int) -> None:
+    """On CUDA, refuse a KV cache of `rows` rows of `capacity` slots that the device's free memory cannot
+    hold (keys and values: 2 * layers * rows * kv_heads * capacity * head_dim values), naming the sizes."""
+    if target.device.type != "cuda":
+        return
+    cfg = target.model.config.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * capacity * head_dim * target.dtype.itemsize
+    free = torch.cuda.mem_get_info(target.device)[0]
+    if rows * per_row > free:
+        raise ValueError(
+            f"a KV cache of {rows} rows x {capacity} slots needs {rows * per_row / 2**30:.1f} GiB "
+            f"({per_row / 2**30:.2f} GiB a row) but {free / 2**30:.1f} GiB of {target.device} are free: lower max_length "
+            f"(slots per request: prompt + max_new_tokens + one tree) or the batch size"
+        )
+
+
 class BatchedStaticTarget(StaticTarget):
     """A `StaticTarget` with a cache row per sequence (module docstring).
 
@@ -46,6 +63,7 @@ class BatchedStaticTarget(StaticTarget):
     def __init__(self, target: Target, rows: int, capacity: int, cuda_graphs: bool | None = None) -> None:
         if rows < 1:
             raise ValueError(f"a batched static target needs at least 1 row, got {rows}")
+        check_cache_fits(target, rows, min(capacity, target.max_length))
         self.rows = rows
         super().__init__(target, capacity, cuda_graphs)
         self.row_sizes = row_buckets(rows)
