@@ -9,15 +9,19 @@ alone), so the batch stays full while requests remain.
 
 What keeps rows apart: each row has its own caches and committed length on the runtime (ragged:
 `lmms_msd.speculative.runtime`), its own stopping rule and its own seeded `torch.Generator`, from
-which only its own draws are taken, in the order its one-request loop takes them. So at T=0 a request
-decodes the same tokens at any batch size, and when sampling it decodes the same tokens as alone with
-the same seed (up to floating-point rounding of the batched forward, which moves a draw only when it
-lands within rounding of a boundary).
+which only its own draws are taken, in the order its one-request loop takes them. So a request decodes
+the same tokens at any batch size as alone, greedy or sampling with the same seed, up to
+floating-point rounding of the batched forward (which changes a token only where two logits, or a
+draw and a boundary, lie within rounding of each other).
 
 Tree size per batch (`TreeSchedule`): with B rows in flight a step verifies B trees at once, so
 large trees cost more at large B. A schedule maps a request's tree spec and B to the spec grown this
-step, or None for a plain step (the root alone: no draft forward, the bonus only). `NodeBudgets` is
-a fixed table by batch size; a cost model's choice per batch size plugs in at the same place.
+step, or None for a plain step (the root alone: no draft forward, the bonus only). A row on plain
+steps leaves its draft behind and catches it up in one draft forward before its next tree; a step
+where no row grows a tree is plain decoding's batched step. So a schedule that turns trees off at
+large B makes speculative decoding cost what plain decoding costs there. `NodeBudgets` is a fixed
+table by batch size; a cost model's choice per batch size plugs in at the same place (not done yet:
+`lmms_msd.speculative.cost` times batch-1 steps only).
 
     runtime = EagerRuntime(target, draft)
     requests = [BatchRequest(prompt, GenerationConfig(), tree=EagleTree()) for prompt in prompts]
