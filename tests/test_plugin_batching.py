@@ -40,7 +40,7 @@ def test_batched_answers_equal_batch_one(tiny_hf_dir, tiny_draft_dir, docs, tmp_
 
 
 def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
-    spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58,2:3,4:0",
+    spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58;2:3;4:0",
                      engine="static", max_length="256")  # fmt: skip
     assert spec.decoder.runtime.static_target.capacity == 256 and spec.decoder.runtime.max_batch == 4
     assert spec.max_batch == 4 and spec.schedule == NodeBudgets(((1, 58), (2, 3), (4, 0)))

@@ -164,8 +164,8 @@ class LlavaMsdCalibrated(lmms):
       max_length           engine=static: KV cache slots per request in flight (prompt, max_new_tokens and one
                            tree must fit); with a batch the cache holds max_batch of them, so lower it to fit
                            the device [4096, clipped to the target's maximum length]
-      batch_node_budgets   the tree's node budget by requests in flight, "B:N,..." (batch size from which a
-                           budget holds, budget; 0: plain steps), e.g. 1:60,16:20,64:0 [none: the tree's own]
+      batch_node_budgets   the tree's node budget by requests in flight, "B:N;..." (batch size from which a
+                           budget holds, budget; 0: plain steps), e.g. 1:60;16:20;64:0 [none: the tree's own]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
     """
 

@@ -32,6 +32,7 @@ table by batch size; a cost model's choice per batch size plugs in at the same p
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -89,9 +90,10 @@ class NodeBudgets:
 
     @classmethod
     def parse(cls, text: str) -> NodeBudgets:
-        """From "B:N,B:N,...", e.g. "1:60,16:20,64:0"."""
+        """From "B:N,B:N,...", e.g. "1:60,16:20,64:0"; ";" separates as well (lmms-eval's --model_args
+        splits on commas: batch_node_budgets=1:60;16:20;64:0)."""
         try:
-            pairs = tuple((int(b), int(n)) for b, n in (item.split(":") for item in text.split(",")))
+            pairs = tuple((int(b), int(n)) for b, n in (item.split(":") for item in re.split("[,;]", text)))
         except ValueError as error:
             raise ValueError(f"node budgets {text!r}: write batch:budget pairs, e.g. 1:60,16:20,64:0") from error
         return cls(pairs)
