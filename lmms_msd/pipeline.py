@@ -14,14 +14,15 @@ Every caller that decodes goes through here (the lmms-eval plugin, `lmms-msd ben
    confidence or by a fitted calibrator; EAGLE-2's total_tokens=auto is timed on the decoder's runtime,
    and so is OPT-Tree's cost model with stop=cost (`lmms_msd.speculative.cost`, cached per machine).
 5. `decode`: the one call of the decoding loops. `decode_requests` runs a run's requests through it one
-   at a time, in online calibration's order when there is one (`online_calibration`).
+   at a time, in online calibration's order when there is one (`online_calibration`), or many at
+   once through the batched loop (`max_batch`, `lmms_msd.speculative.batching`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,12 @@ from lmms_msd.calibration.token_types import token_type_table
 from lmms_msd.models.draft import MSDDraft, check_draft_fits, load_draft
 from lmms_msd.models.loading import load_target
 from lmms_msd.models.target import EmbeddedPrompt, Target
+from lmms_msd.speculative.batching import (
+    BatchRequest,
+    TreeSchedule,
+    generate_batched,
+    same_tree,
+)
 from lmms_msd.speculative.cost import STOPS, cached_cost_model, describe, summary_line
 from lmms_msd.speculative.decoding import (
     GenerationResult,
@@ -41,7 +48,7 @@ from lmms_msd.speculative.decoding import (
     plain_generate,
     speculative_generate,
 )
-from lmms_msd.speculative.runtime import EagerRuntime, Runtime
+from lmms_msd.speculative.runtime import BatchedRuntime, EagerRuntime, Runtime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import (
     AUTO_TOTAL_TOKENS,
@@ -175,6 +182,7 @@ def inflation_shape(name: str | None) -> TextShape | None:
 class RuntimeSettings:
     engine: str = "eager"  # ENGINES: "eager" (transformers' forward) or "static" (static caches, CUDA graphs on cuda)
     max_length: int = 2048  # static: the preallocated cache slots (clipped to the target's maximum length)
+    max_batch: int = 1  # sequences decoded at once; static: more than 1 takes the batched engine, a cache row each
 
 
 @dataclass(frozen=True)
@@ -196,8 +204,17 @@ def static_engine_class() -> type:
 
 
 def build_decoder(pair: Pair, settings: RuntimeSettings) -> Decoder:
-    """The pair on the runtime `settings.engine` names: the one place that chooses eager or static."""
-    if settings.engine == "static":
+    """The pair on the runtime `settings.engine` names: the one place that chooses eager or static.
+    Static with max_batch > 1 is `lmms_msd.speculative.fast.BatchedStaticEngine` (a cache row per
+    sequence); the eager runtime batches any number."""
+    if settings.max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {settings.max_batch}")
+    if settings.engine == "static" and settings.max_batch > 1:
+        # imported only when asked for, as static_engine_class
+        from lmms_msd.speculative.fast import BatchedStaticEngine
+
+        runtime = BatchedStaticEngine(pair.target, pair.draft, max_batch=settings.max_batch, max_length=settings.max_length)
+    elif settings.engine == "static":
         runtime = static_engine_class()(pair.target, pair.draft, max_length=settings.max_length)
     elif settings.engine == "eager":
         runtime = EagerRuntime(pair.target, pair.draft)
@@ -325,6 +342,7 @@ def time_total_tokens(decoder: Decoder, repeats: int = 20) -> dict[str, Any]:
             runtime.verify(sequence, chain, ancestors)
             _synchronize(device)
             total += (time.perf_counter() - start) if repeat else 0.0
+            runtime.release(sequence)
         seconds.append(total)
     return {"candidates": list(AUTO_TOTAL_TOKENS), "seconds": seconds, "chosen": choose_total_tokens(seconds)}
 
@@ -389,6 +407,8 @@ def decode_requests(
     tree: TreeSetup | None,
     online: OnlineCalibration | None = None,
     *,
+    max_batch: int = 1,
+    schedule: TreeSchedule = same_tree,
     progress: bool = True,
     desc: str = "decoding",
 ) -> list[GenerationResult]:
@@ -396,28 +416,76 @@ def decode_requests(
 
     tree: None decodes plainly. online: the requests go in its seeded order; it observes the first
     share with `tree`'s raw confidence and scores later requests' trees with the calibrator it fits.
-    This loop decodes one request at a time; a batched loop (many requests in flight) replaces this
-    function, and nothing that calls it.
+    max_batch: requests in flight at once. 1 runs the one-request loops (`decode`); more runs the
+    batched loop (`lmms_msd.speculative.batching.generate_batched`: continuous batching, one target
+    forward per step for all rows), whose tokens are the same at T=0 and, sampling, drawn from each
+    request's own seeded generator. Online calibration observes its share one request at a time
+    (its observer follows one request at a time) and batches the rest, once fitted.
+    schedule: the batched loop's tree per batch size (`TreeSchedule`); unused at max_batch 1
     A request whose preparation or decoding fails raises ValueError starting with its name.
     """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     results: list[GenerationResult | None] = [None] * len(requests)
-    order = online.order if online is not None else range(len(requests))
-    for index in tqdm(order, desc=desc, disable=not progress):
+    order = list(online.order if online is not None else range(len(requests)))
+    alone = order if max_batch == 1 else order[: online.n_observe if online is not None else 0]
+    with tqdm(total=len(requests), desc=desc, disable=not progress) as bar:
+        for index in alone:
+            results[index] = _decode_one(decoder, requests[index], tree, online, index)
+            bar.update()
+        batched = order[len(alone) :]
+        if batched:
+            runtime = decoder.runtime
+            if not isinstance(runtime, BatchedRuntime):
+                raise ValueError(f"max_batch={max_batch}: this {type(runtime).__name__} decodes one request at a time; use max_batch 1")
+            joining = _batch_requests(decoder, requests, batched, tree, online)
+            for position, result in generate_batched(runtime, joining, max_batch, schedule):
+                results[batched[position]] = result
+                if online is not None:
+                    online.done()
+                bar.update()
+    return results
+
+
+def _decode_one(decoder: Decoder, request: Request, tree: TreeSetup | None, online: OnlineCalibration | None, index: int) -> GenerationResult:
+    """One request through the one-request loops, with online calibration's plan when there is one."""
+    try:
+        prompt, config = request.prepare()
+        generator = request_generator(config, request.seed, decoder.target.device)
+        if tree is None:
+            return decode(decoder, prompt, config, generator)
+        if online is None:
+            builder, observer, track_visual = tree.builder, None, tree.track_visual
+        else:
+            plan = online.plan(index, config)
+            builder, observer, track_visual = plan.tree, plan.observer, plan.track_visual
+        result = decode(decoder, prompt, config, generator, builder, observer, track_visual)
+        if online is not None:
+            online.done()
+        return result
+    except (ValueError, TypeError, OSError) as error:
+        raise ValueError(f"{request.name}: {error}") from error
+
+
+def _batch_requests(
+    decoder: Decoder, requests: Sequence[Request], indices: list[int], tree: TreeSetup | None, online: OnlineCalibration | None
+) -> Iterator[BatchRequest]:
+    """The batched loop's requests, each prepared only when it joins (a prompt holds device memory)."""
+    for index in indices:
         request = requests[index]
         try:
             prompt, config = request.prepare()
-            generator = request_generator(config, request.seed, decoder.target.device)
-            if tree is None:
-                results[index] = decode(decoder, prompt, config, generator)
-                continue
-            if online is None:
-                builder, observer, track_visual = tree.builder, None, tree.track_visual
-            else:
-                plan = online.plan(index, config)
-                builder, observer, track_visual = plan.tree, plan.observer, plan.track_visual
-            results[index] = decode(decoder, prompt, config, generator, builder, observer, track_visual)
-            if online is not None:
-                online.done()
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"{request.name}: {error}") from error
-    return results
+        generator = request_generator(config, request.seed, decoder.target.device)
+        if tree is None:
+            yield BatchRequest(prompt, config, generator, name=request.name)
+            continue
+        if decoder.draft is None:
+            raise ValueError("speculative decoding needs a draft; this decoder was built without one (plain decoding only)")
+        if online is None:
+            builder, track_visual = tree.builder, tree.track_visual
+        else:
+            plan = online.plan(index, config)  # past the observed share: no observer
+            builder, track_visual = plan.tree, plan.track_visual
+        yield BatchRequest(prompt, config, generator, name=request.name, tree=builder, track_visual=track_visual)

@@ -157,9 +157,10 @@ def test_bad_model_args(arg_string, message):
         LlavaMsdCalibrated.create_from_arg_string(arg_string)
 
 
-def test_batch_size_other_than_one_is_refused():
-    with pytest.raises(ValueError, match="batch_size=4.*one request at a time"):
-        LlavaMsdCalibrated.create_from_arg_string("pretrained=x,msd_model_path=y", {"batch_size": "4"})
+@pytest.mark.parametrize("batch", [{"batch_size": "auto"}, {"batch_size": 0}, {"batch_size": "2.5"}])
+def test_batch_size_that_is_no_whole_number_is_refused(batch):
+    with pytest.raises(ValueError, match="batch_size=.*needs a whole number >= 1"):
+        LlavaMsdCalibrated.create_from_arg_string("pretrained=x,msd_model_path=y", batch)
 
 
 def test_model_args_are_coerced(tiny_hf_dir, tiny_draft_dir):

@@ -44,6 +44,9 @@ about 7B's cost per forward, the miniature's outputs. `--stop_delta`, `--node_bu
 plugin's model_args of the same names); `--calibrator_mode` how opt_cal's (and opt_cal_cost's) calibrator scores nodes
 (`weight`, or the thesis's logit `tilt`: `lmms_msd.calibration.scorer.calibrated_scorer`).
 
+`--batch 1,4,16,64` measures throughput instead: every method at each batch size, tokens/s and
+documents/s (`lmms_msd.commands.bench_batch`, which writes bench_batch.json/.md/.png).
+
 Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
 numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
 installed.
@@ -67,6 +70,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from lmms_msd.commands import bench_batch
+from lmms_msd.commands.bench_batch import parse_batches
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.pipeline import (
     ENGINES,
@@ -87,6 +92,7 @@ from lmms_msd.pipeline import (
     resolve_pair,
     static_engine_class,
 )
+from lmms_msd.speculative.batching import NodeBudgets, same_tree
 from lmms_msd.speculative.decoding import DecodeStats, GenerationResult, _synchronize
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.stopping import Stopper
@@ -609,6 +615,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--cost_cache", type=Path, default=None,
                         help="opt_cost, opt_cal_cost: their cost models' folder, read when there, else measured and saved [OUTPUT_DIR/cost_models]")  # fmt: skip
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    batch = parser.add_argument_group("throughput (lmms_msd.commands.bench_batch): many requests at once")
+    batch.add_argument("--batch", type=parse_batches, default=None,
+                       help="comma list of batch sizes, e.g. 1,4,16,64: tokens/s and documents/s of every method at each, "
+                            "instead of the per-request latency table [unset]")  # fmt: skip
+    batch.add_argument("--batch_node_budgets", default=None,
+                       help="--batch: the trees' node budget by batch size, B:N,... (0: plain steps), e.g. 1:60,16:20,64:0 [the trees' own]")  # fmt: skip
     return run
 
 
@@ -683,6 +695,10 @@ def run(args: argparse.Namespace) -> int:
                 "use --engine eager"
             ) from error
     try:
+        schedule = same_tree if args.batch_node_budgets is None else NodeBudgets.parse(args.batch_node_budgets)
+    except ValueError as error:
+        raise SystemExit(f"lmms-msd bench: --batch_node_budgets: {error}") from error
+    try:
         shape = inflation_shape(args.inflate)
     except ValueError as error:
         raise SystemExit(f"lmms-msd bench: --inflate {args.inflate}: {error}") from error
@@ -697,14 +713,19 @@ def run(args: argparse.Namespace) -> int:
     if not config.greedy and HF in names:
         log.warning("hf_generate is greedy only: skipped at temperature %g", config.temperature)
         names.remove(HF)
+    if args.batch is not None and HF in names:
+        log.warning("hf_generate is not batched here: skipped with --batch")
+        names.remove(HF)
     if not names:
         raise SystemExit("lmms-msd bench: no method left to run")
     need_draft = bool(set(names) & set(SPECULATIVE))
     pair = load_pair(PairSettings(args.pretrained, args.msd_model_path if need_draft else None, args.device, args.dtype, inflate=shape))
-    decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length))
+    decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length, max_batch=max(args.batch or [1])))
     args.cost_cache = args.cost_cache or args.output_dir / "cost_models"
     settings = method_trees(names, opt_settings(args), args.calibrator, args.calibrator_mode, str(args.cost_cache))
     trees = {name: build_tree(tree, decoder) for name, tree in settings.items()}
+    if args.batch is not None:
+        return run_batches(args, decoder, names, trees, requests, config, schedule)
     methods = build_methods(names, decoder, trees)
     measured = bench(methods, decoder.target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                      progress=not args.no_progress)  # fmt: skip
@@ -729,4 +750,26 @@ def run(args: argparse.Namespace) -> int:
     hf = next((s for s in summaries if s.method == HF and s.identical is False), None)
     if hf is not None:
         log.warning("hf_generate differs from plain decoding on docs %s (reported, not a failure)", hf.differing_doc_ids)
+    return 1 if failed else 0
+
+
+def run_batches(args, decoder: Decoder, names: list[str], trees: dict[str, TreeSetup], requests, config, schedule) -> int:
+    """--batch: every method at every batch size (`lmms_msd.commands.bench_batch`); 1 when a greedy run differs."""
+    prompts = [decoder.target.prepare(r.context, r.images) for r in requests]
+    by_name = {name: (trees[name] if name in SPECULATIVE else None) for name in names}
+    runs, reference = bench_batch.throughput(
+        decoder, by_name, prompts, [r.doc_id for r in requests], config, args.batch, seed=args.seed, schedule=schedule,
+        warmup=args.warmup, progress=not args.no_progress,
+    )  # fmt: skip
+    base = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"},
+        "machine": machine(decoder.target), "requests": len(requests),
+        "trees": {name: builder_settings(tree.builder) for name, tree in trees.items()},
+    }  # fmt: skip
+    text = bench_batch.write_outputs(bench_batch.report_of(runs, reference, config, base), args.output_dir)
+    print(text)
+    print(f"written to {args.output_dir}: {', '.join(f for f in bench_batch.FILES if (args.output_dir / f).exists())}")
+    failed = [r for r in runs if r.identical is False]
+    for r in failed:
+        log.error("%s at batch %d differs from %s on docs %s", r.method, r.batch, reference, r.differing_doc_ids)
     return 1 if failed else 0

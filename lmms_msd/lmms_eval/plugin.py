@@ -16,9 +16,10 @@ target, same prompt). Answers come back in request order.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -30,6 +31,7 @@ from loguru import logger as eval_logger
 
 from lmms_msd.lmms_eval.model_args import (
     MODEL_ID,
+    as_optional_str,
     coerce_model_args,
     pair_settings,
     runtime_settings,
@@ -64,7 +66,27 @@ from lmms_msd.pipeline import (
     decode_requests,
     load_pair,
 )
+from lmms_msd.speculative.batching import NodeBudgets, same_tree
 from lmms_msd.speculative.sampling import GenerationConfig
+
+
+def whole_number(name: str, value: Any) -> int:
+    """A model_arg that counts something, >= 1; strings and floats too (model_args are parsed loosely:
+    "4" may come as 4.0)."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = 0.0
+    if number < 1 or number != int(number):
+        raise ValueError(f"{name}={value!r}: {MODEL_ID} needs a whole number >= 1 here (e.g. 16)")
+    return int(number)
+
+
+def requests_at_once(batch_size: Any, max_batch: Any) -> int:
+    """Requests decoded at once: model_args max_batch when given, else lmms-eval's batch_size."""
+    if as_optional_str(max_batch) is not None:
+        return whole_number("max_batch", max_batch)
+    return whole_number("batch_size", batch_size)
 
 
 def model_manifest():
@@ -133,7 +155,18 @@ class LlavaMsdCalibrated(lmms):
       stats_path           the JSON statistics report [<lmms-eval --output_path>/msd_stats.json,
                            else ./msd_stats.json]
       seed                 seeds every sampled request (with the task, doc_id and repeat index) [0]
-    lmms-eval also passes batch_size (1 only: one request at a time) and max_batch_size (unused).
+      max_batch            requests decoded at once (lmms_msd.speculative.batching: continuous batching, one
+                           target forward per step for all of them); the same answers per doc_id at T=0 as
+                           one at a time, and each sampled request draws from its own seeded generator.
+                           A request's wall_s in the statistics is then its time in the batch, shared with
+                           the others (so their tokens/s understates throughput: `lmms-msd bench --batch`
+                           measures it) [lmms-eval's --batch_size]
+      max_length           engine=static: KV cache slots per request in flight (prompt, max_new_tokens and one
+                           tree must fit); with a batch the cache holds max_batch of them, so lower it to fit
+                           the device [4096, clipped to the target's maximum length]
+      batch_node_budgets   the tree's node budget by requests in flight, "B:N;..." (batch size from which a
+                           budget holds, budget; 0: plain steps), e.g. 1:60;16:20;64:0 [none: the tree's own]
+    lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
     """
 
     is_simple = True
@@ -168,6 +201,9 @@ class LlavaMsdCalibrated(lmms):
         inflate: str | None = "",
         engine: str = "auto",
         stop: str = "delta",
+        max_batch: int | None = None,
+        batch_node_budgets: str | None = None,
+        max_length: int | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -176,11 +212,9 @@ class LlavaMsdCalibrated(lmms):
         if unknown:
             valid = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "unknown")]
             raise ValueError(f"unknown model_args {sorted(unknown)} for {MODEL_ID}; valid ones: {valid}")
-        if str(batch_size).strip() not in ("1", "1.0"):
-            raise ValueError(
-                f"batch_size={batch_size}: {MODEL_ID} decodes one request at a time (one tree per target "
-                "forward); use --batch_size 1 and data parallelism (accelerate launch) for throughput"
-            )
+        self.max_batch = requests_at_once(batch_size, max_batch)
+        budgets = as_optional_str(batch_node_budgets)
+        self.schedule = same_tree if budgets is None else NodeBudgets.parse(budgets)
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
@@ -196,7 +230,10 @@ class LlavaMsdCalibrated(lmms):
             eval_logger.info(f"{MODEL_ID}: use_msd=false, plain decoding; msd_model_path is not loaded")
         if self.args.inflate is not None:
             eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {self.args.inflate}: the same function at a bigger model's cost")
-        self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime_settings(self.args))
+        runtime = dataclasses.replace(runtime_settings(self.args), max_batch=self.max_batch)
+        if as_optional_str(max_length) is not None:
+            runtime = dataclasses.replace(runtime, max_length=whole_number("max_length", max_length))
+        self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime)
         self.tree = None if settings is None else build_tree(settings, self.decoder)
         if self.tree is not None and self.tree.total_tokens_auto is not None:
             auto = self.tree.total_tokens_auto
@@ -208,7 +245,7 @@ class LlavaMsdCalibrated(lmms):
         self._calibration = None if settings is None or settings.calibrator is None else file_calibration_meta(settings.calibrator, self.tree)
         self.report = RunReport(report_path(self.args.stats_path, sys.argv))
         self._noted: set[str] = set()  # gen_kwargs keys whose note was logged
-        self._run_started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._run_started = datetime.now(UTC).isoformat(timespec="seconds")
 
     @property
     def device(self) -> torch.device:
@@ -221,7 +258,8 @@ class LlavaMsdCalibrated(lmms):
         online = start_online_calibration(self.args, requested, self.tree, self.decoder.target)
         decodes = [Request(job.name, partial(self._prepare, job), request_seed(self.args.seed, job.task, job.doc_id, job.repeat))
                    for job in jobs]  # fmt: skip
-        results = decode_requests(self.decoder, decodes, self.tree, online, progress=self.rank == 0, desc=MODEL_ID)
+        results = decode_requests(self.decoder, decodes, self.tree, online, max_batch=self.max_batch, schedule=self.schedule,
+                                  progress=self.rank == 0, desc=MODEL_ID)  # fmt: skip
         outputs = [""] * len(requests)  # padding requests' answers are dropped by lmms-eval
         for job, result in zip(jobs, results):
             outputs[job.index] = result.text.strip()
@@ -264,5 +302,7 @@ class LlavaMsdCalibrated(lmms):
                 f"{MODEL_ID}: overwriting the statistics of an earlier run in {self.report.path}; set stats_path to keep both"
             )
         meta = run_meta(MODEL_ID, self.args, self.tree, self._calibration, self.decoder.target, self._world_size, self._run_started)
+        # with many requests in flight, a request's wall_s is its time in the batch, shared with the others
+        meta |= {"max_batch": self.max_batch, "batch_node_budgets": None if self.schedule is same_tree else repr(self.schedule)}
         report = self.report.add(records, meta)
         eval_logger.info(f"{MODEL_ID} statistics ({report['decoding']}), written to {self.report.path}:\n{format_table(report)}")

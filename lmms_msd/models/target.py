@@ -179,19 +179,39 @@ class Target:
         t = inputs_embeds.shape[1]
         assert inputs_embeds.dim() == 3 and inputs_embeds.shape[0] == 1, f"inputs_embeds {tuple(inputs_embeds.shape)}"
         assert position_ids.shape == (t,), f"position_ids {tuple(position_ids.shape)} != ({t},)"
+        hidden, logits = self.forward_batch(inputs_embeds, cache, position_ids[None], attention_mask)
+        return hidden[0], logits[0]
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        inputs_embeds: torch.Tensor,
+        cache: Any,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` over B rows at once (`lmms_msd.speculative.runtime.EagerRuntime`'s batched calls).
+
+        inputs_embeds: [B, T, H]; cache: transformers Cache of batch B holding S positions per row
+        position_ids: [B, T] long; attention_mask: [B, 1, T, S + T] additive float mask, or None for causal
+        returns hidden [B, T, H] (after the final norm) and logits [B, T, V] in float32
+        """
+        b, t = inputs_embeds.shape[:2]
+        assert inputs_embeds.dim() == 3, f"inputs_embeds must be [B, T, H], got {tuple(inputs_embeds.shape)}"
+        assert position_ids.shape == (b, t), f"position_ids {tuple(position_ids.shape)} != ({b}, {t})"
         if attention_mask is not None:
             past = cache.get_seq_length()
-            assert attention_mask.shape == (1, 1, t, past + t), (
-                f"attention_mask {tuple(attention_mask.shape)} != (1, 1, {t}, {past + t})"
+            assert attention_mask.shape == (b, 1, t, past + t), (
+                f"attention_mask {tuple(attention_mask.shape)} != ({b}, 1, {t}, {past + t})"
             )
         out = self.model.model.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids[None],
+            position_ids=position_ids,
             use_cache=True,
             **{self._cache_keyword: cache},
         )
-        hidden = out.last_hidden_state[0]
+        hidden = out.last_hidden_state
         return hidden, self.model.lm_head(hidden).float()
 
     @functools.cached_property

@@ -1,4 +1,5 @@
-"""Speculative decoding: the loops (`decoding`) over a runtime (`runtime`: the interface and the eager
-one; `fast`: the static CUDA-graph one), the draft tree (`tree`), the draft's forwards (`drafting`),
-verification (`verify`), sampling (`sampling`) and stop criteria (`stopping`).
+"""Speculative decoding: the loops (`decoding`: one request; `batching`: many at once, continuous
+batching) over a runtime (`runtime`: the interfaces and the eager one; `fast`: the static CUDA-graph
+ones), the draft tree (`tree`), the draft's forwards (`drafting`), verification (`verify`), sampling
+(`sampling`) and stop criteria (`stopping`).
 """

@@ -316,6 +316,7 @@ def measure_cost_model(
             root_s.append(first)
             level_s += [max(0.0, (deeper - first) / forwards)] if forwards else []
         plain += [plain_step()] if timed else []
+    runtime.release(sequence)
     verify_s = tuple(float(t) for t in isotonic_regression([statistics.median(verify[w]) for w in widths]))
     return CostModel(
         key=cost_key(runtime, tree, track_visual), prefix_len=prefix, widths=widths, verify_s=verify_s,

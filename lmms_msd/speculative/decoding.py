@@ -7,13 +7,17 @@ so the outputs, are the same.
 
     runtime = EagerRuntime(target, draft)
     result = speculative_generate(runtime, target.prepare(question, images), GenerationConfig(), EagleTree())
+
+Many requests at once go through `lmms_msd.speculative.batching.generate_batched`, which steps each
+request exactly as these loops do (`accept`, `record_step` and the `Stopper` are shared).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -108,6 +112,41 @@ class _PhaseClock:
         return elapsed
 
 
+def accept(
+    tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+) -> Acceptance:
+    """The step's outcome: greedy (one read from the device) or lossless sampling drawing from `generator`.
+    logits: [N, V], the target's at every tree node; ancestors: [N, N] bool (`Tree.ancestor_mask`)"""
+    if config.greedy:
+        return accept_greedy(tree, logits, ancestors)
+    return accept_sampling(tree, logits, config, generator)
+
+
+def record_step(tokens: list[int], stats: DecodeStats, stopper: Stopper, result: Acceptance) -> bool:
+    """Append a verified step's committed tokens (the accepted path, then the bonus) to `tokens` and
+    count the step; cut them exactly where plain decoding stops, even inside the path. Returns whether
+    the generation stopped. Example: tokens [5], path tokens [6, 7], bonus 8, EOS 7: tokens [5, 6, 7],
+    the step keeps 1 accepted draft token and discards 1 verified token."""
+    stats.steps += 1
+    stats.accepted.append(result.accepted)
+    checked = len(tokens)
+    tokens += result.path_tokens + [result.bonus]
+    stop = stopper.first_stop(tokens, checked)
+    if stop is None:
+        return False
+    stats.discarded = len(tokens) - stop
+    stats.accepted[-1] = stop - checked - 1
+    del tokens[stop:]
+    return True
+
+
+def path_on_device(result: Acceptance, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accepted path's node indices [a + 1] and the committed tokens that follow them [a + 1] (the
+    accepted tokens, then the bonus), in one copy to the device: what `Runtime.commit` takes."""
+    on_device = torch.tensor(result.path + result.path_tokens + [result.bonus], device=device)
+    return on_device[: len(result.path)], on_device[len(result.path) :]
+
+
 @torch.inference_mode()
 def plain_generate(
     runtime: Runtime,
@@ -128,19 +167,22 @@ def plain_generate(
     stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
     start = time.perf_counter()
     sequence, _, logits = runtime.prefill(prompt, config.max_new_tokens)
-    token = next_token(logits[-1], config, generator)
-    _synchronize(device)
-    stats = DecodeStats(prefill_s=time.perf_counter() - start)
-    clock = _PhaseClock(device, profile)
-    tokens = [token]
-    while stopper.first_stop(tokens, len(tokens) - 1) is None:
-        stats.other_s += clock.lap()
-        logits = runtime.forward_next(sequence, torch.full((1,), token, device=device))
-        stats.verify_s += clock.lap()
+    try:
         token = next_token(logits[-1], config, generator)
-        tokens.append(token)
-        stats.steps += 1
-        stats.accepted.append(0)
+        _synchronize(device)
+        stats = DecodeStats(prefill_s=time.perf_counter() - start)
+        clock = _PhaseClock(device, profile)
+        tokens = [token]
+        while stopper.first_stop(tokens, len(tokens) - 1) is None:
+            stats.other_s += clock.lap()
+            logits = runtime.forward_next(sequence, torch.full((1,), token, device=device))
+            stats.verify_s += clock.lap()
+            token = next_token(logits[-1], config, generator)
+            tokens.append(token)
+            stats.steps += 1
+            stats.accepted.append(0)
+    finally:
+        runtime.release(sequence)
     stats.other_s += clock.lap()
     _synchronize(device)
     stats.wall_s = time.perf_counter() - start
@@ -179,45 +221,35 @@ def speculative_generate(
     start = time.perf_counter()
     # 1. prefill the target, choose the first token, prefill the draft
     sequence, hidden, logits = runtime.prefill(prompt, config.max_new_tokens + tree.slots)
-    token = next_token(logits[-1], config, generator)
-    root = runtime.prefill_draft(sequence, prompt, hidden, token, track_visual)
-    _synchronize(device)
-    stats = DecodeStats(prefill_s=time.perf_counter() - start)
-    clock = _PhaseClock(device, profile)
-    tokens = [token]
-    stop = stopper.first_stop(tokens, 0)
-    while stop is None:
-        stats.other_s += clock.lap()
-        # 2. draft a tree under the root (the last committed token)
-        drafted, ancestors = runtime.draft_tree(sequence, tree, token, root)
-        stats.draft_s += clock.lap()
-        # 3. verify it in one forward
-        tree_hidden, logits = runtime.verify(sequence, drafted, ancestors)
-        stats.verify_s += clock.lap()
-        # 4. accept (greedy: one read from the device)
-        if config.greedy:
-            result = accept_greedy(drafted, logits, ancestors)
-        else:
-            result = accept_sampling(drafted, logits, config, generator)
-        committed = result.path_tokens + [result.bonus]
-        stats.steps += 1
-        stats.accepted.append(result.accepted)
-        if observer is not None:
-            observer(drafted, logits, result)
-        # 5. stop exactly where plain decoding would, even inside the path
-        checked = len(tokens)
-        tokens += committed
-        stop = stopper.first_stop(tokens, checked)
-        if stop is not None:
-            stats.discarded = len(tokens) - stop
-            stats.accepted[-1] = stop - checked - 1
-            del tokens[stop:]
-            break
-        # 6. keep the accepted path in the target cache, advance the draft over it (one copy to the device)
-        on_device = torch.tensor(result.path + committed, device=device)
-        path, committed_ids = on_device[: len(result.path)], on_device[len(result.path) :]
-        root = runtime.commit(sequence, path, committed_ids, tree_hidden[path])
-        token = result.bonus
+    try:
+        token = next_token(logits[-1], config, generator)
+        root = runtime.prefill_draft(sequence, prompt, hidden, token, track_visual)
+        _synchronize(device)
+        stats = DecodeStats(prefill_s=time.perf_counter() - start)
+        clock = _PhaseClock(device, profile)
+        tokens = [token]
+        stop = stopper.first_stop(tokens, 0)
+        while stop is None:
+            stats.other_s += clock.lap()
+            # 2. draft a tree under the root (the last committed token)
+            drafted, ancestors = runtime.draft_tree(sequence, tree, token, root)
+            stats.draft_s += clock.lap()
+            # 3. verify it in one forward
+            tree_hidden, logits = runtime.verify(sequence, drafted, ancestors)
+            stats.verify_s += clock.lap()
+            # 4. accept (greedy: one read from the device)
+            result = accept(drafted, logits, ancestors, config, generator)
+            if observer is not None:
+                observer(drafted, logits, result)
+            # 5. stop exactly where plain decoding would, even inside the path
+            if record_step(tokens, stats, stopper, result):
+                break
+            # 6. keep the accepted path in the target cache, advance the draft over it (one copy to the device)
+            path, committed_ids = path_on_device(result, device)
+            root = runtime.commit(sequence, path, committed_ids, tree_hidden[path])
+            token = result.bonus
+    finally:
+        runtime.release(sequence)
     stats.other_s += clock.lap()
     _synchronize(device)
     stats.wall_s = time.perf_counter() - start

@@ -20,12 +20,33 @@ The calls of one speculative generation, in order (plain decoding: `prefill`, th
     per step: tree, ancestors = runtime.draft_tree(sequence, spec, token, root)
               tree_hidden, logits = runtime.verify(sequence, tree, ancestors)
               root = runtime.commit(sequence, path, next_tokens, tree_hidden[path])
+    at the end:   runtime.release(sequence)
+
+Many generations at once (`lmms_msd.speculative.batching`, the batched loop): a `BatchedRuntime` adds
+calls that take a list of B live sequences and run *one* target forward for all of them. Each sequence
+keeps its own state (caches, committed length, drafter); a batch is only the list passed to a call, so
+the loop may change it between any two calls: a finished generation leaves (`release`) and a waiting
+one joins (`prefill`, `prefill_draft`, as above: prompts are ragged and are prefilled one at a time).
+The calls of one batched speculative step (plain decoding, or a step where no row grows a tree:
+`forward_next_batch`):
+
+    trees = runtime.draft_trees(sequences, specs, tokens, roots)      # [(Tree, ancestors [N_b, N_b])]
+    outs = runtime.verify_batch(sequences, [t for t, _ in trees], [a for _, a in trees])  # one forward
+    runtime.keep_batch(sequences, paths)                               # per-row commit, target side
+    roots = runtime.advance_batch(sequences, next_tokens, path_hidden)  # and draft side (may be deferred)
+
+Rows are ragged: row b has its own committed length P_b and tree size N_b. The one forward pads every
+row to the longest (prefix and tree): row b's tree node i is at RoPE position P_b + depth_i and sees
+row b's P_b committed positions, its ancestors and itself, never padding or another row; padding
+queries see one real slot and are dropped. So a row's outputs are the ones it would get alone, up to
+floating-point rounding of the wider matrix products: tokens are the same at T=0, and a request's
+sampled tokens are drawn by its own generator in the same order whatever the batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -86,6 +107,53 @@ class Runtime(Protocol):
         them (the accepted tokens, then the bonus); path_hidden: [a + 1, H] the target's hidden there."""
         ...
 
+    def release(self, sequence: Sequence) -> None:
+        """The generation is over: free what it holds (a runtime with a cache row per sequence gives its
+        row back). Every caller that starts a sequence releases it, however the generation ends."""
+        ...
+
+
+@runtime_checkable
+class BatchedRuntime(Runtime, Protocol):
+    """A `Runtime` that also steps many live sequences at once (the module docstring says how a batch
+    changes between calls). B: sequences in the call; N_b: row b's tree nodes."""
+
+    max_batch: int | None  # the most sequences it can hold live at once; None: no limit but memory
+
+    def forward_next_batch(self, sequences: list[Sequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain decoding's step for B sequences in one forward: feed tokens [B] (row b after sequence b's
+        committed positions) and commit them -> the target's hidden [B, H] and logits [B, V] there."""
+        ...
+
+    def draft_trees(
+        self, sequences: list[Sequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]
+    ) -> list[tuple[Tree, torch.Tensor]]:
+        """Each sequence's tree, grown as its spec says under its last committed token from its root
+        (`Runtime.draft_tree` per row), and its ancestor mask [N_b, N_b]."""
+        ...
+
+    def verify_batch(
+        self, sequences: list[Sequence], trees: list[Tree], ancestors: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One target forward over every row's tree after that row's committed positions -> per row
+        hidden [N_b, H] and logits [N_b, V] (`Runtime.verify`)."""
+        ...
+
+    def keep_batch(self, sequences: list[Sequence], paths: list[torch.Tensor]) -> None:
+        """`Runtime.commit`'s target side for every row: keep only the accepted nodes of its verified tree
+        (paths[b]: [a_b + 1] node indices, root first) and commit them. The draft side stays where it
+        was until `advance_batch`, which may come steps later (a row taking plain steps drafts nothing)."""
+        ...
+
+    def advance_batch(
+        self, sequences: list[Sequence], next_tokens: list[torch.Tensor], hidden: list[torch.Tensor]
+    ) -> list[DraftRows]:
+        """`Runtime.commit`'s draft side for every row: advance its draft over the m_b target positions
+        committed since its last advance -> its new root. next_tokens[b]: [m_b] the committed tokens that
+        follow those positions; hidden[b]: [m_b, H] the target's hidden states there."""
+        ...
+
+
 
 def require_draft(draft: MSDDraft | None, runtime: object) -> MSDDraft:
     """The runtime's draft, or an error saying speculative decoding needs one."""
@@ -110,7 +178,14 @@ class EagerSequence(Sequence):
 
 class EagerRuntime:
     """transformers' forward over a `DynamicCache` per sequence, and the eager `Drafter`: the reference
-    runtime. Any number of sequences may be in flight; each owns its caches."""
+    runtime, a `BatchedRuntime`. Any number of sequences may be in flight; each owns its caches.
+
+    A batched call gathers the rows' caches into one padded batch cache, runs one forward and puts each
+    row's new positions back into its own cache (`_forward_rows`): clear rather than fast, as a
+    reference should be. Drafting runs row by row, each on its own `Drafter`.
+    """
+
+    max_batch = None
 
     def __init__(self, target: Target, draft: MSDDraft | None = None) -> None:
         self.target = target
@@ -152,6 +227,95 @@ class EagerRuntime:
         keep_path(sequence.cache, sequence.committed, path)
         sequence.committed += path.shape[0]
         return drafter_of(sequence).advance(next_tokens, path_hidden)
+
+    # ---- many sequences at once (BatchedRuntime) -------------------------------------------------------
+    def forward_next_batch(self, sequences: list[EagerSequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert tokens.shape == (len(sequences),), f"tokens {tuple(tokens.shape)} for {len(sequences)} sequences"
+        embeds = self.target.embed_tokens(tokens)[0]  # [B, H]
+        device = self.target.device
+        positions = [torch.full((1,), s.committed, device=device) for s in sequences]
+        itself = torch.ones(1, 1, dtype=torch.bool, device=device)
+        outs = self._forward_rows(sequences, [embeds[b : b + 1] for b in range(len(sequences))], positions, [itself] * len(sequences))
+        for sequence in sequences:
+            sequence.committed += 1
+        return torch.cat([hidden for hidden, _ in outs]), torch.cat([logits for _, logits in outs])
+
+    def draft_trees(
+        self, sequences: list[EagerSequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]
+    ) -> list[tuple[Tree, torch.Tensor]]:
+        assert len(sequences) == len(specs) == len(tokens) == len(roots), "one spec, token and root per sequence"
+        return [self.draft_tree(*row) for row in zip(sequences, specs, tokens, roots)]
+
+    def verify_batch(
+        self, sequences: list[EagerSequence], trees: list[Tree], ancestors: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        assert len(sequences) == len(trees) == len(ancestors), "one tree and ancestor mask per sequence"
+        embeds = [self.target.embed_tokens(tree.tokens)[0] for tree in trees]
+        positions = [s.committed + tree.depths for s, tree in zip(sequences, trees)]
+        return self._forward_rows(sequences, embeds, positions, ancestors)
+
+    def keep_batch(self, sequences: list[EagerSequence], paths: list[torch.Tensor]) -> None:
+        for sequence, path in zip(sequences, paths, strict=True):
+            keep_path(sequence.cache, sequence.committed, path)
+            sequence.committed += path.shape[0]
+
+    def advance_batch(
+        self, sequences: list[EagerSequence], next_tokens: list[torch.Tensor], hidden: list[torch.Tensor]
+    ) -> list[DraftRows]:
+        return [drafter_of(s).advance(t, h) for s, t, h in zip(sequences, next_tokens, hidden, strict=True)]
+
+    def release(self, sequence: EagerSequence) -> None:
+        """Nothing to give back: the sequence's caches go with it."""
+
+    def _forward_rows(
+        self, sequences: list[EagerSequence], embeds: list[torch.Tensor], positions: list[torch.Tensor],
+        visible: list[torch.Tensor],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """One forward over n_b new positions per row, after each row's committed positions.
+
+        embeds[b]: [n_b, H]; positions[b]: [n_b] RoPE positions; visible[b]: [n_b, n_b] bool, which of
+        the row's new positions each one sees (a tree's ancestor mask; [[True]] for one token).
+        Layout of the batch (P_b committed, P = max P_b, n = max n_b): slots 0..P_b-1 of row b hold its
+        cache, slots P..P+n_b-1 its new positions; the rest is padding, which no real query sees.
+        Example: P_0 = 3, P_1 = 5, n_0 = 2, n_1 = 1: row 0 = [c c c _ _ | x x], row 1 = [c c c c c | x _].
+        Each row's cache gets its new positions appended (P_b + n_b positions afterwards).
+        returns per row hidden [n_b, H] and logits [n_b, V]
+        """
+        device, dtype = self.target.device, self.target.dtype
+        rows = len(sequences)
+        lengths = [s.committed for s in sequences]
+        counts = [e.shape[0] for e in embeds]
+        for s in sequences:
+            assert s.cache.get_seq_length() == s.committed, f"cache holds {s.cache.get_seq_length()}, not {s.committed}"
+        prefix, width = max(lengths), max(counts)
+        batch_cache = self.target.new_cache()
+        for index, layer in enumerate(sequences[0].cache.layers):
+            keys = layer.keys.new_zeros(rows, layer.keys.shape[1], prefix, layer.keys.shape[3])
+            values = torch.zeros_like(keys)
+            for b, s in enumerate(sequences):
+                keys[b, :, : lengths[b]] = s.cache.layers[index].keys[0]
+                values[b, :, : lengths[b]] = s.cache.layers[index].values[0]
+            batch_cache.update(keys, values, index)
+        x = embeds[0].new_zeros(rows, width, embeds[0].shape[1])
+        position_ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+        seen = torch.zeros(rows, width, prefix + width, dtype=torch.bool, device=device)
+        seen[:, :, 0] = True  # padding queries see one slot (a row of only masked slots is undefined)
+        for b in range(rows):
+            n = counts[b]
+            assert visible[b].shape == (n, n), f"row {b}: visible {tuple(visible[b].shape)} for {n} new positions"
+            x[b, :n] = embeds[b]
+            position_ids[b, :n] = positions[b]
+            seen[b, :n, : lengths[b]] = True
+            seen[b, :n, prefix : prefix + n] = visible[b]
+        mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)
+        hidden, logits = self.target.forward_batch(x, batch_cache, position_ids, mask[:, None])
+        for index, layer in enumerate(batch_cache.layers):
+            for b, s in enumerate(sequences):
+                own = s.cache.layers[index]
+                new = slice(prefix, prefix + counts[b])
+                own.keys = torch.cat([own.keys, layer.keys[b : b + 1, :, new]], dim=-2)
+                own.values = torch.cat([own.values, layer.values[b : b + 1, :, new]], dim=-2)
+        return [(hidden[b, : counts[b]], logits[b, : counts[b]]) for b in range(rows)]
 
 
 def keep_path(cache: Any, prefix_len: int, path: torch.Tensor) -> None:

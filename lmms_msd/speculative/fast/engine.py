@@ -70,6 +70,11 @@ class StaticEngine:
         hidden, logits = self.static_target.prefill(prompt.inputs_embeds[0])
         return self._live, hidden, logits
 
+    def release(self, sequence: Sequence) -> None:
+        """The caches hold no generation from here on (the next `prefill` would overwrite them anyway)."""
+        self._check_live(sequence)
+        self._live = None
+
     def forward_next(self, sequence: Sequence, token: torch.Tensor) -> torch.Tensor:
         self._check_live(sequence)
         logits = self.static_target.forward_next(token, sequence.committed)[1]

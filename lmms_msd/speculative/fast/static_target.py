@@ -85,8 +85,7 @@ class StaticTarget:
         rotary = lm.rotary_emb
         if getattr(rotary, "rope_type", "default") not in ("default", "linear"):
             raise ValueError(f"StaticTarget supports default or linear RoPE, not {rotary.rope_type!r}")
-        if capacity > target.max_length:
-            capacity = target.max_length
+        capacity = min(capacity, target.max_length)
         self.target = target
         self.capacity = capacity
         self.n_heads = cfg.num_attention_heads
@@ -111,7 +110,7 @@ class StaticTarget:
         self.lm_head = target.lm_head.weight.data
         device, dtype = self.lm_head.device, self.lm_head.dtype
         self.cos, self.sin = rope_tables(rotary.inv_freq.to(device), float(rotary.attention_scaling), capacity, dtype)
-        shape = (len(self.layers), self.n_kv_heads, capacity, self.head_dim)
+        shape = self.cache_shape(capacity)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.scratch = capacity - 1
@@ -119,6 +118,11 @@ class StaticTarget:
         enabled = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphed = GraphedFunction(self._forward_tokens, enabled, device)
         self._graphed_next = GraphedFunction(self._forward_next, enabled, device)
+
+    def cache_shape(self, capacity: int) -> tuple[int, ...]:
+        """The shape of each KV cache tensor: [layers, kv_heads, capacity, head_dim] (a subclass with rows
+        of sequences adds its own dimension)."""
+        return (len(self.layers), self.n_kv_heads, capacity, self.head_dim)
 
     @property
     def device(self) -> torch.device:

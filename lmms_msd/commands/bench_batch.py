@@ -1,0 +1,169 @@
+"""`lmms-msd bench --batch 1,4,16,64`: throughput of plain and speculative decoding per batch size.
+
+For every method (plain first, then each speculative one) and every batch size B, all requests go
+through `lmms_msd.pipeline.decode_requests(max_batch=B)`: continuous batching, up to B requests in
+flight, one target forward per step for all of them (`lmms_msd.speculative.batching`). Timing:
+
+- prompts are embedded once per request, untimed (image preprocessing and the vision tower are the
+  same for every method and batch size);
+- before each (method, B) the first max(B, --warmup) requests run once at B, untimed (graph capture of
+  that batch's shapes, allocator);
+- then all requests run once at B, timed with `time.perf_counter` between device synchronisations:
+  tokens/s = new tokens of all requests / that wall time; documents/s = requests / that wall time.
+
+At temperature 0 every (method, B) must give, per request, the token ids of the first run (plain
+decoding at the smallest B when plain is among the methods): the command exits 1 otherwise. Sampling
+(each request drawing from its own generator, seeded with --seed + its index) is reported, not compared.
+
+`--batch_node_budgets B:N,...` shrinks speculative trees as the batch grows
+(`lmms_msd.speculative.batching.NodeBudgets`; 0 makes plain steps). With `--engine static` one
+`BatchedStaticEngine` holding max(B) rows serves every batch size; set `--max_length` to what one request
+needs (prompt, max_new_tokens and a tree), as the KV cache is max(B) rows of it.
+
+Outputs in --output_dir: bench_batch.json (settings, machine, one record per method and B),
+bench_batch.md (the table, also printed) and bench_batch.png (tokens/s against B per method) when
+matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lmms_msd.pipeline import Decoder, Request, TreeSetup, decode_requests
+from lmms_msd.speculative.batching import TreeSchedule
+from lmms_msd.speculative.decoding import _synchronize
+from lmms_msd.speculative.sampling import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+FILES = ("bench_batch.json", "bench_batch.md", "bench_batch.png")
+
+
+def parse_batches(text: str) -> list[int]:
+    """"1,4,16,64" -> [1, 4, 16, 64] (ascending, duplicates dropped); each a whole number >= 1."""
+    try:
+        sizes = sorted({int(item) for item in text.split(",") if item.strip()})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--batch takes a comma list of batch sizes, e.g. 1,4,16,64; got {text!r}") from error
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"--batch takes batch sizes >= 1, e.g. 1,4,16,64; got {text!r}")
+    return sizes
+
+
+@dataclass
+class BatchRun:
+    """One method at one batch size over all requests."""
+
+    method: str
+    batch: int
+    requests: int
+    new_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    docs_per_s: float
+    tau: float | None  # committed tokens per target step over all requests (plain: 1)
+    identical: bool | None  # every request's token ids equal the reference's; None: not compared (sampling)
+    differing_doc_ids: list[int] = field(default_factory=list)
+
+
+def throughput(
+    decoder: Decoder, trees: dict[str, TreeSetup | None], prompts: list[Any], doc_ids: list[int], config: GenerationConfig,
+    batches: list[int], *, seed: int, schedule: TreeSchedule, warmup: int, progress: bool,
+) -> tuple[list[BatchRun], str]:  # fmt: skip
+    """Every method (name -> its tree, None for plain) at every batch size, as the module docstring says.
+    prompts: the embedded prompts, one per request (doc_ids name them). Returns the runs and which run
+    the others were compared with."""
+    requests = [Request(f"doc {doc_id}", lambda p=p: (p, config), seed + i) for i, (p, doc_id) in enumerate(zip(prompts, doc_ids))]
+    runs: list[BatchRun] = []
+    reference: list[list[int]] | None = None
+    reference_name = ""
+    pairs = [(name, batch) for name in trees for batch in batches]
+    for name, batch in tqdm(pairs, desc="bench --batch", disable=not progress):
+        tree = trees[name]
+        decode_requests(decoder, requests[: max(batch, warmup)], tree, max_batch=batch, schedule=schedule, progress=False)
+        _synchronize(decoder.target.device)
+        start = time.perf_counter()
+        results = decode_requests(decoder, requests, tree, max_batch=batch, schedule=schedule, progress=False)
+        _synchronize(decoder.target.device)
+        wall = time.perf_counter() - start
+        ids = [r.token_ids for r in results]
+        if reference is None:
+            reference, reference_name = ids, f"{name} at batch {batch}"
+        differing = [doc_id for doc_id, got, want in zip(doc_ids, ids, reference) if got != want]
+        tokens = sum(len(t) for t in ids)
+        steps = sum(r.stats.steps for r in results)
+        committed = sum(r.stats.new_tokens - 1 for r in results)  # the first token of each comes from its prefill
+        runs.append(BatchRun(
+            method=name, batch=batch, requests=len(requests), new_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
+            docs_per_s=len(requests) / wall, tau=committed / steps if steps else None,
+            identical=(not differing) if config.greedy else None, differing_doc_ids=differing if config.greedy else [],
+        ))  # fmt: skip
+    return runs, reference_name
+
+
+def markdown_table(runs: list[BatchRun]) -> str:
+    best_plain = max((r.tokens_per_s for r in runs if r.method == "plain"), default=None)
+    lines = [
+        "| method | batch | tokens/s | documents/s | vs plain's best | tau | wall s | new tokens | identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        versus = "–" if best_plain is None else f"{r.tokens_per_s / best_plain:.2f}x"
+        identical = "not checked (sampling)" if r.identical is None else ("yes" if r.identical else f"**NO** (docs {r.differing_doc_ids})")
+        tau = "–" if r.tau is None else f"{r.tau:.2f}"
+        lines.append(f"| {r.method} | {r.batch} | {r.tokens_per_s:.1f} | {r.docs_per_s:.3f} | {versus} | {tau} | {r.wall_s:.2f} | {r.new_tokens} | {identical} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[BatchRun], path: Path) -> bool:
+    """tokens/s against batch size, a line per method; False when matplotlib is missing (optional)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.4), dpi=110)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, method in enumerate(dict.fromkeys(r.method for r in runs)):
+        mine = [r for r in runs if r.method == method]
+        ax.plot([r.batch for r in mine], [r.tokens_per_s for r in mine], marker="o", color=f"C{i}", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("requests in flight (batch size)")
+    ax.set_ylabel("tokens/s (higher is better)")
+    ax.set_title("lmms-msd bench --batch", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    canvas.print_png(str(path))
+    return True
+
+
+def write_outputs(report: dict[str, Any], output_dir: Path) -> str:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runs = [BatchRun(**r) for r in report["runs"]]
+    c = report["config"]
+    text = (
+        f"# lmms-msd bench --batch\n\n{report['requests']} requests, engine {c['engine']}, {report['machine']['device_name']} "
+        f"({report['machine']['dtype']}), temperature {report['generation']['temperature'] if not report['greedy'] else 0}, "
+        f"max_new_tokens {report['generation']['max_new_tokens']}; compared with: {report['reference']}; "
+        f"node budgets per batch: {c['batch_node_budgets'] or 'the trees own'}.\n\n{markdown_table(runs)}\n"
+    )
+    (output_dir / "bench_batch.md").write_text(text)
+    (output_dir / "bench_batch.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not plot(runs, output_dir / "bench_batch.png"):
+        log.info("matplotlib is not installed: no bench_batch.png")
+    return text
+
+
+def report_of(runs: list[BatchRun], reference: str, config: GenerationConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """bench_batch.json: `base` (config, machine, requests, trees) with the generation settings and the runs."""
+    return {**base, "generation": asdict(config), "greedy": config.greedy, "reference": reference, "runs": [asdict(r) for r in runs]}

@@ -1,0 +1,329 @@
+"""Many generations in flight at once: continuous batching over a `BatchedRuntime`.
+
+`generate_batched` keeps up to `max_batch` requests live. Every step runs one target forward for all
+of them (`BatchedRuntime.forward_next_batch` for plain decoding, `verify_batch` over every row's
+tree for speculative decoding); then each row accepts, commits and checks its stop on its own, exactly
+as `lmms_msd.speculative.decoding`'s one-request loops do (the same `accept`, `record_step` and
+`Stopper`). A finished request leaves at once and the next waiting one joins (its prompt prefilled
+alone), so the batch stays full while requests remain.
+
+What keeps rows apart: each row has its own caches and committed length on the runtime (ragged:
+`lmms_msd.speculative.runtime`), its own stopping rule and its own seeded `torch.Generator`, from
+which only its own draws are taken, in the order its one-request loop takes them. So a request decodes
+the same tokens at any batch size as alone, greedy or sampling with the same seed, up to
+floating-point rounding of the batched forward (which changes a token only where two logits, or a
+draw and a boundary, lie within rounding of each other).
+
+Tree size per batch (`TreeSchedule`): with B rows in flight a step verifies B trees at once, so
+large trees cost more at large B. A schedule maps a request's tree spec and B to the spec grown this
+step, or None for a plain step (the root alone: no draft forward, the bonus only). A row on plain
+steps leaves its draft behind and catches it up in one draft forward before its next tree; a step
+where no row grows a tree is plain decoding's batched step. So a schedule that turns trees off at
+large B makes speculative decoding cost what plain decoding costs there. `NodeBudgets` is a fixed
+table by batch size; a cost model's choice per batch size plugs in at the same place (not done yet:
+`lmms_msd.speculative.cost` times batch-1 steps only).
+
+    runtime = EagerRuntime(target, draft)
+    requests = [BatchRequest(prompt, GenerationConfig(), tree=EagleTree()) for prompt in prompts]
+    for index, result in generate_batched(runtime, requests, max_batch=16):
+        ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lmms_msd.models.target import EmbeddedPrompt
+from lmms_msd.speculative.decoding import (
+    DecodeStats,
+    GenerationResult,
+    StepObserver,
+    _check_prompt,
+    _synchronize,
+    accept,
+    path_on_device,
+    record_step,
+)
+from lmms_msd.speculative.drafting import DraftRows
+from lmms_msd.speculative.runtime import BatchedRuntime, Sequence
+from lmms_msd.speculative.sampling import GenerationConfig, next_token
+from lmms_msd.speculative.stopping import Stopper
+from lmms_msd.speculative.tree import Tree, TreeSpec
+from lmms_msd.speculative.verify import Acceptance
+
+__all__ = ["BatchRequest", "NodeBudgets", "TreeSchedule", "generate_batched", "same_tree"]
+
+# A request's tree spec and the number of rows in flight -> the spec to grow this step, or None for a
+# plain step (the root alone). It may only shrink a tree: a request's cache room is its own spec's.
+TreeSchedule = Callable[[TreeSpec, int], "TreeSpec | None"]
+
+
+def same_tree(spec: TreeSpec, batch: int) -> TreeSpec:
+    """The `TreeSchedule` that grows every request's own tree at every batch size."""
+    return spec
+
+
+@dataclass(frozen=True)
+class NodeBudgets:
+    """A `TreeSchedule` by batch size: with B rows in flight, the node budget of the largest listed batch
+    size at most B (capped by the request's own budget); a budget of 0 makes plain steps.
+
+    Example: NodeBudgets(((1, 60), (16, 20), (64, 0))) grows up to 60 nodes at B = 1..15, 20 at 16..63
+    and no tree (plain steps) from 64 rows on.
+    """
+
+    budgets: tuple[tuple[int, int], ...]  # (batch size, node budget), batch sizes ascending from 1
+
+    def __post_init__(self) -> None:
+        sizes = [b for b, _ in self.budgets]
+        if not sizes or sizes[0] != 1 or sizes != sorted(set(sizes)) or any(n < 0 for _, n in self.budgets):
+            raise ValueError(
+                f"node budgets {list(self.budgets)}: (batch size, budget) pairs with batch sizes ascending from 1 "
+                "and budgets >= 0, e.g. 1:60,16:20,64:0"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> NodeBudgets:
+        """From "B:N,B:N,...", e.g. "1:60,16:20,64:0"; ";" separates as well (lmms-eval's --model_args
+        splits on commas: batch_node_budgets=1:60;16:20;64:0)."""
+        try:
+            pairs = tuple((int(b), int(n)) for b, n in (item.split(":") for item in re.split("[,;]", text)))
+        except ValueError as error:
+            raise ValueError(f"node budgets {text!r}: write batch:budget pairs, e.g. 1:60,16:20,64:0") from error
+        return cls(pairs)
+
+    def budget(self, batch: int) -> int:
+        return [n for b, n in self.budgets if b <= batch][-1]
+
+    def __call__(self, spec: TreeSpec, batch: int) -> TreeSpec | None:
+        budget = min(self.budget(batch), spec.node_budget)
+        if budget == 0:
+            return None
+        return spec if budget == spec.node_budget else dataclasses.replace(spec, node_budget=budget)
+
+
+@dataclass(eq=False)
+class BatchRequest:
+    """One generation for `generate_batched`: the arguments of `plain_generate` / `speculative_generate`."""
+
+    prompt: EmbeddedPrompt
+    config: GenerationConfig
+    generator: torch.Generator | None = None  # its own; None when greedy
+    name: str = ""  # names it in errors ["request <its index>"]
+    tree: TreeSpec | None = None  # None: plain decoding (every request of one call decodes alike)
+    observer: StepObserver | None = None  # speculative: called after each of its verifications
+    track_visual: bool = False  # speculative: the draft measures visual attention (`speculative_generate`)
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request in flight: its runtime sequence and everything its own loop would hold."""
+
+    index: int  # its place in the requests
+    request: BatchRequest
+    sequence: Sequence
+    stopper: Stopper
+    stats: DecodeStats
+    tokens: list[int]  # committed so far; the last is fed next (plain) or is the next tree's root
+    start: float  # perf_counter at its prefill
+    root: DraftRows | None = None  # speculative: the draft's output at the root (stale while `behind` holds steps)
+    # speculative: steps the draft has not advanced over (plain steps: no tree needed it), oldest first:
+    # each the committed tokens [m] that follow its committed positions and the target's hidden there [m, H]
+    behind: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    done: bool = False
+
+    def result(self) -> GenerationResult:
+        self.stats.wall_s = time.perf_counter() - self.start
+        self.stats.new_tokens = len(self.tokens)
+        return GenerationResult(self.stopper.text(self.tokens), self.tokens, self.stats)
+
+
+@torch.inference_mode()
+def generate_batched(
+    runtime: BatchedRuntime,
+    requests: Iterable[BatchRequest],
+    max_batch: int,
+    schedule: TreeSchedule = same_tree,
+) -> Iterator[tuple[int, GenerationResult]]:
+    """Decode the requests with up to `max_batch` in flight; yields (index in `requests`, result) as each
+    finishes (not in order). `requests` is read lazily, one when a row frees, so a request's prompt
+    can be prepared just before it joins. Every request decodes plainly (tree None) or every one
+    speculatively. A request's stats time its own life: wall_s from its prefill to its end, with
+    the other rows' work in between; no per-phase profile.
+    schedule: the tree grown per request and batch size (`TreeSchedule`; speculative only)
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if runtime.max_batch is not None and max_batch > runtime.max_batch:
+        raise ValueError(f"max_batch={max_batch} but this {type(runtime).__name__} holds {runtime.max_batch} sequences at once")
+    waiting = enumerate(requests)
+    live: list[_Row] = []
+    speculative: bool | None = None  # set by the first request
+    try:
+        while True:
+            # 1. join: waiting requests take the free rows, each prefilled alone (prompts are ragged)
+            while len(live) < max_batch:
+                item = next(waiting, None)
+                if item is None:
+                    break
+                index, request = item
+                if speculative is None:
+                    speculative = request.tree is not None
+                if (request.tree is not None) != speculative:
+                    raise ValueError(
+                        f"request {index} decodes {'speculatively' if request.tree is not None else 'plainly'} but the "
+                        "first one did not: every request of one generate_batched call decodes alike"
+                    )
+                try:
+                    row = _start(runtime, index, request)
+                except ValueError as error:
+                    raise ValueError(f"{request.name or f'request {index}'}: {error}") from error
+                if row.done:
+                    runtime.release(row.sequence)
+                    yield row.index, row.result()
+                else:
+                    live.append(row)
+            if not live:
+                return
+            # 2. one step for every row: one target forward
+            if speculative:
+                _speculative_step(runtime, live, schedule)
+            else:
+                _plain_step(runtime, live)
+            # 3. leave: finished rows free their place
+            finished = [row for row in live if row.done]
+            live = [row for row in live if not row.done]
+            for row in finished:
+                runtime.release(row.sequence)
+            for row in finished:
+                yield row.index, row.result()
+    finally:  # however the loop ends (an error, the caller stopping early), the rows in flight are given back
+        for row in live:
+            runtime.release(row.sequence)
+
+
+def _start(runtime: BatchedRuntime, index: int, request: BatchRequest) -> _Row:
+    """Prefill a request alone and choose its first token, as its one-request loop does."""
+    target, config, tree = runtime.target, request.config, request.tree
+    _check_prompt(target, request.prompt)
+    stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
+    start = time.perf_counter()
+    extra = config.max_new_tokens + (tree.slots if tree is not None else 0)
+    sequence, hidden, logits = runtime.prefill(request.prompt, extra)
+    token = next_token(logits[-1], config, request.generator)
+    root = None
+    if tree is not None:
+        root = runtime.prefill_draft(sequence, request.prompt, hidden, token, request.track_visual)
+    _synchronize(target.device)
+    stats = DecodeStats(prefill_s=time.perf_counter() - start)
+    row = _Row(index, request, sequence, stopper, stats, [token], start, root)
+    row.done = stopper.first_stop(row.tokens, 0) is not None
+    return row
+
+
+def _plain_step(runtime: BatchedRuntime, live: list[_Row]) -> None:
+    """Feed every row's last token in one forward and choose each row's next."""
+    device = runtime.target.device
+    fed = torch.tensor([row.tokens[-1] for row in live], device=device)
+    logits = runtime.forward_next_batch([row.sequence for row in live], fed)[1]  # [B, V]
+    argmax = logits.argmax(dim=-1).tolist()  # the greedy rows' tokens, in one read
+    for b, row in enumerate(live):
+        config = row.request.config
+        token = argmax[b] if config.greedy else next_token(logits[b], config, row.request.generator)
+        row.tokens.append(token)
+        row.stats.steps += 1
+        row.stats.accepted.append(0)
+        row.done = row.stopper.first_stop(row.tokens, len(row.tokens) - 1) is not None
+
+
+def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeSchedule) -> None:
+    """Draft every row's tree, verify them all in one forward, accept, stop or commit row by row.
+
+    A row whose schedule says plain step verifies its root alone and leaves its draft behind; the draft
+    catches up over all the steps it missed, in one forward, before the row's next tree (`_Row.behind`).
+    """
+    device = runtime.target.device
+    # 1. this step's trees: grown as scheduled for this batch size (the draft caught up first), or the root alone
+    specs = [schedule(row.request.tree, len(live)) for row in live]
+    grown = [b for b, spec in enumerate(specs) if spec is not None]
+    if not grown and all(row.request.observer is None for row in live):
+        _plain_steps(runtime, live)
+        return
+    _catch_up(runtime, [live[b] for b in grown if live[b].behind])
+    drafted = runtime.draft_trees(
+        [live[b].sequence for b in grown], [specs[b] for b in grown], [live[b].tokens[-1] for b in grown],
+        [live[b].root for b in grown],
+    )  # fmt: skip
+    trees = [root_only(row.tokens[-1], row.request.track_visual, device) for row in live]
+    for b, tree in zip(grown, drafted):
+        trees[b] = tree
+    # 2. verify every tree in one target forward
+    outs = runtime.verify_batch([row.sequence for row in live], [t for t, _ in trees], [a for _, a in trees])
+    # 3. per row: accept, observe, stop, or commit the accepted path
+    kept = []
+    for b, (row, (tree, ancestors), (tree_hidden, logits)) in enumerate(zip(live, trees, outs)):
+        result = accept(tree, logits, ancestors, row.request.config, row.request.generator)
+        if row.request.observer is not None:
+            row.request.observer(tree, logits, result)
+        if record_step(row.tokens, row.stats, row.stopper, result):
+            row.done = True
+            continue
+        path, committed = path_on_device(result, device)
+        row.behind.append((committed, tree_hidden[path]))
+        kept.append((b, row, path))
+    if not kept:
+        return
+    runtime.keep_batch([row.sequence for _, row, _ in kept], [path for _, _, path in kept])
+    # 4. the draft advances now where this step grew a tree (as the one-request loop), later elsewhere
+    _catch_up(runtime, [row for b, row, _ in kept if specs[b] is not None])
+
+
+def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
+    """A speculative step where no row grows a tree: each row's root alone, verified as plain decoding's
+    step (`forward_next_batch`: no tree masks, one read), accepted as a root-only tree would be (the
+    bonus: argmax, or drawn from the processed distribution), its draft left behind."""
+    device = runtime.target.device
+    fed = torch.tensor([row.tokens[-1] for row in live], device=device)
+    hidden, logits = runtime.forward_next_batch([row.sequence for row in live], fed)  # [B, H], [B, V]
+    argmax = logits.argmax(dim=-1).tolist()
+    chosen = []
+    for b, row in enumerate(live):
+        config = row.request.config
+        token = argmax[b] if config.greedy else next_token(logits[b], config, row.request.generator)
+        chosen.append(token)
+        row.done = record_step(row.tokens, row.stats, row.stopper, Acceptance([0], token, []))
+    committed = torch.tensor(chosen, device=device)
+    for b, row in enumerate(live):
+        if not row.done:
+            row.behind.append((committed[b : b + 1], hidden[b : b + 1]))
+
+
+def _catch_up(runtime: BatchedRuntime, rows: list[_Row]) -> None:
+    """Advance the rows' drafts over every step they are behind, in one call: their new roots."""
+    if not rows:
+        return
+    tokens = [torch.cat([t for t, _ in row.behind]) for row in rows]
+    hidden = [torch.cat([h for _, h in row.behind]) for row in rows]
+    for row, root in zip(rows, runtime.advance_batch([row.sequence for row in rows], tokens, hidden)):
+        row.root = root
+        row.behind.clear()
+
+
+def root_only(token: int, track_visual: bool, device: torch.device) -> tuple[Tree, torch.Tensor]:
+    """A plain step's tree: the root alone (no draft node), as OPT-Tree's stop "cost" builds when no
+    tree pays, and its ancestor mask [1, 1]."""
+    tree = Tree(
+        tokens=torch.full((1,), token, dtype=torch.long, device=device),
+        parents=torch.full((1,), -1, dtype=torch.long, device=device),
+        depths=torch.zeros(1, dtype=torch.long, device=device),
+        scores=torch.zeros(1, dtype=torch.float32, device=device),
+        confidence=torch.ones(1, dtype=torch.float32, device=device),
+        visual=torch.zeros(1, dtype=torch.float32, device=device) if track_visual else None,
+    )
+    return tree, torch.ones(1, 1, dtype=torch.bool, device=device)

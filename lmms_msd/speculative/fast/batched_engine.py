@@ -1,0 +1,166 @@
+"""`BatchedStaticEngine`: static caches and CUDA graphs for many sequences at once, a `BatchedRuntime`.
+
+The batched loop (`lmms_msd.speculative.batching.generate_batched`) runs on it as on `EagerRuntime`,
+with the same outputs. What it keeps where:
+
+- the target: `BatchedStaticTarget`, a cache row per sequence; `prefill` gives a sequence the lowest
+  free row and `release` gives it back; plain steps and tree verifications of all rows in flight are
+  one forward, replayed from a CUDA graph per (rows, tokens, width) bucket;
+- the draft: a `StaticDrafter` per row (its own cache, reused by every sequence that row holds) and a
+  `GraphedTreeGrower` per row and tree spec; so trees are grown row after row, each as fast as the
+  single-sequence `StaticEngine` grows one. Growing all rows' trees in one draft forward per level is
+  not done yet: at large batches drafting then costs B times one row's.
+
+It also runs the one-request loops (each call on a batch of one), so one engine serves every batch size.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from lmms_msd.models.draft import MSDDraft
+from lmms_msd.models.target import EmbeddedPrompt, Target
+from lmms_msd.speculative.drafting import DraftRows
+from lmms_msd.speculative.fast.batched_target import BatchedStaticTarget
+from lmms_msd.speculative.fast.static_drafter import StaticDrafter
+from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
+from lmms_msd.speculative.runtime import Sequence, drafter_of, require_draft
+from lmms_msd.speculative.tree import Tree, TreeSpec
+
+
+class RowSequence(Sequence):
+    """A sequence on a `BatchedStaticEngine`: the cache row it holds."""
+
+    def __init__(self, committed: int, row: int) -> None:
+        super().__init__(committed=committed)
+        self.row = row
+
+
+class BatchedStaticEngine:
+    """Static caches with a row per sequence, and CUDA graphs (module docstring): a `BatchedRuntime`.
+
+    max_batch: sequences held at once (cache rows); max_length: slots per row (prompt + new tokens + one
+    tree must fit), clipped to the target's maximum; cuda_graphs: None replays graphs when the target
+    is on CUDA, False runs the same code eagerly. Memory: the target's KV cache takes
+    2 * layers * max_batch * kv_heads * max_length * head_dim values.
+    """
+
+    def __init__(
+        self, target: Target, draft: MSDDraft | None = None, max_batch: int = 16, max_length: int = 2048,
+        cuda_graphs: bool | None = None,
+    ) -> None:  # fmt: skip
+        self.target = target
+        self.draft = draft  # None: plain decoding only
+        self.max_batch = max_batch
+        self.static_target = BatchedStaticTarget(target, max_batch, max_length, cuda_graphs)
+        self.cuda_graphs = self.static_target.cuda_graphs
+        self._free = list(range(max_batch))  # a heap: the lowest free row first
+        self._live: dict[int, RowSequence] = {}  # row -> the sequence holding it
+        self._drafters: dict[tuple[int, bool], StaticDrafter] = {}  # by (row, track_visual)
+        self._growers: dict[tuple[int, bool, TreeSpec], GraphedTreeGrower] = {}  # by (row, track_visual, spec)
+
+    def _check_live(self, sequences: list[RowSequence]) -> list[int]:
+        """The rows of live sequences; a released one raises."""
+        for sequence in sequences:
+            if self._live.get(sequence.row) is not sequence:
+                raise RuntimeError(
+                    f"this sequence (row {sequence.row}) is no longer live on the BatchedStaticEngine: it was "
+                    "released, and its row may hold another generation now"
+                )
+        return [s.row for s in sequences]
+
+    # ---- one sequence --------------------------------------------------------------------------------
+    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[RowSequence, torch.Tensor, torch.Tensor]:
+        length = prompt.input_ids.shape[0]
+        if length + extra_slots > self.static_target.usable:
+            raise ValueError(
+                f"the prompt ({length} positions) and what may follow it (max_new_tokens and one tree: "
+                f"{extra_slots}) need {length + extra_slots} cache slots; the engine holds "
+                f"{self.static_target.usable} per sequence: raise max_length"
+            )
+        if not self._free:
+            raise RuntimeError(f"all {self.max_batch} rows are live: release a finished sequence before starting another")
+        row = heapq.heappop(self._free)
+        sequence = self._live[row] = RowSequence(length, row)
+        hidden, logits = self.static_target.prefill_row(row, prompt.inputs_embeds[0])
+        return sequence, hidden, logits
+
+    def release(self, sequence: RowSequence) -> None:
+        self._check_live([sequence])
+        del self._live[sequence.row]
+        heapq.heappush(self._free, sequence.row)
+
+    def forward_next(self, sequence: RowSequence, token: torch.Tensor) -> torch.Tensor:
+        return self.forward_next_batch([sequence], token)[1]
+
+    def prefill_draft(
+        self, sequence: RowSequence, prompt: EmbeddedPrompt, hidden: torch.Tensor, token: int, track_visual: bool
+    ) -> DraftRows:
+        self._check_live([sequence])
+        key = (sequence.row, track_visual)
+        drafter = self._drafters.get(key)
+        if drafter is None:
+            drafter = self._drafters[key] = StaticDrafter(
+                require_draft(self.draft, self), self.target.lm_head, self.static_target.capacity, track_visual,
+                self.cuda_graphs,
+            )  # fmt: skip
+        drafter.reset()
+        sequence.drafter = drafter
+        return drafter.prefill(prompt, hidden, token)
+
+    def draft_tree(self, sequence: RowSequence, tree: TreeSpec, token: int, root: DraftRows) -> tuple[Tree, torch.Tensor]:
+        """Grown by the row's `GraphedTreeGrower` for this spec (made once, its graphs captured once)."""
+        self._check_live([sequence])
+        drafter = drafter_of(sequence)
+        assert isinstance(drafter, StaticDrafter), f"a BatchedStaticEngine sequence drafts with a StaticDrafter, not {drafter!r}"
+        key = (sequence.row, drafter.track_visual, tree)
+        grower = self._growers.get(key)
+        if grower is None:
+            grower = self._growers[key] = GraphedTreeGrower(drafter, tree, self.cuda_graphs)
+        return grower.build(token, root.hidden, root.visual)
+
+    def verify(self, sequence: RowSequence, tree: Tree, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.verify_batch([sequence], [tree], [ancestors])[0]
+
+    def commit(self, sequence: RowSequence, path: torch.Tensor, next_tokens: torch.Tensor, path_hidden: torch.Tensor) -> DraftRows:
+        self.keep_batch([sequence], [path])
+        return self.advance_batch([sequence], [next_tokens], [path_hidden])[0]
+
+    # ---- many sequences at once ------------------------------------------------------------------------
+    def forward_next_batch(self, sequences: list[RowSequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._check_live(sequences)
+        assert tokens.shape == (len(sequences),), f"tokens {tuple(tokens.shape)} for {len(sequences)} sequences"
+        out = self.static_target.forward_next_rows(rows, [s.committed for s in sequences], tokens)
+        for sequence in sequences:
+            sequence.committed += 1
+        return out
+
+    def draft_trees(
+        self, sequences: list[RowSequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]
+    ) -> list[tuple[Tree, torch.Tensor]]:
+        assert len(sequences) == len(specs) == len(tokens) == len(roots), "one spec, token and root per sequence"
+        # a grower's outputs are copied out of its graph's memory (`GraphedTreeGrower.build`), so rows may follow each other
+        return [self.draft_tree(*row) for row in zip(sequences, specs, tokens, roots)]
+
+    def verify_batch(
+        self, sequences: list[RowSequence], trees: list[Tree], ancestors: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows = self._check_live(sequences)
+        assert len(sequences) == len(trees) == len(ancestors), "one tree and ancestor mask per sequence"
+        return self.static_target.forward_trees(
+            rows, [s.committed for s in sequences], [t.tokens for t in trees], [t.depths for t in trees], ancestors
+        )
+
+    def keep_batch(self, sequences: list[RowSequence], paths: list[torch.Tensor]) -> None:
+        rows = self._check_live(sequences)
+        self.static_target.keep_paths(rows, [s.committed for s in sequences], paths)
+        for sequence, path in zip(sequences, paths, strict=True):
+            sequence.committed += path.shape[0]
+
+    def advance_batch(
+        self, sequences: list[RowSequence], next_tokens: list[torch.Tensor], hidden: list[torch.Tensor]
+    ) -> list[DraftRows]:
+        self._check_live(sequences)
+        return [drafter_of(s).advance(t, h) for s, t, h in zip(sequences, next_tokens, hidden, strict=True)]

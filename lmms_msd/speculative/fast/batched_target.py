@@ -1,0 +1,203 @@
+"""The target's language model over a static KV cache with one row per sequence in flight.
+
+`StaticTarget` holds one generation; `BatchedStaticTarget` holds `rows`: each KV cache tensor is
+[layers, rows, kv_heads, capacity, head_dim], row r holding the sequence given row r, written by slot
+as in `StaticTarget` (the same weights, packed once, the same RoPE tables and the same arithmetic).
+
+A forward over many sequences runs over cache rows 0..R-1 at once, R the smallest row bucket that
+holds every row taken part (`ROW_BUCKETS`; the engine gives out the lowest free row, so R stays
+small when few are in flight). Cache rows in that range that take no part are padding: they feed a
+dummy token, read slot 0 and write the scratch slot (the last), which no sequence ever uses, so a
+row's committed slots are never touched by another row's step. With R, the tokens per row T and the
+attention width W all bucketed, each (R, T, W) shape is replayed from one CUDA graph.
+
+Worked example: rows 0 and 2 in flight with 5 and 7 committed slots, one new token each (plain
+decoding): R = 4 (bucket of 3), W = 256; row 0 writes slot 5 and sees slots 0..5, row 2 writes slot 7
+and sees 0..7; padding rows 1 and 3 write slot capacity - 1 and see slot 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmms_msd.models.target import Target
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket
+from lmms_msd.speculative.fast.static_target import TOKEN_BUCKETS, StaticTarget
+
+
+def row_buckets(rows: int) -> tuple[int, ...]:
+    """Powers of two below `rows`, then `rows`. Example: row_buckets(24) == (1, 2, 4, 8, 16, 24)."""
+    sizes = []
+    size = 1
+    while size < rows:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, rows)
+
+
+def check_cache_fits(target: Target, rows: int, capacity: int) -> None:
+    """On CUDA, refuse a KV cache of `rows` rows of `capacity` slots that the device's free memory cannot
+    hold (keys and values: 2 * layers * rows * kv_heads * capacity * head_dim values), naming the sizes."""
+    if target.device.type != "cuda":
+        return
+    cfg = target.model.config.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * capacity * head_dim * target.dtype.itemsize
+    free = torch.cuda.mem_get_info(target.device)[0]
+    if rows * per_row > free:
+        raise ValueError(
+            f"a KV cache of {rows} rows x {capacity} slots needs {rows * per_row / 2**30:.1f} GiB "
+            f"({per_row / 2**30:.2f} GiB a row) but {free / 2**30:.1f} GiB of {target.device} are free: lower max_length "
+            f"(slots per request: prompt + max_new_tokens + one tree) or the batch size"
+        )
+
+
+class BatchedStaticTarget(StaticTarget):
+    """A `StaticTarget` with a cache row per sequence (module docstring).
+
+    rows: sequences it can hold at once; capacity: slots per row (prompt + new tokens + one tree + the
+    scratch slot must fit)
+    """
+
+    def __init__(self, target: Target, rows: int, capacity: int, cuda_graphs: bool | None = None) -> None:
+        if rows < 1:
+            raise ValueError(f"a batched static target needs at least 1 row, got {rows}")
+        check_cache_fits(target, rows, min(capacity, target.max_length))
+        self.rows = rows
+        super().__init__(target, capacity, cuda_graphs)
+        self.row_sizes = row_buckets(rows)
+        self.row_ids = torch.arange(rows, device=self.device)
+        self._graphed_rows = GraphedFunction(self._forward_row_tokens, self.cuda_graphs, self.device)
+        self._graphed_next_rows = GraphedFunction(self._forward_next_rows, self.cuda_graphs, self.device)
+
+    def cache_shape(self, capacity: int) -> tuple[int, ...]:
+        return (len(self.layers), self.rows, self.n_kv_heads, capacity, self.head_dim)
+
+    # ---- the forward ------------------------------------------------------------------------------
+    def _forward_rows(self, x, positions, slots, mask, first_row: int = 0):
+        """Cache rows first_row .. first_row + R - 1 at once.
+
+        x: [R, T, H]; positions, slots: [R, T] long; mask: [R, T, S] additive over each row's slots 0..S-1
+        -> hidden [R, T, H], logits [R, T, V] float32
+        """
+        r, t, width = mask.shape
+        heads, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [R, T, 1, D]
+        rows = (first_row + self.row_ids[:r])[:, None].expand(r, t)  # [R, T]
+        attn_mask = mask[:, None]  # [R, 1, T, S]
+        for index, w in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden_size,), w.input_norm, self.eps)
+            qkv = (h @ w.qkv.T).view(r, t, heads + 2 * kv, d)
+            qk = qkv[:, :, : heads + kv]
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
+            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv :]
+            self.keys[index][rows, :, slots] = k  # [R, T, kv, D] at (row, slot)
+            self.values[index][rows, :, slots] = v
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                self.keys[index, first_row : first_row + r, :, :width],
+                self.values[index, first_row : first_row + r, :, :width],
+                attn_mask=attn_mask,
+                enable_gqa=kv != heads,
+            )  # [R, heads, T, D]
+            x = x + out.transpose(1, 2).reshape(r, t, heads * d) @ w.o.T
+            h = F.rms_norm(x, (self.hidden_size,), w.post_norm, self.eps)
+            gate, up = (h @ w.gate_up.T).split(self.intermediate_size, dim=-1)
+            x = x + (F.silu(gate) * up) @ w.down.T
+        hidden = F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
+        return hidden, (hidden @ self.lm_head.T).float()
+
+    def _forward_row_tokens(self, tokens, positions, slots, mask):
+        return self._forward_rows(F.embedding(tokens, self.embed), positions, slots, mask)
+
+    def _forward_next_rows(self, tokens, positions, slots, window):
+        """Plain decoding's step with its mask built inside the graph: tokens, positions, slots [R, 1]
+        long; window: slots 0..S-1 [S] -> hidden [R, 1, H], logits [R, 1, V]. Row r sees slots 0..position."""
+        mask = torch.zeros(positions.shape[0], 1, window.shape[0], dtype=self.lm_head.dtype, device=window.device)
+        mask.masked_fill_(window[None, None, :] > positions[:, :, None], torch.finfo(self.lm_head.dtype).min)
+        return self._forward_row_tokens(tokens, positions, slots, mask)
+
+    # ---- what the engine calls ----------------------------------------------------------------------
+    def _row_bucket(self, rows: list[int]) -> int:
+        return bucket(max(rows) + 1, self.row_sizes)
+
+    @torch.inference_mode()
+    def prefill_row(self, row: int, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt at slots 0..L-1 of `row` (eager: prompt lengths vary). inputs_embeds: [L, H] ->
+        hidden [L, H], logits [L, V]"""
+        length = inputs_embeds.shape[0]
+        self._check_room(length)
+        width = self.width(length)
+        visible = self.slots[:width][None, :] <= self.slots[:length][:, None]
+        positions = self.slots[:length][None]
+        x = inputs_embeds.to(self.lm_head.dtype)[None]
+        hidden, logits = self._forward_rows(x, positions, positions, self.mask(visible)[None], first_row=row)
+        return hidden[0], logits[0]
+
+    @torch.inference_mode()
+    def forward_next_rows(self, rows: list[int], positions: list[int], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per listed row: row rows[i] feeds tokens[i] at positions[i] (its slot too), after
+        that many committed slots. tokens: [B] long -> hidden [B, H], logits [B, V] float32 (gathered: they
+        outlive the next call)"""
+        self._check_room(max(positions) + 1)
+        r = self._row_bucket(rows)
+        index = torch.tensor(rows, device=self.device)
+        at = torch.tensor(positions, device=self.device)
+        padded_tokens = torch.zeros(r, 1, dtype=torch.long, device=self.device)
+        padded_tokens[index, 0] = tokens
+        padded_positions = torch.zeros(r, 1, dtype=torch.long, device=self.device)
+        padded_positions[index, 0] = at
+        slots = torch.full((r, 1), self.scratch, dtype=torch.long, device=self.device)
+        slots[index, 0] = at
+        window = self.slots[: self.width(max(positions) + 1)]
+        hidden, logits = self._graphed_next_rows(padded_tokens, padded_positions, slots, window)
+        return hidden[index, 0], logits[index, 0]
+
+    @torch.inference_mode()
+    def forward_trees(
+        self, rows: list[int], prefixes: list[int], tokens: list[torch.Tensor], depths: list[torch.Tensor],
+        ancestors: list[torch.Tensor],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """One forward over a tree per listed row, written to the slots after that row's prefix.
+
+        tokens[i], depths[i]: [n_i] long; ancestors[i]: [n_i, n_i] bool (`Tree.ancestor_mask`)
+        returns per row hidden [n_i, H] and logits [n_i, V] float32, valid until the next call
+        """
+        counts = [t.shape[0] for t in tokens]
+        used = max(p + n for p, n in zip(prefixes, counts))
+        self._check_room(used)
+        r = self._row_bucket(rows)
+        longest = max(counts)
+        t = bucket(longest, TOKEN_BUCKETS) if longest <= TOKEN_BUCKETS[-1] else longest
+        width = self.width(used)
+        padded_tokens = torch.zeros(r, t, dtype=torch.long, device=self.device)
+        positions = torch.zeros(r, t, dtype=torch.long, device=self.device)
+        slots = torch.full((r, t), self.scratch, dtype=torch.long, device=self.device)
+        visible = torch.zeros(r, t, width, dtype=torch.bool, device=self.device)
+        visible[:, :, 0] = True  # padding queries see slot 0
+        for row, prefix, n, row_tokens, row_depths, row_ancestors in zip(rows, prefixes, counts, tokens, depths, ancestors):
+            padded_tokens[row, :n] = row_tokens
+            positions[row, :n] = prefix + row_depths
+            slots[row, :n] = self.slots[prefix : prefix + n]
+            visible[row, :n, :prefix] = True
+            visible[row, :n, prefix : prefix + n] = row_ancestors
+        mask = torch.zeros(visible.shape, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
+            ~visible, torch.finfo(self.lm_head.dtype).min
+        )
+        run = self._graphed_rows if t <= TOKEN_BUCKETS[-1] else self._forward_row_tokens
+        hidden, logits = run(padded_tokens, positions, slots, mask)
+        return [(hidden[row, :n], logits[row, :n]) for row, n in zip(rows, counts)]
+
+    @torch.inference_mode()
+    def keep_paths(self, rows: list[int], prefixes: list[int], paths: list[torch.Tensor]) -> None:
+        """In each listed row, move the accepted nodes' keys and values down to the slots after its prefix.
+
+        paths[i]: [a_i + 1] tree node indices, root first (node j of row rows[i] sits at slot prefixes[i] + j)
+        Example: row 2, prefix 5, path [0, 2] -> row 2's slots 5, 7 are copied to 5, 6.
+        """
+        row_index = torch.cat([torch.full_like(path, row) for row, path in zip(rows, paths)])
+        source = torch.cat([prefix + path for prefix, path in zip(prefixes, paths)])
+        target = torch.cat([self.slots[prefix : prefix + path.shape[0]] for prefix, path in zip(prefixes, paths)])
+        for cache in (self.keys, self.values):
+            cache[:, row_index, :, target] = cache[:, row_index, :, source]  # gathered first: overlaps are safe

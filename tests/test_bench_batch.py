@@ -1,0 +1,65 @@
+"""`lmms-msd bench --batch`: throughput per method and batch size on the bundled pair (CPU, a tiny chart
+data folder), its check against plain decoding at T=0, and its usage errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from test_bench import chart_dir  # noqa: F401  (fixture)
+
+from lmms_msd.commands.bench_batch import parse_batches
+from lmms_msd.commands.cli import main
+
+
+def argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["bench", "--data_dir", str(data_dir), "--limit", "2", "--warmup", "0", "--max_new_tokens", "12",
+            "--output_dir", str(out), "--no_progress", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_throughput_per_method_and_batch(chart_dir: Path, tmp_path: Path, engine: str):  # noqa: F811
+    args = argv(chart_dir, tmp_path, "--batch", "2,1", "--methods", "hf_generate,plain,eagle2", "--engine", engine,
+                "--batch_node_budgets", "1:58,2:4")  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench_batch.json").read_text())
+    runs = [(r["method"], r["batch"]) for r in report["runs"]]
+    assert runs == [("plain", 1), ("plain", 2), ("eagle2", 1), ("eagle2", 2)]  # hf_generate is not batched
+    assert report["reference"] == "plain at batch 1"
+    for r in report["runs"]:
+        assert r["identical"] is True and r["requests"] == 2 and r["new_tokens"] == report["runs"][0]["new_tokens"]
+        assert r["tokens_per_s"] == pytest.approx(r["new_tokens"] / r["wall_s"])
+        assert r["docs_per_s"] == pytest.approx(2 / r["wall_s"])
+    assert "| eagle2 | 2 |" in (tmp_path / "bench_batch.md").read_text()
+
+
+def test_a_lossy_batched_method_fails(chart_dir: Path, tmp_path: Path, monkeypatch):  # noqa: F811
+    from lmms_msd.speculative import batching
+
+    real = batching.record_step
+
+    def lossy(tokens, stats, stopper, result):
+        result.bonus += 1
+        return real(tokens, stats, stopper, result)
+
+    monkeypatch.setattr(batching, "record_step", lossy)
+    assert main(argv(chart_dir, tmp_path, "--batch", "2", "--methods", "plain,eagle2")) == 1
+    runs = json.loads((tmp_path / "bench_batch.json").read_text())["runs"]
+    assert runs[0]["identical"] is True and runs[1]["identical"] is False and runs[1]["differing_doc_ids"] == [0, 1]
+
+
+@pytest.mark.parametrize("text", ["", "0,4", "a", "1,-2"])
+def test_bad_batch_sizes(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="--batch"):
+        parse_batches(text)
+
+
+def test_batch_sizes_are_sorted():
+    assert parse_batches("16,1,4,4") == [1, 4, 16]
+
+
+def test_bad_node_budgets_are_a_usage_error(chart_dir: Path, tmp_path: Path):  # noqa: F811
+    with pytest.raises(SystemExit, match="--batch_node_budgets"):
+        main(argv(chart_dir, tmp_path, "--batch", "2", "--batch_node_budgets", "4:1"))

@@ -1,0 +1,78 @@
+"""The lmms-eval model decodes many requests at once (`--batch_size`, or model_args max_batch): the same
+answers per doc_id as one at a time at T=0, and each sampled request its batch-1 answer with its seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_plugin import docs, request, run, tiny_draft_dir  # noqa: F401  (fixtures)
+
+from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated, requests_at_once, whole_number
+from lmms_msd.speculative.batching import NodeBudgets, same_tree
+
+SAMPLED = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
+LONGER = {"max_new_tokens": 12, "temperature": 0, "do_sample": False}
+
+
+def models(target_dir, draft_dir, tmp_path, **model_args):
+    """The speculative model and the plain one on the tiny pair, with these model_args."""
+    stats = {name: str(tmp_path / f"{name}.json") for name in ("spec", "plain")}
+    return (
+        LlavaMsdCalibrated(pretrained=str(target_dir), msd_model_path=str(draft_dir), stats_path=stats["spec"], **model_args),
+        LlavaMsdCalibrated(pretrained=str(target_dir), use_msd="false", stats_path=stats["plain"], **model_args),
+    )
+
+
+def test_batched_answers_equal_batch_one(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
+    one = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "one")
+    many = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "many", batch_size=3)
+    assert [m.max_batch for m in many] == [3, 3] and many[0].schedule is same_tree
+    # mixed answer lengths, so requests leave the batch at different steps and waiting ones join
+    requests = [request(i, LONGER if i % 2 else None) for i in (2, 0, 3, 1, 0, 2)]
+    expected = run(one[1], requests, docs)  # plain decoding, one at a time
+    for model in (*one, *many):
+        assert run(model, requests, docs) == expected
+    sampled = [request(i, SAMPLED) for i in (2, 0, 3, 1)]
+    assert run(many[0], sampled, docs) == run(one[0], sampled, docs)
+    assert run(many[1], sampled, docs) == run(one[1], sampled, docs)
+
+
+def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
+    spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58;2:3;4:0",
+                     engine="static", max_length="256")  # fmt: skip
+    assert spec.decoder.runtime.static_target.capacity == 256 and spec.decoder.runtime.max_batch == 4
+    assert spec.max_batch == 4 and spec.schedule == NodeBudgets(((1, 58), (2, 3), (4, 0)))
+    run(spec, [request(0)], docs)
+    meta = json.loads(Path(spec.report.path).read_text())
+    assert '"max_batch": 4' in json.dumps(meta) and "NodeBudgets" in json.dumps(meta)
+    _, plain = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "p")
+    requests = [request(i, LONGER) for i in range(4)]
+    assert run(spec, requests, docs) == run(plain, requests, docs)
+
+
+@pytest.mark.parametrize("batch_size, max_batch, expected", [(1, None, 1), ("16", None, 16), (4.0, None, 4), (1, "8", 8), (64, 2.0, 2)])
+def test_requests_at_once(batch_size, max_batch, expected):
+    assert requests_at_once(batch_size, max_batch) == expected
+
+
+def test_bad_max_batch_is_named():
+    with pytest.raises(ValueError, match="max_batch='x'"):
+        requests_at_once(1, "x")
+    with pytest.raises(ValueError, match="max_length=0.5"):
+        whole_number("max_length", 0.5)
+
+
+def test_static_engine_batches_with_the_eager_answers(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
+    from lmms_msd.speculative.fast import BatchedStaticEngine
+
+    static = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "static", engine="static", batch_size=3)
+    eager = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "eager")
+    assert all(isinstance(m.decoder.runtime, BatchedStaticEngine) and m.decoder.runtime.max_batch == 3 for m in static)
+    for gen_kwargs in (LONGER, SAMPLED):
+        requests = [request(i, gen_kwargs) for i in (2, 0, 3, 1, 0)]
+        expected = run(eager[0], requests, docs)
+        assert run(static[0], requests, docs) == expected
+        if gen_kwargs is LONGER:
+            assert run(static[1], requests, docs) == expected
