@@ -77,8 +77,8 @@ def test_the_thesis_preset():
         ("plain", "conv_template=msd,use_msd=false"),
         ("eagle2", "conv_template=msd,tree=eagle2,total_tokens=59,depth=5,top_k=10"),
         ("opt", f"conv_template=msd,{opt},calibrator=none"),
-        ("opt_cal", f"conv_template=msd,{opt},calibrator_mode=tilt,calibrator=online,train_ratio=0.2,"
-                    "calibrator_label=soft,attention_bins=5,min_group_size=200"),
+        ("opt_cal", (f"conv_template=msd,{opt},calibrator_mode=tilt,calibrator=online,train_ratio=0.2,"
+                     "calibrator_label=soft,attention_bins=5,min_group_size=200")),
     ]  # fmt: skip
     assert [r.label for r in rows] == [r.label for r in ROWS]
     assert reproduce.reserved_model_args(THESIS) >= {"conv_template", "top_k", "calibrator_mode", "attention_bins", "stats_path"}
@@ -290,8 +290,8 @@ def test_outputs_from_a_literal_report(tmp_path: Path):
         "| row | model_args |", "|---|---|", "| plain decoding (reference) | `use_msd=false` |",
         "| MSD baseline (EAGLE-2 tree) | `tree=eagle2,total_tokens=59,depth=5,top_k=10` |",
         "| + OPT-Tree | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none` |",
-        "| + OPT-Tree + calibrator | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
-        "calibrator=online,train_ratio=0.3` |",
+        ("| + OPT-Tree + calibrator | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
+         "calibrator=online,train_ratio=0.3` |"),
     ]  # fmt: skip
     assert "**Answers differ from plain decoding at temperature 0" in text and "opt_cal on a, doc_ids [2]" in text
     with (tmp_path / "results.csv").open() as f:
