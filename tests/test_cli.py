@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -50,15 +51,15 @@ def test_usage_errors_exit_2_on_stderr(argv: list[str], capsys: pytest.CaptureFi
 
 @pytest.mark.parametrize("module", ["lmms_msd.commands.cli", "lmms_msd"])
 def test_version_and_help_as_module(module: str) -> None:
-    version = _run(sys.executable, "-m", module, "--version")
+    # three processes, two at a time: each spends its time importing the command modules
+    with ThreadPoolExecutor(2) as pool:
+        version, help_, no_command = pool.map(lambda argv: _run(sys.executable, "-m", module, *argv), [["--version"], ["--help"], []])
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == VERSION_LINE
 
-    help_ = _run(sys.executable, "-m", module, "--help")
     assert help_.returncode == 0, help_.stderr
     assert help_.stdout.startswith("usage: lmms-msd")
 
-    no_command = _run(sys.executable, "-m", module)
     assert no_command.returncode == 2
     assert no_command.stdout == ""
     assert "lmms-msd: error:" in no_command.stderr

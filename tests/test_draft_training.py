@@ -154,16 +154,16 @@ def test_draft_sees_the_ids_the_target_was_trained_on(data, tmp_path):
         SIZE_PRESETS,
         build_target_model,
         encode_conversations,
-        save_image_processor,
         tokenizer_corpus,
         train_tokenizer,
     )
+    from lmms_msd.testbed.tiny import save_clip_image_processor
 
     records = [r for r in json.loads((data / "data.json").read_text()) if "image" in r]
     one_turn = [{**r, "conversations": r["conversations"][:2]} for r in records]
     sizes = SIZE_PRESETS["tiny"]
     tokenizer = train_tokenizer(tokenizer_corpus(one_turn), tmp_path, sizes.vocab_size, sizes.max_position_embeddings)
-    save_image_processor(tmp_path, sizes.image_size)
+    save_clip_image_processor(tmp_path, sizes.image_size)
     model = build_target_model(sizes, tokenizer, seed=0)
     target = Target(model.eval(), tokenizer, load_image_preprocessor(tmp_path, pad_to_square=False), PROMPT_FORMAT, "hf")
     n_image = (sizes.image_size // sizes.patch_size) ** 2

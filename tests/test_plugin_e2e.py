@@ -8,7 +8,8 @@ answers as one process.
 
 `python -m lmms_eval` exits 0 even when evaluation fails, so every run is checked by its files. The
 runs are subprocesses (about 15 s each, 30 s for two processes); a module-level cache shares the
-one-process speculative run between the layout test and the data-parallel test.
+one-process speculative run between the layout test and the data-parallel test, and the four one-process
+runs go two at a time.
 
 The targets are copies of the tiny checkpoints with their context dampened (`tiny.dampen_context_`,
 applied to the weight files) and the drafts are `tiny.following_draft` heads saved with `save_draft`,
@@ -25,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASK = "msd_chartqa_synth"
 LIMIT = 8
 RUN_TIMEOUT_S = 600
+PARALLEL_RUNS = 2  # one-process runs at a time (two cores)
 CONTEXT_SCALE = 0.05  # as the demo: the next token depends mostly on the current one
 
 try:
@@ -129,21 +132,29 @@ def checkpoints(tiny_hf_dir, tiny_original_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lmms_eval_run(checkpoints, tmp_path_factory):
-    """run(layout, use_msd, processes) -> Run, each distinct run done once per module."""
+    """run(layout, use_msd, processes) -> Run, each distinct run done once per module. The one-process runs
+    of both layouts are started together on first use, PARALLEL_RUNS at a time (each is one single-threaded
+    process, most of it lmms-eval's start-up)."""
     cache: dict[tuple[str, bool, int], Run] = {}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
+    def launch(key: tuple[str, bool, int]) -> Run:
+        layout, use_msd, processes = key
+        target, draft = checkpoints[layout]
+        cwd = tmp_path_factory.mktemp(f"run-{layout}-{'msd' if use_msd else 'plain'}-{processes}")
+        model_args = f"pretrained={target},msd_model_path={draft}" + ("" if use_msd else ",use_msd=false")
+        command = lmms_eval_command(model_args, cwd / "out", processes)
+        done = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        return Run(cwd / "out", done.stdout + done.stderr)
+
     def run(layout: str, use_msd: bool, processes: int = 1) -> Run:
         key = (layout, use_msd, processes)
+        if key not in cache and processes == 1:
+            keys = [(lay, msd, 1) for lay in checkpoints for msd in (True, False)]
+            with ThreadPoolExecutor(PARALLEL_RUNS) as pool:
+                cache.update(zip(keys, pool.map(launch, keys)))
         if key not in cache:
-            target, draft = checkpoints[layout]
-            cwd = tmp_path_factory.mktemp(f"run-{layout}-{'msd' if use_msd else 'plain'}-{processes}")
-            model_args = f"pretrained={target},msd_model_path={draft}" + ("" if use_msd else ",use_msd=false")
-            command = lmms_eval_command(model_args, cwd / "out", processes)
-            done = subprocess.run(
-                command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
-            )
-            cache[key] = Run(cwd / "out", done.stdout + done.stderr)
+            cache[key] = launch(key)
         return cache[key]
 
     return run

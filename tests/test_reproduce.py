@@ -13,12 +13,14 @@ import pytest
 
 from lmms_msd.commands import reproduce
 from lmms_msd.commands.benchmark_data import (
+    BENCHMARK_TASKS,
     LOCAL_TASKS,
     THESIS_TASKS,
     DefaultTasks,
-    benchmark_datasets,
+    benchmark_dataset,
     dataset_cached,
     default_tasks,
+    lmms_eval_tasks_dir,
 )
 from lmms_msd.commands.cli import main
 from lmms_msd.commands.lmms_eval_runs import (
@@ -75,8 +77,8 @@ def test_the_thesis_preset():
         ("plain", "conv_template=msd,use_msd=false"),
         ("eagle2", "conv_template=msd,tree=eagle2,total_tokens=59,depth=5,top_k=10"),
         ("opt", f"conv_template=msd,{opt},calibrator=none"),
-        ("opt_cal", f"conv_template=msd,{opt},calibrator_mode=tilt,calibrator=online,train_ratio=0.2,"
-                    "calibrator_label=soft,attention_bins=5,min_group_size=200"),
+        ("opt_cal", (f"conv_template=msd,{opt},calibrator_mode=tilt,calibrator=online,train_ratio=0.2,"
+                     "calibrator_label=soft,attention_bins=5,min_group_size=200")),
     ]  # fmt: skip
     assert [r.label for r in rows] == [r.label for r in ROWS]
     assert reproduce.reserved_model_args(THESIS) >= {"conv_template", "top_k", "calibrator_mode", "attention_bins", "stats_path"}
@@ -122,14 +124,15 @@ def write_yaml(path: Path, text: str) -> None:
 
 
 def fake_lmms_eval_tasks(root: Path) -> Path:
-    """lmms-eval's layout for the five benchmarks: a folder per name; chartqa and ai2d tasks, the others
-    groups (mathvista of a group and a task, textvqa's tasks including a template that names the dataset)."""
+    """lmms-eval 0.7.3's layout for the five benchmarks: a folder per benchmark; mathvista, mathverse and textvqa
+    groups (mathvista of a group and a task) beside their tasks, textvqa's tasks including a template that
+    names the dataset."""
     write_yaml(root / "chartqa" / "chartqa.yaml", "task: chartqa\ndataset_path: lab/ChartQA\ndoc_to_text: !function utils.x\n")
     write_yaml(root / "ai2d" / "ai2d.yaml", "task: ai2d\ndataset_path: lab/ai2d\n")
-    write_yaml(root / "ai2d" / "ai2d_lite.yaml", "task: ai2d_lite\ndataset_path: lab/Lite\n")  # not part of ai2d
+    write_yaml(root / "ai2d" / "ai2d_lite.yaml", "task: ai2d_lite\ndataset_path: lab/Lite\n")  # another task of the folder
     write_yaml(root / "mathvista" / "mathvista.yaml", "group: mathvista\ntask:\n  - mathvista_testmini\n  - mathvista_test\n")
-    write_yaml(root / "mathvista" / "mathvista_testmini.yaml", "group: mathvista_testmini\ntask:\n  - mathvista_testmini_cot\n")
-    write_yaml(root / "mathvista" / "mathvista_testmini_cot.yaml", "task: mathvista_testmini_cot\ndataset_path: AI4Math/MathVista\n")
+    write_yaml(root / "mathvista" / "mathvista_testmini.yaml", "group: mathvista_testmini\ntask:\n  - mathvista_testmini_format\n")
+    write_yaml(root / "mathvista" / "mathvista_testmini_format.yaml", "task: mathvista_testmini_format\ndataset_path: AI4Math/MathVista\n")
     write_yaml(root / "mathvista" / "mathvista_test.yaml", "task: mathvista_test\ndataset_path: AI4Math/MathVista\n")
     write_yaml(root / "mathverse" / "mathverse.yaml", "group: mathverse\ntask:\n  - mathverse_testmini\n")
     write_yaml(root / "mathverse" / "mathverse_testmini.yaml", "task: mathverse_testmini\ndataset_path: CaraJ/MathVerse-lmmseval\ndataset_name: testmini\n")
@@ -139,15 +142,30 @@ def fake_lmms_eval_tasks(root: Path) -> Path:
     return root
 
 
-def test_benchmark_datasets_follow_groups_and_includes(tmp_path: Path):
+def test_benchmark_dataset_reads_includes_and_refuses_groups(tmp_path: Path):
     pytest.importorskip("lmms_eval")
     root = fake_lmms_eval_tasks(tmp_path / "tasks")
-    assert {name: benchmark_datasets(name, root) for name in THESIS_TASKS} == {
-        "chartqa": ["lab/ChartQA"], "mathvista": ["AI4Math/MathVista"], "ai2d": ["lab/ai2d"],
-        "mathverse": ["CaraJ/MathVerse-lmmseval"], "textvqa": ["lab/textvqa"],
+    assert {task: benchmark_dataset(task, root / folder) for folder, task in BENCHMARK_TASKS.items()} == {
+        "chartqa": "lab/ChartQA", "mathvista_testmini_format": "AI4Math/MathVista", "ai2d": "lab/ai2d",
+        "mathverse_testmini": "CaraJ/MathVerse-lmmseval", "textvqa_val": "lab/textvqa",
     }  # fmt: skip
-    with pytest.raises(LookupError, match="no task or group 'mmmu'"):
-        benchmark_datasets("mmmu", root)
+    with pytest.raises(LookupError, match=r"'mathvista' is a group of lmms-eval tasks .*\(mathvista_testmini, mathvista_test\)"):
+        benchmark_dataset("mathvista", root / "mathvista")
+    with pytest.raises(LookupError, match="no task 'mmmu'"):
+        benchmark_dataset("mmmu", root / "ai2d")
+
+
+def test_default_benchmark_tasks_are_tasks_of_the_installed_lmms_eval():
+    """Each default real-benchmark name is a task, not a group, in the installed lmms-eval's own task folders
+    (the YAMLs are read; no dataset is loaded), and reads the benchmark's hub dataset."""
+    pytest.importorskip("lmms_eval")
+    tasks_dir = lmms_eval_tasks_dir()
+    assert THESIS_TASKS == ("chartqa", "mathvista_testmini_format", "ai2d", "mathverse_testmini", "textvqa_val")
+    datasets = {task: benchmark_dataset(task, tasks_dir / folder) for folder, task in BENCHMARK_TASKS.items()}
+    assert all(folder.lower() in datasets[task].lower() for folder, task in BENCHMARK_TASKS.items()), datasets
+    for group in ("mathvista", "mathverse", "textvqa"):
+        with pytest.raises(LookupError, match=f"'{group}' is a group"):
+            benchmark_dataset(group, tasks_dir / group)
 
 
 def test_a_dataset_is_cached_as_a_hub_snapshot_or_prepared_by_datasets(tmp_path: Path):
@@ -174,7 +192,7 @@ def test_default_tasks_are_the_local_families_unless_every_benchmark_is_cached(t
         "msd_chartqa_synth_long", "msd_mathvista_synth_long", "msd_ai2d_synth_long", "msd_mathverse_synth_long",
         "msd_textvqa_synth_long",
     ) and local.local  # fmt: skip
-    assert "not in the Hugging Face cache" in local.why and "textvqa: lab/textvqa;" in local.why and "chartqa" not in local.why
+    assert "not in the Hugging Face cache" in local.why and "textvqa_val: lab/textvqa;" in local.why and "chartqa" not in local.why
     (hub / "datasets--lab--textvqa" / "snapshots" / "r").mkdir(parents=True)
     real = default_tasks(root, hub, prepared)
     assert real.tasks == THESIS_TASKS and not real.local and "are in the Hugging Face cache" in real.why
@@ -194,7 +212,7 @@ def test_without_tasks_reproduce_takes_the_default_and_says_why(monkeypatch: pyt
     monkeypatch.setattr(reproduce, "default_tasks", lambda: DefaultTasks(THESIS_TASKS, local=False, why="cached"))
     args = argparse.Namespace(tasks=None, include_path=None)
     reproduce.choose_tasks(args)
-    assert args.tasks == "chartqa,mathvista,ai2d,mathverse,textvqa" and args.include_path is None
+    assert args.tasks == "chartqa,mathvista_testmini_format,ai2d,mathverse_testmini,textvqa_val" and args.include_path is None
 
 
 def test_answer_differences_per_doc_id():
@@ -272,8 +290,8 @@ def test_outputs_from_a_literal_report(tmp_path: Path):
         "| row | model_args |", "|---|---|", "| plain decoding (reference) | `use_msd=false` |",
         "| MSD baseline (EAGLE-2 tree) | `tree=eagle2,total_tokens=59,depth=5,top_k=10` |",
         "| + OPT-Tree | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none` |",
-        "| + OPT-Tree + calibrator | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
-        "calibrator=online,train_ratio=0.3` |",
+        ("| + OPT-Tree + calibrator | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
+         "calibrator=online,train_ratio=0.3` |"),
     ]  # fmt: skip
     assert "**Answers differ from plain decoding at temperature 0" in text and "opt_cal on a, doc_ids [2]" in text
     with (tmp_path / "results.csv").open() as f:

@@ -140,56 +140,20 @@ def requests_from_data_dir(data_dir: Path, split: str, style: str, limit: int) -
     return [BenchRequest(i, question_of(record), record_images(data_dir, record)) for i, record in enumerate(records)]
 
 
-# lmms-eval's side (its task YAMLs, `datasets`, the adapter's request conversion) is imported in the two
-# functions that read a task: a data folder (--data_dir) needs none of it.
-def find_task_yaml(task: str, include_path: Path) -> Path:
-    """The YAML under `include_path` whose `task:` is `task`."""
-    from lmms_eval.utils import load_yaml_config
-
-    if not include_path.is_dir():
-        raise FileNotFoundError(f"--include_path {include_path}: no such folder")
-    for path in sorted(include_path.rglob("*.yaml")):
-        try:
-            config = load_yaml_config(str(path), mode="simple")
-        except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:
-            log.debug("skipping %s: %s", path, error)
-            continue
-        if isinstance(config, dict) and config.get("task") == task:
-            return path
-    raise FileNotFoundError(f"no task {task!r} in the YAML files under {include_path}; pass --include_path <folder of its YAML>")
-
-
 def requests_from_task(task: str, include_path: Path, limit: int) -> tuple[list[BenchRequest], GenerationConfig]:
-    """The first `limit` documents of a task's test split, made into requests as lmms-eval makes them for
-    the plugin (doc_to_text with the task's default lmms_eval_specific_kwargs, doc_to_visual), and the
-    settings of the task's gen_kwargs (with lmms-eval's default stop string when it names none)."""
-    from datasets import load_dataset
-    from lmms_eval.utils import load_yaml_config
+    """The first `limit` documents of a task (its YAML under `include_path`), made into requests as lmms-eval
+    makes them for the plugin, and the settings of the task's gen_kwargs (`lmms_msd.lmms_eval.tasks`; lmms-eval,
+    imported there, is not needed for a data folder)."""
+    from lmms_msd.lmms_eval.tasks import (
+        find_task_yaml,
+        load_task,
+        task_generation_config,
+        task_prompts,
+    )
 
-    from lmms_msd.lmms_eval.requests import generation_config, request_images
-
-    path = find_task_yaml(task, include_path)
-    config = load_yaml_config(str(path), mode="full")
-    kwargs = dict(config.get("dataset_kwargs") or {})
-    data_files = kwargs.get("data_files")
-    if isinstance(data_files, dict):
-        kwargs["data_files"] = {k: str(path.parent / v) for k, v in data_files.items()}
-    elif isinstance(data_files, str):
-        kwargs["data_files"] = str(path.parent / data_files)
-    split = config.get("test_split") or "test"
-    dataset = load_dataset(config["dataset_path"], name=config.get("dataset_name"), split=split, **kwargs)
-    doc_to_text, doc_to_visual = config.get("doc_to_text"), config.get("doc_to_visual")
-    if not callable(doc_to_text) or not callable(doc_to_visual):
-        raise ValueError(f"task {task} ({path}): bench needs doc_to_text and doc_to_visual given as !function")
-    specific = (config.get("lmms_eval_specific_kwargs") or {}).get("default")
-    requests = []
-    for doc_id in range(min(limit, len(dataset))):
-        doc = dataset[doc_id]
-        context = doc_to_text(doc, specific) if specific is not None else doc_to_text(doc)
-        requests.append(BenchRequest(doc_id, context, request_images(doc_to_visual, doc)))
-    gen_kwargs = dict(config.get("generation_kwargs") or {})
-    gen_kwargs.setdefault("until", [config.get("fewshot_delimiter", "\n\n")])  # lmms-eval's default
-    return requests, generation_config(gen_kwargs)
+    loaded = load_task(find_task_yaml(task, include_path))
+    requests = [BenchRequest(p.doc_id, p.context, p.images) for p in task_prompts(loaded, limit)]
+    return requests, task_generation_config(loaded)
 
 
 # ---- the methods ------------------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
 """Which tasks `lmms-msd reproduce` runs when it is given none: the real benchmarks' lmms-eval tasks when
 their datasets are in the Hugging Face cache, else the five local task families.
 
-The thesis's tables are on lmms-eval's `chartqa`, `mathvista`, `ai2d`, `mathverse` and `textvqa`
-(`THESIS_TASKS`). lmms-eval keeps each in a folder of its name under `lmms_eval/tasks/`; a name is a task
-or a group of tasks (`mathvista` = `mathvista_testmini` (itself a group) + `mathvista_test`), and each
-task's YAML names the dataset it reads (`dataset_path`, a hub id, and `dataset_name`, its
-configuration). `benchmark_datasets` follows the groups down to the tasks and collects those hub ids.
+The thesis's tables are on ChartQA, MathVista, AI2D, MathVerse and TextVQA. lmms-eval keeps each in a folder
+of its name under `lmms_eval/tasks/`, where a name is a task or a group of tasks, and reproduce measures
+tasks (a group's results are its members'): `BENCHMARK_TASKS` names, per folder, the one task the column
+is, as lmms-eval 0.7.3 names it (`THESIS_TASKS`). In that release `mathvista` is a group (`mathvista_testmini`,
+itself a group of the _cot, _solution and _format prompts, + `mathvista_test`), as are `mathverse` (testmini
+and its versions) and `textvqa` (`textvqa_val` + `textvqa_test`); the test splits score nothing (their
+metric is `submission`), so the columns are testmini and validation, with the prompts the local families
+copy (MathVista's and MathVerse's format-prompt). Each task's YAML names the dataset it reads
+(`dataset_path`, a hub id, and `dataset_name`, its configuration); `benchmark_dataset` reads it.
 
 A hub dataset is in the cache (`dataset_cached`) when huggingface_hub has a snapshot of it
 (`<HF_HUB_CACHE>/datasets--<org>--<name>/snapshots/<revision>`) or `datasets` has prepared it
@@ -22,11 +26,21 @@ decoding to matter.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-THESIS_TASKS = ("chartqa", "mathvista", "ai2d", "mathverse", "textvqa")
-LOCAL_TASKS = tuple(f"msd_{family}_synth_long" for family in THESIS_TASKS)
+# lmms-eval's folder under lmms_eval/tasks/ (and the local family's name) -> the task of the thesis's column there,
+# as lmms-eval 0.7.3's YAMLs name it (lmms_eval/tasks/<folder>/<file>.yaml)
+BENCHMARK_TASKS = {
+    "chartqa": "chartqa",  # chartqa/chartqa.yaml
+    "mathvista": "mathvista_testmini_format",  # mathvista/mathvista_testmini_format.yaml: testmini, shot_type format-prompt
+    "ai2d": "ai2d",  # ai2d/ai2d.yaml
+    "mathverse": "mathverse_testmini",  # mathverse/mathverse_testmini.yaml: testmini, format-prompt, query_wo
+    "textvqa": "textvqa_val",  # textvqa/textvqa_val.yaml: the validation split (textvqa_test's answers are withheld)
+}
+THESIS_TASKS = tuple(BENCHMARK_TASKS.values())
+LOCAL_TASKS = tuple(f"msd_{family}_synth_long" for family in BENCHMARK_TASKS)
 
 
 def lmms_eval_tasks_dir() -> Path:
@@ -37,32 +51,25 @@ def lmms_eval_tasks_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tasks"
 
 
-def benchmark_datasets(name: str, tasks_dir: Path) -> list[str]:
-    """The hub ids of the datasets that lmms-eval's task or group `name` reads, sorted: the dataset_path of
-    every task it is made of, read from the YAMLs in tasks_dir/<name>/ (lmms-eval's loader, `include:`
-    resolved). Raises LookupError when that folder has no task or group called `name`."""
+def benchmark_dataset(task: str, folder: Path) -> str:
+    """The hub id of the dataset lmms-eval's task `task` reads: the dataset_path of its YAML in `folder`
+    (lmms-eval's loader, `include:` resolved). Raises LookupError when `folder` has no task called `task`,
+    or when `task` is a group there (its members are named in the message).
+
+    Example: ("textvqa_val", lmms_eval/tasks/textvqa) -> "lmms-lab-encoder/textvqa" (textvqa_val.yaml includes
+    _default_template_textvqa_yaml, which holds the dataset_path); ("textvqa", the same folder) raises.
+    """
     from lmms_eval.utils import load_yaml_config
 
-    configs: dict[str, dict] = {}
-    for path in sorted((tasks_dir / name).glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         config = load_yaml_config(str(path), mode="simple")
-        key = config.get("group") if isinstance(config.get("task"), list) else config.get("task")
-        if isinstance(key, str):
-            configs[key] = config
-    found: set[str] = set()
-
-    def collect(task: str) -> None:
-        if task not in configs:
-            raise LookupError(f"lmms-eval has no task or group {task!r} in {tasks_dir / name}")
-        config = configs[task]
-        if isinstance(config.get("task"), list):
-            for member in config["task"]:
-                collect(member)
-        elif "/" in str(config.get("dataset_path", "")):
-            found.add(config["dataset_path"])
-
-    collect(name)
-    return sorted(found)
+        if isinstance(config.get("task"), list) and config.get("group") == task:
+            raise LookupError(f"{task!r} is a group of lmms-eval tasks in {folder} ({', '.join(config['task'])}); name one of its tasks")
+        if config.get("task") == task:
+            if "/" not in str(config.get("dataset_path", "")):
+                raise LookupError(f"lmms-eval's task {task!r} ({path}) reads no hub dataset (dataset_path {config.get('dataset_path')!r})")
+            return config["dataset_path"]
+    raise LookupError(f"lmms-eval has no task {task!r} in {folder}")
 
 
 def snake_case(name: str) -> str:
@@ -91,17 +98,19 @@ def default_caches() -> tuple[Path, Path]:
     return Path(constants.HF_HUB_CACHE), Path(datasets.config.HF_DATASETS_CACHE)
 
 
-def missing_datasets(names: tuple[str, ...], tasks_dir: Path, hub_cache: Path, datasets_cache: Path) -> dict[str, list[str]]:
-    """name -> the hub ids its tasks read that are not in the cache (names with nothing missing left out);
-    a name lmms-eval does not have maps to ["<not an lmms-eval task>"]."""
+def missing_datasets(tasks: Mapping[str, str], tasks_dir: Path, hub_cache: Path, datasets_cache: Path) -> dict[str, str]:
+    """task -> the hub id it reads when that is not in the cache, for each folder -> task of `tasks` (tasks
+    whose dataset is cached left out); a task that lmms-eval does not have in tasks_dir/<folder> maps to
+    "<not an lmms-eval task: why>"."""
     missing = {}
-    for name in names:
+    for folder, task in tasks.items():
         try:
-            absent = [d for d in benchmark_datasets(name, tasks_dir) if not dataset_cached(d, hub_cache, datasets_cache)]
-        except LookupError:
-            absent = ["<not an lmms-eval task>"]
-        if absent:
-            missing[name] = absent
+            dataset = benchmark_dataset(task, tasks_dir / folder)
+        except LookupError as error:
+            missing[task] = f"<not an lmms-eval task: {error}>"
+            continue
+        if not dataset_cached(dataset, hub_cache, datasets_cache):
+            missing[task] = dataset
     return missing
 
 
@@ -117,10 +126,10 @@ def default_tasks(tasks_dir: Path | None = None, hub_cache: Path | None = None, 
     The folders default to lmms-eval's tasks and the Hugging Face caches of this environment."""
     if hub_cache is None or datasets_cache is None:
         hub_cache, datasets_cache = default_caches()
-    missing = missing_datasets(THESIS_TASKS, tasks_dir or lmms_eval_tasks_dir(), hub_cache, datasets_cache)
+    missing = missing_datasets(BENCHMARK_TASKS, tasks_dir or lmms_eval_tasks_dir(), hub_cache, datasets_cache)
     if not missing:
         return DefaultTasks(THESIS_TASKS, local=False, why=f"the real benchmarks' datasets are in the Hugging Face cache ({hub_cache})")
-    listed = "; ".join(f"{name}: {', '.join(ids)}" for name, ids in missing.items())
+    listed = "; ".join(f"{task}: {dataset}" for task, dataset in missing.items())
     why = (
         f"the real benchmarks cannot run offline, their datasets are not in the Hugging Face cache ({hub_cache}, {datasets_cache}): "
         f"{listed}; running the local task families instead (name the benchmarks with --tasks to download them)"

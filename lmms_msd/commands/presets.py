@@ -90,36 +90,48 @@ THESIS = Preset(
     train_ratio=0.2,
     online_args="calibrator_label=soft,attention_bins=5,min_group_size=200",
     notes=(
-        "Files are the thesis repository's (ljc0359/Speculative-Decoding-For-Vision-Language-Model at e85f00d): "
-        "cnets.py and calibrators.py under EAGLE/eagle/model/, llava_msd_calibrated.py under lmms-eval/lmms_eval/models/.",
-        "Prompt: vicuna_v1 with an empty system prompt (llava_msd_calibrated.py 554-559, `conv.system = \"\"`), "
-        "MSD's own: conv_template=msd.",
-        "MSD baseline: EAGLE-2 with upstream's total_tokens 59 / depth 5 / top_k 10 (EaModel.from_pretrained's "
-        "defaults, ea_model.py 100-102). MSD's and the thesis's lmms-eval models pass total_token=-1 "
-        "(llava_msd_calibrated.py 114), which picks the size per GPU by timing (ea_model.py 156-179).",
-        "+ OPT-Tree: topK_genrate's defaults nodes=500, threshold=0.2, max_depth=10 (cnets.py 944-946; its callers, "
-        "utils.py 255-266 and 551-577, pass none of them). nodes counts the root: node_budget=499 (cnets.py 981); it "
-        "never binds, since at most 10 levels of top_k=10 nodes are stored (cnets.py 1066-1068). Frontier and "
-        "branching are top_k=10 (cnets.py 988; ea_model.py 102). Each level keeps only its best top_k of the "
-        "top_k x top_k children (cnets.py 1213-1225), the stop compares the best-499 weight sum over the levels "
-        "before the newest with the previous one (cnets.py 1401-1412), and the tree is taken from those levels "
-        "(cnets.py 1432-1437): OPT-Tree's own rule, opt_variant=upstream (except that at max_depth the thesis "
-        "keeps the newest level).",
-        "+ calibrator: calibrator_mode=tilt (lmms_msd.calibration.scorer.TiltScorer: the formulas with their lines, "
-        "base alpha 1). Fitted online on the first train_ratio=0.2 of the requests (the gen_kwargs default, "
-        "llava_msd_calibrated.py 315), which decode without it; soft labels min(1, p_target / p_draft) "
-        "(calibrators.py 574-583 and 803: target=\"soft\"), token type x 5 attention quantile bins, 200 samples "
-        "per group (calibrators.py 59-66, 826-831).",
-        "Not reproduced: the thesis observes the requests in lmms-eval's order (longest prompt first, "
-        "llava_msd_calibrated.py 413-436), here a seeded random order; it labels every proposed child of every "
-        "level through extra target forwards on the child's path (cnets.py 669-716), here the children of "
-        "accepted nodes from the verification logits; it resets its acceptance counters after the observed "
-        "requests (llava_msd_calibrated.py 446-450), so its alpha covers the other 80%, here every request; its "
-        "draft attends, within the tree, to itself and to every node of the earlier levels (tree_mask = eye, "
-        "never updated: cnets.py 1181-1193 and 164-170), here to its ancestors only; below depth 1 its "
-        "calibrator features exponentiate probabilities (confidence e^p, margin e^p1 - e^p2; cnets.py 1272, "
-        "785-801), here p and p1 - p2 at every depth; its tilt's attention comes from rows unrelated to the "
-        "node (TiltScorer's docstring), here from the node's parent's row.",
+        (
+            "Files are the thesis repository's (ljc0359/Speculative-Decoding-For-Vision-Language-Model at e85f00d): "
+            "cnets.py and calibrators.py under EAGLE/eagle/model/, llava_msd_calibrated.py under lmms-eval/lmms_eval/models/."
+        ),
+        (
+            "Prompt: vicuna_v1 with an empty system prompt (llava_msd_calibrated.py 554-559, `conv.system = \"\"`), "
+            "MSD's own: conv_template=msd."
+        ),
+        (
+            "MSD baseline: EAGLE-2 with upstream's total_tokens 59 / depth 5 / top_k 10 (EaModel.from_pretrained's "
+            "defaults, ea_model.py 100-102). MSD's and the thesis's lmms-eval models pass total_token=-1 "
+            "(llava_msd_calibrated.py 114), which picks the size per GPU by timing (ea_model.py 156-179)."
+        ),
+        (
+            "+ OPT-Tree: topK_genrate's defaults nodes=500, threshold=0.2, max_depth=10 (cnets.py 944-946; its callers, "
+            "utils.py 255-266 and 551-577, pass none of them). nodes counts the root: node_budget=499 (cnets.py 981); it "
+            "never binds, since at most 10 levels of top_k=10 nodes are stored (cnets.py 1066-1068). Frontier and "
+            "branching are top_k=10 (cnets.py 988; ea_model.py 102). Each level keeps only its best top_k of the "
+            "top_k x top_k children (cnets.py 1213-1225), the stop compares the best-499 weight sum over the levels "
+            "before the newest with the previous one (cnets.py 1401-1412), and the tree is taken from those levels "
+            "(cnets.py 1432-1437): OPT-Tree's own rule, opt_variant=upstream (except that at max_depth the thesis "
+            "keeps the newest level)."
+        ),
+        (
+            "+ calibrator: calibrator_mode=tilt (lmms_msd.calibration.scorer.TiltScorer: the formulas with their lines, "
+            "base alpha 1). Fitted online on the first train_ratio=0.2 of the requests (the gen_kwargs default, "
+            "llava_msd_calibrated.py 315), which decode without it; soft labels min(1, p_target / p_draft) "
+            "(calibrators.py 574-583 and 803: target=\"soft\"), token type x 5 attention quantile bins, 200 samples "
+            "per group (calibrators.py 59-66, 826-831)."
+        ),
+        (
+            "Not reproduced: the thesis observes the requests in lmms-eval's order (longest prompt first, "
+            "llava_msd_calibrated.py 413-436), here a seeded random order; it labels every proposed child of every "
+            "level through extra target forwards on the child's path (cnets.py 669-716), here the children of "
+            "accepted nodes from the verification logits; it resets its acceptance counters after the observed "
+            "requests (llava_msd_calibrated.py 446-450), so its alpha covers the other 80%, here every request; its "
+            "draft attends, within the tree, to itself and to every node of the earlier levels (tree_mask = eye, "
+            "never updated: cnets.py 1181-1193 and 164-170), here to its ancestors only; below depth 1 its "
+            "calibrator features exponentiate probabilities (confidence e^p, margin e^p1 - e^p2; cnets.py 1272, "
+            "785-801), here p and p1 - p2 at every depth; its tilt's attention comes from rows unrelated to the "
+            "node (TiltScorer's docstring), here from the node's parent's row."
+        ),
     ),
 )
 
@@ -136,9 +148,11 @@ TUNED = Preset(
     train_ratio=0.3,
     online_args="",
     notes=(
-        "The calibrated row uses the calibrator fitted for the pair (calibrators/miniature.json for the bundled "
-        "one; `lmms-msd calibrate`), or online calibration on 0.3 of each run's requests (label auto: the one "
-        "with the lower held-out Brier score) when there is none; its prediction is the node's weight.",
+        (
+            "The calibrated row uses the calibrator fitted for the pair (calibrators/miniature.json for the bundled "
+            "one; `lmms-msd calibrate`), or online calibration on 0.3 of each run's requests (label auto: the one "
+            "with the lower held-out Brier score) when there is none; its prediction is the node's weight."
+        ),
     ),
 )
 

@@ -16,10 +16,10 @@ alpha and tau (accepted draft tokens per step, and + 1) and tokens/s from the pl
 the score from lmms-eval's results: the task's primary metric, the first of its YAML's metric_list
 (`lmms_msd.lmms_eval.metrics`), named in the column's header.
 
-Without `--tasks`, the tasks are the real benchmarks' (chartqa, mathvista, ai2d, mathverse, textvqa) when
-their datasets are in the Hugging Face cache, else the five local families' long-answer tasks with
-`--include_path` the repository's tasks/ (`lmms_msd.commands.benchmark_data`); the log, results.md and
-results.json say which and why.
+Without `--tasks`, the tasks are the real benchmarks' (chartqa, mathvista_testmini_format, ai2d,
+mathverse_testmini, textvqa_val: lmms-eval tasks, not groups) when their datasets are in the Hugging Face
+cache, else the five local families' long-answer tasks with `--include_path` the repository's tasks/
+(`lmms_msd.commands.benchmark_data`); the log, results.md and results.json say which and why.
 
 Greedy speculative decoding is lossless: at temperature 0 every row's answers must equal the plain
 row's, doc_id by doc_id. A row whose answers differ is marked in every output and the command exits 1.

@@ -19,7 +19,6 @@ from lmms_msd.calibration.scorer import CALIBRATOR_MODES
 from lmms_msd.models.checkpoints import could_be_hub_id, missing_folder_message
 from lmms_msd.models.target import Target
 from lmms_msd.pipeline import (
-    TREES,
     PairSettings,
     RuntimeSettings,
     TreeSettings,
@@ -162,9 +161,7 @@ def coerce_model_args(
             "(the bundled draft fits only the bundled target); or use_msd=false for plain decoding"
         )
     pair = resolve_pair(pretrained, msd_model_path, need_draft=use_msd)
-    tree = str(tree).lower()
-    if tree not in TREES:
-        raise ValueError(f"unknown tree {tree!r}; valid: {list(TREES)}")
+    tree = str(tree).lower()  # checked by TreeSettings (`tree_settings`), before anything is loaded
     opt_variant = str(opt_variant).strip().lower()
     if opt_variant not in OPT_VARIANTS:
         raise ValueError(f"unknown opt_variant {opt_variant!r}; valid: {list(OPT_VARIANTS)}")

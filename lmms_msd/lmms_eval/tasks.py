@@ -1,15 +1,17 @@
 """A local lmms-eval task's documents read outside an lmms-eval run, as the requests the plugin would decode.
 
-`load_task` builds lmms-eval's own `ConfigurableTask` from a task YAML (with `include:` and `!function`
-resolved by lmms-eval's loader), optionally on another parquet file of the same schema (a `lmms-msd
-make-data` folder's); `task_documents` turns its documents into what the plugin decodes (the context
-from doc_to_text, the image from doc_to_visual, the generation settings from the YAML's
-generation_kwargs, as lmms-eval sends them) and scores an answer with the task's own process_results
-and primary metric (`lmms_msd.lmms_eval.metrics`).
+`find_task_yaml` finds a task's YAML in a folder of task YAMLs; `load_task` builds lmms-eval's own
+`ConfigurableTask` from it (with `include:`, `!function` and relative data_files resolved by lmms-eval's
+loader), optionally on another parquet file of the same schema (a `lmms-msd make-data` folder's);
+`task_prompts` turns its documents into what the plugin decodes (the context from doc_to_text, the image
+from doc_to_visual, as lmms-eval sends them; `task_generation_config`: the YAML's generation_kwargs, as
+lmms-eval sends them), and `task_documents` adds a scorer of an answer: the task's own process_results and
+primary metric (`lmms_msd.lmms_eval.metrics`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,28 @@ from lmms_msd.speculative.sampling import GenerationConfig
 if TYPE_CHECKING:
     from lmms_eval.api.task import ConfigurableTask
 
+log = logging.getLogger(__name__)
+
 
 # ---- a local task's documents ------------------------------------------------------------------------------
+def find_task_yaml(task: str, include_path: Path) -> Path:
+    """The YAML under `include_path` (searched recursively, in sorted order) whose `task:` is `task`; YAMLs
+    that lmms-eval's loader cannot read are skipped."""
+    from lmms_eval.utils import load_yaml_config
+
+    if not include_path.is_dir():
+        raise FileNotFoundError(f"--include_path {include_path}: no such folder")
+    for path in sorted(include_path.rglob("*.yaml")):
+        try:
+            config = load_yaml_config(str(path), mode="simple")
+        except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:
+            log.debug("skipping %s: %s", path, error)
+            continue
+        if isinstance(config, dict) and config.get("task") == task:
+            return path
+    raise FileNotFoundError(f"no task {task!r} in the YAML files under {include_path}; pass --include_path <folder of its YAML>")
+
+
 def load_task(yaml_path: Path, data_file: Path | None = None) -> ConfigurableTask:
     """lmms-eval's ConfigurableTask of the task YAML at `yaml_path` (`include:` and `!function` resolved as
     lmms-eval resolves them); `data_file` replaces the parquet file its dataset_kwargs name."""
@@ -40,8 +62,6 @@ def load_task(yaml_path: Path, data_file: Path | None = None) -> ConfigurableTas
         if config.get("dataset_path") != "parquet":
             raise ValueError(f"{yaml_path.name} does not read a parquet file (dataset_path {config.get('dataset_path')!r}); it cannot take {data_file}")
         config["dataset_kwargs"] = {**config.get("dataset_kwargs", {}), "data_files": {config["test_split"]: str(data_file)}}
-    if config.get("filter_list"):
-        raise ValueError(f"{yaml_path.name} has filters ({config['filter_list']}); only tasks scored on the raw answer are read here")
     if config.get("output_type") != "generate_until":
         raise ValueError(f"{yaml_path.name} is a {config.get('output_type')!r} task; only generate_until tasks are decoded")
     return ConfigurableTask(config=config, model_name=MODEL_ID)
@@ -60,6 +80,15 @@ def data_file_name(yaml_path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class TaskPrompt:
+    """One document of a task, as the plugin would get it to decode."""
+
+    doc_id: int
+    context: str  # doc_to_text: the question without `<image>`
+    images: list[Image.Image]  # doc_to_visual: none or one
+
+
+@dataclass(frozen=True)
 class TaskDocument:
     """One document of a local task, as the plugin would decode it."""
 
@@ -70,18 +99,37 @@ class TaskDocument:
     score: Callable[[str], float]  # the task's primary metric of an answer (process_results on the stripped text)
 
 
-def task_documents(task: ConfigurableTask, limit: int | None) -> list[TaskDocument]:
-    """The first `limit` (None: all) documents of the task's evaluation split. A task's score is the mean
-    of its documents' scores, so its primary metric must aggregate by mean."""
+def task_prompts(task: ConfigurableTask, limit: int | None) -> list[TaskPrompt]:
+    """The first `limit` (None: all) documents of the task's evaluation split, as the plugin gets them
+    (doc_to_text with the task's lmms_eval_specific_kwargs, doc_to_visual)."""
     docs = task.eval_docs
+    return [
+        TaskPrompt(doc_id, task.doc_to_text(docs[doc_id]), request_images(task.doc_to_visual, docs[doc_id]))
+        for doc_id in range(len(docs) if limit is None else min(limit, len(docs)))
+    ]
+
+
+def task_generation_config(task: ConfigurableTask) -> GenerationConfig:
+    """The settings of the task's generation_kwargs, as lmms-eval sends them (with its default stop string,
+    the fewshot delimiter, when the YAML names none)."""
+    return generation_config(task.config.generation_kwargs)
+
+
+def task_documents(task: ConfigurableTask, limit: int | None) -> list[TaskDocument]:
+    """`task_prompts` with their generation settings and scorers. A task's score is the mean of its
+    documents' scores on the raw answer, so it may have no filters and its primary metric must aggregate
+    by mean."""
+    if task.config.filter_list:
+        raise ValueError(f"task {task.config.task} has filters ({task.config.filter_list}); only tasks scored on the raw answer are read here")
     metric = primary_metric_name(vars(task.config))
     aggregation = task.config.metric_list[0].get("aggregation")
     if aggregation != "mean":
         raise ValueError(f"task {task.config.task}: its primary metric {metric!r} aggregates by {aggregation!r}; only mean is supported here")
-    config = generation_config(task.config.generation_kwargs)
+    config = task_generation_config(task)
+    docs = task.eval_docs
     out = []
-    for doc_id in range(len(docs) if limit is None else min(limit, len(docs))):
-        doc = docs[doc_id]
+    for prompt in task_prompts(task, limit):
+        doc = docs[prompt.doc_id]
 
         def score(answer: str, doc: dict[str, Any] = doc) -> float:
             values = task.process_results(doc, [answer.strip()])
@@ -89,5 +137,5 @@ def task_documents(task: ConfigurableTask, limit: int | None) -> list[TaskDocume
                 raise ValueError(f"task {task.config.task}: process_results returned {sorted(values)}, not its primary metric {metric!r}")
             return float(values[metric])
 
-        out.append(TaskDocument(doc_id, task.doc_to_text(doc), request_images(task.doc_to_visual, doc), config, score))
+        out.append(TaskDocument(prompt.doc_id, prompt.context, prompt.images, config, score))
     return out

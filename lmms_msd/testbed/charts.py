@@ -47,13 +47,14 @@ import argparse
 import io
 import json
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
+
+from lmms_msd.testbed.families.common import IMAGE_PREFIX, parallel_map, write_json
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ LONG_INSTRUCTION = (
     "\nFirst explain in one or two sentences how you read the answer from the chart. Then give the final "
     'answer, a single word or number, on the last line in the form "Answer: <answer>".'
 )
-IMAGE_PREFIX = "<image>\n"  # where LLaVA's conversations put the image
 SPLITS = ("train", "test")
 
 
@@ -342,11 +342,11 @@ def build_chart_dataset(
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         jobs = [ChartJob(str(out), split, i, seed, image_size, questions_per_chart, value_labels) for i in range(n)]
         records: list[dict[str, Any]] = []
-        for job, (chart, qas) in zip(jobs, _map(make_chart, jobs, workers, progress, f"charts ({split})")):
+        for job, (chart, qas) in zip(jobs, parallel_map(make_chart, jobs, workers, progress, f"charts ({split})")):
             records.extend(conversations(job, chart, qas))
             if split == "test":
                 test_rows.extend(_chartqa_row(job, chart, qa, q) for q, qa in enumerate(qas))
-        _write_json(out / f"llava_{split}.json", records)
+        write_json(out / f"llava_{split}.json", records)
         counts[split] = {"charts": n, "conversations": len(records)}
     if write_parquet and n_test:
         write_chartqa_parquet(out, test_rows)
@@ -395,27 +395,6 @@ def write_chartqa_parquet(out: Path, rows: list[dict[str, Any]]) -> None:
         columns["image"] = [{"bytes": (out / row["image_path"]).read_bytes(), "path": None} for row in rows]
         features = Features({**{name: Value("string") for name in names}, "image": Image()})
         Dataset.from_dict(columns, features=features).to_parquet(str(out / f"chartqa_{style}_test.parquet"))
-
-
-def _map(fn: Callable[[ChartJob], Any], jobs: list[ChartJob], workers: int, progress: bool, desc: str) -> Iterator[Any]:
-    """fn over jobs in order, in `workers` processes, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, mininterval=2)
-    if workers <= 1:
-        for job in jobs:
-            yield fn(job)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(fn, jobs, chunksize=max(1, min(256, len(jobs) // (8 * workers)))):
-                yield result
-                bar.update()
-    bar.close()
-
-
-def _write_json(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text(json.dumps(records, ensure_ascii=False) + "\n")
 
 
 def read_conversations(data_dir: str | Path, split: str) -> list[dict[str, Any]]:

@@ -40,13 +40,12 @@ from lmms_msd.models.draft import (
     new_random_draft,
     save_draft,
 )
+from lmms_msd.models.loading import DTYPES
 from lmms_msd.models.prompt import IMAGE_PLACEHOLDER, TEMPLATE_SYSTEM_PROMPTS
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.speculative.drafting import prefill_inputs
 
 log = logging.getLogger(__name__)
-
-SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -302,7 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="the target's dtype (the draft trains in float32)")
     parser.add_argument(
-        "--save_dtype", choices=sorted(SAVE_DTYPES), default="float32",
+        "--save_dtype", choices=sorted(DTYPES), default="float32",
         help="dtype of the finished head in output_dir (its resume checkpoint stays float32)",
     )
     parser.add_argument(
@@ -326,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     summary = train_draft(
         target, args.data, args.image_folder, args.output_dir, config,
-        save_dtype=SAVE_DTYPES[args.save_dtype], max_shard_size=args.max_shard_size,
+        save_dtype=DTYPES[args.save_dtype], max_shard_size=args.max_shard_size,
     )
     last = summary["last"] or {}
     print(f"draft written to {args.output_dir}; last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))

@@ -55,20 +55,24 @@ import torch
 import torch.nn.functional as F
 
 from lmms_msd.models.checkpoints import shard_size
+from lmms_msd.models.loading import DTYPES
 from lmms_msd.models.prompt import (
     IMAGE_PLACEHOLDER,
     TEMPLATE_SYSTEM_PROMPTS,
     PromptFormat,
 )
 from lmms_msd.testbed.charts import IMAGE_PREFIX, read_conversations
+from lmms_msd.testbed.tiny import (
+    add_image_and_pad_tokens,
+    llava_config,
+    save_clip_image_processor,
+    train_byte_bpe,
+)
 
 log = logging.getLogger(__name__)
 
 PROMPT_FORMAT = PromptFormat(conv_template="vicuna_v1", system_prompt=None, tokenization="hf")
 IGNORE_INDEX = -100  # labels of positions outside the reply
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # The llava-hf LLaVA-1.5 model cards' chat template (llava-hf/llava-1.5-7b-hf, chat_template.json: images
 # first, then the text, roles upper-cased, "ASSISTANT:" to generate), plus one branch: a message whose
 # content is a plain string (as lmms-eval's llava_hf model passes "<image>\n{question}") is written as is.
@@ -117,6 +121,11 @@ class TargetSizes:
     vision_layers: int = 4  # the last one is not read (vision_feature_layer=-2), as in LLaVA-1.5
     vision_heads: int = 2  # head_dim 64, CLIP ViT-L's
 
+    @property
+    def num_kv_heads(self) -> int:
+        """As many key/value heads as query heads (LLaMA-7B's multi-head attention)."""
+        return self.num_heads
+
 
 SIZE_PRESETS = {
     "default": TargetSizes(),
@@ -151,8 +160,6 @@ def train_tokenizer(texts: Iterable[str], folder: str | Path, vocab_size: int, m
         n .. vocab_size - 3                          <unused0> .. (padding, never produced by encoding)
         vocab_size - 2 <image>, vocab_size - 1 <pad> added special tokens (31998 and 31999 by default)
     """
-    from lmms_msd.testbed.tiny import add_image_and_pad_tokens, train_byte_bpe
-
     budget = vocab_size - N_ADDED
     if budget < 3 + 256:
         raise ValueError(f"vocab_size {vocab_size} leaves no room for the 3 special tokens, 256 byte symbols, <image> and <pad>; use at least {3 + 256 + N_ADDED}")
@@ -223,48 +230,15 @@ def split_conversation(record: dict[str, Any]) -> tuple[str, str]:
 
 # ---- model -------------------------------------------------------------------------------------------
 def target_config(sizes: TargetSizes, tokenizer: Any) -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
+    """The target's LlavaConfig (`lmms_msd.testbed.tiny.llava_config`), its sizes checked against each other
+    and against the tokenizer."""
     if sizes.image_size % sizes.patch_size:
         raise ValueError(f"image_size {sizes.image_size} is not a multiple of patch_size {sizes.patch_size}")
     if sizes.vision_hidden_size % sizes.vision_heads:
         raise ValueError(f"vision_hidden_size {sizes.vision_hidden_size} is not a multiple of vision_heads {sizes.vision_heads}")
     if len(tokenizer) != sizes.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the sizes say vocab_size={sizes.vocab_size}")
-    text = LlamaConfig(
-        vocab_size=sizes.vocab_size,
-        hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size,
-        num_hidden_layers=sizes.num_layers,
-        num_attention_heads=sizes.num_heads,
-        num_key_value_heads=sizes.num_heads,
-        head_dim=sizes.head_dim,
-        max_position_embeddings=sizes.max_position_embeddings,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=sizes.vision_hidden_size,
-        intermediate_size=sizes.vision_intermediate_size,
-        num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=sizes.vision_heads,
-        image_size=sizes.image_size,
-        patch_size=sizes.patch_size,
-        projection_dim=sizes.vision_hidden_size,
-    )
-    return LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        image_seq_length=(sizes.image_size // sizes.patch_size) ** 2,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    )
+    return llava_config(sizes, sizes.vocab_size, tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
 
 
 @torch.no_grad()
@@ -298,19 +272,6 @@ def build_target_model(sizes: TargetSizes, tokenizer: Any, seed: int) -> Any:
     embed, head = model.get_input_embeddings().weight, model.lm_head.weight
     assert embed.data_ptr() != head.data_ptr(), "lm_head must not be tied to the input embeddings (LLaVA's are not)"
     return model
-
-
-def save_image_processor(folder: str | Path, image_size: int) -> None:
-    """A CLIP preprocessor_config.json at the target's input size, as LLaVA-1.5's (resize the shortest edge
-    to image_size, centre crop, CLIP mean/std)."""
-    from transformers import CLIPImageProcessor
-
-    CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-    ).save_pretrained(str(folder))
 
 
 def save_processor(folder: str | Path, tokenizer: Any, config: Any) -> None:
@@ -718,8 +679,8 @@ def train_target(
     from lmms_msd.models.image import load_image_preprocessor
     from lmms_msd.models.target import Target
 
-    if save_dtype not in SAVE_DTYPES:
-        raise ValueError(f"save_dtype {save_dtype!r} is not one of {sorted(SAVE_DTYPES)}")
+    if save_dtype not in DTYPES:
+        raise ValueError(f"save_dtype {save_dtype!r} is not one of {sorted(DTYPES)}")
     if time_limit_s is not None and time_limit_s <= 0:
         raise ValueError(f"time_limit_s must be positive, got {time_limit_s}: no time is left for training")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -732,7 +693,7 @@ def train_target(
     train_records = read_conversations(data_dir, "train")
     tokenizer = train_tokenizer(tokenizer_corpus(train_records), out_dir, sizes.vocab_size, sizes.max_position_embeddings)
     model = build_target_model(sizes, tokenizer, seed).to(torch_device)
-    save_image_processor(out_dir, image_size)
+    save_clip_image_processor(out_dir, image_size)
     preprocessor = load_image_preprocessor(out_dir, pad_to_square=False)
     target = Target(model, tokenizer, preprocessor, PROMPT_FORMAT, "hf")
     counts = parameter_counts(model)
@@ -760,7 +721,7 @@ def train_target(
     )
 
     # 4. save, reload through the loader, greedy samples
-    model.to(SAVE_DTYPES[save_dtype]).save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    model.to(DTYPES[save_dtype]).save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     save_processor(out_dir, tokenizer, model.config)
     metrics.update(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, save_dtype=save_dtype,
@@ -821,7 +782,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZE_PRESETS), default="default", help="model size preset")
-    parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16")
+    parser.add_argument("--save-dtype", choices=sorted(DTYPES), default="float16")
     parser.add_argument(
         "--max-shard-size", default="15MB", type=shard_size,
         help="largest weight file to write (transformers' save_pretrained; 15MB = 15 * 10**6 bytes); bigger models are sharded",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import torch
 
@@ -46,6 +46,7 @@ class TinySizes:
     num_layers: int = 2
     num_heads: int = 4  # head_dim = hidden_size // num_heads = 16
     num_kv_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_heads
     max_position_embeddings: int = 512
     vision_hidden_size: int = 32
     vision_intermediate_size: int = 64
@@ -110,7 +111,26 @@ def add_image_and_pad_tokens(tokenizer: Any) -> tuple[int, int]:
 
 
 # ---- configs ----------------------------------------------------------------------------------------
-def tiny_text_config(sizes: TinySizes, vocab_size: int, tokenizer: Any) -> Any:
+class LlavaShape(Protocol):
+    """The sizes a LLaVA config is built from (`TinySizes`; the testbed's `target_training.TargetSizes`)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None  # None: hidden_size // num_heads (LlamaConfig's default)
+    max_position_embeddings: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+
+
+def llava_text_config(sizes: LlavaShape, vocab_size: int, tokenizer: Any) -> Any:
+    """LLaMA's text config at `sizes`, with the tokenizer's special ids and an untied lm_head (LLaVA's)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -120,6 +140,7 @@ def tiny_text_config(sizes: TinySizes, vocab_size: int, tokenizer: Any) -> Any:
         num_hidden_layers=sizes.num_layers,
         num_attention_heads=sizes.num_heads,
         num_key_value_heads=sizes.num_kv_heads,
+        head_dim=sizes.head_dim,
         max_position_embeddings=sizes.max_position_embeddings,
         rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,
@@ -129,7 +150,8 @@ def tiny_text_config(sizes: TinySizes, vocab_size: int, tokenizer: Any) -> Any:
     )
 
 
-def tiny_vision_config(sizes: TinySizes) -> Any:
+def clip_vision_config(sizes: LlavaShape) -> Any:
+    """CLIP's vision config at `sizes`: (image_size // patch_size) ** 2 patches."""
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
@@ -143,27 +165,31 @@ def tiny_vision_config(sizes: TinySizes) -> Any:
     )
 
 
-def tiny_llava_config(sizes: TinySizes, vocab_size: int, tokenizer: Any, image_token_id: int) -> Any:
+def llava_config(sizes: LlavaShape, vocab_size: int, tokenizer: Any, image_token_id: int) -> Any:
+    """LLaVA-1.5's config at `sizes`: the CLIP tower's second-to-last layer without the CLS token
+    (vision_feature_layer=-2, strategy "default"), a 2-layer GELU projector, image_seq_length the patch count."""
     from transformers import LlavaConfig
 
     return LlavaConfig(
-        text_config=tiny_text_config(sizes, vocab_size, tokenizer),
-        vision_config=tiny_vision_config(sizes),
+        text_config=llava_text_config(sizes, vocab_size, tokenizer),
+        vision_config=clip_vision_config(sizes),
         image_token_index=image_token_id,
         image_seq_length=(sizes.image_size // sizes.patch_size) ** 2,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
     )
 
 
-def save_clip_image_processor(folder: str | Path, sizes: TinySizes) -> None:
-    """A CLIP preprocessor_config.json for `sizes.image_size` (shortest-edge resize, then centre crop)."""
+def save_clip_image_processor(folder: str | Path, image_size: int) -> None:
+    """A CLIP preprocessor_config.json at `image_size`, as LLaVA-1.5's (resize the shortest edge to
+    image_size, centre crop, CLIP mean/std)."""
     from transformers import CLIPImageProcessor
 
     CLIPImageProcessor(
-        size={"shortest_edge": sizes.image_size},
-        crop_size={"height": sizes.image_size, "width": sizes.image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD),
     ).save_pretrained(str(folder))
@@ -207,10 +233,10 @@ def save_tiny_hf_target(folder: str | Path, seed: int = 0, sizes: TinySizes = Ti
     tokenizer = make_tiny_tokenizer(folder, sizes.vocab_size)
     image_token_id, _ = add_image_and_pad_tokens(tokenizer)
     tokenizer.save_pretrained(str(folder))
-    config = tiny_llava_config(sizes, len(tokenizer), tokenizer, image_token_id)
+    config = llava_config(sizes, len(tokenizer), tokenizer, image_token_id)
     model = randomize_(LlavaForConditionalGeneration(config), seed)
     model.save_pretrained(str(folder))
-    save_clip_image_processor(folder, sizes)
+    save_clip_image_processor(folder, sizes.image_size)
     return folder
 
 
@@ -221,10 +247,10 @@ def save_tiny_clip(clip_folder: str | Path, seed: int, sizes: TinySizes = TinySi
     clip_folder = Path(clip_folder)
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    config = CLIPConfig(text_config=text, vision_config=tiny_vision_config(sizes).to_dict(),
+    config = CLIPConfig(text_config=text, vision_config=clip_vision_config(sizes).to_dict(),
                         projection_dim=sizes.vision_hidden_size)
     randomize_(CLIPModel(config), seed).save_pretrained(str(clip_folder))
-    save_clip_image_processor(clip_folder, sizes)
+    save_clip_image_processor(clip_folder, sizes.image_size)
     return clip_folder
 
 
@@ -243,7 +269,7 @@ def save_tiny_original_target(
     save_tiny_clip(clip_folder, seed + 1, sizes)
     tokenizer = make_tiny_tokenizer(folder, sizes.vocab_size)
     vocab_size = len(tokenizer)  # `<image>` lies past the vocabulary, as in LLaVA-1.5
-    config = tiny_llava_config(sizes, vocab_size, tokenizer, image_token_id=vocab_size)
+    config = llava_config(sizes, vocab_size, tokenizer, image_token_id=vocab_size)
     model = randomize_(LlavaForConditionalGeneration(config), seed)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(_original_state_dict(model.state_dict()), folder / "pytorch_model.bin")
