@@ -13,7 +13,8 @@ And a folder written by transformers' own `save_pretrained` of the bundled targe
 (image settings inside processor_config.json, no preprocessor_config.json) loads in the plugin and
 decodes what llava_hf decodes from that same folder (issue 12, item 5).
 
-Each configuration is one `python -m lmms_eval` process (two at a time); lmms-eval exits 0 even when the
+The configurations run in two `python -m lmms_eval --config` processes at a time, each running its share in
+turn (lmms-eval's start-up, mostly imports, is paid once per process); lmms-eval exits 0 even when an
 evaluation failed, so a run counts only when its results and samples files exist. llava_hf is run with
 device=cpu, device_map=cpu and dtype=float32 (its defaults are CUDA and the checkpoint's float16), and
 the plugin with device=cpu, dtype=float32, so both decode the same float32 model greedily. llava_hf
@@ -25,6 +26,7 @@ lmms-eval's filters do before scoring), so answers are compared stripped.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -41,7 +43,7 @@ from lmms_msd.testbed.bundled import bundled_paths
 REPO = Path(__file__).resolve().parents[1]
 TASK = "msd_chartqa_synth_long"  # long answers (about 60 tokens): many steps for the speculative loop
 LIMIT = 20
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 600  # per configuration
 PARALLEL_RUNS = 2
 LLAVA_HF = "device=cpu,device_map=cpu,dtype=float32"
 OURS = "device=cpu,dtype=float32"
@@ -52,25 +54,37 @@ class Config:
     name: str
     model: str  # "llava_hf" or "llava_msd_calibrated"
     model_args: str
-    flags: tuple[str, ...] = ()  # more lmms-eval options
+    force_simple: bool = False  # lmms-eval's --force_simple: the simple model of a model that has a chat one
 
 
-def run_lmms_eval(config: Config, out: Path) -> dict[int, str]:
-    """One lmms-eval run -> doc_id -> answer (stripped); fails the test, with the log's tail, when the run
-    left no results and samples."""
-    out.mkdir(parents=True)
-    command = [
-        sys.executable, "-m", "lmms_eval", "--model", config.model, "--model_args", config.model_args,
-        "--tasks", TASK, "--include_path", str(REPO / "tasks"), "--limit", str(LIMIT), "--batch_size", "1",
-        "--log_samples", "--output_path", str(out / "results"), *config.flags,
+def run_lmms_eval(configs: list[Config], root: Path) -> list[dict[int, str]]:
+    """One `python -m lmms_eval --config` process running `configs` in turn (one import of lmms-eval for all),
+    each into root/<index> -> per configuration, doc_id -> answer (stripped); fails the test, with the log's
+    tail, for a configuration that left no results and samples."""
+    root.mkdir(parents=True)
+    outs = [root / str(i) for i in range(len(configs))]
+    entries = [
+        {
+            "model": config.model, "model_args": config.model_args, "tasks": TASK, "include_path": str(REPO / "tasks"),
+            "limit": LIMIT, "batch_size": 1, "log_samples": True, "output_path": str(out / "results"),
+            "force_simple": config.force_simple,
+        }
+        for config, out in zip(configs, outs)
     ]  # fmt: skip
+    config_file = root / "configs.yaml"
+    config_file.write_text(json.dumps(entries, indent=2))  # JSON is YAML
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = out / "lmms_eval.log"
+    log = root / "lmms_eval.log"
     with log.open("w") as handle:
-        done = subprocess.run(command, cwd=out, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, check=False)
-    if done.returncode != 0 or not list(out.rglob("*_results.json")) or not list(out.rglob(f"*_samples_{TASK}.jsonl")):
-        pytest.fail(f"{config.name}: lmms-eval left no results and samples (exit {done.returncode}); the end of {log}:\n{log_tail(log)}")
-    return {doc_id: answer.strip() for doc_id, answer in read_answers(out, TASK).items()}
+        command = [sys.executable, "-m", "lmms_eval", "--config", str(config_file)]
+        done = subprocess.run(command, cwd=root, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                              timeout=RUN_TIMEOUT_S * len(configs), check=False)  # fmt: skip
+    answers = []
+    for config, out in zip(configs, outs):
+        if done.returncode != 0 or not list(out.rglob("*_results.json")) or not list(out.rglob(f"*_samples_{TASK}.jsonl")):
+            pytest.fail(f"{config.name}: lmms-eval left no results and samples (exit {done.returncode}); the end of {log}:\n{log_tail(log)}")
+        answers.append({doc_id: answer.strip() for doc_id, answer in read_answers(out, TASK).items()})
+    return answers
 
 
 def save_with_transformers(source: Path, dest: Path) -> Path:
@@ -99,7 +113,7 @@ def answers(folders, tmp_path_factory) -> dict[str, dict[int, str]]:
     """Configuration name -> doc_id -> answer, every configuration run once."""
     target, draft, saved = folders["target"], folders["draft"], folders["saved"]
     configs = [
-        Config("llava_hf fallback template", "llava_hf", f"pretrained={folders['no_template']},{LLAVA_HF}", ("--force_simple",)),
+        Config("llava_hf fallback template", "llava_hf", f"pretrained={folders['no_template']},{LLAVA_HF}", force_simple=True),
         Config("llava_hf chat template", "llava_hf", f"pretrained={target},{LLAVA_HF}"),
         Config("ours vicuna_v1 plain", "llava_msd_calibrated", f"use_msd=false,{OURS}"),
         Config("ours vicuna_v1 speculative", "llava_msd_calibrated", OURS),
@@ -112,9 +126,10 @@ def answers(folders, tmp_path_factory) -> dict[str, dict[int, str]]:
         ),  # fmt: skip
     ]
     root = tmp_path_factory.mktemp("peer-runs")
+    groups = [configs[i::PARALLEL_RUNS] for i in range(PARALLEL_RUNS)]
     with ThreadPoolExecutor(PARALLEL_RUNS) as pool:
-        runs = pool.map(lambda indexed: run_lmms_eval(indexed[1], root / f"run{indexed[0]}"), enumerate(configs))
-        return {config.name: result for config, result in zip(configs, runs)}
+        runs = pool.map(lambda indexed: run_lmms_eval(indexed[1], root / f"process{indexed[0]}"), enumerate(groups))
+        return {config.name: result for group, results in zip(groups, runs) for config, result in zip(group, results)}
 
 
 def assert_same_answers(answers: dict[str, dict[int, str]], reference: str, *others: str) -> None:
