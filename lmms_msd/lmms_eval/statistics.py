@@ -205,8 +205,9 @@ def format_table(report: Mapping[str, Any], max_sample_rows: int = 20) -> str:
     auto = report.get("use_msd_auto")
     lines = [] if not auto else [
         f"use_msd=auto: plain steps {auto['plain_tok_s']} tokens/s, the best any tree could commit {auto['ceiling_tok_s']}, "
-        f"the realised speculative steps {auto['estimated_tok_s']} (modelled seconds, {auto['speculative_steps']} steps); "
-        "requests " + ", ".join(f"{n} {why}" for why, n in auto["requests"].items()),
+        + ("no speculative step decoded" if auto["estimated_tok_s"] is None else
+           f"the realised speculative steps {auto['estimated_tok_s']} ({auto['speculative_steps']} steps over their modelled seconds)")
+        + "; requests: " + ", ".join(f"{n} {why}" for why, n in auto["requests"].items()),
         "",
     ]  # fmt: skip
     lines += [
