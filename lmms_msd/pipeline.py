@@ -423,8 +423,9 @@ def decode_requests(
     """Decode every request; the results come back in the requests' order.
 
     tree: None decodes plainly; with a `path_choice` (use_msd=auto) each request goes the way it chooses
-    (`PathChoice.choose`), except under online calibration, which observes every request. online: the requests go in its seeded order; it observes the first
-    share with `tree`'s raw confidence and scores later requests' trees with the calibrator it fits.
+    (`PathChoice.choose`), except under online calibration, which observes every request speculatively.
+    online: the requests go in its seeded order; it observes the first share with `tree`'s raw
+    confidence and scores later requests' trees with the calibrator it fits.
     This loop decodes one request at a time; a batched loop (many requests in flight) replaces this
     function, and nothing that calls it.
     A request whose preparation or decoding fails raises ValueError starting with its name.

@@ -20,7 +20,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,16 +34,25 @@ TREES = ("weight_cost", "weight_delta", "raw_cost", "tilt_cost")
 
 @dataclass
 class Prediction:
-    """A `StepObserver` summing, over the steps it sees, the tree's predicted accepted length and the realised one."""
+    """A `StepObserver` summing, over the steps it sees, the tree's predicted accepted length and the realised
+    one, in total and by depth (depth d: the predicted probability that the accepted path reaches d, the sum
+    of the weights at depth d, against whether it did)."""
 
     steps: int = 0
     predicted: float = 0.0
     realised: int = 0
+    predicted_by_depth: dict[int, float] = field(default_factory=dict)
+    realised_by_depth: dict[int, int] = field(default_factory=dict)
 
     def __call__(self, tree, logits, acceptance) -> None:
+        weights, depths = tree.scores[1:].exp().tolist(), tree.depths[1:].tolist()
         self.steps += 1
-        self.predicted += float(tree.scores[1:].exp().sum())
+        self.predicted += sum(weights)
         self.realised += acceptance.accepted
+        for weight, depth in zip(weights, depths):
+            self.predicted_by_depth[depth] = self.predicted_by_depth.get(depth, 0.0) + weight
+        for depth in range(1, max(depths, default=0) + 1):
+            self.realised_by_depth[depth] = self.realised_by_depth.get(depth, 0) + int(acceptance.accepted >= depth)
 
 
 def parse_list(text: str) -> list[str]:
@@ -112,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = seen.predicted / seen.realised if seen.realised else float("nan")
                 rows.append({"task": task, "temperature": temperature, "tree": name, "requests": len(requests), "steps": seen.steps,
                              "predicted_per_step": seen.predicted / seen.steps, "realised_per_step": seen.realised / seen.steps,
-                             "ratio": ratio})  # fmt: skip
+                             "ratio": ratio, "predicted_by_depth": seen.predicted_by_depth,
+                             "realised_by_depth": seen.realised_by_depth})  # fmt: skip
                 log.info("%s T=%g %s: predicted %.3f, realised %.3f per step (%.3f)", task, temperature, name,
                          rows[-1]["predicted_per_step"], rows[-1]["realised_per_step"], ratio)  # fmt: skip
     lines = [f"# Predicted vs realised accepted tokens per step ({' '.join(sys.argv[1:]) or 'defaults'})", "",
@@ -126,6 +136,17 @@ def main(argv: list[str] | None = None) -> int:
             predicted = sum(r["predicted_per_step"] * r["steps"] for r in chosen)
             realised = sum(r["realised_per_step"] * r["steps"] for r in chosen)
             lines.append(f"| all | {temperature:g} | {name} | {sum(r['steps'] for r in chosen)} | | | {predicted / realised:.3f} |")
+    lines += ["", "By depth (all tasks): predicted / realised steps whose accepted path reached the depth, per step", "",
+              "| tree | T | " + " | ".join(f"depth {d}" for d in range(1, 7)) + " |", "|---|---|" + "---|" * 6]  # fmt: skip
+    for name in trees:
+        for temperature in args.temperatures:
+            chosen = [r for r in rows if r["tree"] == name and r["temperature"] == temperature]
+            cells = []
+            for d in range(1, 7):
+                predicted = sum(r["predicted_by_depth"].get(d, 0.0) for r in chosen)
+                realised = sum(r["realised_by_depth"].get(d, 0) for r in chosen)
+                cells.append(f"{predicted / realised:.3f}" if realised else "–")
+            lines.append(f"| {name} | {temperature:g} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (args.output_dir / "predicted_accepted.md").write_text(text)
     (args.output_dir / "predicted_accepted.json").write_text(json.dumps({"args": sys.argv[1:], "rows": rows}, indent=2) + "\n")
