@@ -40,7 +40,13 @@ from lmms_msd.speculative.batching import (
     generate_batched,
     same_tree,
 )
-from lmms_msd.speculative.cost import STOPS, cached_cost_model, describe, summary_line
+from lmms_msd.speculative.cost import (
+    STOPS,
+    PathChoice,
+    cached_cost_model,
+    describe,
+    summary_line,
+)
 from lmms_msd.speculative.decoding import (
     GenerationResult,
     StepObserver,
@@ -244,7 +250,8 @@ class TreeSettings:
     calibrator: str | None = None  # a calibrator JSON (`lmms-msd calibrate`); None: the raw draft confidence
     calibrator_mode: str = "weight"  # how the calibrator scores nodes (`lmms_msd.calibration.scorer`)
     stop: str = _OPT.stop  # OPT-Tree's stop rule: "delta" (stop_delta) or "cost" (`lmms_msd.speculative.cost`)
-    cost_cache: str | None = None  # stop "cost": the folder of cached cost models [cost.default_cache()]
+    cost_cache: str | None = None  # stop "cost" and choose_path: the folder of cached cost models [cost.default_cache()]
+    choose_path: bool = False  # use_msd=auto: each request plain or speculative by the measured costs (`PathChoice`)
 
     def __post_init__(self) -> None:
         if self.kind not in TREES:
@@ -276,6 +283,7 @@ class TreeSetup:
     total_tokens_auto: dict[str, Any] | None = None  # total_tokens auto: candidates, seconds, chosen (`time_total_tokens`)
     # stop "cost": the cost model's file, whether it was measured now, its key and times (`cost.describe`)
     cost_model: dict[str, Any] | None = None
+    path_choice: PathChoice | None = None  # use_msd=auto: chooses each request's path (`decode_requests`)
 
 
 def build_tree(settings: TreeSettings, decoder: Decoder) -> TreeSetup:
@@ -285,9 +293,12 @@ def build_tree(settings: TreeSettings, decoder: Decoder) -> TreeSetup:
     builder = tree_builder(settings)
     if settings.kind == "eagle2" and settings.total_tokens is None:
         auto = time_total_tokens(decoder)
-        return TreeSetup(EagleTree(auto["chosen"], settings.depth, settings.top_k), track_visual=False, total_tokens_auto=auto)
-    setup = TreeSetup(builder, track_visual=False) if settings.calibrator is None else calibrated_setup(settings, decoder, builder)
-    return setup if settings.stop == "delta" else with_cost_model(setup, decoder, settings.cost_cache)
+        setup = TreeSetup(EagleTree(auto["chosen"], settings.depth, settings.top_k), track_visual=False, total_tokens_auto=auto)
+    else:
+        setup = TreeSetup(builder, track_visual=False) if settings.calibrator is None else calibrated_setup(settings, decoder, builder)
+    if settings.stop == "cost":
+        setup = with_cost_model(setup, decoder, settings.cost_cache)
+    return with_path_choice(setup, decoder, settings.cost_cache) if settings.choose_path else setup
 
 
 def with_cost_model(setup: TreeSetup, decoder: Decoder, folder: str | None) -> TreeSetup:
@@ -298,6 +309,23 @@ def with_cost_model(setup: TreeSetup, decoder: Decoder, folder: str | None) -> T
     builder = OptTree(**(setup.builder.settings() | {"stop": "cost", "cost": model}))
     meta = {"file": str(path), "measured_now": measured, **describe(model)}
     return replace(setup, builder=builder, cost_model=meta)
+
+
+def with_path_choice(setup: TreeSetup, decoder: Decoder, folder: str | None) -> TreeSetup:
+    """`setup` choosing each request's path (use_msd=auto, `PathChoice`) by the cost model of its tree on
+    the decoder's runtime: stop "cost"'s own, else the cached or measured one of the OPT-Tree that grows
+    as the tree does (EAGLE-2: variant "frontier", every proposal stored, to its depth)."""
+    spec = setup.builder
+    if spec.cost is not None:
+        model = spec.cost
+    else:
+        timed = spec if spec.kind == "opt" else OptTree(node_budget=spec.node_budget, max_depth=spec.max_depth, top_k=spec.top_k)
+        model, path, measured = cached_cost_model(decoder.runtime, timed, setup.track_visual, None if folder is None else Path(folder))
+        log.info("use_msd=auto, cost model %s (%s): %s", "measured now" if measured else "read", path, summary_line(model))
+    choice = PathChoice(model, spec.max_depth, spec.budget)
+    log.info("use_msd=auto: plain steps %.1f tokens/s; the best any tree could commit %.1f tokens/s (%s)", choice.plain_rate,
+             choice.ceiling_rate, "plain decoding" if choice.ceiling_rate <= choice.plain_rate else "speculative decoding first")  # fmt: skip
+    return replace(setup, path_choice=choice)
 
 
 def calibrated_setup(settings: TreeSettings, decoder: Decoder, builder: TreeSpec) -> TreeSetup:
@@ -414,13 +442,18 @@ def decode_requests(
 ) -> list[GenerationResult]:
     """Decode every request; the results come back in the requests' order.
 
-    tree: None decodes plainly. online: the requests go in its seeded order; it observes the first
-    share with `tree`'s raw confidence and scores later requests' trees with the calibrator it fits.
+    tree: None decodes plainly; with a `path_choice` (use_msd=auto) each request goes the way it chooses
+    (`PathChoice.choose`), except under online calibration, which observes every request speculatively.
+    online: the requests go in its seeded order; it observes the first share with `tree`'s raw
+    confidence and scores later requests' trees with the calibrator it fits.
     max_batch: requests in flight at once. 1 runs the one-request loops (`decode`); more runs the
     batched loop (`lmms_msd.speculative.batching.generate_batched`: continuous batching, one target
     forward per step for all rows), whose tokens are the same at T=0 and, sampling, drawn from each
     request's own seeded generator. Online calibration observes its share one request at a time
-    (its observer follows one request at a time) and batches the rest, once fitted.
+    (its observer follows one request at a time) and batches the rest, once fitted. With a path choice,
+    a batched request's path is chosen when it joins, from the ceiling rule and the estimate of the
+    requests decoded one at a time before it: batched steps do not update the estimate (the cost model
+    times batch-1 steps).
     schedule: the batched loop's tree per batch size (`TreeSchedule`); unused at max_batch 1
     A request whose preparation or decoding fails raises ValueError starting with its name.
     """
@@ -452,14 +485,17 @@ def _decode_one(decoder: Decoder, request: Request, tree: TreeSetup | None, onli
     try:
         prompt, config = request.prepare()
         generator = request_generator(config, request.seed, decoder.target.device)
-        if tree is None:
+        choice = None if tree is None or online is not None else tree.path_choice  # online calibration observes every request
+        if tree is None or (choice is not None and choice.choose().path == "plain"):
             return decode(decoder, prompt, config, generator)
         if online is None:
-            builder, observer, track_visual = tree.builder, None, tree.track_visual
+            builder, observer, track_visual = tree.builder, None if choice is None else choice.observer, tree.track_visual
         else:
             plan = online.plan(index, config)
             builder, observer, track_visual = plan.tree, plan.observer, plan.track_visual
         result = decode(decoder, prompt, config, generator, builder, observer, track_visual)
+        if choice is not None:
+            choice.record(result.stats.steps, result.stats.accepted)
         if online is not None:
             online.done()
         return result
@@ -478,7 +514,8 @@ def _batch_requests(
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"{request.name}: {error}") from error
         generator = request_generator(config, request.seed, decoder.target.device)
-        if tree is None:
+        choice = None if tree is None or online is not None else tree.path_choice
+        if tree is None or (choice is not None and choice.choose().path == "plain"):
             yield BatchRequest(prompt, config, generator, name=request.name)
             continue
         if decoder.draft is None:

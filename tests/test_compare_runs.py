@@ -148,7 +148,7 @@ def _installed() -> bool:
 def test_compare_runs_end_to_end_on_the_bundled_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     status = main([
         "compare-runs", "--task", TASK, "--include_path", str(REPO / "tasks"), "--limit", "2", "--num_processes", "2",
-        "--gen_kwargs", "max_new_tokens=32", "--output_dir", str(tmp_path),
+        "--gen_kwargs", "max_new_tokens=32", "--model_args", "use_msd=true", "--output_dir", str(tmp_path),
     ])  # fmt: skip
     assert status == 0, capsys.readouterr().out
     report = json.loads((tmp_path / "compare.json").read_text())

@@ -116,13 +116,13 @@ def answers(folders, tmp_path_factory) -> dict[str, dict[int, str]]:
         Config("llava_hf fallback template", "llava_hf", f"pretrained={folders['no_template']},{LLAVA_HF}", force_simple=True),
         Config("llava_hf chat template", "llava_hf", f"pretrained={target},{LLAVA_HF}"),
         Config("ours vicuna_v1 plain", "llava_msd_calibrated", f"use_msd=false,{OURS}"),
-        Config("ours vicuna_v1 speculative", "llava_msd_calibrated", OURS),
+        Config("ours vicuna_v1 speculative", "llava_msd_calibrated", f"use_msd=true,{OURS}"),
         Config("ours llava_hf plain", "llava_msd_calibrated", f"use_msd=false,conv_template=llava_hf,{OURS}"),
-        Config("ours llava_hf speculative", "llava_msd_calibrated", f"conv_template=llava_hf,{OURS}"),
+        Config("ours llava_hf speculative", "llava_msd_calibrated", f"use_msd=true,conv_template=llava_hf,{OURS}"),
         Config("llava_hf saved folder", "llava_hf", f"pretrained={saved},{LLAVA_HF}"),
         Config(
             "ours saved folder speculative", "llava_msd_calibrated",
-            f"pretrained={saved},msd_model_path={draft},conv_template=llava_hf,{OURS}",
+            f"pretrained={saved},msd_model_path={draft},use_msd=true,conv_template=llava_hf,{OURS}",
         ),  # fmt: skip
     ]
     root = tmp_path_factory.mktemp("peer-runs")

@@ -65,7 +65,7 @@ def docs():
 @pytest.fixture(scope="module")
 def model(tiny_hf_dir, tiny_draft_dir, tmp_path_factory):
     lm = LlavaMsdCalibrated(
-        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir),
+        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), use_msd=True,
         stats_path=str(tmp_path_factory.mktemp("stats") / "msd_stats.json"),
     )  # fmt: skip
     lm.task_dict = {}
@@ -277,7 +277,7 @@ def test_static_engine_gives_the_eager_answers(tiny_hf_dir, tiny_draft_dir, mode
 
     assert model.args.engine == "eager" and isinstance(model.decoder.runtime, EagerRuntime)
     static = LlavaMsdCalibrated(
-        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), engine="static", stats_path=str(tmp_path / "s.json")
+        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), use_msd=True, engine="static", stats_path=str(tmp_path / "s.json")
     )
     static_plain = LlavaMsdCalibrated(
         pretrained=str(tiny_hf_dir), use_msd="false", engine="static", stats_path=str(tmp_path / "p.json")
@@ -314,7 +314,7 @@ def test_padding_requests_are_not_decoded_or_counted(model, docs):
 
 def test_statistics_report(tiny_hf_dir, tiny_draft_dir, tmp_path, docs):
     lm = LlavaMsdCalibrated(
-        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), stats_path=str(tmp_path / "s.json")
+        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), use_msd=True, stats_path=str(tmp_path / "s.json")
     )
     lm.task_dict = {TASK: {SPLIT: docs}, "other": {SPLIT: docs}}
     lm.generate_until([request(1), request(0), request(0, task="other")])
@@ -428,8 +428,9 @@ def test_train_ratio_is_accepted(model, docs):
 # ---- OPT-Tree and the calibrator --------------------------------------------------------------------------
 def opt_model(tiny_hf_dir, tiny_draft_dir, stats_path, **model_args):
     lm = LlavaMsdCalibrated(
-        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), tree="opt", stats_path=str(stats_path), **model_args
-    )
+        pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), tree="opt", stats_path=str(stats_path),
+        **{"use_msd": True, **model_args},
+    )  # fmt: skip
     lm.task_dict = {}
     return lm
 

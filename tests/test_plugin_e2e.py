@@ -142,7 +142,7 @@ def lmms_eval_run(checkpoints, tmp_path_factory):
         layout, use_msd, processes = key
         target, draft = checkpoints[layout]
         cwd = tmp_path_factory.mktemp(f"run-{layout}-{'msd' if use_msd else 'plain'}-{processes}")
-        model_args = f"pretrained={target},msd_model_path={draft}" + ("" if use_msd else ",use_msd=false")
+        model_args = f"pretrained={target},msd_model_path={draft}" + (",use_msd=true" if use_msd else ",use_msd=false")
         command = lmms_eval_command(model_args, cwd / "out", processes)
         done = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         return Run(cwd / "out", done.stdout + done.stderr)

@@ -62,9 +62,9 @@ def test_rows_are_plain_then_the_thesis_rows():
     assert [r.key for r in ROWS] == ["plain", "eagle2", "opt", "opt_cal"]
     assert [r.model_args for r in ROWS] == [
         "use_msd=false",
-        "tree=eagle2,total_tokens=59,depth=5,top_k=10",
-        "tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none",
-        "tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,calibrator=online,train_ratio=0.3",
+        "use_msd=true,tree=eagle2,total_tokens=59,depth=5,top_k=10",
+        "use_msd=true,tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none",
+        "use_msd=true,tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,calibrator=online,train_ratio=0.3",
     ]
 
 
@@ -75,9 +75,9 @@ def test_the_thesis_preset():
     opt = "tree=opt,opt_variant=upstream,node_budget=499,stop_delta=0.2,max_depth=10,top_k=10"
     assert [(r.key, r.model_args) for r in rows] == [
         ("plain", "conv_template=msd,use_msd=false"),
-        ("eagle2", "conv_template=msd,tree=eagle2,total_tokens=59,depth=5,top_k=10"),
-        ("opt", f"conv_template=msd,{opt},calibrator=none"),
-        ("opt_cal", (f"conv_template=msd,{opt},calibrator_mode=tilt,calibrator=online,train_ratio=0.2,"
+        ("eagle2", "conv_template=msd,use_msd=true,tree=eagle2,total_tokens=59,depth=5,top_k=10"),
+        ("opt", f"conv_template=msd,use_msd=true,{opt},calibrator=none"),
+        ("opt_cal", (f"conv_template=msd,use_msd=true,{opt},calibrator_mode=tilt,calibrator=online,train_ratio=0.2,"
                      "calibrator_label=soft,attention_bins=5,min_group_size=200")),
     ]  # fmt: skip
     assert [r.label for r in rows] == [r.label for r in ROWS]
@@ -288,9 +288,9 @@ def test_outputs_from_a_literal_report(tmp_path: Path):
     assert settings[2] == "our settings." and settings[-1] == "- a note"
     assert settings[4:10] == [
         "| row | model_args |", "|---|---|", "| plain decoding (reference) | `use_msd=false` |",
-        "| MSD baseline (EAGLE-2 tree) | `tree=eagle2,total_tokens=59,depth=5,top_k=10` |",
-        "| + OPT-Tree | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none` |",
-        ("| + OPT-Tree + calibrator | `tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
+        "| MSD baseline (EAGLE-2 tree) | `use_msd=true,tree=eagle2,total_tokens=59,depth=5,top_k=10` |",
+        "| + OPT-Tree | `use_msd=true,tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator=none` |",
+        ("| + OPT-Tree + calibrator | `use_msd=true,tree=opt,opt_variant=frontier,node_budget=60,stop_delta=0.3,max_depth=10,top_k=10,calibrator_mode=weight,"
          "calibrator=online,train_ratio=0.3` |"),
     ]  # fmt: skip
     assert "**Answers differ from plain decoding at temperature 0" in text and "opt_cal on a, doc_ids [2]" in text
@@ -376,7 +376,7 @@ def test_reproduce_end_to_end_on_the_bundled_pair(tmp_path: Path, capsys: pytest
         assert f"| {label} | " in table
     assert "DIFFERS" not in table and "⚠" not in table
     assert report["preset"]["name"] == "tuned" and [r["model_args"] for r in report["rows"]][:3] == [r.model_args for r in ROWS[:3]]
-    assert "### Settings: preset `tuned`" in table and "| + OPT-Tree | `tree=opt,opt_variant=frontier,node_budget=60," in table
+    assert "### Settings: preset `tuned`" in table and "| + OPT-Tree | `use_msd=true,tree=opt,opt_variant=frontier,node_budget=60," in table
 
 
 def test_conv_template_replaces_the_presets_prompt_in_every_row():

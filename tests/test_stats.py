@@ -58,9 +58,11 @@ def test_plain_decoding_has_tau_one():
 
 
 def test_record_from_decode_stats():
-    stats = DecodeStats(new_tokens=7, steps=3, accepted=[2, 0, 1], prefill_s=0.25, wall_s=1.0)
+    stats = DecodeStats(new_tokens=7, steps=3, accepted=[2, 0, 1], prefill_s=0.25, wall_s=1.0, speculative=True)
     record = SampleRecord.from_decode_stats("a", 1, stats, rank=1)
     assert record == RECORDS[0]
+    plain = DecodeStats(new_tokens=4, steps=3, accepted=[0, 0, 0], prefill_s=0.25, wall_s=1.0)
+    assert SampleRecord.from_decode_stats("a", 1, plain).path == "plain"
     assert record.tau == stats.tau and record.alpha == stats.alpha
 
 
@@ -77,7 +79,7 @@ def test_report_groups_by_task_and_sorts_by_doc_id():
     assert [r["doc_id"] for r in rows] == [0, 1]
     assert rows[1] == {
         "doc_id": 1, "new_tokens": 7, "steps": 3, "accepted": [2, 0, 1], "prefill_s": 0.25, "wall_s": 1.0,
-        "rank": 1, "repeat": 0, "tau": 2.0, "alpha": 1.0, "tokens_per_s": 7.0,
+        "rank": 1, "repeat": 0, "path": "speculative", "tau": 2.0, "alpha": 1.0, "tokens_per_s": 7.0,
     }  # fmt: skip
     assert report["tasks"]["a"]["summary"]["tau"] == 2.0
     assert report["overall"]["samples"] == 3

@@ -26,7 +26,13 @@ class CalibratedScorer:
     """A `NodeScorer`: log of the calibrator's predicted acceptance for each proposed child.
 
     Predictions are floored at `floor` (an isotonic fit can predict 0; a log weight of -inf would
-    tie unrelated nodes) and are at most 1, so weights never grow along a path.
+    tie unrelated nodes) and are at most 1, so weights never grow along a path. The calibrator predicts
+    each child on its own, but at most one child of a node is accepted (at T=0 the target's argmax; at
+    T > 0 the residual scheme tries the children in turn and accepts one at most), so P(child accepted |
+    parent accepted) over a parent's children sums to at most 1: a row of siblings whose predictions add
+    up to more is scaled down to sum 1 (then a tree's weights sum to at most its expected accepted length
+    under the same predictions). Example: siblings predicted .9, .5, .1 (sum 1.5) become .6, .3333, .0667;
+    .6, .3 stay.
     token_types: [V] long
     """
 
@@ -53,8 +59,9 @@ class CalibratedScorer:
             f"logprobs {tuple(logprobs.shape)}, tokens {tuple(tokens.shape)}"
         )
         row_visual = None if visual is None else visual[:, None].expand_as(logprobs)
-        predicted = self.predictor(logprobs.exp(), self.token_types[tokens], row_visual)
-        return predicted.clamp(min=self.floor, max=1.0).log().to(logprobs.dtype)
+        predicted = self.predictor(logprobs.exp(), self.token_types[tokens], row_visual).clamp(min=self.floor, max=1.0)
+        normalised = predicted / predicted.sum(dim=1, keepdim=True).clamp(min=1.0)  # siblings sum to at most 1
+        return normalised.log().to(logprobs.dtype)
 
     def __repr__(self) -> str:
         return f"CalibratedScorer({self.calibrator!r}, fitted on {self.calibrator.label!r} labels)"

@@ -69,9 +69,10 @@ class Preset:
 def _rows(eagle2: str, opt: str, calibrated: str) -> tuple[Row, ...]:
     return (
         Row(PLAIN, LABELS[PLAIN], "use_msd=false"),
-        Row(EAGLE2, LABELS[EAGLE2], eagle2),
-        Row(OPT, LABELS[OPT], f"{opt},calibrator=none"),
-        Row(CALIBRATED, LABELS[CALIBRATED], calibrated),
+        # use_msd=true: the plugin's default (auto) would decode every row plainly where no tree pays (a CPU)
+        Row(EAGLE2, LABELS[EAGLE2], f"use_msd=true,{eagle2}"),
+        Row(OPT, LABELS[OPT], f"use_msd=true,{opt},calibrator=none"),
+        Row(CALIBRATED, LABELS[CALIBRATED], f"use_msd=true,{calibrated}"),
     )
 
 

@@ -34,7 +34,8 @@ CI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": 
 def run_tasks(include_path: Path, tasks: str, limit: int, out: Path) -> dict[str, dict[str, Any]]:
     """The CI run: {task: {"metric", "score", "tau", "samples"}} from lmms-eval's results (the task's
     primary metric) and our statistics."""
-    run = run_lmms_eval(out, tasks, include_path=include_path, limit=limit, env=CI_ENV)
+    # use_msd=true: the plugin's default (auto) decodes plainly where no tree pays, and tau is what is checked
+    run = run_lmms_eval(out, tasks, include_path=include_path, limit=limit, model_args="use_msd=true", env=CI_ENV)
     measured = {}
     for task, summary in sorted(run.stats["tasks"].items()):
         metric, score = primary_metric(run.results, task)

@@ -46,7 +46,8 @@ class ModelArgs:
 
     pretrained: str
     msd_model_path: str | None
-    use_msd: bool
+    use_msd: bool  # the draft is loaded and a tree built (true and auto)
+    use_msd_auto: bool  # use_msd=auto: each request plain or speculative by the measured costs (cost.PathChoice)
     tree: str
     total_tokens: int | None  # None: auto (chosen by timing once the target is loaded)
     depth: int
@@ -140,7 +141,11 @@ def coerce_model_args(
     """The plugin's keyword arguments, coerced and checked. world_size and local_rank (accelerate's):
     under data parallelism device cuda becomes cuda:<local_rank>."""
     pretrained = as_optional_str(pretrained)
-    use_msd = as_bool("use_msd", use_msd)
+    use_msd_auto = isinstance(use_msd, str) and use_msd.strip().lower() == "auto"
+    try:
+        use_msd = use_msd_auto or as_bool("use_msd", use_msd)
+    except ValueError as error:
+        raise ValueError(f"{error} (or auto: whichever of the two the measured costs make faster)") from None
     msd_model_path = as_optional_str(msd_model_path)
     bundled = uses_bundled_pair(pretrained, msd_model_path)
     if bundled:
@@ -199,6 +204,7 @@ def coerce_model_args(
         pretrained=pair.pretrained,
         msd_model_path=pair.msd_model_path,
         use_msd=use_msd,
+        use_msd_auto=use_msd_auto,
         tree=tree,
         total_tokens=_as_total_tokens(total_tokens),
         depth=as_int("depth", depth),
@@ -260,14 +266,15 @@ def pair_settings(args: ModelArgs) -> PairSettings:
 
 def tree_settings(args: ModelArgs) -> TreeSettings | None:
     """The tree to decode with (checked on construction, before anything is loaded); None with
-    use_msd=false. calibrator "none" and "online" start from the raw draft confidence."""
+    use_msd=false; with use_msd=auto it chooses each request's path. calibrator "none" and "online" start
+    from the raw draft confidence."""
     if not args.use_msd:
         return None
     calibrator = None if args.calibrator in (None, "none", "online") else args.calibrator
     return TreeSettings(
         kind=args.tree, total_tokens=args.total_tokens, depth=args.depth, top_k=args.top_k, node_budget=args.node_budget,
         stop_delta=args.stop_delta, max_depth=args.max_depth, opt_variant=args.opt_variant, calibrator=calibrator,
-        calibrator_mode=args.calibrator_mode, stop=args.stop,
+        calibrator_mode=args.calibrator_mode, stop=args.stop, choose_path=args.use_msd_auto,
     )  # fmt: skip
 
 

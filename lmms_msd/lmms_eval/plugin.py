@@ -107,7 +107,11 @@ class LlavaMsdCalibrated(lmms):
     model_args (defaults in brackets):
       pretrained           the LLaVA-1.5 target: folder or hub id, HF or original layout [bundled miniature]
       msd_model_path       the MSD draft head: folder or hub id [bundled miniature's, with no pretrained]
-      use_msd              speculative decoding; false runs plain decoding, the baseline [true]
+      use_msd              true: speculative decoding; false: plain decoding, the baseline; auto: each request
+                           plainly or speculatively, whichever commits more tokens per second by the runtime's
+                           measured costs (the cost model of stop=cost, cached alike; plain when no tree could
+                           beat a plain step even if every draft token were accepted, else by the realised
+                           speculative steps so far: lmms_msd.speculative.cost.PathChoice) [auto]
       tree                 "eagle2" (the EAGLE-2 dynamic tree) or "opt" (OPT-Tree with early stopping) [eagle2]
       total_tokens, depth  the EAGLE-2 tree, as upstream: total_tokens nodes counting the root, depth draft
                            forwards after the root's children, so nodes reach depth + 1 [59, 5]; total_tokens
@@ -175,7 +179,7 @@ class LlavaMsdCalibrated(lmms):
         self,
         pretrained: str | None = None,
         msd_model_path: str | None = None,
-        use_msd: bool = True,
+        use_msd: bool | str = "auto",
         tree: str = "eagle2",
         total_tokens: int = 59,
         depth: int = 5,
@@ -239,6 +243,13 @@ class LlavaMsdCalibrated(lmms):
             auto = self.tree.total_tokens_auto
             timings = ", ".join(f"{n}: {t:.4f} s" for n, t in zip(auto["candidates"], auto["seconds"]))
             eval_logger.info(f"{MODEL_ID}: total_tokens=auto chose {auto['chosen']} (timed target forwards per candidate: {timings})")
+        if self.tree is not None and self.tree.path_choice is not None:
+            choice = self.tree.path_choice
+            eval_logger.info(
+                f"{MODEL_ID}: use_msd=auto: plain steps {choice.plain_rate:.1f} tokens/s, the best any tree could commit "
+                f"{choice.ceiling_rate:.1f} tokens/s: "
+                + ("plain decoding" if choice.ceiling_rate <= choice.plain_rate else "speculative decoding first, then by the realised steps")
+            )
         if self.tree is not None and self.tree.cost_model is not None:
             cost = self.tree.cost_model
             eval_logger.info(f"{MODEL_ID}: stop=cost, cost model {'measured now' if cost['measured_now'] else 'read'}: {cost['file']}")

@@ -54,6 +54,7 @@ class SampleRecord:
     wall_s: float
     rank: int = 0  # the process that decoded it
     repeat: int = 0  # index among repeats of the same (task, doc_id)
+    path: str = "speculative"  # how it was decoded: "speculative" or "plain" (use_msd=false, or chosen by use_msd=auto)
 
     def __post_init__(self) -> None:
         if len(self.accepted) != self.steps:
@@ -72,6 +73,7 @@ class SampleRecord:
             wall_s=float(stats.wall_s),
             rank=rank,
             repeat=repeat,
+            path="speculative" if stats.speculative else "plain",
         )
 
     @property
@@ -200,7 +202,15 @@ def format_table(report: Mapping[str, Any], max_sample_rows: int = 20) -> str:
     summaries = {name: body["summary"] for name, body in report["tasks"].items()}
     if len(summaries) != 1:
         summaries["all"] = report["overall"]
-    lines = [
+    auto = report.get("use_msd_auto")
+    lines = [] if not auto else [
+        f"use_msd=auto: plain steps {auto['plain_tok_s']} tokens/s, the best any tree could commit {auto['ceiling_tok_s']}, "
+        + ("no speculative step decoded" if auto["estimated_tok_s"] is None else
+           f"the realised speculative steps {auto['estimated_tok_s']} ({auto['speculative_steps']} steps over their modelled seconds)")
+        + "; requests: " + ", ".join(f"{n} {why}" for why, n in auto["requests"].items()),
+        "",
+    ]  # fmt: skip
+    lines += [
         "| task | samples | new tokens | steps | tau | alpha | wall s | tokens/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -297,7 +307,10 @@ def run_meta(
     """The report's head: how the run was set up. model_args: the plugin's coerced model_args (a
     dataclass, recorded whole); tree: None for plain decoding; calibration: OPT-Tree's calibrator block
     (None: raw draft confidence). OPT-Tree's stop "cost" records its cost model (`tree.cost_model`: the
-    file, whether it was measured now, its key and times in ms; None with stop "delta")."""
+    file, whether it was measured now, its key and times in ms; None with stop "delta"). use_msd=auto
+    ("decoding": "auto") records its choice under "use_msd_auto" (`PathChoice.describe`: the plain and
+    ceiling rates, the estimate from the realised speculative steps, the requests per path and reason,
+    the cost model); each sample row says its path."""
     tree_meta = None
     if tree is not None and tree.builder.kind == "eagle2":
         tree_meta = {"kind": model_args.tree, **tree.builder.settings()}
@@ -309,9 +322,11 @@ def run_meta(
                      "stop_delta": b.stop_delta, "max_depth": b.max_depth, "top_k": b.top_k,
                      "calibrator_mode": model_args.calibrator_mode, "calibrator": calibration or {"mode": "none"},
                      "cost_model": tree.cost_model}  # fmt: skip
+    choice = None if tree is None else tree.path_choice
     return {
         "model": model,
-        "decoding": "speculative" if tree is not None else "plain",
+        "decoding": "plain" if tree is None else "speculative" if choice is None else "auto",
+        "use_msd_auto": None if choice is None else choice.describe(),
         "tree": tree_meta,
         "model_args": asdict(model_args),
         "target_layout": target.layout,

@@ -221,7 +221,7 @@ def _start(runtime: BatchedRuntime, index: int, request: BatchRequest) -> _Row:
     if tree is not None:
         root = runtime.prefill_draft(sequence, request.prompt, hidden, token, request.track_visual)
     _synchronize(target.device)
-    stats = DecodeStats(prefill_s=time.perf_counter() - start)
+    stats = DecodeStats(prefill_s=time.perf_counter() - start, speculative=tree is not None)
     row = _Row(index, request, sequence, stopper, stats, [token], start, root)
     row.done = stopper.first_stop(row.tokens, 0) is not None
     return row

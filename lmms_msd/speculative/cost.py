@@ -396,3 +396,121 @@ def summary_line(model: CostModel) -> str:
         f"rest of a step {model.step_s * ms:.2f} ms, plain step {model.plain_step_s * ms:.2f} ms "
         f"({model.key.runtime}, {model.key.device}, {model.key.dtype})"
     )
+
+
+# ---- use_msd=auto: plain or speculative decoding, by the same costs -------------------------------------------
+PATHS = ("plain", "speculative")
+
+
+@dataclass(frozen=True)
+class PathDecision:
+    """Why a request decodes plainly or speculatively (`PathChoice.choose`); rates in tokens per second."""
+
+    path: str  # PATHS
+    reason: str  # "ceiling" (no speculative step can beat a plain one), "exploring" (no speculative step
+    #              seen yet), "estimate" (the realised speculative steps against plain steps)
+    plain_rate: float  # 1 / plain_step_s
+    ceiling_rate: float  # the most tokens per second any tree of the spec could commit (`ceiling_rate`)
+    estimated_rate: float | None  # the realised steps' committed tokens over their modelled seconds; None before any
+
+
+def ceiling_rate(cost: CostModel, max_levels: int, budget: int) -> float:
+    """The most tokens per second a speculative step could commit: a step that drafts L levels commits at
+    most L + 1 tokens (a chain accepted whole, and the bonus) and verifies at least that chain, so no step
+    beats max over L of (L + 1) / step_seconds(L)[L] (n = min(L, budget) nodes when the budget is smaller).
+
+    Example (the bundled pair on this project's CPU, ms: verify 1/2/4/8/16 tokens 7.15/9.43/9.43/9.43/10.56,
+    first level 3.17, each further one 7.25, rest of a step 2.75, not bucketed): L = 1: 2 / 15.35 ms =
+    130.3 tokens/s; L = 2: 3 / 22.60 ms = 132.7; the best, L = 7: 8 / 58.87 ms = 135.9, is below a plain
+    step's 1 / 6.64 ms = 150.5: plain decoding, whatever the draft accepts.
+    """
+    best = 0.0
+    for levels in range(1, max_levels + 1):
+        nodes = min(levels, budget)
+        best = max(best, (nodes + 1) / float(cost.step_seconds(levels, nodes)[nodes]))
+    return best
+
+
+class PathChoice:
+    """use_msd=auto: decode each request plainly (no draft at all, as use_msd=false) or speculatively,
+    whichever commits more tokens per second by the runtime's measured costs (`CostModel`).
+
+    Rule, before each request: a plain step commits 1 token in `plain_step_s`: plain_rate = 1 / plain_step_s.
+    1. When no speculative step could beat that even if the draft were always right (`ceiling_rate`):
+       plain ("ceiling"). On this project's CPU a draft level of the bundled pair costs more than a plain
+       step, so this decides before any request, at no cost.
+    2. Else, before any speculative step has been seen: speculative ("exploring").
+    3. Else the running estimate over every speculative step decoded so far (`observer` records each
+       step's tree; `record` each request's committed tokens): estimated_rate = committed tokens /
+       modelled seconds, a step that verified n draft nodes and the root after drafting L levels (L the
+       deepest node, at least 1) costing `step_seconds(L)[n]`; speculative iff it beats plain_rate
+       ("estimate"). A run that turns plain stays plain (no step updates the estimate any more).
+    Worked example (tests/test_cost.py, the H200 7B-shaped testbed's measured costs): plain step 5.33 ms
+    (187.6 tokens/s); 58-node trees of 6 levels cost 6.86 + 0.39 + 5 x 0.56 + 1.31 = 11.36 ms and
+    commit 3.9 tokens: 343 tokens/s, speculative.
+    Both paths are lossless (plain decoding is the reference; speculative decoding equals it at T=0 and
+    samples from the target at T > 0), so the choice, which reads only earlier requests, changes no
+    output's distribution.
+    """
+
+    def __init__(self, cost: CostModel, max_levels: int, budget: int) -> None:
+        self.cost = cost
+        self.budget = budget
+        self.plain_rate = 1.0 / cost.plain_step_s
+        self.ceiling_rate = ceiling_rate(cost, max_levels, budget)
+        self.tokens = 0  # committed by the speculative steps recorded so far
+        self.seconds = 0.0  # their modelled seconds
+        self.steps = 0
+        self._verify_s = 0.0  # the current request's steps: verification seconds (host), levels beyond the first (device)
+        self._extra_levels: torch.Tensor | float = 0.0
+        self._request_steps = 0
+        self.decisions: list[PathDecision] = []
+
+    @property
+    def estimated_rate(self) -> float | None:
+        return self.tokens / self.seconds if self.steps else None
+
+    def choose(self) -> PathDecision:
+        """The path of the next request, recorded in `decisions`."""
+        plain, ceiling, estimate = self.plain_rate, self.ceiling_rate, self.estimated_rate
+        if ceiling <= plain:
+            path, reason = "plain", "ceiling"
+        elif estimate is None:
+            path, reason = "speculative", "exploring"
+        else:
+            path, reason = ("speculative" if estimate > plain else "plain"), "estimate"
+        decision = PathDecision(path, reason, plain, ceiling, estimate)
+        self.decisions.append(decision)
+        return decision
+
+    def observer(self, tree: Any, logits: torch.Tensor, acceptance: Any) -> None:
+        """A `StepObserver`: the modelled seconds of the verified tree (no host read: the levels add up on
+        the device until `record`)."""
+        self._verify_s += float(self.cost.verify_table[len(tree)])
+        self._extra_levels = self._extra_levels + (tree.depths.max().clamp(min=1) - 1)
+        self._request_steps += 1
+
+    def record(self, steps: int, accepted: Sequence[int]) -> None:
+        """A speculative request's steps (`DecodeStats.steps`, `accepted`), after its observed steps."""
+        assert steps == self._request_steps, f"{steps} steps decoded but {self._request_steps} observed"
+        cost = self.cost
+        extra_levels = float(self._extra_levels)
+        self.seconds += self._verify_s + steps * (cost.draft_root_s + cost.step_s) + extra_levels * cost.draft_level_s
+        self.tokens += steps + sum(accepted)
+        self.steps += steps
+        self._verify_s, self._extra_levels, self._request_steps = 0.0, 0.0, 0
+
+    def describe(self) -> dict[str, Any]:
+        """The report's block: the rates, the estimate's evidence and the requests per path and reason."""
+        counts: dict[str, int] = {}
+        for d in self.decisions:
+            counts[f"{d.path} ({d.reason})"] = counts.get(f"{d.path} ({d.reason})", 0) + 1
+        return {
+            "plain_tok_s": round(self.plain_rate, 2),
+            "ceiling_tok_s": round(self.ceiling_rate, 2),
+            "estimated_tok_s": None if self.estimated_rate is None else round(self.estimated_rate, 2),
+            "speculative_steps": self.steps,
+            "committed_tokens": self.tokens,
+            "requests": counts,
+            "cost_model": describe(self.cost),
+        }

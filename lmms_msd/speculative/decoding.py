@@ -41,6 +41,7 @@ class DecodeStats:
 
     new_tokens: int = 0
     steps: int = 0
+    speculative: bool = False  # decoded by `speculative_generate` (with a draft), else by `plain_generate`
     # committed tokens of each step minus one (its bonus): draft tokens accepted and kept; a step cut
     # by a stop counts only what it kept, so tau = committed tokens / steps exactly
     accepted: list[int] = field(default_factory=list)
@@ -225,7 +226,7 @@ def speculative_generate(
         token = next_token(logits[-1], config, generator)
         root = runtime.prefill_draft(sequence, prompt, hidden, token, track_visual)
         _synchronize(device)
-        stats = DecodeStats(prefill_s=time.perf_counter() - start)
+        stats = DecodeStats(prefill_s=time.perf_counter() - start, speculative=True)
         clock = _PhaseClock(device, profile)
         tokens = [token]
         stop = stopper.first_stop(tokens, 0)
