@@ -20,7 +20,7 @@ def models(target_dir, draft_dir, tmp_path, **model_args):
     """The speculative model and the plain one on the tiny pair, with these model_args."""
     stats = {name: str(tmp_path / f"{name}.json") for name in ("spec", "plain")}
     return (
-        LlavaMsdCalibrated(pretrained=str(target_dir), msd_model_path=str(draft_dir), stats_path=stats["spec"], **model_args),
+        LlavaMsdCalibrated(pretrained=str(target_dir), msd_model_path=str(draft_dir), use_msd="true", stats_path=stats["spec"], **model_args),
         LlavaMsdCalibrated(pretrained=str(target_dir), use_msd="false", stats_path=stats["plain"], **model_args),
     )
 
