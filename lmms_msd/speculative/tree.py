@@ -15,7 +15,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from lmms_msd.speculative.cost import STOPS, CostModel, cost_aware_size
-from lmms_msd.speculative.drafting import Drafter
+from lmms_msd.speculative.drafting import Drafter, expand_rows
 
 
 @dataclass
@@ -372,59 +372,119 @@ def grow_tree(
     root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [], that
     row's visual attention intensity (None when the drafter does not track it)
     """
-    k, max_depth, budget, node_score = spec.top_k, spec.max_depth, spec.budget, spec.scorer
-    stop_delta, frontier_only, cost = spec.stop_delta, spec.frontier_only, spec.cost
-    device = root_hidden.device
-    top = drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
-    visual = None if root_visual is None else root_visual.reshape(1).float()  # [1]
-    scores = node_score(top.values, top.indices, 1, visual)[0]
-    # The pool holds every stored node; pool index 0 is the root, node i of the pool is at i + 1.
-    pool = NodePool(device, tracked=visual is not None)
-    pool.add(top.indices[0], torch.zeros(k, dtype=torch.long, device=device), 1, scores, top.values[0], visual, k)
-    frontier = torch.arange(1, k + 1, device=device)  # pool indices
-    frontier_tokens, frontier_scores = top.indices[0], scores
-    parent_hidden = root_hidden[None].expand(k, -1)
-    ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
-    expected = expected_length(pool.scores, budget) if stop_delta is not None else 0.0
-    levels = 1 if frontier_only and stop_delta is not None and expected <= stop_delta else max_depth
-    if cost is not None:  # stop "cost": the best tree so far; none beats a plain step: stop before any forward
-        rate, size = cost_aware_size(pool.scores, 1, budget, cost)
-        levels = 1 if size == 0 else max_depth
-    for depth in range(1, levels):
-        # 1. feed the frontier, 2. propose k children each, 3. the best k of them are the next frontier
-        hidden, visual = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
-        children = drafter.logprobs(hidden).topk(k)  # [k, k]
-        scores = (frontier_scores[:, None] + node_score(children.values, children.indices, depth + 1, visual)).flatten()
+    return grow_trees([drafter], [spec], [root_token], [root_hidden], [root_visual])[0]
+
+
+@torch.inference_mode()
+def grow_trees(
+    drafters: list[Drafter], specs: list[TreeSpec], root_tokens: list[int], root_hidden: list[torch.Tensor],
+    root_visual: list[torch.Tensor | None],
+) -> list[Tree]:  # fmt: skip
+    """`grow_tree` for B rows at once (row b: its own drafter, spec, root token, root hidden [H] and visual
+    []): every level feeds all growing rows' frontiers in one draft forward (`expand_rows`) and takes
+    their log-probabilities in one lm_head product; each row applies the growth rule (`TreeGrowth`) to
+    its own part, and drops out when its spec stops it. Row b's tree is the one `grow_tree` grows for it
+    alone (up to the rounding of the wider products). The drafters share one head and lm_head."""
+    assert len(drafters) == len(specs) == len(root_tokens) == len(root_hidden) == len(root_visual), "one of each per row"
+    logprobs = drafters[0].logprobs(torch.stack(root_hidden))  # [B, V]
+    rows = [
+        TreeGrowth(*row) for row in zip(specs, root_tokens, logprobs, root_hidden, root_visual, strict=True)
+    ]  # fmt: skip
+    while growing := [b for b, row in enumerate(rows) if not row.done]:
+        depth = rows[growing[0]].depth  # every row grows one level per forward, so all are at one depth
+        feeds = [rows[b].feed() for b in growing]
+        outs = expand_rows(
+            [drafters[b] for b in growing], [f[0] for f in feeds], [f[1] for f in feeds], depth, [f[2] for f in feeds]
+        )  # fmt: skip
+        level_logprobs = drafters[0].logprobs(torch.cat([out.hidden for out in outs]))
+        for b, out, row_logprobs in zip(growing, outs, level_logprobs.split([out.hidden.shape[0] for out in outs])):
+            rows[b].take(out.hidden, out.visual, row_logprobs)
+    return [row.tree() for row in rows]
+
+
+class TreeGrowth:
+    """One tree while it grows: the growth rule of `grow_tree` (its docstring), a level per `take`.
+
+    Made from the root's log-probabilities [V], it holds the first level (the root's top_k children);
+    then, until `done`, `feed` says what the drafter feeds next (the frontier) and `take` reads the
+    drafter's output there. `grow_trees` drives many at once; `tree` is the result.
+    """
+
+    def __init__(
+        self, spec: TreeSpec, root_token: int, root_logprobs: torch.Tensor, root_hidden: torch.Tensor,
+        root_visual: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        self.spec, self.root_token = spec, root_token
+        k, budget, device = spec.top_k, spec.budget, root_hidden.device
+        top = root_logprobs[None].topk(k)  # [1, k]
+        visual = None if root_visual is None else root_visual.reshape(1).float()  # [1]
+        scores = spec.scorer(top.values, top.indices, 1, visual)[0]
+        # The pool holds every stored node; pool index 0 is the root, node i of the pool is at i + 1.
+        self.pool = NodePool(device, tracked=visual is not None)
+        self.pool.add(top.indices[0], torch.zeros(k, dtype=torch.long, device=device), 1, scores, top.values[0], visual, k)
+        self.frontier = torch.arange(1, k + 1, device=device)  # pool indices
+        self.frontier_tokens, self.frontier_scores = top.indices[0], scores
+        self.parent_hidden = root_hidden[None].expand(k, -1)
+        self.ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
+        self.expected = expected_length(self.pool.scores, budget) if spec.stop_delta is not None else 0.0
+        stops_at_once = spec.frontier_only and spec.stop_delta is not None and self.expected <= spec.stop_delta
+        self.levels = 1 if stops_at_once else spec.max_depth  # the depth growth ends at
+        self.size = budget  # nodes kept
+        if spec.cost is not None:  # stop "cost": the best tree so far; none beats a plain step: stop before any forward
+            self.rate, self.size = cost_aware_size(self.pool.scores, 1, budget, spec.cost)
+            self.levels = 1 if self.size == 0 else spec.max_depth
+        self.depth = 1  # of the frontier
+
+    @property
+    def done(self) -> bool:
+        return self.depth >= self.levels
+
+    def feed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The frontier to feed at `depth` (`Drafter.expand`): tokens [k], parent hidden [k, H], ancestors [k, fed]."""
+        return self.frontier_tokens, self.parent_hidden, self.ancestors
+
+    def take(self, hidden: torch.Tensor, visual: torch.Tensor | None, logprobs: torch.Tensor) -> None:
+        """Read the fed frontier's draft output: hidden [k, H], visual [k] or None, log-probabilities [k, V]."""
+        spec, depth, pool, frontier = self.spec, self.depth, self.pool, self.frontier
+        k, budget = spec.top_k, spec.budget
+        # 1. the frontier was fed, 2. each proposes k children, 3. the best k of them are the next frontier
+        children = logprobs.topk(k)  # [k, k]
+        scores = (self.frontier_scores[:, None] + spec.scorer(children.values, children.indices, depth + 1, visual)).flatten()
         tokens = children.indices.flatten()  # [k * k]
         best = scores.topk(k).indices  # [k]
         parent_row = best // k
         first = pool.size
-        if frontier_only:
+        if spec.frontier_only:
             row_visual = None if visual is None else visual[parent_row]
             pool.add(tokens[best], frontier[parent_row], depth + 1, scores[best], children.values.flatten()[best], row_visual, 1)
-            next_frontier = first + torch.arange(k, device=device)
+            next_frontier = first + torch.arange(k, device=hidden.device)
         else:
             pool.add(tokens, frontier.repeat_interleave(k), depth + 1, scores, children.values.flatten(), visual, k)
             next_frontier = first + best
-        if stop_delta is not None:
+        if spec.stop_delta is not None:
             # 4. early stop: this level added too little to the expected accepted length.
             grown = expected_length(pool.scores, budget)
-            gained, expected = grown - expected, grown
-            if gained <= stop_delta:
-                break
-        if cost is not None:  # stop "cost": stop once the best rate stops rising; size by this level's rate
-            grown_rate, size = cost_aware_size(pool.scores, depth + 1, budget, cost)
-            if grown_rate <= rate:
-                break
-            rate = grown_rate
+            gained, self.expected = grown - self.expected, grown
+            if gained <= spec.stop_delta:
+                self.levels = depth
+                return
+        if spec.cost is not None:  # stop "cost": stop once the best rate stops rising; size by this level's rate
+            grown_rate, self.size = cost_aware_size(pool.scores, depth + 1, budget, spec.cost)
+            if grown_rate <= self.rate:
+                self.levels = depth
+                return
+            self.rate = grown_rate
         own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
-        ancestors = torch.cat([ancestors[parent_row], own_slot], dim=1)
-        frontier = next_frontier
-        frontier_tokens, frontier_scores = tokens[best], scores[best]
-        parent_hidden = hidden[parent_row]
-    tokens, parents, depths, scores, confidence, visual = pool.fields()
-    kept = size if cost is not None else budget
-    return select_nodes(root_token, tokens, parents, depths, scores, kept, confidence=confidence, visual=visual)
+        self.ancestors = torch.cat([self.ancestors[parent_row], own_slot], dim=1)
+        self.frontier = next_frontier
+        self.frontier_tokens, self.frontier_scores = tokens[best], scores[best]
+        self.parent_hidden = hidden[parent_row]
+        self.depth = depth + 1
+
+    def tree(self) -> Tree:
+        """The best `size` stored nodes and the root."""
+        tokens, parents, depths, scores, confidence, visual = self.pool.fields()
+        return select_nodes(self.root_token, tokens, parents, depths, scores, self.size, confidence=confidence, visual=visual)
 
 
 class NodePool:
