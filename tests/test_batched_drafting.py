@@ -17,8 +17,18 @@ from __future__ import annotations
 import pytest
 import torch
 from decoding_fixtures import following_draft, random_draft, random_prompt, tiny_target
+from test_batching import (
+    TREES,
+    greedy_configs,
+    mixed_requests,
+    one_at_a_time,
+    pair,
+)
+from test_fast_engine import capture_rules  # noqa: F401  (autouse fixture)
 
+from lmms_msd.speculative.batching import BatchRequest, generate_batched
 from lmms_msd.speculative.decoding import accept, path_on_device
+from lmms_msd.speculative.fast.batched_engine import BatchedStaticEngine
 from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import EagleTree, OptTree
@@ -133,3 +143,25 @@ def test_batched_trees_equal_row_by_row_trees(draft_kind, sampling):
             torch.testing.assert_close(other.hidden, root.hidden, **TOLERANCE, msg=f"step {step}, row {b}")
             assert batch[b].drafter.committed == alone[b].drafter.committed
     assert len(sizes) > 2, f"the rows must grow trees of different sizes, got {sorted(sizes)}"
+
+
+@pytest.mark.parametrize("tree_name", ["eagle2", "opt_upstream", "opt_frontier"])
+def test_static_engine_with_batched_drafting_equals_one_at_a_time(tree_name):
+    """`BatchedStaticEngine(batched_drafting=True)` (CPU, no graphs) decodes each request as it decodes
+    alone, with fewer draft forwards than the engine growing its rows' trees one after another."""
+    target, draft = pair("following")
+    tree = TREES[tree_name]
+    configs = greedy_configs()
+    prompts = mixed_requests(target, configs)
+    alone = [one_at_a_time(EagerRuntime(target, draft), p, c, tree) for p, c in zip(prompts, configs)]
+    counter = ForwardCounter(draft)
+    forwards = {}
+    for batched_drafting in (False, True):
+        engine = BatchedStaticEngine(target, draft, max_batch=4, max_length=256, batched_drafting=batched_drafting)
+        requests = [BatchRequest(p, c, tree=tree) for p, c in zip(prompts, configs)]
+        counter.take()
+        for index, result in generate_batched(engine, requests, max_batch=4):
+            assert result.token_ids == alone[index].token_ids, f"request {index}, batched_drafting {batched_drafting}"
+            assert result.stats.accepted == alone[index].stats.accepted, f"request {index}: other trees than alone"
+        forwards[batched_drafting] = counter.take()
+    assert forwards[True] < forwards[False], f"draft forwards: {forwards}"

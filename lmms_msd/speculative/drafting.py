@@ -227,11 +227,11 @@ def run_packed(drafters: list[Drafter], blocks: list[Block]) -> list[DraftRows]:
     positions are each row's own. The slots written are then copied back into each drafter's cache.
     Example: S = (3, 2), one row each seeing everything: packed visible [[1,1,1,0,0], [0,0,0,1,1]].
     The drafters share one head; visual intensities are measured when any drafter tracks them and
-    returned to those that do. Eager caches only (`StaticDrafter` runs its own graphs).
+    returned to those that do. Runs eagerly, also for `StaticDrafter`s (whose caches it writes in place).
     -> per drafter, its rows' hidden [T_b, H] and visual [T_b] (None untracked)
     """
     draft = drafters[0].draft
-    assert all(d.draft is draft and type(d) is Drafter for d in drafters), "packing needs eager Drafters of one head"
+    assert all(d.draft is draft for d in drafters), "packed drafters share one head"
     widths = [block.visible.shape[1] for block in blocks]
     offsets = [sum(widths[:b]) for b in range(len(blocks))]
     device = drafters[0].device
