@@ -2,8 +2,8 @@
 every tree level of all rows is one draft forward, and so is the draft's advance, and each row's tree
 is the one it grows alone.
 
-Five rows of ragged prompts (with and without an image), each with its own tree (EAGLE-2 and OPT-Tree,
-both variants, different sizes), some tracking visual attention and some not, are stepped side by
+Eight rows of ragged prompts (with and without an image), each with its own tree (EAGLE-2 and OPT-Tree,
+both variants, different sizes; some rows share one), some tracking visual attention and some not, are stepped side by
 side twice: once row by row (`Runtime.draft_tree`, `verify`, `commit`) and once batched
 (`draft_trees`, `verify_batch`, `keep_batch`, `advance_batch`). At every step each row's tree has the
 same tokens, parents and depths in both, and the same scores, draft probabilities and visual
@@ -40,6 +40,8 @@ SPECS = [
     EagleTree(total_tokens=20, depth=3, top_k=4),
     OptTree(variant="upstream", stop_delta=0.02, node_budget=20, top_k=5, max_depth=4),
 ]
+SPECS += SPECS[:3]  # rows 5, 6, 7 share the specs of rows 0, 1, 2 and grow with them (`TreeGrowth`)
+TRACK = [False, True, False, True, False, False, True, False]  # visual attention, alike within those pairs
 STEPS = 4
 # float32 scores are sums of a few log-softmaxes over 48 logits, each a dot product of 64 terms: a few
 # hundred roundings of relative size 2**-24 at most, so 1e-4 absolute on values of order 10 bounds them.
@@ -84,7 +86,7 @@ def test_batched_trees_equal_row_by_row_trees(draft_kind, sampling):
     runtime = EagerRuntime(target, draft)
     counter = ForwardCounter(draft)
     prompts = [random_prompt(target, 200 + b, with_image=b % 2 == 0) for b in range(len(SPECS))]
-    track = [b % 2 == 1 for b in range(len(SPECS))]
+    track = TRACK
     config = GenerationConfig(max_new_tokens=64, do_sample=sampling, temperature=1.0)
 
     def generators():

@@ -382,133 +382,194 @@ def grow_trees(
 ) -> list[Tree]:  # fmt: skip
     """`grow_tree` for B rows at once (row b: its own drafter, spec, root token, root hidden [H] and visual
     []): every level feeds all growing rows' frontiers in one draft forward (`expand_rows`) and takes
-    their log-probabilities in one lm_head product; each row applies the growth rule (`TreeGrowth`) to
-    its own part, and drops out when its spec stops it. Row b's tree is the one `grow_tree` grows for it
-    alone (up to the rounding of the wider products). The drafters share one head and lm_head."""
+    their log-probabilities in one lm_head product. Rows of one spec (and alike in tracking visual
+    attention) grow as one `TreeGrowth`, the growth rule on a batch of rows; a row leaves its group
+    when its spec stops it. Row b's tree is the one `grow_tree` grows for it alone (up to the rounding
+    of the wider products). The drafters share one head and lm_head."""
     assert len(drafters) == len(specs) == len(root_tokens) == len(root_hidden) == len(root_visual), "one of each per row"
     logprobs = drafters[0].logprobs(torch.stack(root_hidden))  # [B, V]
-    rows = [
-        TreeGrowth(*row) for row in zip(specs, root_tokens, logprobs, root_hidden, root_visual, strict=True)
+    groups: list[list[int]] = []  # rows of one spec, tracked alike (specs are compared, not hashed)
+    for b, spec in enumerate(specs):
+        group = next((g for g in groups if specs[g[0]] == spec and (root_visual[g[0]] is None) == (root_visual[b] is None)), None)
+        if group is None:
+            groups.append([b])
+        else:
+            group.append(b)
+    growths = [
+        TreeGrowth(
+            specs[g[0]], [root_tokens[b] for b in g], logprobs[g], torch.stack([root_hidden[b] for b in g]),
+            None if root_visual[g[0]] is None else torch.stack([root_visual[b].reshape(()) for b in g]),
+        )
+        for g in groups
     ]  # fmt: skip
-    while growing := [b for b, row in enumerate(rows) if not row.done]:
-        depth = rows[growing[0]].depth  # every row grows one level per forward, so all are at one depth
-        feeds = [rows[b].feed() for b in growing]
-        outs = expand_rows(
-            [drafters[b] for b in growing], [f[0] for f in feeds], [f[1] for f in feeds], depth, [f[2] for f in feeds]
-        )  # fmt: skip
-        level_logprobs = drafters[0].logprobs(torch.cat([out.hidden for out in outs]))
-        for b, out, row_logprobs in zip(growing, outs, level_logprobs.split([out.hidden.shape[0] for out in outs])):
-            rows[b].take(out.hidden, out.visual, row_logprobs)
-    return [row.tree() for row in rows]
+    while growing := [(group, growth) for group, growth in zip(groups, growths) if growth.growing]:
+        depth = growing[0][1].depth  # every row grows one level per forward, so all are at one depth
+        rows, tokens, parent_hidden, ancestors = [], [], [], []
+        for group, growth in growing:
+            for i, r in enumerate(growth.growing):  # the state tensors hold the growing rows only
+                rows.append(group[r])
+                tokens.append(growth.frontier_tokens[i])
+                parent_hidden.append(growth.parent_hidden[i])
+                ancestors.append(growth.ancestors[i])
+        outs = expand_rows([drafters[b] for b in rows], tokens, parent_hidden, depth, ancestors)
+        hidden = torch.cat([out.hidden for out in outs])  # [sum of the rows' k, H], group after group
+        level_logprobs = drafters[0].logprobs(hidden)
+        first, at = 0, 0  # in hidden's rows, in outs
+        for _, growth in growing:
+            n = len(growth.growing)
+            part, visual = slice(first, first + n * growth.spec.top_k), [out.visual for out in outs[at : at + n]]
+            growth.take(hidden[part], None if visual[0] is None else torch.cat(visual), level_logprobs[part])
+            first, at = part.stop, at + n
+    trees: list[Tree | None] = [None] * len(specs)
+    for group, growth in zip(groups, growths):
+        for r, b in enumerate(group):
+            trees[b] = growth.tree(r)
+    return trees
 
 
 class TreeGrowth:
-    """One tree while it grows: the growth rule of `grow_tree` (its docstring), a level per `take`.
+    """R trees of one spec while they grow: the growth rule of `grow_tree` (its docstring) on a batch of
+    rows, a level per `take`; R = 1 is `grow_tree`.
 
-    Made from the root's log-probabilities [V], it holds the first level (the root's top_k children);
-    then, until `done`, `feed` says what the drafter feeds next (the frontier) and `take` reads the
-    drafter's output there. `grow_trees` drives many at once; `tree` is the result.
+    Made from the roots' log-probabilities [R, V], it holds the first level (each root's top_k
+    children). Then, while `growing` lists rows, each of those feeds its frontier (`frontier_tokens`,
+    `parent_hidden`, `ancestors` at its row) and `take` reads the drafter's output there. A row stops
+    by its own early-stop rule; its tree is then fixed (`tree`). Every row stores levels of the same
+    sizes, so pool indices mean the same in every row. `grow_trees` drives many at once.
     """
 
     def __init__(
-        self, spec: TreeSpec, root_token: int, root_logprobs: torch.Tensor, root_hidden: torch.Tensor,
+        self, spec: TreeSpec, root_tokens: list[int], root_logprobs: torch.Tensor, root_hidden: torch.Tensor,
         root_visual: torch.Tensor | None,
     ) -> None:  # fmt: skip
-        self.spec, self.root_token = spec, root_token
-        k, budget, device = spec.top_k, spec.budget, root_hidden.device
-        top = root_logprobs[None].topk(k)  # [1, k]
-        visual = None if root_visual is None else root_visual.reshape(1).float()  # [1]
-        scores = spec.scorer(top.values, top.indices, 1, visual)[0]
+        """root_logprobs: [R, V]; root_hidden: [R, H]; root_visual: [R] or None."""
+        self.spec, self.root_tokens = spec, root_tokens
+        rows, k, budget, device = len(root_tokens), spec.top_k, spec.budget, root_hidden.device
+        top = root_logprobs.topk(k)  # [R, k]
+        visual = None if root_visual is None else root_visual.float()  # [R]
+        scores = spec.scorer(top.values, top.indices, 1, visual)  # [R, k]
         # The pool holds every stored node; pool index 0 is the root, node i of the pool is at i + 1.
         self.pool = NodePool(device, tracked=visual is not None)
-        self.pool.add(top.indices[0], torch.zeros(k, dtype=torch.long, device=device), 1, scores, top.values[0], visual, k)
-        self.frontier = torch.arange(1, k + 1, device=device)  # pool indices
-        self.frontier_tokens, self.frontier_scores = top.indices[0], scores
-        self.parent_hidden = root_hidden[None].expand(k, -1)
-        self.ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
-        self.expected = expected_length(self.pool.scores, budget) if spec.stop_delta is not None else 0.0
-        stops_at_once = spec.frontier_only and spec.stop_delta is not None and self.expected <= spec.stop_delta
-        self.levels = 1 if stops_at_once else spec.max_depth  # the depth growth ends at
-        self.size = budget  # nodes kept
-        if spec.cost is not None:  # stop "cost": the best tree so far; none beats a plain step: stop before any forward
-            self.rate, self.size = cost_aware_size(self.pool.scores, 1, budget, spec.cost)
-            self.levels = 1 if self.size == 0 else spec.max_depth
+        self.pool.add(top.indices, torch.zeros(rows, k, dtype=torch.long, device=device), 1, scores, top.values, visual, k)
+        self.frontier = torch.arange(1, k + 1, device=device).expand(rows, k)  # [R, k] pool indices
+        self.frontier_tokens, self.frontier_scores = top.indices, scores  # [R, k]
+        self.parent_hidden = root_hidden[:, None].expand(-1, k, -1)  # [R, k, H]
+        self.ancestors = torch.zeros(rows, k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
+        self.size = [budget] * rows  # nodes kept per row
+        self.growing = list(range(rows))  # rows still growing; the state tensors hold these rows only
+        self.fields: list[tuple | None] = [None] * rows  # per row, its pool once it stopped
         self.depth = 1  # of the frontier
+        self.expected = expected_lengths(self.pool.scores, budget) if spec.stop_delta is not None else [0.0] * rows
+        stops = [False] * rows
+        if spec.frontier_only and spec.stop_delta is not None:
+            stops = [e <= spec.stop_delta for e in self.expected]
+        if spec.cost is not None:  # stop "cost": the best tree so far; none beats a plain step: stop before any forward
+            self.rate = [0.0] * rows
+            for r in range(rows):
+                self.rate[r], self.size[r] = cost_aware_size([s[r] for s in self.pool.scores], 1, budget, spec.cost)
+            stops = [size == 0 for size in self.size]
+        if spec.max_depth == 1:
+            stops = [True] * rows
+        self._stop(stops)
 
-    @property
-    def done(self) -> bool:
-        return self.depth >= self.levels
-
-    def feed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The frontier to feed at `depth` (`Drafter.expand`): tokens [k], parent hidden [k, H], ancestors [k, fed]."""
-        return self.frontier_tokens, self.parent_hidden, self.ancestors
+    def _stop(self, stops: list[bool]) -> None:
+        """Fix the pools of the growing rows that stop now; keep the others' state only."""
+        if not any(stops):
+            return
+        for i, r in enumerate(self.growing):
+            if stops[i]:
+                self.fields[r] = self.pool.fields(i)
+        keep = [i for i, stop in enumerate(stops) if not stop]
+        self.growing = [self.growing[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self.frontier.device)
+        self.pool.keep(index)
+        self.frontier, self.frontier_tokens = self.frontier[index], self.frontier_tokens[index]
+        self.frontier_scores, self.parent_hidden, self.ancestors = (
+            self.frontier_scores[index], self.parent_hidden[index], self.ancestors[index]
+        )  # fmt: skip
+        self.expected = [self.expected[i] for i in keep]
+        if self.spec.cost is not None:
+            self.rate = [self.rate[i] for i in keep]
 
     def take(self, hidden: torch.Tensor, visual: torch.Tensor | None, logprobs: torch.Tensor) -> None:
-        """Read the fed frontier's draft output: hidden [k, H], visual [k] or None, log-probabilities [k, V]."""
+        """Read the fed frontiers' draft output, the growing rows' k nodes each, in order: hidden [R k, H],
+        visual [R k] or None, log-probabilities [R k, V]."""
         spec, depth, pool, frontier = self.spec, self.depth, self.pool, self.frontier
-        k, budget = spec.top_k, spec.budget
+        k, budget, rows = spec.top_k, spec.budget, len(self.growing)
         # 1. the frontier was fed, 2. each proposes k children, 3. the best k of them are the next frontier
-        children = logprobs.topk(k)  # [k, k]
-        scores = (self.frontier_scores[:, None] + spec.scorer(children.values, children.indices, depth + 1, visual)).flatten()
-        tokens = children.indices.flatten()  # [k * k]
-        best = scores.topk(k).indices  # [k]
-        parent_row = best // k
+        children = logprobs.topk(k)  # [R k, k]
+        node_scores = spec.scorer(children.values, children.indices, depth + 1, visual)  # [R k, k]
+        scores = (self.frontier_scores[:, :, None] + node_scores.view(rows, k, k)).view(rows, k * k)
+        tokens, values = children.indices.view(rows, k * k), children.values.view(rows, k * k)
+        best = scores.topk(k).indices  # [R, k]
+        parent_row = best // k  # [R, k]
+        row_visual = None if visual is None else visual.view(rows, k)
         first = pool.size
         if spec.frontier_only:
-            row_visual = None if visual is None else visual[parent_row]
-            pool.add(tokens[best], frontier[parent_row], depth + 1, scores[best], children.values.flatten()[best], row_visual, 1)
-            next_frontier = first + torch.arange(k, device=hidden.device)
+            row_visual = None if row_visual is None else row_visual.gather(1, parent_row)
+            pool.add(tokens.gather(1, best), frontier.gather(1, parent_row), depth + 1, scores.gather(1, best),
+                     values.gather(1, best), row_visual, 1)  # fmt: skip
+            next_frontier = first + torch.arange(k, device=hidden.device).expand(rows, k)
         else:
-            pool.add(tokens, frontier.repeat_interleave(k), depth + 1, scores, children.values.flatten(), visual, k)
+            pool.add(tokens, frontier.repeat_interleave(k, dim=1), depth + 1, scores, values, row_visual, k)
             next_frontier = first + best
+        stops = [False] * rows
         if spec.stop_delta is not None:
             # 4. early stop: this level added too little to the expected accepted length.
-            grown = expected_length(pool.scores, budget)
-            gained, self.expected = grown - self.expected, grown
-            if gained <= spec.stop_delta:
-                self.levels = depth
-                return
+            grown = expected_lengths(pool.scores, budget)
+            stops = [g - e <= spec.stop_delta for g, e in zip(grown, self.expected)]
+            self.expected = grown
         if spec.cost is not None:  # stop "cost": stop once the best rate stops rising; size by this level's rate
-            grown_rate, self.size = cost_aware_size(pool.scores, depth + 1, budget, spec.cost)
-            if grown_rate <= self.rate:
-                self.levels = depth
-                return
-            self.rate = grown_rate
+            for i, r in enumerate(self.growing):
+                if stops[i]:
+                    continue
+                grown_rate, self.size[r] = cost_aware_size([s[i] for s in pool.scores], depth + 1, budget, spec.cost)
+                stops[i] = grown_rate <= self.rate[i]
+                self.rate[i] = grown_rate
+        fed = self.ancestors.shape[2]
         own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
-        self.ancestors = torch.cat([self.ancestors[parent_row], own_slot], dim=1)
+        self.ancestors = torch.cat([self.ancestors.gather(1, parent_row[:, :, None].expand(-1, -1, fed)), own_slot], dim=2)
         self.frontier = next_frontier
-        self.frontier_tokens, self.frontier_scores = tokens[best], scores[best]
-        self.parent_hidden = hidden[parent_row]
+        self.frontier_tokens, self.frontier_scores = tokens.gather(1, best), scores.gather(1, best)
+        hidden = hidden.view(rows, k, -1)
+        self.parent_hidden = hidden.gather(1, parent_row[:, :, None].expand(-1, -1, hidden.shape[2]))
         self.depth = depth + 1
+        if self.depth >= spec.max_depth:
+            stops = [True] * rows
+        self._stop(stops)
 
-    def tree(self) -> Tree:
-        """The best `size` stored nodes and the root."""
-        tokens, parents, depths, scores, confidence, visual = self.pool.fields()
-        return select_nodes(self.root_token, tokens, parents, depths, scores, self.size, confidence=confidence, visual=visual)
+    def tree(self, row: int) -> Tree:
+        """Row's tree once it stopped: its best `size` stored nodes and the root."""
+        assert self.fields[row] is not None, f"row {row} is still growing"
+        tokens, parents, depths, scores, confidence, visual = self.fields[row]
+        return select_nodes(
+            self.root_tokens[row], tokens, parents, depths, scores, self.size[row], confidence=confidence, visual=visual
+        )  # fmt: skip
 
 
 class NodePool:
-    """Every node stored while growing one tree, level by level (pool index 0 is the root)."""
+    """Every node stored while growing R trees of one spec, level by level (pool index 0 is the root);
+    every row stores as many nodes per level."""
 
     def __init__(self, device: torch.device, tracked: bool) -> None:
         self.device = device
         self.tracked = tracked  # whether nodes carry visual intensities
-        self.tokens: list[torch.Tensor] = []  # per level [m] long
-        self.parents: list[torch.Tensor] = []  # per level [m] long, pool indices
-        self.depths: list[torch.Tensor] = []  # per level [m] long
-        self.scores: list[torch.Tensor] = []  # per level [m] float32, cumulative log acceptance estimates
-        self.logprobs: list[torch.Tensor] = []  # per level [m] float32, the draft's log-probability
-        self.visual: list[torch.Tensor] = []  # per level [m] float32, when tracked
+        self.tokens: list[torch.Tensor] = []  # per level [R, m] long
+        self.parents: list[torch.Tensor] = []  # per level [R, m] long, pool indices
+        self.depths: list[int] = []  # per level
+        self.scores: list[torch.Tensor] = []  # per level [R, m] float32, cumulative log acceptance estimates
+        self.logprobs: list[torch.Tensor] = []  # per level [R, m] float32, the draft's log-probability
+        self.visual: list[torch.Tensor] = []  # per level [R, m] float32, when tracked
         self.size = 1  # the root
 
     def add(self, tokens, parents, depth: int, scores, logprobs, row_visual: torch.Tensor | None, k: int) -> None:
-        """One level of m = rows * k nodes, k consecutive nodes per producing row; row_visual: [rows],
-        the intensity of each producing row."""
-        m = tokens.shape[0]
-        assert parents.shape == scores.shape == logprobs.shape == (m,), "pool level fields must all be [m]"
+        """One level of m = n * k nodes per row, k consecutive nodes per producing draft row; row_visual:
+        [R, n], the intensity of each producing row."""
+        rows, m = tokens.shape
+        assert parents.shape == scores.shape == logprobs.shape == (rows, m), "pool level fields must all be [R, m]"
         self.tokens.append(tokens)
         self.parents.append(parents)
-        self.depths.append(torch.full((m,), depth, dtype=torch.long, device=self.device))
+        self.depths.append(depth)
         self.scores.append(scores)
         self.logprobs.append(logprobs)
         assert (row_visual is not None) == self.tracked, (
@@ -516,22 +577,31 @@ class NodePool:
             "needs the root's intensity (build(..., root_visual=...)), and only such a drafter gives one"
         )
         if row_visual is not None:
-            assert row_visual.shape == (m // k,), f"row_visual {tuple(row_visual.shape)} for {m} nodes of {k} per row"
-            self.visual.append(row_visual.float().repeat_interleave(k))
+            row_visual = row_visual.reshape(rows, -1)
+            assert row_visual.shape == (rows, m // k), f"row_visual {tuple(row_visual.shape)} for {m} nodes of {k} per row"
+            self.visual.append(row_visual.float().repeat_interleave(k, dim=1))
         self.size += m
 
-    def fields(self):
-        """tokens, parents, depths, scores, confidence (the draft's probability), visual: each [M] over
-        pool indices 1..M (visual None when not tracked)."""
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the rows at index [R'] (the others stopped)."""
+        for levels in (self.tokens, self.parents, self.scores, self.logprobs, self.visual):
+            levels[:] = [level[index] for level in levels]
+
+    def fields(self, row: int):
+        """Row's tokens, parents, depths, scores, confidence (the draft's probability), visual: each [M]
+        over pool indices 1..M (visual None when not tracked)."""
         cat = torch.cat
-        visual = cat(self.visual) if self.tracked else None
-        return cat(self.tokens), cat(self.parents), cat(self.depths), cat(self.scores), cat(self.logprobs).exp(), visual
+        depths = cat([torch.full((t.shape[1],), d, dtype=torch.long, device=self.device) for t, d in zip(self.tokens, self.depths)])
+        visual = cat([v[row] for v in self.visual]) if self.tracked else None
+        tokens, parents = cat([t[row] for t in self.tokens]), cat([p[row] for p in self.parents])
+        return tokens, parents, depths, cat([s[row] for s in self.scores]), cat([p[row] for p in self.logprobs]).exp(), visual
 
 
-def expected_length(pool_scores: list[torch.Tensor], budget: int) -> float:
-    """Expected accepted length of the best `budget` nodes: the sum of their weights exp(score)."""
-    scores = torch.cat(pool_scores)
-    return float(scores.topk(min(budget, scores.shape[0])).values.exp().sum())
+def expected_lengths(pool_scores: list[torch.Tensor], budget: int) -> list[float]:
+    """Expected accepted length of each row's best `budget` nodes: the sum of their weights exp(score);
+    pool_scores: per level [R, m] -> R floats, in one host read."""
+    scores = torch.cat(pool_scores, dim=1)
+    return scores.topk(min(budget, scores.shape[1])).values.exp().sum(dim=1).tolist()
 
 
 def select_nodes(
