@@ -129,7 +129,8 @@ class BatchedRuntime(Runtime, Protocol):
         self, sequences: list[Sequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]
     ) -> list[tuple[Tree, torch.Tensor]]:
         """Each sequence's tree, grown as its spec says under its last committed token from its root
-        (`Runtime.draft_tree` per row), and its ancestor mask [N_b, N_b]."""
+        (`Runtime.draft_tree` per row: the same trees, which a runtime may grow all at once, one draft
+        forward per level: `lmms_msd.speculative.tree.grow_trees`), and its ancestor mask [N_b, N_b]."""
         ...
 
     def verify_batch(
