@@ -237,8 +237,10 @@ def run_packed(drafters: list[Drafter], blocks: list[Block]) -> list[DraftRows]:
     device = drafters[0].device
     rows = [block.x.shape[0] for block in blocks]
     visible = torch.zeros(sum(rows), sum(widths), dtype=torch.bool, device=device)
-    for b, (block, first) in enumerate(zip(blocks, [sum(rows[:b]) for b in range(len(rows))])):
-        visible[first : first + rows[b], offsets[b] : offsets[b] + widths[b]] = block.visible
+    first = 0  # the block's first packed row
+    for block, offset, n, width in zip(blocks, offsets, rows, widths):
+        visible[first : first + n, offset : offset + width] = block.visible
+        first += n
     slots = torch.cat([block.slots + offset for block, offset in zip(blocks, offsets)])
     positions = torch.cat([block.positions for block in blocks])
     x = torch.cat([block.x for block in blocks])[None]
