@@ -189,6 +189,7 @@ class RuntimeSettings:
     engine: str = "eager"  # ENGINES: "eager" (transformers' forward) or "static" (static caches, CUDA graphs on cuda)
     max_length: int = 2048  # static: the preallocated cache slots (clipped to the target's maximum length)
     max_batch: int = 1  # sequences decoded at once; static: more than 1 takes the batched engine, a cache row each
+    batched_drafting: bool = False  # static, max_batch > 1: all rows draft in one forward per tree level (BatchedStaticEngine)
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,10 @@ def build_decoder(pair: Pair, settings: RuntimeSettings) -> Decoder:
         # imported only when asked for, as static_engine_class
         from lmms_msd.speculative.fast import BatchedStaticEngine
 
-        runtime = BatchedStaticEngine(pair.target, pair.draft, max_batch=settings.max_batch, max_length=settings.max_length)
+        runtime = BatchedStaticEngine(
+            pair.target, pair.draft, max_batch=settings.max_batch, max_length=settings.max_length,
+            batched_drafting=settings.batched_drafting,
+        )  # fmt: skip
     elif settings.engine == "static":
         runtime = static_engine_class()(pair.target, pair.draft, max_length=settings.max_length)
     elif settings.engine == "eager":

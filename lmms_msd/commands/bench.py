@@ -570,6 +570,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--engine", default="eager", choices=ENGINES, help="eager: lmms_msd.speculative.decoding; static: lmms_msd.speculative.fast [eager]")
     parser.add_argument("--max_length", type=int, default=2048, help="--engine static: the preallocated cache length [2048]")
     parser.add_argument(
+        "--batched_drafting", action="store_true",
+        help="--engine static with --batch: all rows grow their trees in one draft forward per level (BatchedStaticEngine)",
+    )  # fmt: skip
+    parser.add_argument(
         "--inflate", default=None,
         help='benchmark the pair embedded into a bigger shape computing the same function: "7b" or HIDDENxLAYERS, e.g. 512x6',
     )  # fmt: skip
@@ -684,7 +688,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("lmms-msd bench: no method left to run")
     need_draft = bool(set(names) & set(SPECULATIVE))
     pair = load_pair(PairSettings(args.pretrained, args.msd_model_path if need_draft else None, args.device, args.dtype, inflate=shape))
-    decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length, max_batch=max(args.batch or [1])))
+    decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length, max_batch=max(args.batch or [1]), batched_drafting=args.batched_drafting))
     args.cost_cache = args.cost_cache or args.output_dir / "cost_models"
     settings = method_trees(names, opt_settings(args), args.calibrator, args.calibrator_mode, str(args.cost_cache))
     trees = {name: build_tree(tree, decoder) for name, tree in settings.items()}

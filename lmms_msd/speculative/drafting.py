@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from lmms_msd.models.draft import MSDDraft
+from lmms_msd.models.draft import DraftLayerCache, MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt
 
 
@@ -41,6 +41,15 @@ class DraftRows(NamedTuple):
 
     hidden: torch.Tensor  # [n, H] (prefill / advance: [H], the last committed row only)
     visual: torch.Tensor | None  # [n] float32 (prefill / advance: [] ) visual attention intensity; None untracked
+
+
+class Block(NamedTuple):
+    """One call's rows for the head, in one drafter's own slots: `Drafter._run`'s arguments."""
+
+    x: torch.Tensor  # [T, H] layer inputs
+    positions: torch.Tensor  # [T] RoPE positions
+    slots: torch.Tensor  # [T] cache slots written
+    visible: torch.Tensor  # [T, S] bool over the drafter's slots 0..S-1
 
 
 class Drafter:
@@ -79,7 +88,7 @@ class Drafter:
         visible[:, p:] = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
         return slots, slots.clone(), visible
 
-    def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
+    def _run(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor) -> DraftRows:
         """x: [T, H] -> the head's output at those rows [T, H] and their visual intensity [T] or None."""
         if not self.track_visual:
             return DraftRows(self.draft(x[None], positions, self.cache, slots, visible)[0], None)
@@ -116,11 +125,18 @@ class Drafter:
         return self._append(x)
 
     def _append(self, x: torch.Tensor) -> DraftRows:
+        return self._appended(self._run(*self._append_block(x)))
+
+    def _append_block(self, x: torch.Tensor) -> Block:
+        """The block that appends m committed inputs x [m, H] after the prefix."""
         m = x.shape[0]
         self.reserve(self.committed + m)
         slots, positions, visible = self._causal_block(m)
-        rows = self._run(x, positions, slots, visible)
-        self.committed += m
+        return Block(x, positions, slots, visible)
+
+    def _appended(self, rows: DraftRows) -> DraftRows:
+        """Record an appended block as committed -> the new root's hidden [H] and visual intensity []."""
+        self.committed += rows.hidden.shape[0]
         self.tree_used = 0
         return DraftRows(rows.hidden[-1], None if rows.visual is None else rows.visual[-1])
 
@@ -132,10 +148,16 @@ class Drafter:
         depth: the nodes' depth (>= 1)
         ancestors: [n, tree_used] bool, which earlier tree slots are each node's ancestors
         """
-        n = tokens.shape[0]
-        assert parent_hidden.shape[0] == n and ancestors.shape == (n, self.tree_used), (
-            f"tokens {tuple(tokens.shape)}, parent_hidden {tuple(parent_hidden.shape)}, "
-            f"ancestors {tuple(ancestors.shape)} with {self.tree_used} tree slots used"
+        x = self.draft.fuse(self.draft.embed_tokens(tokens)[None], parent_hidden[None])[0]
+        rows = self._run(*self._tree_block(x, depth, ancestors))
+        self.tree_used += tokens.shape[0]
+        return rows
+
+    def _tree_block(self, x: torch.Tensor, depth: int, ancestors: torch.Tensor) -> Block:
+        """The block that feeds n tree nodes of one depth (`expand`); x: [n, H] their layer inputs."""
+        n = x.shape[0]
+        assert ancestors.shape == (n, self.tree_used), (
+            f"{n} nodes, ancestors {tuple(ancestors.shape)} with {self.tree_used} tree slots used"
         )
         p, used = self.committed, self.tree_used
         self.reserve(p + used + n)
@@ -149,15 +171,100 @@ class Drafter:
             ],
             dim=1,
         )
-        x = self.draft.fuse(self.draft.embed_tokens(tokens)[None], parent_hidden[None])[0]
-        rows = self._run(x, positions, slots, visible)
-        self.tree_used += n
-        return rows
+        return Block(x, positions, slots, visible)
 
     @torch.inference_mode()
     def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, H] -> draft log-probabilities [n, V] (float32) through the target's lm_head."""
         return torch.log_softmax(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), dim=-1)
+
+
+@torch.inference_mode()
+def expand_rows(
+    drafters: list[Drafter], tokens: list[torch.Tensor], parent_hidden: list[torch.Tensor], depth: int,
+    ancestors: list[torch.Tensor],
+) -> list[DraftRows]:  # fmt: skip
+    """`Drafter.expand` for many drafters (one tree each) in one head forward (`run_packed`); one drafter
+    runs its own `expand`. Row b: tokens [n_b], parent_hidden [n_b, H], ancestors [n_b, tree_used_b]
+    -> its output hidden states [n_b, H] and visual intensities [n_b]."""
+    if len(drafters) == 1:
+        return [drafters[0].expand(tokens[0], parent_hidden[0], depth, ancestors[0])]
+    draft = drafters[0].draft
+    x = draft.fuse(draft.embed_tokens(torch.cat(tokens))[None], torch.cat(parent_hidden)[None])[0].split([t.shape[0] for t in tokens])
+    rows = run_packed(drafters, [d._tree_block(x_b, depth, a) for d, x_b, a in zip(drafters, x, ancestors, strict=True)])
+    for drafter, out in zip(drafters, rows):
+        drafter.tree_used += out.hidden.shape[0]
+    return rows
+
+
+@torch.inference_mode()
+def advance_rows(drafters: list[Drafter], next_tokens: list[torch.Tensor], target_hidden: list[torch.Tensor]) -> list[DraftRows]:
+    """`Drafter.advance` for many drafters in one head forward (`run_packed`); one drafter runs its own
+    `advance`. Row b: next_tokens [m_b], target_hidden [m_b, H] -> its new root's hidden [H] and visual []."""
+    if len(drafters) == 1:
+        return [drafters[0].advance(next_tokens[0], target_hidden[0])]
+    draft = drafters[0].draft
+    fused = draft.fuse(draft.embed_tokens(torch.cat(next_tokens))[None], torch.cat(target_hidden)[None])[0]
+    x = fused.split([t.shape[0] for t in next_tokens])
+    rows = run_packed(drafters, [d._append_block(x_b) for d, x_b in zip(drafters, x, strict=True)])
+    return [drafter._appended(out) for drafter, out in zip(drafters, rows)]
+
+
+class PackedLayerCache(DraftLayerCache):
+    """Many drafters' caches of one layer side by side in one tensor (`run_packed`)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+
+def run_packed(drafters: list[Drafter], blocks: list[Block]) -> list[DraftRows]:
+    """One head forward over every drafter's block: the blocks packed into one sequence.
+
+    Drafter b's slots 0..S_b-1 (S_b: its block's visible width) are copied side by side into one cache
+    at offset o_b = S_0 + ... + S_{b-1}; its rows write slot o_b + s for their slot s and see slot
+    o_b + s where they see s, nothing of another drafter (a block-diagonal mask). So each row attends
+    to exactly what it would alone (its outputs are the same up to the rounding of longer reductions);
+    positions are each row's own. The slots written are then copied back into each drafter's cache.
+    Example: S = (3, 2), one row each seeing everything: packed visible [[1,1,1,0,0], [0,0,0,1,1]].
+    The drafters share one head; visual intensities are measured when any drafter tracks them and
+    returned to those that do. Runs eagerly, also for `StaticDrafter`s (whose caches it writes in place).
+    -> per drafter, its rows' hidden [T_b, H] and visual [T_b] (None untracked)
+    """
+    draft = drafters[0].draft
+    assert all(d.draft is draft for d in drafters), "packed drafters share one head"
+    widths = [block.visible.shape[1] for block in blocks]
+    offsets = [sum(widths[:b]) for b in range(len(blocks))]
+    device = drafters[0].device
+    rows = [block.x.shape[0] for block in blocks]
+    visible = torch.zeros(sum(rows), sum(widths), dtype=torch.bool, device=device)
+    first = 0  # the block's first packed row
+    for block, offset, n, width in zip(blocks, offsets, rows, widths):
+        visible[first : first + n, offset : offset + width] = block.visible
+        first += n
+    slots = torch.cat([block.slots + offset for block, offset in zip(blocks, offsets)])
+    positions = torch.cat([block.positions for block in blocks])
+    x = torch.cat([block.x for block in blocks])[None]
+    cache = [
+        PackedLayerCache(
+            torch.cat([d.cache[layer].keys[:, :, :w] for d, w in zip(drafters, widths)], dim=2),
+            torch.cat([d.cache[layer].values[:, :, :w] for d, w in zip(drafters, widths)], dim=2),
+        )
+        for layer in range(len(drafters[0].cache))
+    ]
+    if any(d.track_visual for d in drafters):
+        image_slots = torch.cat(
+            [d.image_slots[:w] if d.track_visual else torch.zeros(w, dtype=torch.bool, device=device) for d, w in zip(drafters, widths)]
+        )
+        hidden, visual = draft.forward_with_visual(x, positions, cache, slots, visible, image_slots)
+    else:
+        hidden, visual = draft(x, positions, cache, slots, visible), None
+    for layer, packed in enumerate(cache):
+        for d, block, offset in zip(drafters, blocks, offsets):
+            d.cache[layer].keys[:, :, block.slots] = packed.keys[:, :, block.slots + offset]
+            d.cache[layer].values[:, :, block.slots] = packed.values[:, :, block.slots + offset]
+    hidden = hidden[0].split(rows)
+    visual = [None] * len(rows) if visual is None else visual.split(rows)
+    return [DraftRows(h, v if d.track_visual else None) for d, h, v in zip(drafters, hidden, visual)]
 
 
 def draft_image_slots(image_mask: torch.Tensor) -> torch.Tensor:

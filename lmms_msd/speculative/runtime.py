@@ -52,8 +52,8 @@ import torch
 
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
-from lmms_msd.speculative.drafting import Drafter, DraftRows
-from lmms_msd.speculative.tree import Tree, TreeSpec, grow_tree
+from lmms_msd.speculative.drafting import Drafter, DraftRows, advance_rows
+from lmms_msd.speculative.tree import Tree, TreeSpec, grow_tree, grow_trees
 from lmms_msd.speculative.verify import tree_attention_mask
 
 
@@ -129,7 +129,8 @@ class BatchedRuntime(Runtime, Protocol):
         self, sequences: list[Sequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]
     ) -> list[tuple[Tree, torch.Tensor]]:
         """Each sequence's tree, grown as its spec says under its last committed token from its root
-        (`Runtime.draft_tree` per row), and its ancestor mask [N_b, N_b]."""
+        (`Runtime.draft_tree` per row: the same trees, which a runtime may grow all at once, one draft
+        forward per level: `lmms_msd.speculative.tree.grow_trees`), and its ancestor mask [N_b, N_b]."""
         ...
 
     def verify_batch(
@@ -182,7 +183,9 @@ class EagerRuntime:
 
     A batched call gathers the rows' caches into one padded batch cache, runs one forward and puts each
     row's new positions back into its own cache (`_forward_rows`): clear rather than fast, as a
-    reference should be. Drafting runs row by row, each on its own `Drafter`.
+    reference should be. Drafting is batched too: every tree level of all rows is one draft forward
+(`grow_trees`), and so is the draft's advance of all rows (`advance_rows`); each row keeps its own
+`Drafter`, whose caches are packed side by side for the call (`lmms_msd.speculative.drafting.run_packed`).
     """
 
     max_batch = None
@@ -244,7 +247,9 @@ class EagerRuntime:
         self, sequences: list[EagerSequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]
     ) -> list[tuple[Tree, torch.Tensor]]:
         assert len(sequences) == len(specs) == len(tokens) == len(roots), "one spec, token and root per sequence"
-        return [self.draft_tree(*row) for row in zip(sequences, specs, tokens, roots)]
+        drafters = [drafter_of(s) for s in sequences]
+        trees = grow_trees(drafters, specs, tokens, [r.hidden for r in roots], [r.visual for r in roots])
+        return [(tree, tree.ancestor_mask(spec.max_depth)) for tree, spec in zip(trees, specs)]
 
     def verify_batch(
         self, sequences: list[EagerSequence], trees: list[Tree], ancestors: list[torch.Tensor]
@@ -262,7 +267,8 @@ class EagerRuntime:
     def advance_batch(
         self, sequences: list[EagerSequence], next_tokens: list[torch.Tensor], hidden: list[torch.Tensor]
     ) -> list[DraftRows]:
-        return [drafter_of(s).advance(t, h) for s, t, h in zip(sequences, next_tokens, hidden, strict=True)]
+        assert len(sequences) == len(next_tokens) == len(hidden), "one token run and hidden run per sequence"
+        return advance_rows([drafter_of(s) for s in sequences], next_tokens, hidden)
 
     def release(self, sequence: EagerSequence) -> None:
         """Nothing to give back: the sequence's caches go with it."""

@@ -15,7 +15,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from lmms_msd.speculative.cost import STOPS, CostModel, cost_aware_size
-from lmms_msd.speculative.drafting import Drafter
+from lmms_msd.speculative.drafting import Drafter, expand_rows
 
 
 @dataclass
@@ -372,83 +372,204 @@ def grow_tree(
     root_hidden: [H], the draft output whose logits predict the root's children; root_visual: [], that
     row's visual attention intensity (None when the drafter does not track it)
     """
-    k, max_depth, budget, node_score = spec.top_k, spec.max_depth, spec.budget, spec.scorer
-    stop_delta, frontier_only, cost = spec.stop_delta, spec.frontier_only, spec.cost
-    device = root_hidden.device
-    top = drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
-    visual = None if root_visual is None else root_visual.reshape(1).float()  # [1]
-    scores = node_score(top.values, top.indices, 1, visual)[0]
-    # The pool holds every stored node; pool index 0 is the root, node i of the pool is at i + 1.
-    pool = NodePool(device, tracked=visual is not None)
-    pool.add(top.indices[0], torch.zeros(k, dtype=torch.long, device=device), 1, scores, top.values[0], visual, k)
-    frontier = torch.arange(1, k + 1, device=device)  # pool indices
-    frontier_tokens, frontier_scores = top.indices[0], scores
-    parent_hidden = root_hidden[None].expand(k, -1)
-    ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
-    expected = expected_length(pool.scores, budget) if stop_delta is not None else 0.0
-    levels = 1 if frontier_only and stop_delta is not None and expected <= stop_delta else max_depth
-    if cost is not None:  # stop "cost": the best tree so far; none beats a plain step: stop before any forward
-        rate, size = cost_aware_size(pool.scores, 1, budget, cost)
-        levels = 1 if size == 0 else max_depth
-    for depth in range(1, levels):
-        # 1. feed the frontier, 2. propose k children each, 3. the best k of them are the next frontier
-        hidden, visual = drafter.expand(frontier_tokens, parent_hidden, depth, ancestors)
-        children = drafter.logprobs(hidden).topk(k)  # [k, k]
-        scores = (frontier_scores[:, None] + node_score(children.values, children.indices, depth + 1, visual)).flatten()
-        tokens = children.indices.flatten()  # [k * k]
-        best = scores.topk(k).indices  # [k]
-        parent_row = best // k
-        first = pool.size
-        if frontier_only:
-            row_visual = None if visual is None else visual[parent_row]
-            pool.add(tokens[best], frontier[parent_row], depth + 1, scores[best], children.values.flatten()[best], row_visual, 1)
-            next_frontier = first + torch.arange(k, device=device)
+    return grow_trees([drafter], [spec], [root_token], [root_hidden], [root_visual])[0]
+
+
+@torch.inference_mode()
+def grow_trees(
+    drafters: list[Drafter], specs: list[TreeSpec], root_tokens: list[int], root_hidden: list[torch.Tensor],
+    root_visual: list[torch.Tensor | None],
+) -> list[Tree]:  # fmt: skip
+    """`grow_tree` for B rows at once (row b: its own drafter, spec, root token, root hidden [H] and visual
+    []): every level feeds all growing rows' frontiers in one draft forward (`expand_rows`) and takes
+    their log-probabilities in one lm_head product. Rows of one spec (and alike in tracking visual
+    attention) grow as one `TreeGrowth`, the growth rule on a batch of rows; a row leaves its group
+    when its spec stops it. Row b's tree is the one `grow_tree` grows for it alone (up to the rounding
+    of the wider products). The drafters share one head and lm_head."""
+    assert len(drafters) == len(specs) == len(root_tokens) == len(root_hidden) == len(root_visual), "one of each per row"
+    logprobs = drafters[0].logprobs(torch.stack(root_hidden))  # [B, V]
+    groups: list[list[int]] = []  # rows of one spec, tracked alike (specs are compared, not hashed)
+    for b, spec in enumerate(specs):
+        group = next((g for g in groups if specs[g[0]] == spec and (root_visual[g[0]] is None) == (root_visual[b] is None)), None)
+        if group is None:
+            groups.append([b])
         else:
-            pool.add(tokens, frontier.repeat_interleave(k), depth + 1, scores, children.values.flatten(), visual, k)
+            group.append(b)
+    growths = [
+        TreeGrowth(
+            specs[g[0]], [root_tokens[b] for b in g], logprobs[g], torch.stack([root_hidden[b] for b in g]),
+            None if root_visual[g[0]] is None else torch.stack([root_visual[b].reshape(()) for b in g]),
+        )
+        for g in groups
+    ]  # fmt: skip
+    while growing := [(group, growth) for group, growth in zip(groups, growths) if growth.growing]:
+        depth = growing[0][1].depth  # every row grows one level per forward, so all are at one depth
+        rows, tokens, parent_hidden, ancestors = [], [], [], []
+        for group, growth in growing:
+            for i, r in enumerate(growth.growing):  # the state tensors hold the growing rows only
+                rows.append(group[r])
+                tokens.append(growth.frontier_tokens[i])
+                parent_hidden.append(growth.parent_hidden[i])
+                ancestors.append(growth.ancestors[i])
+        outs = expand_rows([drafters[b] for b in rows], tokens, parent_hidden, depth, ancestors)
+        hidden = torch.cat([out.hidden for out in outs])  # [sum of the rows' k, H], group after group
+        level_logprobs = drafters[0].logprobs(hidden)
+        first, at = 0, 0  # in hidden's rows, in outs
+        for _, growth in growing:
+            n = len(growth.growing)
+            part, visual = slice(first, first + n * growth.spec.top_k), [out.visual for out in outs[at : at + n]]
+            growth.take(hidden[part], None if visual[0] is None else torch.cat(visual), level_logprobs[part])
+            first, at = part.stop, at + n
+    trees: list[Tree | None] = [None] * len(specs)
+    for group, growth in zip(groups, growths):
+        for r, b in enumerate(group):
+            trees[b] = growth.tree(r)
+    return trees
+
+
+class TreeGrowth:
+    """R trees of one spec while they grow: the growth rule of `grow_tree` (its docstring) on a batch of
+    rows, a level per `take`; R = 1 is `grow_tree`.
+
+    Made from the roots' log-probabilities [R, V], it holds the first level (each root's top_k
+    children). Then, while `growing` lists rows, each of those feeds its frontier (`frontier_tokens`,
+    `parent_hidden`, `ancestors` at its row) and `take` reads the drafter's output there. A row stops
+    by its own early-stop rule; its tree is then fixed (`tree`). Every row stores levels of the same
+    sizes, so pool indices mean the same in every row. `grow_trees` drives many at once.
+    """
+
+    def __init__(
+        self, spec: TreeSpec, root_tokens: list[int], root_logprobs: torch.Tensor, root_hidden: torch.Tensor,
+        root_visual: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        """root_logprobs: [R, V]; root_hidden: [R, H]; root_visual: [R] or None."""
+        self.spec, self.root_tokens = spec, root_tokens
+        rows, k, budget, device = len(root_tokens), spec.top_k, spec.budget, root_hidden.device
+        top = root_logprobs.topk(k)  # [R, k]
+        visual = None if root_visual is None else root_visual.float()  # [R]
+        scores = spec.scorer(top.values, top.indices, 1, visual)  # [R, k]
+        # The pool holds every stored node; pool index 0 is the root, node i of the pool is at i + 1.
+        self.pool = NodePool(device, tracked=visual is not None)
+        self.pool.add(top.indices, torch.zeros(rows, k, dtype=torch.long, device=device), 1, scores, top.values, visual, k)
+        self.frontier = torch.arange(1, k + 1, device=device).expand(rows, k)  # [R, k] pool indices
+        self.frontier_tokens, self.frontier_scores = top.indices, scores  # [R, k]
+        self.parent_hidden = root_hidden[:, None].expand(-1, k, -1)  # [R, k, H]
+        self.ancestors = torch.zeros(rows, k, 0, dtype=torch.bool, device=device)  # over tree slots fed so far
+        self.size = [budget] * rows  # nodes kept per row
+        self.growing = list(range(rows))  # rows still growing; the state tensors hold these rows only
+        self.fields: list[tuple | None] = [None] * rows  # per row, its pool once it stopped
+        self.depth = 1  # of the frontier
+        self.expected = expected_lengths(self.pool.scores, budget) if spec.stop_delta is not None else [0.0] * rows
+        stops = [False] * rows
+        if spec.frontier_only and spec.stop_delta is not None:
+            stops = [e <= spec.stop_delta for e in self.expected]
+        if spec.cost is not None:  # stop "cost": the best tree so far; none beats a plain step: stop before any forward
+            self.rate = [0.0] * rows
+            for r in range(rows):
+                self.rate[r], self.size[r] = cost_aware_size([s[r] for s in self.pool.scores], 1, budget, spec.cost)
+            stops = [size == 0 for size in self.size]
+        if spec.max_depth == 1:
+            stops = [True] * rows
+        self._stop(stops)
+
+    def _stop(self, stops: list[bool]) -> None:
+        """Fix the pools of the growing rows that stop now; keep the others' state only."""
+        if not any(stops):
+            return
+        for i, r in enumerate(self.growing):
+            if stops[i]:
+                self.fields[r] = self.pool.fields(i)
+        keep = [i for i, stop in enumerate(stops) if not stop]
+        self.growing = [self.growing[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self.frontier.device)
+        self.pool.keep(index)
+        self.frontier, self.frontier_tokens = self.frontier[index], self.frontier_tokens[index]
+        self.frontier_scores, self.parent_hidden, self.ancestors = (
+            self.frontier_scores[index], self.parent_hidden[index], self.ancestors[index]
+        )  # fmt: skip
+        self.expected = [self.expected[i] for i in keep]
+        if self.spec.cost is not None:
+            self.rate = [self.rate[i] for i in keep]
+
+    def take(self, hidden: torch.Tensor, visual: torch.Tensor | None, logprobs: torch.Tensor) -> None:
+        """Read the fed frontiers' draft output, the growing rows' k nodes each, in order: hidden [R k, H],
+        visual [R k] or None, log-probabilities [R k, V]."""
+        spec, depth, pool, frontier = self.spec, self.depth, self.pool, self.frontier
+        k, budget, rows = spec.top_k, spec.budget, len(self.growing)
+        # 1. the frontier was fed, 2. each proposes k children, 3. the best k of them are the next frontier
+        children = logprobs.topk(k)  # [R k, k]
+        node_scores = spec.scorer(children.values, children.indices, depth + 1, visual)  # [R k, k]
+        scores = (self.frontier_scores[:, :, None] + node_scores.view(rows, k, k)).view(rows, k * k)
+        tokens, values = children.indices.view(rows, k * k), children.values.view(rows, k * k)
+        best = scores.topk(k).indices  # [R, k]
+        parent_row = best // k  # [R, k]
+        row_visual = None if visual is None else visual.view(rows, k)
+        first = pool.size
+        if spec.frontier_only:
+            row_visual = None if row_visual is None else row_visual.gather(1, parent_row)
+            pool.add(tokens.gather(1, best), frontier.gather(1, parent_row), depth + 1, scores.gather(1, best),
+                     values.gather(1, best), row_visual, 1)  # fmt: skip
+            next_frontier = first + torch.arange(k, device=hidden.device).expand(rows, k)
+        else:
+            pool.add(tokens, frontier.repeat_interleave(k, dim=1), depth + 1, scores, values, row_visual, k)
             next_frontier = first + best
-        if stop_delta is not None:
+        stops = [False] * rows
+        if spec.stop_delta is not None:
             # 4. early stop: this level added too little to the expected accepted length.
-            grown = expected_length(pool.scores, budget)
-            gained, expected = grown - expected, grown
-            if gained <= stop_delta:
-                break
-        if cost is not None:  # stop "cost": stop once the best rate stops rising; size by this level's rate
-            grown_rate, size = cost_aware_size(pool.scores, depth + 1, budget, cost)
-            if grown_rate <= rate:
-                break
-            rate = grown_rate
+            grown = expected_lengths(pool.scores, budget)
+            stops = [g - e <= spec.stop_delta for g, e in zip(grown, self.expected)]
+            self.expected = grown
+        if spec.cost is not None:  # stop "cost": stop once the best rate stops rising; size by this level's rate
+            for i, r in enumerate(self.growing):
+                if stops[i]:
+                    continue
+                grown_rate, self.size[r] = cost_aware_size([s[i] for s in pool.scores], depth + 1, budget, spec.cost)
+                stops[i] = grown_rate <= self.rate[i]
+                self.rate[i] = grown_rate
+        fed = self.ancestors.shape[2]
         own_slot = torch.nn.functional.one_hot(parent_row, k).bool()
-        ancestors = torch.cat([ancestors[parent_row], own_slot], dim=1)
-        frontier = next_frontier
-        frontier_tokens, frontier_scores = tokens[best], scores[best]
-        parent_hidden = hidden[parent_row]
-    tokens, parents, depths, scores, confidence, visual = pool.fields()
-    kept = size if cost is not None else budget
-    return select_nodes(root_token, tokens, parents, depths, scores, kept, confidence=confidence, visual=visual)
+        self.ancestors = torch.cat([self.ancestors.gather(1, parent_row[:, :, None].expand(-1, -1, fed)), own_slot], dim=2)
+        self.frontier = next_frontier
+        self.frontier_tokens, self.frontier_scores = tokens.gather(1, best), scores.gather(1, best)
+        hidden = hidden.view(rows, k, -1)
+        self.parent_hidden = hidden.gather(1, parent_row[:, :, None].expand(-1, -1, hidden.shape[2]))
+        self.depth = depth + 1
+        if self.depth >= spec.max_depth:
+            stops = [True] * rows
+        self._stop(stops)
+
+    def tree(self, row: int) -> Tree:
+        """Row's tree once it stopped: its best `size` stored nodes and the root."""
+        assert self.fields[row] is not None, f"row {row} is still growing"
+        tokens, parents, depths, scores, confidence, visual = self.fields[row]
+        return select_nodes(
+            self.root_tokens[row], tokens, parents, depths, scores, self.size[row], confidence=confidence, visual=visual
+        )  # fmt: skip
 
 
 class NodePool:
-    """Every node stored while growing one tree, level by level (pool index 0 is the root)."""
+    """Every node stored while growing R trees of one spec, level by level (pool index 0 is the root);
+    every row stores as many nodes per level."""
 
     def __init__(self, device: torch.device, tracked: bool) -> None:
         self.device = device
         self.tracked = tracked  # whether nodes carry visual intensities
-        self.tokens: list[torch.Tensor] = []  # per level [m] long
-        self.parents: list[torch.Tensor] = []  # per level [m] long, pool indices
-        self.depths: list[torch.Tensor] = []  # per level [m] long
-        self.scores: list[torch.Tensor] = []  # per level [m] float32, cumulative log acceptance estimates
-        self.logprobs: list[torch.Tensor] = []  # per level [m] float32, the draft's log-probability
-        self.visual: list[torch.Tensor] = []  # per level [m] float32, when tracked
+        self.tokens: list[torch.Tensor] = []  # per level [R, m] long
+        self.parents: list[torch.Tensor] = []  # per level [R, m] long, pool indices
+        self.depths: list[int] = []  # per level
+        self.scores: list[torch.Tensor] = []  # per level [R, m] float32, cumulative log acceptance estimates
+        self.logprobs: list[torch.Tensor] = []  # per level [R, m] float32, the draft's log-probability
+        self.visual: list[torch.Tensor] = []  # per level [R, m] float32, when tracked
         self.size = 1  # the root
 
     def add(self, tokens, parents, depth: int, scores, logprobs, row_visual: torch.Tensor | None, k: int) -> None:
-        """One level of m = rows * k nodes, k consecutive nodes per producing row; row_visual: [rows],
-        the intensity of each producing row."""
-        m = tokens.shape[0]
-        assert parents.shape == scores.shape == logprobs.shape == (m,), "pool level fields must all be [m]"
+        """One level of m = n * k nodes per row, k consecutive nodes per producing draft row; row_visual:
+        [R, n], the intensity of each producing row."""
+        rows, m = tokens.shape
+        assert parents.shape == scores.shape == logprobs.shape == (rows, m), "pool level fields must all be [R, m]"
         self.tokens.append(tokens)
         self.parents.append(parents)
-        self.depths.append(torch.full((m,), depth, dtype=torch.long, device=self.device))
+        self.depths.append(depth)
         self.scores.append(scores)
         self.logprobs.append(logprobs)
         assert (row_visual is not None) == self.tracked, (
@@ -456,22 +577,31 @@ class NodePool:
             "needs the root's intensity (build(..., root_visual=...)), and only such a drafter gives one"
         )
         if row_visual is not None:
-            assert row_visual.shape == (m // k,), f"row_visual {tuple(row_visual.shape)} for {m} nodes of {k} per row"
-            self.visual.append(row_visual.float().repeat_interleave(k))
+            row_visual = row_visual.reshape(rows, -1)
+            assert row_visual.shape == (rows, m // k), f"row_visual {tuple(row_visual.shape)} for {m} nodes of {k} per row"
+            self.visual.append(row_visual.float().repeat_interleave(k, dim=1))
         self.size += m
 
-    def fields(self):
-        """tokens, parents, depths, scores, confidence (the draft's probability), visual: each [M] over
-        pool indices 1..M (visual None when not tracked)."""
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the rows at index [R'] (the others stopped)."""
+        for levels in (self.tokens, self.parents, self.scores, self.logprobs, self.visual):
+            levels[:] = [level[index] for level in levels]
+
+    def fields(self, row: int):
+        """Row's tokens, parents, depths, scores, confidence (the draft's probability), visual: each [M]
+        over pool indices 1..M (visual None when not tracked)."""
         cat = torch.cat
-        visual = cat(self.visual) if self.tracked else None
-        return cat(self.tokens), cat(self.parents), cat(self.depths), cat(self.scores), cat(self.logprobs).exp(), visual
+        depths = cat([torch.full((t.shape[1],), d, dtype=torch.long, device=self.device) for t, d in zip(self.tokens, self.depths)])
+        visual = cat([v[row] for v in self.visual]) if self.tracked else None
+        tokens, parents = cat([t[row] for t in self.tokens]), cat([p[row] for p in self.parents])
+        return tokens, parents, depths, cat([s[row] for s in self.scores]), cat([p[row] for p in self.logprobs]).exp(), visual
 
 
-def expected_length(pool_scores: list[torch.Tensor], budget: int) -> float:
-    """Expected accepted length of the best `budget` nodes: the sum of their weights exp(score)."""
-    scores = torch.cat(pool_scores)
-    return float(scores.topk(min(budget, scores.shape[0])).values.exp().sum())
+def expected_lengths(pool_scores: list[torch.Tensor], budget: int) -> list[float]:
+    """Expected accepted length of each row's best `budget` nodes: the sum of their weights exp(score);
+    pool_scores: per level [R, m] -> R floats, in one host read."""
+    scores = torch.cat(pool_scores, dim=1)
+    return scores.topk(min(budget, scores.shape[1])).values.exp().sum(dim=1).tolist()
 
 
 def select_nodes(

@@ -8,8 +8,12 @@ with the same outputs. What it keeps where:
   one forward, replayed from a CUDA graph per (rows, tokens, width) bucket;
 - the draft: a `StaticDrafter` per row (its own cache, reused by every sequence that row holds) and a
   `GraphedTreeGrower` per row and tree spec; so trees are grown row after row, each as fast as the
-  single-sequence `StaticEngine` grows one. Growing all rows' trees in one draft forward per level is
-  not done yet: at large batches drafting then costs B times one row's.
+  single-sequence `StaticEngine` grows one, and at large batches drafting costs B times one row's.
+  With `batched_drafting=True` a batch of rows instead grows all its trees with one draft forward
+  per level (`lmms_msd.speculative.tree.grow_trees`) and advances all drafts in one forward
+  (`lmms_msd.speculative.drafting.advance_rows`), the rows' caches packed side by side, eagerly (no
+  graphs yet): the same trees, fewer and wider forwards; which is faster at which batch size is to
+  be measured on the GPU, so it is off by default.
 
 It also runs the one-request loops (each call on a batch of one), so one engine serves every batch size.
 """
@@ -22,12 +26,12 @@ import torch
 
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
-from lmms_msd.speculative.drafting import DraftRows
+from lmms_msd.speculative.drafting import DraftRows, advance_rows
 from lmms_msd.speculative.fast.batched_target import BatchedStaticTarget
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
 from lmms_msd.speculative.runtime import Sequence, drafter_of, require_draft
-from lmms_msd.speculative.tree import Tree, TreeSpec
+from lmms_msd.speculative.tree import Tree, TreeSpec, grow_trees
 
 
 class RowSequence(Sequence):
@@ -43,17 +47,19 @@ class BatchedStaticEngine:
 
     max_batch: sequences held at once (cache rows); max_length: slots per row (prompt + new tokens + one
     tree must fit), clipped to the target's maximum; cuda_graphs: None replays graphs when the target
-    is on CUDA, False runs the same code eagerly. Memory: the target's KV cache takes
+    is on CUDA, False runs the same code eagerly; batched_drafting: many rows draft in one forward
+    per level (module docstring). Memory: the target's KV cache takes
     2 * layers * max_batch * kv_heads * max_length * head_dim values.
     """
 
     def __init__(
         self, target: Target, draft: MSDDraft | None = None, max_batch: int = 16, max_length: int = 2048,
-        cuda_graphs: bool | None = None,
+        cuda_graphs: bool | None = None, batched_drafting: bool = False,
     ) -> None:  # fmt: skip
         self.target = target
         self.draft = draft  # None: plain decoding only
         self.max_batch = max_batch
+        self.batched_drafting = batched_drafting  # the module docstring says what it changes
         self.static_target = BatchedStaticTarget(target, max_batch, max_length, cuda_graphs)
         self.cuda_graphs = self.static_target.cuda_graphs
         self._free = list(range(max_batch))  # a heap: the lowest free row first
@@ -141,6 +147,11 @@ class BatchedStaticEngine:
         self, sequences: list[RowSequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]
     ) -> list[tuple[Tree, torch.Tensor]]:
         assert len(sequences) == len(specs) == len(tokens) == len(roots), "one spec, token and root per sequence"
+        if self.batched_drafting and len(sequences) > 1:
+            drafters = [drafter_of(s) for s in sequences]
+            self._check_live(sequences)
+            trees = grow_trees(drafters, specs, tokens, [r.hidden for r in roots], [r.visual for r in roots])
+            return [(tree, tree.ancestor_mask(spec.max_depth)) for tree, spec in zip(trees, specs)]
         # a grower's outputs are copied out of its graph's memory (`GraphedTreeGrower.build`), so rows may follow each other
         return [self.draft_tree(*row) for row in zip(sequences, specs, tokens, roots)]
 
@@ -163,4 +174,6 @@ class BatchedStaticEngine:
         self, sequences: list[RowSequence], next_tokens: list[torch.Tensor], hidden: list[torch.Tensor]
     ) -> list[DraftRows]:
         self._check_live(sequences)
+        if self.batched_drafting:
+            return advance_rows([drafter_of(s) for s in sequences], next_tokens, hidden)
         return [drafter_of(s).advance(t, h) for s, t, h in zip(sequences, next_tokens, hidden, strict=True)]
