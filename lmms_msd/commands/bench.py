@@ -61,10 +61,11 @@ import logging
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -725,16 +726,20 @@ def run_batches(args, decoder: Decoder, names: list[str], trees: dict[str, TreeS
     """--batch: every method at every batch size (`lmms_msd.commands.bench_batch`); 1 when a greedy run differs."""
     prompts = [decoder.target.prepare(r.context, r.images) for r in requests]
     by_name = {name: (trees[name] if name in SPECULATIVE else None) for name in names}
-    runs, reference = bench_batch.throughput(
-        decoder, by_name, prompts, [r.doc_id for r in requests], config, args.batch, seed=args.seed, schedule=schedule,
-        warmup=args.warmup, progress=not args.no_progress,
-    )  # fmt: skip
     base = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"},
         "machine": machine(decoder.target), "requests": len(requests),
         "trees": {name: builder_settings(tree.builder) for name, tree in trees.items()},
     }  # fmt: skip
-    text = bench_batch.write_outputs(bench_batch.report_of(runs, reference, config, base), args.output_dir)
+
+    def write(runs_so_far: list[bench_batch.BatchRun], reference_name: str) -> str:
+        return bench_batch.write_outputs(bench_batch.report_of(runs_so_far, reference_name, config, base), args.output_dir)
+
+    runs, reference = bench_batch.throughput(
+        decoder, by_name, prompts, [r.doc_id for r in requests], config, args.batch, seed=args.seed, schedule=schedule,
+        warmup=args.warmup, progress=not args.no_progress, on_run=write,
+    )  # fmt: skip
+    text = write(runs, reference)
     print(text)
     print(f"written to {args.output_dir}: {', '.join(f for f in bench_batch.FILES if (args.output_dir / f).exists())}")
     failed = [r for r in runs if r.identical is False]

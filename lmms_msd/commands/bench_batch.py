@@ -32,6 +32,7 @@ import importlib.util
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,12 @@ class BatchRun:
 def throughput(
     decoder: Decoder, trees: dict[str, TreeSetup | None], prompts: list[Any], doc_ids: list[int], config: GenerationConfig,
     batches: list[int], *, seed: int, schedule: TreeSchedule, warmup: int, progress: bool,
+    on_run: Callable[[list[BatchRun], str], None] | None = None,
 ) -> tuple[list[BatchRun], str]:  # fmt: skip
     """Every method (name -> its tree, None for plain) at every batch size, as the module docstring says.
-    prompts: the embedded prompts, one per request (doc_ids name them). Returns the runs and which run
-    the others were compared with."""
+    prompts: the embedded prompts, one per request (doc_ids name them); on_run(runs so far, reference)
+    after each run (the command writes its outputs there, so a run cut short keeps what it measured).
+    Returns the runs and which run the others were compared with."""
     requests = [Request(f"doc {doc_id}", lambda p=p: (p, config), seed + i) for i, (p, doc_id) in enumerate(zip(prompts, doc_ids))]
     runs: list[BatchRun] = []
     reference: list[list[int]] | None = None
@@ -107,6 +110,8 @@ def throughput(
             docs_per_s=len(requests) / wall, tau=committed / steps if steps else None,
             identical=(not differing) if config.greedy else None, differing_doc_ids=differing if config.greedy else [],
         ))  # fmt: skip
+        if on_run is not None:
+            on_run(runs, reference_name)
     return runs, reference_name
 
 
