@@ -157,3 +157,32 @@ def test_one_token_requests_finish_at_their_prefill():
     results = dict(generate_batched(EagerRuntime(target, draft), requests, max_batch=2))
     assert [len(results[i].token_ids) for i in range(3)] == [1, 1, 1]
     assert all(results[i].stats.steps == 0 for i in range(3))
+
+
+@pytest.mark.parametrize("draft_kind", ["following", "random"])
+@pytest.mark.parametrize("name", ["eagle2", "opt_upstream", "opt_frontier"])
+@pytest.mark.parametrize("budget", [1, 2, 4, 9])
+def test_narrowed_trees_are_the_wide_ones(draft_kind, name, budget):
+    """A budget's tree grown narrow (top_k and max_depth at most the budget: `narrowed`) is the tree the
+    full-width growth keeps at that budget: the same tokens, parents and depths."""
+    from lmms_msd.speculative.batching import narrowed
+    from lmms_msd.speculative.runtime import drafter_of
+    from lmms_msd.speculative.tree import grow_tree
+
+    target, draft = pair(draft_kind)
+    runtime = EagerRuntime(target, draft)
+    wide = dataclasses.replace(TREES[name], node_budget=budget)
+    narrow = narrowed(TREES[name], budget)
+    assert narrow.top_k == min(10, budget) and narrow.max_depth <= max(budget, 2)
+    for i in range(3):
+        prompt = random_prompt(target, 200 + i, with_image=i != 1)
+        sequence, hidden, logits = runtime.prefill(prompt, 64)
+        token = int(logits[-1].argmax())
+        root = runtime.prefill_draft(sequence, prompt, hidden, token, False)
+        drafter = drafter_of(sequence)
+        trees = []
+        for spec in (wide, narrow):
+            drafter.tree_used = 0  # grow both from the same committed prefix
+            trees.append(grow_tree(drafter, spec, token, root.hidden))
+        for field in ("tokens", "parents", "depths"):
+            assert getattr(trees[0], field).tolist() == getattr(trees[1], field).tolist(), f"prompt {i}: {field}"
