@@ -35,6 +35,16 @@ def test_throughput_per_method_and_batch(chart_dir: Path, tmp_path: Path, engine
     assert "| eagle2 | 2 |" in (tmp_path / "bench_batch.md").read_text()
 
 
+def test_schedules_compared_in_one_run(chart_dir: Path, tmp_path: Path):  # noqa: F811
+    args = argv(chart_dir, tmp_path, "--batch", "2", "--methods", "plain,eagle2", "--batch_node_budgets", "1:58",
+                "--batch_node_budgets", "1:58,2:0")  # fmt: skip
+    assert main(args) == 0
+    runs = json.loads((tmp_path / "bench_batch.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["plain", "eagle2 @1:58", "eagle2 @1:58,2:0"]
+    assert all(r["identical"] for r in runs)
+    assert runs[2]["tau"] == 1.0 < runs[1]["tau"]  # at batch 2 the second table makes plain steps
+
+
 def test_a_lossy_batched_method_fails(chart_dir: Path, tmp_path: Path, monkeypatch):  # noqa: F811
     from lmms_msd.speculative import batching
 

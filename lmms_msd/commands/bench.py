@@ -93,7 +93,7 @@ from lmms_msd.pipeline import (
     resolve_pair,
     static_engine_class,
 )
-from lmms_msd.speculative.batching import NodeBudgets, same_tree
+from lmms_msd.speculative.batching import NodeBudgets, TreeSchedule, same_tree
 from lmms_msd.speculative.decoding import DecodeStats, GenerationResult, _synchronize
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.stopping import Stopper
@@ -588,8 +588,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     batch.add_argument("--batch", type=parse_batches, default=None,
                        help="comma list of batch sizes, e.g. 1,4,16,64: tokens/s and documents/s of every method at each, "
                             "instead of the per-request latency table [unset]")  # fmt: skip
-    batch.add_argument("--batch_node_budgets", default=None,
-                       help="--batch: the trees' node budget by batch size, B:N,... (0: plain steps), e.g. 1:60,16:20,64:0 [the trees' own]")  # fmt: skip
+    batch.add_argument("--batch_node_budgets", default=None, action="append",
+                       help="--batch: the trees' node budget by batch size, B:N,... (0: plain steps), e.g. 1:60,16:20,64:0; "
+                            "repeat it to compare schedules [the trees' own]")  # fmt: skip
     return run
 
 
@@ -664,7 +665,7 @@ def run(args: argparse.Namespace) -> int:
                 "use --engine eager"
             ) from error
     try:
-        schedule = same_tree if args.batch_node_budgets is None else NodeBudgets.parse(args.batch_node_budgets)
+        schedules = {table: NodeBudgets.parse(table) for table in args.batch_node_budgets or []} or {"": same_tree}
     except ValueError as error:
         raise SystemExit(f"lmms-msd bench: --batch_node_budgets: {error}") from error
     try:
@@ -694,7 +695,7 @@ def run(args: argparse.Namespace) -> int:
     settings = method_trees(names, opt_settings(args), args.calibrator, args.calibrator_mode, str(args.cost_cache))
     trees = {name: build_tree(tree, decoder) for name, tree in settings.items()}
     if args.batch is not None:
-        return run_batches(args, decoder, names, trees, requests, config, schedule)
+        return run_batches(args, decoder, names, trees, requests, config, schedules)
     methods = build_methods(names, decoder, trees)
     measured = bench(methods, decoder.target, requests, config, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                      progress=not args.no_progress)  # fmt: skip
@@ -722,10 +723,19 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def run_batches(args, decoder: Decoder, names: list[str], trees: dict[str, TreeSetup], requests, config, schedule) -> int:
-    """--batch: every method at every batch size (`lmms_msd.commands.bench_batch`); 1 when a greedy run differs."""
+def run_batches(
+    args, decoder: Decoder, names: list[str], trees: dict[str, TreeSetup], requests, config, schedules: dict[str, TreeSchedule]
+) -> int:
+    """--batch: every method at every batch size, each speculative one with each schedule (by its table;
+    "METHOD @TABLE" when there are several) (`lmms_msd.commands.bench_batch`); 1 when a greedy run differs."""
     prompts = [decoder.target.prepare(r.context, r.images) for r in requests]
-    by_name = {name: (trees[name] if name in SPECULATIVE else None) for name in names}
+    by_name: dict[str, tuple[TreeSetup | None, TreeSchedule]] = {}
+    for name in names:
+        if name not in SPECULATIVE:
+            by_name[name] = (None, same_tree)
+            continue
+        for table, schedule in schedules.items():
+            by_name[name if len(schedules) == 1 else f"{name} @{table}"] = (trees[name], schedule)
     base = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"},
         "machine": machine(decoder.target), "requests": len(requests),
@@ -736,7 +746,7 @@ def run_batches(args, decoder: Decoder, names: list[str], trees: dict[str, TreeS
         return bench_batch.write_outputs(bench_batch.report_of(runs_so_far, reference_name, config, base), args.output_dir)
 
     runs, reference = bench_batch.throughput(
-        decoder, by_name, prompts, [r.doc_id for r in requests], config, args.batch, seed=args.seed, schedule=schedule,
+        decoder, by_name, prompts, [r.doc_id for r in requests], config, args.batch, seed=args.seed,
         warmup=args.warmup, progress=not args.no_progress, on_run=write,
     )  # fmt: skip
     text = write(runs, reference)

@@ -16,7 +16,9 @@ decoding at the smallest B when plain is among the methods): the command exits 1
 (each request drawing from its own generator, seeded with --seed + its index) is reported, not compared.
 
 `--batch_node_budgets B:N,...` shrinks speculative trees as the batch grows
-(`lmms_msd.speculative.batching.NodeBudgets`; 0 makes plain steps). With `--engine static` one
+(`lmms_msd.speculative.batching.NodeBudgets`; 0 makes plain steps). Given more than once, every
+speculative method runs with each table, as rows named "METHOD @TABLE" (e.g. "eagle2 @1:60,16:7"),
+so one run compares schedules. With `--engine static` one
 `BatchedStaticEngine` holding max(B) rows serves every batch size; set `--max_length` to what one request
 needs (prompt, max_new_tokens and a tree), as the KV cache is max(B) rows of it.
 
@@ -77,11 +79,12 @@ class BatchRun:
 
 
 def throughput(
-    decoder: Decoder, trees: dict[str, TreeSetup | None], prompts: list[Any], doc_ids: list[int], config: GenerationConfig,
-    batches: list[int], *, seed: int, schedule: TreeSchedule, warmup: int, progress: bool,
+    decoder: Decoder, trees: dict[str, tuple[TreeSetup | None, TreeSchedule]], prompts: list[Any], doc_ids: list[int],
+    config: GenerationConfig, batches: list[int], *, seed: int, warmup: int, progress: bool,
     on_run: Callable[[list[BatchRun], str], None] | None = None,
 ) -> tuple[list[BatchRun], str]:  # fmt: skip
-    """Every method (name -> its tree, None for plain) at every batch size, as the module docstring says.
+    """Every method (name -> its tree, None for plain, and its schedule) at every batch size, as the module
+    docstring says.
     prompts: the embedded prompts, one per request (doc_ids name them); on_run(runs so far, reference)
     after each run (the command writes its outputs there, so a run cut short keeps what it measured).
     Returns the runs and which run the others were compared with."""
@@ -91,7 +94,7 @@ def throughput(
     reference_name = ""
     pairs = [(name, batch) for name in trees for batch in batches]
     for name, batch in tqdm(pairs, desc="bench --batch", disable=not progress):
-        tree = trees[name]
+        tree, schedule = trees[name]
         decode_requests(decoder, requests[: max(batch, warmup)], tree, max_batch=batch, schedule=schedule, progress=False)
         _synchronize(decoder.target.device)
         start = time.perf_counter()
