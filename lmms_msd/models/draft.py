@@ -59,7 +59,7 @@ class DraftConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "DraftConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> DraftConfig:
         """Read a released config (it carries many other LLaMA keys, which are ignored)."""
         required = ["hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"]
         missing = [k for k in required if k not in raw]
@@ -88,7 +88,7 @@ class DraftConfig:
         return {"model_type": "llava", "architectures": ["MSDDraftHead"], **asdict(self)}
 
     @classmethod
-    def like_target(cls, text_config: Any, vocab_size: int) -> "DraftConfig":
+    def like_target(cls, text_config: Any, vocab_size: int) -> DraftConfig:
         """The head for a target: one layer shaped as the target's (transformers LlamaConfig) layers."""
         rope = getattr(text_config, "rope_theta", None) or (getattr(text_config, "rope_parameters", None) or {}).get("rope_theta")
         return cls(
@@ -144,7 +144,7 @@ class DraftAttention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        layer_cache: "DraftLayerCache",
+        layer_cache: DraftLayerCache,
         slots: torch.Tensor,
         visible: torch.Tensor,
         image_slots: torch.Tensor | None = None,
@@ -227,7 +227,7 @@ class DraftLayerCache:
         self.values = torch.zeros_like(self.keys)
 
     @classmethod
-    def of_row(cls, layer_cache: "DraftLayerCache", row: int) -> "DraftLayerCache":
+    def of_row(cls, layer_cache: DraftLayerCache, row: int) -> DraftLayerCache:
         """Row `row` of a many-row cache as a one-row cache: views, so writes land in the shared tensors."""
         view = cls.__new__(cls)
         view.keys, view.values = layer_cache.keys[row : row + 1], layer_cache.values[row : row + 1]
