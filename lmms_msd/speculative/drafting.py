@@ -262,6 +262,15 @@ class SharedDraftCache:
         self.image_slots = torch.zeros(rows, capacity, dtype=torch.bool, device=draft.fc.weight.device)
 
 
+def host_ints(device: torch.device, *lists: list[int]) -> tuple[torch.Tensor, ...]:
+    """Lists of B ints as long tensors [B] on `device`, in one copy that does not wait for the device
+    (from pinned memory on CUDA), so building a forward's indices never stalls the queue."""
+    flat = torch.tensor(lists, dtype=torch.long)  # [len(lists), B]
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    return tuple(flat.to(device, non_blocking=True).unbind(0))
+
+
 def on_one_shared_cache(drafters: list[Drafter]) -> bool:
     """Whether every drafter drafts on its own row of one `SharedDraftCache`."""
     shared = drafters[0].shared
@@ -289,8 +298,7 @@ def shared_tree_block(
         stacked = torch.zeros(b, t, u, dtype=torch.bool, device=device)
         for row, a in enumerate(ancestors):
             stacked[row, : a.shape[0], : a.shape[1]] = a
-    prefix = torch.tensor([d.committed for d in drafters], device=device)  # [B]
-    fed = torch.tensor(used, device=device)  # [B]
+    prefix, fed = host_ints(device, [d.committed for d in drafters], used)  # [B] each
     width = max(d.committed + d.tree_used + n for d, n in zip(drafters, counts))
     col, place = torch.arange(width, device=device), torch.arange(t, device=device)
     rel = col[None] - prefix[:, None]  # [B, S]: slot relative to the tree's first
@@ -312,7 +320,7 @@ def shared_append_block(drafters: list[Drafter], counts: list[int]) -> tuple[tor
     device, t = drafters[0].device, max(counts)
     for drafter, m in zip(drafters, counts):
         drafter.reserve(drafter.committed + m)
-    prefix = torch.tensor([d.committed for d in drafters], device=device)
+    (prefix,) = host_ints(device, [d.committed for d in drafters])
     width = max(d.committed + m for d, m in zip(drafters, counts))
     slots = prefix[:, None] + torch.arange(t, device=device)[None]  # [B, T]
     visible = torch.arange(width, device=device)[None, None] <= slots[:, :, None]
@@ -341,14 +349,12 @@ def run_shared(
     r, width, total = max(rows) + 1, visible.shape[2], x.shape[0]
     assert sum(counts) == total and max(counts) <= t, f"{total} inputs as {counts} in {t} places"
     # where each input goes: input row, place
-    starts = torch.tensor([sum(counts[:i]) for i in range(b)], device=device)
-    repeats = torch.tensor(counts, device=device)
+    index, repeats = host_ints(device, rows, counts)  # [B] each
     owner = torch.repeat_interleave(torch.arange(b, device=device), repeats, output_size=total)  # [N]
-    place = torch.arange(total, device=device) - starts[owner]  # [N]
-    input_row = torch.tensor(rows, device=device)[owner]  # [N]
+    place = torch.arange(total, device=device) - (repeats.cumsum(0) - repeats)[owner]  # [N]
+    input_row = index[owner]  # [N]
     real = torch.zeros(r, t, dtype=torch.bool, device=device)
     real[input_row, place] = True
-    index = torch.tensor(rows, device=device)
     padded_x = x.new_zeros(r, t, x.shape[1])
     padded_x[input_row, place] = x
     padded_positions = positions.new_zeros(r, t)
