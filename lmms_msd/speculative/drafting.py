@@ -24,6 +24,16 @@ slots 0..9, the target's image at positions 2..7, so the draft's image slots are
     row (slot 10, depth-1 node a)  input fc([embed(a); h9]), output -> logits of a's children
                                    so every child of a (depth 2) gets the intensity of row 10
 
+Many sequences at once. A drafter has a cache of its own (it grows as needed), or drafts on a row of a
+`SharedDraftCache` (keys and values [rows, kv_heads, capacity, D] per layer; row r holds one sequence,
+in the slots and positions above, and its last slot is scratch). `expand_rows` and `advance_rows` run
+many drafters' calls as one head forward: drafters on distinct rows of one shared cache write and read
+their rows in place (`run_shared`: input row r is cache row r; places and rows with nothing to feed
+are padding that writes the scratch slot); drafters with caches of their own are copied side by side
+into one packed cache and back (`run_packed`, as `EagerRuntime` does). Worked example: rows 0 and 2 of
+a shared cache, P = 10 and 6 committed slots, expand 3 nodes each at depth 1: one forward over cache
+rows 0..2; row 0 writes slots 10..12 at position 10, row 2 slots 6..8 at position 6, row 1 (no tree)
+writes its scratch slot only.
 """
 
 from __future__ import annotations
