@@ -1,6 +1,7 @@
 """Batched drafting (`lmms_msd.speculative.tree.grow_trees`, `lmms_msd.speculative.drafting.advance_rows`):
 every tree level of all rows is one draft forward, and so is the draft's advance, and each row's tree
-is the one it grows alone.
+is the one it grows alone; on `EagerRuntime` (the rows' caches packed, `run_packed`) and on
+`BatchedStaticEngine(batched_drafting=True)` (rows of one shared draft cache, `run_shared`).
 
 Eight rows of ragged prompts (with and without an image), each with its own tree (EAGLE-2 and OPT-Tree,
 both variants, different sizes; some rows share one), some tracking visual attention and some not, are stepped side by
@@ -26,6 +27,7 @@ from test_batching import (
 )
 from test_fast_engine import capture_rules  # noqa: F401  (autouse fixture)
 
+from lmms_msd.speculative import drafting
 from lmms_msd.speculative.batching import BatchRequest, generate_batched
 from lmms_msd.speculative.decoding import accept, path_on_device
 from lmms_msd.speculative.fast.batched_engine import BatchedStaticEngine
@@ -77,13 +79,20 @@ def start(runtime, prompts, track):
     return sequences, tokens, roots
 
 
+@pytest.mark.parametrize("runtime_kind", ["eager", "static"])
 @pytest.mark.parametrize("sampling", [False, True])
 @pytest.mark.parametrize("draft_kind", ["following", "random"])
 @torch.inference_mode()
-def test_batched_trees_equal_row_by_row_trees(draft_kind, sampling):
+def test_batched_trees_equal_row_by_row_trees(draft_kind, sampling, runtime_kind):
+    """runtime_kind "static": `BatchedStaticEngine(batched_drafting=True)` without graphs, whose rows
+    draft on one shared draft cache: a row alone grows its tree with its `GraphedTreeGrower`, the batch
+    with one in-place forward per level over the cache's rows (`run_shared`)."""
     target = tiny_target(3, context_scale=0.05 if draft_kind == "following" else 1.0)
     draft = following_draft(target) if draft_kind == "following" else random_draft(target, 5)
-    runtime = EagerRuntime(target, draft)
+    if runtime_kind == "eager":
+        runtime = EagerRuntime(target, draft)
+    else:
+        runtime = BatchedStaticEngine(target, draft, max_batch=2 * len(SPECS), max_length=256, cuda_graphs=False, batched_drafting=True)
     counter = ForwardCounter(draft)
     prompts = [random_prompt(target, 200 + b, with_image=b % 2 == 0) for b in range(len(SPECS))]
     track = TRACK
@@ -148,9 +157,10 @@ def test_batched_trees_equal_row_by_row_trees(draft_kind, sampling):
 
 
 @pytest.mark.parametrize("tree_name", ["eagle2", "opt_upstream", "opt_frontier"])
-def test_static_engine_with_batched_drafting_equals_one_at_a_time(tree_name):
+def test_static_engine_with_batched_drafting_equals_one_at_a_time(tree_name, monkeypatch):
     """`BatchedStaticEngine(batched_drafting=True)` (CPU, no graphs) decodes each request as it decodes
-    alone, with fewer draft forwards than the engine growing its rows' trees one after another."""
+    alone, with fewer draft forwards than the engine growing its rows' trees one after another, and
+    never packs (copies) the rows' draft caches: they are rows of one shared cache."""
     target, draft = pair("following")
     tree = TREES[tree_name]
     configs = greedy_configs()
@@ -158,6 +168,7 @@ def test_static_engine_with_batched_drafting_equals_one_at_a_time(tree_name):
     alone = [one_at_a_time(EagerRuntime(target, draft), p, c, tree) for p, c in zip(prompts, configs)]
     counter = ForwardCounter(draft)
     forwards = {}
+    monkeypatch.setattr(drafting, "run_packed", lambda *args: pytest.fail("the engine packed its rows' draft caches"))
     for batched_drafting in (False, True):
         engine = BatchedStaticEngine(target, draft, max_batch=4, max_length=256, batched_drafting=batched_drafting)
         requests = [BatchRequest(p, c, tree=tree) for p, c in zip(prompts, configs)]

@@ -59,7 +59,7 @@ class DraftConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "DraftConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> DraftConfig:
         """Read a released config (it carries many other LLaMA keys, which are ignored)."""
         required = ["hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"]
         missing = [k for k in required if k not in raw]
@@ -88,7 +88,7 @@ class DraftConfig:
         return {"model_type": "llava", "architectures": ["MSDDraftHead"], **asdict(self)}
 
     @classmethod
-    def like_target(cls, text_config: Any, vocab_size: int) -> "DraftConfig":
+    def like_target(cls, text_config: Any, vocab_size: int) -> DraftConfig:
         """The head for a target: one layer shaped as the target's (transformers LlamaConfig) layers."""
         rope = getattr(text_config, "rope_theta", None) or (getattr(text_config, "rope_parameters", None) or {}).get("rope_theta")
         return cls(
@@ -134,9 +134,9 @@ class DraftAttention(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [1, heads, T, D], positions: [T]"""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        """x: [R, heads, T, D], positions: [R, T]"""
+        freqs = positions.float()[..., None] * self.inv_freq  # [R, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [R, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         return x * cos + rotate_half(x) * sin
 
@@ -144,42 +144,45 @@ class DraftAttention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        layer_cache: "DraftLayerCache",
+        layer_cache: DraftLayerCache,
         slots: torch.Tensor,
         visible: torch.Tensor,
         image_slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [1, T, H]; positions, slots: [T]; visible: [T, S] bool over cache slots 0..S-1.
+        """R rows at once, row r against cache row r: x: [R, T, H]; positions, slots: [R, T]; visible:
+        [R, T, S] bool over the row's cache slots 0..S-1.
 
-        image_slots: [S] bool, the slots holding image positions, or None.
-        returns the attention output [1, T, H] and, when image_slots is given, the head-averaged
-        attention mass of each query row on the image slots [T] (float32; else None).
+        image_slots: [R, S] bool, the slots holding image positions, or None.
+        returns the attention output [R, T, H] and, when image_slots is given, the head-averaged
+        attention mass of each query on its row's image slots [R, T] (float32; else None).
         """
-        t = x.shape[1]
-        q = self.q_proj(x).view(1, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(1, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(1, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        r, t = x.shape[:2]
+        q = self.q_proj(x).view(r, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(r, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(r, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        keys, values = layer_cache.write(slots, k, v, visible.shape[1])  # [1, kv_heads, S, D]
+        keys, values = layer_cache.write(slots, k, v, visible.shape[2])  # [R, kv_heads, S, D]
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask[None, None], enable_gqa=self.n_kv_heads != self.n_heads
+            q, keys, values, attn_mask=mask[:, None], enable_gqa=self.n_kv_heads != self.n_heads
         )
         mass = None if image_slots is None else self.image_mass(q, keys, visible, image_slots)
-        return self.o_proj(out.transpose(1, 2).reshape(1, t, -1)), mass
+        return self.o_proj(out.transpose(1, 2).reshape(r, t, -1)), mass
 
     def image_mass(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
-        """The share of each query row's attention that falls on image slots, averaged over heads.
+        """The share of each query's attention that falls on its row's image slots, averaged over heads.
 
         Recomputes the attention probabilities next to SDPA (which does not return them), so the
         layer's output is the same bit for bit whether or not the mass is asked for.
-        q: [1, heads, T, D]; keys: [1, kv_heads, S, D]; visible: [T, S]; image_slots: [S] -> [T] float32
+        q: [R, heads, T, D]; keys: [R, kv_heads, S, D]; visible: [R, T, S]; image_slots: [R, S] -> [R, T] float32
         """
-        assert image_slots.shape == (keys.shape[2],), f"image_slots {tuple(image_slots.shape)} for {keys.shape[2]} slots"
-        keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [1, heads, S, D]
-        logits = (q.float() @ keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [1, heads, T, S]
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        return (probs * image_slots.float()).sum(-1).mean(dim=1)[0]
+        assert image_slots.shape == (keys.shape[0], keys.shape[2]), (
+            f"image_slots {tuple(image_slots.shape)} for {keys.shape[0]} rows of {keys.shape[2]} slots"
+        )
+        keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [R, heads, S, D]
+        logits = (q.float() @ keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [R, heads, T, S]
+        probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
+        return (probs * image_slots[:, None, None].float()).sum(-1).mean(dim=1)
 
 
 class DraftMLP(nn.Module):
@@ -203,22 +206,32 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, positions, layer_cache, slots, visible, image_slots=None):
-        """-> (output [1, T, H], attention mass on image slots [T] or None); see DraftAttention."""
+        """-> (output [R, T, H], attention mass on image slots [R, T] or None); see DraftAttention."""
         attended, mass = self.self_attn(x, positions, layer_cache, slots, visible, image_slots)
         h = x + attended
         return h + self.mlp(self.post_attention_layernorm(h)), mass
 
 
 class DraftLayerCache:
-    """Preallocated keys and values of one layer, written by slot.
+    """Preallocated keys and values of one layer, written by slot: [rows, kv_heads, capacity, D], a row
+    per sequence (one, for a single generation).
 
     Slots past the committed prefix hold tree nodes of the current step; the next step simply
     overwrites them, so nothing is ever rolled back.
     """
 
-    def __init__(self, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.keys = torch.zeros(1, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+    def __init__(
+        self, n_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device, rows: int = 1
+    ) -> None:
+        self.keys = torch.zeros(rows, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
+
+    @classmethod
+    def of_row(cls, layer_cache: DraftLayerCache, row: int) -> DraftLayerCache:
+        """Row `row` of a many-row cache as a one-row cache: views, so writes land in the shared tensors."""
+        view = cls.__new__(cls)
+        view.keys, view.values = layer_cache.keys[row : row + 1], layer_cache.values[row : row + 1]
+        return view
 
     @property
     def capacity(self) -> int:
@@ -233,11 +246,15 @@ class DraftLayerCache:
         self.values = torch.cat([self.values, torch.zeros_like(pad)], dim=2)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: int):
-        """slots: [T] (all < used <= capacity); k, v: [1, kv_heads, T, D] -> keys, values of slots [0, used)."""
+        """Row r of the inputs writes cache row r: slots: [R, T] (all < used <= capacity); k, v:
+        [R, kv_heads, T, D] -> keys, values of rows 0..R-1, slots [0, used) (views, no copy)."""
         assert used <= self.capacity, f"draft cache holds {self.capacity} slots, {used} asked; reserve first"
-        self.keys[:, :, slots] = k
-        self.values[:, :, slots] = v
-        return self.keys[:, :, :used], self.values[:, :, :used]
+        r, t = slots.shape
+        assert r <= self.keys.shape[0], f"{r} rows of inputs for a draft cache of {self.keys.shape[0]} rows"
+        rows = torch.arange(r, device=slots.device)[:, None].expand(r, t)
+        self.keys[rows, :, slots] = k.transpose(1, 2)  # [R, T, kv_heads, D] at (row, slot)
+        self.values[rows, :, slots] = v.transpose(1, 2)
+        return self.keys[:r, :, :used], self.values[:r, :, :used]
 
 
 class MSDDraft(nn.Module):
@@ -252,10 +269,11 @@ class MSDDraft(nn.Module):
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.bias)
         self.layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_hidden_layers))
 
-    def new_cache(self, capacity: int) -> list[DraftLayerCache]:
+    def new_cache(self, capacity: int, rows: int = 1) -> list[DraftLayerCache]:
+        """Empty keys and values for every layer: `rows` rows (one per sequence) of `capacity` slots."""
         p = self.fc.weight
         return [
-            DraftLayerCache(self.config.num_key_value_heads, self.config.resolved_head_dim, capacity, p.dtype, p.device)
+            DraftLayerCache(self.config.num_key_value_heads, self.config.resolved_head_dim, capacity, p.dtype, p.device, rows)
             for _ in self.layers
         ]
 
@@ -270,11 +288,17 @@ class MSDDraft(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cache: list[DraftLayerCache], slots: torch.Tensor, visible: torch.Tensor
     ) -> torch.Tensor:
-        """One pass of the head over T layer inputs.
+        """One pass of the head over T layer inputs of one sequence, or of R sequences at once.
 
-        x: [1, T, H] layer inputs; positions: [T] RoPE positions; slots: [T] cache slots to write;
-        visible: [T, S] bool, which of cache slots 0..S-1 each input attends to (itself included).
-        returns the output hidden states [1, T, H] (fed to target.lm_head for logits).
+        One sequence: x: [1, T, H] layer inputs; positions: [T] RoPE positions; slots: [T] cache slots
+        to write; visible: [T, S] bool, which of cache slots 0..S-1 each input attends to (itself
+        included); the cache's row 0 is read and written.
+        R sequences: x: [R, T, H]; positions, slots: [R, T]; visible: [R, T, S]; input row r reads and
+        writes only cache row r (the cache has at least R rows). Rows shorter than T are padded: a
+        padding input writes a slot no row ever reads and sees one slot (slot 0), so it changes nothing.
+        Example: rows of 2 and 1 new inputs after 5 and 3 committed slots, a cache of capacity C: slots
+        [[5, 6], [3, C - 1]], visible [2, 2, 7] with row 1's second input seeing slot 0 only.
+        returns the output hidden states [1, T, H] or [R, T, H] (fed to target.lm_head for logits).
         """
         return self._run(x, positions, cache, slots, visible, None)[0]
 
@@ -289,24 +313,33 @@ class MSDDraft(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward`, plus each query row's visual attention intensity.
 
-        image_slots: [S] bool, True at cache slots that hold image positions
-        returns the output hidden states [1, T, H] (the same as `forward`'s) and, per input row, the
-        share of its attention mass on image slots, averaged over heads (and over layers, should a
-        head have several) [T] float32 in [0, 1].
+        image_slots: [S] (one sequence) or [R, S] (R sequences) bool, True at cache slots that hold
+        image positions
+        returns the output hidden states (the same as `forward`'s) and, per input, the share of its
+        attention mass on its row's image slots, averaged over heads (and over layers, should a head
+        have several): [T] or [R, T] float32 in [0, 1].
         """
         hidden, mass = self._run(x, positions, cache, slots, visible, image_slots)
         return hidden, mass
 
     def _run(self, x, positions, cache, slots, visible, image_slots):
-        t = x.shape[1]
-        assert x.dim() == 3 and x.shape[0] == 1, f"x must be [1, T, H], got {tuple(x.shape)}"
-        assert positions.shape == (t,) and slots.shape == (t,), f"positions/slots must be [{t}]"
-        assert visible.dim() == 2 and visible.shape[0] == t, f"visible must be [{t}, S], got {tuple(visible.shape)}"
+        one = positions.dim() == 1  # one sequence: the [R, ...] layout with R = 1
+        if one:
+            assert x.dim() == 3 and x.shape[0] == 1, f"x must be [1, T, H] with positions [T], got {tuple(x.shape)}"
+            positions, slots, visible = positions[None], slots[None], visible[None]
+            image_slots = None if image_slots is None else image_slots[None]
+        r, t = x.shape[:2]
+        assert x.dim() == 3, f"x must be [R, T, H], got {tuple(x.shape)}"
+        assert positions.shape == (r, t) and slots.shape == (r, t), (
+            f"positions {tuple(positions.shape)} and slots {tuple(slots.shape)} must be [{r}, {t}] for x {tuple(x.shape)}"
+        )
+        assert visible.dim() == 3 and visible.shape[:2] == (r, t), f"visible must be [{r}, {t}, S], got {tuple(visible.shape)}"
         masses = []
         for layer, layer_cache in zip(self.layers, cache):
             x, mass = layer(x, positions, layer_cache, slots, visible, image_slots)
             masses.append(mass)
-        return x, (None if image_slots is None else torch.stack(masses).mean(dim=0))
+        mass = None if image_slots is None else torch.stack(masses).mean(dim=0)
+        return x, (mass[0] if one and mass is not None else mass)
 
 
 # ---- checkpoint format ---------------------------------------------------------------------------

@@ -24,6 +24,16 @@ slots 0..9, the target's image at positions 2..7, so the draft's image slots are
     row (slot 10, depth-1 node a)  input fc([embed(a); h9]), output -> logits of a's children
                                    so every child of a (depth 2) gets the intensity of row 10
 
+Many sequences at once. A drafter has a cache of its own (it grows as needed), or drafts on a row of a
+`SharedDraftCache` (keys and values [rows, kv_heads, capacity, D] per layer; row r holds one sequence,
+in the slots and positions above, and its last slot is scratch). `expand_rows` and `advance_rows` run
+many drafters' calls as one head forward: drafters on distinct rows of one shared cache write and read
+their rows in place (`run_shared`: input row r is cache row r; places and rows with nothing to feed
+are padding that writes the scratch slot); drafters with caches of their own are copied side by side
+into one packed cache and back (`run_packed`, as `EagerRuntime` does). Worked example: rows 0 and 2 of
+a shared cache, P = 10 and 6 committed slots, expand 3 nodes each at depth 1: one forward over cache
+rows 0..2; row 0 writes slots 10..12 at position 10, row 2 slots 6..8 at position 6, row 1 (no tree)
+writes its scratch slot only.
 """
 
 from __future__ import annotations
@@ -56,24 +66,48 @@ class Drafter:
     """Runs the MSD head against one target's hidden states, step after step.
 
     track_visual: also measure each row's attention mass on image positions (module docstring).
+    shared, row: draft on row `row` of a `SharedDraftCache` (its capacity; the cache then never grows)
+    instead of a cache of its own; many such drafters advance and grow trees in one head forward
+    (`expand_rows`, `advance_rows`), each writing its own row in place.
     """
 
-    def __init__(self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool = False) -> None:
+    def __init__(
+        self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool = False,
+        shared: SharedDraftCache | None = None, row: int = 0,
+    ) -> None:  # fmt: skip
         self.draft = draft
         self.lm_head = lm_head
-        self.cache = draft.new_cache(capacity)
+        self.shared, self.row = shared, row
         self.committed = 0  # P: slots holding committed inputs
         self.tree_used = 0  # slots after P taken by the current tree
         self.track_visual = track_visual
-        # [capacity] bool: True at slots fed image features (prompt slots only; see draft_image_slots)
-        self.image_slots = torch.zeros(capacity, dtype=torch.bool, device=self.device) if track_visual else None
+        if shared is None:
+            self.cache = draft.new_cache(capacity)
+            # [capacity] bool: True at slots fed image features (prompt slots only; see draft_image_slots)
+            self.image_slots = torch.zeros(capacity, dtype=torch.bool, device=self.device) if track_visual else None
+            return
+        if shared.draft is not draft or shared.capacity != capacity or not 0 <= row < shared.rows:
+            raise ValueError(
+                f"row {row} of a shared draft cache of {shared.rows} rows x {shared.capacity} slots does not fit a drafter "
+                f"of {capacity} slots (or the cache belongs to another head)"
+            )
+        self.cache = [DraftLayerCache.of_row(layer_cache, row) for layer_cache in shared.cache]
+        self.image_slots = shared.image_slots[row] if track_visual else None  # a view of the shared row
 
     @property
     def device(self) -> torch.device:
         return self.draft.fc.weight.device
 
     def reserve(self, slots: int) -> None:
-        """Make the cache hold at least `slots` slots (it grows; `StaticDrafter`'s checks instead)."""
+        """Make the cache hold at least `slots` slots (it grows; on a shared cache, and in `StaticDrafter`,
+        it is checked instead)."""
+        if self.shared is not None:
+            if slots > self.shared.scratch:
+                raise ValueError(
+                    f"the draft needs {slots} cache slots but a row of the shared cache holds {self.shared.scratch}; "
+                    "raise max_length"
+                )
+            return
         for layer_cache in self.cache:
             layer_cache.reserve(slots)
         if self.image_slots is not None and self.image_slots.shape[0] < self.cache[0].capacity:
@@ -184,30 +218,175 @@ def expand_rows(
     drafters: list[Drafter], tokens: list[torch.Tensor], parent_hidden: list[torch.Tensor], depth: int,
     ancestors: list[torch.Tensor],
 ) -> list[DraftRows]:  # fmt: skip
-    """`Drafter.expand` for many drafters (one tree each) in one head forward (`run_packed`); one drafter
+    """`Drafter.expand` for many drafters (one tree each) in one head forward: drafters on rows of one
+    `SharedDraftCache` run on it in place (`run_shared`), others are packed (`run_packed`); one drafter
     runs its own `expand`. Row b: tokens [n_b], parent_hidden [n_b, H], ancestors [n_b, tree_used_b]
     -> its output hidden states [n_b, H] and visual intensities [n_b]."""
     if len(drafters) == 1:
         return [drafters[0].expand(tokens[0], parent_hidden[0], depth, ancestors[0])]
     draft = drafters[0].draft
-    x = draft.fuse(draft.embed_tokens(torch.cat(tokens))[None], torch.cat(parent_hidden)[None])[0].split([t.shape[0] for t in tokens])
-    rows = run_packed(drafters, [d._tree_block(x_b, depth, a) for d, x_b, a in zip(drafters, x, ancestors, strict=True)])
-    for drafter, out in zip(drafters, rows):
-        drafter.tree_used += out.hidden.shape[0]
+    counts = [t.shape[0] for t in tokens]
+    x = draft.fuse(draft.embed_tokens(torch.cat(tokens))[None], torch.cat(parent_hidden)[None])[0]  # [N, H]
+    if on_one_shared_cache(drafters):
+        rows = run_shared(drafters, x, counts, *shared_tree_block(drafters, counts, depth, ancestors))
+    else:
+        blocks = [d._tree_block(x_b, depth, a) for d, x_b, a in zip(drafters, x.split(counts), ancestors, strict=True)]
+        rows = run_packed(drafters, blocks)
+    for drafter, n in zip(drafters, counts):
+        drafter.tree_used += n
     return rows
 
 
 @torch.inference_mode()
 def advance_rows(drafters: list[Drafter], next_tokens: list[torch.Tensor], target_hidden: list[torch.Tensor]) -> list[DraftRows]:
-    """`Drafter.advance` for many drafters in one head forward (`run_packed`); one drafter runs its own
-    `advance`. Row b: next_tokens [m_b], target_hidden [m_b, H] -> its new root's hidden [H] and visual []."""
+    """`Drafter.advance` for many drafters in one head forward (`run_shared` on one `SharedDraftCache`,
+    else `run_packed`); one drafter runs its own `advance`. Row b: next_tokens [m_b], target_hidden
+    [m_b, H] -> its new root's hidden [H] and visual []."""
     if len(drafters) == 1:
         return [drafters[0].advance(next_tokens[0], target_hidden[0])]
     draft = drafters[0].draft
-    fused = draft.fuse(draft.embed_tokens(torch.cat(next_tokens))[None], torch.cat(target_hidden)[None])[0]
-    x = fused.split([t.shape[0] for t in next_tokens])
-    rows = run_packed(drafters, [d._append_block(x_b) for d, x_b in zip(drafters, x, strict=True)])
+    counts = [t.shape[0] for t in next_tokens]
+    x = draft.fuse(draft.embed_tokens(torch.cat(next_tokens))[None], torch.cat(target_hidden)[None])[0]  # [N, H]
+    if on_one_shared_cache(drafters):
+        rows = run_shared(drafters, x, counts, *shared_append_block(drafters, counts))
+    else:
+        rows = run_packed(drafters, [d._append_block(x_b) for d, x_b in zip(drafters, x.split(counts), strict=True)])
     return [drafter._appended(out) for drafter, out in zip(drafters, rows)]
+
+
+class SharedDraftCache:
+    """One draft cache with a row per sequence: per layer keys and values [rows, kv_heads, capacity, D]
+    (`MSDDraft.new_cache`), and the rows' image slots [rows, capacity] bool. A `Drafter` made with
+    `shared=this, row=r` reads and writes row r only, so many rows' head forwards run as one over the
+    tensors themselves (`run_shared`): nothing is packed or copied. The last slot of every row is
+    scratch: padding inputs write it and no row ever sees it, so drafters use slots 0..capacity-2.
+    Memory: 2 * layers * rows * kv_heads * capacity * head_dim values of the head's dtype.
+    """
+
+    def __init__(self, draft: MSDDraft, rows: int, capacity: int) -> None:
+        if rows < 1 or capacity < 2:
+            raise ValueError(f"a shared draft cache needs rows >= 1 and capacity >= 2 (one slot is scratch), got {rows}, {capacity}")
+        self.draft, self.rows, self.capacity = draft, rows, capacity
+        self.scratch = capacity - 1
+        self.cache = draft.new_cache(capacity, rows)
+        self.image_slots = torch.zeros(rows, capacity, dtype=torch.bool, device=draft.fc.weight.device)
+
+
+def host_ints(device: torch.device, *lists: list[int]) -> tuple[torch.Tensor, ...]:
+    """Lists of B ints as long tensors [B] on `device`, in one copy that does not wait for the device
+    (from pinned memory on CUDA), so building a forward's indices never stalls the queue."""
+    flat = torch.tensor(lists, dtype=torch.long)  # [len(lists), B]
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    return tuple(flat.to(device, non_blocking=True).unbind(0))
+
+
+def on_one_shared_cache(drafters: list[Drafter]) -> bool:
+    """Whether every drafter drafts on its own row of one `SharedDraftCache`."""
+    shared = drafters[0].shared
+    rows = [d.row for d in drafters]
+    return shared is not None and all(d.shared is shared for d in drafters) and len(set(rows)) == len(rows)
+
+
+def shared_tree_block(
+    drafters: list[Drafter], counts: list[int], depth: int, ancestors: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Drafter._tree_block` of every drafter as [B, T] positions and slots and [B, T, S] visibility
+    (T = max n_b; S = max P_b + u_b + n_b), padding places set as `run_shared` says; built in a few
+    tensor operations for all rows. Drafter b (P_b committed, u_b tree slots used) feeds its n_b nodes
+    at slots P_b + u_b + j, position P_b - 1 + depth, each seeing the prefix, its ancestors and itself.
+    """
+    device, b, t = drafters[0].device, len(drafters), max(counts)
+    used = [d.tree_used for d in drafters]
+    for drafter, n, a in zip(drafters, counts, ancestors, strict=True):
+        assert a.shape == (n, drafter.tree_used), f"{n} nodes, ancestors {tuple(a.shape)} with {drafter.tree_used} tree slots used"
+        drafter.reserve(drafter.committed + drafter.tree_used + n)
+    u = max(used)
+    if len({a.shape for a in ancestors}) == 1:
+        stacked = torch.stack(ancestors)  # [B, T, u]
+    else:
+        stacked = torch.zeros(b, t, u, dtype=torch.bool, device=device)
+        for row, a in enumerate(ancestors):
+            stacked[row, : a.shape[0], : a.shape[1]] = a
+    prefix, fed = host_ints(device, [d.committed for d in drafters], used)  # [B] each
+    width = max(d.committed + d.tree_used + n for d, n in zip(drafters, counts))
+    col, place = torch.arange(width, device=device), torch.arange(t, device=device)
+    rel = col[None] - prefix[:, None]  # [B, S]: slot relative to the tree's first
+    if u:
+        seen = stacked.gather(2, rel.clamp(0, u - 1)[:, None].expand(b, t, width)) & ((rel >= 0) & (rel < fed[:, None]))[:, None]
+    else:
+        seen = torch.zeros(b, t, width, dtype=torch.bool, device=device)
+    own = rel[:, None, :] == (fed[:, None] + place[None])[:, :, None]  # [B, T, S]
+    visible = (col[None] < prefix[:, None])[:, None] | seen | own
+    slots = (prefix + fed)[:, None] + place[None]
+    positions = (prefix - 1 + depth)[:, None].expand(b, t)
+    return positions, slots, visible
+
+
+def shared_append_block(drafters: list[Drafter], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Drafter._append_block` of every drafter as [B, T] positions and slots and [B, T, S] visibility
+    (T = max m_b; S = max P_b + m_b): drafter b's m_b committed inputs at slots and positions P_b + j,
+    causal over its prefix. Padding places as `run_shared` says."""
+    device, t = drafters[0].device, max(counts)
+    for drafter, m in zip(drafters, counts):
+        drafter.reserve(drafter.committed + m)
+    (prefix,) = host_ints(device, [d.committed for d in drafters])
+    width = max(d.committed + m for d, m in zip(drafters, counts))
+    slots = prefix[:, None] + torch.arange(t, device=device)[None]  # [B, T]
+    visible = torch.arange(width, device=device)[None, None] <= slots[:, :, None]
+    return slots, slots.clone(), visible
+
+
+def run_shared(
+    drafters: list[Drafter], x: torch.Tensor, counts: list[int], positions: torch.Tensor, slots: torch.Tensor,
+    visible: torch.Tensor,
+) -> list[DraftRows]:  # fmt: skip
+    """One head forward over drafters on distinct rows of one `SharedDraftCache`, in place.
+
+    x: [N, H], drafter b's n_b = counts[b] inputs after drafter b-1's; positions, slots [B, T] and
+    visible [B, T, S] bool: drafter b's, in its own row's slots (T >= every n_b; places j >= n_b are
+    padding, whatever they hold). The head runs over cache rows 0..R-1, R = 1 + the highest row taking
+    part: drafter b's inputs are input row `row_b`; padding places and rows that take no part (free
+    rows, or trees that stopped growing) feed zeros at position 0, write the row's scratch slot and
+    see slot 0 only, so no committed or tree slot of any row changes but those the drafters write.
+    Example: drafters on rows 0 and 2 feeding 2 and 1 inputs: R = 3, T = 2; row 1 and row 2's second
+    place are padding. Visual intensities are measured when any drafter tracks them and returned to those
+    that do. -> per drafter, its rows' hidden [n_b, H] and visual [n_b] (None untracked)
+    """
+    shared = drafters[0].shared
+    device, b, t = drafters[0].device, len(drafters), positions.shape[1]
+    rows = [d.row for d in drafters]
+    r, width, total = max(rows) + 1, visible.shape[2], x.shape[0]
+    assert sum(counts) == total and max(counts) <= t, f"{total} inputs as {counts} in {t} places"
+    # where each input goes: input row, place
+    index, repeats = host_ints(device, rows, counts)  # [B] each
+    owner = torch.repeat_interleave(torch.arange(b, device=device), repeats, output_size=total)  # [N]
+    place = torch.arange(total, device=device) - (repeats.cumsum(0) - repeats)[owner]  # [N]
+    input_row = index[owner]  # [N]
+    real = torch.zeros(r, t, dtype=torch.bool, device=device)
+    real[input_row, place] = True
+    padded_x = x.new_zeros(r, t, x.shape[1])
+    padded_x[input_row, place] = x
+    padded_positions = positions.new_zeros(r, t)
+    padded_positions[index] = positions
+    padded_slots = torch.full((r, t), shared.scratch, dtype=torch.long, device=device)
+    padded_slots[index] = slots
+    padded_visible = torch.zeros(r, t, width, dtype=torch.bool, device=device)
+    padded_visible[index] = visible
+    padding = ~real
+    padded_positions.masked_fill_(padding, 0)
+    padded_slots.masked_fill_(padding, shared.scratch)
+    padded_visible.masked_fill_(padding[:, :, None], False)
+    padded_visible[:, :, 0] |= padding
+    draft = shared.draft
+    if any(d.track_visual for d in drafters):
+        image_slots = shared.image_slots[:r, :width]
+        hidden, visual = draft.forward_with_visual(padded_x, padded_positions, shared.cache, padded_slots, padded_visible, image_slots)
+        visual = visual[input_row, place].split(counts)
+    else:
+        hidden, visual = draft(padded_x, padded_positions, shared.cache, padded_slots, padded_visible), [None] * b
+    hidden = hidden[input_row, place].split(counts)
+    return [DraftRows(h, v if d.track_visual else None) for d, h, v in zip(drafters, hidden, visual)]
 
 
 class PackedLayerCache(DraftLayerCache):

@@ -6,14 +6,21 @@ with the same outputs. What it keeps where:
 - the target: `BatchedStaticTarget`, a cache row per sequence; `prefill` gives a sequence the lowest
   free row and `release` gives it back; plain steps and tree verifications of all rows in flight are
   one forward, replayed from a CUDA graph per (rows, tokens, width) bucket;
-- the draft: a `StaticDrafter` per row (its own cache, reused by every sequence that row holds) and a
-  `GraphedTreeGrower` per row and tree spec; so trees are grown row after row, each as fast as the
-  single-sequence `StaticEngine` grows one, and at large batches drafting costs B times one row's.
-  With `batched_drafting=True` a batch of rows instead grows all its trees with one draft forward
-  per level (`lmms_msd.speculative.tree.grow_trees`) and advances all drafts in one forward
-  (`lmms_msd.speculative.drafting.advance_rows`), the rows' caches packed side by side, eagerly (no
-  graphs yet): the same trees, fewer and wider forwards; which is faster at which batch size is to
-  be measured on the GPU, so it is off by default.
+- the draft: a `StaticDrafter` per row (reused by every sequence that row holds) and a
+  `GraphedTreeGrower` per row and tree spec. By default each row's drafter has a cache of its own
+  and trees are grown row after row, each as fast as the single-sequence `StaticEngine` grows one, so
+  at large batches drafting costs B times one row's.
+  With `batched_drafting=True` the rows' drafters are the rows of one `SharedDraftCache` (draft keys
+  and values [max_batch, kv_heads, capacity, D] per layer, row r for the sequence on target row r),
+  and a batch of B > 1 rows grows all its trees with one draft forward per level
+  (`lmms_msd.speculative.tree.grow_trees`) and advances all drafts in one forward
+  (`lmms_msd.speculative.drafting.advance_rows`), each forward running over cache rows 0..R-1 in
+  place (`lmms_msd.speculative.drafting.run_shared`: nothing is copied), eagerly (no graphs yet).
+  Worked example: rows 0, 1, 3 in flight with 700, 650 and 720 committed draft slots grow an EAGLE-2
+  tree (top_k 10): each level is one forward over R = 4 rows of 10 inputs; row r's nodes go to its
+  slots 700 + u.., 650 + u.., 720 + u.. (u: its tree slots used so far), and row 2, free, feeds
+  padding that writes its scratch slot. A batch of one still grows its tree with the row's graphed
+  `GraphedTreeGrower`, as fast as with `batched_drafting=False`.
 
 It also runs the one-request loops (each call on a batch of one), so one engine serves every batch size.
 """
@@ -26,9 +33,9 @@ import torch
 
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
-from lmms_msd.speculative.drafting import DraftRows, advance_rows
+from lmms_msd.speculative.drafting import DraftRows, SharedDraftCache, advance_rows
 from lmms_msd.speculative.fast.batched_target import BatchedStaticTarget
-from lmms_msd.speculative.fast.static_drafter import StaticDrafter
+from lmms_msd.speculative.fast.static_drafter import StaticDrafter, start_draft
 from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
 from lmms_msd.speculative.runtime import Sequence, drafter_of, require_draft
 from lmms_msd.speculative.tree import Tree, TreeSpec, grow_trees
@@ -48,8 +55,9 @@ class BatchedStaticEngine:
     max_batch: sequences held at once (cache rows); max_length: slots per row (prompt + new tokens + one
     tree must fit), clipped to the target's maximum; cuda_graphs: None replays graphs when the target
     is on CUDA, False runs the same code eagerly; batched_drafting: many rows draft in one forward
-    per level (module docstring). Memory: the target's KV cache takes
-    2 * layers * max_batch * kv_heads * max_length * head_dim values.
+    per level on one shared draft cache (module docstring). Memory: the target's KV cache takes
+    2 * layers * max_batch * kv_heads * max_length * head_dim values, the draft's the same with the
+    head's one layer.
     """
 
     def __init__(
@@ -65,6 +73,8 @@ class BatchedStaticEngine:
         self._free = list(range(max_batch))  # a heap: the lowest free row first
         self._live: dict[int, RowSequence] = {}  # row -> the sequence holding it
         self._drafters: dict[tuple[int, bool], StaticDrafter] = {}  # by (row, track_visual)
+        # batched_drafting: the draft cache the rows' drafters share (made with the first drafter)
+        self._shared: SharedDraftCache | None = None
         self._growers: dict[tuple[int, bool, TreeSpec], GraphedTreeGrower] = {}  # by (row, track_visual, spec)
 
     def _check_live(self, sequences: list[RowSequence]) -> list[int]:
@@ -105,16 +115,16 @@ class BatchedStaticEngine:
         self, sequence: RowSequence, prompt: EmbeddedPrompt, hidden: torch.Tensor, token: int, track_visual: bool
     ) -> DraftRows:
         self._check_live([sequence])
-        key = (sequence.row, track_visual)
-        drafter = self._drafters.get(key)
-        if drafter is None:
-            drafter = self._drafters[key] = StaticDrafter(
-                require_draft(self.draft, self), self.target.lm_head, self.static_target.capacity, track_visual,
-                self.cuda_graphs,
-            )  # fmt: skip
-        drafter.reset()
-        sequence.drafter = drafter
-        return drafter.prefill(prompt, hidden, token)
+        draft, row, capacity = require_draft(self.draft, self), sequence.row, self.static_target.capacity
+
+        def make() -> StaticDrafter:
+            if not self.batched_drafting:
+                return StaticDrafter(draft, self.target.lm_head, capacity, track_visual, self.cuda_graphs)
+            if self._shared is None:
+                self._shared = SharedDraftCache(draft, self.max_batch, capacity)
+            return StaticDrafter(draft, self.target.lm_head, capacity, track_visual, self.cuda_graphs, self._shared, row)
+
+        return start_draft(self._drafters, (row, track_visual), make, sequence, prompt, hidden, token)
 
     def draft_tree(self, sequence: RowSequence, tree: TreeSpec, token: int, root: DraftRows) -> tuple[Tree, torch.Tensor]:
         """Grown by the row's `GraphedTreeGrower` for this spec (made once, its graphs captured once)."""

@@ -21,7 +21,7 @@ import torch
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.speculative.drafting import DraftRows
-from lmms_msd.speculative.fast.static_drafter import StaticDrafter
+from lmms_msd.speculative.fast.static_drafter import StaticDrafter, start_draft
 from lmms_msd.speculative.fast.static_target import StaticTarget
 from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
 from lmms_msd.speculative.runtime import Sequence, drafter_of, require_draft
@@ -85,15 +85,12 @@ class StaticEngine:
         self, sequence: Sequence, prompt: EmbeddedPrompt, hidden: torch.Tensor, token: int, track_visual: bool
     ) -> DraftRows:
         self._check_live(sequence)
-        drafter = self._drafters.get(track_visual)
-        if drafter is None:
-            drafter = self._drafters[track_visual] = StaticDrafter(
-                require_draft(self.draft, self), self.target.lm_head, self.static_target.capacity, track_visual,
-                self.cuda_graphs,
-            )  # fmt: skip
-        drafter.reset()
-        sequence.drafter = drafter
-        return drafter.prefill(prompt, hidden, token)
+        draft = require_draft(self.draft, self)
+
+        def make() -> StaticDrafter:
+            return StaticDrafter(draft, self.target.lm_head, self.static_target.capacity, track_visual, self.cuda_graphs)
+
+        return start_draft(self._drafters, track_visual, make, sequence, prompt, hidden, token)
 
     def draft_tree(self, sequence: Sequence, tree: TreeSpec, token: int, root: DraftRows) -> tuple[Tree, torch.Tensor]:
         """Grown by a `GraphedTreeGrower` (one per drafter and spec, reused: its graphs are captured once)."""

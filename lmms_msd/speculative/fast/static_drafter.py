@@ -4,15 +4,22 @@
 the cache is allocated once per engine at full capacity (a graph keeps the addresses it captured),
 and every call of the head is padded to a bucketed (rows, width) shape and replayed from a graph.
 Tree building (`lmms_msd.speculative.tree`) drives this drafter exactly as it drives the eager one.
+Its cache may be a row of a `SharedDraftCache` (`BatchedStaticEngine(batched_drafting=True)`): alone it
+replays its graphs on that row, and with other rows of the cache it drafts in one eager forward over
+the rows (`lmms_msd.speculative.drafting.run_shared`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 import torch
 
 from lmms_msd.models.draft import MSDDraft
-from lmms_msd.speculative.drafting import Drafter, DraftRows
+from lmms_msd.models.target import EmbeddedPrompt
+from lmms_msd.speculative.drafting import Drafter, DraftRows, SharedDraftCache
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, width_bucket
+from lmms_msd.speculative.runtime import Sequence
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -20,13 +27,15 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 class StaticDrafter(Drafter):
     """A `Drafter` whose cache never grows and whose head runs from CUDA graphs (when enabled).
 
-    Reused across generations: `reset` before each prefill.
+    Reused across generations: `reset` before each prefill. shared, row: its cache is row `row` of a
+    `SharedDraftCache` (views of it, so the graphs it captures write the shared tensors), as `Drafter`'s.
     """
 
     def __init__(
-        self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool, cuda_graphs: bool
-    ) -> None:
-        super().__init__(draft, lm_head, capacity, track_visual=track_visual)
+        self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool, cuda_graphs: bool,
+        shared: SharedDraftCache | None = None, row: int = 0,
+    ) -> None:  # fmt: skip
+        super().__init__(draft, lm_head, capacity, track_visual=track_visual, shared=shared, row=row)
         self.capacity = capacity
         self.scratch = capacity - 1  # padding rows write here; no real row ever sees it
         self._graphed = GraphedFunction(self.head, cuda_graphs, self.device)
@@ -83,3 +92,18 @@ class StaticDrafter(Drafter):
         out = run(padded_x, padded_positions, padded_slots, padded_visible)
         # graph outputs are overwritten by the next replay: copy what the caller keeps
         return DraftRows(out[0][:n].clone(), out[1][:n].clone() if self.track_visual else None)
+
+
+def start_draft(
+    drafters: dict[Hashable, StaticDrafter], key: Hashable, make: Callable[[], StaticDrafter], sequence: Sequence,
+    prompt: EmbeddedPrompt, hidden: torch.Tensor, token: int,
+) -> DraftRows:  # fmt: skip
+    """An engine's `prefill_draft`: the engine keeps its `StaticDrafter`s by `key` (made by `make` the first
+    time, reused by every later generation with that key); this one is reset, becomes the sequence's
+    drafter and fills its cache over the prompt (`Drafter.prefill`) -> the root's hidden [H] and visual []."""
+    drafter = drafters.get(key)
+    if drafter is None:
+        drafter = drafters[key] = make()
+    drafter.reset()
+    sequence.drafter = drafter
+    return drafter.prefill(prompt, hidden, token)
