@@ -143,3 +143,63 @@ def test_a_cache_the_device_cannot_hold_is_refused(monkeypatch):
     check_cache_fits(target, 64, 1024)  # 32 GiB
     with pytest.raises(ValueError, match=r"64 rows x 4096 slots needs 128.0 GiB \(2.00 GiB a row\) but 100.0 GiB"):
         check_cache_fits(target, 64, 4096)
+
+
+def test_prompts_joining_together_share_a_prefill_forward():
+    """Prompts of different lengths prefilled in one forward (padded to the longest) leave in each row the
+    keys and values, hidden states and last logits that prefilling each alone gives (float32; the padded
+    product sums the same terms, so only the order of a few roundings may differ)."""
+    from lmms_msd.speculative.fast.batched_engine import prefill_groups
+
+    target, _ = pair("following")
+    prompts = [random_prompt(target, 300 + i, with_image=i != 1) for i in range(3)]
+    assert len({p.input_ids.shape[0] for p in prompts}) == 3  # ragged
+    alone = BatchedStaticEngine(target, max_batch=3, max_length=128)
+    together = BatchedStaticEngine(target, max_batch=3, max_length=128)
+    calls = []
+    real = together.static_target.prefill_rows
+    together.static_target.prefill_rows = lambda rows, embeds: calls.append(rows) or real(rows, embeds)
+    started = together.prefill_batch(prompts, [8, 8, 8])
+    assert calls == [[0, 1, 2]]  # one forward
+    for prompt, (sequence, hidden, last) in zip(prompts, started):
+        reference, ref_hidden, ref_logits = alone.prefill(prompt, 8)
+        n = prompt.input_ids.shape[0]
+        assert sequence.row == reference.row and sequence.committed == reference.committed == n
+        torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last, ref_logits[-1], rtol=1e-5, atol=1e-4)
+        for cache, ref in ((together.static_target.keys, alone.static_target.keys),
+                           (together.static_target.values, alone.static_target.values)):  # fmt: skip
+            torch.testing.assert_close(cache[:, sequence.row, :, :n], ref[:, sequence.row, :, :n], rtol=1e-5, atol=1e-5)
+    assert prefill_groups([600, 620, 610, 3000], 2048) == [[0, 1, 2], [3]]
+    assert prefill_groups([5, 5], 9) == [[0], [1]]
+
+
+def test_a_prompt_that_cannot_join_is_named_and_nothing_starts():
+    target, draft = pair("following")
+    engine = BatchedStaticEngine(target, draft, max_batch=3, max_length=64)
+    prompts = [random_prompt(target, 400 + i, with_image=False) for i in range(3)]
+    config = GenerationConfig(max_new_tokens=8)
+    too_long = GenerationConfig(max_new_tokens=64)
+    requests = [BatchRequest(prompts[0], config, name="doc 7"), BatchRequest(prompts[1], too_long, name="doc 8"),
+                BatchRequest(prompts[2], config, name="doc 9")]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^doc 8: .*cache slots"):
+        list(generate_batched(engine, requests, 3))
+    assert sorted(engine._free) == [0, 1, 2]
+
+
+def test_batched_wall_times_are_shares_of_the_loop():
+    """A request's wall_s under batching is its share of the loop's time (its prefill's, and each step's
+    divided among the rows in flight), so the shares add up to at most the loop's time."""
+    import time
+
+    target, draft = pair("following")
+    configs = greedy_configs()
+    prompts = mixed_requests(target, configs)
+    engine = BatchedStaticEngine(target, draft, max_batch=4, max_length=256)
+    requests = [BatchRequest(p, c, tree=TREES["eagle2"]) for p, c in zip(prompts, configs)]
+    start = time.perf_counter()
+    results = dict(generate_batched(engine, requests, 4))
+    elapsed = time.perf_counter() - start
+    shares = [r.stats.wall_s for r in results.values()]
+    assert all(0 < r.stats.prefill_s < r.stats.wall_s for r in results.values())
+    assert sum(shares) <= elapsed

@@ -8,8 +8,10 @@ Words as in the rest of the package: a **step** is one target forward after the 
 - alpha = (accepted draft tokens) / steps       (the thesis's "average acceptance rate") = tau - 1
 - the accepted-length histogram counts steps by how many draft tokens they accepted
 - wall_s is the summed generation time of the requests (prefill included); tokens_per_s =
-  new_tokens / wall_s. Under data parallelism each process decodes its own requests, so this is the
-  throughput of one process; the report also keeps the number of processes.
+  new_tokens / wall_s. With several requests in flight (`max_batch` > 1) a request's time is its
+  share of the batched loop's (`lmms_msd.speculative.batching.generate_batched`), so the sum is the
+  loop's time and tokens_per_s its throughput. Under data parallelism each process decodes its own
+  requests, so this is the throughput of one process; the report also keeps the number of processes.
 
 Plain decoding (`use_msd=false`) records the same fields: every step accepts 0 draft tokens, so tau
 is 1, and tokens_per_s is the baseline that a speculative run's tokens_per_s is divided by.

@@ -32,6 +32,7 @@ table by batch size; a cost model's choice per batch size plugs in at the same p
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,7 +52,7 @@ from lmms_msd.speculative.decoding import (
     record_step,
 )
 from lmms_msd.speculative.drafting import DraftRows
-from lmms_msd.speculative.runtime import BatchedRuntime, Sequence
+from lmms_msd.speculative.runtime import BatchedRuntime, PrefillError, Sequence
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
 from lmms_msd.speculative.stopping import Stopper
 from lmms_msd.speculative.tree import Tree, TreeSpec
@@ -151,7 +152,7 @@ class _Row:
     stopper: Stopper
     stats: DecodeStats
     tokens: list[int]  # committed so far; the last is fed next (plain) or is the next tree's root
-    start: float  # perf_counter at its prefill
+    wall_s: float = 0.0  # its share of the loop's time so far (`generate_batched`)
     root: DraftRows | None = None  # speculative: the draft's output at the root (stale while `behind` holds steps)
     # speculative: steps the draft has not advanced over (plain steps: no tree needed it), oldest first:
     # each the committed tokens [m] that follow its committed positions and the target's hidden there [m, H]
@@ -159,7 +160,7 @@ class _Row:
     done: bool = False
 
     def result(self) -> GenerationResult:
-        self.stats.wall_s = time.perf_counter() - self.start
+        self.stats.wall_s = self.wall_s
         self.stats.new_tokens = len(self.tokens)
         return GenerationResult(self.stopper.text(self.tokens), self.tokens, self.stats)
 
@@ -174,8 +175,10 @@ def generate_batched(
     """Decode the requests with up to `max_batch` in flight; yields (index in `requests`, result) as each
     finishes (not in order). `requests` is read lazily, one when a row frees, so a request's prompt
     can be prepared just before it joins. Every request decodes plainly (tree None) or every one
-    speculatively. A request's stats time its own life: wall_s from its prefill to its end, with
-    the other rows' work in between; no per-phase profile.
+    speculatively. A request's stats.wall_s is its share of the loop's time: its prefill forward's time
+    divided among the prompts that joined with it, and each step's time divided among the rows in flight,
+    so the requests' wall_s add up to the loop's time and their summed tokens over summed wall_s is the
+    batch's throughput (prefill_s likewise: its share of its prefill); no per-phase profile.
     schedule: the tree grown per request and batch size (`TreeSchedule`; speculative only)
     """
     if max_batch < 1:
@@ -187,35 +190,36 @@ def generate_batched(
     speculative: bool | None = None  # set by the first request
     try:
         while True:
-            # 1. join: waiting requests take the free rows, each prefilled alone (prompts are ragged)
+            # 1. join: waiting requests take the free rows, prefilled together (`BatchedRuntime.prefill_batch`)
             while len(live) < max_batch:
-                item = next(waiting, None)
-                if item is None:
+                joining = list(itertools.islice(waiting, max_batch - len(live)))
+                if not joining:
                     break
-                index, request = item
-                if speculative is None:
-                    speculative = request.tree is not None
-                if (request.tree is not None) != speculative:
-                    raise ValueError(
-                        f"request {index} decodes {'speculatively' if request.tree is not None else 'plainly'} but the "
-                        "first one did not: every request of one generate_batched call decodes alike"
-                    )
-                try:
-                    row = _start(runtime, index, request)
-                except ValueError as error:
-                    raise ValueError(f"{request.name or f'request {index}'}: {error}") from error
-                if row.done:
-                    runtime.release(row.sequence)
-                    yield row.index, row.result()
-                else:
-                    live.append(row)
+                for index, request in joining:
+                    if speculative is None:
+                        speculative = request.tree is not None
+                    if (request.tree is not None) != speculative:
+                        raise ValueError(
+                            f"request {index} decodes {'speculatively' if request.tree is not None else 'plainly'} but the "
+                            "first one did not: every request of one generate_batched call decodes alike"
+                        )
+                for row in _start(runtime, joining):
+                    if row.done:
+                        runtime.release(row.sequence)
+                        yield row.index, row.result()
+                    else:
+                        live.append(row)
             if not live:
                 return
             # 2. one step for every row: one target forward
+            started = time.perf_counter()
             if speculative:
                 _speculative_step(runtime, live, schedule)
             else:
                 _plain_step(runtime, live)
+            share = (time.perf_counter() - started) / len(live)  # the step read its outcome on the host: it is over
+            for row in live:
+                row.wall_s += share
             # 3. leave: finished rows free their place
             finished = [row for row in live if row.done]
             live = [row for row in live if not row.done]
@@ -228,23 +232,38 @@ def generate_batched(
             runtime.release(row.sequence)
 
 
-def _start(runtime: BatchedRuntime, index: int, request: BatchRequest) -> _Row:
-    """Prefill a request alone and choose its first token, as its one-request loop does."""
-    target, config, tree = runtime.target, request.config, request.tree
-    _check_prompt(target, request.prompt)
-    stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
+def _start(runtime: BatchedRuntime, joining: list[tuple[int, BatchRequest]]) -> list[_Row]:
+    """Prefill the joining requests together and choose each one's first token, as its one-request loop
+    does; each is charged an equal share of the time."""
+    target = runtime.target
+    for index, request in joining:
+        try:
+            _check_prompt(target, request.prompt)
+        except ValueError as error:
+            raise ValueError(f"{request.name or f'request {index}'}: {error}") from error
     start = time.perf_counter()
-    extra = config.max_new_tokens + (tree.slots if tree is not None else 0)
-    sequence, hidden, logits = runtime.prefill(request.prompt, extra)
-    token = next_token(logits[-1], config, request.generator)
-    root = None
-    if tree is not None:
-        root = runtime.prefill_draft(sequence, request.prompt, hidden, token, request.track_visual)
+    extras = [r.config.max_new_tokens + (r.tree.slots if r.tree is not None else 0) for _, r in joining]
+    try:
+        started = runtime.prefill_batch([r.prompt for _, r in joining], extras)
+    except PrefillError as error:
+        index, request = joining[error.position]
+        raise ValueError(f"{request.name or f'request {index}'}: {error}") from error
+    rows = []
+    for (index, request), (sequence, hidden, logits) in zip(joining, started):
+        config, tree = request.config, request.tree
+        token = next_token(logits, config, request.generator)
+        root = None
+        if tree is not None:
+            root = runtime.prefill_draft(sequence, request.prompt, hidden, token, request.track_visual)
+        stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
+        row = _Row(index, request, sequence, stopper, DecodeStats(speculative=tree is not None), [token], root=root)
+        row.done = stopper.first_stop(row.tokens, 0) is not None
+        rows.append(row)
     _synchronize(target.device)
-    stats = DecodeStats(prefill_s=time.perf_counter() - start, speculative=tree is not None)
-    row = _Row(index, request, sequence, stopper, stats, [token], start, root)
-    row.done = stopper.first_stop(row.tokens, 0) is not None
-    return row
+    share = (time.perf_counter() - start) / len(rows)
+    for row in rows:
+        row.stats.prefill_s = row.wall_s = share
+    return rows
 
 
 def _plain_step(runtime: BatchedRuntime, live: list[_Row]) -> None:

@@ -120,6 +120,15 @@ class BatchedRuntime(Runtime, Protocol):
 
     max_batch: int | None  # the most sequences it can hold live at once; None: no limit but memory
 
+    def prefill_batch(
+        self, prompts: list[EmbeddedPrompt], extra_slots: list[int]
+    ) -> list[tuple[Sequence, torch.Tensor, torch.Tensor]]:
+        """`Runtime.prefill` for several prompts joining at once, which a runtime may run as one forward:
+        per prompt its sequence, the target's hidden [L_b, H] and the logits at its last position [V]
+        (what choosing the first token needs). A prompt that cannot start raises `PrefillError` naming
+        its place in `prompts`; then none of them has started."""
+        ...
+
     def forward_next_batch(self, sequences: list[Sequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain decoding's step for B sequences in one forward: feed tokens [B] (row b after sequence b's
         committed positions) and commit them -> the target's hidden [B, H] and logits [B, V] there."""
@@ -154,6 +163,14 @@ class BatchedRuntime(Runtime, Protocol):
         follow those positions; hidden[b]: [m_b, H] the target's hidden states there."""
         ...
 
+
+
+class PrefillError(ValueError):
+    """`BatchedRuntime.prefill_batch`: the prompt at `position` of the call cannot start (the message says why)."""
+
+    def __init__(self, position: int, message: str) -> None:
+        super().__init__(message)
+        self.position = position
 
 
 def require_draft(draft: MSDDraft | None, runtime: object) -> MSDDraft:
@@ -232,6 +249,19 @@ class EagerRuntime:
         return drafter_of(sequence).advance(next_tokens, path_hidden)
 
     # ---- many sequences at once (BatchedRuntime) -------------------------------------------------------
+    def prefill_batch(
+        self, prompts: list[EmbeddedPrompt], extra_slots: list[int]
+    ) -> list[tuple[EagerSequence, torch.Tensor, torch.Tensor]]:
+        """One prompt at a time (each sequence owns its cache; the reference keeps it plain)."""
+        started = []
+        for position, (prompt, extra) in enumerate(zip(prompts, extra_slots, strict=True)):
+            try:
+                sequence, hidden, logits = self.prefill(prompt, extra)
+            except ValueError as error:
+                raise PrefillError(position, str(error)) from error
+            started.append((sequence, hidden, logits[-1]))
+        return started
+
     def forward_next_batch(self, sequences: list[EagerSequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert tokens.shape == (len(sequences),), f"tokens {tuple(tokens.shape)} for {len(sequences)} sequences"
         embeds = self.target.embed_tokens(tokens)[0]  # [B, H]

@@ -37,8 +37,34 @@ from lmms_msd.speculative.drafting import DraftRows, SharedDraftCache, advance_r
 from lmms_msd.speculative.fast.batched_target import BatchedStaticTarget
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter, start_draft
 from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
-from lmms_msd.speculative.runtime import Sequence, drafter_of, require_draft
+from lmms_msd.speculative.runtime import (
+    PrefillError,
+    Sequence,
+    drafter_of,
+    require_draft,
+)
 from lmms_msd.speculative.tree import Tree, TreeSpec, grow_trees
+
+# padded prompt positions one prefill forward may take (several prompts joining at once share a forward
+# up to this many; a longer prompt runs alone): large enough to fill a GPU's matrix units, small
+# enough for the activations (a 7B's MLP: 2 * 11008 values a position)
+PREFILL_TOKENS = 4096
+
+
+def prefill_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Prompts (by place) grouped in order so that each group's count times its longest prompt stays
+    within `budget` padded positions (a prompt longer than the budget alone).
+    Example: prefill_groups([600, 620, 610, 3000], 2048) == [[0, 1, 2], [3]]."""
+    groups: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= budget:
+            groups[-1].append(i)
+            longest = max(longest, n)
+        else:
+            groups.append([i])
+            longest = n
+    return groups
 
 
 class RowSequence(Sequence):
@@ -88,20 +114,44 @@ class BatchedStaticEngine:
         return [s.row for s in sequences]
 
     # ---- one sequence --------------------------------------------------------------------------------
-    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[RowSequence, torch.Tensor, torch.Tensor]:
-        length = prompt.input_ids.shape[0]
+    def _check_fits(self, length: int, extra_slots: int) -> None:
         if length + extra_slots > self.static_target.usable:
             raise ValueError(
                 f"the prompt ({length} positions) and what may follow it (max_new_tokens and one tree: "
                 f"{extra_slots}) need {length + extra_slots} cache slots; the engine holds "
                 f"{self.static_target.usable} per sequence: raise max_length"
             )
+
+    def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[RowSequence, torch.Tensor, torch.Tensor]:
+        length = prompt.input_ids.shape[0]
+        self._check_fits(length, extra_slots)
         if not self._free:
             raise RuntimeError(f"all {self.max_batch} rows are live: release a finished sequence before starting another")
         row = heapq.heappop(self._free)
         sequence = self._live[row] = RowSequence(length, row)
         hidden, logits = self.static_target.prefill_row(row, prompt.inputs_embeds[0])
         return sequence, hidden, logits
+
+    def prefill_batch(
+        self, prompts: list[EmbeddedPrompt], extra_slots: list[int]
+    ) -> list[tuple[RowSequence, torch.Tensor, torch.Tensor]]:
+        """Each prompt takes the lowest free row; together they run as few forwards as `PREFILL_TOKENS`
+        allows (prompts of one forward are padded to the longest of them)."""
+        for position, (prompt, extra) in enumerate(zip(prompts, extra_slots, strict=True)):
+            try:
+                self._check_fits(prompt.input_ids.shape[0], extra)
+            except ValueError as error:
+                raise PrefillError(position, str(error)) from error
+        if len(prompts) > len(self._free):
+            raise RuntimeError(f"{len(prompts)} prompts join but {len(self._free)} of {self.max_batch} rows are free")
+        started = []
+        for group in prefill_groups([p.input_ids.shape[0] for p in prompts], PREFILL_TOKENS):
+            rows = [heapq.heappop(self._free) for _ in group]
+            outs = self.static_target.prefill_rows(rows, [prompts[i].inputs_embeds[0] for i in group])
+            for i, row, (hidden, logits) in zip(group, rows, outs):
+                self._live[row] = RowSequence(prompts[i].input_ids.shape[0], row)
+                started.append((i, (self._live[row], hidden, logits)))
+        return [out for _, out in sorted(started, key=lambda item: item[0])]
 
     def release(self, sequence: RowSequence) -> None:
         self._check_live([sequence])

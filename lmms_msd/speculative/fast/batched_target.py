@@ -75,16 +75,22 @@ class BatchedStaticTarget(StaticTarget):
         return (len(self.layers), self.rows, self.n_kv_heads, capacity, self.head_dim)
 
     # ---- the forward ------------------------------------------------------------------------------
-    def _forward_rows(self, x, positions, slots, mask, first_row: int = 0):
-        """Cache rows first_row .. first_row + R - 1 at once.
+    def _forward_rows(self, x, positions, slots, mask, first_row: int = 0, rows: torch.Tensor | None = None):
+        """Cache rows first_row .. first_row + R - 1 at once, or the listed `rows` [R] (gathered to read).
 
         x: [R, T, H]; positions, slots: [R, T] long; mask: [R, T, S] additive over each row's slots 0..S-1
-        -> hidden [R, T, H], logits [R, T, V] float32
+        -> hidden [R, T, H], logits [R, T, V] float32 (None with listed rows: the caller takes the logits it needs)
         """
+        hidden = self._layers(x, positions, slots, mask, first_row, rows)
+        return hidden, (None if rows is not None else (hidden @ self.lm_head.T).float())
+
+    def _layers(self, x, positions, slots, mask, first_row: int, listed: torch.Tensor | None):
+        """`_forward_rows`' language model up to the final norm -> hidden [R, T, H]."""
         r, t, width = mask.shape
         heads, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [R, T, 1, D]
-        rows = (first_row + self.row_ids[:r])[:, None].expand(r, t)  # [R, T]
+        by_row = first_row + self.row_ids[:r] if listed is None else listed
+        rows = by_row[:, None].expand(r, t)  # [R, T]
         attn_mask = mask[:, None]  # [R, 1, T, S]
         for index, w in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden_size,), w.input_norm, self.eps)
@@ -94,10 +100,11 @@ class BatchedStaticTarget(StaticTarget):
             q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv :]
             self.keys[index][rows, :, slots] = k  # [R, T, kv, D] at (row, slot)
             self.values[index][rows, :, slots] = v
+            read = slice(first_row, first_row + r) if listed is None else listed
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
-                self.keys[index, first_row : first_row + r, :, :width],
-                self.values[index, first_row : first_row + r, :, :width],
+                self.keys[index, read, :, :width],
+                self.values[index, read, :, :width],
                 attn_mask=attn_mask,
                 enable_gqa=kv != heads,
             )  # [R, heads, T, D]
@@ -105,8 +112,7 @@ class BatchedStaticTarget(StaticTarget):
             h = F.rms_norm(x, (self.hidden_size,), w.post_norm, self.eps)
             gate, up = (h @ w.gate_up.T).split(self.intermediate_size, dim=-1)
             x = x + (F.silu(gate) * up) @ w.down.T
-        hidden = F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
-        return hidden, (hidden @ self.lm_head.T).float()
+        return F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
 
     def _forward_row_tokens(self, tokens, positions, slots, mask):
         return self._forward_rows(F.embedding(tokens, self.embed), positions, slots, mask)
@@ -134,6 +140,36 @@ class BatchedStaticTarget(StaticTarget):
         x = inputs_embeds.to(self.lm_head.dtype)[None]
         hidden, logits = self._forward_rows(x, positions, positions, self.mask(visible)[None], first_row=row)
         return hidden[0], logits[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, rows: list[int], inputs_embeds: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Several prompts in one forward (eager): prompt i at slots 0..L_i-1 of rows[i], padded to the
+        longest; a padding query feeds zeros at position 0, writes the scratch slot and sees slot 0, so no
+        row's slots are touched by another's. inputs_embeds[i]: [L_i, H] -> per prompt hidden [L_i, H]
+        and the logits at its last position [V] float32.
+
+        Worked example: rows [3, 0] with prompts of 4 and 2 positions: T = 4; row 3's queries 0..3 see
+        slots 0..q; row 0's queries 0, 1 see slots 0..q and its queries 2, 3 (padding) write the scratch
+        slot and see slot 0.
+        """
+        lengths = [e.shape[0] for e in inputs_embeds]
+        longest = max(lengths)
+        self._check_room(longest)
+        r, width = len(rows), self.width(longest)
+        length = torch.tensor(lengths, device=self.device)
+        query = self.slots[:longest]
+        real = query[None, :] < length[:, None]  # [R, T]
+        positions = torch.where(real, query[None, :], 0)
+        slots = torch.where(real, query[None, :], self.scratch)
+        visible = (self.slots[:width][None, None, :] <= query[None, :, None]) & real[:, :, None]  # [R, T, W]
+        visible[:, :, 0] = True  # padding queries see slot 0
+        x = torch.nn.utils.rnn.pad_sequence([e.to(self.lm_head.dtype) for e in inputs_embeds], batch_first=True)
+        mask = torch.zeros(visible.shape, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
+            ~visible, torch.finfo(self.lm_head.dtype).min
+        )
+        hidden, _ = self._forward_rows(x, positions, slots, mask, rows=torch.tensor(rows, device=self.device))
+        last = (hidden[torch.arange(r, device=self.device), length - 1] @ self.lm_head.T).float()  # [R, V]
+        return [(hidden[i, :n], last[i]) for i, n in enumerate(lengths)]
 
     @torch.inference_mode()
     def forward_next_rows(self, rows: list[int], positions: list[int], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
