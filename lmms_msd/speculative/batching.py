@@ -46,16 +46,20 @@ from lmms_msd.speculative.decoding import (
     StepObserver,
     _check_prompt,
     _synchronize,
-    accept,
-    path_on_device,
     record_step,
 )
 from lmms_msd.speculative.drafting import DraftRows
-from lmms_msd.speculative.runtime import BatchedRuntime, Sequence
+from lmms_msd.speculative.runtime import BatchedRuntime, Sequence, TreeOutputs
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
 from lmms_msd.speculative.stopping import Stopper
 from lmms_msd.speculative.tree import Tree, TreeSpec
-from lmms_msd.speculative.verify import Acceptance
+from lmms_msd.speculative.verify import (
+    Acceptance,
+    PaddedTrees,
+    accept_greedy_rows,
+    accept_sampling,
+    pad_trees,
+)
 
 __all__ = ["BatchRequest", "NodeBudgets", "TreeSchedule", "generate_batched", "same_tree"]
 
@@ -247,6 +251,7 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
 
     A row whose schedule says plain step verifies its root alone and leaves its draft behind; the draft
     catches up over all the steps it missed, in one forward, before the row's next tree (`_Row.behind`).
+    Greedy rows accept all at once on the device, with one read for all of them (`_accept_rows`).
     """
     device = runtime.target.device
     # 1. this step's trees: grown as scheduled for this batch size (the draft caught up first), or the root alone
@@ -260,28 +265,66 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
         [live[b].sequence for b in grown], [specs[b] for b in grown], [live[b].tokens[-1] for b in grown],
         [live[b].root for b in grown],
     )  # fmt: skip
-    trees = [root_only(row.tokens[-1], row.request.track_visual, device) for row in live]
-    for b, tree in zip(grown, drafted):
-        trees[b] = tree
+    plain = [b for b, spec in enumerate(specs) if spec is None]
+    by_row = dict(zip(grown, drafted))
+    by_row.update(zip(plain, root_only([live[b].tokens[-1] for b in plain], [live[b].request.track_visual for b in plain], device)))
+    trees = [by_row[b] for b in range(len(live))]
     # 2. verify every tree in one target forward
-    outs = runtime.verify_batch([row.sequence for row in live], [t for t, _ in trees], [a for _, a in trees])
+    padded = pad_trees([t for t, _ in trees], [a for _, a in trees])
+    outs = runtime.verify_trees([row.sequence for row in live], padded)
     # 3. per row: accept, observe, stop, or commit the accepted path
     kept = []
-    for b, (row, (tree, ancestors), (tree_hidden, logits)) in enumerate(zip(live, trees, outs)):
-        result = accept(tree, logits, ancestors, row.request.config, row.request.generator)
+    outcomes = _accept_rows(live, trees, padded, outs)
+    for b, (row, (tree, _), (result, path, committed, path_hidden)) in enumerate(zip(live, trees, outcomes)):
         if row.request.observer is not None:
-            row.request.observer(tree, logits, result)
+            row.request.observer(tree, outs.row(b)[1], result)
         if record_step(row.tokens, row.stats, row.stopper, result):
             row.done = True
             continue
-        path, committed = path_on_device(result, device)
-        row.behind.append((committed, tree_hidden[path]))
+        # a row whose draft waits keeps its own copy (not a view pinning the whole step's gather)
+        row.behind.append((committed, path_hidden if specs[b] is not None else path_hidden.clone()))
         kept.append((b, row, path))
     if not kept:
         return
     runtime.keep_batch([row.sequence for _, row, _ in kept], [path for _, _, path in kept])
     # 4. the draft advances now where this step grew a tree (as the one-request loop), later elsewhere
     _catch_up(runtime, [row for b, row, _ in kept if specs[b] is not None])
+
+
+def _accept_rows(
+    live: list[_Row], trees: list[tuple[Tree, torch.Tensor]], padded: PaddedTrees, outs: TreeOutputs
+) -> list[tuple[Acceptance, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each row's outcome as its one-request loop's `accept` gives it, with its path [a + 1], committed
+    tokens [a + 1] (the accepted ones, then the bonus) and the target's hidden there [a + 1, H] on the device.
+
+    Greedy rows: `accept_greedy_rows` over the whole batch, one read for all of them, their paths and
+    tokens taken from its device tensors and their hidden in one gather. Sampling rows: `accept_sampling`
+    row by row with the row's own generator (the same draws as alone), their paths copied to the device
+    in one copy for all of them.
+    """
+    outcomes: list = [None] * len(live)
+    greedy = [b for b, row in enumerate(live) if row.request.config.greedy]
+    if greedy:
+        rows = accept_greedy_rows(padded, outs.argmax())  # every row's, the sampled ones unused
+        longest = max(len(rows.results[b].path) for b in greedy)
+        hidden = outs.path_hidden(rows.paths[:, :longest])  # [B, longest, H]
+        for b in greedy:
+            a1 = len(rows.results[b].path)
+            outcomes[b] = (rows.results[b], rows.path(b), rows.committed(b), hidden[b, :a1])
+    sampled = {
+        b: accept_sampling(trees[b][0], outs.row(b)[1], row.request.config, row.request.generator)
+        for b, row in enumerate(live)
+        if not row.request.config.greedy
+    }
+    if sampled:
+        on_device = torch.tensor([x for r in sampled.values() for x in r.path + r.path_tokens + [r.bonus]], device=outs.index.device)
+        offset = 0
+        for b, result in sampled.items():
+            a1 = len(result.path)
+            path, committed = on_device[offset : offset + a1], on_device[offset + a1 : offset + 2 * a1]
+            offset += 2 * a1
+            outcomes[b] = (result, path, committed, outs.row(b)[0][path])
+    return outcomes
 
 
 def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
@@ -291,14 +334,15 @@ def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
     device = runtime.target.device
     fed = torch.tensor([row.tokens[-1] for row in live], device=device)
     hidden, logits = runtime.forward_next_batch([row.sequence for row in live], fed)  # [B, H], [B, V]
-    argmax = logits.argmax(dim=-1).tolist()
+    best = logits.argmax(dim=-1)
+    argmax = best.tolist()
     chosen = []
     for b, row in enumerate(live):
         config = row.request.config
         token = argmax[b] if config.greedy else next_token(logits[b], config, row.request.generator)
         chosen.append(token)
         row.done = record_step(row.tokens, row.stats, row.stopper, Acceptance([0], token, []))
-    committed = torch.tensor(chosen, device=device)
+    committed = best if chosen == argmax else torch.tensor(chosen, device=device)  # all greedy: no copy back
     for b, row in enumerate(live):
         if not row.done:
             row.behind.append((committed[b : b + 1], hidden[b : b + 1]))
@@ -315,15 +359,19 @@ def _catch_up(runtime: BatchedRuntime, rows: list[_Row]) -> None:
         row.behind.clear()
 
 
-def root_only(token: int, track_visual: bool, device: torch.device) -> tuple[Tree, torch.Tensor]:
-    """A plain step's tree: the root alone (no draft node), as OPT-Tree's stop "cost" builds when no
-    tree pays, and its ancestor mask [1, 1]."""
-    tree = Tree(
-        tokens=torch.full((1,), token, dtype=torch.long, device=device),
-        parents=torch.full((1,), -1, dtype=torch.long, device=device),
-        depths=torch.zeros(1, dtype=torch.long, device=device),
-        scores=torch.zeros(1, dtype=torch.float32, device=device),
-        confidence=torch.ones(1, dtype=torch.float32, device=device),
-        visual=torch.zeros(1, dtype=torch.float32, device=device) if track_visual else None,
-    )
-    return tree, torch.ones(1, 1, dtype=torch.bool, device=device)
+def root_only(tokens: list[int], track_visual: list[bool], device: torch.device) -> list[tuple[Tree, torch.Tensor]]:
+    """Plain steps' trees: each the root alone (no draft node), as OPT-Tree's stop "cost" builds when no
+    tree pays, and its ancestor mask [1, 1]. One copy to the device for all of them; the trees share
+    their constant tensors (a tree is never written to)."""
+    if not tokens:
+        return []
+    ids = torch.tensor(tokens, device=device)
+    parents = torch.full((1,), -1, dtype=torch.long, device=device)
+    depths = torch.zeros(1, dtype=torch.long, device=device)
+    zeros = torch.zeros(1, dtype=torch.float32, device=device)
+    ones = torch.ones(1, dtype=torch.float32, device=device)
+    ancestors = torch.ones(1, 1, dtype=torch.bool, device=device)
+    return [
+        (Tree(ids[b : b + 1], parents, depths, zeros, ones, zeros if track else None), ancestors)
+        for b, track in enumerate(track_visual)
+    ]
