@@ -3,8 +3,22 @@ batched greedy step reads the device once and runs a fixed number of device oper
 
 from __future__ import annotations
 
+import pytest
 import torch
+from test_batching import (
+    N_REQUESTS,
+    TREES,
+    greedy_configs,
+    mixed_requests,
+    one_at_a_time,
+    pair,
+)
+from test_fast_engine import capture_rules  # noqa: F401  (autouse fixture)
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from lmms_msd.speculative.batching import BatchRequest, generate_batched
+from lmms_msd.speculative.fast.batched_engine import BatchedStaticEngine
+from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.tree import Tree
 from lmms_msd.speculative.verify import accept_greedy, accept_greedy_rows, pad_trees
 
@@ -67,3 +81,112 @@ def test_padded_trees_hold_each_row_in_place():
         assert padded.parents[b, :n].tolist() == tree.parents.tolist() and (padded.parents[b, n:] == -1).all()
         assert padded.depths[b, :n].tolist() == tree.depths.tolist() and not padded.depths[b, n:].any()
         assert torch.equal(padded.ancestors[b, :n, :n], mask) and padded.ancestors[b].sum() == mask.sum()
+
+
+class Watched:
+    """A runtime whose batched steps are watched: a window opens where the loop pads a step's trees and
+    closes at the next runtime call other than the step's own `verify_trees` and `keep_batch` (drafting,
+    a prefill, a release); each window counts the reads from the device (`Tensor.tolist`, `.item`, ...),
+    the device operations other than views, and the rows verified."""
+
+    READS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy")
+
+    def __init__(self, runtime, monkeypatch) -> None:
+        self._runtime = runtime
+        self.windows: list[dict] = []
+        self.open = False
+        from lmms_msd.speculative import batching
+
+        def counted(name, original):
+            def read(tensor, *args, **kwargs):
+                if self.open:
+                    self.windows[-1]["reads"] += 1
+                return original(tensor, *args, **kwargs)
+
+            return read
+
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        pad = batching.pad_trees
+
+        def opening(trees, ancestors):
+            self.windows.append({"reads": 0, "ops": 0, "rows": len(trees), "kept": False})
+            self.open = True
+            return pad(trees, ancestors)
+
+        monkeypatch.setattr(batching, "pad_trees", opening)
+
+    def __getattr__(self, name):
+        value = getattr(self._runtime, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            if name not in ("verify_trees", "keep_batch"):
+                self.open = False
+            if self.open and name == "keep_batch":
+                self.windows[-1]["kept"] = True
+            return value(*args, **kwargs)
+
+        return call
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the device operations (views aside) dispatched inside a `Watched` window."""
+
+    def __init__(self, watched: Watched) -> None:
+        super().__init__()
+        self.watched = watched
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.watched.open and not func.is_view:
+            self.watched.windows[-1]["ops"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_greedy_batched_step_reads_the_device_once(engine, monkeypatch):
+    """From padding the trees to keeping the paths (verification, acceptance of every row, the kept
+    path's hidden states): one read from the device per step, whatever the rows in flight; on the
+    static engine a fixed number of device operations as well (no per-row loop)."""
+    target, draft = pair("following")
+    configs = greedy_configs()
+    prompts = mixed_requests(target, configs)
+    if engine == "eager":
+        runtime = EagerRuntime(target, draft)
+    else:
+        runtime = BatchedStaticEngine(target, draft, max_batch=4, max_length=256)
+    watched = Watched(runtime, monkeypatch)
+    requests = [BatchRequest(p, c, tree=TREES["eagle2"]) for p, c in zip(prompts, configs)]
+    with CountOps(watched):
+        results = dict(generate_batched(watched, requests, max_batch=4))
+    alone = [one_at_a_time(EagerRuntime(target, draft), p, c, TREES["eagle2"]) for p, c in zip(prompts, configs)]
+    assert [results[i].token_ids for i in range(N_REQUESTS)] == [r.token_ids for r in alone]
+    steps = watched.windows
+    assert {step["reads"] for step in steps} == {1}, [step["reads"] for step in steps]
+    assert len({step["rows"] for step in steps}) >= 3  # rows joined and left
+    if engine == "static":
+        kept = [step for step in steps if step["kept"]]
+        assert len({step["rows"] for step in kept}) >= 3
+        assert len({step["ops"] for step in kept}) == 1, [(step["rows"], step["ops"]) for step in kept]
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_rows_on_plain_steps_beside_rows_with_trees(engine):
+    """A schedule that grows the large trees and gives the small-tree requests plain steps: every step
+    verifies root-only trees beside grown ones in one forward; each request still decodes plain
+    decoding's tokens, and the grown rows accept more than one token at a step."""
+    from lmms_msd.speculative.decoding import plain_generate
+    from lmms_msd.speculative.tree import EagleTree
+
+    target, draft = pair("following")
+    configs = greedy_configs()
+    prompts = mixed_requests(target, configs)
+    plain = [plain_generate(EagerRuntime(target), p, c) for p, c in zip(prompts, configs)]
+    small = EagleTree(total_tokens=5, depth=3, top_k=2)
+    runtime = EagerRuntime(target, draft) if engine == "eager" else BatchedStaticEngine(target, draft, max_batch=4, max_length=256)
+    requests = [BatchRequest(p, c, tree=small if i % 2 else TREES["eagle2"]) for i, (p, c) in enumerate(zip(prompts, configs))]
+    results = dict(generate_batched(runtime, requests, max_batch=4, schedule=lambda spec, batch: None if spec is small else spec))
+    assert [results[i].token_ids for i in range(N_REQUESTS)] == [r.token_ids for r in plain]
+    assert all(max(results[i].stats.accepted, default=0) == 0 for i in range(1, N_REQUESTS, 2))
+    assert max(a for i in range(0, N_REQUESTS, 2) for a in results[i].stats.accepted) > 1

@@ -352,8 +352,9 @@ def _catch_up(runtime: BatchedRuntime, rows: list[_Row]) -> None:
     """Advance the rows' drafts over every step they are behind, in one call: their new roots."""
     if not rows:
         return
-    tokens = [torch.cat([t for t, _ in row.behind]) for row in rows]
-    hidden = [torch.cat([h for _, h in row.behind]) for row in rows]
+    # one step behind (a tree every step): its tensors as they are, no copy per row
+    tokens = [torch.cat([t for t, _ in row.behind]) if len(row.behind) > 1 else row.behind[0][0] for row in rows]
+    hidden = [torch.cat([h for _, h in row.behind]) if len(row.behind) > 1 else row.behind[0][1] for row in rows]
     for row, root in zip(rows, runtime.advance_batch([row.sequence for row in rows], tokens, hidden)):
         row.root = root
         row.behind.clear()
