@@ -1,11 +1,17 @@
 """Many generations in flight at once: continuous batching over a `BatchedRuntime`.
 
 `generate_batched` keeps up to `max_batch` requests live. Every step runs one target forward for all
-of them (`BatchedRuntime.forward_next_batch` for plain decoding, `verify_batch` over every row's
+of them (`BatchedRuntime.forward_next_batch` for plain decoding, `verify_trees` over every row's
 tree for speculative decoding); then each row accepts, commits and checks its stop on its own, exactly
-as `lmms_msd.speculative.decoding`'s one-request loops do (the same `accept`, `record_step` and
-`Stopper`). A finished request leaves at once and the next waiting one joins (its prompt prefilled
+as `lmms_msd.speculative.decoding`'s one-request loops do (the same acceptance rules, `record_step`
+and `Stopper`). A finished request leaves at once and the next waiting one joins (its prompt prefilled
 alone), so the batch stays full while requests remain.
+
+The host's work per step does not grow with the rows on the device side: the trees are padded into
+one batch with a fixed number of device operations (`pad_trees`), the greedy rows all accept at once
+on the device (`accept_greedy_rows`: `accept_greedy`'s outcome, one read from the device for every
+row), and their paths, committed tokens and hidden states stay on the device for the commit. Sampled
+rows accept row by row (`accept_sampling`, each with its own generator), their paths copied back in one copy.
 
 What keeps rows apart: each row has its own caches and committed length on the runtime (ragged:
 `lmms_msd.speculative.runtime`), its own stopping rule and its own seeded `torch.Generator`, from

@@ -217,7 +217,8 @@ class EagerRuntime:
 
     A batched call gathers the rows' caches into one padded batch cache, runs one forward and puts each
     row's new positions back into its own cache (`_forward_rows`): clear rather than fast, as a
-    reference should be. Drafting is batched too: every tree level of all rows is one draft forward
+    reference should be (the caches are copied row by row; the new positions and masks are padded
+    as the static engine pads them, `pad_trees`). Drafting is batched too: every tree level of all rows is one draft forward
 (`grow_trees`), and so is the draft's advance of all rows (`advance_rows`); each row keeps its own
 `Drafter`, whose caches are packed side by side for the call (`lmms_msd.speculative.drafting.run_packed`).
     """
