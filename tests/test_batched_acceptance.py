@@ -190,3 +190,12 @@ def test_rows_on_plain_steps_beside_rows_with_trees(engine):
     assert [results[i].token_ids for i in range(N_REQUESTS)] == [r.token_ids for r in plain]
     assert all(max(results[i].stats.accepted, default=0) == 0 for i in range(1, N_REQUESTS, 2))
     assert max(a for i in range(0, N_REQUESTS, 2) for a in results[i].stats.accepted) > 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
+def test_to_device_copies_the_values(device):
+    from lmms_msd.speculative.transfer import to_device
+
+    values = [3, -1, 2**40, 0]
+    copied = to_device(values, torch.device(device))
+    assert copied.dtype == torch.long and copied.device.type == device and copied.tolist() == values

@@ -58,6 +58,7 @@ from lmms_msd.speculative.drafting import DraftRows
 from lmms_msd.speculative.runtime import BatchedRuntime, Sequence, TreeOutputs
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
 from lmms_msd.speculative.stopping import Stopper
+from lmms_msd.speculative.transfer import to_device
 from lmms_msd.speculative.tree import Tree, TreeSpec
 from lmms_msd.speculative.verify import (
     Acceptance,
@@ -240,7 +241,7 @@ def _start(runtime: BatchedRuntime, index: int, request: BatchRequest) -> _Row:
 def _plain_step(runtime: BatchedRuntime, live: list[_Row]) -> None:
     """Feed every row's last token in one forward and choose each row's next."""
     device = runtime.target.device
-    fed = torch.tensor([row.tokens[-1] for row in live], device=device)
+    fed = to_device([row.tokens[-1] for row in live], device)
     logits = runtime.forward_next_batch([row.sequence for row in live], fed)[1]  # [B, V]
     argmax = logits.argmax(dim=-1).tolist()  # the greedy rows' tokens, in one read
     for b, row in enumerate(live):
@@ -323,7 +324,7 @@ def _accept_rows(
         if not row.request.config.greedy
     }
     if sampled:
-        on_device = torch.tensor([x for r in sampled.values() for x in r.path + r.path_tokens + [r.bonus]], device=outs.index.device)
+        on_device = to_device([x for r in sampled.values() for x in r.path + r.path_tokens + [r.bonus]], outs.index.device)
         offset = 0
         for b, result in sampled.items():
             a1 = len(result.path)
@@ -338,7 +339,7 @@ def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
     step (`forward_next_batch`: no tree masks, one read), accepted as a root-only tree would be (the
     bonus: argmax, or drawn from the processed distribution), its draft left behind."""
     device = runtime.target.device
-    fed = torch.tensor([row.tokens[-1] for row in live], device=device)
+    fed = to_device([row.tokens[-1] for row in live], device)
     hidden, logits = runtime.forward_next_batch([row.sequence for row in live], fed)  # [B, H], [B, V]
     best = logits.argmax(dim=-1)
     argmax = best.tolist()
@@ -348,7 +349,7 @@ def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
         token = argmax[b] if config.greedy else next_token(logits[b], config, row.request.generator)
         chosen.append(token)
         row.done = record_step(row.tokens, row.stats, row.stopper, Acceptance([0], token, []))
-    committed = best if chosen == argmax else torch.tensor(chosen, device=device)  # all greedy: no copy back
+    committed = best if chosen == argmax else to_device(chosen, device)  # all greedy: no copy back
     for b, row in enumerate(live):
         if not row.done:
             row.behind.append((committed[b : b + 1], hidden[b : b + 1]))
@@ -372,7 +373,7 @@ def root_only(tokens: list[int], track_visual: list[bool], device: torch.device)
     their constant tensors (a tree is never written to)."""
     if not tokens:
         return []
-    ids = torch.tensor(tokens, device=device)
+    ids = to_device(tokens, device)
     parents = torch.full((1,), -1, dtype=torch.long, device=device)
     depths = torch.zeros(1, dtype=torch.long, device=device)
     zeros = torch.zeros(1, dtype=torch.float32, device=device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmms_msd.speculative.sampling import GenerationConfig, processed_probs
+from lmms_msd.speculative.transfer import to_device
 from lmms_msd.speculative.tree import Tree
 
 
@@ -108,7 +109,7 @@ def pad_trees(trees: list[Tree], ancestors: list[torch.Tensor]) -> PaddedTrees:
         assert mask.shape == (n, n), f"row {b}: ancestors {tuple(mask.shape)} for a tree of {n} nodes"
     device = trees[0].tokens.device
     rows, width, total = len(trees), max(counts), sum(counts)
-    sizes = torch.tensor(counts, device=device)  # the one copy to the device
+    sizes = to_device(counts, device)  # the one copy to the device
     row_ids = torch.arange(rows, device=device)
     # node k of the concatenation: row row_of[k], place column[k] in it
     row_of = torch.repeat_interleave(row_ids, sizes, output_size=total)

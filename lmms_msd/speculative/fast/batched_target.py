@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lmms_msd.models.target import Target
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket
 from lmms_msd.speculative.fast.static_target import TOKEN_BUCKETS, StaticTarget
+from lmms_msd.speculative.transfer import to_device
 from lmms_msd.speculative.verify import PaddedTrees
 
 
@@ -147,7 +148,7 @@ class BatchedStaticTarget(StaticTarget):
         padded_positions, slots = [0] * r, [self.scratch] * r
         for row, position in zip(rows, positions):
             padded_positions[row] = slots[row] = position
-        on_device = torch.tensor(rows + padded_positions + slots, device=self.device)  # the one copy to the device
+        on_device = to_device(rows + padded_positions + slots, self.device)  # the one copy to the device
         index, padded_positions, slots = on_device[:b], on_device[b : b + r, None], on_device[b + r :, None]
         padded_tokens = tokens.new_zeros(r).index_copy_(0, index, tokens)[:, None]
         window = self.slots[: self.width(max(positions) + 1)]
@@ -172,7 +173,7 @@ class BatchedStaticTarget(StaticTarget):
         longest = trees.tokens.shape[1]
         t = bucket(longest, TOKEN_BUCKETS) if longest <= TOKEN_BUCKETS[-1] else longest
         width = self.width(used)
-        on_device = torch.tensor(rows + prefixes, device=self.device)  # the one copy to the device
+        on_device = to_device(rows + prefixes, self.device)  # the one copy to the device
         index, prefix = on_device[:b], on_device[b:, None]  # [B], [B, 1]
         valid = trees.valid  # [B, T]
         node = self.slots[:longest][None, :]  # [1, T]: node j of a tree
@@ -208,7 +209,7 @@ class BatchedStaticTarget(StaticTarget):
             row_index += [row] * n
             target += range(prefix, prefix + n)
             shift += [prefix] * n
-        on_device = torch.tensor(row_index + target + shift, device=self.device)  # the one copy to the device
+        on_device = to_device(row_index + target + shift, self.device)  # the one copy to the device
         row_index, target, shift = on_device.view(3, -1)
         source = shift + torch.cat(paths)
         for cache in (self.keys, self.values):
