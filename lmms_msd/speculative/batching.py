@@ -1,11 +1,17 @@
 """Many generations in flight at once: continuous batching over a `BatchedRuntime`.
 
 `generate_batched` keeps up to `max_batch` requests live. Every step runs one target forward for all
-of them (`BatchedRuntime.forward_next_batch` for plain decoding, `verify_batch` over every row's
+of them (`BatchedRuntime.forward_next_batch` for plain decoding, `verify_trees` over every row's
 tree for speculative decoding); then each row accepts, commits and checks its stop on its own, exactly
-as `lmms_msd.speculative.decoding`'s one-request loops do (the same `accept`, `record_step` and
-`Stopper`). A finished request leaves at once and the next waiting one joins (its prompt prefilled
+as `lmms_msd.speculative.decoding`'s one-request loops do (the same acceptance rules, `record_step`
+and `Stopper`). A finished request leaves at once and the next waiting one joins (its prompt prefilled
 alone), so the batch stays full while requests remain.
+
+The host's work per step does not grow with the rows on the device side: the trees are padded into
+one batch with a fixed number of device operations (`pad_trees`), the greedy rows all accept at once
+on the device (`accept_greedy_rows`: `accept_greedy`'s outcome, one read from the device for every
+row), and their paths, committed tokens and hidden states stay on the device for the commit. Sampled
+rows accept row by row (`accept_sampling`, each with its own generator), their paths copied back in one copy.
 
 What keeps rows apart: each row has its own caches and committed length on the runtime (ragged:
 `lmms_msd.speculative.runtime`), its own stopping rule and its own seeded `torch.Generator`, from
@@ -47,16 +53,26 @@ from lmms_msd.speculative.decoding import (
     StepObserver,
     _check_prompt,
     _synchronize,
-    accept,
-    path_on_device,
     record_step,
 )
 from lmms_msd.speculative.drafting import DraftRows
-from lmms_msd.speculative.runtime import BatchedRuntime, PrefillError, Sequence
+from lmms_msd.speculative.runtime import (
+    BatchedRuntime,
+    PrefillError,
+    Sequence,
+    TreeOutputs,
+)
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
 from lmms_msd.speculative.stopping import Stopper
+from lmms_msd.speculative.transfer import to_device
 from lmms_msd.speculative.tree import Tree, TreeSpec
-from lmms_msd.speculative.verify import Acceptance
+from lmms_msd.speculative.verify import (
+    Acceptance,
+    PaddedTrees,
+    accept_greedy_rows,
+    accept_sampling,
+    pad_trees,
+)
 
 __all__ = ["BatchRequest", "NodeBudgets", "TreeSchedule", "generate_batched", "same_tree"]
 
@@ -269,7 +285,7 @@ def _start(runtime: BatchedRuntime, joining: list[tuple[int, BatchRequest]]) -> 
 def _plain_step(runtime: BatchedRuntime, live: list[_Row]) -> None:
     """Feed every row's last token in one forward and choose each row's next."""
     device = runtime.target.device
-    fed = torch.tensor([row.tokens[-1] for row in live], device=device)
+    fed = to_device([row.tokens[-1] for row in live], device)
     logits = runtime.forward_next_batch([row.sequence for row in live], fed)[1]  # [B, V]
     argmax = logits.argmax(dim=-1).tolist()  # the greedy rows' tokens, in one read
     for b, row in enumerate(live):
@@ -286,6 +302,7 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
 
     A row whose schedule says plain step verifies its root alone and leaves its draft behind; the draft
     catches up over all the steps it missed, in one forward, before the row's next tree (`_Row.behind`).
+    Greedy rows accept all at once on the device, with one read for all of them (`_accept_rows`).
     """
     device = runtime.target.device
     # 1. this step's trees: grown as scheduled for this batch size (the draft caught up first), or the root alone
@@ -299,22 +316,24 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
         [live[b].sequence for b in grown], [specs[b] for b in grown], [live[b].tokens[-1] for b in grown],
         [live[b].root for b in grown],
     )  # fmt: skip
-    trees = [root_only(row.tokens[-1], row.request.track_visual, device) for row in live]
-    for b, tree in zip(grown, drafted):
-        trees[b] = tree
+    plain = [b for b, spec in enumerate(specs) if spec is None]
+    by_row = dict(zip(grown, drafted))
+    by_row.update(zip(plain, root_only([live[b].tokens[-1] for b in plain], [live[b].request.track_visual for b in plain], device)))
+    trees = [by_row[b] for b in range(len(live))]
     # 2. verify every tree in one target forward
-    outs = runtime.verify_batch([row.sequence for row in live], [t for t, _ in trees], [a for _, a in trees])
+    padded = pad_trees([t for t, _ in trees], [a for _, a in trees])
+    outs = runtime.verify_trees([row.sequence for row in live], padded)
     # 3. per row: accept, observe, stop, or commit the accepted path
     kept = []
-    for b, (row, (tree, ancestors), (tree_hidden, logits)) in enumerate(zip(live, trees, outs)):
-        result = accept(tree, logits, ancestors, row.request.config, row.request.generator)
+    outcomes = _accept_rows(live, trees, padded, outs)
+    for b, (row, (tree, _), (result, path, committed, path_hidden)) in enumerate(zip(live, trees, outcomes)):
         if row.request.observer is not None:
-            row.request.observer(tree, logits, result)
+            row.request.observer(tree, outs.row(b)[1], result)
         if record_step(row.tokens, row.stats, row.stopper, result):
             row.done = True
             continue
-        path, committed = path_on_device(result, device)
-        row.behind.append((committed, tree_hidden[path]))
+        # a row whose draft waits keeps its own copy (not a view pinning the whole step's gather)
+        row.behind.append((committed, path_hidden if specs[b] is not None else path_hidden.clone()))
         kept.append((b, row, path))
     if not kept:
         return
@@ -323,21 +342,58 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
     _catch_up(runtime, [row for b, row, _ in kept if specs[b] is not None])
 
 
+def _accept_rows(
+    live: list[_Row], trees: list[tuple[Tree, torch.Tensor]], padded: PaddedTrees, outs: TreeOutputs
+) -> list[tuple[Acceptance, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each row's outcome as its one-request loop's `accept` gives it, with its path [a + 1], committed
+    tokens [a + 1] (the accepted ones, then the bonus) and the target's hidden there [a + 1, H] on the device.
+
+    Greedy rows: `accept_greedy_rows` over the whole batch, one read for all of them, their paths and
+    tokens taken from its device tensors and their hidden in one gather. Sampling rows: `accept_sampling`
+    row by row with the row's own generator (the same draws as alone), their paths copied to the device
+    in one copy for all of them.
+    """
+    outcomes: list = [None] * len(live)
+    greedy = [b for b, row in enumerate(live) if row.request.config.greedy]
+    if greedy:
+        rows = accept_greedy_rows(padded, outs.argmax())  # every row's, the sampled ones unused
+        longest = max(len(rows.results[b].path) for b in greedy)
+        hidden = outs.path_hidden(rows.paths[:, :longest])  # [B, longest, H]
+        for b in greedy:
+            a1 = len(rows.results[b].path)
+            outcomes[b] = (rows.results[b], rows.path(b), rows.committed(b), hidden[b, :a1])
+    sampled = {
+        b: accept_sampling(trees[b][0], outs.row(b)[1], row.request.config, row.request.generator)
+        for b, row in enumerate(live)
+        if not row.request.config.greedy
+    }
+    if sampled:
+        on_device = to_device([x for r in sampled.values() for x in r.path + r.path_tokens + [r.bonus]], outs.index.device)
+        offset = 0
+        for b, result in sampled.items():
+            a1 = len(result.path)
+            path, committed = on_device[offset : offset + a1], on_device[offset + a1 : offset + 2 * a1]
+            offset += 2 * a1
+            outcomes[b] = (result, path, committed, outs.row(b)[0][path])
+    return outcomes
+
+
 def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
     """A speculative step where no row grows a tree: each row's root alone, verified as plain decoding's
     step (`forward_next_batch`: no tree masks, one read), accepted as a root-only tree would be (the
     bonus: argmax, or drawn from the processed distribution), its draft left behind."""
     device = runtime.target.device
-    fed = torch.tensor([row.tokens[-1] for row in live], device=device)
+    fed = to_device([row.tokens[-1] for row in live], device)
     hidden, logits = runtime.forward_next_batch([row.sequence for row in live], fed)  # [B, H], [B, V]
-    argmax = logits.argmax(dim=-1).tolist()
+    best = logits.argmax(dim=-1)
+    argmax = best.tolist()
     chosen = []
     for b, row in enumerate(live):
         config = row.request.config
         token = argmax[b] if config.greedy else next_token(logits[b], config, row.request.generator)
         chosen.append(token)
         row.done = record_step(row.tokens, row.stats, row.stopper, Acceptance([0], token, []))
-    committed = torch.tensor(chosen, device=device)
+    committed = best if chosen == argmax else to_device(chosen, device)  # all greedy: no copy back
     for b, row in enumerate(live):
         if not row.done:
             row.behind.append((committed[b : b + 1], hidden[b : b + 1]))
@@ -347,22 +403,27 @@ def _catch_up(runtime: BatchedRuntime, rows: list[_Row]) -> None:
     """Advance the rows' drafts over every step they are behind, in one call: their new roots."""
     if not rows:
         return
-    tokens = [torch.cat([t for t, _ in row.behind]) for row in rows]
-    hidden = [torch.cat([h for _, h in row.behind]) for row in rows]
+    # one step behind (a tree every step): its tensors as they are, no copy per row
+    tokens = [torch.cat([t for t, _ in row.behind]) if len(row.behind) > 1 else row.behind[0][0] for row in rows]
+    hidden = [torch.cat([h for _, h in row.behind]) if len(row.behind) > 1 else row.behind[0][1] for row in rows]
     for row, root in zip(rows, runtime.advance_batch([row.sequence for row in rows], tokens, hidden)):
         row.root = root
         row.behind.clear()
 
 
-def root_only(token: int, track_visual: bool, device: torch.device) -> tuple[Tree, torch.Tensor]:
-    """A plain step's tree: the root alone (no draft node), as OPT-Tree's stop "cost" builds when no
-    tree pays, and its ancestor mask [1, 1]."""
-    tree = Tree(
-        tokens=torch.full((1,), token, dtype=torch.long, device=device),
-        parents=torch.full((1,), -1, dtype=torch.long, device=device),
-        depths=torch.zeros(1, dtype=torch.long, device=device),
-        scores=torch.zeros(1, dtype=torch.float32, device=device),
-        confidence=torch.ones(1, dtype=torch.float32, device=device),
-        visual=torch.zeros(1, dtype=torch.float32, device=device) if track_visual else None,
-    )
-    return tree, torch.ones(1, 1, dtype=torch.bool, device=device)
+def root_only(tokens: list[int], track_visual: list[bool], device: torch.device) -> list[tuple[Tree, torch.Tensor]]:
+    """Plain steps' trees: each the root alone (no draft node), as OPT-Tree's stop "cost" builds when no
+    tree pays, and its ancestor mask [1, 1]. One copy to the device for all of them; the trees share
+    their constant tensors (a tree is never written to)."""
+    if not tokens:
+        return []
+    ids = to_device(tokens, device)
+    parents = torch.full((1,), -1, dtype=torch.long, device=device)
+    depths = torch.zeros(1, dtype=torch.long, device=device)
+    zeros = torch.zeros(1, dtype=torch.float32, device=device)
+    ones = torch.ones(1, dtype=torch.float32, device=device)
+    ancestors = torch.ones(1, 1, dtype=torch.bool, device=device)
+    return [
+        (Tree(ids[b : b + 1], parents, depths, zeros, ones, zeros if track else None), ancestors)
+        for b, track in enumerate(track_visual)
+    ]

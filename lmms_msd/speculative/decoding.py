@@ -9,7 +9,8 @@ so the outputs, are the same.
     result = speculative_generate(runtime, target.prepare(question, images), GenerationConfig(), EagleTree())
 
 Many requests at once go through `lmms_msd.speculative.batching.generate_batched`, which steps each
-request exactly as these loops do (`accept`, `record_step` and the `Stopper` are shared).
+request exactly as these loops do (`record_step` and the `Stopper` are shared; `accept`'s rules, the
+greedy one for all rows at once: `lmms_msd.speculative.verify.accept_greedy_rows`).
 """
 
 from __future__ import annotations

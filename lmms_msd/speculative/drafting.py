@@ -44,6 +44,7 @@ import torch
 
 from lmms_msd.models.draft import DraftLayerCache, MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt
+from lmms_msd.speculative.transfer import to_device_each
 
 
 class DraftRows(NamedTuple):
@@ -272,15 +273,6 @@ class SharedDraftCache:
         self.image_slots = torch.zeros(rows, capacity, dtype=torch.bool, device=draft.fc.weight.device)
 
 
-def host_ints(device: torch.device, *lists: list[int]) -> tuple[torch.Tensor, ...]:
-    """Lists of B ints as long tensors [B] on `device`, in one copy that does not wait for the device
-    (from pinned memory on CUDA), so building a forward's indices never stalls the queue."""
-    flat = torch.tensor(lists, dtype=torch.long)  # [len(lists), B]
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    return tuple(flat.to(device, non_blocking=True).unbind(0))
-
-
 def on_one_shared_cache(drafters: list[Drafter]) -> bool:
     """Whether every drafter drafts on its own row of one `SharedDraftCache`."""
     shared = drafters[0].shared
@@ -308,7 +300,7 @@ def shared_tree_block(
         stacked = torch.zeros(b, t, u, dtype=torch.bool, device=device)
         for row, a in enumerate(ancestors):
             stacked[row, : a.shape[0], : a.shape[1]] = a
-    prefix, fed = host_ints(device, [d.committed for d in drafters], used)  # [B] each
+    prefix, fed = to_device_each(device, [d.committed for d in drafters], used)  # [B] each
     width = max(d.committed + d.tree_used + n for d, n in zip(drafters, counts))
     col, place = torch.arange(width, device=device), torch.arange(t, device=device)
     rel = col[None] - prefix[:, None]  # [B, S]: slot relative to the tree's first
@@ -330,7 +322,7 @@ def shared_append_block(drafters: list[Drafter], counts: list[int]) -> tuple[tor
     device, t = drafters[0].device, max(counts)
     for drafter, m in zip(drafters, counts):
         drafter.reserve(drafter.committed + m)
-    (prefix,) = host_ints(device, [d.committed for d in drafters])
+    (prefix,) = to_device_each(device, [d.committed for d in drafters])
     width = max(d.committed + m for d, m in zip(drafters, counts))
     slots = prefix[:, None] + torch.arange(t, device=device)[None]  # [B, T]
     visible = torch.arange(width, device=device)[None, None] <= slots[:, :, None]
@@ -359,7 +351,7 @@ def run_shared(
     r, width, total = max(rows) + 1, visible.shape[2], x.shape[0]
     assert sum(counts) == total and max(counts) <= t, f"{total} inputs as {counts} in {t} places"
     # where each input goes: input row, place
-    index, repeats = host_ints(device, rows, counts)  # [B] each
+    index, repeats = to_device_each(device, rows, counts)  # [B] each
     owner = torch.repeat_interleave(torch.arange(b, device=device), repeats, output_size=total)  # [N]
     place = torch.arange(total, device=device) - (repeats.cumsum(0) - repeats)[owner]  # [N]
     input_row = index[owner]  # [N]

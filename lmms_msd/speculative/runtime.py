@@ -31,7 +31,8 @@ The calls of one batched speculative step (plain decoding, or a step where no ro
 `forward_next_batch`):
 
     trees = runtime.draft_trees(sequences, specs, tokens, roots)      # [(Tree, ancestors [N_b, N_b])]
-    outs = runtime.verify_batch(sequences, [t for t, _ in trees], [a for _, a in trees])  # one forward
+    padded = pad_trees([t for t, _ in trees], [a for _, a in trees])  # the trees side by side
+    outs = runtime.verify_trees(sequences, padded)                    # one forward -> TreeOutputs
     runtime.keep_batch(sequences, paths)                               # per-row commit, target side
     roots = runtime.advance_batch(sequences, next_tokens, path_hidden)  # and draft side (may be deferred)
 
@@ -54,7 +55,7 @@ from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.speculative.drafting import Drafter, DraftRows, advance_rows
 from lmms_msd.speculative.tree import Tree, TreeSpec, grow_tree, grow_trees
-from lmms_msd.speculative.verify import tree_attention_mask
+from lmms_msd.speculative.verify import PaddedTrees, pad_trees, tree_attention_mask
 
 
 @dataclass(eq=False, kw_only=True)
@@ -66,6 +67,34 @@ class Sequence:
     # or each fed token (plain); the next tree or token goes right after them
     committed: int
     drafter: Drafter | None = None  # the draft's side, from `prefill_draft` on (speculative decoding only)
+
+
+@dataclass(frozen=True)
+class TreeOutputs:
+    """The target's outputs over B rows' trees from one forward (`BatchedRuntime.verify_trees`), laid out as
+    the forward ran: row b's node i at [places[b], i] for i < counts[b]; the rest is padding. Valid until
+    the runtime's next call. Example: a static engine with sequences on cache rows 2 and 0: places [2, 0]."""
+
+    hidden: torch.Tensor  # [R, T', H], R >= B rows, T' >= max(counts) nodes
+    logits: torch.Tensor  # [R, T', V]
+    places: list[int]  # row b's place in the batch
+    index: torch.Tensor  # [B] long on the device: places
+    counts: list[int]  # row b's nodes
+
+    def row(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row b's hidden [N_b, H] and logits [N_b, V] (views)."""
+        return self.hidden[self.places[b], : self.counts[b]], self.logits[self.places[b], : self.counts[b]]
+
+    def rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.row(b) for b in range(len(self.places))]
+
+    def argmax(self) -> torch.Tensor:
+        """[B, max(counts)] the target's argmax at every node, row b's at [b, i] (padding past its nodes)."""
+        return self.logits[:, : max(self.counts)].argmax(dim=-1)[self.index]
+
+    def path_hidden(self, paths: torch.Tensor) -> torch.Tensor:
+        """paths: [B, m] node indices per row -> the hidden there [B, m, H] (one gather, a copy)."""
+        return self.hidden[self.index[:, None], paths]
 
 
 class Runtime(Protocol):
@@ -146,7 +175,12 @@ class BatchedRuntime(Runtime, Protocol):
         self, sequences: list[Sequence], trees: list[Tree], ancestors: list[torch.Tensor]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One target forward over every row's tree after that row's committed positions -> per row
-        hidden [N_b, H] and logits [N_b, V] (`Runtime.verify`)."""
+        hidden [N_b, H] and logits [N_b, V] (`Runtime.verify`): `verify_trees` over `pad_trees`, row by row."""
+        ...
+
+    def verify_trees(self, sequences: list[Sequence], trees: PaddedTrees) -> TreeOutputs:
+        """`verify_batch` over trees already padded (`lmms_msd.speculative.verify.pad_trees`), its outputs
+        left as the forward laid them out, so that batched acceptance reads them without a copy per row."""
         ...
 
     def keep_batch(self, sequences: list[Sequence], paths: list[torch.Tensor]) -> None:
@@ -200,7 +234,8 @@ class EagerRuntime:
 
     A batched call gathers the rows' caches into one padded batch cache, runs one forward and puts each
     row's new positions back into its own cache (`_forward_rows`): clear rather than fast, as a
-    reference should be. Drafting is batched too: every tree level of all rows is one draft forward
+    reference should be (the caches are copied row by row; the new positions and masks are padded
+    as the static engine pads them, `pad_trees`). Drafting is batched too: every tree level of all rows is one draft forward
 (`grow_trees`), and so is the draft's advance of all rows (`advance_rows`); each row keeps its own
 `Drafter`, whose caches are packed side by side for the call (`lmms_msd.speculative.drafting.run_packed`).
     """
@@ -264,14 +299,14 @@ class EagerRuntime:
 
     def forward_next_batch(self, sequences: list[EagerSequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert tokens.shape == (len(sequences),), f"tokens {tuple(tokens.shape)} for {len(sequences)} sequences"
-        embeds = self.target.embed_tokens(tokens)[0]  # [B, H]
+        embeds = self.target.embed_tokens(tokens)[0][:, None]  # [B, 1, H]
         device = self.target.device
-        positions = [torch.full((1,), s.committed, device=device) for s in sequences]
-        itself = torch.ones(1, 1, dtype=torch.bool, device=device)
-        outs = self._forward_rows(sequences, [embeds[b : b + 1] for b in range(len(sequences))], positions, [itself] * len(sequences))
+        positions = torch.tensor([s.committed for s in sequences], device=device)[:, None]
+        itself = torch.ones(len(sequences), 1, 1, dtype=torch.bool, device=device)
+        hidden, logits = self._forward_rows(sequences, embeds, positions, itself, [1] * len(sequences))
         for sequence in sequences:
             sequence.committed += 1
-        return torch.cat([hidden for hidden, _ in outs]), torch.cat([logits for _, logits in outs])
+        return hidden[:, 0], logits[:, 0]
 
     def draft_trees(
         self, sequences: list[EagerSequence], specs: list[TreeSpec], tokens: list[int], roots: list[DraftRows]
@@ -285,9 +320,17 @@ class EagerRuntime:
         self, sequences: list[EagerSequence], trees: list[Tree], ancestors: list[torch.Tensor]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         assert len(sequences) == len(trees) == len(ancestors), "one tree and ancestor mask per sequence"
-        embeds = [self.target.embed_tokens(tree.tokens)[0] for tree in trees]
-        positions = [s.committed + tree.depths for s, tree in zip(sequences, trees)]
-        return self._forward_rows(sequences, embeds, positions, ancestors)
+        return self.verify_trees(sequences, pad_trees(trees, ancestors)).rows()
+
+    def verify_trees(self, sequences: list[EagerSequence], trees: PaddedTrees) -> TreeOutputs:
+        assert len(sequences) == len(trees.counts), f"{len(trees.counts)} trees for {len(sequences)} sequences"
+        device = self.target.device
+        committed = torch.tensor([s.committed for s in sequences], device=device)
+        positions = torch.where(trees.valid, committed[:, None] + trees.depths, 0)  # padding at 0: seen by no one
+        embeds = self.target.embed_tokens(trees.tokens.flatten())[0].view(*trees.tokens.shape, -1)
+        hidden, logits = self._forward_rows(sequences, embeds, positions, trees.ancestors, trees.counts)
+        index = torch.arange(len(sequences), device=device)
+        return TreeOutputs(hidden, logits, list(range(len(sequences))), index, trees.counts)
 
     def keep_batch(self, sequences: list[EagerSequence], paths: list[torch.Tensor]) -> None:
         for sequence, path in zip(sequences, paths, strict=True):
@@ -304,26 +347,29 @@ class EagerRuntime:
         """Nothing to give back: the sequence's caches go with it."""
 
     def _forward_rows(
-        self, sequences: list[EagerSequence], embeds: list[torch.Tensor], positions: list[torch.Tensor],
-        visible: list[torch.Tensor],
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-        """One forward over n_b new positions per row, after each row's committed positions.
+        self, sequences: list[EagerSequence], embeds: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+        counts: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """One forward over counts[b] = n_b new positions per row, after each row's committed positions.
 
-        embeds[b]: [n_b, H]; positions[b]: [n_b] RoPE positions; visible[b]: [n_b, n_b] bool, which of
-        the row's new positions each one sees (a tree's ancestor mask; [[True]] for one token).
-        Layout of the batch (P_b committed, P = max P_b, n = max n_b): slots 0..P_b-1 of row b hold its
-        cache, slots P..P+n_b-1 its new positions; the rest is padding, which no real query sees.
+        embeds: [B, n, H], row b's new positions first (n = max n_b); positions: [B, n] RoPE positions;
+        visible: [B, n, n] bool, which of the row's new positions each one sees (a tree's ancestor mask;
+        [[True]] for one token; False past n_b).
+        Layout of the batch (P_b committed, P = max P_b): slots 0..P_b-1 of row b hold its cache, slots
+        P..P+n_b-1 its new positions; the rest is padding, which no real query sees.
         Example: P_0 = 3, P_1 = 5, n_0 = 2, n_1 = 1: row 0 = [c c c _ _ | x x], row 1 = [c c c c c | x _].
         Each row's cache gets its new positions appended (P_b + n_b positions afterwards).
-        returns per row hidden [n_b, H] and logits [n_b, V]
+        returns hidden [B, n, H] and logits [B, n, V], row b's first n_b valid
         """
         device, dtype = self.target.device, self.target.dtype
-        rows = len(sequences)
+        rows, width = embeds.shape[:2]
+        assert positions.shape == (rows, width) and visible.shape == (rows, width, width) and len(counts) == rows, (
+            f"embeds {tuple(embeds.shape)}, positions {tuple(positions.shape)}, visible {tuple(visible.shape)}, {len(counts)} counts"
+        )
         lengths = [s.committed for s in sequences]
-        counts = [e.shape[0] for e in embeds]
         for s in sequences:
             assert s.cache.get_seq_length() == s.committed, f"cache holds {s.cache.get_seq_length()}, not {s.committed}"
-        prefix, width = max(lengths), max(counts)
+        prefix = max(lengths)
         batch_cache = self.target.new_cache()
         for index, layer in enumerate(sequences[0].cache.layers):
             keys = layer.keys.new_zeros(rows, layer.keys.shape[1], prefix, layer.keys.shape[3])
@@ -332,26 +378,21 @@ class EagerRuntime:
                 keys[b, :, : lengths[b]] = s.cache.layers[index].keys[0]
                 values[b, :, : lengths[b]] = s.cache.layers[index].values[0]
             batch_cache.update(keys, values, index)
-        x = embeds[0].new_zeros(rows, width, embeds[0].shape[1])
-        position_ids = torch.zeros(rows, width, dtype=torch.long, device=device)
-        seen = torch.zeros(rows, width, prefix + width, dtype=torch.bool, device=device)
+        sizes = torch.tensor([lengths, counts], device=device)  # [2, B]: committed and new positions per row
+        slots = torch.arange(prefix + width, device=device)
+        # a row's real queries see its committed slots, and its new positions as `visible` says
+        seen = (slots[None, None, :] < sizes[0][:, None, None]) & (slots[None, :width, None] < sizes[1][:, None, None])
+        seen[:, :, prefix:] = visible
         seen[:, :, 0] = True  # padding queries see one slot (a row of only masked slots is undefined)
-        for b in range(rows):
-            n = counts[b]
-            assert visible[b].shape == (n, n), f"row {b}: visible {tuple(visible[b].shape)} for {n} new positions"
-            x[b, :n] = embeds[b]
-            position_ids[b, :n] = positions[b]
-            seen[b, :n, : lengths[b]] = True
-            seen[b, :n, prefix : prefix + n] = visible[b]
         mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)
-        hidden, logits = self.target.forward_batch(x, batch_cache, position_ids, mask[:, None])
+        hidden, logits = self.target.forward_batch(embeds, batch_cache, positions, mask[:, None])
         for index, layer in enumerate(batch_cache.layers):
             for b, s in enumerate(sequences):
                 own = s.cache.layers[index]
                 new = slice(prefix, prefix + counts[b])
                 own.keys = torch.cat([own.keys, layer.keys[b : b + 1, :, new]], dim=-2)
                 own.values = torch.cat([own.values, layer.values[b : b + 1, :, new]], dim=-2)
-        return [(hidden[b, : counts[b]], logits[b, : counts[b]]) for b in range(rows)]
+        return hidden, logits
 
 
 def keep_path(cache: Any, prefix_len: int, path: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmms_msd.speculative.sampling import GenerationConfig, processed_probs
+from lmms_msd.speculative.transfer import to_device
 from lmms_msd.speculative.tree import Tree
 
 
@@ -76,6 +77,110 @@ def accept_greedy(tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor) -> 
     packed = torch.cat([length[None], best[deepest][None], path[:n], tree.tokens[path[:n]]]).tolist()  # the one read
     a1, bonus = packed[0], packed[1]
     return Acceptance(packed[2 : 2 + a1], bonus, packed[2 + n + 1 : 2 + n + a1])
+
+
+@dataclass
+class PaddedTrees:
+    """B rows' trees side by side, each padded to the largest (T nodes): row b's node i at [b, i] for
+    i < counts[b], padding after. What a batched verification runs over and batched acceptance reads.
+    Example: trees of 3 and 1 nodes: T = 3, tokens [[r0, x, y], [r1, 0, 0]], ancestors[1] = [[1,0,0], [0,0,0], [0,0,0]].
+    """
+
+    tokens: torch.Tensor  # [B, T] long; 0 past a row's nodes
+    parents: torch.Tensor  # [B, T] long, row-local indices; -1 at the root and past a row's nodes
+    depths: torch.Tensor  # [B, T] long; 0 past a row's nodes
+    ancestors: torch.Tensor  # [B, T, T] bool (`Tree.ancestor_mask` per row); False past a row's nodes
+    sizes: torch.Tensor  # [B] long on the device: counts
+    counts: list[int]  # nodes per row
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, T] bool: True at a row's own nodes."""
+        return torch.arange(self.tokens.shape[1], device=self.tokens.device)[None, :] < self.sizes[:, None]
+
+
+def pad_trees(trees: list[Tree], ancestors: list[torch.Tensor]) -> PaddedTrees:
+    """The trees in one padded batch, with a fixed number of device operations whatever B: the rows'
+    tensors are concatenated and scattered to their places (one copy of the node counts to the device).
+    ancestors[b]: [N_b, N_b] bool (`Tree.ancestor_mask`)"""
+    assert trees and len(trees) == len(ancestors), f"{len(trees)} trees, {len(ancestors)} ancestor masks"
+    counts = [len(tree) for tree in trees]
+    for b, (n, mask) in enumerate(zip(counts, ancestors)):
+        assert mask.shape == (n, n), f"row {b}: ancestors {tuple(mask.shape)} for a tree of {n} nodes"
+    device = trees[0].tokens.device
+    rows, width, total = len(trees), max(counts), sum(counts)
+    sizes = to_device(counts, device)  # the one copy to the device
+    row_ids = torch.arange(rows, device=device)
+    # node k of the concatenation: row row_of[k], place column[k] in it
+    row_of = torch.repeat_interleave(row_ids, sizes, output_size=total)
+    column = torch.arange(total, device=device) - (sizes.cumsum(0) - sizes)[row_of]
+    tokens = torch.zeros(rows, width, dtype=torch.long, device=device)
+    tokens[row_of, column] = torch.cat([tree.tokens for tree in trees])
+    parents = torch.full((rows, width), -1, dtype=torch.long, device=device)
+    parents[row_of, column] = torch.cat([tree.parents for tree in trees])
+    depths = torch.zeros(rows, width, dtype=torch.long, device=device)
+    depths[row_of, column] = torch.cat([tree.depths for tree in trees])
+    # entry k of the concatenated flattened masks: row pair_row[k], entry (local // n, local % n) of its mask
+    squares = sizes * sizes
+    pair_row = torch.repeat_interleave(row_ids, squares, output_size=sum(n * n for n in counts))
+    local = torch.arange(pair_row.shape[0], device=device) - (squares.cumsum(0) - squares)[pair_row]
+    n_of = sizes[pair_row]
+    padded = torch.zeros(rows, width, width, dtype=torch.bool, device=device)
+    padded[pair_row, local // n_of, local % n_of] = torch.cat([mask.reshape(-1) for mask in ancestors])
+    return PaddedTrees(tokens, parents, depths, padded, sizes, counts)
+
+
+@dataclass
+class GreedyRows:
+    """`accept_greedy` for every row of a padded batch: the outcomes on the host, and each row's path and
+    committed tokens still on the device (row b's are the first len(results[b].path) entries)."""
+
+    results: list[Acceptance]
+    paths: torch.Tensor  # [B, T + 1] long: the path's node indices, root first
+    next_tokens: torch.Tensor  # [B, T] long: the committed tokens that follow them (accepted tokens, then the bonus)
+
+    def path(self, b: int) -> torch.Tensor:
+        """Row b's path [a + 1] (a view: no copy)."""
+        return self.paths[b, : len(self.results[b].path)]
+
+    def committed(self, b: int) -> torch.Tensor:
+        """Row b's committed tokens [a + 1] (a view: no copy)."""
+        return self.next_tokens[b, : len(self.results[b].path)]
+
+
+def accept_greedy_rows(trees: PaddedTrees, best: torch.Tensor) -> GreedyRows:
+    """`accept_greedy` for every row at once, with one read from the device for all of them.
+
+    The same rule and the same outcome, ties included: a node is accepted when it and all its ancestors
+    equal the target's argmax at their parents; the path ends at the deepest accepted node (the first
+    in node order among equally deep ones, as `accept_greedy`'s argmax picks), the bonus is the argmax
+    there. best: [B, T] the target's argmax at every node (`TreeOutputs.argmax`); padding is ignored.
+    Example: row b's tree [r, x, y] with parents [-1, 0, 1], argmax [x, y, z]: path [0, 1, 2], committed [x, y, z].
+    """
+    tokens, depths, ancestors = trees.tokens, trees.depths, trees.ancestors
+    rows, width = tokens.shape
+    assert best.shape == (rows, width), f"best {tuple(best.shape)} for padded trees {(rows, width)}"
+    valid = trees.valid
+    matches = tokens == best.gather(1, trees.parents.clamp(min=0))
+    matches[:, :1] = True  # the roots are committed already
+    accepted = ~(ancestors & ~matches[:, None, :]).any(dim=2) & valid  # [B, T]
+    deepest = torch.where(accepted, depths, -1).argmax(dim=1, keepdim=True)  # [B, 1]
+    on_path = ancestors.gather(1, deepest[:, :, None].expand(rows, 1, width))[:, 0]  # [B, T]
+    place = torch.where(on_path, depths, width)  # a node's place on its path is its depth; others past the end
+    order = torch.arange(width, device=tokens.device)
+    paths = torch.zeros(rows, width + 1, dtype=torch.long, device=tokens.device)
+    paths.scatter_(1, place, order.expand(rows, width))
+    length = depths.gather(1, deepest) + 1  # [B, 1]: a + 1
+    bonus = best.gather(1, deepest)  # [B, 1]
+    # committed token k: the token of path node k + 1 while k < a, then the bonus (the rest repeats it)
+    next_tokens = torch.where(order[None, :] < length - 1, tokens.gather(1, paths[:, 1:]), bonus)
+    packed = torch.cat([length, paths[:, :width], next_tokens], dim=1).tolist()  # the one read, [B, 1 + 2T]
+    results = []
+    for row in packed:
+        a1 = row[0]
+        committed = row[1 + width : 1 + width + a1]
+        results.append(Acceptance(row[1 : 1 + a1], committed[-1], committed[:-1]))
+    return GreedyRows(results, paths, next_tokens)
 
 
 def accept_sampling(

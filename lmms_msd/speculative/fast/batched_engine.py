@@ -40,10 +40,12 @@ from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
 from lmms_msd.speculative.runtime import (
     PrefillError,
     Sequence,
+    TreeOutputs,
     drafter_of,
     require_draft,
 )
 from lmms_msd.speculative.tree import Tree, TreeSpec, grow_trees
+from lmms_msd.speculative.verify import PaddedTrees, pad_trees
 
 # padded prompt positions one prefill forward may take (several prompts joining at once share a forward
 # up to this many; a longer prompt runs alone): large enough to fill a GPU's matrix units, small
@@ -218,11 +220,14 @@ class BatchedStaticEngine:
     def verify_batch(
         self, sequences: list[RowSequence], trees: list[Tree], ancestors: list[torch.Tensor]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        rows = self._check_live(sequences)
         assert len(sequences) == len(trees) == len(ancestors), "one tree and ancestor mask per sequence"
-        return self.static_target.forward_trees(
-            rows, [s.committed for s in sequences], [t.tokens for t in trees], [t.depths for t in trees], ancestors
-        )
+        return self.verify_trees(sequences, pad_trees(trees, ancestors)).rows()
+
+    def verify_trees(self, sequences: list[RowSequence], trees: PaddedTrees) -> TreeOutputs:
+        rows = self._check_live(sequences)
+        assert len(sequences) == len(trees.counts), f"{len(trees.counts)} trees for {len(sequences)} sequences"
+        hidden, logits, index = self.static_target.forward_trees(rows, [s.committed for s in sequences], trees)
+        return TreeOutputs(hidden, logits, rows, index, trees.counts)
 
     def keep_batch(self, sequences: list[RowSequence], paths: list[torch.Tensor]) -> None:
         rows = self._check_live(sequences)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from lmms_msd.models.target import Target
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket
 from lmms_msd.speculative.fast.static_target import TOKEN_BUCKETS, StaticTarget
+from lmms_msd.speculative.transfer import to_device, to_device_each
+from lmms_msd.speculative.verify import PaddedTrees
 
 
 def row_buckets(rows: int) -> tuple[int, ...]:
@@ -156,7 +158,7 @@ class BatchedStaticTarget(StaticTarget):
         longest = max(lengths)
         self._check_room(longest)
         r, width = len(rows), self.width(longest)
-        length = torch.tensor(lengths, device=self.device)
+        length, listed = to_device_each(self.device, lengths, rows)
         query = self.slots[:longest]
         real = query[None, :] < length[:, None]  # [R, T]
         positions = torch.where(real, query[None, :], 0)
@@ -167,7 +169,7 @@ class BatchedStaticTarget(StaticTarget):
         mask = torch.zeros(visible.shape, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
             ~visible, torch.finfo(self.lm_head.dtype).min
         )
-        hidden, _ = self._forward_rows(x, positions, slots, mask, rows=torch.tensor(rows, device=self.device))
+        hidden, _ = self._forward_rows(x, positions, slots, mask, rows=listed)
         last = (hidden[torch.arange(r, device=self.device), length - 1] @ self.lm_head.T).float()  # [R, V]
         return [(hidden[i, :n], last[i]) for i, n in enumerate(lengths)]
 
@@ -177,53 +179,58 @@ class BatchedStaticTarget(StaticTarget):
         that many committed slots. tokens: [B] long -> hidden [B, H], logits [B, V] float32 (gathered: they
         outlive the next call)"""
         self._check_room(max(positions) + 1)
-        r = self._row_bucket(rows)
-        index = torch.tensor(rows, device=self.device)
-        at = torch.tensor(positions, device=self.device)
-        padded_tokens = torch.zeros(r, 1, dtype=torch.long, device=self.device)
-        padded_tokens[index, 0] = tokens
-        padded_positions = torch.zeros(r, 1, dtype=torch.long, device=self.device)
-        padded_positions[index, 0] = at
-        slots = torch.full((r, 1), self.scratch, dtype=torch.long, device=self.device)
-        slots[index, 0] = at
+        r, b = self._row_bucket(rows), len(rows)
+        # cache rows 0..r-1: a listed row at its position (and slot), a padding row at 0 (writing the scratch slot)
+        padded_positions, slots = [0] * r, [self.scratch] * r
+        for row, position in zip(rows, positions):
+            padded_positions[row] = slots[row] = position
+        on_device = to_device(rows + padded_positions + slots, self.device)  # the one copy to the device
+        index, padded_positions, slots = on_device[:b], on_device[b : b + r, None], on_device[b + r :, None]
+        padded_tokens = tokens.new_zeros(r).index_copy_(0, index, tokens)[:, None]
         window = self.slots[: self.width(max(positions) + 1)]
         hidden, logits = self._graphed_next_rows(padded_tokens, padded_positions, slots, window)
         return hidden[index, 0], logits[index, 0]
 
     @torch.inference_mode()
     def forward_trees(
-        self, rows: list[int], prefixes: list[int], tokens: list[torch.Tensor], depths: list[torch.Tensor],
-        ancestors: list[torch.Tensor],
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-        """One forward over a tree per listed row, written to the slots after that row's prefix.
+        self, rows: list[int], prefixes: list[int], trees: PaddedTrees
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward over a tree per listed row, written to the slots after that row's prefix; the
+        padding is built with a fixed number of device operations whatever the number of rows.
 
-        tokens[i], depths[i]: [n_i] long; ancestors[i]: [n_i, n_i] bool (`Tree.ancestor_mask`)
-        returns per row hidden [n_i, H] and logits [n_i, V] float32, valid until the next call
+        trees: row i's tree at trees.*[i] (`lmms_msd.speculative.verify.pad_trees`)
+        returns hidden [R, T', H] and logits [R, T', V] float32 with row rows[i]'s node j at [rows[i], j]
+        (valid until the next call), and rows on the device [B] long
         """
-        counts = [t.shape[0] for t in tokens]
+        counts = trees.counts
         used = max(p + n for p, n in zip(prefixes, counts))
         self._check_room(used)
-        r = self._row_bucket(rows)
-        longest = max(counts)
+        r, b = self._row_bucket(rows), len(rows)
+        longest = trees.tokens.shape[1]
         t = bucket(longest, TOKEN_BUCKETS) if longest <= TOKEN_BUCKETS[-1] else longest
         width = self.width(used)
+        on_device = to_device(rows + prefixes, self.device)  # the one copy to the device
+        index, prefix = on_device[:b], on_device[b:, None]  # [B], [B, 1]
+        valid = trees.valid  # [B, T]
+        node = self.slots[:longest][None, :]  # [1, T]: node j of a tree
         padded_tokens = torch.zeros(r, t, dtype=torch.long, device=self.device)
+        padded_tokens[index, :longest] = trees.tokens
         positions = torch.zeros(r, t, dtype=torch.long, device=self.device)
+        positions[index, :longest] = torch.where(valid, prefix + trees.depths, 0)
         slots = torch.full((r, t), self.scratch, dtype=torch.long, device=self.device)
-        visible = torch.zeros(r, t, width, dtype=torch.bool, device=self.device)
-        visible[:, :, 0] = True  # padding queries see slot 0
-        for row, prefix, n, row_tokens, row_depths, row_ancestors in zip(rows, prefixes, counts, tokens, depths, ancestors):
-            padded_tokens[row, :n] = row_tokens
-            positions[row, :n] = prefix + row_depths
-            slots[row, :n] = self.slots[prefix : prefix + n]
-            visible[row, :n, :prefix] = True
-            visible[row, :n, prefix : prefix + n] = row_ancestors
-        mask = torch.zeros(visible.shape, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
-            ~visible, torch.finfo(self.lm_head.dtype).min
+        slots[index, :longest] = torch.where(valid, prefix + node, self.scratch)
+        # row i's real queries see its prefix, then its ancestors at slots prefix + j (T columns of room past
+        # the width, so that padding nodes' columns stay in range; cut off below); padding queries see slot 0
+        visible = torch.zeros(r, t, width + longest, dtype=torch.bool, device=self.device)
+        visible[index, :longest, :width] = (self.slots[:width][None, None, :] < prefix[:, :, None]) & valid[:, :, None]
+        visible[index[:, None, None], node[:, :, None], (prefix + node)[:, None, :]] = trees.ancestors
+        visible[:, :, 0] = True
+        mask = torch.zeros(r, t, width, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
+            ~visible[:, :, :width], torch.finfo(self.lm_head.dtype).min
         )
         run = self._graphed_rows if t <= TOKEN_BUCKETS[-1] else self._forward_row_tokens
         hidden, logits = run(padded_tokens, positions, slots, mask)
-        return [(hidden[row, :n], logits[row, :n]) for row, n in zip(rows, counts)]
+        return hidden, logits, index
 
     @torch.inference_mode()
     def keep_paths(self, rows: list[int], prefixes: list[int], paths: list[torch.Tensor]) -> None:
@@ -232,8 +239,14 @@ class BatchedStaticTarget(StaticTarget):
         paths[i]: [a_i + 1] tree node indices, root first (node j of row rows[i] sits at slot prefixes[i] + j)
         Example: row 2, prefix 5, path [0, 2] -> row 2's slots 5, 7 are copied to 5, 6.
         """
-        row_index = torch.cat([torch.full_like(path, row) for row, path in zip(rows, paths)])
-        source = torch.cat([prefix + path for prefix, path in zip(prefixes, paths)])
-        target = torch.cat([self.slots[prefix : prefix + path.shape[0]] for prefix, path in zip(prefixes, paths)])
+        row_index, target, shift = [], [], []  # per kept node: its cache row, its new slot, its row's prefix
+        for row, prefix, path in zip(rows, prefixes, paths, strict=True):
+            n = path.shape[0]
+            row_index += [row] * n
+            target += range(prefix, prefix + n)
+            shift += [prefix] * n
+        on_device = to_device(row_index + target + shift, self.device)  # the one copy to the device
+        row_index, target, shift = on_device.view(3, -1)
+        source = shift + torch.cat(paths)
         for cache in (self.keys, self.values):
             cache[:, row_index, :, target] = cache[:, row_index, :, source]  # gathered first: overlaps are safe
