@@ -41,12 +41,13 @@ def test_batched_answers_equal_batch_one(tiny_hf_dir, tiny_draft_dir, docs, tmp_
 
 def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
     spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58;2:3;4:0",
-                     engine="static", max_length="256")  # fmt: skip
+                     engine="static", max_length="256", batched_drafting="true")  # fmt: skip
     assert spec.decoder.runtime.static_target.capacity == 256 and spec.decoder.runtime.max_batch == 4
+    assert spec.decoder.runtime.batched_drafting is True
     assert spec.max_batch == 4 and spec.schedule == NodeBudgets(((1, 58), (2, 3), (4, 0)))
     run(spec, [request(0)], docs)
     meta = json.loads(Path(spec.report.path).read_text())
-    assert '"max_batch": 4' in json.dumps(meta) and "NodeBudgets" in json.dumps(meta)
+    assert '"max_batch": 4' in json.dumps(meta) and "NodeBudgets" in json.dumps(meta) and '"batched_drafting": true' in json.dumps(meta)
     _, plain = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "p")
     requests = [request(i, LONGER) for i in range(4)]
     assert run(spec, requests, docs) == run(plain, requests, docs)

@@ -31,6 +31,7 @@ from loguru import logger as eval_logger
 
 from lmms_msd.lmms_eval.model_args import (
     MODEL_ID,
+    as_bool,
     as_optional_str,
     coerce_model_args,
     pair_settings,
@@ -162,14 +163,15 @@ class LlavaMsdCalibrated(lmms):
       max_batch            requests decoded at once (lmms_msd.speculative.batching: continuous batching, one
                            target forward per step for all of them); the same answers per doc_id at T=0 as
                            one at a time, and each sampled request draws from its own seeded generator.
-                           A request's wall_s in the statistics is then its time in the batch, shared with
-                           the others (so their tokens/s understates throughput: `lmms-msd bench --batch`
-                           measures it) [lmms-eval's --batch_size]
+                           A request's wall_s in the statistics is then its share of the batched loop's
+                           time, so the summed tokens/s is the batch's throughput [lmms-eval's --batch_size]
       max_length           engine=static: KV cache slots per request in flight (prompt, max_new_tokens and one
                            tree must fit); with a batch the cache holds max_batch of them, so lower it to fit
                            the device [4096, clipped to the target's maximum length]
       batch_node_budgets   the tree's node budget by requests in flight, "B:N;..." (batch size from which a
                            budget holds, budget; 0: plain steps), e.g. 1:60;16:20;64:0 [none: the tree's own]
+      batched_drafting     engine=static with a batch: every tree level of all requests in flight is one draft
+                           forward over a draft cache with a row per request (BatchedStaticEngine) [false]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
     """
 
@@ -207,6 +209,7 @@ class LlavaMsdCalibrated(lmms):
         stop: str = "delta",
         max_batch: int | None = None,
         batch_node_budgets: str | None = None,
+        batched_drafting: bool | str = False,
         max_length: int | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
@@ -234,7 +237,9 @@ class LlavaMsdCalibrated(lmms):
             eval_logger.info(f"{MODEL_ID}: use_msd=false, plain decoding; msd_model_path is not loaded")
         if self.args.inflate is not None:
             eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {self.args.inflate}: the same function at a bigger model's cost")
-        runtime = dataclasses.replace(runtime_settings(self.args), max_batch=self.max_batch)
+        runtime = dataclasses.replace(
+            runtime_settings(self.args), max_batch=self.max_batch, batched_drafting=as_bool("batched_drafting", batched_drafting)
+        )
         if as_optional_str(max_length) is not None:
             runtime = dataclasses.replace(runtime, max_length=whole_number("max_length", max_length))
         self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime)
@@ -314,6 +319,9 @@ class LlavaMsdCalibrated(lmms):
             )
         meta = run_meta(MODEL_ID, self.args, self.tree, self._calibration, self.decoder.target, self._world_size, self._run_started)
         # with many requests in flight, a request's wall_s is its time in the batch, shared with the others
-        meta |= {"max_batch": self.max_batch, "batch_node_budgets": None if self.schedule is same_tree else repr(self.schedule)}
+        meta |= {
+            "max_batch": self.max_batch, "batch_node_budgets": None if self.schedule is same_tree else repr(self.schedule),
+            "batched_drafting": getattr(self.decoder.runtime, "batched_drafting", False),
+        }  # fmt: skip
         report = self.report.add(records, meta)
         eval_logger.info(f"{MODEL_ID} statistics ({report['decoding']}), written to {self.report.path}:\n{format_table(report)}")
