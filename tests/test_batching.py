@@ -186,3 +186,13 @@ def test_narrowed_trees_are_the_wide_ones(draft_kind, name, budget):
             trees.append(grow_tree(drafter, spec, token, root.hidden))
         for field in ("tokens", "parents", "depths"):
             assert getattr(trees[0], field).tolist() == getattr(trees[1], field).tolist(), f"prompt {i}: {field}"
+
+
+def test_plain_from_grows_trees_below_its_batch_size_only():
+    from lmms_msd.speculative.batching import PlainFrom
+
+    tree = EagleTree()
+    assert PlainFrom(4)(tree, 1) is tree and PlainFrom(4)(tree, 3) is tree
+    assert PlainFrom(4)(tree, 4) is None and PlainFrom(4)(tree, 64) is None
+    with pytest.raises(ValueError, match="PlainFrom needs a batch size >= 2"):
+        PlainFrom(1)

@@ -67,7 +67,7 @@ from lmms_msd.pipeline import (
     decode_requests,
     load_pair,
 )
-from lmms_msd.speculative.batching import NodeBudgets, same_tree
+from lmms_msd.speculative.batching import PLAIN_FROM, NodeBudgets
 from lmms_msd.speculative.sampling import GenerationConfig
 
 
@@ -169,7 +169,8 @@ class LlavaMsdCalibrated(lmms):
                            tree must fit); with a batch the cache holds max_batch of them, so lower it to fit
                            the device [4096, clipped to the target's maximum length]
       batch_node_budgets   the tree's node budget by requests in flight, "B:N;..." (batch size from which a
-                           budget holds, budget; 0: plain steps), e.g. 1:60;16:20;64:0 [none: the tree's own]
+                           budget holds, budget; 0: plain steps), e.g. 1:60;16:20;64:0 [the tree's own below 4
+                           requests in flight, plain steps from 4: PlainFrom(4), measured fastest on an H200]
       batched_drafting     engine=static with a batch: every tree level of all requests in flight is one draft
                            forward over a draft cache with a row per request (BatchedStaticEngine) [false]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
@@ -221,7 +222,7 @@ class LlavaMsdCalibrated(lmms):
             raise ValueError(f"unknown model_args {sorted(unknown)} for {MODEL_ID}; valid ones: {valid}")
         self.max_batch = requests_at_once(batch_size, max_batch)
         budgets = as_optional_str(batch_node_budgets)
-        self.schedule = same_tree if budgets is None else NodeBudgets.parse(budgets)
+        self.schedule = PLAIN_FROM if budgets is None else NodeBudgets.parse(budgets)
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
@@ -320,7 +321,7 @@ class LlavaMsdCalibrated(lmms):
         meta = run_meta(MODEL_ID, self.args, self.tree, self._calibration, self.decoder.target, self._world_size, self._run_started)
         # with many requests in flight, a request's wall_s is its time in the batch, shared with the others
         meta |= {
-            "max_batch": self.max_batch, "batch_node_budgets": None if self.schedule is same_tree else repr(self.schedule),
+            "max_batch": self.max_batch, "batch_node_budgets": repr(self.schedule),
             "batched_drafting": getattr(self.decoder.runtime, "batched_drafting", False),
         }  # fmt: skip
         report = self.report.add(records, meta)

@@ -74,7 +74,7 @@ from lmms_msd.speculative.verify import (
     pad_trees,
 )
 
-__all__ = ["BatchRequest", "NodeBudgets", "TreeSchedule", "generate_batched", "same_tree"]
+__all__ = ["PLAIN_FROM", "BatchRequest", "NodeBudgets", "PlainFrom", "TreeSchedule", "generate_batched", "same_tree"]
 
 # A request's tree spec and the number of rows in flight -> the spec to grow this step, or None for a
 # plain step (the root alone). It may only shrink a tree: a request's cache room is its own spec's.
@@ -143,6 +143,32 @@ def narrowed(spec: TreeSpec, budget: int) -> TreeSpec:
     return dataclasses.replace(
         spec, node_budget=budget, top_k=min(spec.top_k, budget), max_depth=min(spec.max_depth, max(budget, smallest))
     )
+
+
+@dataclass(frozen=True)
+class PlainFrom:
+    """A `TreeSchedule`: each request's own tree while fewer than `batch` rows are in flight, plain steps
+    (the root alone, no draft forward) from `batch` rows on.
+
+    `PLAIN_FROM` is the plugin's default. Measured on one H200, 7B-shaped testbed, 64 long-answer
+    requests, EAGLE-2 (`benchmarks/h200_7b_batch/`): speculative decoding gives 292-326 tokens/s at
+    batch 1 against plain decoding's 163, but 440-517 at batch 4 against 516, and at most 595 at batch
+    16 against 1101, whatever the node budget (trees are drafted row after row, so drafting costs B
+    times one row's). So from 4 rows on, plain steps are the faster step there.
+    Example: PlainFrom(4)(EagleTree(), 3) is EagleTree(); PlainFrom(4)(EagleTree(), 4) is None.
+    """
+
+    batch: int
+
+    def __post_init__(self) -> None:
+        if self.batch < 2:
+            raise ValueError(f"PlainFrom needs a batch size >= 2 (from 1 on, every step is plain: use_msd=false), got {self.batch}")
+
+    def __call__(self, spec: TreeSpec, batch: int) -> TreeSpec | None:
+        return spec if batch < self.batch else None
+
+
+PLAIN_FROM = PlainFrom(4)
 
 
 @dataclass(eq=False)
