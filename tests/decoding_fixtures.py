@@ -81,3 +81,11 @@ def random_prompt(target: Target, seed: int, with_image: bool = True) -> Embedde
     ids = torch.cat([ids[:2], torch.tensor([target.image_token_id]), ids[2:]])
     pixels = torch.randn(1, 3, 28, 28, generator=g)
     return target.embed(ids, pixels)
+
+
+def children_lists(parents: list[int]) -> list[list[int]]:
+    """Each node's children in index order, from the parents list (the root's parent -1)."""
+    children: list[list[int]] = [[] for _ in parents]
+    for node, parent in enumerate(parents[1:], start=1):
+        children[parent].append(node)
+    return children

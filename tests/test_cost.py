@@ -227,7 +227,7 @@ def test_plain_step_samples_from_the_target():
     config = GenerationConfig(do_sample=True, temperature=1.0)
     generator = torch.Generator().manual_seed(0)
     n = 10_000
-    draws = torch.tensor([accept_sampling(root, probs.log()[None], config, generator).bonus for _ in range(n)])
+    draws = torch.tensor([accept_sampling(root, probs.log()[None], torch.ones(1, 1, dtype=torch.bool), config, generator).bonus for _ in range(n)])
     frequencies = torch.bincount(draws, minlength=4).float() / n
     # each frequency has standard deviation sqrt(p (1 - p) / n) <= 0.005: 0.025 is five of them
     assert torch.allclose(frequencies, probs, atol=0.025)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from decoding_fixtures import (
     CharTokenizer,
+    children_lists,
     following_draft,
     random_draft,
     random_prompt,
@@ -23,7 +24,7 @@ from lmms_msd.speculative.fast import StaticEngine
 from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig
 from lmms_msd.speculative.tree import EagleTree, OptTree, Tree
-from lmms_msd.speculative.verify import accept_greedy, children_lists
+from lmms_msd.speculative.verify import accept_greedy
 
 
 @pytest.fixture(autouse=True)

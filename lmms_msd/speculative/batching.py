@@ -11,7 +11,7 @@ The host's work per step does not grow with the rows on the device side: the tre
 one batch with a fixed number of device operations (`pad_trees`), the greedy rows all accept at once
 on the device (`accept_greedy_rows`: `accept_greedy`'s outcome, one read from the device for every
 row), and their paths, committed tokens and hidden states stay on the device for the commit. Sampled
-rows accept row by row (`accept_sampling`, each with its own generator), their paths copied back in one copy.
+rows accept row by row on the device (`sample_tree`, each with its own generator), read together in one read.
 
 What keeps rows apart: each row has its own caches and committed length on the runtime (ragged:
 `lmms_msd.speculative.runtime`), its own stopping rule and its own seeded `torch.Generator`, from
@@ -70,8 +70,9 @@ from lmms_msd.speculative.verify import (
     Acceptance,
     PaddedTrees,
     accept_greedy_rows,
-    accept_sampling,
     pad_trees,
+    read_sampled,
+    sample_tree,
 )
 
 __all__ = ["PLAIN_FROM", "BatchRequest", "NodeBudgets", "PlainFrom", "TreeSchedule", "generate_batched", "same_tree"]
@@ -375,9 +376,9 @@ def _accept_rows(
     tokens [a + 1] (the accepted ones, then the bonus) and the target's hidden there [a + 1, H] on the device.
 
     Greedy rows: `accept_greedy_rows` over the whole batch, one read for all of them, their paths and
-    tokens taken from its device tensors and their hidden in one gather. Sampling rows: `accept_sampling`
-    row by row with the row's own generator (the same draws as alone), their paths copied to the device
-    in one copy for all of them.
+    tokens taken from its device tensors and their hidden in one gather. Sampling rows: `sample_tree`
+    row by row with the row's own generator (the same draws as alone), all read in one read, their paths
+    and tokens kept from the device tensors.
     """
     outcomes: list = [None] * len(live)
     greedy = [b for b, row in enumerate(live) if row.request.config.greedy]
@@ -388,18 +389,16 @@ def _accept_rows(
         for b in greedy:
             a1 = len(rows.results[b].path)
             outcomes[b] = (rows.results[b], rows.path(b), rows.committed(b), hidden[b, :a1])
-    sampled = {
-        b: accept_sampling(trees[b][0], outs.row(b)[1], row.request.config, row.request.generator)
-        for b, row in enumerate(live)
-        if not row.request.config.greedy
-    }
+    sampled = [b for b, row in enumerate(live) if not row.request.config.greedy]
     if sampled:
-        on_device = to_device([x for r in sampled.values() for x in r.path + r.path_tokens + [r.bonus]], outs.index.device)
+        drawn = [sample_tree(trees[b][0], outs.row(b)[1], trees[b][1], live[b].request.config, live[b].request.generator) for b in sampled]
+        read = torch.cat(drawn).tolist()  # one read for all sampling rows
         offset = 0
-        for b, result in sampled.items():
-            a1 = len(result.path)
-            path, committed = on_device[offset : offset + a1], on_device[offset + a1 : offset + 2 * a1]
-            offset += 2 * a1
+        for b, on_device in zip(sampled, drawn):
+            result = read_sampled(read[offset : offset + on_device.shape[0]])
+            offset += on_device.shape[0]
+            a1, n = len(result.path), len(trees[b][0])
+            path, committed = on_device[:a1], torch.cat([on_device[n + 1 : n + a1], on_device[-1:]])
             outcomes[b] = (result, path, committed, outs.row(b)[0][path])
     return outcomes
 

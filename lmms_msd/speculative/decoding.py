@@ -121,7 +121,7 @@ def accept(
     logits: [N, V], the target's at every tree node; ancestors: [N, N] bool (`Tree.ancestor_mask`)"""
     if config.greedy:
         return accept_greedy(tree, logits, ancestors)
-    return accept_sampling(tree, logits, config, generator)
+    return accept_sampling(tree, logits, ancestors, config, generator)
 
 
 def record_step(tokens: list[int], stats: DecodeStats, stopper: Stopper, result: Acceptance) -> bool:

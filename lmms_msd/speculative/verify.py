@@ -45,13 +45,6 @@ def tree_attention_mask(ancestors: torch.Tensor, prefix_len: int, dtype: torch.d
     return mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
 
 
-def children_lists(parents: list[int]) -> list[list[int]]:
-    children: list[list[int]] = [[] for _ in parents]
-    for node, parent in enumerate(parents[1:], start=1):
-        children[parent].append(node)
-    return children
-
-
 def accept_greedy(tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor) -> Acceptance:
     """Follow the child equal to the target's argmax from the root; computed on the device, read once.
 
@@ -183,27 +176,62 @@ def accept_greedy_rows(trees: PaddedTrees, best: torch.Tensor) -> GreedyRows:
     return GreedyRows(results, paths, next_tokens)
 
 
+def sample_tree(
+    tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Lossless sampling acceptance (module docstring) computed on the device, for one read (`read_sampled`).
+
+    The rule, as a walk: at node n with p = the target's processed distribution there, try n's children
+    in index order; child j (token x_j) is accepted with probability p(x_j) / (sum(p) - the mass of the
+    earlier, rejected siblings' tokens), which is "accept x with p(x) / sum(p), else set p(x) = 0 and
+    go on"; if none is, the bonus is drawn from p with every child's token set to 0. Laid out without the
+    walk: each node j gets its own uniform u_j, so whether j would be accepted once its parent is
+    reached needs nothing else (`u_j * (sum(p_parent) - earlier siblings' mass) < p_parent(x_j)`); a
+    parent's first such child is the one the walk takes; the path is the chain of nodes all of whose
+    ancestors are so taken; the bonus comes from one more uniform by inverse CDF. The generator gives
+    N + 1 uniforms per step whatever happens.
+    Worked example: root with children 1 (token 4), 2 (token 7), p_root(4) = 0.2, p_root(7) = 0.5,
+    u_1 = 0.9, u_2 = 0.3: node 1 is rejected (0.9 * 1 >= 0.2); node 2 is accepted (0.3 * (1 - 0.2) =
+    0.24 < 0.5). logits: [N, V]; ancestors: [N, N] (`Tree.ancestor_mask`) -> [2N + 1] long: the path's
+    node indices by depth then -1s, the path's tokens (the root's place holds its token) then -1s, the bonus
+    """
+    n = len(tree)
+    assert logits.shape[0] == n and ancestors.shape == (n, n), f"logits {tuple(logits.shape)}, ancestors {tuple(ancestors.shape)} for {n} nodes"
+    device = logits.device
+    probs = processed_probs(logits, config)  # [N, V]
+    uniforms = torch.rand(n + 1, generator=generator, device=device)
+    nodes = torch.arange(n, device=device)
+    parents, tokens = tree.parents, tree.tokens
+    parent = parents.clamp(min=0)
+    own = probs[parent, tokens]  # [N]: p at the parent of each node's token (the root's entry unused)
+    earlier = (parents[None, :] == parents[:, None]) & (nodes[None, :] < nodes[:, None])  # [j, k]: k an earlier sibling of j
+    rejected_mass = (earlier.float() * own[None, :]).sum(dim=1)
+    taken_if_reached = (uniforms[:n] * (probs.sum(dim=-1)[parent] - rejected_mass) < own) & (parents >= 0)
+    child_of = parents[None, :] == nodes[:, None]  # [parent, node]
+    first = torch.where(child_of & taken_if_reached[None, :], nodes[None, :], n).amin(dim=1)  # [N]: n when none
+    taken = (first[parent] == nodes) | (parents < 0)  # the root is always reached
+    on_path = ~(ancestors & ~taken[None, :]).any(dim=1)  # every ancestor (and itself) taken
+    depth = tree.depths
+    last = torch.where(on_path, depth, -1).argmax()  # the deepest node on the path
+    path = torch.full((n + 1,), -1, dtype=torch.long, device=device).scatter_(0, torch.where(on_path, depth, n), nodes)[:n]
+    residual = probs[last]
+    tried = torch.zeros_like(residual).scatter_add_(0, tokens, child_of[last].float())  # the last node's children's tokens
+    cdf = residual.masked_fill(tried > 0, 0.0).cumsum(dim=0)
+    bonus = torch.searchsorted(cdf, (uniforms[n] * cdf[-1])[None], right=True).clamp(max=cdf.shape[0] - 1)
+    path_tokens = torch.where(path >= 0, tokens[path.clamp(min=0)], -1)
+    return torch.cat([path, path_tokens, bonus])
+
+
+def read_sampled(sampled: list[int]) -> Acceptance:
+    """A `sample_tree` result read to the host -> the step's `Acceptance`."""
+    n = (len(sampled) - 1) // 2
+    length = next((i for i, node in enumerate(sampled[:n]) if node < 0), n)
+    return Acceptance(sampled[:length], sampled[-1], sampled[n + 1 : n + length])
+
+
 def accept_sampling(
-    tree: Tree, logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+    tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
 ) -> Acceptance:
-    """logits: [N, V], the target's at every tree node; uses `config`'s processors as plain decoding does."""
-    assert logits.shape[0] == len(tree), f"logits {tuple(logits.shape)} for a tree of {len(tree)} nodes"
-    tokens = tree.tokens.tolist()
-    children = children_lists(tree.parents.tolist())
-    path = [0]
-    while True:
-        node = path[-1]
-        residual = processed_probs(logits[node : node + 1], config)[0]
-        accepted = None
-        for child in children[node]:
-            x = tokens[child]
-            total = residual.sum()
-            u = torch.rand((), generator=generator, device=residual.device)
-            if u * total < residual[x]:
-                accepted = child
-                break
-            residual[x] = 0.0
-        if accepted is None:
-            bonus = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-            return Acceptance(path, bonus, [tokens[node] for node in path[1:]])
-        path.append(accepted)
+    """Lossless sampling acceptance (`sample_tree`), read from the device once.
+    logits: [N, V], the target's at every tree node; uses `config`'s processors as plain decoding does."""
+    return read_sampled(sample_tree(tree, logits, ancestors, config, generator).tolist())
