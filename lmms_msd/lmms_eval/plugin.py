@@ -32,6 +32,7 @@ from loguru import logger as eval_logger
 from lmms_msd.lmms_eval.model_args import (
     MODEL_ID,
     as_optional_str,
+    calibrates_online,
     coerce_model_args,
     pair_settings,
     runtime_settings,
@@ -64,6 +65,7 @@ from lmms_msd.pipeline import (
     build_decoder,
     build_tree,
     decode_requests,
+    drop_unused_draft,
     load_pair,
 )
 from lmms_msd.speculative.batching import NodeBudgets, same_tree
@@ -248,8 +250,10 @@ class LlavaMsdCalibrated(lmms):
             eval_logger.info(
                 f"{MODEL_ID}: use_msd=auto: plain steps {choice.plain_rate:.1f} tokens/s, the best any tree could commit "
                 f"{choice.ceiling_rate:.1f} tokens/s: "
-                + ("plain decoding" if choice.ceiling_rate <= choice.plain_rate else "speculative decoding first, then by the realised steps")
+                + ("plain decoding, without the draft" if choice.plain_only else "speculative decoding first, then by the realised steps")
             )
+            if not calibrates_online(self.args):  # online calibration decodes every request speculatively
+                self.decoder = drop_unused_draft(self.decoder, self.tree, runtime)
         if self.tree is not None and self.tree.cost_model is not None:
             cost = self.tree.cost_model
             eval_logger.info(f"{MODEL_ID}: stop=cost, cost model {'measured now' if cost['measured_now'] else 'read'}: {cost['file']}")
