@@ -112,8 +112,10 @@ class LlavaMsdCalibrated(lmms):
       use_msd              true: speculative decoding; false: plain decoding, the baseline; auto: each request
                            plainly or speculatively, whichever commits more tokens per second by the runtime's
                            measured costs (the cost model of stop=cost, cached alike; plain when no tree could
-                           beat a plain step even if every draft token were accepted, else by the realised
-                           speculative steps so far: lmms_msd.speculative.cost.PathChoice) [auto]
+                           beat a plain step even if every draft token were accepted, and then the draft is
+                           dropped once the costs are read, so the run is use_msd=false's (not when tree=opt
+                           may calibrate online, which decodes every request speculatively); else by the
+                           realised speculative steps so far: lmms_msd.speculative.cost.PathChoice) [auto]
       tree                 "eagle2" (the EAGLE-2 dynamic tree) or "opt" (OPT-Tree with early stopping) [eagle2]
       total_tokens, depth  the EAGLE-2 tree, as upstream: total_tokens nodes counting the root, depth draft
                            forwards after the root's children, so nodes reach depth + 1 [59, 5]; total_tokens
