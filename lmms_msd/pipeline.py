@@ -328,8 +328,25 @@ def with_path_choice(setup: TreeSetup, decoder: Decoder, folder: str | None) -> 
         log.info("use_msd=auto, cost model %s (%s): %s", "measured now" if measured else "read", path, summary_line(model))
     choice = PathChoice(model, spec.max_depth, spec.budget)
     log.info("use_msd=auto: plain steps %.1f tokens/s; the best any tree could commit %.1f tokens/s (%s)", choice.plain_rate,
-             choice.ceiling_rate, "plain decoding" if choice.ceiling_rate <= choice.plain_rate else "speculative decoding first")  # fmt: skip
+             choice.ceiling_rate, "plain decoding" if choice.plain_only else "speculative decoding first")  # fmt: skip
     return replace(setup, path_choice=choice)
+
+
+def drop_unused_draft(decoder: Decoder, tree: TreeSetup | None, settings: RuntimeSettings) -> Decoder:
+    """The decoder to decode `tree`'s requests with: when use_msd=auto decodes every request plainly (the
+    ceiling rule, `PathChoice.plain_only`), the target alone on the runtime use_msd=false builds
+    (`build_decoder(Pair(target, None), settings)`), so that the run holds and runs nothing use_msd=false
+    does not (the draft, its runtime's draft state) once the caller drops `decoder`; else `decoder`.
+    Online calibration observes every request speculatively, whatever the path choice: a caller that
+    may calibrate online keeps its decoder.
+
+    Example: the bundled pair on a CPU, whose draft level costs more than a plain step: `decode_requests`
+    then calls `plain_generate` on an `EagerRuntime(target)` for every request, as with use_msd=false.
+    """
+    if tree is None or tree.path_choice is None or not tree.path_choice.plain_only or decoder.draft is None:
+        return decoder
+    log.info("use_msd=auto: every request decodes plainly; the draft is dropped")
+    return build_decoder(Pair(decoder.target, None), settings)
 
 
 def calibrated_setup(settings: TreeSettings, decoder: Decoder, builder: TreeSpec) -> TreeSetup:
@@ -484,14 +501,23 @@ def decode_requests(
     return results
 
 
+def _speculative(tree: TreeSetup, online: OnlineCalibration | None) -> bool:
+    """Whether the next request decodes speculatively: always under online calibration (it observes
+    every request) or without a path choice; else as use_msd=auto chooses it (`PathChoice.choose`,
+    which records the decision)."""
+    if online is not None or tree.path_choice is None:
+        return True
+    return tree.path_choice.choose().path == "speculative"
+
+
 def _decode_one(decoder: Decoder, request: Request, tree: TreeSetup | None, online: OnlineCalibration | None, index: int) -> GenerationResult:
     """One request through the one-request loops, with online calibration's plan when there is one."""
     try:
         prompt, config = request.prepare()
         generator = request_generator(config, request.seed, decoder.target.device)
-        choice = None if tree is None or online is not None else tree.path_choice  # online calibration observes every request
-        if tree is None or (choice is not None and choice.choose().path == "plain"):
-            return decode(decoder, prompt, config, generator)
+        if tree is None or not _speculative(tree, online):
+            return decode(decoder, prompt, config, generator)  # use_msd=false's own call
+        choice = None if online is not None else tree.path_choice
         if online is None:
             builder, observer, track_visual = tree.builder, None if choice is None else choice.observer, tree.track_visual
         else:
@@ -518,8 +544,7 @@ def _batch_requests(
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"{request.name}: {error}") from error
         generator = request_generator(config, request.seed, decoder.target.device)
-        choice = None if tree is None or online is not None else tree.path_choice
-        if tree is None or (choice is not None and choice.choose().path == "plain"):
+        if tree is None or not _speculative(tree, online):
             yield BatchRequest(prompt, config, generator, name=request.name)
             continue
         if decoder.draft is None:

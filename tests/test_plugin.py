@@ -527,7 +527,8 @@ def test_opt_tree_with_the_bundled_pair_defaults_to_its_calibrator():
 
 
 def test_inflate_embeds_the_loaded_pair_into_the_shape():
-    lm = LlavaMsdCalibrated.create_from_arg_string("inflate=512x6", {"batch_size": 1, "max_batch_size": None, "device": None})
+    # use_msd=true: the default (auto) drops the draft where the measured costs decode every request plainly
+    lm = LlavaMsdCalibrated.create_from_arg_string("inflate=512x6,use_msd=true", {"batch_size": 1, "max_batch_size": None, "device": None})
     assert lm.args.inflate == TextShape(512, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
                                         intermediate_size=1376)  # fmt: skip
     target, draft = lm.decoder.target, lm.decoder.draft

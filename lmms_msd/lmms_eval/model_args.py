@@ -283,11 +283,17 @@ def runtime_settings(args: ModelArgs) -> RuntimeSettings:
 
 
 # ---- online calibration --------------------------------------------------------------------------------------
+def calibrates_online(args: ModelArgs) -> bool:
+    """Whether a generate_until call may calibrate online (OPT-Tree, no calibrator file): it does when a
+    train_ratio is given, in model_args or in the requests' gen_kwargs (`online_train_ratio`)."""
+    return args.use_msd and args.tree == "opt" and args.calibrator in (None, "online")
+
+
 def online_train_ratio(args: ModelArgs, requested: Sequence[Any]) -> float | None:
     """The train_ratio online calibration uses over a generate_until call's requests, or None when the
     run does not calibrate online. requested: each request's gen_kwargs train_ratio (None where unset),
     read only when model_args set none."""
-    if not args.use_msd or args.tree != "opt" or args.calibrator not in (None, "online"):
+    if not calibrates_online(args):
         return None
     ratio = args.train_ratio
     if ratio is None:

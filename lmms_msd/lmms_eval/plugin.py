@@ -33,6 +33,7 @@ from lmms_msd.lmms_eval.model_args import (
     MODEL_ID,
     as_bool,
     as_optional_str,
+    calibrates_online,
     coerce_model_args,
     pair_settings,
     runtime_settings,
@@ -65,6 +66,7 @@ from lmms_msd.pipeline import (
     build_decoder,
     build_tree,
     decode_requests,
+    drop_unused_draft,
     load_pair,
 )
 from lmms_msd.speculative.batching import PLAIN_FROM, NodeBudgets
@@ -111,8 +113,10 @@ class LlavaMsdCalibrated(lmms):
       use_msd              true: speculative decoding; false: plain decoding, the baseline; auto: each request
                            plainly or speculatively, whichever commits more tokens per second by the runtime's
                            measured costs (the cost model of stop=cost, cached alike; plain when no tree could
-                           beat a plain step even if every draft token were accepted, else by the realised
-                           speculative steps so far: lmms_msd.speculative.cost.PathChoice) [auto]
+                           beat a plain step even if every draft token were accepted, and then the draft is
+                           dropped once the costs are read, so the run is use_msd=false's (not when tree=opt
+                           may calibrate online, which decodes every request speculatively); else by the
+                           realised speculative steps so far: lmms_msd.speculative.cost.PathChoice) [auto]
       tree                 "eagle2" (the EAGLE-2 dynamic tree) or "opt" (OPT-Tree with early stopping) [eagle2]
       total_tokens, depth  the EAGLE-2 tree, as upstream: total_tokens nodes counting the root, depth draft
                            forwards after the root's children, so nodes reach depth + 1 [59, 5]; total_tokens
@@ -254,8 +258,10 @@ class LlavaMsdCalibrated(lmms):
             eval_logger.info(
                 f"{MODEL_ID}: use_msd=auto: plain steps {choice.plain_rate:.1f} tokens/s, the best any tree could commit "
                 f"{choice.ceiling_rate:.1f} tokens/s: "
-                + ("plain decoding" if choice.ceiling_rate <= choice.plain_rate else "speculative decoding first, then by the realised steps")
+                + ("plain decoding, without the draft" if choice.plain_only else "speculative decoding first, then by the realised steps")
             )
+            if not calibrates_online(self.args):  # online calibration decodes every request speculatively
+                self.decoder = drop_unused_draft(self.decoder, self.tree, runtime)
         if self.tree is not None and self.tree.cost_model is not None:
             cost = self.tree.cost_model
             eval_logger.info(f"{MODEL_ID}: stop=cost, cost model {'measured now' if cost['measured_now'] else 'read'}: {cost['file']}")

@@ -470,10 +470,16 @@ class PathChoice:
     def estimated_rate(self) -> float | None:
         return self.tokens / self.seconds if self.steps else None
 
+    @property
+    def plain_only(self) -> bool:
+        """Rule 1 holds: every request decodes plainly, whatever the draft would accept; known before any
+        request, so a caller may decode without the draft at all (`lmms_msd.pipeline.drop_unused_draft`)."""
+        return self.ceiling_rate <= self.plain_rate
+
     def choose(self) -> PathDecision:
         """The path of the next request, recorded in `decisions`."""
         plain, ceiling, estimate = self.plain_rate, self.ceiling_rate, self.estimated_rate
-        if ceiling <= plain:
+        if self.plain_only:
             path, reason = "plain", "ceiling"
         elif estimate is None:
             path, reason = "speculative", "exploring"
