@@ -153,7 +153,7 @@ def coerced(**model_args):
     from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated
 
     params = inspect.signature(LlavaMsdCalibrated.__init__).parameters
-    names = [n for n in params if n not in ("self", "batch_size", "max_batch_size", "max_batch", "batch_node_budgets", "max_length", "unknown")]
+    names = [n for n in params if n not in ("self", "batch_size", "max_batch_size", "max_batch", "batch_node_budgets", "batched_drafting", "max_length", "unknown")]
     return coerce_model_args(**({n: params[n].default for n in names} | model_args), world_size=1, local_rank=0)
 
 
