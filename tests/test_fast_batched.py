@@ -201,5 +201,5 @@ def test_batched_wall_times_are_shares_of_the_loop():
     results = dict(generate_batched(engine, requests, 4))
     elapsed = time.perf_counter() - start
     shares = [r.stats.wall_s for r in results.values()]
-    assert all(0 < r.stats.prefill_s < r.stats.wall_s for r in results.values())
+    assert all(0 < r.stats.prefill_s <= r.stats.wall_s for r in results.values())  # equal when a request stops at its first token
     assert sum(shares) <= elapsed
