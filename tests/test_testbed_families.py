@@ -299,6 +299,17 @@ def test_ai2d_scorer_worked_examples() -> None:
     assert UTILS.ai2d_long_process_results(doc, ["Label 1 points to the leg.\nAnswer: D"]) == {"exact_match": 0.0}
 
 
+def test_ai2d_long_answer_worked_example() -> None:
+    """The explanation reads every option as "<name> is option <letter>" before naming the answer's."""
+    from lmms_msd.testbed.families.ai2d import long_answer
+
+    reason = "The arrow from the fox points to the owl, so the fox is eaten by the owl"
+    assert long_answer(reason, ["hawk", "owl", "snake", "frog"], 1) == (
+        "The arrow from the fox points to the owl, so the fox is eaten by the owl. Reading the options: hawk is "
+        "option A, owl is option B, snake is option C and frog is option D. So owl is option B.\nAnswer: B"
+    )
+
+
 def test_textvqa_vqa_accuracy_worked_examples() -> None:
     # VQA accuracy: the mean over the ten leave-one-out sets of min(1, matches among the other nine / 3),
     # after EvalAIAnswerProcessor (lower case, punctuation and articles dropped).

@@ -29,7 +29,9 @@ cycle (the asked stage is an option but never the answer).
 The documents follow AI2D's schema as lmms-eval reads it (lmms-lab/ai2d: question, options, answer = the
 correct option's index as a string, image). The prompts are lmms-eval's AI2D prompt (`ai2d_doc_to_text`,
 prompt_format mcq): the question, then "A. option" lines, then the post_prompt; the short task's is
-lmms-eval's own, the long task's asks for an explanation and a last line "Answer: <letter>".
+lmms-eval's own, the long task's asks for an explanation and a last line "Answer: <letter>". The long
+answers read the diagram, then every option ("owl is option B"), then name the answer's letter
+(`long_answer`).
 """
 
 from __future__ import annotations
@@ -253,6 +255,23 @@ PROBLEM_FUNCTIONS = {"parts": parts, "food_chain": food_chain, "cycle": cycle}
 
 
 # ---- the family ----------------------------------------------------------------------------------------------
+def long_answer(reason: str, options: list[str], correct: int) -> str:
+    """The explanation, then each option read as "<name> is option <letter>", then the answer's.
+
+    The option walk turns choosing the letter into copying: after "So <name> is option" the letter is the
+    one that followed "<name> is option" a sentence before. The testbed's small target could not do the
+    lookup from the prompt's option list alone (the pair trained on generator version 2 named the right
+    food-chain organism in all 7 of the first 20 held-out diagrams and answered "B" in all 20).
+
+    Worked example (tests/test_testbed_families.py): reason "... so the fox is eaten by the owl", options
+    hawk, owl, correct 1 -> "... so the fox is eaten by the owl. Reading the options: hawk is option A and owl
+    is option B. So owl is option B.", then "\nAnswer: B".
+    """
+    letter = OPTION_LETTERS[correct]
+    walk = join_words([f"{name} is option {OPTION_LETTERS[i]}" for i, name in enumerate(options)])
+    return f"{reason}. Reading the options: {walk}. So {options[correct]} is option {letter}.{ANSWER_LINE}{letter}"
+
+
 def sample(seed: int, split: str, index: int) -> tuple[Image.Image, list[Question]]:
     rng = family_rng(FAMILY, seed, split, index)
     (problem,) = pick_problems(rng, PROBLEMS, split, index, 1)
@@ -265,7 +284,7 @@ def sample(seed: int, split: str, index: int) -> tuple[Image.Image, list[Questio
             short_prompt=prompt(text, options, SHORT_POST_PROMPT),
             long_prompt=prompt(text, options, LONG_POST_PROMPT),
             answer=letter,
-            long_answer=f"{reason}, which is option {letter}.{ANSWER_LINE}{letter}",
+            long_answer=long_answer(reason, options, correct),
             doc={"question": text, "options": options, "answer": str(correct)},
             extra={"subject": subject},
         ))  # fmt: skip

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # bump when a change alters the images, questions or answers a seed gives (2: text and cues sized for the testbed, templated explanations)
+GENERATOR_VERSION = 3  # bump when a change alters the images, questions or answers a seed gives (2: text and cues sized for the testbed, templated explanations; 3: AI2D explanations read the options before the letter)
 DESIGN_SIZE = 336  # the canvas every family draws on (LLaVA-1.5's image side)
 IMAGE_PREFIX = "<image>\n"  # where LLaVA's conversations put the image
 SPLITS = ("train", "test")
