@@ -80,14 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     from lmms_msd.commands import bench
     from lmms_msd.lmms_eval.requests import prepare_prompt
     from lmms_msd.pipeline import (
-        PairSettings,
         RuntimeSettings,
         TreeSettings,
-        build_decoder,
         build_tree,
         decode,
         fitted_calibrator,
-        load_pair,
+        load_decoder,
         request_generator,
         resolve_pair,
     )
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     paths = resolve_pair(None, None)
     calibrator = fitted_calibrator(paths)
-    decoder = build_decoder(load_pair(PairSettings(paths.pretrained, paths.msd_model_path, "cpu", "float32")), RuntimeSettings("eager"))
+    decoder = load_decoder(paths, RuntimeSettings("eager"), "cpu", "float32")
     cost = {"stop": "cost", "cost_cache": str(args.output_dir / "cost_models")}
     settings = {
         "weight_cost": TreeSettings("opt", calibrator=calibrator, calibrator_mode="weight", **cost),
