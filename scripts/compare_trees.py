@@ -33,7 +33,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     eagle2 = build_tree(TreeSettings("eagle2"), decoder)
     for temperature in [] if args.dev_only else args.temperatures:
-        config = replace(task_config, max_new_tokens=args.max_new_tokens or task_config.max_new_tokens,
-                         do_sample=temperature > 0, temperature=temperature if temperature > 0 else task_config.temperature)  # fmt: skip
+        config = bench.at_temperature(task_config, temperature, args.max_new_tokens)
         test_trees = {"eagle2 raw": eagle2}
         for name, stops in trees.items():
             test_trees[f"{name} / delta {chosen[name]:g}"] = stops[f"delta {chosen[name]:g}"]

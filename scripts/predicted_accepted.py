@@ -20,7 +20,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks:
         requests, task_config = bench.requests_from_task(task, bench.DEFAULT_INCLUDE_PATH, args.limit)
         for temperature in args.temperatures:
-            config = replace(task_config, max_new_tokens=args.max_new_tokens or task_config.max_new_tokens,
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else task_config.temperature)  # fmt: skip
+            config = bench.at_temperature(task_config, temperature, args.max_new_tokens)
             for name, tree in trees.items():
                 seen = Prediction()
                 for request in requests:
