@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrator is None and set(args.scorers) - {"raw"}:
         raise SystemExit("compare_trees: --calibrator <json> is needed for the weight and tilt scorers with this pair")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    decoder = load_decoder(pair_paths, RuntimeSettings(args.engine, args.max_length), args.device, args.dtype, inflation_shape(args.inflate))
+    decoder = load_decoder(
+        pair_paths, RuntimeSettings(args.engine, args.max_length), args.device, args.dtype, inflation_shape(args.inflate)
+    )
     target = decoder.target
 
     # the trees: every variant x scorer, each with every delta and with its own cost model

@@ -243,9 +243,7 @@ def narrowed(spec: TreeSpec, budget: int) -> TreeSpec:
     premise; the narrowed tree is then only close to the wide one's.
     """
     smallest = 2 if spec.kind == "eagle2" else 1
-    return replace(
-        spec, node_budget=budget, top_k=min(spec.top_k, budget), max_depth=min(spec.max_depth, max(budget, smallest))
-    )
+    return replace(spec, node_budget=budget, top_k=min(spec.top_k, budget), max_depth=min(spec.max_depth, max(budget, smallest)))
 
 
 def EagleTree(total_tokens: int = 59, depth: int = 5, top_k: int = 10) -> TreeSpec:  # noqa: N802 (a spec's constructor)
