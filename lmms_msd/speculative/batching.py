@@ -92,7 +92,7 @@ class NodeBudgets:
     size at most B (capped by the request's own budget); a budget of 0 makes plain steps.
 
     Example: NodeBudgets(((1, 60), (16, 20), (64, 0))) grows up to 60 nodes at B = 1..15, 20 at 16..63
-    and no tree (plain steps) from 64 rows on. A smaller budget also narrows the growth (`lmms_msd.speculative.tree.narrowed`).
+    and no tree (plain steps) from 64 rows on. A smaller budget also narrows the growth (`narrowed`).
     """
 
     budgets: tuple[tuple[int, int], ...]  # (batch size, node budget), batch sizes ascending from 1
