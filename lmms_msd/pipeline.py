@@ -233,6 +233,16 @@ def build_decoder(pair: Pair, settings: RuntimeSettings) -> Decoder:
     return Decoder(pair.target, pair.draft, runtime)
 
 
+def load_decoder(
+    paths: PairPaths, runtime: RuntimeSettings, device: str | None = None, dtype: str | None = None, inflate: TextShape | None = None
+) -> Decoder:
+    """The pair `paths` names, loaded (`load_pair`) on `device` in `dtype` (None: `default_device`, and
+    `default_dtype` for that device) and put on `runtime` (`build_decoder`): what a command decodes with."""
+    device = device or default_device()
+    settings = PairSettings(paths.pretrained, paths.msd_model_path, device, dtype or default_dtype(device), inflate=inflate)
+    return build_decoder(load_pair(settings), runtime)
+
+
 # ---- 4. the tree ---------------------------------------------------------------------------------------------
 _EAGLE2, _OPT = EagleTree(), OptTree()  # the builders' defaults
 

@@ -33,7 +33,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +146,14 @@ HEADER = (
 def main(argv: list[str] | None = None) -> int:
     from lmms_msd.commands import bench
     from lmms_msd.pipeline import (
-        PairSettings,
         RuntimeSettings,
         TreeSettings,
-        build_decoder,
         build_tree,
         default_device,
         default_dtype,
         fitted_calibrator,
         inflation_shape,
-        load_pair,
+        load_decoder,
         resolve_pair,
     )
     from lmms_msd.speculative.sampling import GenerationConfig
@@ -172,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrator is None and set(args.scorers) - {"raw"}:
         raise SystemExit("compare_trees: --calibrator <json> is needed for the weight and tilt scorers with this pair")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    pair = load_pair(PairSettings(args.pretrained, args.msd_model_path, args.device, args.dtype, inflate=inflation_shape(args.inflate)))
-    decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length))
+    decoder = load_decoder(
+        pair_paths, RuntimeSettings(args.engine, args.max_length), args.device, args.dtype, inflation_shape(args.inflate)
+    )
     target = decoder.target
 
     # the trees: every variant x scorer, each with every delta and with its own cost model
@@ -230,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     eagle2 = build_tree(TreeSettings("eagle2"), decoder)
     for temperature in [] if args.dev_only else args.temperatures:
-        config = replace(task_config, max_new_tokens=args.max_new_tokens or task_config.max_new_tokens,
-                         do_sample=temperature > 0, temperature=temperature if temperature > 0 else task_config.temperature)  # fmt: skip
+        config = bench.at_temperature(task_config, temperature, args.max_new_tokens)
         test_trees = {"eagle2 raw": eagle2}
         for name, stops in trees.items():
             test_trees[f"{name} / delta {chosen[name]:g}"] = stops[f"delta {chosen[name]:g}"]

@@ -20,7 +20,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -80,14 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     from lmms_msd.commands import bench
     from lmms_msd.lmms_eval.requests import prepare_prompt
     from lmms_msd.pipeline import (
-        PairSettings,
         RuntimeSettings,
         TreeSettings,
-        build_decoder,
         build_tree,
         decode,
         fitted_calibrator,
-        load_pair,
+        load_decoder,
         request_generator,
         resolve_pair,
     )
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     paths = resolve_pair(None, None)
     calibrator = fitted_calibrator(paths)
-    decoder = build_decoder(load_pair(PairSettings(paths.pretrained, paths.msd_model_path, "cpu", "float32")), RuntimeSettings("eager"))
+    decoder = load_decoder(paths, RuntimeSettings("eager"), "cpu", "float32")
     cost = {"stop": "cost", "cost_cache": str(args.output_dir / "cost_models")}
     settings = {
         "weight_cost": TreeSettings("opt", calibrator=calibrator, calibrator_mode="weight", **cost),
@@ -110,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks:
         requests, task_config = bench.requests_from_task(task, bench.DEFAULT_INCLUDE_PATH, args.limit)
         for temperature in args.temperatures:
-            config = replace(task_config, max_new_tokens=args.max_new_tokens or task_config.max_new_tokens,
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else task_config.temperature)  # fmt: skip
+            config = bench.at_temperature(task_config, temperature, args.max_new_tokens)
             for name, tree in trees.items():
                 seen = Prediction()
                 for request in requests:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny LLaVA checkpoints in both layouts (written once per session) and test images.
+"""Shared fixtures: tiny LLaVA checkpoints in both layouts (written once per session), a random draft
+for the HF-layout one and that pair loaded, and test images.
 
 The checkpoint folders are session-scoped and shared: never write into them; copy them first
 (`shutil.copytree`) when a test needs a modified checkpoint. The loaded targets are shared too:
@@ -7,7 +8,9 @@ do not change their weights or settings.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 # Nothing can be downloaded in tests; set before transformers / huggingface_hub read it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +23,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lmms_msd.testbed.tiny import save_tiny_hf_target, save_tiny_original_target  # noqa: E402
+
+if TYPE_CHECKING:
+    from lmms_msd.pipeline import Pair, PairSettings
 
 # The tests run tiny models: intra-op threads cost more than they give (several times slower on 2 cores).
 torch.set_num_threads(1)
@@ -59,6 +65,33 @@ def tiny_original_target(tiny_original_dir: Path):
     from lmms_msd.models.loading import load_target
 
     return load_target(str(tiny_original_dir))
+
+
+def save_random_draft(target, folder: Path, seed: int = 1, hidden_size: int | None = None) -> Path:
+    """A random MSD head sized for `target` (or with another hidden size, to not fit it), saved in `folder`."""
+    from lmms_msd.models.draft import DraftConfig, new_random_draft, save_draft
+
+    config = DraftConfig.like_target(target.model.config.text_config, target.vocab_size)
+    if hidden_size is not None:
+        config = dataclasses.replace(config, hidden_size=hidden_size)
+    return save_draft(new_random_draft(config, seed), folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair_settings(tiny_hf_dir: Path, tiny_hf_target, tmp_path_factory: pytest.TempPathFactory) -> PairSettings:
+    """`tiny_hf_dir` with a random draft (`save_random_draft`, seed 1) saved for the module, fp32 on CPU."""
+    from lmms_msd.pipeline import PairSettings
+
+    draft = save_random_draft(tiny_hf_target, tmp_path_factory.mktemp("draft") / "msd")
+    return PairSettings(str(tiny_hf_dir), str(draft), "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_pair_settings: PairSettings) -> Pair:
+    """`load_pair(tiny_pair_settings)`, once per module."""
+    from lmms_msd.pipeline import load_pair
+
+    return load_pair(tiny_pair_settings)
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:

@@ -165,9 +165,8 @@ def test_one_token_requests_finish_at_their_prefill():
 def test_narrowed_trees_are_the_wide_ones(draft_kind, name, budget):
     """A budget's tree grown narrow (top_k and max_depth at most the budget: `narrowed`) is the tree the
     full-width growth keeps at that budget: the same tokens, parents and depths."""
-    from lmms_msd.speculative.batching import narrowed
     from lmms_msd.speculative.runtime import drafter_of
-    from lmms_msd.speculative.tree import grow_tree
+    from lmms_msd.speculative.tree import grow_tree, narrowed
 
     target, draft = pair(draft_kind)
     runtime = EagerRuntime(target, draft)

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import pytest
 from conftest import random_image
-from test_pipeline import save_random_draft
 
 from lmms_msd.pipeline import (
-    PairSettings,
     Request,
     RuntimeSettings,
     TreeSettings,
     build_decoder,
     build_tree,
     decode_requests,
-    load_pair,
     online_calibration,
 )
 from lmms_msd.speculative.batching import NodeBudgets
@@ -23,10 +20,8 @@ from lmms_msd.speculative.sampling import GenerationConfig
 
 
 @pytest.fixture(scope="module")
-def decoders(tiny_hf_dir, tiny_hf_target, tmp_path_factory):
-    draft = save_random_draft(tiny_hf_target, tmp_path_factory.mktemp("draft") / "msd")
-    pair = load_pair(PairSettings(str(tiny_hf_dir), str(draft), "cpu", "float32"))
-    return build_decoder(pair, RuntimeSettings()), build_decoder(pair, RuntimeSettings("static"))
+def decoders(tiny_pair):
+    return build_decoder(tiny_pair, RuntimeSettings()), build_decoder(tiny_pair, RuntimeSettings("static"))
 
 
 def requests(target, n: int, config_of) -> list[Request]:

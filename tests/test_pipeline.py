@@ -1,20 +1,17 @@
 """`lmms_msd.pipeline`: which pair, the fit check, the tree and the runtime built from settings, and the
-one dispatch of the decoding loops. Tiny checkpoints from conftest; random drafts saved with `save_draft`."""
+one dispatch of the decoding loops. Tiny checkpoints, random drafts and the pair they make from conftest."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
-from conftest import random_image
+from conftest import random_image, save_random_draft
 
-from lmms_msd.models.draft import DraftConfig, new_random_draft, save_draft
 from lmms_msd.pipeline import (
     Decoder,
     Pair,
     PairPaths,
-    PairSettings,
     Request,
     RuntimeSettings,
     TreeSettings,
@@ -22,8 +19,10 @@ from lmms_msd.pipeline import (
     build_tree,
     decode,
     decode_requests,
+    default_device,
     fitted_calibrator,
     inflation_shape,
+    load_decoder,
     load_pair,
     online_calibration,
     resolve_pair,
@@ -40,32 +39,14 @@ from lmms_msd.testbed.inflate import TextShape
 SHORT = GenerationConfig(max_new_tokens=6)
 
 
-def save_random_draft(target, folder: Path, hidden_size: int | None = None) -> Path:
-    config = DraftConfig.like_target(target.model.config.text_config, target.vocab_size)
-    if hidden_size is not None:
-        config = dataclasses.replace(config, hidden_size=hidden_size)
-    return save_draft(new_random_draft(config, seed=1), folder)
+@pytest.fixture(scope="module")
+def eager(tiny_pair) -> Decoder:
+    return build_decoder(tiny_pair, RuntimeSettings())
 
 
 @pytest.fixture(scope="module")
-def pair_settings(tiny_hf_dir, tiny_hf_target, tmp_path_factory) -> PairSettings:
-    draft = save_random_draft(tiny_hf_target, tmp_path_factory.mktemp("draft") / "msd")
-    return PairSettings(str(tiny_hf_dir), str(draft), "cpu", "float32")
-
-
-@pytest.fixture(scope="module")
-def pair(pair_settings) -> Pair:
-    return load_pair(pair_settings)
-
-
-@pytest.fixture(scope="module")
-def eager(pair) -> Decoder:
-    return build_decoder(pair, RuntimeSettings())
-
-
-@pytest.fixture(scope="module")
-def prompts(pair):
-    return [pair.target.prepare(f"What is shown in chart {i}?", [random_image(40, 30, seed=i)]) for i in range(3)]
+def prompts(tiny_pair):
+    return [tiny_pair.target.prepare(f"What is shown in chart {i}?", [random_image(40, 30, seed=i)]) for i in range(3)]
 
 
 # ---- which pair ----------------------------------------------------------------------------------------------
@@ -101,16 +82,16 @@ def test_a_missing_bundled_pair_says_how_to_name_one(monkeypatch, tmp_path):
 
 
 # ---- load and check ----------------------------------------------------------------------------------------
-def test_load_pair(pair, pair_settings):
-    assert pair.draft is not None and pair.draft.config.hidden_size == pair.target.hidden_size == 64
-    assert load_pair(dataclasses.replace(pair_settings, msd_model_path=None)).draft is None
+def test_load_pair(tiny_pair, tiny_pair_settings):
+    assert tiny_pair.draft is not None and tiny_pair.draft.config.hidden_size == tiny_pair.target.hidden_size == 64
+    assert load_pair(dataclasses.replace(tiny_pair_settings, msd_model_path=None)).draft is None
 
 
-def test_a_draft_that_does_not_fit_names_both_sizes(pair_settings, tiny_hf_target, tmp_path):
+def test_a_draft_that_does_not_fit_names_both_sizes(tiny_pair_settings, tiny_hf_target, tmp_path):
     wrong = save_random_draft(tiny_hf_target, tmp_path / "wrong", hidden_size=32)
-    settings = dataclasses.replace(pair_settings, msd_model_path=str(wrong))
+    settings = dataclasses.replace(tiny_pair_settings, msd_model_path=str(wrong))
     message = (
-        rf"msd_model_path='{wrong}' cannot draft for pretrained='{pair_settings.pretrained}': the draft does not fit the "
+        rf"msd_model_path='{wrong}' cannot draft for pretrained='{tiny_pair_settings.pretrained}': the draft does not fit the "
         r"target \(hidden size: draft 32, target 64\); use the MSD head trained for this target"
     )
     with pytest.raises(ValueError, match=message):
@@ -127,13 +108,20 @@ def test_inflation_shape():
 
 
 # ---- the runtime ----------------------------------------------------------------------------------------------
-def test_the_engine_setting_picks_the_runtime(pair, eager):
-    assert isinstance(eager.runtime, EagerRuntime) and (eager.target, eager.draft) == (pair.target, pair.draft)
-    static = build_decoder(pair, RuntimeSettings("static", max_length=256))
+def test_the_engine_setting_picks_the_runtime(tiny_pair, eager):
+    assert isinstance(eager.runtime, EagerRuntime) and (eager.target, eager.draft) == (tiny_pair.target, tiny_pair.draft)
+    static = build_decoder(tiny_pair, RuntimeSettings("static", max_length=256))
     assert isinstance(static.runtime, StaticEngine) and not static.runtime.cuda_graphs  # CPU: no graphs
     assert static.runtime.static_target.capacity == 256
     with pytest.raises(ValueError, match=r"engine must be one of \['eager', 'static'\], got 'turbo'"):
-        build_decoder(pair, RuntimeSettings("turbo"))
+        build_decoder(tiny_pair, RuntimeSettings("turbo"))
+
+
+def test_load_decoder_puts_the_named_pair_on_the_runtime(tiny_pair_settings):
+    paths = PairPaths(tiny_pair_settings.pretrained, tiny_pair_settings.msd_model_path, bundled=False)
+    decoder = load_decoder(paths, RuntimeSettings("static", max_length=256))
+    assert isinstance(decoder.runtime, StaticEngine) and decoder.runtime.static_target.capacity == 256
+    assert decoder.draft is not None and decoder.target.device.type == default_device()  # device None: the default
 
 
 # ---- the tree -------------------------------------------------------------------------------------------------
@@ -177,8 +165,8 @@ def test_a_calibrator_file_scores_opt_trees(eager):
 
 
 @pytest.mark.parametrize("engine", ["eager", "static"])
-def test_total_tokens_auto_is_timed_on_the_runtime(pair, engine):
-    decoder = build_decoder(pair, RuntimeSettings(engine, max_length=256))
+def test_total_tokens_auto_is_timed_on_the_runtime(tiny_pair, engine):
+    decoder = build_decoder(tiny_pair, RuntimeSettings(engine, max_length=256))
     tree = build_tree(TreeSettings(total_tokens=None, depth=2, top_k=4), decoder)
     auto = tree.total_tokens_auto
     assert auto["candidates"] == [40, 48, 50, 56, 60] and len(auto["seconds"]) == 5 and min(auto["seconds"]) > 0
@@ -186,8 +174,8 @@ def test_total_tokens_auto_is_timed_on_the_runtime(pair, engine):
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
-def test_decode_dispatches_plain_and_speculative_on_either_runtime(pair, eager, prompts):
-    static = build_decoder(pair, RuntimeSettings("static", max_length=256))
+def test_decode_dispatches_plain_and_speculative_on_either_runtime(tiny_pair, eager, prompts):
+    static = build_decoder(tiny_pair, RuntimeSettings("static", max_length=256))
     tree = EagleTree(total_tokens=10, depth=2, top_k=3)
     for prompt in prompts:
         plain = decode(eager, prompt, SHORT)
@@ -197,7 +185,7 @@ def test_decode_dispatches_plain_and_speculative_on_either_runtime(pair, eager, 
             speculative = decode(decoder, prompt, SHORT, tree=tree, profile=True)
             assert speculative.token_ids == plain.token_ids and speculative.stats.draft_s > 0  # drafted: a tree was built
     assert decode(eager, prompts[0], SHORT, profile=True).stats.draft_s == 0.0  # plain decoding drafts nothing
-    plain_only = build_decoder(Pair(pair.target, None), RuntimeSettings())
+    plain_only = build_decoder(Pair(tiny_pair.target, None), RuntimeSettings())
     with pytest.raises(ValueError, match="speculative decoding needs a draft"):
         decode(plain_only, prompts[0], SHORT, tree=tree)
 

@@ -1,18 +1,17 @@
 """The lmms-eval model `llava_msd_calibrated`, in process: registration, model_args, gen_kwargs, request
 handling, bad input, statistics. Tiny checkpoints from conftest; drafts are random MSD heads saved
-with `save_draft`. End-to-end runs of `python -m lmms_eval` are in test_plugin_e2e.py.
+with conftest's `save_random_draft`. End-to-end runs of `python -m lmms_eval` are in test_plugin_e2e.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import random_image
+from conftest import random_image, save_random_draft
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
@@ -20,7 +19,6 @@ from lmms_msd.lmms_eval.model_args import MODEL_ID
 from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated, model_manifest
 from lmms_msd.lmms_eval.requests import generation_config, request_seed
 from lmms_msd.lmms_eval.statistics import lmms_eval_output_path
-from lmms_msd.models.draft import DraftConfig, new_random_draft, save_draft
 from lmms_msd.testbed.inflate import TextShape
 
 TASK, SPLIT = "t", "test"
@@ -33,14 +31,6 @@ def chartqa_doc_to_visual(doc):
 
 
 SHORT = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
-
-
-def save_random_draft(target, folder: Path, seed: int = 1, hidden_size: int | None = None) -> Path:
-    """A random MSD head sized for `target` (or with another hidden size, to not fit it)."""
-    config = DraftConfig.like_target(target.model.config.text_config, target.vocab_size)
-    if hidden_size is not None:
-        config = dataclasses.replace(config, hidden_size=hidden_size)
-    return save_draft(new_random_draft(config, seed), folder)
 
 
 @pytest.fixture(scope="module")

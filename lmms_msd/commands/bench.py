@@ -648,9 +648,15 @@ def load_requests(args: argparse.Namespace):
         requests, config = requests_from_task(args.task, args.include_path, args.limit)
     if not requests:
         raise SystemExit("lmms-msd bench: no requests to run")
-    return requests, replace(
-        config, max_new_tokens=args.max_new_tokens or config.max_new_tokens, do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else config.temperature,
+    return requests, at_temperature(config, args.temperature, args.max_new_tokens)
+
+
+def at_temperature(config: GenerationConfig, temperature: float, max_new_tokens: int | None = None) -> GenerationConfig:
+    """The requests' settings `config` (a task's gen_kwargs) decoded at `temperature` (0: greedy, the task's own
+    temperature kept), with `max_new_tokens` when given: what --temperature and --max_new_tokens mean."""
+    return replace(
+        config, max_new_tokens=max_new_tokens or config.max_new_tokens, do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else config.temperature,
     )  # fmt: skip
 
 

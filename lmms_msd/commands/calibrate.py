@@ -35,15 +35,11 @@ from lmms_msd.calibration.token_types import token_type_table
 from lmms_msd.pipeline import (
     Decoder,
     PairPaths,
-    PairSettings,
     RuntimeSettings,
     TreeSettings,
-    build_decoder,
     build_tree,
     decode,
-    default_device,
-    default_dtype,
-    load_pair,
+    load_decoder,
     request_generator,
     resolve_pair,
 )
@@ -127,9 +123,7 @@ def pair_paths(args: argparse.Namespace) -> PairPaths:
 def collect_from_folder(args: argparse.Namespace) -> Observations:
     records = load_records(args.data_dir, args.split, args.style, args.limit)  # before loading models: fail fast
     pair = pair_paths(args)
-    device = args.device or default_device()
-    settings = PairSettings(pair.pretrained, pair.msd_model_path, device, args.dtype or default_dtype(device))
-    decoder = build_decoder(load_pair(settings), RuntimeSettings())
+    decoder = load_decoder(pair, RuntimeSettings(), args.device, args.dtype)
     tree = TreeSettings("opt", node_budget=args.node_budget, stop_delta=args.stop_delta, max_depth=args.max_depth, top_k=args.top_k)
     observations = collect_observations(
         decoder, records, args.data_dir, build_tree(tree, decoder).builder, args.temperature, args.max_new_tokens, args.seed,

@@ -96,10 +96,8 @@ def load_family(tasks_dir: Path, family: str, data_dir: Path | None, limit: int 
 
 def run(args: argparse.Namespace) -> int:
     from lmms_msd.pipeline import (
-        PairSettings,
         RuntimeSettings,
-        build_decoder,
-        load_pair,
+        load_decoder,
         resolve_pair,
     )
     from lmms_msd.testbed.report import TREE, family_report, to_markdown
@@ -112,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         pair = resolve_pair(args.pretrained, args.msd_model_path)
     except ValueError as error:
         raise SystemExit(f"lmms-msd testbed-report: {error}") from error
-    decoder = build_decoder(load_pair(PairSettings(pair.pretrained, pair.msd_model_path, args.device, "float32")), RuntimeSettings())
+    decoder = load_decoder(pair, RuntimeSettings(), args.device, "float32")
     report: dict[str, Any] = {
         "pretrained": pair.pretrained, "msd_model_path": pair.msd_model_path, "tasks_dir": str(args.tasks_dir),
         "data_dir": None if args.data_dir is None else str(args.data_dir), "limit": args.limit or None,

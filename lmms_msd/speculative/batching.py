@@ -37,7 +37,6 @@ table by batch size; a cost model's choice per batch size plugs in at the same p
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import re
 import time
@@ -65,7 +64,7 @@ from lmms_msd.speculative.runtime import (
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
 from lmms_msd.speculative.stopping import Stopper
 from lmms_msd.speculative.transfer import to_device
-from lmms_msd.speculative.tree import Tree, TreeSpec
+from lmms_msd.speculative.tree import Tree, TreeSpec, narrowed
 from lmms_msd.speculative.verify import (
     Acceptance,
     PaddedTrees,
@@ -124,26 +123,6 @@ class NodeBudgets:
         if budget == 0:
             return None
         return spec if budget == spec.node_budget else narrowed(spec, budget)
-
-
-def narrowed(spec: TreeSpec, budget: int) -> TreeSpec:
-    """`spec` keeping `budget` nodes, grown no wider and no deeper than such a tree can reach: top_k at most
-    `budget` and max_depth at most `budget` (EAGLE-2: at least 2, its smallest tree).
-
-    Rule: scores only fall along a path (a node's score is its parent's plus a log acceptance estimate
-    <= 0: the draft's log-probability, or a calibrated weight's log), so each of the best `budget`
-    stored nodes has its ancestors among them too. Then at every level it is among that level's best
-    `budget` proposals (so in a frontier of width >= budget), among its parent's best `budget` children
-    (so proposed with top_k >= budget), and at most `budget` deep. So the narrowed spec grows the same
-    tree (up to ties) with far fewer nodes per level and fewer levels. Example: EagleTree() (top_k 10,
-    max_depth 6) narrowed to 4 nodes grows with top_k 4 and max_depth 4: 4 + 3 * 16 stored proposals
-    instead of 10 + 5 * 100. A scorer whose estimates can exceed 1 (the thesis's tilt) breaks the rule's
-    premise; the narrowed tree is then only close to the wide one's.
-    """
-    smallest = 2 if spec.kind == "eagle2" else 1
-    return dataclasses.replace(
-        spec, node_budget=budget, top_k=min(spec.top_k, budget), max_depth=min(spec.max_depth, max(budget, smallest))
-    )
 
 
 @dataclass(frozen=True)

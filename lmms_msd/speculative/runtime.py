@@ -220,6 +220,15 @@ def drafter_of(sequence: Sequence) -> Drafter:
     return sequence.drafter
 
 
+def pad_and_verify(
+    runtime: BatchedRuntime, sequences: list[Sequence], trees: list[Tree], ancestors: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`BatchedRuntime.verify_batch` as every runtime runs it: the trees padded side by side (`pad_trees`),
+    one `verify_trees`, its outputs split row by row."""
+    assert len(sequences) == len(trees) == len(ancestors), "one tree and ancestor mask per sequence"
+    return runtime.verify_trees(sequences, pad_trees(trees, ancestors)).rows()
+
+
 @dataclass(eq=False, kw_only=True)
 class EagerSequence(Sequence):
     """A sequence on `EagerRuntime`: it owns its caches."""
@@ -319,8 +328,7 @@ class EagerRuntime:
     def verify_batch(
         self, sequences: list[EagerSequence], trees: list[Tree], ancestors: list[torch.Tensor]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        assert len(sequences) == len(trees) == len(ancestors), "one tree and ancestor mask per sequence"
-        return self.verify_trees(sequences, pad_trees(trees, ancestors)).rows()
+        return pad_and_verify(self, sequences, trees, ancestors)
 
     def verify_trees(self, sequences: list[EagerSequence], trees: PaddedTrees) -> TreeOutputs:
         assert len(sequences) == len(trees.counts), f"{len(trees.counts)} trees for {len(sequences)} sequences"

@@ -9,7 +9,7 @@ scorer (the calibrator) never touches verification.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -226,6 +226,24 @@ class TreeSpec:
             "node_budget": self.node_budget, "stop_delta": self.stop_delta, "max_depth": self.max_depth,
             "top_k": self.top_k, "scorer": self.scorer, "variant": self.opt_variant, "stop": self.stop, "cost": self.cost,
         }  # fmt: skip
+
+
+def narrowed(spec: TreeSpec, budget: int) -> TreeSpec:
+    """`spec` keeping `budget` nodes, grown no wider and no deeper than such a tree can reach: top_k at most
+    `budget` and max_depth at most `budget` (EAGLE-2: at least 2, its smallest tree).
+
+    Rule: scores only fall along a path (a node's score is its parent's plus a log acceptance estimate
+    <= 0: the draft's log-probability, or a calibrated weight's log), so each of the best `budget`
+    stored nodes has its ancestors among them too. Then at every level it is among that level's best
+    `budget` proposals (so in a frontier of width >= budget), among its parent's best `budget` children
+    (so proposed with top_k >= budget), and at most `budget` deep. So the narrowed spec grows the same
+    tree (up to ties) with far fewer nodes per level and fewer levels. Example: EagleTree() (top_k 10,
+    max_depth 6) narrowed to 4 nodes grows with top_k 4 and max_depth 4: 4 + 3 * 16 stored proposals
+    instead of 10 + 5 * 100. A scorer whose estimates can exceed 1 (the thesis's tilt) breaks the rule's
+    premise; the narrowed tree is then only close to the wide one's.
+    """
+    smallest = 2 if spec.kind == "eagle2" else 1
+    return replace(spec, node_budget=budget, top_k=min(spec.top_k, budget), max_depth=min(spec.max_depth, max(budget, smallest)))
 
 
 def EagleTree(total_tokens: int = 59, depth: int = 5, top_k: int = 10) -> TreeSpec:  # noqa: N802 (a spec's constructor)

@@ -42,10 +42,11 @@ from lmms_msd.speculative.runtime import (
     Sequence,
     TreeOutputs,
     drafter_of,
+    pad_and_verify,
     require_draft,
 )
 from lmms_msd.speculative.tree import Tree, TreeSpec, grow_trees
-from lmms_msd.speculative.verify import PaddedTrees, pad_trees
+from lmms_msd.speculative.verify import PaddedTrees
 
 # padded prompt positions one prefill forward may take (several prompts joining at once share a forward
 # up to this many; a longer prompt runs alone): large enough to fill a GPU's matrix units, small
@@ -220,8 +221,7 @@ class BatchedStaticEngine:
     def verify_batch(
         self, sequences: list[RowSequence], trees: list[Tree], ancestors: list[torch.Tensor]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        assert len(sequences) == len(trees) == len(ancestors), "one tree and ancestor mask per sequence"
-        return self.verify_trees(sequences, pad_trees(trees, ancestors)).rows()
+        return pad_and_verify(self, sequences, trees, ancestors)
 
     def verify_trees(self, sequences: list[RowSequence], trees: PaddedTrees) -> TreeOutputs:
         rows = self._check_live(sequences)
