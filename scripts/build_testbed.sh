@@ -10,8 +10,10 @@
 # per command on a machine that limits a command's time), WORKERS (nproc), DEVICE (cuda),
 # N_TRAIN, N_TEST (make-data's --n and --n-test: per family), SIZE (default; "tiny" for smoke runs), TARGET_STEPS (3000),
 # BATCH_SIZE (256), SAMPLES (12 greedy test answers logged by train-target), TARGET_MINUTES (none: a time limit for train-target, which then still anneals and
-# saves), DRAFT_STEPS (2500), GRAD_ACCUM (4), DRAFT_LR (5e-4), MAX_SHARD_SIZE (15MB: every weight file at
-# most 15 * 10**6 bytes).
+# saves), DRAFT_STEPS (2500), GRAD_ACCUM (4), DRAFT_BATCH (1: samples per micro-batch; a draft optimizer step
+# averages DRAFT_BATCH * GRAD_ACCUM samples), DRAFT_LR (5e-4), DRAFT_WORKERS (4: processes preparing train-draft's
+# coming samples; the result does not depend on it), MAX_SHARD_SIZE (15MB: every weight file at most
+# 15 * 10**6 bytes).
 #
 # The data: `lmms-msd make-data --family all` (the five task families and their mix). The benchmark-schema parquet files need the `datasets`
 # package; without it they are skipped (the LLaVA conversation files, which training reads, are always
@@ -59,8 +61,8 @@ fi
 if stage draft; then
     "$PYTHON" -m lmms_msd train-draft --pretrained "$OUT/target" --data "$OUT/data/llava_train.json" \
         --image_folder "$OUT/data" --output_dir "$OUT/draft" --device "$DEVICE" --dtype float32 \
-        --seed "$SEED" --steps "${DRAFT_STEPS:-2500}" --grad_accum "${GRAD_ACCUM:-4}" --lr "${DRAFT_LR:-5e-4}" \
-        --save_every 250 --save_dtype float16 --max_shard_size "$MAX_SHARD_SIZE"
+        --seed "$SEED" --steps "${DRAFT_STEPS:-2500}" --grad_accum "${GRAD_ACCUM:-4}" --batch_size "${DRAFT_BATCH:-1}" \
+        --lr "${DRAFT_LR:-5e-4}" --workers "${DRAFT_WORKERS:-4}" --save_every 250 --save_dtype float16 --max_shard_size "$MAX_SHARD_SIZE"
 fi
 
 for folder in "$OUT/target" "$OUT/draft"; do

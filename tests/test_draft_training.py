@@ -1,24 +1,37 @@
-"""`lmms-msd train-draft`: the MSD recipe learns, writes the MSD format, and resumes exactly."""
+"""`lmms-msd train-draft`: the MSD recipe learns, writes the MSD format, and resumes exactly; a micro-batch of
+B samples gives each sample the loss, and the step the gradient, that the samples one at a time give (up
+to the rounding of reductions over padded rows, bounded by `float_bounds.chain_gap`)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from float_bounds import chain_gap
 from PIL import Image
 
 from lmms_msd.commands.cli import main
 from lmms_msd.models.draft import load_draft
 from lmms_msd.models.loading import load_target
 from lmms_msd.speculative.drafting import prefill_inputs
+from lmms_msd.testbed.draft_data import (
+    Drawn,
+    Encoding,
+    StepSamples,
+    collate,
+    encode_conversation,
+    expand,
+    image_share,
+)
 from lmms_msd.testbed.draft_training import (
     TrainingConfig,
-    embed_sample,
-    encode_conversation,
-    image_share,
+    accumulate,
+    batch_losses,
+    image_positions,
     new_draft_for,
-    sample_loss,
     train_draft,
 )
 
@@ -61,44 +74,188 @@ def test_conversation_mask_covers_answers_only(target, data):
     assert sample.input_ids[sample.answer_mask][-1] == target.eos_token_id
 
 
+def drawn(target, data, record_index: int, with_image: bool, noise_seed: int | None) -> Drawn:
+    """One record as a kept draw, with seeded feature noise (None: no noise)."""
+    record = json.loads((data / "data.json").read_text())[record_index]
+    sample = encode_conversation(target, record, data / "images", with_image=with_image)
+    ids, answer = expand(sample, target.image_token_id, image_positions(target, [record], data / "images"))
+    noise = torch.zeros(ids.shape[0], target.hidden_size)
+    if noise_seed is not None:
+        noise = torch.rand(noise.shape, generator=torch.Generator().manual_seed(noise_seed)) - 0.5
+    return Drawn(sample, ids, answer, noise)
+
+
+def reference_loss(draft, target, d: Drawn, config: TrainingConfig) -> torch.Tensor:
+    """One sample alone, written out plainly (train-draft's per-sample recipe): `Target.embed`, the
+    target's forward, `prefill_inputs`, the head with a causal mask, then SmoothL1 and cross-entropy
+    means over the learn positions. -> [4] (loss, smooth_l1, ce, top1)"""
+    from PIL import Image
+
+    pixels = None
+    if d.sample.image is not None:
+        with Image.open(d.sample.image) as image:
+            pixels = target.image_processor(image)
+    embedded = target.embed(d.sample.input_ids, pixels)
+    assert torch.equal(embedded.input_ids, d.input_ids)
+    length = embedded.input_ids.shape[0]
+    with torch.inference_mode():
+        features, _ = target.forward(embedded.inputs_embeds, target.new_cache(), torch.arange(length))
+    features = features.clone()
+    embedded = type(embedded)(embedded.input_ids.clone(), embedded.inputs_embeds.clone(), embedded.image_mask.clone())
+    inputs = prefill_inputs(draft, embedded, features + d.noise, first_token=target.eos_token_id)[:-2]
+    n = inputs.shape[0]
+    positions = torch.arange(n)
+    hidden = draft(inputs[None], positions, draft.new_cache(n), positions, torch.ones(n, n, dtype=torch.bool).tril())[0]
+    learn = d.answer_mask[2:]
+    predicted, wanted = hidden[learn], features[1:-1][learn]
+    smooth_l1 = F.smooth_l1_loss(predicted, wanted)
+    target_probs = torch.softmax(target.lm_head(wanted), dim=-1)
+    draft_logp = torch.log_softmax(F.linear(predicted, target.lm_head.weight), dim=-1)
+    ce = -(target_probs * draft_logp).sum(-1).mean()
+    top1 = (draft_logp.argmax(-1) == target_probs.argmax(-1)).float().mean()
+    return torch.stack([smooth_l1 + config.ce_weight * ce, smooth_l1, ce, top1])
+
+
+def attentive_draft(target, seed: int):
+    """A fresh head whose attention matters: q/k/v/o at 20 times the initial scale (a fresh head's
+    attention is nearly uniform and its output nearly its input, which would hide a leak)."""
+    draft = new_draft_for(target, seed)
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(draft.layers[0].self_attn, name).weight.mul_(20)
+    return draft
+
+
+def step_reductions(target, draft, width: int, rows: int) -> list[int]:
+    """The reductions on the longest path to a head gradient over rows of `width` positions: the vision
+    tower (patch convolution; per layer LayerNorm, q/k/v, scores, softmax sum and weighted values, out
+    projection, LayerNorm, fc1, fc2) and projector; the target's text layers (RMSNorm, q/k/v, scores,
+    softmax sum and weighted values, o_proj, RMSNorm, gate/up, down) and final norm; the head (fc, q/k/v,
+    scores, softmax sum and weighted values, o_proj, norm, gate/up, down); lm_head, its softmax and the
+    cross-entropy sums; the per-sample means (over H, then positions); back through lm_head and the
+    head; the weight gradient's sum over every position of the micro-batch."""
+    text, vision = target.model.config.text_config, target.model.config.vision_config
+    h, v, d_v = text.hidden_size, target.vocab_size, vision.hidden_size
+    patches = (vision.image_size // vision.patch_size) ** 2 + 1
+    vision_layer = [d_v, d_v, d_v, d_v // vision.num_attention_heads, patches, patches, d_v, d_v, d_v, d_v, vision.intermediate_size]
+    text_layer = [h, h, text.head_dim, width, width, text.num_attention_heads * text.head_dim, h, h, text.intermediate_size]
+    c = draft.config
+    head = [2 * h, h, c.resolved_head_dim, width, width, c.num_attention_heads * c.resolved_head_dim, h, h, c.intermediate_size]
+    return (
+        [3 * vision.patch_size**2] + vision_layer * vision.num_hidden_layers + [d_v, h]
+        + text_layer * text.num_hidden_layers + [h]
+        + head + [h, v, v, h, width]
+        + [v] + head[::-1] + [rows * width]
+    )
+
+
 def test_training_inputs_are_prefill_inputs(target, data):
     """train-draft feeds the head what inference's `prefill_inputs` builds on the same sample (one code
     path): with no feature noise the rows are identical, and the image features sit one position
     before the target's image positions (MSD's shifted frame)."""
-    record = json.loads((data / "data.json").read_text())[0]
-    embedded, mask = embed_sample(target, encode_conversation(target, record, data / "images", with_image=True))
+    d = drawn(target, data, 0, with_image=True, noise_seed=None)
+    embedded = target.embed(d.sample.input_ids, target.image_processor(Image.open(d.sample.image)))
     draft = new_draft_for(target, seed=0)
     fed = []
-    draft.register_forward_pre_hook(lambda module, args: fed.append(args[0][0].detach().clone()))
-    config = TrainingConfig(feature_noise=0.0)
-    assert sample_loss(draft, target, embedded, mask, config, torch.Generator().manual_seed(0)) is not None
-    assert len(fed) == 1
+    draft.register_forward_pre_hook(lambda module, args: fed.append(args[0].detach().clone()))
+    batch_losses(draft, target, collate(target, [d]), TrainingConfig())
+    assert len(fed) == 1 and fed[0].shape[0] == 1
     length = embedded.input_ids.shape[0]
     with torch.inference_mode():
         features, _ = target.forward(embedded.inputs_embeds, target.new_cache(), torch.arange(length))
         expected = prefill_inputs(draft, embedded, features.float(), first_token=target.eos_token_id)
-    assert torch.equal(fed[0], expected[:-2])  # [L-2, H]: the rows that have something to predict
+    assert torch.equal(fed[0][0], expected[:-2])  # [L-2, H]: the rows that have something to predict
     image = embedded.image_mask.nonzero().flatten()  # [N] the target's image positions p..p+N-1
-    assert torch.equal(fed[0][image - 1], embedded.inputs_embeds[0, image].float())
+    assert torch.equal(fed[0][0, image - 1], embedded.inputs_embeds[0, image].float())
+
+
+def test_a_micro_batch_gives_the_step_of_its_samples_one_at_a_time(target, data):
+    """batch_size 6, grad_accum 1: the per-sample losses of the micro-batch, and the gradient of the step,
+    are those of the six draws each run alone (`reference_loss`), the step's loss their mean."""
+    config = TrainingConfig(steps=4, batch_size=6, grad_accum=1, text_only_fraction=0.25)
+    records = json.loads((data / "data.json").read_text())
+    samples = StepSamples(Encoding.of(target), records, data / "images", config, range(2, 3), image_positions(target, records, data / "images"), target.hidden_size)
+    (batch,) = samples[0]  # step 2: image share 1/3
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 2)  # the step's draws, again
+    kept = [samples.draw(image_share(2, config), generator) for _ in range(6)]
+    assert [d.input_ids.shape[0] for d in kept] == batch.lengths  # none dropped
+    assert len(set(batch.lengths)) > 1 and batch.pixels is not None and batch.pixels.shape[0] < 6  # ragged; text and images
+    draft = attentive_draft(target, seed=1).train()
+    draft.embed_tokens.weight.requires_grad_(False)
+    params = [p for p in draft.parameters() if p.requires_grad]
+
+    sums = accumulate(draft, target, [batch], config)
+    batched = [p.grad.clone() for p in params]
+    draft.zero_grad(set_to_none=True)
+    expected = torch.stack([reference_loss(draft, target, d, config) for d in kept])  # [6, 4]
+    (expected[:, 0].sum() / 6).backward()
+
+    width = max(batch.lengths)
+    bound = chain_gap(step_reductions(target, draft, width, rows=6), expected.abs().max().item(), torch.float32)
+    torch.testing.assert_close(sums, expected.detach().sum(0), rtol=0, atol=6 * bound)
+    for (name, _), got, p in zip([(n, p) for n, p in draft.named_parameters() if p.requires_grad], batched, params):
+        bound = chain_gap(step_reductions(target, draft, width, rows=6), p.grad.abs().max().item(), torch.float32)
+        torch.testing.assert_close(got, p.grad, rtol=0, atol=bound, msg=name)
+
+
+def test_padding_does_not_leak(target, data):
+    """A sample's loss is the same alone and in a micro-batch next to a longer one (before or after it):
+    the longer row's positions and the shorter row's padding reach neither."""
+    short, long = drawn(target, data, 4, with_image=False, noise_seed=0), drawn(target, data, 1, with_image=True, noise_seed=1)
+    assert short.input_ids.shape[0] < long.input_ids.shape[0]
+    draft = attentive_draft(target, seed=2)
+    config = TrainingConfig()
+    with torch.no_grad():
+        alone = [batch_losses(draft, target, collate(target, [d]), config)[0] for d in (short, long)]
+        together = batch_losses(draft, target, collate(target, [short, long]), config)
+        swapped = batch_losses(draft, target, collate(target, [long, short]), config)
+    width = long.input_ids.shape[0]
+    bound = chain_gap(step_reductions(target, draft, width, rows=2), max(a.abs().max().item() for a in alone), torch.float32)
+    for got in (together, swapped.flip(0)):
+        torch.testing.assert_close(got[0], alone[0], rtol=0, atol=bound)
+        torch.testing.assert_close(got[1], alone[1], rtol=0, atol=bound)
+
+
+def test_draws_do_not_depend_on_how_they_are_grouped(target, data):
+    """The draws of a step come in one order from the step's seed: batch_size 3 x grad_accum 2 holds the
+    samples and noise of batch_size 1 x grad_accum 6, row by row."""
+    records = json.loads((data / "data.json").read_text())
+    positions = image_positions(target, records, data / "images")
+
+    def rows(batch_size, grad_accum):
+        config = TrainingConfig(steps=4, batch_size=batch_size, grad_accum=grad_accum, text_only_fraction=0.25)
+        samples = StepSamples(Encoding.of(target), records, data / "images", config, range(4), positions, target.hidden_size)
+        return [
+            (b.input_ids[r, :n], b.noise[r, :n], b.answer_mask[r, :n])
+            for step in range(4) for b in samples[step] for r, n in enumerate(b.lengths)
+        ]
+
+    grouped, single = rows(3, 2), rows(1, 6)
+    assert len(grouped) == len(single) == 24
+    for a, b in zip(grouped, single):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_curriculum_is_text_first_then_rising():
     config = TrainingConfig(steps=100, text_only_fraction=0.2)
     shares = [image_share(s, config) for s in range(100)]
     assert shares[:20] == [0.0] * 20
-    assert all(a <= b for a, b in zip(shares, shares[1:])) and shares[-1] == 1.0
+    assert all(a <= b for a, b in itertools.pairwise(shares)) and shares[-1] == 1.0
 
 
-def test_training_learns_and_resumes_exactly(target, data, tmp_path):
-    config = TrainingConfig(steps=12, warmup_steps=2, grad_accum=2, lr=3e-3, save_every=6, text_only_fraction=0.25)
+@pytest.mark.parametrize("batch_size, workers", [(1, 0), (2, 2)])
+def test_training_learns_and_resumes_exactly(target, data, tmp_path, batch_size, workers):
+    """Stopped after its step-6 checkpoint and started again, a run ends where an uninterrupted one does;
+    the resumed run's loader workers (processes) change nothing."""
+    config = TrainingConfig(steps=12, warmup_steps=2, grad_accum=2, batch_size=batch_size, lr=3e-3, save_every=6, text_only_fraction=0.25)
     straight = train_draft(target, data / "data.json", data / "images", tmp_path / "straight", config)
     first, last = straight["history"][0], straight["history"][-1]
     assert last["smooth_l1"] < first["smooth_l1"] and last["ce"] < first["ce"]
+    assert [h["step"] for h in straight["history"]] == list(range(12))
 
-    # A run stopped after its step-6 checkpoint, then started again on the same folder.
     resumed_dir = tmp_path / "resumed"
-    train_draft(target, data / "data.json", data / "images", resumed_dir, config, stop_after=6)
-    train_draft(target, data / "data.json", data / "images", resumed_dir, config)
+    train_draft(target, data / "data.json", data / "images", resumed_dir, config, stop_after=6, workers=workers)
+    train_draft(target, data / "data.json", data / "images", resumed_dir, config, workers=workers)
     a, b = load_draft(str(tmp_path / "straight")), load_draft(str(resumed_dir))
     for key, value in a.state_dict().items():
         assert torch.allclose(value, b.state_dict()[key], atol=1e-6), key
@@ -108,7 +265,7 @@ def test_command_line_writes_the_msd_format(tiny_hf_dir, data, tmp_path):
     status = main([
         "train-draft", "--pretrained", str(tiny_hf_dir), "--data", str(data / "data.json"),
         "--image_folder", str(data / "images"), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
-        "--steps", "2", "--warmup_steps", "1", "--grad_accum", "1",
+        "--steps", "2", "--warmup_steps", "1", "--grad_accum", "1", "--workers", "0",
     ])
     assert status == 0
     draft = load_draft(str(tmp_path / "out"))
@@ -117,7 +274,7 @@ def test_command_line_writes_the_msd_format(tiny_hf_dir, data, tmp_path):
 
 def test_command_line_conv_template_reaches_the_prompt(tiny_hf_dir, data, tmp_path, monkeypatch):
     """--conv_template msd: the first turn is built with MSD's prompt (empty system prompt)."""
-    import lmms_msd.testbed.draft_training as draft_training
+    from lmms_msd.testbed import draft_training
 
     seen = {}
 
@@ -183,7 +340,7 @@ def test_command_line_writes_float16_shards(tiny_hf_dir, data, tmp_path):
     status = main([
         "train-draft", "--pretrained", str(tiny_hf_dir), "--data", str(data / "data.json"),
         "--image_folder", str(data / "images"), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
-        "--steps", "1", "--warmup_steps", "1", "--grad_accum", "1", "--save_dtype", "float16", "--max_shard_size", "20000",
+        "--steps", "1", "--warmup_steps", "1", "--grad_accum", "1", "--workers", "0", "--save_dtype", "float16", "--max_shard_size", "20000",
     ])
     assert status == 0
     out = tmp_path / "out"

@@ -9,6 +9,12 @@ before the target's image positions, fc([embed(x_{t+1}); f_t]) everywhere else, 
 and a released MSD head are interchangeable. Two stages: text-only samples first, then a linearly
 rising share of image samples.
 
+An optimizer step averages the loss over batch_size * grad_accum samples: grad_accum micro-batches, each
+of batch_size samples right-padded and run at once (the target over the padded rows, the head with a
+per-row causal mask), each sample's loss the mean over its own positions, as if it were alone. Loader
+workers prepare the coming steps (`lmms_msd.testbed.draft_data`); the metrics are read from the device
+every LOG_EVERY steps.
+
 Data: LLaVA conversation JSON (the format of llava_v1_5_mix665k.json: a list of {"id", "image"
 (optional, relative to the image folder), "conversations": [{"from": "human", "value": ...},
 {"from": "gpt", "value": ...}, ...]}) and an image folder. Checkpoints (draft in the MSD format plus
@@ -16,8 +22,9 @@ Data: LLaVA conversation JSON (the format of llava_v1_5_mix665k.json: a list of 
 `<output_dir>/checkpoint` every `save_every` steps; a run started again on the same output folder
 resumes from there. The finished head goes to `<output_dir>` in `save_dtype` (float32 by default; the
 checkpoint stays float32 so a resumed run is exact), as one model.safetensors or, with
-`max_shard_size`, in shards of at most that size with model.safetensors.index.json. Samples are drawn by a generator seeded with (seed, step), so a resumed run
-sees the same samples as an uninterrupted one.
+`max_shard_size`, in shards of at most that size with model.safetensors.index.json. Samples and noise are
+drawn by a generator seeded with (seed, step), so a resumed run sees the same samples as an
+uninterrupted one, whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -41,9 +48,16 @@ from lmms_msd.models.draft import (
     save_draft,
 )
 from lmms_msd.models.loading import DTYPES
-from lmms_msd.models.prompt import IMAGE_PLACEHOLDER, TEMPLATE_SYSTEM_PROMPTS
+from lmms_msd.models.prompt import TEMPLATE_SYSTEM_PROMPTS
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.speculative.drafting import prefill_inputs
+from lmms_msd.testbed.draft_data import (
+    Encoding,
+    MicroBatch,
+    StepSamples,
+    read_conversations,
+    step_loader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +68,8 @@ class TrainingConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
-    grad_accum: int = 4  # samples per optimizer step
+    grad_accum: int = 4  # micro-batches per optimizer step
+    batch_size: int = 1  # draws per micro-batch: batch_size * grad_accum samples per optimizer step
     feature_noise: float = 0.2  # width of the uniform noise added to target features
     ce_weight: float = 0.1
     text_only_fraction: float = 0.2  # stage 1: the first share of steps sees text-only samples
@@ -62,121 +77,83 @@ class TrainingConfig:
     save_every: int = 500
     seed: int = 0
 
-
-@dataclass
-class Sample:
-    input_ids: torch.Tensor  # [L0] with one image placeholder per image
-    answer_mask: torch.Tensor  # [L0] bool, True on assistant tokens (the EOS closing each answer included)
-    image: Path | None
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
-# ---- data -------------------------------------------------------------------------------------------
+HELP = {
+    "grad_accum": "micro-batches per optimizer step (each one forward and backward of the head)",
+    "batch_size": "samples per micro-batch, right-padded and run at once; an optimizer step averages the "
+    "loss over batch_size * grad_accum samples (the learning rate is per optimizer step)",
+}
+METRICS = ("loss", "smooth_l1", "ce", "top1")
+LOG_EVERY = 10  # steps between reads of the metrics from the device (one host sync each)
 
 
-def read_conversations(data_json: Path, image_folder: Path | None) -> list[dict[str, Any]]:
-    if not data_json.is_file():
-        raise FileNotFoundError(f"training data {data_json} does not exist")
-    records = json.loads(data_json.read_text())
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{data_json} must hold a non-empty list of LLaVA conversations")
-    for record in records:
-        if "image" in record:
-            if image_folder is None:
-                raise ValueError(f"{data_json} has image samples (id {record.get('id')!r}); pass --image_folder")
-            if not (image_folder / record["image"]).is_file():
-                raise FileNotFoundError(f"image {image_folder / record['image']} (id {record.get('id')!r}) does not exist")
-    return records
+# ---- one micro-batch ----------------------------------------------------------------------------------
 
 
-def encode_conversation(target: Target, record: dict[str, Any], image_folder: Path | None, with_image: bool) -> Sample:
-    """Token ids of a whole conversation in the target's prompt format, and its assistant mask.
-
-    The first human turn goes through the target's own PromptFormat, so training sees the prompt that
-    inference sees; later turns follow the vicuna_v1 pattern " USER: q ASSISTANT:".
-    """
-    tokenizer, fmt = target.tokenizer, target.prompt_format
-    turns = record["conversations"]
-    if len(turns) < 2 or turns[0]["from"] != "human":
-        raise ValueError(f"conversation {record.get('id')!r} must start with a human turn and have an answer")
-    ids: list[torch.Tensor] = []
-    mask: list[torch.Tensor] = []
-    for i in range(0, len(turns) - 1, 2):
-        question = turns[i]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
-        if i == 0:
-            prompt = fmt.build(question, n_images=1 if with_image else 0)
-            part = fmt.tokenize(tokenizer, prompt, target.image_token_id)
-        else:
-            part = torch.tensor(tokenizer(f" USER: {question} ASSISTANT:", add_special_tokens=False).input_ids)
-        answer = tokenizer(" " + turns[i + 1]["value"].strip(), add_special_tokens=False).input_ids
-        answer = torch.tensor(answer + [target.eos_token_id])
-        ids += [part, answer]
-        mask += [torch.zeros(len(part), dtype=torch.bool), torch.ones(len(answer), dtype=torch.bool)]
-    image = image_folder / record["image"] if with_image else None
-    return Sample(torch.cat(ids), torch.cat(mask), image)
+def embed_rows(target: Target, batch: MicroBatch) -> torch.Tensor:
+    """What the target reads at each position of each row, as `Target.embed` builds it: token embeddings,
+    and the projected image features at image positions (every image of the micro-batch in one vision
+    forward). -> [B, T, H] in the target's dtype"""
+    embeds = target.model.get_input_embeddings()(batch.input_ids.masked_fill(batch.image_mask, 0))
+    if batch.pixels is not None:
+        features = target.image_features(batch.pixels)  # [n_images, N, H]
+        image = features.reshape(-1, features.shape[-1])  # rows' images in order, each contiguous
+        assert image.shape[0] == int(batch.image_mask.sum()), (
+            f"{features.shape[0]} image(s) of {features.shape[1]} features for {int(batch.image_mask.sum())} image positions"
+        )
+        embeds[batch.image_mask] = image.to(embeds.dtype)
+    return embeds
 
 
-# ---- one sample ---------------------------------------------------------------------------------------
-
-
-def embed_sample(target: Target, sample: Sample) -> tuple[EmbeddedPrompt, torch.Tensor]:
-    """The embedded sequence and its answer mask over expanded positions [L]."""
-    from PIL import Image
-
-    pixels = None
-    if sample.image is not None:
-        with Image.open(sample.image) as image:
-            pixels = target.image_processor(image)
-    embedded = target.embed(sample.input_ids, pixels)
-    # embed runs in inference mode; autograd needs ordinary tensors
-    embedded = EmbeddedPrompt(embedded.input_ids.clone(), embedded.inputs_embeds.clone(), embedded.image_mask.clone())
-    # Expansion inserts image positions, none of which are answer tokens.
-    mask = torch.zeros(embedded.input_ids.shape[0], dtype=torch.bool, device=target.device)
-    mask[~embedded.image_mask] = sample.answer_mask.to(target.device)[sample.input_ids.to(target.device) != target.image_token_id]
-    return embedded, mask
-
-
-def sample_loss(
-    draft: MSDDraft, target: Target, embedded: EmbeddedPrompt, answer_mask: torch.Tensor, config: TrainingConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, dict[str, float]] | None:
-    """The MSD loss of one sequence; None when it has no position to learn from."""
-    length = embedded.input_ids.shape[0]
-    # Output at t predicts f_{t+1} and so token t+2: learn where that token is part of an answer.
-    learn = answer_mask[2:]  # [L-2], for t = 0..L-3
-    if length < 3 or not learn.any():
-        return None
-    with torch.no_grad():
-        cache = target.new_cache()
-        features, _ = target.forward(embedded.inputs_embeds, cache, torch.arange(length, device=target.device))
-    features = features.float().clone()  # [L, H]; clone: an ordinary tensor, not an inference one
-    noise = (torch.rand(features.shape, generator=generator, device="cpu") - 0.5) * config.feature_noise
-    # first_token: only row L-1 reads it, and that row is dropped below
-    inputs = prefill_inputs(draft, embedded, features + noise.to(features.device), first_token=target.eos_token_id)
-    inputs = inputs[:-2]  # [L-2, H]: positions 0..L-3 (the last two have nothing to predict)
-    n = inputs.shape[0]
-    cache = draft.new_cache(n)
-    positions = torch.arange(n, device=inputs.device)
-    causal = torch.ones(n, n, dtype=torch.bool, device=inputs.device).tril()
-    hidden = draft(inputs[None], positions, cache, positions, causal)[0]  # [L-2, H]
-    predicted, wanted = hidden[learn], features[1:-1][learn]
-    regression = F.smooth_l1_loss(predicted, wanted)
+def batch_losses(draft: MSDDraft, target: Target, batch: MicroBatch, config: TrainingConfig) -> torch.Tensor:
+    """The MSD loss and metrics of every row of a micro-batch, each a mean over that row's own learn
+    positions, as if it were trained alone: [B, 4] (`METRICS`: loss, smooth_l1, ce, top1)."""
+    device = target.device
+    b, t = batch.input_ids.shape
+    lengths = torch.tensor(batch.lengths, device=device)  # [B]
+    valid = torch.arange(t, device=device) < lengths[:, None]  # [B, T]
+    # 1. The target over the padded rows: right padding comes after every real position, so the causal
+    # mask already keeps it out of them.
+    with torch.inference_mode():
+        embeds = embed_rows(target, batch)
+        features, _ = target.forward_batch(embeds, target.new_cache(), torch.arange(t, device=device).expand(b, t))
+    features, embeds = features.float().clone(), embeds.clone()  # [B, T, H]; ordinary tensors, not inference ones
+    # 2. The head's inputs in MSD's shifted frame, by inference's `prefill_inputs` over the rows packed end
+    # to end: a row's last position then reads the next row's first token (first_token only the last
+    # row's), but the last two positions of every row are dropped below.
+    packed = EmbeddedPrompt(batch.input_ids[valid], embeds[valid][None], batch.image_mask[valid])
+    inputs = torch.zeros_like(features)
+    inputs[valid] = prefill_inputs(draft, packed, (features + batch.noise)[valid], first_token=target.eos_token_id)
+    inputs = inputs[:, :-2]  # [B, n]: position t predicts f_{t+1}; row r's real ones are 0..L_r-3
+    n = t - 2
+    # 3. The head over all rows at once: each position sees its own row's positions up to itself.
+    positions = torch.arange(n, device=device).expand(b, n)
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    visible = causal & (positions < (lengths - 2)[:, None])[:, None, :]  # [B, n, n]
+    hidden = draft(inputs, positions, draft.new_cache(n, rows=b), positions, visible)  # [B, n, H]
+    # 4. Output t predicts f_{t+1} and so token t+2: learn where that token is part of an answer.
+    learn = batch.answer_mask[:, 2:]  # [B, n]; False on padding
+    row = torch.arange(b, device=device)[:, None].expand(b, n)[learn]  # [N] the row of each learn position
+    predicted, wanted = hidden[learn], features[:, 1:-1][learn]  # [N, H]
+    smooth_l1 = F.smooth_l1_loss(predicted, wanted, reduction="none").mean(-1)  # [N]
     lm_head = target.lm_head
     with torch.no_grad():
-        target_probs = torch.softmax(lm_head(wanted.to(lm_head.weight.dtype)).float(), dim=-1)
-    draft_logp = torch.log_softmax(F.linear(predicted, lm_head.weight.float()), dim=-1)
-    ce = -(target_probs * draft_logp).sum(-1).mean()
-    agree = (draft_logp.argmax(-1) == target_probs.argmax(-1)).float().mean()
-    return regression + config.ce_weight * ce, {"smooth_l1": regression.item(), "ce": ce.item(), "top1": agree.item()}
+        target_probs = torch.softmax(lm_head(wanted.to(lm_head.weight.dtype)).float(), dim=-1)  # [N, V]
+    draft_logp = torch.log_softmax(F.linear(predicted, lm_head.weight.float()), dim=-1)  # [N, V]
+    ce = -(target_probs * draft_logp).sum(-1)  # [N]
+    top1 = (draft_logp.argmax(-1) == target_probs.argmax(-1)).float()  # [N]
+    per_position = torch.stack([smooth_l1, ce, top1], dim=-1)  # [N, 3]
+    per_row = per_position.new_zeros(b, 3).index_add(0, row, per_position) / learn.sum(1)[:, None]  # [B, 3]
+    loss = per_row[:, 0] + config.ce_weight * per_row[:, 1]
+    return torch.cat([loss[:, None], per_row], dim=1)
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
-
-
-def image_share(step: int, config: TrainingConfig) -> float:
-    """Share of image samples at a step: 0 in stage 1, then rising linearly to 1."""
-    start = int(config.text_only_fraction * config.steps)
-    if step < start:
-        return 0.0
-    return min(1.0, (step - start + 1) / max(1, config.steps - start))
 
 
 def new_draft_for(target: Target, seed: int) -> MSDDraft:
@@ -203,67 +180,88 @@ def train_draft(
     stop_after: int | None = None,
     save_dtype: torch.dtype | None = None,
     max_shard_size: int | str | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Train (or resume training) a draft for `target`; write it to `output_dir` in the MSD format.
 
     stop_after: end the run after this many steps (checkpoints as usual), as an interruption would
     save_dtype, max_shard_size: of the finished head in `output_dir` (`save_draft`) [float32, one file]
+    workers: processes preparing the coming steps' samples (tokens, images, noise); 0: this process.
+        The result does not depend on it.
     """
     from tqdm.auto import tqdm
 
     records = read_conversations(data_json, image_folder)
-    with_image = [r for r in records if "image" in r]
-    text_only = [r for r in records if "image" not in r] or with_image  # image samples, image dropped
     checkpoint = output_dir / "checkpoint"
     draft, start = resume_or_start(target, checkpoint, config)
     draft.embed_tokens.weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
     if start:
         optimizer.load_state_dict(torch.load(checkpoint / "trainer_state.pt", map_location=target.device, weights_only=True)["optimizer"])
-    history: list[dict[str, float]] = []
     end = config.steps if stop_after is None else min(config.steps, stop_after)
-    bar = tqdm(range(start, end), initial=start, total=config.steps, desc="train-draft", unit="step")
-    for step in bar:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    samples = StepSamples(
+        Encoding.of(target), records, image_folder, config, range(start, end),
+        image_positions(target, records, image_folder), target.hidden_size,
+    )
+    history: list[dict[str, float]] = []
+    pending: list[tuple[int, torch.Tensor, int]] = []  # (step, metric sums [4] on the device, samples used)
+    bar = tqdm(total=config.steps, initial=start, desc="train-draft", unit="step")
+    for step, micro_batches in zip(samples.steps, step_loader(samples, workers, pin_memory=target.device.type == "cuda")):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        metrics = accumulate(draft, target, with_image, text_only, image_folder, step, config, generator)
+        sums = accumulate(draft, target, micro_batches, config)
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if metrics:
-            history.append({"step": step, **metrics})
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{metrics['top1']:.2f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+        if sums is not None:
+            pending.append((step, sums, sum(len(m.lengths) for m in micro_batches)))
+        bar.update()
+        save = (step + 1) % config.save_every == 0 or step + 1 == config.steps
+        if pending and (len(pending) >= LOG_EVERY or save or step + 1 == end):
+            history += read_metrics(pending)
+            pending.clear()
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", top1=f"{history[-1]['top1']:.2f}")
+        if save:
             save_checkpoint(draft, optimizer, step + 1, checkpoint, config)
+    bar.close()
     save_draft(draft.eval(), output_dir, dtype=save_dtype, max_shard_size=max_shard_size)
     summary = {"config": asdict(config), "last": history[-1] if history else None, "history": history[-200:]}
     (output_dir / "training_log.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def accumulate(draft, target, with_image, text_only, image_folder, step, config, generator) -> dict[str, float]:
-    """Forward and backward over grad_accum samples; returns their mean metrics."""
-    totals: dict[str, float] = {}
-    used = 0
-    share = image_share(step, config)
-    for _ in range(config.grad_accum):
-        use_image = bool(with_image) and float(torch.rand((), generator=generator)) < share
-        pool = with_image if use_image else text_only
-        record = pool[int(torch.randint(len(pool), (), generator=generator))]
-        sample = encode_conversation(target, record, image_folder, with_image=use_image)
-        if sample.input_ids.shape[0] > config.max_length:
-            continue
-        embedded, mask = embed_sample(target, sample)
-        out = sample_loss(draft, target, embedded, mask, config, generator)
-        if out is None:
-            continue
-        loss, metrics = out
-        (loss / config.grad_accum).backward()
-        used += 1
-        for key, value in {"loss": loss.item(), **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + value
-    return {key: value / used for key, value in totals.items()} if used else {}
+def image_positions(target: Target, records: list[dict[str, Any]], image_folder: Path | None) -> int:
+    """Positions one image takes in the target's input: the vision tower's output for the first image
+    record (0 without image records)."""
+    from PIL import Image
+
+    record = next((r for r in records if "image" in r), None)
+    if record is None:
+        return 0
+    with Image.open(image_folder / record["image"]) as image, torch.inference_mode():
+        return int(target.image_features(target.image_processor(image)).shape[1])
+
+
+def accumulate(draft: MSDDraft, target: Target, micro_batches: list[MicroBatch], config: TrainingConfig) -> torch.Tensor | None:
+    """Forward and backward over one optimizer step's micro-batches: the gradient of the mean loss over
+    its batch_size * grad_accum draws (dropped draws count as zero). Returns the sums of `METRICS` over
+    the samples used [4] (on the device, not read), or None when every draw was dropped."""
+    total = None
+    for batch in micro_batches:
+        per_row = batch_losses(draft, target, batch.to(target.device), config)  # [B, 4]
+        (per_row[:, 0].sum() / (config.batch_size * config.grad_accum)).backward()
+        sums = per_row.detach().sum(0)
+        total = sums if total is None else total + sums
+    return total
+
+
+def read_metrics(pending: list[tuple[int, torch.Tensor, int]]) -> list[dict[str, float]]:
+    """Steps' metric sums -> their means per sample, read from the device at once."""
+    values = torch.stack([sums for _, sums, _ in pending]).tolist()
+    return [
+        {"step": step, **{name: value / used for name, value in zip(METRICS, row)}}
+        for (step, _, used), row in zip(pending, values)
+    ]
 
 
 def save_checkpoint(draft: MSDDraft, optimizer: torch.optim.Optimizer, step: int, folder: Path, config: TrainingConfig) -> None:
@@ -309,8 +307,13 @@ def add_arguments(parser: argparse.ArgumentParser):
         help="write the finished head in shards of at most this size (e.g. 15MB = 15 * 10**6 bytes) with "
         "model.safetensors.index.json; default one file, as released heads are",
     )
+    parser.add_argument(
+        "--workers", type=int, default=4,
+        help="processes preparing the coming steps' samples (tokens, images, noise) while the device trains; "
+        "0: the training process; the result does not depend on it",
+    )
     for field, value in asdict(defaults).items():
-        parser.add_argument(f"--{field}", type=type(value), default=value)
+        parser.add_argument(f"--{field}", type=type(value), default=value, help=HELP.get(field))
     return run
 
 
@@ -325,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     summary = train_draft(
         target, args.data, args.image_folder, args.output_dir, config,
-        save_dtype=DTYPES[args.save_dtype], max_shard_size=args.max_shard_size,
+        save_dtype=DTYPES[args.save_dtype], max_shard_size=args.max_shard_size, workers=args.workers,
     )
     last = summary["last"] or {}
     print(f"draft written to {args.output_dir}; last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
