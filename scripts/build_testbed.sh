@@ -11,7 +11,7 @@
 # N_TRAIN, N_TEST (make-data's --n and --n-test: per family), SIZE (default; "tiny" for smoke runs), TARGET_STEPS (3000),
 # BATCH_SIZE (256), SAMPLES (12 greedy test answers logged by train-target), TARGET_MINUTES (none: a time limit for train-target, which then still anneals and
 # saves), DRAFT_STEPS (2500), GRAD_ACCUM (4), DRAFT_BATCH (1: samples per micro-batch; a draft optimizer step
-# averages DRAFT_BATCH * GRAD_ACCUM samples), DRAFT_LR (5e-4), DRAFT_WORKERS (4: processes preparing train-draft's
+# averages DRAFT_BATCH * GRAD_ACCUM samples), DRAFT_LR (5e-4), DRAFT_MINUTES (none: train-draft's time limit, as TARGET_MINUTES), DRAFT_WORKERS (4: processes preparing train-draft's
 # coming samples; the result does not depend on it), MAX_SHARD_SIZE (15MB: every weight file at most
 # 15 * 10**6 bytes).
 #
@@ -59,10 +59,13 @@ if stage target; then
 fi
 
 if stage draft; then
+    draft_limit=()
+    [[ -n "${DRAFT_MINUTES:-}" ]] && draft_limit=(--time_limit_minutes "$DRAFT_MINUTES")
     "$PYTHON" -m lmms_msd train-draft --pretrained "$OUT/target" --data "$OUT/data/llava_train.json" \
         --image_folder "$OUT/data" --output_dir "$OUT/draft" --device "$DEVICE" --dtype float32 \
         --seed "$SEED" --steps "${DRAFT_STEPS:-2500}" --grad_accum "${GRAD_ACCUM:-4}" --batch_size "${DRAFT_BATCH:-1}" \
-        --lr "${DRAFT_LR:-5e-4}" --workers "${DRAFT_WORKERS:-4}" --save_every 250 --save_dtype float16 --max_shard_size "$MAX_SHARD_SIZE"
+        --lr "${DRAFT_LR:-5e-4}" --workers "${DRAFT_WORKERS:-4}" --save_every 250 --save_dtype float16 --max_shard_size "$MAX_SHARD_SIZE" \
+        "${draft_limit[@]}"
 fi
 
 for folder in "$OUT/target" "$OUT/draft"; do

@@ -350,3 +350,20 @@ def test_command_line_writes_float16_shards(tiny_hf_dir, data, tmp_path):
     assert (out / "checkpoint" / "model.safetensors").is_file()
     for key, value in resumable.state_dict().items():
         assert torch.equal(draft.state_dict()[key], value.half()), key
+
+
+def test_time_limit_stops_with_the_schedule_decayed_and_saves(target, data, tmp_path):
+    """Past time_limit_s the run stops after the step in hand and saves the head; the learning rate's clock
+    ran ahead with the time, so that step already used the schedule's last rate. A limit never reached
+    changes nothing."""
+    config = TrainingConfig(steps=12, warmup_steps=2, grad_accum=2, lr=3e-3, save_every=6, text_only_fraction=0.25)
+    cut = train_draft(target, data / "data.json", data / "images", tmp_path / "cut", config, time_limit_s=1e-9)
+    assert cut["stopped_at_step"] == 1 and [h["step"] for h in cut["history"]] == [0]
+    assert json.loads((tmp_path / "cut" / "training_log.json").read_text())["stopped_at_step"] == 1
+    load_draft(str(tmp_path / "cut"))  # the head was saved
+
+    straight = train_draft(target, data / "data.json", data / "images", tmp_path / "straight", config)
+    roomy = train_draft(target, data / "data.json", data / "images", tmp_path / "roomy", config, time_limit_s=1e6)
+    assert roomy["stopped_at_step"] is None and roomy["history"] == straight["history"]
+    with pytest.raises(ValueError, match="time_limit_s must be positive"):
+        train_draft(target, data / "data.json", data / "images", tmp_path / "none", config, time_limit_s=0)

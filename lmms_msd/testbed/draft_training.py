@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,7 @@ def train_draft(
     save_dtype: torch.dtype | None = None,
     max_shard_size: int | str | None = None,
     workers: int = 0,
+    time_limit_s: float | None = None,
 ) -> dict[str, Any]:
     """Train (or resume training) a draft for `target`; write it to `output_dir` in the MSD format.
 
@@ -188,7 +190,14 @@ def train_draft(
     save_dtype, max_shard_size: of the finished head in `output_dir` (`save_draft`) [float32, one file]
     workers: processes preparing the coming steps' samples (tokens, images, noise); 0: this process.
         The result does not depend on it.
+    time_limit_s: a safety net for machines that kill long commands, as train-target's: the learning
+        rate's clock is the further along of the step and elapsed / time_limit_s of the steps, so when time
+        runs out first the schedule has decayed all the same; training then stops past time_limit_s of
+        training and saves the head (`training_log.json` says at which step). When the steps finish
+        first, time plays no part.
     """
+    if time_limit_s is not None and time_limit_s <= 0:
+        raise ValueError(f"time_limit_s must be positive, got {time_limit_s}: no time is left for training")
     from tqdm.auto import tqdm
 
     records = read_conversations(data_json, image_folder)
@@ -206,9 +215,14 @@ def train_draft(
     history: list[dict[str, float]] = []
     pending: list[tuple[int, torch.Tensor, int]] = []  # (step, metric sums [4] on the device, samples used)
     bar = tqdm(total=config.steps, initial=start, desc="train-draft", unit="step")
+    stopped_at_step = None
+    began = time.perf_counter()
     for step, micro_batches in zip(samples.steps, step_loader(samples, workers, pin_memory=target.device.type == "cuda")):
+        clock = step
+        if time_limit_s is not None:
+            clock = max(clock, start + int((config.steps - start) * (time.perf_counter() - began) / time_limit_s))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
+            group["lr"] = learning_rate(min(clock, config.steps - 1), config)
         sums = accumulate(draft, target, micro_batches, config)
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         optimizer.step()
@@ -216,16 +230,24 @@ def train_draft(
         if sums is not None:
             pending.append((step, sums, sum(len(m.lengths) for m in micro_batches)))
         bar.update()
-        save = (step + 1) % config.save_every == 0 or step + 1 == config.steps
+        out_of_time = time_limit_s is not None and step + 1 < end and time.perf_counter() - began > time_limit_s
+        save = (step + 1) % config.save_every == 0 or step + 1 == config.steps or out_of_time
         if pending and (len(pending) >= LOG_EVERY or save or step + 1 == end):
             history += read_metrics(pending)
             pending.clear()
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", top1=f"{history[-1]['top1']:.2f}")
         if save:
             save_checkpoint(draft, optimizer, step + 1, checkpoint, config)
+        if out_of_time:
+            stopped_at_step = step + 1
+            log.warning("time limit of %.0f s reached: training stops at step %d of %d", time_limit_s, stopped_at_step, config.steps)
+            break
     bar.close()
     save_draft(draft.eval(), output_dir, dtype=save_dtype, max_shard_size=max_shard_size)
-    summary = {"config": asdict(config), "last": history[-1] if history else None, "history": history[-200:]}
+    summary = {
+        "config": asdict(config), "stopped_at_step": stopped_at_step, "train_seconds": time.perf_counter() - began,
+        "last": history[-1] if history else None, "history": history[-200:],
+    }  # fmt: skip
     (output_dir / "training_log.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -299,6 +321,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="the target's dtype (the draft trains in float32)")
     parser.add_argument(
+        "--time_limit_minutes", type=float, default=None,
+        help="stop past this many minutes of training, the learning rate decayed on the way and the head saved "
+        "(for machines that kill long commands) [none]",
+    )  # fmt: skip
+    parser.add_argument(
         "--save_dtype", choices=sorted(DTYPES), default="float32",
         help="dtype of the finished head in output_dir (its resume checkpoint stays float32)",
     )
@@ -329,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train_draft(
         target, args.data, args.image_folder, args.output_dir, config,
         save_dtype=DTYPES[args.save_dtype], max_shard_size=args.max_shard_size, workers=args.workers,
+        time_limit_s=None if args.time_limit_minutes is None else 60 * args.time_limit_minutes,
     )
     last = summary["last"] or {}
     print(f"draft written to {args.output_dir}; last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
