@@ -28,7 +28,7 @@ def models(target_dir, draft_dir, tmp_path, **model_args):
 def test_batched_answers_equal_batch_one(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
     one = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "one")
     many = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "many", batch_size=3)
-    assert [m.max_batch for m in many] == [3, 3] and many[0].schedule is PLAIN_FROM  # the default: trees below 4 requests in flight
+    assert [m.max_batch for m in many] == [3, 3] and many[0].schedule is PLAIN_FROM  # the default: trees below 8 requests in flight
     # mixed answer lengths, so requests leave the batch at different steps and waiting ones join
     requests = [request(i, LONGER if i % 2 else None) for i in (2, 0, 3, 1, 0, 2)]
     expected = run(one[1], requests, docs)  # plain decoding, one at a time

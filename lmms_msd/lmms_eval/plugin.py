@@ -173,8 +173,8 @@ class LlavaMsdCalibrated(lmms):
                            tree must fit); with a batch the cache holds max_batch of them, so lower it to fit
                            the device [4096, clipped to the target's maximum length]
       batch_node_budgets   the tree's node budget by requests in flight, "B:N;..." (batch size from which a
-                           budget holds, budget; 0: plain steps), e.g. 1:60;16:20;64:0 [the tree's own below 4
-                           requests in flight, plain steps from 4: PlainFrom(4), measured fastest on an H200]
+                           budget holds, budget; 0: plain steps), e.g. 1:60;16:20;64:0 [the tree's own below 8
+                           requests in flight, plain steps from 8: PlainFrom(8); on an H200 trees paid at 4, lost at 16]
       batched_drafting     engine=static with a batch: every tree level of all requests in flight is one draft
                            forward over a draft cache with a row per request (BatchedStaticEngine) [false]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).

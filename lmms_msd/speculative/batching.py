@@ -130,11 +130,13 @@ class PlainFrom:
     """A `TreeSchedule`: each request's own tree while fewer than `batch` rows are in flight, plain steps
     (the root alone, no draft forward) from `batch` rows on.
 
-    `PLAIN_FROM` is the plugin's default. Measured on one H200, 7B-shaped testbed, 64 long-answer
-    requests, EAGLE-2 (`benchmarks/h200_7b_batch/`): speculative decoding gives 292-326 tokens/s at
-    batch 1 against plain decoding's 163, but 440-517 at batch 4 against 516, and at most 595 at batch
-    16 against 1101, whatever the node budget (trees are drafted row after row, so drafting costs B
-    times one row's). So from 4 rows on, plain steps are the faster step there.
+    `PLAIN_FROM` is the plugin's default. Measured on one H200, 7B-shaped testbed, long-answer requests,
+    EAGLE-2 with the pair retrained on generator version 3 (`benchmarks/h200_7b_batch/retrained_v3/`, 32
+    requests): speculative decoding gives 341-404 tokens/s at batch 1 against plain decoding's 164, 608-651
+    at batch 4 against 470, but at most 643 at batch 16 against 943 and 727 at batch 32 against 1542
+    (trees are drafted row after row, so drafting costs B times one row's). So trees pay at 4 rows and
+    lose from 16; 8, between the two, was not measured. (With the previous draft, tau 3.9 instead of
+    5.5, trees already lost at 4: `benchmarks/h200_7b_batch/after_row_graphs/`.)
     Example: PlainFrom(4)(EagleTree(), 3) is EagleTree(); PlainFrom(4)(EagleTree(), 4) is None.
     """
 
@@ -148,7 +150,7 @@ class PlainFrom:
         return spec if batch < self.batch else None
 
 
-PLAIN_FROM = PlainFrom(4)
+PLAIN_FROM = PlainFrom(8)
 
 
 @dataclass(eq=False)
