@@ -59,7 +59,7 @@ class CalibratedScorer:
             f"logprobs {tuple(logprobs.shape)}, tokens {tuple(tokens.shape)}"
         )
         row_visual = None if visual is None else visual[:, None].expand_as(logprobs)
-        predicted = self.predictor(logprobs.exp(), self.token_types[tokens], row_visual).clamp(min=self.floor, max=1.0)
+        predicted = self.predictor(logprobs.exp(), self.token_types[tokens], row_visual, depth).clamp(min=self.floor, max=1.0)
         normalised = predicted / predicted.sum(dim=1, keepdim=True).clamp(min=1.0)  # siblings sum to at most 1
         return normalised.log().to(logprobs.dtype)
 
@@ -143,7 +143,8 @@ class TiltScorer:
     0.5 e^1.0840 = 1.4782 and 0.3 e^-2.0720 = 0.0378 over 0.2 + 1.4782 + 0.0378 = 1.7160 give
     p' = 0.8614, 0.0220 (log -0.1492, -3.8160); parent 1: 0.8887, 0.0375; parent 2: 0.7486, 0.0541.
 
-    predictor: (confidence, token types, visual) of shape [n, k] -> p_cal [n, k] (a `TorchCalibrator`)
+    predictor: (confidence, token types, visual) of shape [n, k] and the children's depth (an int) -> p_cal [n, k]
+    (a `TorchCalibrator`)
     token_types: [V] long
     """
 
@@ -159,7 +160,7 @@ class TiltScorer:
 
     def __init__(
         self,
-        predictor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        predictor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor],
         token_types: torch.Tensor,
         base_alpha: float = 1.0,
         calibrator: GroupedIsotonicCalibrator | None = None,
@@ -183,7 +184,7 @@ class TiltScorer:
         assert visual is None or visual.shape == logprobs.shape[:1], f"visual {tuple(visual.shape)} for {tuple(logprobs.shape)}"
         row_visual = None if visual is None else visual[:, None].expand_as(logprobs)
         types = self.token_types[tokens]  # [n, k]
-        p_cal = self.predictor(logprobs.exp(), types, row_visual).double()  # [n, k]
+        p_cal = self.predictor(logprobs.exp(), types, row_visual, depth).double()  # [n, k]
         c = p_cal.clamp(self.PROB_FLOOR, 1.0 - self.PROB_FLOOR)
         calibrated_logit = (c.log() - (1.0 - c).log()).clamp(-self.MAX_LOGIT, self.MAX_LOGIT)
         bias = self.alpha(logprobs.double(), depth, row_visual, types == NUMBER) * calibrated_logit
