@@ -26,13 +26,15 @@ class CalibratedScorer:
     """A `NodeScorer`: log of the calibrator's predicted acceptance for each proposed child.
 
     Predictions are floored at `floor` (an isotonic fit can predict 0; a log weight of -inf would
-    tie unrelated nodes) and are at most 1, so weights never grow along a path. The calibrator predicts
-    each child on its own, but at most one child of a node is accepted (at T=0 the target's argmax; at
-    T > 0 the residual scheme tries the children in turn and accepts one at most), so P(child accepted |
-    parent accepted) over a parent's children sums to at most 1: a row of siblings whose predictions add
-    up to more is scaled down to sum 1 (then a tree's weights sum to at most its expected accepted length
-    under the same predictions). Example: siblings predicted .9, .5, .1 (sum 1.5) become .6, .3333, .0667;
-    .6, .3 stay.
+    tie unrelated nodes) and are at most 1, so weights never grow along a path. Each child is scored on
+    its own, its siblings' predictions left as they are. At most one child of a node is accepted, so a
+    row of siblings whose predictions add up to more than 1 over-states some of them; but the calibrator
+    is fitted per node, so over the steps its per-node predictions are right on average, rows summing
+    over 1 and rows summing under 1 alike, and scaling down only the first kind biases the sum of a tree's
+    weights (its predicted accepted length) low. Measured (README, "Sibling predictions normalised"; the
+    depth-bucket calibrator, the first 6 documents of the five long-answer tasks): scaling each row down to
+    sum 1 predicted 0.943 to 0.964 of the realised accepted tokens per step; scoring each child on its own,
+    0.995 to 1.014, small cost trees and wide 60-node trees alike.
     token_types: [V] long
     """
 
@@ -60,8 +62,7 @@ class CalibratedScorer:
         )
         row_visual = None if visual is None else visual[:, None].expand_as(logprobs)
         predicted = self.predictor(logprobs.exp(), self.token_types[tokens], row_visual, depth).clamp(min=self.floor, max=1.0)
-        normalised = predicted / predicted.sum(dim=1, keepdim=True).clamp(min=1.0)  # siblings sum to at most 1
-        return normalised.log().to(logprobs.dtype)
+        return predicted.log().to(logprobs.dtype)
 
     def __repr__(self) -> str:
         return f"CalibratedScorer({self.calibrator!r}, fitted on {self.calibrator.label!r} labels)"
