@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             predicted = sum(r["predicted_per_step"] * r["steps"] for r in chosen)
             realised = sum(r["realised_per_step"] * r["steps"] for r in chosen)
             se = ratio_standard_error([pair for r in chosen for pair in r["per_request"]])
-            lines.append(f"| all | {temperature:g} | {name} | {sum(r['steps'] for r in chosen)} | | | {predicted / realised:.3f} | {se:.3f} |")
+            steps = sum(r["steps"] for r in chosen)
+            lines.append(f"| all | {temperature:g} | {name} | {steps} | | | {predicted / realised:.3f} | {se:.3f} |")
     lines += ["", "By depth (all tasks): predicted / realised steps whose accepted path reached the depth, per step", "",
               "| tree | T | " + " | ".join(f"depth {d}" for d in range(1, 7)) + " |", "|---|---|" + "---|" * 6]  # fmt: skip
     for name in trees:

@@ -102,7 +102,9 @@ class GroupedIsotonicCalibrator(BaseEstimator):
             raise ValueError(f"label must be one of {list(LABELS)}, got {self.label!r}")
         edges = list(self.depth_edges)
         if any(int(e) != e or e < 2 for e in edges) or any(a >= b for a, b in itertools.pairwise(edges)):
-            raise ValueError(f"depth_edges must be increasing integers >= 2 (depth 1: the root's children), got {self.depth_edges!r}")
+            raise ValueError(
+                f"depth_edges must be increasing integers >= 2 (depth 1: the root's children), got {self.depth_edges!r}"
+            )
 
     @property
     def n_depth_buckets(self) -> int:

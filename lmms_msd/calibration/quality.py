@@ -61,9 +61,11 @@ def evaluate(calibrator: GroupedIsotonicCalibrator, held_out: Observations, n_bi
     and for depth 1 (the root's children) and deeper (where the held-out steps have such nodes)."""
     calibrated = calibrator.predict_observations(held_out)
     out: dict[str, Any] = {}
-    for name, rows in [("all", np.ones(len(held_out), dtype=bool))] + [
-        (TYPE_NAMES[t], held_out.token_type == t) for t in range(len(TYPE_NAMES))
-    ] + [(name, rows) for name, rows in (("depth 1", held_out.depth == 1), ("depth >= 2", held_out.depth >= 2)) if rows.any()]:
+    for name, rows in (
+        [("all", np.ones(len(held_out), dtype=bool))]
+        + [(TYPE_NAMES[t], held_out.token_type == t) for t in range(len(TYPE_NAMES))]
+        + [(name, rows) for name, rows in (("depth 1", held_out.depth == 1), ("depth >= 2", held_out.depth >= 2)) if rows.any()]
+    ):
         out[name] = {
             "raw": metrics(held_out.confidence[rows], held_out.hard[rows], n_bins),
             "calibrated": metrics(calibrated[rows], held_out.hard[rows], n_bins),
@@ -84,7 +86,9 @@ def compare_labels(
     returns ({label: fitted calibrator}, {"winner": label, label: evaluate(...)})
     """
     fitted = {
-        label: GroupedIsotonicCalibrator(attention_bins, min_group_size, label, depth_edges=depth_edges).fit_observations(fit_part)
+        label: GroupedIsotonicCalibrator(attention_bins, min_group_size, label, depth_edges=depth_edges).fit_observations(
+            fit_part
+        )
         for label in LABELS
     }
     report: dict[str, Any] = {label: evaluate(c, held_out, n_bins) for label, c in fitted.items()}

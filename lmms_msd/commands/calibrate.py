@@ -220,7 +220,8 @@ def fit_and_report(
         },
         "settings": {
             "fit_ratio": fit_ratio, "seed": seed, "attention_bins": attention_bins, "min_group_size": min_group_size,
-            "depth_edges": list(depth_edges), "ece_bins": ece_bins, "ece": f"{ece_bins} equal-width bins of the prediction over [0, 1]",
+            "depth_edges": list(depth_edges), "ece_bins": ece_bins,
+            "ece": f"{ece_bins} equal-width bins of the prediction over [0, 1]",
         },
         "groups": [{k: m[k] for k in ("name", "level", "n")} for m in calibrator.models_],
         "bin_edges": calibrator.bin_edges_.tolist(),

@@ -5,8 +5,8 @@ of README "Sibling predictions normalised"; `CalibratedScorer` itself scores eac
     VARIANT=others the row's most likely child kept, the others scaled into what it leaves (1 - top)
 
     VARIANT=scale OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/cpu_predicted_accepted/depth_buckets/variant.py \\
-        --limit 6 --trees weight_cost,weight_delta --calibrator benchmarks/cpu_predicted_accepted/depth_buckets/calibrator_depth.json \\
-        --output_dir build/variant_scale
+        --limit 6 --trees weight_cost,weight_delta --output_dir build/variant_scale \\
+        --calibrator benchmarks/cpu_predicted_accepted/depth_buckets/calibrator_depth.json
 """
 
 import os
