@@ -11,7 +11,8 @@
 # the data, the observations, the report), DEVICE (cpu), OBSERVATIONS (none: decode; a .npz written
 # by an earlier run refits from it in seconds, e.g. to try other settings), EXTRA (more `calibrate` flags,
 # e.g. "--depth_edges none" for format 1's pooled fit).
-# Time on the 2-core CPU, one thread: data 5 s, decoding 6 min (quiet machine; 26 min when shared), fit 4 s.
+# Time on the 2-core CPU, one thread: 5 min 17 s in all (data 5 s, decoding 5 min, fit 4 s; load average 1.5); 26 min
+# when the CPU was shared with other jobs.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
