@@ -55,6 +55,19 @@ class Prediction:
             self.realised_by_depth[depth] = self.realised_by_depth.get(depth, 0) + int(acceptance.accepted >= depth)
 
 
+def ratio_standard_error(per_request: list[tuple[float, float]]) -> float:
+    """Standard error of sum(predicted) / sum(realised) over requests (the ratio estimator's, to first order):
+    sqrt(sum((p_i - R a_i)^2) / (n (n - 1))) / mean(a), R the ratio. It says how far the ratio of these few
+    requests may lie from the ratio of many like them: a per-task bias smaller than it is not resolved."""
+    n = len(per_request)
+    realised = sum(a for _, a in per_request)
+    if n < 2 or realised == 0:
+        return float("nan")
+    ratio = sum(p for p, _ in per_request) / realised
+    spread = sum((p - ratio * a) ** 2 for p, a in per_request) / (n * (n - 1))
+    return spread**0.5 / (realised / n)
+
+
 def parse_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -69,6 +82,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--delta", type=float, default=0.6, help="weight_delta's stop_delta [0.6: chosen on the development split]")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="[each task's]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibrator", default=None, help="calibrator JSON [the bundled pair's]")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.trees) - set(TREES))
     if unknown:
@@ -94,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     paths = resolve_pair(None, None)
-    calibrator = fitted_calibrator(paths)
+    calibrator = args.calibrator or fitted_calibrator(paths)
     decoder = load_decoder(paths, RuntimeSettings("eager"), "cpu", "float32")
     cost = {"stop": "cost", "cost_cache": str(args.output_dir / "cost_models")}
     settings = {
@@ -111,28 +125,35 @@ def main(argv: list[str] | None = None) -> int:
             config = bench.at_temperature(task_config, temperature, args.max_new_tokens)
             for name, tree in trees.items():
                 seen = Prediction()
+                per_request = []  # (predicted, realised) of each request
                 for request in requests:
                     prompt = prepare_prompt(decoder.target, request.context, request.images)
                     generator = request_generator(config, args.seed + request.doc_id, decoder.target.device)
+                    before = (seen.predicted, seen.realised)
                     decode(decoder, prompt, config, generator, tree.builder, seen, tree.track_visual)
+                    per_request.append((seen.predicted - before[0], seen.realised - before[1]))
                 ratio = seen.predicted / seen.realised if seen.realised else float("nan")
                 rows.append({"task": task, "temperature": temperature, "tree": name, "requests": len(requests), "steps": seen.steps,
                              "predicted_per_step": seen.predicted / seen.steps, "realised_per_step": seen.realised / seen.steps,
-                             "ratio": ratio, "predicted_by_depth": seen.predicted_by_depth,
+                             "ratio": ratio, "ratio_se": ratio_standard_error(per_request), "per_request": per_request,
+                             "predicted_by_depth": seen.predicted_by_depth,
                              "realised_by_depth": seen.realised_by_depth})  # fmt: skip
                 log.info("%s T=%g %s: predicted %.3f, realised %.3f per step (%.3f)", task, temperature, name,
                          rows[-1]["predicted_per_step"], rows[-1]["realised_per_step"], ratio)  # fmt: skip
     lines = [f"# Predicted vs realised accepted tokens per step ({' '.join(sys.argv[1:]) or 'defaults'})", "",
              f"torch {torch.__version__}; the first {args.limit} documents of each task; calibrator {calibrator}.", "",
-             "| task | T | tree | steps | predicted / step | realised / step | predicted / realised |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| task | T | tree | steps | predicted / step | realised / step | predicted / realised | s.e. over requests |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['task']} | {r['temperature']:g} | {r['tree']} | {r['steps']} | {r['predicted_per_step']:.3f} | "
-              f"{r['realised_per_step']:.3f} | {r['ratio']:.3f} |" for r in rows]  # fmt: skip
+              f"{r['realised_per_step']:.3f} | {r['ratio']:.3f} | {r['ratio_se']:.3f} |" for r in rows]  # fmt: skip
     for name in trees:
         for temperature in args.temperatures:
             chosen = [r for r in rows if r["tree"] == name and r["temperature"] == temperature]
             predicted = sum(r["predicted_per_step"] * r["steps"] for r in chosen)
             realised = sum(r["realised_per_step"] * r["steps"] for r in chosen)
-            lines.append(f"| all | {temperature:g} | {name} | {sum(r['steps'] for r in chosen)} | | | {predicted / realised:.3f} |")
+            se = ratio_standard_error([pair for r in chosen for pair in r["per_request"]])
+            steps = sum(r["steps"] for r in chosen)
+            lines.append(f"| all | {temperature:g} | {name} | {steps} | | | {predicted / realised:.3f} | {se:.3f} |")
     lines += ["", "By depth (all tasks): predicted / realised steps whose accepted path reached the depth, per step", "",
               "| tree | T | " + " | ".join(f"depth {d}" for d in range(1, 7)) + " |", "|---|---|" + "---|" * 6]  # fmt: skip
     for name in trees:

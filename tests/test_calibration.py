@@ -51,7 +51,7 @@ def sklearn_fit(x, y):
 
 def test_estimator_contract():
     calibrator = GroupedIsotonicCalibrator(attention_bins=2, min_group_size=7, label="soft")
-    assert calibrator.get_params() == {"attention_bins": 2, "min_group_size": 7, "label": "soft", "n_types": 3}
+    assert calibrator.get_params() == {"attention_bins": 2, "min_group_size": 7, "label": "soft", "n_types": 3, "depth_edges": ()}
     X, y = synthetic(200, 0)
     assert calibrator.fit(X, y) is calibrator
     assert hasattr(calibrator, "models_") and not hasattr(clone(calibrator), "models_")
@@ -64,7 +64,7 @@ def test_estimator_contract():
 def test_global_fit_predicts_exactly_what_sklearn_predicts():
     X, y = synthetic(500, 1)
     calibrator = GroupedIsotonicCalibrator(attention_bins=1, min_group_size=10**9).fit(X, y)
-    assert calibrator.group_model_.tolist() == [[0], [0], [0]]
+    assert calibrator.group_model_.tolist() == [[[0], [0], [0]]]  # one depth bucket
     queries = np.concatenate([np.linspace(-0.5, 1.5, 401), X[:50, 0]])
     Q = np.stack([queries, np.zeros_like(queries), np.zeros_like(queries)], axis=1)
     assert np.array_equal(calibrator.predict(Q), sklearn_fit(X[:, 0], y).predict(queries))
@@ -79,7 +79,7 @@ def test_groups_and_fallbacks_match_per_group_sklearn_fits():
     edges = np.quantile(X[:, 2], [1 / 3, 2 / 3])
     assert np.array_equal(calibrator.bin_edges_, edges)
     bins = np.searchsorted(edges, X[:, 2], side="right")
-    levels = [[calibrator.models_[i]["level"] for i in row] for row in calibrator.group_model_]
+    levels = [[calibrator.models_[i]["level"] for i in row] for row in calibrator.group_model_[0]]
     assert levels[NUMBER] == ["group"] * 3 and levels[FUNCTION] == ["group"] * 3 and levels[CONTENT] == ["global"] * 3
     rng = np.random.default_rng(3)
     q = rng.uniform(-0.2, 1.2, 300)
@@ -99,7 +99,7 @@ def test_small_group_falls_back_to_its_token_type():
     drop = (X[:, 1] == NUMBER) & (visual > 0.6) & (np.arange(len(y)) % 50 != 0)
     X, y = X[~drop], y[~drop]
     calibrator = GroupedIsotonicCalibrator(attention_bins=3, min_group_size=60).fit(X, y)
-    number_models = [calibrator.models_[i] for i in calibrator.group_model_[NUMBER]]
+    number_models = [calibrator.models_[i] for i in calibrator.group_model_[0, NUMBER]]
     assert [m["level"] for m in number_models][:2] == ["group", "group"]
     assert number_models[2]["level"] == "type" and number_models[2]["name"] == "type=number"
     type_rows = X[:, 1] == NUMBER
@@ -140,7 +140,7 @@ def test_json_round_trip_is_exact_and_plain_json(tmp_path):
     path = calibrator.save(tmp_path / "calibrators" / "c.json", extra={"pair": "tiny"})
     data = json.loads(path.read_text())
     assert data["format"] == "lmms-msd-calibrator" and data["fitted_on"] == "soft" and data["info"] == {"pair": "tiny"}
-    assert data["settings"] == {"attention_bins": 2, "min_group_size": 50, "label": "soft", "n_types": 3}
+    assert data["settings"] == {"attention_bins": 2, "min_group_size": 50, "label": "soft", "n_types": 3, "depth_edges": []}
     assert len(data["bin_edges"]) == 1
     loaded = GroupedIsotonicCalibrator.load(path)
     assert loaded.get_params() == calibrator.get_params()
@@ -261,7 +261,7 @@ def test_calibration_beats_raw_confidence_on_held_out_data(tmp_path):
     assert hard["calibrated"]["ece"] < 0.5 * hard["raw"]["ece"]
     assert hard["calibrated"]["brier"] < hard["raw"]["brier"]
     assert report["winner"] == "hard"  # the soft label here is biased upwards by construction
-    assert set(report["hard"]) == {"all", "number", "punctuation/function", "content"}
+    assert set(report["hard"]) == {"all", "number", "punctuation/function", "content", "depth 1"}  # no deeper nodes here
     assert evaluate(fitted["hard"], held) == report["hard"]
     png = reliability_diagram(
         {"raw": (held.confidence, held.hard), "calibrated": (fitted["hard"].predict_observations(held), held.hard)},
@@ -287,19 +287,21 @@ def test_calibrated_scorer_gives_log_predictions():
         scorer(logprobs, tokens, 1, None)
 
 
-def test_calibrated_siblings_sum_to_at_most_one():
-    """At most one child of a node is accepted: a row of siblings predicted .9, .5, .1 (sum 1.5) is scaled
-    to .6, .3333, .0667; a row summing to at most 1 keeps its predictions (0 floored at 1e-6)."""
+def test_calibrated_siblings_are_scored_on_their_own():
+    """Each child's weight is its own floored prediction, whatever its siblings': a row predicted .9, .5, .1
+    (sum 1.5) keeps .9, .5, .1 (CalibratedScorer's docstring: scaling such rows down biased the predicted
+    accepted length low); 0 is floored at 1e-6."""
     X, y = synthetic(3000, 11)
     scorer = CalibratedScorer(GroupedIsotonicCalibrator(attention_bins=1, min_group_size=100).fit(X, y), torch.zeros(4, dtype=torch.long))
-    scorer.predictor = lambda confidence, types, visual: torch.tensor([[0.9, 0.5, 0.1], [0.6, 0.3, 0.0]])
-    got = scorer(torch.full((2, 3), -1.0), torch.zeros(2, 3, dtype=torch.long), 1, None).exp()
-    assert torch.allclose(got, torch.tensor([[0.6, 1 / 3, 0.2 / 3], [0.6, 0.3, 1e-6]]), rtol=1e-6, atol=0)
+    predicted = torch.tensor([[0.9, 0.5, 0.1], [0.6, 0.3, 0.0]])
+    scorer.predictor = lambda confidence, types, visual, depth: predicted
+    got = scorer(torch.full((2, 3), -1.0), torch.zeros(2, 3, dtype=torch.long), 1, None)
+    assert torch.equal(got, predicted.clamp(min=1e-6).log())
 
 
 def test_calibrated_tree_children_weigh_at_most_their_parent():
-    """Over a grown tree, every node's children's weights sum to at most its own weight (float32 sums of
-    at most top_k terms: 1e-6 relative), even with a calibrator that predicts near-certain acceptance."""
+    """Over a grown tree, every node weighs at most its parent (a score is the parent's plus a log
+    prediction <= 0, exactly in float32), even with a calibrator that predicts certain acceptance."""
     from test_tree_bookkeeping import OPT_TABLE, MarkovDrafter
 
     confidence = np.repeat(np.linspace(0.05, 0.95, 19), 200)
@@ -309,10 +311,9 @@ def test_calibrated_tree_children_weigh_at_most_their_parent():
     root_hidden = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
     tree = grow_tree(MarkovDrafter(OPT_TABLE), OptTree(node_budget=6, stop_delta=0.0, max_depth=3, top_k=2, scorer=scorer), 0, root_hidden)
     weights = tree.scores.exp()
-    for node in range(len(tree)):
-        children = weights[tree.parents == node]
-        assert float(children.sum()) <= float(weights[node]) * (1 + 1e-6)
-    assert torch.allclose(weights[tree.parents == 0], torch.tensor([0.5, 0.5]))  # two children predicted 1 each
+    for node in range(1, len(tree)):
+        assert float(weights[node]) <= float(weights[tree.parents[node]])
+    assert weights[tree.parents == 0].tolist() == [1.0, 1.0]  # two children predicted 1 each, scored on their own
 
 
 def test_opt_tree_weights_are_products_of_calibrated_predictions():

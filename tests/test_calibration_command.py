@@ -73,7 +73,9 @@ def test_calibrate_decodes_fits_and_reports(tiny_hf_dir, draft_dir, data_dir, tm
     report = json.loads((report_dir / "report.json").read_text())
     assert report["label"] in ("hard", "soft") and calibrator.label == report["label"]
     assert report["label_comparison"]["winner"] == report["label"]
-    assert set(report["label_comparison"]["hard"]) == {"all", "number", "punctuation/function", "content"}
+    groups = {"all", "number", "punctuation/function", "content", "depth 1"}
+    assert groups <= set(report["label_comparison"]["hard"]) <= groups | {"depth >= 2"}  # deeper: when some were reached
+    assert report["settings"]["depth_edges"] == [2] and calibrator.depth_edges == (2,)  # the default: depth 1 apart
     assert report["observations"]["total"] == len(observations)
     assert report["observations"]["fit_requests"] == 3 and report["observations"]["held_out_requests"] == 3
     assert "ECE raw" in (report_dir / "report.md").read_text()
@@ -84,6 +86,10 @@ def test_calibrate_decodes_fits_and_reports(tiny_hf_dir, draft_dir, data_dir, tm
     assert main(["calibrate", "--observations", str(observations_file), "--output", str(again), "--label", "soft",
                  "--attention_bins", "2", "--min_group_size", "5"]) == 0  # fmt: skip
     assert GroupedIsotonicCalibrator.load(again).label == "soft"
+    pooled = tmp_path / "pooled.json"
+    assert main(["calibrate", "--observations", str(observations_file), "--output", str(pooled), "--depth_edges", "none",
+                 "--attention_bins", "2", "--min_group_size", "5"]) == 0  # fmt: skip
+    assert GroupedIsotonicCalibrator.load(pooled).depth_edges == ()
     report_again = json.loads((tmp_path / "again_report" / "report.json").read_text())
     assert report_again["observations"] == report["observations"]
 

@@ -47,10 +47,10 @@ class FixedPredictor:
 
     def __init__(self, p_cal: torch.Tensor) -> None:
         self.p_cal = p_cal
-        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = []
 
-    def __call__(self, confidence, types, visual):
-        self.calls.append((confidence, types, visual))
+    def __call__(self, confidence, types, visual, depth):
+        self.calls.append((confidence, types, visual, depth))
         return self.p_cal
 
 
@@ -60,8 +60,9 @@ def test_worked_example_of_a_level():
     scores = scorer(PROBS.log(), TOKENS, 2, VISUAL)
     assert scores.dtype == torch.float32 and scores.shape == (3, 2)
     close(scores, EXPECTED, ATOL)
-    # the calibrator sees the untilted draft probability, the token type and the parent row's intensity
-    (confidence, types, visual), = predictor.calls
+    # the calibrator sees the untilted draft probability, the token type, the parent row's intensity and the depth
+    (confidence, types, visual, depth), = predictor.calls
+    assert depth == 2
     close(confidence, PROBS.tolist(), 1e-7)
     assert types.tolist() == [[CONTENT, NUMBER]] * 3
     assert torch.equal(visual, VISUAL[:, None].expand(3, 2))

@@ -460,7 +460,7 @@ def test_calibrator_file(tiny_hf_dir, tiny_draft_dir, plain_model, docs, tmp_pat
     assert isinstance(lm.tree.builder.scorer, CalibratedScorer) and lm.tree.track_visual
     assert run(lm, [request(i) for i in range(3)], docs) == run(plain_model, [request(i) for i in range(3)], docs)
     calibration = json.loads((tmp_path / "s.json").read_text())["tree"]["calibrator"]
-    settings = {"attention_bins": 2, "min_group_size": 20, "label": "hard", "n_types": 3}
+    settings = {"attention_bins": 2, "min_group_size": 20, "label": "hard", "n_types": 3, "depth_edges": []}
     assert calibration == {"mode": "file", "path": str(path), **settings}
     with pytest.raises(FileNotFoundError, match="lmms-msd calibrate"):
         opt_model(tiny_hf_dir, tiny_draft_dir, tmp_path / "t.json", calibrator=str(tmp_path / "missing.json"))

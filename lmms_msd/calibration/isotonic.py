@@ -1,10 +1,16 @@
 """The estimator: draft confidence -> predicted acceptance probability (DESIGN 4.4).
 
 `GroupedIsotonicCalibrator`: one isotonic regression of the label on the confidence per group, a group
-being a token type x an attention bin (bins are quantiles of the visual intensity, fixed at fit time),
-falling back to the token type's fit and then to a global fit when a group has fewer than
-`min_group_size` samples. Follows the scikit-learn estimator contract; persisted as JSON (thresholds,
-bin edges, settings, label), never pickled.
+being a depth bucket x a token type x an attention bin (bins are quantiles of the visual intensity, fixed
+at fit time; depth buckets are fixed by the settings), falling back to the depth bucket's token type's
+fit, then to the depth bucket's fit, then to a global fit when a group has fewer than `min_group_size`
+samples. Follows the scikit-learn estimator contract; persisted as JSON (thresholds, bin edges,
+settings, label), never pickled.
+
+Depth: a root's children are drafted from the target's own hidden state, deeper nodes from the draft's
+own output, so at equal draft confidence the first level is accepted more often (README, "Sibling
+predictions normalised"). `depth_edges=(2,)` fits depth 1 apart from deeper nodes; `()` pools every
+depth, as files of format version 1 (written before depth buckets existed) do.
 
 `TorchCalibrator`: the fitted piecewise-linear functions as padded tensors, evaluated in batch on the
 device exactly as scikit-learn's `IsotonicRegression.predict` does.
@@ -12,6 +18,8 @@ device exactly as scikit-learn's `IsotonicRegression.predict` does.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -29,9 +37,10 @@ from lmms_msd.calibration.token_types import TYPE_NAMES
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("confidence", "token_type", "visual")  # the columns of X for fit / predict
+FEATURES = ("confidence", "token_type", "visual", "depth")  # the columns of X for fit / predict
 FORMAT = "lmms-msd-calibrator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: depth buckets (group_model [depth buckets, types, bins]); 1: pooled over depth, still read
+READABLE_VERSIONS = (1, 2)
 
 
 def interpolate_thresholds(x: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -50,29 +59,39 @@ def interpolate_thresholds(x: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.nd
 
 
 class GroupedIsotonicCalibrator(BaseEstimator):
-    """One isotonic regression per (token type, attention bin) group, with fall-backs.
+    """One isotonic regression per (depth bucket, token type, attention bin) group, with fall-backs.
 
     Settings (scikit-learn's contract: stored as given, validated in `fit`):
       attention_bins   quantile bins of the visual intensity (1: token type only)
-      min_group_size   fewest samples a group needs for its own fit; smaller groups use their
-                       token type's fit, or the global fit when the token type is small too
+      min_group_size   fewest samples a group needs for its own fit; a smaller group uses the fit of the
+                       level above it: depth bucket x token type, then depth bucket, then global
       label            which label `fit_observations` fits ("hard" or "soft"), recorded in the file
       n_types          how many token types (lmms_msd.calibration.token_types)
+      depth_edges      increasing depths >= 2 that start a new depth bucket: () pools every depth (one
+                       bucket; the fits and their fall-backs are then exactly format 1's); (2,) is depth 1
+                       against depth >= 2; (2, 3) is 1, 2, >= 3. Depth 1 is a child of the root.
     Every fit is `IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0, y_max=1)` of the
-    label on the confidence. X is [n, 3] with columns (confidence, token_type, visual).
+    label on the confidence. X is [n, 4] with columns (confidence, token_type, visual, depth); a
+    calibrator without depth buckets also takes [n, 3] (no depth column).
 
     Learned state: bin_edges_ [attention_bins - 1] (interior quantiles; a value equal to an edge
     falls in the upper bin), models_ (thresholds of each fitted regression and what it covers),
-    group_model_ [n_types, attention_bins] (which model serves each group), n_samples_.
+    group_model_ [depth buckets, n_types, attention_bins] (which model serves each group), n_samples_.
     """
 
     def __init__(
-        self, attention_bins: int = 3, min_group_size: int = 50, label: str = "hard", n_types: int = len(TYPE_NAMES)
+        self,
+        attention_bins: int = 3,
+        min_group_size: int = 50,
+        label: str = "hard",
+        n_types: int = len(TYPE_NAMES),
+        depth_edges: tuple[int, ...] = (),
     ) -> None:
         self.attention_bins = attention_bins
         self.min_group_size = min_group_size
         self.label = label
         self.n_types = n_types
+        self.depth_edges = depth_edges
 
     def _check_settings(self) -> None:
         if int(self.attention_bins) != self.attention_bins or self.attention_bins < 1:
@@ -81,14 +100,23 @@ class GroupedIsotonicCalibrator(BaseEstimator):
             raise ValueError(f"min_group_size must be an integer >= 1, got {self.min_group_size!r}")
         if self.label not in LABELS:
             raise ValueError(f"label must be one of {list(LABELS)}, got {self.label!r}")
+        edges = list(self.depth_edges)
+        if any(int(e) != e or e < 2 for e in edges) or any(a >= b for a, b in itertools.pairwise(edges)):
+            raise ValueError(
+                f"depth_edges must be increasing integers >= 2 (depth 1: the root's children), got {self.depth_edges!r}"
+            )
+
+    @property
+    def n_depth_buckets(self) -> int:
+        return len(self.depth_edges) + 1
 
     # -- fitting
     def fit(self, X: np.ndarray, y: np.ndarray) -> GroupedIsotonicCalibrator:
-        """X: [n, 3] (confidence, token_type, visual); y: [n] labels in [0, 1]."""
+        """X: [n, 4] (confidence, token_type, visual, depth), or [n, 3] without depth buckets; y: [n] labels in [0, 1]."""
         from sklearn.isotonic import IsotonicRegression
 
         self._check_settings()
-        confidence, types, visual = self._columns(X)
+        confidence, types, visual, buckets = self._columns(X)
         y = np.asarray(y, dtype=np.float64)
         if y.shape != confidence.shape:
             raise ValueError(f"y has shape {y.shape}, X has {len(confidence)} rows")
@@ -112,18 +140,27 @@ class GroupedIsotonicCalibrator(BaseEstimator):
 
         self.models_: list[dict[str, Any]] = []
         global_model = fit_one(np.ones(len(y), dtype=bool), "global", "global")
-        self.group_model_ = np.full((self.n_types, self.attention_bins), global_model, dtype=np.int64)
-        for t in range(self.n_types):
-            in_type = types == t
-            if in_type.sum() < self.min_group_size:
-                continue
-            type_model = fit_one(in_type, f"type={_type_name(t)}", "type")
-            for b in range(self.attention_bins):
-                in_group = in_type & (bins == b)
-                if self.attention_bins > 1 and in_group.sum() >= self.min_group_size:
-                    self.group_model_[t, b] = fit_one(in_group, f"type={_type_name(t)},bin={b}", "group")
-                else:
-                    self.group_model_[t, b] = type_model
+        self.group_model_ = np.full((self.n_depth_buckets, self.n_types, self.attention_bins), global_model, dtype=np.int64)
+        for d in range(self.n_depth_buckets):
+            if self.n_depth_buckets == 1:  # pooled over depth: format 1's fits, names and order
+                in_depth, prefix, depth_model = np.ones(len(y), dtype=bool), "", global_model
+            else:
+                in_depth, prefix = buckets == d, f"depth={self._depth_name(d)},"
+                if in_depth.sum() < self.min_group_size:
+                    continue
+                depth_model = fit_one(in_depth, prefix[:-1], "depth")
+                self.group_model_[d] = depth_model
+            for t in range(self.n_types):
+                in_type = in_depth & (types == t)
+                if in_type.sum() < self.min_group_size:
+                    continue
+                type_model = fit_one(in_type, f"{prefix}type={_type_name(t)}", "type")
+                for b in range(self.attention_bins):
+                    in_group = in_type & (bins == b)
+                    if self.attention_bins > 1 and in_group.sum() >= self.min_group_size:
+                        self.group_model_[d, t, b] = fit_one(in_group, f"{prefix}type={_type_name(t)},bin={b}", "group")
+                    else:
+                        self.group_model_[d, t, b] = type_model
         self.n_samples_ = len(y)
         return self
 
@@ -131,11 +168,23 @@ class GroupedIsotonicCalibrator(BaseEstimator):
         """`fit` on observations' features and their `label` label."""
         return self.fit(observations.features(), observations.label(self.label))
 
-    def _columns(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _columns(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """-> confidence, token types (int64), visual, depth buckets (int64), each [n]"""
         X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != len(FEATURES):
-            raise ValueError(f"X must be [n, {len(FEATURES)}] with columns {FEATURES}, got shape {X.shape}")
+        pooled = self.n_depth_buckets == 1
+        if X.ndim != 2 or X.shape[1] not in ((len(FEATURES) - 1, len(FEATURES)) if pooled else (len(FEATURES),)):
+            raise ValueError(
+                f"X must be [n, {len(FEATURES)}] with columns {FEATURES} (a calibrator without depth_edges also takes "
+                f"[n, {len(FEATURES) - 1}], no depth), got shape {X.shape}"
+            )
         confidence, types, visual = X[:, 0], X[:, 1], X[:, 2]
+        if pooled:
+            buckets = np.zeros(len(confidence), dtype=np.int64)
+        else:
+            depth = X[:, 3]
+            if np.any((depth < 1) | (depth != np.round(depth))):
+                raise ValueError(f"depths must be integers >= 1 (1: a child of the root), got {sorted(set(depth.tolist()))[:10]}")
+            buckets = np.searchsorted(np.asarray(self.depth_edges, dtype=np.float64), depth, side="right")
         if np.any((types < 0) | (types >= self.n_types) | (types != np.round(types))):
             raise ValueError(f"token types must be integers in [0, {self.n_types}), got {sorted(set(types.tolist()))[:10]}")
         if self.attention_bins > 1 and np.isnan(visual).any():
@@ -143,7 +192,15 @@ class GroupedIsotonicCalibrator(BaseEstimator):
                 f"attention_bins={self.attention_bins} needs the visual attention intensity, but {int(np.isnan(visual).sum())} "
                 "rows lack it: collect observations with track_visual=True, or use attention_bins=1"
             )
-        return confidence, types.astype(np.int64), visual
+        return confidence, types.astype(np.int64), visual, buckets
+
+    def _depth_name(self, d: int) -> str:
+        """Bucket d's depths: with depth_edges (2, 4): "1", "2-3", ">=4"."""
+        bounds = [1, *(int(e) for e in self.depth_edges)]
+        if d == len(bounds) - 1:
+            return f">={bounds[d]}"
+        low, high = bounds[d], bounds[d + 1] - 1
+        return str(low) if low == high else f"{low}-{high}"
 
     def _bins(self, visual: np.ndarray) -> np.ndarray:
         if self.attention_bins == 1:
@@ -156,10 +213,11 @@ class GroupedIsotonicCalibrator(BaseEstimator):
             raise RuntimeError("this calibrator is not fitted: call fit (or load a fitted one) first")
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """X: [n, 3] (confidence, token_type, visual) -> predicted acceptance probabilities [n] float64."""
+        """X: [n, 4] (confidence, token_type, visual, depth), or [n, 3] without depth buckets -> predicted
+        acceptance probabilities [n] float64."""
         self._check_fitted()
-        confidence, types, visual = self._columns(X)
-        which = self.group_model_[types, self._bins(visual)]
+        confidence, types, visual, buckets = self._columns(X)
+        which = self.group_model_[buckets, types, self._bins(visual)]
         out = np.empty(len(confidence), dtype=np.float64)
         for index in np.unique(which):
             rows = which == index
@@ -180,7 +238,7 @@ class GroupedIsotonicCalibrator(BaseEstimator):
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
-            "settings": self.get_params(),
+            "settings": {**self.get_params(), "depth_edges": [int(e) for e in self.depth_edges]},
             "fitted_on": self.label,
             "features": list(FEATURES),
             "type_names": list(TYPE_NAMES[: self.n_types]) if self.n_types == len(TYPE_NAMES) else None,
@@ -204,19 +262,23 @@ class GroupedIsotonicCalibrator(BaseEstimator):
     def from_dict(cls, data: dict[str, Any], source: str = "calibrator") -> GroupedIsotonicCalibrator:
         if data.get("format") != FORMAT:
             raise ValueError(f"{source} is not an lmms-msd calibrator (format {data.get('format')!r}, expected {FORMAT!r})")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{source} has calibrator format version {data.get('version')}; this lmms-msd reads {FORMAT_VERSION}"
+                f"{source} has calibrator format version {data.get('version')}; this lmms-msd reads {list(READABLE_VERSIONS)}"
             )
-        calibrator = cls(**data["settings"])
+        settings = dict(data["settings"])
+        settings["depth_edges"] = tuple(settings.get("depth_edges", ()))  # version 1: pooled over depth
+        calibrator = cls(**settings)
         calibrator._check_settings()
         calibrator.bin_edges_ = np.array(data["bin_edges"], dtype=np.float64)
         calibrator.group_model_ = np.array(data["group_model"], dtype=np.int64)
+        if data["version"] == 1:
+            calibrator.group_model_ = calibrator.group_model_[None]  # [types, bins] -> one depth bucket
         calibrator.models_ = [
             {**m, "x": np.array(m["x"], dtype=np.float64), "y": np.array(m["y"], dtype=np.float64)} for m in data["models"]
         ]
         calibrator.n_samples_ = int(data["n_samples"])
-        shape = (calibrator.n_types, calibrator.attention_bins)
+        shape = (calibrator.n_depth_buckets, calibrator.n_types, calibrator.attention_bins)
         if calibrator.group_model_.shape != shape or calibrator.bin_edges_.shape != (calibrator.attention_bins - 1,):
             raise ValueError(f"{source}: group_model / bin_edges do not match the settings {data['settings']}")
         if not all(0 <= i < len(calibrator.models_) for i in calibrator.group_model_.flatten()):
@@ -253,16 +315,29 @@ class TorchCalibrator:
 
         self.x, self.y = padded("x"), padded("y")
         self.sizes = torch.tensor([len(m["x"]) for m in models], device=device)
-        self.group_model = torch.tensor(calibrator.group_model_, device=device)  # [types, bins]
+        self.group_model = torch.tensor(calibrator.group_model_, device=device)  # [depth buckets, types, bins]
         self.bin_edges = torch.tensor(calibrator.bin_edges_, dtype=dtype, device=device)
+        self.depth_edges = tuple(int(e) for e in calibrator.depth_edges)
+        self.depth_edges_tensor = torch.tensor(self.depth_edges, dtype=torch.long, device=device)
         self.attention_bins = calibrator.attention_bins
 
     @property
     def needs_visual(self) -> bool:
         return self.attention_bins > 1
 
-    def __call__(self, confidence: torch.Tensor, types: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
-        """confidence, types (long), visual: same shape [...] (visual may be None with one bin) -> [...]"""
+    @property
+    def needs_depth(self) -> bool:
+        return len(self.depth_edges) > 0
+
+    def depth_bucket(self, depth: int) -> int:
+        """The bucket of one depth, on the host (a tree level's depth is a Python int: no device read)."""
+        return bisect.bisect_right(self.depth_edges, depth)
+
+    def __call__(
+        self, confidence: torch.Tensor, types: torch.Tensor, visual: torch.Tensor | None, depth: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """confidence, types (long), visual: same shape [...] (visual may be None with one bin); depth: one int
+        for every entry, or a long tensor of the same shape [...] (None without depth buckets) -> [...]"""
         if self.needs_visual:
             if visual is None:
                 raise ValueError(
@@ -272,7 +347,15 @@ class TorchCalibrator:
             bins = torch.searchsorted(self.bin_edges, visual.to(self.bin_edges.dtype).contiguous(), right=True)
         else:
             bins = torch.zeros_like(types)
-        which = self.group_model[types, bins].flatten()  # [n]
+        if not self.needs_depth:
+            which = self.group_model[0][types, bins].flatten()  # [n]
+        elif depth is None:
+            raise ValueError(f"this calibrator has depth buckets (depth_edges {self.depth_edges}) and needs each node's depth")
+        elif isinstance(depth, torch.Tensor):
+            buckets = torch.searchsorted(self.depth_edges_tensor, depth.to(torch.long).contiguous(), right=True)
+            which = self.group_model[buckets, types, bins].flatten()
+        else:
+            which = self.group_model[self.depth_bucket(depth)][types, bins].flatten()
         t = confidence.to(self.x.dtype).flatten()
         x, y, size = self.x[which], self.y[which], self.sizes[which]  # [n, T], [n, T], [n]
         t = torch.minimum(torch.maximum(t, x[:, 0]), x[:, -1])  # rows are padded with their last point

@@ -82,8 +82,8 @@ class Observations:
         return cls(*[np.concatenate([getattr(p, f) for p in parts]) for f in OBSERVATION_FIELDS], meta=dict(parts[0].meta))
 
     def features(self) -> np.ndarray:
-        """X for the calibrator: [n, 3] float64 columns (confidence, token_type, visual)."""
-        return np.stack([self.confidence, self.token_type.astype(np.float64), self.visual], axis=1)
+        """X for the calibrator: [n, 4] float64 columns (confidence, token_type, visual, depth)."""
+        return np.stack([self.confidence, self.token_type.astype(np.float64), self.visual, self.depth.astype(np.float64)], axis=1)
 
     def label(self, name: str) -> np.ndarray:
         if name not in LABELS:

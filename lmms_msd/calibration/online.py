@@ -122,7 +122,7 @@ class OnlineCalibration:
         label = self.label
         if label == "auto":
             label, self.label_report = choose_label(
-                observations, self.estimator.attention_bins, self.estimator.min_group_size, self.seed
+                observations, self.estimator.attention_bins, self.estimator.min_group_size, self.seed, self.estimator.depth_edges
             )
         self.calibrator = clone(self.estimator).set_params(label=label).fit_observations(observations)
         self.calibrated = calibrated_tree(self.tree, self.calibrator, self.token_types, self.device, self.mode)

@@ -57,12 +57,15 @@ def metrics(predicted: np.ndarray, label: np.ndarray, n_bins: int = ECE_BINS) ->
 
 
 def evaluate(calibrator: GroupedIsotonicCalibrator, held_out: Observations, n_bins: int = ECE_BINS) -> dict[str, Any]:
-    """Raw confidence vs calibrated prediction against the held-out hard labels, overall and per token type."""
+    """Raw confidence vs calibrated prediction against the held-out hard labels, overall, per token type,
+    and for depth 1 (the root's children) and deeper (where the held-out steps have such nodes)."""
     calibrated = calibrator.predict_observations(held_out)
     out: dict[str, Any] = {}
-    for name, rows in [("all", np.ones(len(held_out), dtype=bool))] + [
-        (TYPE_NAMES[t], held_out.token_type == t) for t in range(len(TYPE_NAMES))
-    ]:
+    for name, rows in (
+        [("all", np.ones(len(held_out), dtype=bool))]
+        + [(TYPE_NAMES[t], held_out.token_type == t) for t in range(len(TYPE_NAMES))]
+        + [(name, rows) for name, rows in (("depth 1", held_out.depth == 1), ("depth >= 2", held_out.depth >= 2)) if rows.any()]
+    ):
         out[name] = {
             "raw": metrics(held_out.confidence[rows], held_out.hard[rows], n_bins),
             "calibrated": metrics(calibrated[rows], held_out.hard[rows], n_bins),
@@ -71,14 +74,22 @@ def evaluate(calibrator: GroupedIsotonicCalibrator, held_out: Observations, n_bi
 
 
 def compare_labels(
-    fit_part: Observations, held_out: Observations, attention_bins: int, min_group_size: int, n_bins: int = ECE_BINS
+    fit_part: Observations,
+    held_out: Observations,
+    attention_bins: int,
+    min_group_size: int,
+    n_bins: int = ECE_BINS,
+    depth_edges: tuple[int, ...] = (),
 ) -> tuple[dict[str, GroupedIsotonicCalibrator], dict[str, Any]]:
     """Fit on each label, evaluate each against held-out hard labels; the winner has the lower Brier score.
 
     returns ({label: fitted calibrator}, {"winner": label, label: evaluate(...)})
     """
     fitted = {
-        label: GroupedIsotonicCalibrator(attention_bins, min_group_size, label).fit_observations(fit_part) for label in LABELS
+        label: GroupedIsotonicCalibrator(attention_bins, min_group_size, label, depth_edges=depth_edges).fit_observations(
+            fit_part
+        )
+        for label in LABELS
     }
     report: dict[str, Any] = {label: evaluate(c, held_out, n_bins) for label, c in fitted.items()}
     report["winner"] = min(LABELS, key=lambda label: report[label]["all"]["calibrated"]["brier"])
@@ -86,14 +97,14 @@ def compare_labels(
 
 
 def choose_label(
-    observations: Observations, attention_bins: int, min_group_size: int, seed: int = 0
+    observations: Observations, attention_bins: int, min_group_size: int, seed: int = 0, depth_edges: tuple[int, ...] = ()
 ) -> tuple[str, dict[str, Any] | None]:
     """The label that predicts held-out acceptance better: fit each on half of the requests (seeded),
     score on the other half. With fewer than 2 requests there is nothing to hold out: "hard"."""
     if len(np.unique(observations.request)) < 2:
         return "hard", None
     fit_part, held_out = split_by_request(observations, 0.5, seed)
-    _, report = compare_labels(fit_part, held_out, attention_bins, min_group_size)
+    _, report = compare_labels(fit_part, held_out, attention_bins, min_group_size, depth_edges=depth_edges)
     return report["winner"], report
 
 

@@ -26,13 +26,15 @@ class CalibratedScorer:
     """A `NodeScorer`: log of the calibrator's predicted acceptance for each proposed child.
 
     Predictions are floored at `floor` (an isotonic fit can predict 0; a log weight of -inf would
-    tie unrelated nodes) and are at most 1, so weights never grow along a path. The calibrator predicts
-    each child on its own, but at most one child of a node is accepted (at T=0 the target's argmax; at
-    T > 0 the residual scheme tries the children in turn and accepts one at most), so P(child accepted |
-    parent accepted) over a parent's children sums to at most 1: a row of siblings whose predictions add
-    up to more is scaled down to sum 1 (then a tree's weights sum to at most its expected accepted length
-    under the same predictions). Example: siblings predicted .9, .5, .1 (sum 1.5) become .6, .3333, .0667;
-    .6, .3 stay.
+    tie unrelated nodes) and are at most 1, so weights never grow along a path. Each child is scored on
+    its own, its siblings' predictions left as they are. At most one child of a node is accepted, so a
+    row of siblings whose predictions add up to more than 1 over-states some of them; but the calibrator
+    is fitted per node, so over the steps its per-node predictions are right on average, rows summing
+    over 1 and rows summing under 1 alike, and scaling down only the first kind biases the sum of a tree's
+    weights (its predicted accepted length) low. Measured (README, "Sibling predictions normalised"; the
+    depth-bucket calibrator, the first 6 documents of the five long-answer tasks): scaling each row down to
+    sum 1 predicted 0.943 to 0.964 of the realised accepted tokens per step; scoring each child on its own,
+    0.995 to 1.014, small cost trees and wide 60-node trees alike.
     token_types: [V] long
     """
 
@@ -59,9 +61,8 @@ class CalibratedScorer:
             f"logprobs {tuple(logprobs.shape)}, tokens {tuple(tokens.shape)}"
         )
         row_visual = None if visual is None else visual[:, None].expand_as(logprobs)
-        predicted = self.predictor(logprobs.exp(), self.token_types[tokens], row_visual).clamp(min=self.floor, max=1.0)
-        normalised = predicted / predicted.sum(dim=1, keepdim=True).clamp(min=1.0)  # siblings sum to at most 1
-        return normalised.log().to(logprobs.dtype)
+        predicted = self.predictor(logprobs.exp(), self.token_types[tokens], row_visual, depth).clamp(min=self.floor, max=1.0)
+        return predicted.log().to(logprobs.dtype)
 
     def __repr__(self) -> str:
         return f"CalibratedScorer({self.calibrator!r}, fitted on {self.calibrator.label!r} labels)"
@@ -143,7 +144,8 @@ class TiltScorer:
     0.5 e^1.0840 = 1.4782 and 0.3 e^-2.0720 = 0.0378 over 0.2 + 1.4782 + 0.0378 = 1.7160 give
     p' = 0.8614, 0.0220 (log -0.1492, -3.8160); parent 1: 0.8887, 0.0375; parent 2: 0.7486, 0.0541.
 
-    predictor: (confidence, token types, visual) of shape [n, k] -> p_cal [n, k] (a `TorchCalibrator`)
+    predictor: (confidence, token types, visual) of shape [n, k] and the children's depth (an int) -> p_cal [n, k]
+    (a `TorchCalibrator`)
     token_types: [V] long
     """
 
@@ -159,7 +161,7 @@ class TiltScorer:
 
     def __init__(
         self,
-        predictor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        predictor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor],
         token_types: torch.Tensor,
         base_alpha: float = 1.0,
         calibrator: GroupedIsotonicCalibrator | None = None,
@@ -183,7 +185,7 @@ class TiltScorer:
         assert visual is None or visual.shape == logprobs.shape[:1], f"visual {tuple(visual.shape)} for {tuple(logprobs.shape)}"
         row_visual = None if visual is None else visual[:, None].expand_as(logprobs)
         types = self.token_types[tokens]  # [n, k]
-        p_cal = self.predictor(logprobs.exp(), types, row_visual).double()  # [n, k]
+        p_cal = self.predictor(logprobs.exp(), types, row_visual, depth).double()  # [n, k]
         c = p_cal.clamp(self.PROB_FLOOR, 1.0 - self.PROB_FLOOR)
         calibrated_logit = (c.log() - (1.0 - c).log()).clamp(-self.MAX_LOGIT, self.MAX_LOGIT)
         bias = self.alpha(logprobs.double(), depth, row_visual, types == NUMBER) * calibrated_logit

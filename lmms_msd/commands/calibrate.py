@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--label", default="auto", choices=("auto", "hard", "soft"), help="auto: the better on held-out steps")
     parser.add_argument("--attention_bins", type=int, default=3)
     parser.add_argument("--min_group_size", type=int, default=50)
+    parser.add_argument(
+        "--depth_edges", type=parse_depth_edges, default=(2,),
+        help="depths that start a new depth bucket, comma-separated; 'none' pools every depth [2: depth 1 (the root's "
+        "children, drafted from the target's hidden state) apart from deeper nodes; chosen on the fit split, README]",
+    )  # fmt: skip
     parser.add_argument("--ece_bins", type=int, default=10, help="equal-width bins of the ECE and the diagram [10]")
     parser.add_argument("--node_budget", type=int, default=60)
     parser.add_argument("--stop_delta", type=float, default=0.3)
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     report = fit_and_report(
         observations, args.output, report_dir, fit_ratio=args.fit_ratio, seed=args.seed, label=args.label,
         attention_bins=args.attention_bins, min_group_size=args.min_group_size, ece_bins=args.ece_bins,
+        depth_edges=args.depth_edges,
     )  # fmt: skip
     chosen = report["chosen"]
     print(
@@ -104,6 +110,16 @@ def run(args: argparse.Namespace) -> int:
         f"report in {report_dir}"
     )
     return 0
+
+
+def parse_depth_edges(text: str) -> tuple[int, ...]:
+    """--depth_edges: "2" -> (2,), "2,4" -> (2, 4), "none" -> ()."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--depth_edges takes integers like 2 or 2,4, or none; got {text!r}") from error
 
 
 # ---- 1. collect ------------------------------------------------------------------------------------------
@@ -177,13 +193,14 @@ def fit_and_report(
     attention_bins: int,
     min_group_size: int,
     ece_bins: int,
+    depth_edges: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Split, fit on both labels, pick one, write the calibrator and the report; returns the report."""
     # scikit-learn (seconds to import) only here: `lmms-msd --help` imports this module
     from lmms_msd.calibration.quality import compare_labels, reliability_diagram
 
     fit_part, held_out = split_by_request(observations, fit_ratio, seed)
-    fitted, comparison = compare_labels(fit_part, held_out, attention_bins, min_group_size, ece_bins)
+    fitted, comparison = compare_labels(fit_part, held_out, attention_bins, min_group_size, ece_bins, depth_edges)
     chosen_label = comparison["winner"] if label == "auto" else label
     calibrator = fitted[chosen_label]
     report = {
@@ -197,7 +214,8 @@ def fit_and_report(
         },
         "settings": {
             "fit_ratio": fit_ratio, "seed": seed, "attention_bins": attention_bins, "min_group_size": min_group_size,
-            "ece_bins": ece_bins, "ece": f"{ece_bins} equal-width bins of the prediction over [0, 1]",
+            "depth_edges": list(depth_edges), "ece_bins": ece_bins,
+            "ece": f"{ece_bins} equal-width bins of the prediction over [0, 1]",
         },
         "groups": [{k: m[k] for k in ("name", "level", "n")} for m in calibrator.models_],
         "bin_edges": calibrator.bin_edges_.tolist(),
