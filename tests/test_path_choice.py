@@ -197,3 +197,20 @@ def test_plugin_default_reports_the_path_and_why(costs, tiny_hf_dir, tiny_draft_
     assert auto["plain_tok_s"] == round(1 / model.plain_step_s, 2) and auto["cost_model"]["plain_step_ms"] == round(model.plain_step_s / MS, 4)
     assert [row["path"] for body in report["tasks"].values() for row in body["samples"]] == [d.path for d in decisions]
     assert json.loads((tmp_path / "plain.json").read_text())["decoding"] == "plain"
+
+
+def test_the_default_tree_is_the_devices_fastest(monkeypatch):
+    """tree=auto (the default): OPT-Tree sized by the measured costs on CUDA, with the bundled pair's
+    calibrator; EAGLE-2 elsewhere and without speculative decoding; a named tree keeps its own defaults."""
+    from lmms_msd.lmms_eval import model_args
+
+    cpu = coerced(device="cpu")
+    assert (cpu.tree, cpu.stop) == ("eagle2", "delta") and cpu.calibrator is None
+    cuda = coerced(device="cuda")  # coercion loads nothing: no GPU needed
+    assert (cuda.tree, cuda.stop, cuda.engine) == ("opt", "cost", "static") and cuda.calibrator is not None
+    assert (coerced(device="cuda", use_msd="false").tree, coerced(device="cuda", use_msd="false").stop) == ("eagle2", "delta")
+    assert (coerced(device="cuda", tree="opt").stop, coerced(device="cuda", tree="eagle2").tree) == ("delta", "eagle2")
+    assert coerced(device="cuda", stop="delta").stop == "delta" and coerced(device="cpu", tree="opt", stop="cost").stop == "cost"
+    assert model_args.device_default_tree("cuda:1", True) == ("opt", "cost")
+    monkeypatch.setattr(model_args, "default_device", lambda: "cuda")
+    assert coerced().tree == "opt"  # the default device decides when none is named

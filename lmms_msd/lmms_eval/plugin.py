@@ -117,7 +117,9 @@ class LlavaMsdCalibrated(lmms):
                            dropped once the costs are read, so the run is use_msd=false's (not when tree=opt
                            may calibrate online, which decodes every request speculatively); else by the
                            realised speculative steps so far: lmms_msd.speculative.cost.PathChoice) [auto]
-      tree                 "eagle2" (the EAGLE-2 dynamic tree) or "opt" (OPT-Tree with early stopping) [eagle2]
+      tree                 "eagle2" (the EAGLE-2 dynamic tree), "opt" (OPT-Tree with early stopping) or "auto":
+                           the device's fastest measured, opt with stop=cost on CUDA, eagle2 elsewhere
+                           (model_args.device_default_tree) [auto]
       total_tokens, depth  the EAGLE-2 tree, as upstream: total_tokens nodes counting the root, depth draft
                            forwards after the root's children, so nodes reach depth + 1 [59, 5]; total_tokens
                            "auto" (or -1, as MSD's total_token=-1): chosen once the target is loaded among
@@ -152,7 +154,7 @@ class LlavaMsdCalibrated(lmms):
       stop                 OPT-Tree's stop and size rule: "delta" (stop_delta) or "cost" (the tree with the most
                            expected committed tokens per second on this runtime's costs, measured at start-up or
                            read from $XDG_CACHE_HOME (~/.cache)/lmms_msd/cost_models; a plain step when no tree
-                           pays: lmms_msd.speculative.cost) [delta]
+                           pays: lmms_msd.speculative.cost) [auto: cost with tree=auto on CUDA, else delta]
       device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
       dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
       attn_implementation  the target's attention [sdpa]
@@ -187,7 +189,7 @@ class LlavaMsdCalibrated(lmms):
         pretrained: str | None = None,
         msd_model_path: str | None = None,
         use_msd: bool | str = "auto",
-        tree: str = "eagle2",
+        tree: str = "auto",
         total_tokens: int = 59,
         depth: int = 5,
         top_k: int = 10,
@@ -211,7 +213,7 @@ class LlavaMsdCalibrated(lmms):
         attention_bins: int = 3,
         inflate: str | None = "",
         engine: str = "auto",
-        stop: str = "delta",
+        stop: str = "auto",
         max_batch: int | None = None,
         batch_node_budgets: str | None = None,
         batched_drafting: bool | str = False,
