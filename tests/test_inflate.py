@@ -236,6 +236,31 @@ def test_draft_outputs_are_the_miniatures(pairs):
     assert not big_out[..., h:].any()
 
 
+def test_draft_visual_attention_is_the_miniatures(pairs):
+    """The calibrator's visual feature (each row's attention share on image slots) of the inflated head is
+    the small head's: it averages the copied heads only (`DraftConfig.visual_heads`); the added zero heads
+    attend uniformly and, averaged in, diluted it (the H200's calibrated trees differed from the CPU's)."""
+    (target, draft), (big_target, big_draft) = pairs
+    h, big_h = target.hidden_size, big_target.hidden_size
+    assert big_draft.config.visual_heads == draft.config.num_attention_heads < big_draft.config.num_attention_heads
+    question, images = QUESTIONS[0]
+    prompt = target.prepare(question, images)
+    length = prompt.input_ids.shape[0]
+    positions = torch.arange(length)
+    features, _ = target.forward(prompt.inputs_embeds, target.new_cache(), positions)
+    next_ids = torch.cat([prompt.input_ids[1:], prompt.input_ids[:1]])
+    visible = torch.ones(length, length, dtype=torch.bool).tril()
+    with torch.inference_mode():
+        x = draft.fuse(draft.embed_tokens(next_ids)[None], features[None])
+        big_x = torch.nn.functional.pad(x, (0, big_h - h))  # the inflated fc's output on the padded inputs
+        _, mass = draft.forward_with_visual(x, positions, draft.new_cache(length), positions, visible, prompt.image_mask)
+        _, big_mass = big_draft.forward_with_visual(big_x, positions, big_draft.new_cache(length), positions, visible, prompt.image_mask)
+    assert prompt.image_mask.any() and mass.max() > 0.1  # a real feature, not all zeros
+    # input RMSNorm (h), q and k (h), scores (head_dim), softmax and the image sum (length each); shares are at most 1
+    reductions = [h, h, draft.config.resolved_head_dim, length, length]
+    assert (big_mass - mass).abs().max().item() <= chain_gap(reductions, 1.0, torch.float32)
+
+
 @pytest.mark.parametrize("question, images", QUESTIONS[1:])
 def test_greedy_decoding_is_the_miniatures(pairs, question, images):
     (target, _), (big_target, _) = pairs

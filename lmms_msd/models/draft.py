@@ -53,6 +53,10 @@ class DraftConfig:
     rope_theta: float = 10000.0
     bias: bool = True  # of fc
     hidden_act: str = "silu"
+    # The leading heads whose attention the visual intensity averages (None: every head). Not a released
+    # key: `lmms_msd.testbed.inflate` sets it to the small head's count, since the zero heads it adds attend
+    # uniformly and would otherwise dilute the calibrator's visual feature.
+    visual_heads: int | None = None
 
     @property
     def resolved_head_dim(self) -> int:
@@ -85,7 +89,8 @@ class DraftConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": "llava", "architectures": ["MSDDraftHead"], **asdict(self)}
+        fields = {k: v for k, v in asdict(self).items() if not (k == "visual_heads" and v is None)}
+        return {"model_type": "llava", "architectures": ["MSDDraftHead"], **fields}
 
     @classmethod
     def like_target(cls, text_config: Any, vocab_size: int) -> DraftConfig:
@@ -126,6 +131,7 @@ class DraftAttention(nn.Module):
         super().__init__()
         d = config.resolved_head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.visual_heads = config.visual_heads or self.n_heads
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * d, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * d, bias=False)
@@ -170,7 +176,8 @@ class DraftAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(r, t, -1)), mass
 
     def image_mass(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
-        """The share of each query's attention that falls on its row's image slots, averaged over heads.
+        """The share of each query's attention that falls on its row's image slots, averaged over heads
+        (the leading `visual_heads` of them: every head but in an inflated testbed head).
 
         Recomputes the attention probabilities next to SDPA (which does not return them), so the
         layer's output is the same bit for bit whether or not the mass is asked for.
@@ -179,8 +186,9 @@ class DraftAttention(nn.Module):
         assert image_slots.shape == (keys.shape[0], keys.shape[2]), (
             f"image_slots {tuple(image_slots.shape)} for {keys.shape[0]} rows of {keys.shape[2]} slots"
         )
-        keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [R, heads, S, D]
-        logits = (q.float() @ keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [R, heads, T, S]
+        v = self.visual_heads
+        keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)[:, :v]  # [R, v, S, D]
+        logits = (q[:, :v].float() @ keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [R, v, T, S]
         probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
         return (probs * image_slots[:, None, None].float()).sum(-1).mean(dim=1)
 

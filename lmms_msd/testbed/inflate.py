@@ -198,6 +198,7 @@ def inflate_draft(
         num_key_value_heads=shape.num_key_value_heads,
         head_dim=config.resolved_head_dim,
         rms_norm_eps=config.rms_norm_eps * ratio,
+        visual_heads=config.visual_heads or config.num_attention_heads,  # the copied heads; the added ones attend uniformly
     )
     with torch.device("meta"):
         big = MSDDraft(big_config)
