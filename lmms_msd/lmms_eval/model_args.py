@@ -136,9 +136,10 @@ def device_default_tree(device: str, use_msd: bool) -> tuple[str, str]:
     """The tree and stop rule of `tree=auto` (the default): those measured fastest on the device's kind.
 
     On a GPU, OPT-Tree sized by the device's measured costs (`opt`, `stop=cost`; with the bundled pair its
-    calibrator's weights): on the H200 7B-shaped testbed the fastest or within 0.4% of the fastest at
-    temperatures 0 and 1, and OPT-Tree 3.5% faster than EAGLE-2's tree (README, "Cost-aware trees" and "Speed
-    on a GPU"). Elsewhere EAGLE-2's tree (`eagle2`, its depth and width): on a CPU no tree beats a plain step,
+    calibrator's weights): on the H200 7B-shaped testbed the raw-confidence cost tree was the fastest at
+    temperature 0, the calibrated one the fastest at 1 and within 0.4% at 0 (measured before the inflated
+    draft's visual feature was fixed), and OPT-Tree 3.5% faster than EAGLE-2's tree (README, "Cost-aware
+    trees" and "Speed on a GPU"). Elsewhere EAGLE-2's tree (`eagle2`, its depth and width): on a CPU no tree beats a plain step,
     so `use_msd=auto` decodes plainly and the tree only prices the ceiling. Without speculative decoding
     (use_msd=false) no tree is grown; EAGLE-2 names it.
     """
