@@ -125,6 +125,28 @@ def test_torch_evaluation_equals_numpy():
     assert np.allclose(got32.flatten().numpy(), expected, atol=1e-5)
 
 
+def test_torch_segment_tables_worked_example():
+    """TorchCalibrator's docstring example: thresholds x = (0.2, 0.6), y = (0.1, 0.5) -> 0.1 below x[0]
+    (segment 0), 0.3 at t = 0.4 (segment 1), 0.5 above x[-1] (the clipped value); a row's visual
+    intensity given once per row ([n, 1]) is broadcast over its children."""
+    X = np.array([[0.2, 0, 0.0], [0.6, 0, 0.0]])
+    calibrator = GroupedIsotonicCalibrator(attention_bins=1).fit(X, np.array([0.1, 0.5]))
+    assert calibrator.models_[0]["x"].tolist() == [0.2, 0.6] and calibrator.models_[0]["y"].tolist() == [0.1, 0.5]
+    evaluate = calibrator.to_torch("cpu", torch.float64)
+    t = torch.tensor([[0.1, 0.2, 0.4], [0.6, 0.9, 1.0]], dtype=torch.float64)
+    got = evaluate(t, torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0.3], [0.7]], dtype=torch.float64))
+    assert torch.allclose(got, torch.tensor([[0.1, 0.1, 0.3], [0.5, 0.5, 0.5]], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert np.array_equal(got.flatten().numpy(), calibrator.predict(np.stack([t.flatten().numpy(), np.zeros(6), np.zeros(6)], 1)))
+    # attention bins: [n, 1] rows broadcast exactly as the same values spelled out per child
+    X2, y2 = synthetic(2000, 9)
+    binned = GroupedIsotonicCalibrator(attention_bins=3, min_group_size=80).fit(X2, y2).to_torch("cpu", torch.float32)
+    rng = np.random.default_rng(2)
+    confidence = torch.tensor(rng.uniform(0, 1, (6, 4)), dtype=torch.float32)
+    types = torch.tensor(rng.integers(0, 3, (6, 4)))
+    visual = torch.tensor(rng.uniform(0, 1, (6, 1)), dtype=torch.float32)
+    assert torch.equal(binned(confidence, types, visual), binned(confidence, types, visual.expand(6, 4).contiguous()))
+
+
 def test_torch_evaluation_of_a_constant_fit():
     X = np.array([[0.5, 0, 0.1], [0.5, 1, 0.2], [0.5, 2, 0.3]])
     calibrator = GroupedIsotonicCalibrator(attention_bins=1).fit(X, np.array([1.0, 0.0, 1.0]))

@@ -12,8 +12,8 @@ own output, so at equal draft confidence the first level is accepted more often 
 predictions normalised"). `depth_edges=(2,)` fits depth 1 apart from deeper nodes; `()` pools every
 depth, as files of format version 1 (written before depth buckets existed) do.
 
-`TorchCalibrator`: the fitted piecewise-linear functions as padded tensors, evaluated in batch on the
-device exactly as scikit-learn's `IsotonicRegression.predict` does.
+`TorchCalibrator`: the fitted piecewise-linear functions as segment tables, evaluated in batch on the
+device exactly as scikit-learn's `IsotonicRegression.predict` does, in a few kernels.
 """
 
 from __future__ import annotations
@@ -299,22 +299,42 @@ def _type_name(t: int) -> str:
 
 
 class TorchCalibrator:
-    """A fitted calibrator's functions as padded tensors, evaluated in batch on the device.
+    """A fitted calibrator's functions as segment tables, evaluated in batch on the device.
 
-    x_, y_: [models, T] thresholds, each row padded by repeating its last point (so it stays sorted
-    and `searchsorted` finds the same segment); sizes_: [models] true lengths.
+    The same floats as `interpolate_thresholds` (scikit-learn's predict) in the tensors' dtype, with few
+    operations, since a tree level evaluates it once per level inside a graph of small kernels (every
+    kernel of a level costs time at a 7B draft's size). Per model m of T_m thresholds x, y:
+
+    - x_: [models, T] the thresholds, each row padded by repeating its last point (sorted, so that
+      `searchsorted` finds the segment): a confidence t finds s = the number of thresholds below it
+      (searchsorted, side left), 0..T;
+    - segment s of model m is (x_lo, y_lo, slope), and the prediction is slope * (t - x_lo) + y_lo:
+      s = 0 (t <= x[0]): (x[0], y[0], 0), i.e. y[0], the clipped value; 1 <= s < T_m: x[s-1], y[s-1] and
+      (y[s] - y[s-1]) / (x[s] - x[s-1]), scipy's formula; s >= T_m (t > x[-1]): the constant value at
+      x[-1] that scikit-learn's clipping gives (the last segment evaluated at x[-1]; y[0] for T_m = 1).
+
+    Worked example: x = (0.2, 0.6), y = (0.1, 0.5): t = 0.1 -> s 0 -> 0.1; t = 0.4 -> s 1 -> 1 * 0.2 +
+    0.1 = 0.3; t = 0.9 -> s 2 -> the value at 0.6, 0.5.
     """
 
     def __init__(self, calibrator: GroupedIsotonicCalibrator, device: torch.device, dtype: torch.dtype) -> None:
         models = calibrator.models_
         width = max(2, *(len(m["x"]) for m in models))  # at least one segment, even for constant fits
-
-        def padded(key: str) -> torch.Tensor:
-            rows = [np.concatenate([m[key], np.repeat(m[key][-1:], width - len(m[key]))]) for m in models]
-            return torch.tensor(np.stack(rows), dtype=dtype, device=device)
-
-        self.x, self.y = padded("x"), padded("y")
-        self.sizes = torch.tensor([len(m["x"]) for m in models], device=device)
+        self.x = torch.tensor(
+            np.stack([np.concatenate([m["x"], np.repeat(m["x"][-1:], width - len(m["x"]))]) for m in models]), dtype=dtype
+        )
+        x_lo, y_lo, slope = (torch.zeros(len(models), width + 1, dtype=dtype) for _ in range(3))
+        for i, m in enumerate(models):
+            x, y = torch.tensor(m["x"], dtype=dtype), torch.tensor(m["y"], dtype=dtype)
+            n = x.shape[0]
+            x_lo[i, 0], y_lo[i, 0] = x[0], y[0]
+            x_lo[i, 1:n], y_lo[i, 1:n] = x[:-1], y[:-1]
+            slope[i, 1:n] = (y[1:] - y[:-1]) / (x[1:] - x[:-1])
+            last = y[:1] if n == 1 else slope[i, n - 1 : n] * (x[-1:] - x[-2:-1]) + y[-2:-1]
+            x_lo[i, n:], y_lo[i, n:] = x[-1], last  # slope 0: the clipped value
+        self.x = self.x.to(device)
+        self.x_lo, self.y_lo, self.slope = (t.flatten().to(device) for t in (x_lo, y_lo, slope))
+        self.segments = width + 1
         self.group_model = torch.tensor(calibrator.group_model_, device=device)  # [depth buckets, types, bins]
         self.bin_edges = torch.tensor(calibrator.bin_edges_, dtype=dtype, device=device)
         self.depth_edges = tuple(int(e) for e in calibrator.depth_edges)
@@ -336,8 +356,9 @@ class TorchCalibrator:
     def __call__(
         self, confidence: torch.Tensor, types: torch.Tensor, visual: torch.Tensor | None, depth: int | torch.Tensor | None = None
     ) -> torch.Tensor:
-        """confidence, types (long), visual: same shape [...] (visual may be None with one bin); depth: one int
-        for every entry, or a long tensor of the same shape [...] (None without depth buckets) -> [...]"""
+        """confidence, types (long): same shape [...]; visual: broadcastable to it, e.g. [n, 1] for a row's
+        children (may be None with one bin); depth: one int for every entry, or a long tensor of the shape
+        [...] (None without depth buckets) -> [...]"""
         if self.needs_visual:
             if visual is None:
                 raise ValueError(
@@ -346,25 +367,18 @@ class TorchCalibrator:
                 )
             bins = torch.searchsorted(self.bin_edges, visual.to(self.bin_edges.dtype).contiguous(), right=True)
         else:
-            bins = torch.zeros_like(types)
+            bins = 0
         if not self.needs_depth:
-            which = self.group_model[0][types, bins].flatten()  # [n]
+            which = self.group_model[0][types, bins]
         elif depth is None:
             raise ValueError(f"this calibrator has depth buckets (depth_edges {self.depth_edges}) and needs each node's depth")
         elif isinstance(depth, torch.Tensor):
             buckets = torch.searchsorted(self.depth_edges_tensor, depth.to(torch.long).contiguous(), right=True)
-            which = self.group_model[buckets, types, bins].flatten()
+            which = self.group_model[buckets, types, bins]
         else:
-            which = self.group_model[self.depth_bucket(depth)][types, bins].flatten()
-        t = confidence.to(self.x.dtype).flatten()
-        x, y, size = self.x[which], self.y[which], self.sizes[which]  # [n, T], [n, T], [n]
-        t = torch.minimum(torch.maximum(t, x[:, 0]), x[:, -1])  # rows are padded with their last point
-        hi = torch.searchsorted(x, t[:, None]).squeeze(1)
-        hi = torch.minimum(hi.clamp(min=1), (size - 1).clamp(min=1))
-        lo = hi - 1
-        x_lo, x_hi = x.gather(1, lo[:, None])[:, 0], x.gather(1, hi[:, None])[:, 0]
-        y_lo, y_hi = y.gather(1, lo[:, None])[:, 0], y.gather(1, hi[:, None])[:, 0]
-        single = size == 1
-        slope = (y_hi - y_lo) / torch.where(single, torch.ones_like(x_hi), x_hi - x_lo)
-        out = torch.where(single, y[:, 0], slope * (t - x_lo) + y_lo)
+            which = self.group_model[self.depth_bucket(depth)][types, bins]
+        which = which.expand(confidence.shape).reshape(-1)
+        t = confidence.to(self.x.dtype).reshape(-1, 1)
+        segment = torch.searchsorted(self.x.index_select(0, which), t).view(-1).add_(which, alpha=self.segments)
+        out = self.slope[segment] * (t.view(-1) - self.x_lo[segment]) + self.y_lo[segment]
         return out.view(confidence.shape)

@@ -60,7 +60,7 @@ class CalibratedScorer:
         assert logprobs.shape == tokens.shape and logprobs.dim() == 2, (
             f"logprobs {tuple(logprobs.shape)}, tokens {tuple(tokens.shape)}"
         )
-        row_visual = None if visual is None else visual[:, None].expand_as(logprobs)
+        row_visual = None if visual is None else visual[:, None]  # the predictor broadcasts it over the k children
         predicted = self.predictor(logprobs.exp(), self.token_types[tokens], row_visual, depth).clamp(min=self.floor, max=1.0)
         return predicted.log().to(logprobs.dtype)
 

@@ -186,11 +186,12 @@ class DraftAttention(nn.Module):
         assert image_slots.shape == (keys.shape[0], keys.shape[2]), (
             f"image_slots {tuple(image_slots.shape)} for {keys.shape[0]} rows of {keys.shape[2]} slots"
         )
-        v = self.visual_heads
-        keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)[:, :v]  # [R, v, S, D]
+        v, group = self.visual_heads, self.n_heads // self.n_kv_heads
+        keys = (keys if group == 1 else keys.repeat_interleave(group, dim=1))[:, :v]  # [R, v, S, D]
+        # few kernels: a tree level runs this once per level, and at a 7B draft's size each kernel counts
         logits = (q[:, :v].float() @ keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [R, v, T, S]
-        probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
-        return (probs * image_slots[:, None, None].float()).sum(-1).mean(dim=1)
+        probs = torch.where(visible[:, None], logits, float("-inf")).softmax(dim=-1)
+        return (probs @ image_slots[:, None, :, None].float()).squeeze(-1).mean(dim=1)  # [R, v, T, 1] -> [R, T]
 
 
 class DraftMLP(nn.Module):
@@ -346,7 +347,7 @@ class MSDDraft(nn.Module):
         for layer, layer_cache in zip(self.layers, cache):
             x, mass = layer(x, positions, layer_cache, slots, visible, image_slots)
             masses.append(mass)
-        mass = None if image_slots is None else torch.stack(masses).mean(dim=0)
+        mass = None if image_slots is None else masses[0] if len(masses) == 1 else torch.stack(masses).mean(dim=0)
         return x, (mass[0] if one and mass is not None else mass)
 
 
