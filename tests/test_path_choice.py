@@ -200,17 +200,21 @@ def test_plugin_default_reports_the_path_and_why(costs, tiny_hf_dir, tiny_draft_
 
 
 def test_the_default_tree_is_the_devices_fastest(monkeypatch):
-    """tree=auto (the default): OPT-Tree sized by the measured costs on CUDA, with the bundled pair's
-    calibrator; EAGLE-2 elsewhere and without speculative decoding; a named tree keeps its own defaults."""
+    """tree=auto (the default): on CUDA OPT-Tree on the raw draft confidence with stop_delta 0.6 (no
+    calibrator, also with the bundled pair); EAGLE-2 elsewhere and without speculative decoding; a named
+    tree keeps its own defaults (tree=opt: stop_delta 0.3 and, with the bundled pair, its calibrator)."""
     from lmms_msd.lmms_eval import model_args
 
     cpu = coerced(device="cpu")
     assert (cpu.tree, cpu.stop) == ("eagle2", "delta") and cpu.calibrator is None
     cuda = coerced(device="cuda")  # coercion loads nothing: no GPU needed
-    assert (cuda.tree, cuda.stop, cuda.engine) == ("opt", "cost", "static") and cuda.calibrator is not None
+    assert (cuda.tree, cuda.stop, cuda.stop_delta, cuda.engine, cuda.calibrator) == ("opt", "delta", 0.6, "static", None)
     assert (coerced(device="cuda", use_msd="false").tree, coerced(device="cuda", use_msd="false").stop) == ("eagle2", "delta")
-    assert (coerced(device="cuda", tree="opt").stop, coerced(device="cuda", tree="eagle2").tree) == ("delta", "eagle2")
-    assert coerced(device="cuda", stop="delta").stop == "delta" and coerced(device="cpu", tree="opt", stop="cost").stop == "cost"
-    assert model_args.device_default_tree("cuda:1", True) == ("opt", "cost")
+    named = coerced(device="cuda", tree="opt")
+    assert (named.stop, named.stop_delta) == ("delta", 0.3) and named.calibrator is not None
+    assert coerced(device="cuda", tree="eagle2").tree == "eagle2"
+    assert coerced(device="cuda", stop_delta="0.45").stop_delta == 0.45 and coerced(device="cuda", calibrator="none").calibrator == "none"
+    assert coerced(device="cuda", stop="cost").stop == "cost" and coerced(device="cpu", tree="opt", stop="cost").stop == "cost"
+    assert model_args.device_default_tree("cuda:1", True) == ("opt", "delta", 0.6, False)
     monkeypatch.setattr(model_args, "default_device", lambda: "cuda")
     assert coerced().tree == "opt"  # the default device decides when none is named

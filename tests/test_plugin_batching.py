@@ -79,16 +79,25 @@ def test_static_engine_batches_with_the_eager_answers(tiny_hf_dir, tiny_draft_di
             assert run(static[1], requests, docs) == expected
 
 
-def test_batched_opt_cost_answers_equal_batch_one(docs, tmp_path):  # noqa: F811
-    """OPT-Tree sized by the measured costs (`tree=opt,stop=cost`, the default tree on CUDA) under batching,
-    on the bundled pair (whose draft is accepted, so trees are grown and verified): plain decoding's answers
-    at T=0, and each sampled request its batch-1 answer with its seed."""
+TREES = {
+    "cost, calibrated": {"tree": "opt", "stop": "cost"},  # the bundled pair's calibrator weights (named tree=opt)
+    "the CUDA default": {"tree": "opt", "calibrator": "none", "stop_delta": "0.6"},  # what tree=auto resolves to there
+}
+
+
+@pytest.mark.parametrize("trees", list(TREES))
+def test_batched_opt_answers_equal_batch_one(trees, docs, tmp_path):  # noqa: F811
+    """OPT-Tree under batching on the bundled pair (whose draft is accepted, so trees are grown and
+    verified), sized by the measured costs with the calibrator's weights and as tree=auto's CUDA default
+    (raw confidence, stop_delta 0.6): plain decoding's answers at T=0, and each sampled request its batch-1
+    answer with its seed."""
     plain = LlavaMsdCalibrated(use_msd="false", stats_path=str(tmp_path / "plain.json"))
     one, many = (
-        LlavaMsdCalibrated(use_msd="true", tree="opt", stop="cost", stats_path=str(tmp_path / f"{name}.json"), batch_size=size)
+        LlavaMsdCalibrated(use_msd="true", **TREES[trees], stats_path=str(tmp_path / f"{name}.json"), batch_size=size)
         for name, size in (("one", 1), ("many", 3))
     )
-    assert (many.args.tree, many.args.stop, many.max_batch) == ("opt", "cost", 3)
+    assert (many.args.tree, many.args.stop, many.max_batch) == ("opt", TREES[trees].get("stop", "delta"), 3)
+    assert (many.args.calibrator == "none") == (trees == "the CUDA default")
     requests = [request(i, LONGER if i % 2 else None) for i in (2, 0, 3, 1)]
     assert run(many, requests, docs) == run(plain, requests, docs)
     assert json.loads(Path(many.report.path).read_text())["overall"]["accepted_tokens"] > 0  # not only plain steps

@@ -132,20 +132,26 @@ def _as_shape(name: str, value: Any) -> TextShape | None:
         raise ValueError(f"{name}={text}: {error}") from None
 
 
-def device_default_tree(device: str, use_msd: bool) -> tuple[str, str]:
-    """The tree and stop rule of `tree=auto` (the default): those measured fastest on the device's kind.
+OPT_STOP_DELTA = 0.3  # OPT-Tree's stop_delta when the tree is named (tree=opt) and stop_delta is not given
+DEVICE_STOP_DELTA = 0.6  # tree=auto on CUDA: chosen by ms/token on the development split (device_default_tree)
 
-    On a GPU, OPT-Tree sized by the device's measured costs (`opt`, `stop=cost`; with the bundled pair its
-    calibrator's weights): on the H200 7B-shaped testbed the raw-confidence cost tree was the fastest at
-    temperature 0, the calibrated one the fastest at 1 and within 0.4% at 0 (measured before the inflated
-    draft's visual feature was fixed), and OPT-Tree 3.5% faster than EAGLE-2's tree (README, "Cost-aware
-    trees" and "Speed on a GPU"). Elsewhere EAGLE-2's tree (`eagle2`, its depth and width): on a CPU no tree beats a plain step,
-    so `use_msd=auto` decodes plainly and the tree only prices the ceiling. Without speculative decoding
-    (use_msd=false) no tree is grown; EAGLE-2 names it.
+
+def device_default_tree(device: str, use_msd: bool) -> tuple[str, str, float, bool]:
+    """What `tree=auto` (the default) decodes with on this device: (tree, stop rule, stop_delta, whether the
+    bundled pair's fitted calibrator weights the nodes), the configuration measured fastest on the device's kind.
+
+    On a GPU, OPT-Tree on the raw draft confidence with stop_delta 0.6 (no calibrator): on the H200
+    7B-shaped testbed (`scripts/compare_trees.py --engine static --inflate 7b`, README "Cost-aware trees"),
+    twice, the development split chose 0.6 and 0.8 among 0.1-1.5, and on the test documents the tuned raw
+    tree was the fastest of every scorer and stop rule at both temperatures (2.17-2.20 ms/token against
+    2.22-2.34 for the calibrated trees, 2.32-2.35 for EAGLE-2); 0.6 is the choice further from the cliff
+    at 1.0 (3.2-3.4 ms/token, too few levels). Elsewhere EAGLE-2's tree (`eagle2`, its depth and width): on a
+    CPU no tree beats a plain step, so `use_msd=auto` decodes plainly and the tree only prices the ceiling.
+    Without speculative decoding (use_msd=false) no tree is grown; EAGLE-2 names it.
     """
     if use_msd and device.startswith("cuda"):
-        return "opt", "cost"
-    return "eagle2", "delta"
+        return "opt", "delta", DEVICE_STOP_DELTA, False
+    return "eagle2", "delta", OPT_STOP_DELTA, True
 
 
 def coerce_model_args(
@@ -187,7 +193,9 @@ def coerce_model_args(
         device = f"cuda:{local_rank}"
     tree = str(as_optional_str(tree) or "auto").lower()  # checked by TreeSettings (`tree_settings`), before anything is loaded
     tree_by_device = tree == "auto"
-    tree, default_stop = device_default_tree(device, use_msd) if tree_by_device else (tree, "delta")
+    tree, default_stop, default_delta, bundled_weights = (
+        device_default_tree(device, use_msd) if tree_by_device else (tree, "delta", OPT_STOP_DELTA, True)
+    )
     opt_variant = str(opt_variant).strip().lower()
     if opt_variant not in OPT_VARIANTS:
         raise ValueError(f"unknown opt_variant {opt_variant!r}; valid: {list(OPT_VARIANTS)}")
@@ -199,7 +207,7 @@ def coerce_model_args(
     if calibrator not in (None, "none") and not use_msd:
         raise ValueError(f"calibrator={calibrator} needs speculative decoding; drop it with use_msd=false")
     train_ratio = None if as_optional_str(train_ratio) is None else as_float("train_ratio", train_ratio)
-    if tree == "opt" and calibrator is None and train_ratio is None:
+    if tree == "opt" and calibrator is None and train_ratio is None and bundled_weights:
         calibrator = fitted_calibrator(pair)  # the bundled pair's own; None for a named pair
     if train_ratio is not None and not 0 < train_ratio <= 1:
         raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
@@ -238,7 +246,7 @@ def coerce_model_args(
         stats_path=as_optional_str(stats_path),
         seed=as_int("seed", seed),
         node_budget=as_int("node_budget", node_budget),
-        stop_delta=as_float("stop_delta", stop_delta),
+        stop_delta=default_delta if as_optional_str(stop_delta) is None else as_float("stop_delta", stop_delta),
         max_depth=as_int("max_depth", max_depth),
         opt_variant=opt_variant,
         calibrator=calibrator,

@@ -118,8 +118,8 @@ class LlavaMsdCalibrated(lmms):
                            may calibrate online, which decodes every request speculatively); else by the
                            realised speculative steps so far: lmms_msd.speculative.cost.PathChoice) [auto]
       tree                 "eagle2" (the EAGLE-2 dynamic tree), "opt" (OPT-Tree with early stopping) or "auto":
-                           the device's fastest measured, opt with stop=cost on CUDA, eagle2 elsewhere
-                           (model_args.device_default_tree) [auto]
+                           the device's fastest measured: on CUDA opt on the raw draft confidence with
+                           stop_delta 0.6, eagle2 elsewhere (model_args.device_default_tree) [auto]
       total_tokens, depth  the EAGLE-2 tree, as upstream: total_tokens nodes counting the root, depth draft
                            forwards after the root's children, so nodes reach depth + 1 [59, 5]; total_tokens
                            "auto" (or -1, as MSD's total_token=-1): chosen once the target is loaded among
@@ -127,14 +127,15 @@ class LlavaMsdCalibrated(lmms):
                            (lmms_msd.speculative.tree.choose_total_tokens), logged and recorded in the statistics
       top_k                frontier width and children proposed per frontier node, both trees [10]
       node_budget, stop_delta, max_depth   OPT-Tree's draft nodes (root not counted), early-stop threshold
-                           (absolute, on the expected accepted length) and deepest node depth [60, 0.3, 10]
+                           (absolute, on the expected accepted length) and deepest node depth [60, 0.3 (0.6
+                           with tree=auto on CUDA), 10]
       opt_variant          OPT-Tree's rule (lmms_msd.speculative.tree.OptTree): "upstream" (Jikai0Wang/OPT-Tree: a level
                            stores its top_k frontier; upstream's own setting is top_k = node_budget) or
                            "frontier" (every top_k x top_k proposal is a candidate) [frontier]
       calibrator           tree=opt only: a calibrator JSON file (`lmms-msd calibrate`), "online" (observe the
                            first train_ratio of the requests, then fit), or "none" (raw draft confidence)
                            [unset: online when a train_ratio is given, here or in gen_kwargs; with the bundled
-                           pair and no train_ratio here, the calibrator fitted for it; else none]
+                           pair, a named tree=opt and no train_ratio here, the calibrator fitted for it; else none]
       calibrator_mode      how the calibrator scores OPT-Tree's nodes: "weight" (its predicted acceptance is
                            the node's weight) or "tilt" (the thesis's: it tilts the draft's logits of the
                            proposed children, whose re-normalised probabilities are the weights;
@@ -154,7 +155,7 @@ class LlavaMsdCalibrated(lmms):
       stop                 OPT-Tree's stop and size rule: "delta" (stop_delta) or "cost" (the tree with the most
                            expected committed tokens per second on this runtime's costs, measured at start-up or
                            read from $XDG_CACHE_HOME (~/.cache)/lmms_msd/cost_models; a plain step when no tree
-                           pays: lmms_msd.speculative.cost) [auto: cost with tree=auto on CUDA, else delta]
+                           pays: lmms_msd.speculative.cost) [delta]
       device               [cuda if available, else cpu; cuda:<local rank> under data parallelism]
       dtype                float16 / bfloat16 / float32 / auto (the checkpoint's) [auto on cuda, float32 on cpu]
       attn_implementation  the target's attention [sdpa]
@@ -202,7 +203,7 @@ class LlavaMsdCalibrated(lmms):
         stats_path: str | None = None,
         seed: int = 0,
         node_budget: int = 60,
-        stop_delta: float = 0.3,
+        stop_delta: float | str | None = None,
         max_depth: int = 10,
         opt_variant: str = "frontier",
         calibrator: str | None = None,
