@@ -119,8 +119,8 @@ OPT_VARIANTS = ("upstream", "frontier")
 class TreeSpec:
     """How a draft tree grows: the one contract every grower reads, `grow_tree` and `grow_trees` (here: level
     by level on any `Drafter`s), `lmms_msd.speculative.fast.tree_growth.GraphedTreeGrower` (each level replayed
-    from a CUDA graph) and, for EAGLE-2 on many rows of a shared draft cache,
-    `lmms_msd.speculative.fast.batched_growth.BatchedTreeGrower`; they give the same trees. Build one with `EagleTree(...)` or `OptTree(...)`,
+    from a CUDA graph) and, for many rows of a shared draft cache, `lmms_msd.speculative.fast.batched_growth.
+    BatchedTreeGrower`; they give the same trees. Build one with `EagleTree(...)` or `OptTree(...)`,
     which take upstream's settings in upstream's words and say how each kind grows.
 
     Both kinds: a node's score is its parent's plus the scorer's log acceptance estimate of the node
@@ -667,6 +667,8 @@ def select_rows(
     *,
     confidence: torch.Tensor | None = None,
     visual: torch.Tensor | None = None,
+    used: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Keep each of R pools' `budget` best-scored nodes as a tree, in a few tensor operations for all.
 
@@ -674,18 +676,28 @@ def select_rows(
     indices 1..M (index 0 is the root), in the order proposed, so a parent always precedes its
     children; depths: [M], alike in every pool. Scores never grow along a path (every acceptance
     estimate is at most 1); a stable sort puts a parent before a child of equal score, so the kept set
-    contains every kept node's parent. -> `Tree`'s fields in its order (tokens, parents, depths, scores,
-    confidence, visual), each [R, n + 1] with n = min(budget, M) (confidence and visual None when not given).
+    contains every kept node's parent. used: [R] long, pool r holds only its first used_r places (the
+    rest is ignored); sizes: [R] long, pool r keeps only its best sizes_r <= min(budget, used_r) nodes.
+    -> `Tree`'s fields in its order (tokens, parents, depths, scores, confidence, visual), each [R, n + 1]
+    with n = min(budget, M) (confidence and visual None when not given); with sizes, row r's tree is
+    its first 1 + sizes_r columns (the rest is padding).
+    Example: scores [[-0.1, -0.5, -0.1], [-0.2, -0.1, -0.3]], parents [[0, 0, 1], [0, 0, 2]], budget 2,
+    sizes [2, 1]: row 0 keeps places 0 and 2 (tree parents [-1, 0, 1]), row 1 place 1 (parents [-1, 0]).
     """
     r, m = tokens.shape
     assert parents.shape == scores.shape == (r, m) and depths.shape == (m,), "pool fields must all be [R, M] (depths [M])"
     assert root_tokens.shape == (r,), f"root_tokens {tuple(root_tokens.shape)} for {r} pools"
+    if used is not None:
+        scores = scores.masked_fill(torch.arange(m, device=scores.device)[None] >= used[:, None], float("-inf"))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :budget]
+    n = order.shape[1]
+    if sizes is not None:  # past a row's size: place m, which sorts last and is never read
+        order = order.masked_fill(torch.arange(n, device=order.device)[None] >= sizes[:, None], m)
     kept = torch.sort(order, dim=1).values  # [R, n] pool places (index - 1), ascending: parents before children
-    n = kept.shape[1]
-    remap = torch.full((r, m + 1), -1, dtype=torch.long, device=tokens.device)
+    remap = torch.full((r, m + 2), -1, dtype=torch.long, device=tokens.device)  # column m + 1: place m's
     remap[:, :1].zero_()  # the root; no host scalar, so this runs inside a CUDA graph capture
     remap.scatter_(1, kept + 1, torch.arange(1, n + 1, device=tokens.device).expand(r, n))
+    kept = kept.clamp(max=m - 1)  # place m (padding) reads the last place
 
     def with_root(root: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         return torch.cat([root, pool.gather(1, kept)], dim=1)

@@ -13,12 +13,12 @@ with the same outputs. What it keeps where:
   With `batched_drafting=True` the rows' drafters are the rows of one `SharedDraftCache` (draft keys
   and values [max_batch, kv_heads, capacity, D] per layer, row r for the sequence on target row r),
   and a batch of B > 1 rows grows all its trees with one draft forward per level over cache rows
-  0..R-1 in place (nothing is copied). When every row grows one EAGLE-2 spec (and tracks visual
-  attention alike), each level, and the final choice of nodes, is one CUDA graph replay over all rows
-  (`lmms_msd.speculative.fast.batched_growth.BatchedTreeGrower`, a graph per row bucket and width);
-  other batches (OPT-Tree, whose rows stop at depths of their own, or mixed specs) grow eagerly
-  (`lmms_msd.speculative.tree.grow_trees` through `lmms_msd.speculative.drafting.run_shared`). The
-  draft's advance of all rows is one eager forward (`lmms_msd.speculative.drafting.advance_rows`).
+  0..R-1 in place (nothing is copied). When every row grows one spec (EAGLE-2 or OPT-Tree) and tracks
+  visual attention alike, each level, and the final choice of nodes, is one CUDA graph replay over all
+  rows (`lmms_msd.speculative.fast.batched_growth.BatchedTreeGrower`, a graph per row bucket and width);
+  batches of mixed specs grow eagerly (`lmms_msd.speculative.tree.grow_trees` through
+  `lmms_msd.speculative.drafting.run_shared`). The draft's advance of all rows is one eager forward
+  (`lmms_msd.speculative.drafting.advance_rows`).
   Worked example: rows 0, 1, 3 in flight with 700, 650 and 720 committed draft slots grow an EAGLE-2
   tree (top_k 10): each level is one forward over R = 4 rows of 10 inputs; row r's nodes go to its
   slots 700 + u.., 650 + u.., 720 + u.. (u: its tree slots used so far), and row 2, free, feeds
@@ -234,10 +234,10 @@ class BatchedStaticEngine:
 
     def _batch_grower(self, drafters: list[StaticDrafter], specs: list[TreeSpec]) -> BatchedTreeGrower | None:
         """The shared cache's `BatchedTreeGrower` for these rows (made once per spec and tracking), or None
-        when they differ in spec or tracking or their spec is not one it grows (`grow_trees` grows them)."""
+        when they differ in spec or tracking (`grow_trees` grows them)."""
         spec, track_visual = specs[0], drafters[0].track_visual
         alike = all(s == spec for s in specs) and all(d.track_visual == track_visual for d in drafters)
-        if not (alike and BatchedTreeGrower.supports(spec) and on_one_shared_cache(drafters)):
+        if not (alike and on_one_shared_cache(drafters)):
             return None
         key = (track_visual, spec)
         grower = self._batch_growers.get(key)

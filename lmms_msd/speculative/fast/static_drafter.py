@@ -6,7 +6,7 @@ and every call of the head is padded to a bucketed (rows, width) shape and repla
 Tree building (`lmms_msd.speculative.tree`) drives this drafter exactly as it drives the eager one.
 Its cache may be a row of a `SharedDraftCache` (`BatchedStaticEngine(batched_drafting=True)`): alone it
 replays its graphs on that row, and with other rows of the cache it drafts in one forward over the
-rows: EAGLE-2 trees from graphs (`lmms_msd.speculative.fast.batched_growth.BatchedTreeGrower`), the
+rows: trees of one spec from graphs (`lmms_msd.speculative.fast.batched_growth.BatchedTreeGrower`), the
 rest eagerly (`lmms_msd.speculative.drafting.run_shared`).
 """
 
