@@ -146,24 +146,24 @@ class CostModel:
 def tree_rates(top_scores: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
     """Expected committed tokens per second of the trees of the best n nodes, n = 0..m.
 
-    top_scores: [m] the best m log-weights, descending; seconds: [>= m + 1] (`CostModel.step_seconds`)
-    -> [m + 1]: (1 + sum of the n best weights) / seconds[n]
+    top_scores: [..., m] the best m log-weights, descending (of one pool, or of each of several);
+    seconds: [>= m + 1] (`CostModel.step_seconds`) -> [..., m + 1]: (1 + sum of the n best weights) / seconds[n]
     """
-    m = top_scores.shape[0]
-    assert top_scores.dim() == 1 and seconds.shape[0] >= m + 1, f"top_scores {tuple(top_scores.shape)}, seconds {tuple(seconds.shape)}"
-    tokens = torch.cat([top_scores.new_ones(1), 1 + top_scores.exp().cumsum(0)])  # [m + 1]
+    m = top_scores.shape[-1]
+    assert top_scores.dim() >= 1 and seconds.shape[0] >= m + 1, f"top_scores {tuple(top_scores.shape)}, seconds {tuple(seconds.shape)}"
+    tokens = torch.cat([top_scores.new_ones(*top_scores.shape[:-1], 1), 1 + top_scores.exp().cumsum(-1)], dim=-1)  # [..., m + 1]
     return tokens / seconds[: m + 1].to(tokens)
 
 
 def best_size(top_scores: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
-    """[2] float32 on the device: the best rate of `tree_rates` and its n (the smallest n on a tie). No
-    host read, so it runs inside a CUDA graph.
+    """[..., 2] float32 on the device: the best rate of `tree_rates` and its n (the smallest n on a tie), of
+    one pool's top_scores [m] or of each of several [..., m]. No host read, so it runs inside a CUDA graph.
 
     Example: weights .6, .3 (top_scores their logs) and seconds (1.1, 1.1, 1.1) give rates 1/1.1,
     1.6/1.1, 1.9/1.1: (1.7273, 2).
     """
     rates = tree_rates(top_scores, seconds)
-    return torch.stack([rates.max(), rates.argmax().to(rates.dtype)])  # argmax: the first of equal maxima
+    return torch.stack([rates.amax(-1), rates.argmax(-1).to(rates.dtype)], dim=-1)  # argmax: the first of equal maxima
 
 
 def cost_aware_size(pool_scores: Sequence[torch.Tensor], levels: int, budget: int, cost: CostModel) -> tuple[float, int]:

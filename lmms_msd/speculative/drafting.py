@@ -211,7 +211,12 @@ class Drafter:
     @torch.inference_mode()
     def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, H] -> draft log-probabilities [n, V] (float32) through the target's lm_head."""
-        return torch.log_softmax(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), dim=-1)
+        return draft_logprobs(self.lm_head, hidden)
+
+
+def draft_logprobs(lm_head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden: [..., H] draft outputs -> log-probabilities [..., V] (float32) through the target's lm_head."""
+    return torch.log_softmax(lm_head(hidden.to(lm_head.weight.dtype)).float(), dim=-1)
 
 
 @torch.inference_mode()

@@ -44,20 +44,25 @@ class Tree:
         return self.tokens.shape[0]
 
     def ancestor_mask(self, max_depth: int) -> torch.Tensor:
-        """[N, N] bool: row i is True at i and at every ancestor of i.
+        """[N, N] bool: row i is True at i and at every ancestor of i (`ancestor_masks` of this tree).
 
         Example: parents [-1, 0, 0, 1] (node 3 under node 1 under the root) gives rows
         [1,0,0,0], [1,1,0,0], [1,0,1,0], [1,1,0,1].
         """
-        n = len(self)
-        rows = torch.arange(n, device=self.tokens.device)
-        mask = torch.eye(n, dtype=torch.bool, device=self.tokens.device)
-        node = rows
-        true = torch.ones((), dtype=torch.bool, device=self.tokens.device)  # a device scalar: CUDA-graph safe
-        for _ in range(max_depth):
-            node = self.parents[node].clamp(min=0)  # the root is its own parent from here on
-            mask[rows, node] = true
-        return mask
+        return ancestor_masks(self.parents[None], max_depth)[0]
+
+
+def ancestor_masks(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """R trees' ancestor masks at once: parents [R, N] long (each row a tree's, root -1), nodes at most
+    `max_depth` deep -> [R, N, N] bool, row i of tree r True at i and at every ancestor of i."""
+    r, n = parents.shape
+    device = parents.device
+    mask = torch.eye(n, dtype=torch.bool, device=device).repeat(r, 1, 1)
+    node = torch.arange(n, device=device).expand(r, n)
+    for _ in range(max_depth):
+        node = parents.gather(1, node).clamp(min=0)  # the root is its own parent from here on
+        mask.scatter_(2, node[:, :, None], True)  # a scalar argument, no host tensor: CUDA-graph safe
+    return mask
 
 
 @runtime_checkable
@@ -112,9 +117,10 @@ OPT_VARIANTS = ("upstream", "frontier")
 
 @dataclass(frozen=True, kw_only=True)
 class TreeSpec:
-    """How a draft tree grows: the one contract both growers read, `grow_tree` (here: level by level on
-    any `Drafter`) and `lmms_msd.speculative.fast.tree_growth.GraphedTreeGrower` (each level replayed
-    from a CUDA graph); they give the same trees. Build one with `EagleTree(...)` or `OptTree(...)`,
+    """How a draft tree grows: the one contract every grower reads, `grow_tree` and `grow_trees` (here: level
+    by level on any `Drafter`s), `lmms_msd.speculative.fast.tree_growth.GraphedTreeGrower` (each level replayed
+    from a CUDA graph) and, for many rows of a shared draft cache, `lmms_msd.speculative.fast.batched_growth.
+    BatchedTreeGrower`; they give the same trees. Build one with `EagleTree(...)` or `OptTree(...)`,
     which take upstream's settings in upstream's words and say how each kind grows.
 
     Both kinds: a node's score is its parent's plus the scorer's log acceptance estimate of the node
@@ -633,29 +639,74 @@ def select_nodes(
     confidence: torch.Tensor | None = None,
     visual: torch.Tensor | None = None,
 ) -> Tree:
-    """Keep the `budget` best-scored pool nodes as a tree.
+    """Keep the `budget` best-scored pool nodes as a tree (`select_rows` for one pool).
 
     tokens, parents, depths, scores (and confidence, visual when given): [M] over pool indices 1..M
-    (index 0 is the root), in the order proposed, so a parent always precedes its children. Scores
-    never grow along a path (every acceptance estimate is at most 1); a stable sort puts a parent
-    before a child of equal score, so the kept set contains every kept node's parent. Example: scores [-0.1, -0.5, -0.1] with parents [0, 0, 1] and budget 2 keep pool
-    nodes 1 and 3 (3's parent is 1): tree parents [-1, 0, 1].
+    (index 0 is the root), in the order proposed, so a parent always precedes its children. Example:
+    scores [-0.1, -0.5, -0.1] with parents [0, 0, 1] and budget 2 keep pool nodes 1 and 3 (3's parent
+    is 1): tree parents [-1, 0, 1].
     """
     m = tokens.shape[0]
     assert parents.shape == depths.shape == scores.shape == (m,), "pool fields must all be [M]"
     assert confidence is None or confidence.shape == (m,), f"confidence {tuple(confidence.shape)} != ({m},)"
     assert visual is None or visual.shape == (m,), f"visual {tuple(visual.shape)} != ({m},)"
-    order = torch.sort(scores, descending=True, stable=True).indices[:budget]
-    kept = torch.sort(order).values + 1  # pool indices, ascending: parents before children
-    remap = torch.full((m + 1,), -1, dtype=torch.long, device=tokens.device)
-    remap[:1].zero_()  # the root; no host scalar, so this runs inside a CUDA graph capture
-    remap[kept] = torch.arange(1, kept.shape[0] + 1, device=tokens.device)
-    root = tokens.new_full((1,), root_token)
-    return Tree(
-        tokens=torch.cat([root, tokens[kept - 1]]),
-        parents=torch.cat([root.new_full((1,), -1), remap[parents[kept - 1]]]),
-        depths=torch.cat([root.new_zeros(1), depths[kept - 1]]),
-        scores=torch.cat([scores.new_zeros(1), scores[kept - 1]]),
-        confidence=None if confidence is None else torch.cat([confidence.new_ones(1), confidence[kept - 1]]),
-        visual=None if visual is None else torch.cat([visual.new_zeros(1), visual[kept - 1]]),
+    fields = select_rows(
+        tokens.new_full((1,), root_token), tokens[None], parents[None], depths, scores[None], budget,
+        confidence=None if confidence is None else confidence[None], visual=None if visual is None else visual[None],
+    )  # fmt: skip
+    return Tree(*(None if field is None else field[0] for field in fields))
+
+
+def select_rows(
+    root_tokens: torch.Tensor,
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    depths: torch.Tensor,
+    scores: torch.Tensor,
+    budget: int,
+    *,
+    confidence: torch.Tensor | None = None,
+    visual: torch.Tensor | None = None,
+    used: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Keep each of R pools' `budget` best-scored nodes as a tree, in a few tensor operations for all.
+
+    root_tokens: [R] long; tokens, parents, scores (and confidence, visual when given): [R, M] over pool
+    indices 1..M (index 0 is the root), in the order proposed, so a parent always precedes its
+    children; depths: [M], alike in every pool. Scores never grow along a path (every acceptance
+    estimate is at most 1); a stable sort puts a parent before a child of equal score, so the kept set
+    contains every kept node's parent. used: [R] long, pool r holds only its first used_r places (the
+    rest is ignored); sizes: [R] long, pool r keeps only its best sizes_r <= min(budget, used_r) nodes.
+    -> `Tree`'s fields in its order (tokens, parents, depths, scores, confidence, visual), each [R, n + 1]
+    with n = min(budget, M) (confidence and visual None when not given); with sizes, row r's tree is
+    its first 1 + sizes_r columns (the rest is padding).
+    Example: scores [[-0.1, -0.5, -0.1], [-0.2, -0.1, -0.3]], parents [[0, 0, 1], [0, 0, 2]], budget 2,
+    sizes [2, 1]: row 0 keeps places 0 and 2 (tree parents [-1, 0, 1]), row 1 place 1 (parents [-1, 0]).
+    """
+    r, m = tokens.shape
+    assert parents.shape == scores.shape == (r, m) and depths.shape == (m,), "pool fields must all be [R, M] (depths [M])"
+    assert root_tokens.shape == (r,), f"root_tokens {tuple(root_tokens.shape)} for {r} pools"
+    if used is not None:
+        scores = scores.masked_fill(torch.arange(m, device=scores.device)[None] >= used[:, None], float("-inf"))
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :budget]
+    n = order.shape[1]
+    if sizes is not None:  # past a row's size: place m, which sorts last and is never read
+        order = order.masked_fill(torch.arange(n, device=order.device)[None] >= sizes[:, None], m)
+    kept = torch.sort(order, dim=1).values  # [R, n] pool places (index - 1), ascending: parents before children
+    remap = torch.full((r, m + 2), -1, dtype=torch.long, device=tokens.device)  # column m + 1: place m's
+    remap[:, :1].zero_()  # the root; no host scalar, so this runs inside a CUDA graph capture
+    remap.scatter_(1, kept + 1, torch.arange(1, n + 1, device=tokens.device).expand(r, n))
+    kept = kept.clamp(max=m - 1)  # place m (padding) reads the last place
+
+    def with_root(root: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        return torch.cat([root, pool.gather(1, kept)], dim=1)
+
+    return (
+        with_root(root_tokens[:, None], tokens),
+        torch.cat([tokens.new_full((r, 1), -1), remap.gather(1, parents.gather(1, kept))], dim=1),
+        torch.cat([tokens.new_zeros(r, 1), depths[kept]], dim=1),
+        with_root(scores.new_zeros(r, 1), scores),
+        None if confidence is None else with_root(confidence.new_ones(r, 1), confidence),
+        None if visual is None else with_root(visual.new_zeros(r, 1), visual),
     )

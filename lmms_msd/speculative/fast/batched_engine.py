@@ -12,10 +12,13 @@ with the same outputs. What it keeps where:
   at large batches drafting costs B times one row's.
   With `batched_drafting=True` the rows' drafters are the rows of one `SharedDraftCache` (draft keys
   and values [max_batch, kv_heads, capacity, D] per layer, row r for the sequence on target row r),
-  and a batch of B > 1 rows grows all its trees with one draft forward per level
-  (`lmms_msd.speculative.tree.grow_trees`) and advances all drafts in one forward
-  (`lmms_msd.speculative.drafting.advance_rows`), each forward running over cache rows 0..R-1 in
-  place (`lmms_msd.speculative.drafting.run_shared`: nothing is copied), eagerly (no graphs yet).
+  and a batch of B > 1 rows grows all its trees with one draft forward per level over cache rows
+  0..R-1 in place (nothing is copied). When every row grows one spec (EAGLE-2 or OPT-Tree) and tracks
+  visual attention alike, each level, and the final choice of nodes, is one CUDA graph replay over all
+  rows (`lmms_msd.speculative.fast.batched_growth.BatchedTreeGrower`, a graph per row bucket and width);
+  batches of mixed specs grow eagerly (`lmms_msd.speculative.tree.grow_trees` through
+  `lmms_msd.speculative.drafting.run_shared`). The draft's advance of all rows is one eager forward
+  (`lmms_msd.speculative.drafting.advance_rows`).
   Worked example: rows 0, 1, 3 in flight with 700, 650 and 720 committed draft slots grow an EAGLE-2
   tree (top_k 10): each level is one forward over R = 4 rows of 10 inputs; row r's nodes go to its
   slots 700 + u.., 650 + u.., 720 + u.. (u: its tree slots used so far), and row 2, free, feeds
@@ -33,7 +36,13 @@ import torch
 
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt, Target
-from lmms_msd.speculative.drafting import DraftRows, SharedDraftCache, advance_rows
+from lmms_msd.speculative.drafting import (
+    DraftRows,
+    SharedDraftCache,
+    advance_rows,
+    on_one_shared_cache,
+)
+from lmms_msd.speculative.fast.batched_growth import BatchedTreeGrower
 from lmms_msd.speculative.fast.batched_target import BatchedStaticTarget
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter, start_draft
 from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
@@ -105,6 +114,7 @@ class BatchedStaticEngine:
         # batched_drafting: the draft cache the rows' drafters share (made with the first drafter)
         self._shared: SharedDraftCache | None = None
         self._growers: dict[tuple[int, bool, TreeSpec], GraphedTreeGrower] = {}  # by (row, track_visual, spec)
+        self._batch_growers: dict[tuple[bool, TreeSpec], BatchedTreeGrower] = {}  # batched_drafting: by (track_visual, spec)
 
     def _check_live(self, sequences: list[RowSequence]) -> list[int]:
         """The rows of live sequences; a released one raises."""
@@ -213,10 +223,28 @@ class BatchedStaticEngine:
         if self.batched_drafting and len(sequences) > 1:
             drafters = [drafter_of(s) for s in sequences]
             self._check_live(sequences)
-            trees = grow_trees(drafters, specs, tokens, [r.hidden for r in roots], [r.visual for r in roots])
+            hidden, visual = [r.hidden for r in roots], [r.visual for r in roots]
+            grower = self._batch_grower(drafters, specs)
+            if grower is not None:
+                return grower.build(drafters, tokens, hidden, visual)
+            trees = grow_trees(drafters, specs, tokens, hidden, visual)
             return [(tree, tree.ancestor_mask(spec.max_depth)) for tree, spec in zip(trees, specs)]
         # a grower's outputs are copied out of its graph's memory (`GraphedTreeGrower.build`), so rows may follow each other
         return [self.draft_tree(*row) for row in zip(sequences, specs, tokens, roots)]
+
+    def _batch_grower(self, drafters: list[StaticDrafter], specs: list[TreeSpec]) -> BatchedTreeGrower | None:
+        """The shared cache's `BatchedTreeGrower` for these rows (made once per spec and tracking), or None
+        when they differ in spec or tracking (`grow_trees` grows them)."""
+        spec, track_visual = specs[0], drafters[0].track_visual
+        alike = all(s == spec for s in specs) and all(d.track_visual == track_visual for d in drafters)
+        if not (alike and on_one_shared_cache(drafters)):
+            return None
+        key = (track_visual, spec)
+        grower = self._batch_growers.get(key)
+        if grower is None:
+            grower = BatchedTreeGrower(drafters[0].shared, self.target.lm_head, spec, track_visual, self.cuda_graphs)
+            self._batch_growers[key] = grower
+        return grower
 
     def verify_batch(
         self, sequences: list[RowSequence], trees: list[Tree], ancestors: list[torch.Tensor]

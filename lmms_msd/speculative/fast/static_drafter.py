@@ -5,8 +5,9 @@ the cache is allocated once per engine at full capacity (a graph keeps the addre
 and every call of the head is padded to a bucketed (rows, width) shape and replayed from a graph.
 Tree building (`lmms_msd.speculative.tree`) drives this drafter exactly as it drives the eager one.
 Its cache may be a row of a `SharedDraftCache` (`BatchedStaticEngine(batched_drafting=True)`): alone it
-replays its graphs on that row, and with other rows of the cache it drafts in one eager forward over
-the rows (`lmms_msd.speculative.drafting.run_shared`).
+replays its graphs on that row, and with other rows of the cache it drafts in one forward over the
+rows: trees of one spec from graphs (`lmms_msd.speculative.fast.batched_growth.BatchedTreeGrower`), the
+rest eagerly (`lmms_msd.speculative.drafting.run_shared`).
 """
 
 from __future__ import annotations
