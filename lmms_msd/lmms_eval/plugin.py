@@ -179,7 +179,8 @@ class LlavaMsdCalibrated(lmms):
                            budget holds, budget; 0: plain steps), e.g. 1:60;16:20;64:0 [the tree's own below 8
                            requests in flight, plain steps from 8: PlainFrom(8); on an H200 trees paid at 4, lost at 16]
       batched_drafting     engine=static with a batch: every tree level of all requests in flight is one draft
-                           forward over a draft cache with a row per request (BatchedStaticEngine) [false]
+                           forward, replayed from a CUDA graph, over a draft cache with a row per request
+                           (BatchedStaticEngine, lmms_msd.speculative.fast.batched_growth) [false]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
     """
 
