@@ -408,7 +408,7 @@ def time_total_tokens(decoder: Decoder, repeats: int = 20) -> dict[str, Any]:
 
 def online_calibration(
     n_requests: int, train_ratio: float, tree: TreeSetup, target: Target, *, seed: int, label: str, mode: str,
-    attention_bins: int, min_group_size: int,
+    attention_bins: int, min_group_size: int, depth_edges: tuple[int, ...] = (),
 ) -> OnlineCalibration:  # fmt: skip
     """Online calibration over a run's `n_requests` (`lmms_msd.calibration.online`): observe the first
     `train_ratio` of them in a seeded order with `tree`'s raw confidence, then fit a fresh calibrator
@@ -417,7 +417,7 @@ def online_calibration(
     from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
     from lmms_msd.calibration.online import OnlineCalibration
 
-    calibrator = GroupedIsotonicCalibrator(attention_bins=attention_bins, min_group_size=min_group_size)
+    calibrator = GroupedIsotonicCalibrator(attention_bins=attention_bins, min_group_size=min_group_size, depth_edges=depth_edges)
     types = token_type_table(target.tokenizer, target.vocab_size)
     return OnlineCalibration(
         n_requests, train_ratio, tree.builder, types, calibrator, seed=seed, device=target.device, label=label, mode=mode

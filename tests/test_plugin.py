@@ -128,6 +128,8 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         ("pretrained=x,msd_model_path=y,tree=opt,train_ratio=1.5", r"train_ratio must be in \(0, 1\], got 1.5"),
         ("pretrained=x,msd_model_path=y,tree=opt,calibrator=none,train_ratio=0.3", "cannot go with calibrator=none"),
         ("pretrained=x,msd_model_path=y,tree=opt,attention_bins=0", "attention_bins must be at least 1"),
+        ("pretrained=x,msd_model_path=y,tree=opt,depth_edges=1", r"depth_edges must be increasing integers >= 2 .* got 1$"),
+        ("pretrained=x,msd_model_path=y,tree=opt,depth_edges=4;2", "depth_edges must be increasing"),
         ("pretrained=x,msd_model_path=y,tree=opt,calibrator_mode=bias", r"calibrator_mode must be one of \['weight', 'tilt'\], got 'bias'"),
         ("pretrained=x,msd_model_path=y,calibrator_mode=tilt", "calibrator_mode=tilt says how .* needs use_msd=true, tree=opt"),
         ("pretrained=x,msd_model_path=y,tree=opt,calibrator=none,calibrator_mode=tilt", "got tree=opt, calibrator=none"),
@@ -488,6 +490,17 @@ def test_tilt_mode_with_a_file_and_online_is_lossless(tiny_hf_dir, tiny_draft_di
     assert run(online, [request(i) for i in range(4)], docs) == plain
     tree = json.loads((tmp_path / "o.json").read_text())["tree"]
     assert tree["calibrator_mode"] == "tilt" and tree["calibrator"]["fitted"] and tree["calibrator"]["label"] == "soft"
+    assert tree["calibrator"]["depth_edges"] == [2]  # depth 1 apart from deeper nodes, as `lmms-msd calibrate` fits
+
+
+def test_depth_edges_model_arg():
+    from lmms_msd.lmms_eval.model_args import as_depth_edges
+
+    assert as_depth_edges(2) == as_depth_edges("2") == (2,) and as_depth_edges("2;4") == (2, 4)
+    assert as_depth_edges("none") == as_depth_edges(None) == ()
+    for bad in ("1", "4;2", "two", "2;2"):
+        with pytest.raises(ValueError, match="depth_edges must be"):
+            as_depth_edges(bad)
 
 
 def test_online_calibrator_needs_a_train_ratio(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):

@@ -70,7 +70,8 @@ def test_rows_are_plain_then_the_thesis_rows():
 
 def test_the_thesis_preset():
     """nodes 500 (499 besides the root), threshold 0.2, max_depth 10, frontier 10, OPT-Tree's own selection,
-    the calibrator as a logit tilt, fitted online on 0.2 of the requests with soft labels, MSD's prompt."""
+    the calibrator as a logit tilt, fitted online on 0.2 of the requests with soft labels and its groups
+    (type x 5 attention bins, pooled over depth: calibrators.py 803-833), MSD's prompt."""
     rows = THESIS.table_rows(THESIS.online(THESIS.train_ratio))
     opt = "tree=opt,opt_variant=upstream,node_budget=499,stop_delta=0.2,max_depth=10,top_k=10"
     assert [(r.key, r.model_args) for r in rows] == [
@@ -78,10 +79,10 @@ def test_the_thesis_preset():
         ("eagle2", "conv_template=msd,use_msd=true,tree=eagle2,total_tokens=59,depth=5,top_k=10"),
         ("opt", f"conv_template=msd,use_msd=true,{opt},calibrator=none"),
         ("opt_cal", (f"conv_template=msd,use_msd=true,{opt},calibrator_mode=tilt,calibrator=online,train_ratio=0.2,"
-                     "calibrator_label=soft,attention_bins=5,min_group_size=200")),
+                     "calibrator_label=soft,attention_bins=5,min_group_size=200,depth_edges=none")),
     ]  # fmt: skip
     assert [r.label for r in rows] == [r.label for r in ROWS]
-    assert reproduce.reserved_model_args(THESIS) >= {"conv_template", "top_k", "calibrator_mode", "attention_bins", "stats_path"}
+    assert reproduce.reserved_model_args(THESIS) >= {"conv_template", "top_k", "calibrator_mode", "attention_bins", "depth_edges", "stats_path"}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -317,7 +318,7 @@ def test_calibrator_default_and_fallback(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(SystemExit, match="no such file"):
         reproduce.choose_calibrator(str(tmp_path / "missing.json"), None, bundled_pair=True, preset=TUNED)
     # the thesis's calibrator is online, with its own label and groups, even for the bundled pair
-    online = "calibrator=online,train_ratio=0.2,calibrator_label=soft,attention_bins=5,min_group_size=200"
+    online = "calibrator=online,train_ratio=0.2,calibrator_label=soft,attention_bins=5,min_group_size=200,depth_edges=none"
     args, text = reproduce.choose_calibrator(None, None, bundled_pair=True, preset=THESIS)
     assert args == online and text == "online, fitted on the first 0.2 of each run's requests (preset thesis)"
     assert reproduce.choose_calibrator(None, 0.5, bundled_pair=True, preset=THESIS)[0] == online.replace("0.2", "0.5")

@@ -89,7 +89,7 @@ THESIS = Preset(
     ),
     calibrator=ONLINE,
     train_ratio=0.2,
-    online_args="calibrator_label=soft,attention_bins=5,min_group_size=200",
+    online_args="calibrator_label=soft,attention_bins=5,min_group_size=200,depth_edges=none",
     notes=(
         (
             "Files are the thesis repository's (ljc0359/Speculative-Decoding-For-Vision-Language-Model at e85f00d): "

@@ -70,6 +70,7 @@ class ModelArgs:
     train_ratio: float | None
     min_group_size: int
     attention_bins: int
+    depth_edges: tuple[int, ...]  # the online calibrator's depth buckets (GroupedIsotonicCalibrator.depth_edges)
     inflate: TextShape | None  # the testbed shape the loaded pair is embedded into, or None
     engine: str  # "static" (lmms_msd.speculative.fast: static caches, CUDA graphs) or "eager" (lmms_msd.speculative.decoding)
     stop: str  # OPT-Tree's stop rule: "delta" (stop_delta) or "cost" (lmms_msd.speculative.cost)
@@ -116,6 +117,21 @@ def as_optional_str(value: Any) -> str | None:
     return str(value)
 
 
+def as_depth_edges(value: Any) -> tuple[int, ...]:
+    """depth_edges: "none" -> () (pooled over depth); 2 or "2" -> (2,); "2;4" -> (2, 4) (lmms-eval splits
+    model_args at commas, so edges are joined by ";"); increasing integers >= 2, as the calibrator requires."""
+    text = as_optional_str(value)
+    if text is None or text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        edges = tuple(int(part) for part in text.replace(",", ";").split(";") if part.strip())
+    except ValueError:
+        edges = None
+    if not edges or any(e < 2 for e in edges) or any(a >= b for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"depth_edges must be increasing integers >= 2 joined by ';' (e.g. 2 or 2;4) or none, got {value!r}")
+    return edges
+
+
 def _as_total_tokens(value: Any) -> int | None:
     """None for "auto" or -1 (MSD's `total_token=-1`); else an integer."""
     if str(value).strip().lower() == "auto" or (not isinstance(value, bool) and value in (-1, "-1")):
@@ -157,8 +173,8 @@ def device_default_tree(device: str, use_msd: bool) -> tuple[str, str, float, bo
 def coerce_model_args(
     pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype, attn_implementation,
     conv_template, system_prompt, vision_tower, stats_path, seed, node_budget, stop_delta, max_depth, opt_variant,
-    calibrator, calibrator_mode, calibrator_label, train_ratio, min_group_size, attention_bins, inflate, engine,
-    stop, *, world_size: int, local_rank: int,
+    calibrator, calibrator_mode, calibrator_label, train_ratio, min_group_size, attention_bins, depth_edges, inflate,
+    engine, stop, *, world_size: int, local_rank: int,
 ) -> ModelArgs:  # fmt: skip
     """The plugin's keyword arguments, coerced and checked. world_size and local_rank (accelerate's):
     under data parallelism device cuda becomes cuda:<local_rank>."""
@@ -255,6 +271,7 @@ def coerce_model_args(
         train_ratio=train_ratio,
         min_group_size=as_int("min_group_size", min_group_size),
         attention_bins=as_int("attention_bins", attention_bins),
+        depth_edges=as_depth_edges(depth_edges),
         inflate=_as_shape("inflate", inflate),
         engine=engine,
         stop=stop,
@@ -351,7 +368,7 @@ def start_online_calibration(
         return None
     return online_calibration(
         len(requested), ratio, tree, target, seed=args.seed, label=args.calibrator_label, mode=args.calibrator_mode,
-        attention_bins=args.attention_bins, min_group_size=args.min_group_size,
+        attention_bins=args.attention_bins, min_group_size=args.min_group_size, depth_edges=args.depth_edges,
     )  # fmt: skip
 
 

@@ -146,6 +146,9 @@ class LlavaMsdCalibrated(lmms):
                            order seeded by `seed`) observed before fitting; also read from gen_kwargs, as
                            the thesis passes it [none]
       min_group_size, attention_bins   the online calibrator's settings [50, 3]
+      depth_edges          the online calibrator's depth buckets, as `lmms-msd calibrate --depth_edges`: "2"
+                           (depth 1 apart from deeper nodes), edges joined by ";" such as "2;4", or "none"
+                           (pooled over depth, as the thesis fits) [2]
       inflate              embed the loaded pair into a bigger shape computing the same function, to measure
                            at a real model's cost (lmms_msd.testbed.inflate): "7b" (LLaVA-1.5-7B's text
                            sizes) or HIDDENxLAYERS such as "512x6"; the vocabulary is kept [none]
@@ -213,6 +216,7 @@ class LlavaMsdCalibrated(lmms):
         train_ratio: float | None = None,
         min_group_size: int = 50,
         attention_bins: int = 3,
+        depth_edges: str | int | None = 2,
         inflate: str | None = "",
         engine: str = "auto",
         stop: str = "auto",
@@ -238,7 +242,7 @@ class LlavaMsdCalibrated(lmms):
             pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype,
             attn_implementation, conv_template, system_prompt, vision_tower, stats_path, seed,
             node_budget, stop_delta, max_depth, opt_variant, calibrator, calibrator_mode, calibrator_label,
-            train_ratio, min_group_size, attention_bins, inflate, engine, stop,
+            train_ratio, min_group_size, attention_bins, depth_edges, inflate, engine, stop,
             world_size=self._world_size, local_rank=self.accelerator.local_process_index,
         )  # fmt: skip
         settings = tree_settings(self.args)  # checked before anything is loaded
