@@ -139,11 +139,15 @@ class DraftAttention(nn.Module):
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [R, heads, T, D], positions: [R, T]"""
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at the positions, computed once for q and k: positions [R, T] -> two [R, 1, T, D]"""
         freqs = positions.float()[..., None] * self.inv_freq  # [R, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [R, 1, T, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [R, heads, T, D]; cos, sin: [R, 1, T, D] (`rope_tables`)"""
         return x * cos + rotate_half(x) * sin
 
     def forward(
@@ -166,7 +170,8 @@ class DraftAttention(nn.Module):
         q = self.q_proj(x).view(r, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(r, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(r, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        cos, sin = self.rope_tables(positions, q.dtype)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         keys, values = layer_cache.write(slots, k, v, visible.shape[2])  # [R, kv_heads, S, D]
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
         out = F.scaled_dot_product_attention(
