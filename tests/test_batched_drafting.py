@@ -50,6 +50,20 @@ STEPS = 4
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-4}
 
 
+def assert_same_tree(tree, ancestors, other, other_ancestors, where):
+    """Two growths of one tree: the same nodes and ancestor mask exactly, the same scores, confidences and
+    visual intensities within TOLERANCE (the rounding of wider products)."""
+    assert tree.tokens.tolist() == other.tokens.tolist(), where
+    assert tree.parents.tolist() == other.parents.tolist(), where
+    assert tree.depths.tolist() == other.depths.tolist(), where
+    assert torch.equal(ancestors, other_ancestors), where
+    torch.testing.assert_close(other.scores, tree.scores, **TOLERANCE, msg=where)
+    torch.testing.assert_close(other.confidence, tree.confidence, **TOLERANCE, msg=where)
+    assert (tree.visual is None) == (other.visual is None), where
+    if tree.visual is not None:
+        torch.testing.assert_close(other.visual, tree.visual, **TOLERANCE, msg=where)
+
+
 class ForwardCounter:
     """Counts the draft head's forwards (each call of MSDDraft._run)."""
 
@@ -117,15 +131,8 @@ def test_batched_trees_equal_row_by_row_trees(draft_kind, sampling, runtime_kind
         assert counter.take() == max(forwards), f"step {step}: forwards alone {forwards}"
         for b, ((tree, ancestors), (other, other_ancestors)) in enumerate(zip(drafted, batched)):
             where = f"step {step}, row {b}"
-            assert tree.tokens.tolist() == other.tokens.tolist(), where
-            assert tree.parents.tolist() == other.parents.tolist(), where
-            assert tree.depths.tolist() == other.depths.tolist(), where
-            assert torch.equal(ancestors, other_ancestors), where
-            torch.testing.assert_close(other.scores, tree.scores, **TOLERANCE, msg=where)
-            torch.testing.assert_close(other.confidence, tree.confidence, **TOLERANCE, msg=where)
-            assert (tree.visual is None) == (other.visual is None) == (not track[b]), where
-            if track[b]:
-                torch.testing.assert_close(other.visual, tree.visual, **TOLERANCE, msg=where)
+            assert_same_tree(tree, ancestors, other, other_ancestors, where)
+            assert (tree.visual is None) == (not track[b]), where
             sizes.add(len(tree))
         # verify and commit, each side on its own
         results = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from decoding_fixtures import random_draft, random_prompt, tiny_target
-from test_batched_drafting import TOLERANCE, ForwardCounter
+from test_batched_drafting import TOLERANCE, ForwardCounter, assert_same_tree
 from test_batching import greedy_configs, mixed_requests, one_at_a_time, pair
 from test_cost import literal_cost
 from test_fast_engine import capture_rules  # noqa: F401  (autouse fixture)
@@ -46,18 +46,6 @@ SPECS = {
     # any tree costs three plain steps: every row's tree is its root alone, with no forward
     "opt_cost_plain": OptTree(node_budget=7, max_depth=4, top_k=3, stop="cost", cost=literal_cost((1.0, 3.0, 3.0))),
 }
-
-
-def assert_same_tree(tree, ancestors, other, other_ancestors, where):
-    assert tree.tokens.tolist() == other.tokens.tolist(), where
-    assert tree.parents.tolist() == other.parents.tolist(), where
-    assert tree.depths.tolist() == other.depths.tolist(), where
-    assert torch.equal(ancestors, other_ancestors), where
-    torch.testing.assert_close(other.scores, tree.scores, **TOLERANCE, msg=where)
-    torch.testing.assert_close(other.confidence, tree.confidence, **TOLERANCE, msg=where)
-    assert (tree.visual is None) == (other.visual is None), where
-    if tree.visual is not None:
-        torch.testing.assert_close(other.visual, tree.visual, **TOLERANCE, msg=where)
 
 
 def step_side_by_side(draft, lm_head, shared, prompts, rows, track_visual, spec, steps, cuda_graphs=False):
