@@ -215,6 +215,6 @@ def test_the_default_tree_is_the_devices_fastest(monkeypatch):
     assert coerced(device="cuda", tree="eagle2").tree == "eagle2"
     assert coerced(device="cuda", stop_delta="0.45").stop_delta == 0.45 and coerced(device="cuda", calibrator="none").calibrator == "none"
     assert coerced(device="cuda", stop="cost").stop == "cost" and coerced(device="cpu", tree="opt", stop="cost").stop == "cost"
-    assert model_args.device_default_tree("cuda:1", True) == ("opt", "delta", 0.6, False)
+    assert model_args.device_default_tree("cuda:1", True) == ("opt", 0.6) and model_args.device_default_tree("cpu", True)[0] == "eagle2"
     monkeypatch.setattr(model_args, "default_device", lambda: "cuda")
     assert coerced().tree == "opt"  # the default device decides when none is named

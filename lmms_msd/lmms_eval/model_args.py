@@ -152,9 +152,10 @@ OPT_STOP_DELTA = 0.3  # OPT-Tree's stop_delta when the tree is named (tree=opt) 
 DEVICE_STOP_DELTA = 0.6  # tree=auto on CUDA: chosen by ms/token on the development split (device_default_tree)
 
 
-def device_default_tree(device: str, use_msd: bool) -> tuple[str, str, float, bool]:
-    """What `tree=auto` (the default) decodes with on this device: (tree, stop rule, stop_delta, whether the
-    bundled pair's fitted calibrator weights the nodes), the configuration measured fastest on the device's kind.
+def device_default_tree(device: str, use_msd: bool) -> tuple[str, float]:
+    """What `tree=auto` (the default) decodes with on this device: (tree, stop_delta), with stop "delta" and the
+    raw draft confidence (no calibrator, also with the bundled pair), the configuration measured fastest on the
+    device's kind.
 
     On a GPU, OPT-Tree on the raw draft confidence with stop_delta 0.6 (no calibrator): on the H200
     7B-shaped testbed (`scripts/compare_trees.py --engine static --inflate 7b`, README "Cost-aware trees"),
@@ -166,8 +167,8 @@ def device_default_tree(device: str, use_msd: bool) -> tuple[str, str, float, bo
     Without speculative decoding (use_msd=false) no tree is grown; EAGLE-2 names it.
     """
     if use_msd and device.startswith("cuda"):
-        return "opt", "delta", DEVICE_STOP_DELTA, False
-    return "eagle2", "delta", OPT_STOP_DELTA, True
+        return "opt", DEVICE_STOP_DELTA
+    return "eagle2", OPT_STOP_DELTA
 
 
 def coerce_model_args(
@@ -209,9 +210,7 @@ def coerce_model_args(
         device = f"cuda:{local_rank}"
     tree = str(as_optional_str(tree) or "auto").lower()  # checked by TreeSettings (`tree_settings`), before anything is loaded
     tree_by_device = tree == "auto"
-    tree, default_stop, default_delta, bundled_weights = (
-        device_default_tree(device, use_msd) if tree_by_device else (tree, "delta", OPT_STOP_DELTA, True)
-    )
+    tree, default_delta = device_default_tree(device, use_msd) if tree_by_device else (tree, OPT_STOP_DELTA)
     opt_variant = str(opt_variant).strip().lower()
     if opt_variant not in OPT_VARIANTS:
         raise ValueError(f"unknown opt_variant {opt_variant!r}; valid: {list(OPT_VARIANTS)}")
@@ -223,8 +222,8 @@ def coerce_model_args(
     if calibrator not in (None, "none") and not use_msd:
         raise ValueError(f"calibrator={calibrator} needs speculative decoding; drop it with use_msd=false")
     train_ratio = None if as_optional_str(train_ratio) is None else as_float("train_ratio", train_ratio)
-    if tree == "opt" and calibrator is None and train_ratio is None and bundled_weights:
-        calibrator = fitted_calibrator(pair)  # the bundled pair's own; None for a named pair
+    if tree == "opt" and not tree_by_device and calibrator is None and train_ratio is None:
+        calibrator = fitted_calibrator(pair)  # a named tree=opt: the bundled pair's own; None for a named pair
     if train_ratio is not None and not 0 < train_ratio <= 1:
         raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
     if train_ratio is not None and calibrator not in (None, "online"):
@@ -238,9 +237,7 @@ def coerce_model_args(
         raise ValueError(f"engine must be auto, static or eager, got {engine!r}")
     if engine == "auto":
         engine = "static" if device.startswith("cuda") else "eager"
-    stop = str(as_optional_str(stop) or "auto").lower()
-    if stop == "auto":  # the device's default tree's own rule; a named tree=opt keeps the delta rule
-        stop = default_stop
+    stop = str(as_optional_str(stop) or "delta").lower()
     if stop not in STOPS or (stop == "cost" and (tree != "opt" or not use_msd)):
         raise ValueError(f"stop must be one of {list(STOPS)}, and cost sizes OPT-Tree (use_msd=true, tree=opt); got "
                          f"stop={stop}, tree={tree}, use_msd={use_msd}")  # fmt: skip

@@ -219,7 +219,7 @@ class LlavaMsdCalibrated(lmms):
         depth_edges: str | int | None = 2,
         inflate: str | None = "",
         engine: str = "auto",
-        stop: str = "auto",
+        stop: str = "delta",
         max_batch: int | None = None,
         batch_node_budgets: str | None = None,
         batched_drafting: bool | str = False,
