@@ -32,7 +32,9 @@ def test_throughput_per_method_and_batch(chart_dir: Path, tmp_path: Path, engine
         assert r["identical"] is True and r["requests"] == 2 and r["new_tokens"] == report["runs"][0]["new_tokens"]
         assert r["tokens_per_s"] == pytest.approx(r["new_tokens"] / r["wall_s"])
         assert r["docs_per_s"] == pytest.approx(2 / r["wall_s"])
-    assert "| eagle2 | 2 |" in (tmp_path / "bench_batch.md").read_text()
+        assert 0 < r["prefill_s"] < r["wall_s"]  # the prompts' share of the pass, within it
+    table = (tmp_path / "bench_batch.md").read_text()
+    assert "| eagle2 | 2 |" in table and "| prefill share | decoding tokens/s |" in table
 
 
 def test_schedules_compared_in_one_run(chart_dir: Path, tmp_path: Path):  # noqa: F811

@@ -9,7 +9,11 @@ flight, one target forward per step for all of them (`lmms_msd.speculative.batch
 - before each (method, B) the first max(B, --warmup) requests run once at B, untimed (graph capture of
   that batch's shapes, allocator);
 - then all requests run once at B, timed with `time.perf_counter` between device synchronisations:
-  tokens/s = new tokens of all requests / that wall time; documents/s = requests / that wall time.
+  tokens/s = new tokens of all requests / that wall time; documents/s = requests / that wall time;
+- prefill share: of that wall time, the prompts' prefill forwards (each request's `DecodeStats.prefill_s`,
+  summed), the same work for every method; decoding tokens/s = new tokens / (wall time - prefill), the
+  part a decoding method changes. With short answers the prefill bounds any speed-up: no decoding method
+  can make a pass faster than wall / prefill times.
 
 At temperature 0 every (method, B) must give, per request, the token ids of the first run (plain
 decoding at the smallest B when plain is among the methods): the command exits 1 otherwise. Sampling
@@ -76,6 +80,15 @@ class BatchRun:
     tau: float | None  # committed tokens per target step over all requests (plain: 1)
     identical: bool | None  # every request's token ids equal the reference's; None: not compared (sampling)
     differing_doc_ids: list[int] = field(default_factory=list)
+    prefill_s: float | None = None  # of wall_s, the prompts' prefill forwards (and first tokens); None in older reports
+
+    @property
+    def decoding_tokens_per_s(self) -> float | None:
+        """New tokens over the wall time outside prefill: the decoding steps' throughput, what a faster
+        decoding method can change (the prefill is the same forwards for every method)."""
+        if self.prefill_s is None or self.wall_s <= self.prefill_s:
+            return None
+        return self.new_tokens / (self.wall_s - self.prefill_s)
 
 
 def throughput(
@@ -112,6 +125,7 @@ def throughput(
             method=name, batch=batch, requests=len(requests), new_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
             docs_per_s=len(requests) / wall, tau=committed / steps if steps else None,
             identical=(not differing) if config.greedy else None, differing_doc_ids=differing if config.greedy else [],
+            prefill_s=sum(r.stats.prefill_s for r in results),
         ))  # fmt: skip
         if on_run is not None:
             on_run(runs, reference_name)
@@ -121,14 +135,19 @@ def throughput(
 def markdown_table(runs: list[BatchRun]) -> str:
     best_plain = max((r.tokens_per_s for r in runs if r.method == "plain"), default=None)
     lines = [
-        "| method | batch | tokens/s | documents/s | vs plain's best | tau | wall s | new tokens | identical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | batch | tokens/s | documents/s | vs plain's best | tau | wall s | prefill share | decoding tokens/s | new tokens | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         versus = "–" if best_plain is None else f"{r.tokens_per_s / best_plain:.2f}x"
         identical = "not checked (sampling)" if r.identical is None else ("yes" if r.identical else f"**NO** (docs {r.differing_doc_ids})")
         tau = "–" if r.tau is None else f"{r.tau:.2f}"
-        lines.append(f"| {r.method} | {r.batch} | {r.tokens_per_s:.1f} | {r.docs_per_s:.3f} | {versus} | {tau} | {r.wall_s:.2f} | {r.new_tokens} | {identical} |")
+        share = "–" if r.prefill_s is None else f"{r.prefill_s / r.wall_s:.0%}"
+        decoding = "–" if r.decoding_tokens_per_s is None else f"{r.decoding_tokens_per_s:.1f}"
+        lines.append(
+            f"| {r.method} | {r.batch} | {r.tokens_per_s:.1f} | {r.docs_per_s:.3f} | {versus} | {tau} | {r.wall_s:.2f} | {share} "
+            f"| {decoding} | {r.new_tokens} | {identical} |"
+        )
     return "\n".join(lines)
 
 
