@@ -190,6 +190,7 @@ class RuntimeSettings:
     max_length: int = 2048  # static: the preallocated cache slots (clipped to the target's maximum length)
     max_batch: int = 1  # sequences decoded at once; static: more than 1 takes the batched engine, a cache row each
     batched_drafting: bool = False  # static, max_batch > 1: all rows draft in one forward per tree level (BatchedStaticEngine)
+    compile: bool = False  # static: the target's layers (and, one sequence at a time, the draft's head) through torch.compile
 
 
 @dataclass(frozen=True)
@@ -222,10 +223,10 @@ def build_decoder(pair: Pair, settings: RuntimeSettings) -> Decoder:
 
         runtime = BatchedStaticEngine(
             pair.target, pair.draft, max_batch=settings.max_batch, max_length=settings.max_length,
-            batched_drafting=settings.batched_drafting,
+            batched_drafting=settings.batched_drafting, compile=settings.compile,
         )  # fmt: skip
     elif settings.engine == "static":
-        runtime = static_engine_class()(pair.target, pair.draft, max_length=settings.max_length)
+        runtime = static_engine_class()(pair.target, pair.draft, max_length=settings.max_length, compile=settings.compile)
     elif settings.engine == "eager":
         runtime = EagerRuntime(pair.target, pair.draft)
     else:

@@ -575,6 +575,10 @@ def add_arguments(parser: argparse.ArgumentParser):
         help="--engine static with --batch: all rows grow their trees in one draft forward per level (BatchedStaticEngine)",
     )  # fmt: skip
     parser.add_argument(
+        "--torch_compile", action="store_true",
+        help="--engine static: the target's layers (and at batch 1 the draft's head) through torch.compile; compilations happen in the warm-up",
+    )  # fmt: skip
+    parser.add_argument(
         "--inflate", default=None,
         help='benchmark the pair embedded into a bigger shape computing the same function: "7b" or HIDDENxLAYERS, e.g. 512x6',
     )  # fmt: skip
@@ -678,6 +682,8 @@ def run(args: argparse.Namespace) -> int:
         shape = inflation_shape(args.inflate)
     except ValueError as error:
         raise SystemExit(f"lmms-msd bench: --inflate {args.inflate}: {error}") from error
+    if args.torch_compile and args.engine != "static":
+        raise SystemExit("lmms-msd bench: --torch_compile compiles the static engine's forwards: add --engine static")
     args.device = args.device or default_device()
     args.dtype = args.dtype or default_dtype(args.device)
     resolve_pair_and_calibrator(args)
@@ -696,7 +702,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("lmms-msd bench: no method left to run")
     need_draft = bool(set(names) & set(SPECULATIVE))
     pair = load_pair(PairSettings(args.pretrained, args.msd_model_path if need_draft else None, args.device, args.dtype, inflate=shape))
-    decoder = build_decoder(pair, RuntimeSettings(args.engine, args.max_length, max_batch=max(args.batch or [1]), batched_drafting=args.batched_drafting))
+    runtime = RuntimeSettings(
+        args.engine, args.max_length, max_batch=max(args.batch or [1]), batched_drafting=args.batched_drafting, compile=args.torch_compile
+    )
+    decoder = build_decoder(pair, runtime)
     args.cost_cache = args.cost_cache or args.output_dir / "cost_models"
     settings = method_trees(names, opt_settings(args), args.calibrator, args.calibrator_mode, str(args.cost_cache))
     trees = {name: build_tree(tree, decoder) for name, tree in settings.items()}

@@ -184,6 +184,9 @@ class LlavaMsdCalibrated(lmms):
       batched_drafting     engine=static with a batch: every tree level of all requests in flight is one draft
                            forward, replayed from a CUDA graph, over a draft cache with a row per request
                            (BatchedStaticEngine, lmms_msd.speculative.fast.batched_growth) [false]
+      torch_compile        engine=static: the target's layers (and, one request at a time, the draft's head)
+                           through torch.compile: fused norms, RoPE and gating; each new shape compiles
+                           first (seconds each, cached by torch on disk) [false]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
     """
 
@@ -223,6 +226,7 @@ class LlavaMsdCalibrated(lmms):
         max_batch: int | None = None,
         batch_node_budgets: str | None = None,
         batched_drafting: bool | str = False,
+        torch_compile: bool | str = False,
         max_length: int | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
@@ -251,8 +255,11 @@ class LlavaMsdCalibrated(lmms):
         if self.args.inflate is not None:
             eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {self.args.inflate}: the same function at a bigger model's cost")
         runtime = dataclasses.replace(
-            runtime_settings(self.args), max_batch=self.max_batch, batched_drafting=as_bool("batched_drafting", batched_drafting)
+            runtime_settings(self.args), max_batch=self.max_batch, batched_drafting=as_bool("batched_drafting", batched_drafting),
+            compile=as_bool("torch_compile", torch_compile),
         )
+        if runtime.compile and runtime.engine != "static":
+            raise ValueError(f"torch_compile=true compiles the static engine's forwards; engine is {runtime.engine!r}: set engine=static (on CUDA)")
         if as_optional_str(max_length) is not None:
             runtime = dataclasses.replace(runtime, max_length=whole_number("max_length", max_length))
         self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime)

@@ -93,20 +93,21 @@ class BatchedStaticEngine:
     max_batch: sequences held at once (cache rows); max_length: slots per row (prompt + new tokens + one
     tree must fit), clipped to the target's maximum; cuda_graphs: None replays graphs when the target
     is on CUDA, False runs the same code eagerly; batched_drafting: many rows draft in one forward
-    per level on one shared draft cache (module docstring). Memory: the target's KV cache takes
+    per level on one shared draft cache (module docstring); compile: the target's layers through
+    torch.compile (`StaticTarget`; the drafts run as they are). Memory: the target's KV cache takes
     2 * layers * max_batch * kv_heads * max_length * head_dim values, the draft's the same with the
     head's one layer.
     """
 
     def __init__(
         self, target: Target, draft: MSDDraft | None = None, max_batch: int = 16, max_length: int = 2048,
-        cuda_graphs: bool | None = None, batched_drafting: bool = False,
+        cuda_graphs: bool | None = None, batched_drafting: bool = False, compile: bool = False,
     ) -> None:  # fmt: skip
         self.target = target
         self.draft = draft  # None: plain decoding only
         self.max_batch = max_batch
         self.batched_drafting = batched_drafting  # the module docstring says what it changes
-        self.static_target = BatchedStaticTarget(target, max_batch, max_length, cuda_graphs)
+        self.static_target = BatchedStaticTarget(target, max_batch, max_length, cuda_graphs, compile)
         self.cuda_graphs = self.static_target.cuda_graphs
         self._free = list(range(max_batch))  # a heap: the lowest free row first
         self._live: dict[int, RowSequence] = {}  # row -> the sequence holding it

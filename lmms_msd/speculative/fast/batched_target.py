@@ -62,12 +62,12 @@ class BatchedStaticTarget(StaticTarget):
     scratch slot must fit)
     """
 
-    def __init__(self, target: Target, rows: int, capacity: int, cuda_graphs: bool | None = None) -> None:
+    def __init__(self, target: Target, rows: int, capacity: int, cuda_graphs: bool | None = None, compile: bool = False) -> None:
         if rows < 1:
             raise ValueError(f"a batched static target needs at least 1 row, got {rows}")
         check_cache_fits(target, rows, min(capacity, target.max_length))
         self.rows = rows
-        super().__init__(target, capacity, cuda_graphs)
+        super().__init__(target, capacity, cuda_graphs, compile)
         self.row_sizes = row_buckets(rows)
         self.row_ids = torch.arange(rows, device=self.device)
         self._graphed_rows = GraphedFunction(self._forward_row_tokens, self.cuda_graphs, self.device)
@@ -89,17 +89,13 @@ class BatchedStaticTarget(StaticTarget):
     def _layers(self, x, positions, slots, mask, first_row: int, listed: torch.Tensor | None):
         """`_forward_rows`' language model up to the final norm -> hidden [R, T, H]."""
         r, t, width = mask.shape
-        heads, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        heads, kv = self.n_heads, self.n_kv_heads
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [R, T, 1, D]
         by_row = first_row + self.row_ids[:r] if listed is None else listed
         rows = by_row[:, None].expand(r, t)  # [R, T]
         attn_mask = mask[:, None]  # [R, 1, T, S]
         for index, w in enumerate(self.layers):
-            h = F.rms_norm(x, (self.hidden_size,), w.input_norm, self.eps)
-            qkv = (h @ w.qkv.T).view(r, t, heads + 2 * kv, d)
-            qk = qkv[:, :, : heads + kv]
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
-            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv :]
+            q, k, v = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv)
             self.keys[index][rows, :, slots] = k  # [R, T, kv, D] at (row, slot)
             self.values[index][rows, :, slots] = v
             read = slice(first_row, first_row + r) if listed is None else listed
@@ -110,10 +106,7 @@ class BatchedStaticTarget(StaticTarget):
                 attn_mask=attn_mask,
                 enable_gqa=kv != heads,
             )  # [R, heads, T, D]
-            x = x + out.transpose(1, 2).reshape(r, t, heads * d) @ w.o.T
-            h = F.rms_norm(x, (self.hidden_size,), w.post_norm, self.eps)
-            gate, up = (h @ w.gate_up.T).split(self.intermediate_size, dim=-1)
-            x = x + (F.silu(gate) * up) @ w.down.T
+            x = self._layer_output(x, out.transpose(1, 2).flatten(-2), w.o, w.post_norm, w.gate_up, w.down, self.eps)
         return F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
 
     def _forward_row_tokens(self, tokens, positions, slots, mask):

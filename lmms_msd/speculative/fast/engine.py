@@ -36,16 +36,19 @@ class StaticEngine:
     says so), rather than read caches another generation has overwritten.
     max_length: cache slots (prompt + new tokens + one tree must fit); clipped to the target's maximum
     cuda_graphs: None replays graphs when the target is on CUDA; False runs the same code eagerly
-    The first requests of each shape capture graphs (slower); time after a warm-up.
+    compile: the target's layers and the draft's head through torch.compile (`StaticTarget`, `StaticDrafter`)
+    The first requests of each shape capture graphs (slower; with compile, compilations too); time after a warm-up.
     """
 
     def __init__(
-        self, target: Target, draft: MSDDraft | None = None, max_length: int = 2048, cuda_graphs: bool | None = None
-    ) -> None:
+        self, target: Target, draft: MSDDraft | None = None, max_length: int = 2048, cuda_graphs: bool | None = None,
+        compile: bool = False,
+    ) -> None:  # fmt: skip
         self.target = target
         self.draft = draft  # None: plain decoding only
-        self.static_target = StaticTarget(target, max_length, cuda_graphs)
+        self.static_target = StaticTarget(target, max_length, cuda_graphs, compile)
         self.cuda_graphs = self.static_target.cuda_graphs
+        self.compile = compile
         self._drafters: dict[bool, StaticDrafter] = {}  # by track_visual
         self._growers: dict[tuple[bool, TreeSpec], GraphedTreeGrower] = {}  # by (track_visual, spec)
         self._live: Sequence | None = None  # the one sequence the caches hold
@@ -88,7 +91,7 @@ class StaticEngine:
         draft = require_draft(self.draft, self)
 
         def make() -> StaticDrafter:
-            return StaticDrafter(draft, self.target.lm_head, self.static_target.capacity, track_visual, self.cuda_graphs)
+            return StaticDrafter(draft, self.target.lm_head, self.static_target.capacity, track_visual, self.cuda_graphs, compile=self.compile)
 
         return start_draft(self._drafters, track_visual, make, sequence, prompt, hidden, token)
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 WIDTH_STEP = 256  # attention widths (cache slots a forward reads) are multiples of this
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for `compiled` (CPU tests trace with "aot_eager": no C++ build)
 
 
 def width_bucket(used: int, capacity: int) -> int:
@@ -31,6 +32,24 @@ def bucket(n: int, sizes: Sequence[int]) -> int:
         if n <= size:
             return size
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+def compiled(fn: Callable) -> Callable:
+    """`fn` through torch.compile (inductor) as one whole graph: an operation that would split it raises
+    at its first call instead of running slower in pieces. Shapes start static; a function called with
+    a new shape is compiled again, and from then on with that dimension dynamic (torch.compile's own
+    rule), so prompts of every length share a compilation. The first call of a shape takes seconds;
+    calls that a CUDA graph captures run the compiled kernels at every replay.
+
+    Example: compiled(layer_output) fuses the residual add into the RMSNorm that reads it and the SiLU
+    into the gate's product; the matrix products stay library calls.
+    """
+    dynamo = torch._dynamo.config
+    # every layer (and every graphed bucket) calls the same function object: room for its shapes
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    return torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt
 from lmms_msd.speculative.drafting import Drafter, DraftRows, SharedDraftCache
-from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, width_bucket
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, width_bucket
 from lmms_msd.speculative.runtime import Sequence
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -30,13 +30,17 @@ class StaticDrafter(Drafter):
 
     Reused across generations: `reset` before each prefill. shared, row: its cache is row `row` of a
     `SharedDraftCache` (views of it, so the graphs it captures write the shared tensors), as `Drafter`'s.
+    compile: `head` is its torch.compile'd self (`lmms_msd.speculative.fast.graphs.compiled`), for its own
+    graphs and for the tree growers that call it inside theirs.
     """
 
     def __init__(
         self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool, cuda_graphs: bool,
-        shared: SharedDraftCache | None = None, row: int = 0,
+        shared: SharedDraftCache | None = None, row: int = 0, compile: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(draft, lm_head, capacity, track_visual=track_visual, shared=shared, row=row)
+        if compile:
+            self.head = compiled(self.head)
         self.capacity = capacity
         self.scratch = capacity - 1  # padding rows write here; no real row ever sees it
         self._graphed = GraphedFunction(self.head, cuda_graphs, self.device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmms_msd.models.target import Target
-from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, width_bucket
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, width_bucket
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
 
@@ -70,14 +70,38 @@ def rope_tables(inv_freq: torch.Tensor, scaling: float, capacity: int, dtype: to
     return cos.to(dtype), signed.to(dtype)
 
 
+def attention_inputs(x, input_norm, qkv, cos, sin, eps: float, heads: int, kv_heads: int):
+    """A LLaMA layer up to its attention: the input RMSNorm, the packed q/k/v projection and RoPE (with
+    `rope_tables`' signed sin). x: [..., T, H]; cos, sin: [..., T, 1, D] -> q [..., T, heads, D], k and v
+    [..., T, kv_heads, D]. Pure (no cache write), so that it can be compiled (`StaticTarget(compile=True)`)."""
+    d = cos.shape[-1]
+    h = F.rms_norm(x, (x.shape[-1],), input_norm, eps)
+    packed = (h @ qkv.T).unflatten(-1, (heads + 2 * kv_heads, d))
+    qk = packed[..., : heads + kv_heads, :]
+    qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
+    return qk[..., :heads, :], qk[..., heads:, :], packed[..., heads + kv_heads :, :]
+
+
+def layer_output(x, attention, o, post_norm, gate_up, down, eps: float):
+    """A LLaMA layer after its attention: the output projection added to the residual, then the MLP
+    block (RMSNorm, SiLU-gated packed gate/up, down) added in turn. x, attention: [..., T, H] -> [..., T, H]."""
+    x = x + attention @ o.T
+    h = F.rms_norm(x, (x.shape[-1],), post_norm, eps)
+    gate, up = (h @ gate_up.T).chunk(2, dim=-1)
+    return x + (F.silu(gate) * up) @ down.T
+
+
 class StaticTarget:
     """A `Target`'s language model with a static KV cache; one generation at a time.
 
     capacity: slots in the cache (prompt + new tokens + one tree + 1 scratch slot must fit)
     cuda_graphs: replay fixed-shape forwards from CUDA graphs (None: when the model is on CUDA)
+    compile: run each layer's two pure parts, `attention_inputs` and `layer_output`, through
+    torch.compile (`lmms_msd.speculative.fast.graphs.compiled`: fused norms, RoPE and SiLU gating, one
+    compilation per input shape shared by all layers); the cache writes and attention stay as they are
     """
 
-    def __init__(self, target: Target, capacity: int, cuda_graphs: bool | None = None) -> None:
+    def __init__(self, target: Target, capacity: int, cuda_graphs: bool | None = None, compile: bool = False) -> None:
         lm = target.model.model.language_model
         cfg = target.model.config.text_config
         if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
@@ -92,7 +116,6 @@ class StaticTarget:
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
-        self.intermediate_size = cfg.intermediate_size
         self.eps = float(cfg.rms_norm_eps)
         self.layers = [
             _Layer(
@@ -116,6 +139,9 @@ class StaticTarget:
         self.scratch = capacity - 1
         self.slots = torch.arange(capacity, device=device)
         enabled = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.compile = compile
+        self._attention_inputs = compiled(attention_inputs) if compile else attention_inputs
+        self._layer_output = compiled(layer_output) if compile else layer_output
         self._graphed = GraphedFunction(self._forward_tokens, enabled, device)
         self._graphed_next = GraphedFunction(self._forward_next, enabled, device)
 
@@ -146,15 +172,11 @@ class StaticTarget:
     def _forward_embeds(self, x, positions, slots, mask):
         """x: [T, H]; positions, slots: [T] long; mask: [T, S] additive -> hidden [T, H], logits [T, V] f32"""
         t, width = mask.shape
-        heads, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        heads, kv = self.n_heads, self.n_kv_heads
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
         attn_mask = mask[None, None]
         for index, w in enumerate(self.layers):
-            h = F.rms_norm(x, (self.hidden_size,), w.input_norm, self.eps)
-            qkv = (h @ w.qkv.T).view(t, heads + 2 * kv, d)
-            qk = qkv[:, : heads + kv]
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
-            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv :]
+            q, k, v = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv)
             self.keys[index].index_copy_(1, slots, k.transpose(0, 1))
             self.values[index].index_copy_(1, slots, v.transpose(0, 1))
             out = F.scaled_dot_product_attention(
@@ -164,10 +186,7 @@ class StaticTarget:
                 attn_mask=attn_mask,
                 enable_gqa=kv != heads,
             )  # [1, heads, T, D]
-            x = x + out[0].transpose(0, 1).reshape(t, heads * d) @ w.o.T
-            h = F.rms_norm(x, (self.hidden_size,), w.post_norm, self.eps)
-            gate, up = (h @ w.gate_up.T).split(self.intermediate_size, dim=-1)
-            x = x + (F.silu(gate) * up) @ w.down.T
+            x = self._layer_output(x, out[0].transpose(0, 1).flatten(-2), w.o, w.post_norm, w.gate_up, w.down, self.eps)
         hidden = F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
         return hidden, (hidden @ self.lm_head.T).float()
 

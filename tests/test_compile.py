@@ -1,0 +1,124 @@
+"""`torch_compile`: the static engines with their layers (and the draft's head) through torch.compile.
+
+On CPU the compiled functions are traced by dynamo as one graph each and run through AOTAutograd's
+functionalisation ("aot_eager": the same tracing and mutation handling as inductor, without building C++),
+so a graph break, an untraceable operation or a lost cache write fails here; the inductor kernels
+themselves run in the CUDA test on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoding_fixtures import following_draft, random_prompt, tiny_target
+from test_fast_engine import TREES, with_eos
+
+from lmms_msd.speculative.batching import BatchRequest, generate_batched
+from lmms_msd.speculative.decoding import plain_generate, speculative_generate
+from lmms_msd.speculative.fast import BatchedStaticEngine, StaticEngine, graphs
+from lmms_msd.speculative.fast.static_target import attention_inputs, layer_output
+from lmms_msd.speculative.sampling import GenerationConfig
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Compile with "aot_eager" and count what dynamo compiled (so that a test fails if nothing was)."""
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+
+
+def test_compiled_static_engine_decodes_the_same(traced):
+    target = with_eos(tiny_target(3, context_scale=0.05), 10_000)
+    draft = following_draft(target)
+    plain_engine = StaticEngine(target, draft, max_length=256)
+    compiled_engine = StaticEngine(target, draft, max_length=256, compile=True)
+    assert compiled_engine.static_target._layer_output is not layer_output
+    for i in range(2):
+        prompt = random_prompt(target, 500 + i, with_image=i == 0)
+        config = GenerationConfig(max_new_tokens=16)
+        want = plain_generate(plain_engine, prompt, config).token_ids
+        assert plain_generate(compiled_engine, prompt, config).token_ids == want
+        for name in ("eagle2", "opt"):
+            fast = speculative_generate(compiled_engine, prompt, config, TREES[name])
+            reference = speculative_generate(plain_engine, prompt, config, TREES[name])
+            assert fast.token_ids == want, name
+            assert fast.stats.accepted == reference.stats.accepted, name
+    # the target's two layer parts (prompt, one token, trees) and the draft's head were compiled
+    assert traced() >= 3
+
+
+def test_compiled_batched_engine_decodes_the_same(traced):
+    target = with_eos(tiny_target(3, context_scale=0.05), 10_000)
+    draft = following_draft(target)
+    prompts = [random_prompt(target, 600 + i, with_image=i % 2 == 0) for i in range(3)]
+    config = GenerationConfig(max_new_tokens=12)
+
+    def run(engine, tree):
+        requests = [BatchRequest(p, config, tree=tree) for p in prompts]
+        return {index: result.token_ids for index, result in generate_batched(engine, requests, max_batch=3)}
+
+    plain = BatchedStaticEngine(target, draft, max_batch=3, max_length=256)
+    compiled = BatchedStaticEngine(target, draft, max_batch=3, max_length=256, compile=True)
+    want = run(plain, None)
+    assert run(compiled, None) == want
+    assert run(compiled, TREES["eagle2"]) == want
+    assert traced() >= 2
+
+
+def test_the_layer_parts_compute_the_layer():
+    """`attention_inputs` and `layer_output` against the layer spelled out (transformers' rotate_half RoPE
+    and its MLP), in float64 so that only the order of sums differs."""
+    torch.manual_seed(0)
+    heads, kv, d, hidden, inter, t = 4, 2, 8, 32, 48, 5
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(t, hidden, **f64)
+    norm, post = torch.rand(hidden, **f64) + 0.5, torch.rand(hidden, **f64) + 0.5
+    q_w, k_w, v_w = torch.randn(heads * d, hidden, **f64), torch.randn(kv * d, hidden, **f64), torch.randn(kv * d, hidden, **f64)
+    o_w, gate_w, up_w, down_w = (torch.randn(hidden, heads * d, **f64), torch.randn(inter, hidden, **f64),
+                                 torch.randn(inter, hidden, **f64), torch.randn(hidden, inter, **f64))  # fmt: skip
+    angles = torch.randn(t, d // 2, **f64)
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None]
+    signed = torch.cat([-sin[..., : d // 2], sin[..., d // 2 :]], -1)
+
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def rotate_half(v):
+        return torch.cat([-v[..., d // 2 :], v[..., : d // 2]], -1)
+
+    h = rms(x, norm)
+    q = (h @ q_w.T).view(t, heads, d)
+    k = (h @ k_w.T).view(t, kv, d)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    got = attention_inputs(x, norm, torch.cat([q_w, k_w, v_w]), cos, signed, 1e-6, heads, kv)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], q, **tol)
+    torch.testing.assert_close(got[1], k, **tol)
+    torch.testing.assert_close(got[2], (h @ v_w.T).view(t, kv, d), **tol)
+    attention = torch.randn(t, heads * d, **f64)
+    mid = x + attention @ o_w.T
+    h = rms(mid, post)
+    want = mid + (torch.nn.functional.silu(h @ gate_w.T) * (h @ up_w.T)) @ down_w.T
+    torch.testing.assert_close(layer_output(x, attention, o_w, post, torch.cat([gate_w, up_w]), down_w, 1e-6), want, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")
+def test_compiled_cuda_graphs_decode_the_same():
+    """Inductor's kernels captured in CUDA graphs: greedy outputs equal the uncompiled engine's."""
+    target = tiny_target(3, context_scale=0.05)
+    target.model.to("cuda")
+    draft = following_draft(target).to("cuda")
+    target = with_eos(target, 10_000)
+    plain_engine = StaticEngine(target, draft, max_length=256)
+    compiled_engine = StaticEngine(target, draft, max_length=256, compile=True)
+    for i in range(3):
+        prompt = random_prompt(target, 700 + i)
+        config = GenerationConfig(max_new_tokens=24)
+        want = plain_generate(plain_engine, prompt, config).token_ids
+        assert plain_generate(compiled_engine, prompt, config).token_ids == want
+        for tree in TREES.values():
+            assert speculative_generate(compiled_engine, prompt, config, tree).token_ids == want
