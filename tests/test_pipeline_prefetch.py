@@ -79,13 +79,24 @@ def test_prefetching_gives_the_same_tokens(eager, questions, tree_kind, max_batc
         assert [r.token_ids for r in results] == expected, f"prefetch={prefetch}"
 
 
+def assert_same_prompt(prompt, direct) -> None:
+    assert torch.equal(prompt.input_ids, direct.input_ids) and torch.equal(prompt.image_mask, direct.image_mask)
+    assert torch.equal(prompt.inputs_embeds, direct.inputs_embeds)
+
+
 def test_a_prefetched_prompt_is_the_prepared_one_bit_for_bit(eager, questions):
     prompts: list = []
     decode_requests(eager, two_stage(eager.target, questions, greedy, prompts), None, prefetch=3, progress=False)
     for (question, images), prompt in zip(questions, prompts, strict=True):
-        direct = eager.target.prepare(question, images)
-        assert torch.equal(prompt.input_ids, direct.input_ids) and torch.equal(prompt.image_mask, direct.image_mask)
-        assert torch.equal(prompt.inputs_embeds, direct.inputs_embeds)
+        assert_same_prompt(prompt, eager.target.prepare(question, images))
+
+
+def test_the_original_layouts_preprocessing_on_the_worker_is_the_same(tiny_original_target, questions):
+    """The original layout's PIL image processor and padding to a square, run on the prefetch thread."""
+    target = tiny_original_target
+    with Prefetcher([lambda q=q: target.preprocess(*q) for q in questions], range(len(questions)), ahead=2) as loads:
+        for i, (question, images) in enumerate(questions):
+            assert_same_prompt(target.embed_inputs(loads.take(i)), target.prepare(question, images))
 
 
 # ---- ahead, on another thread, bounded ------------------------------------------------------------------------
