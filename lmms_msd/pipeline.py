@@ -15,7 +15,8 @@ Every caller that decodes goes through here (the lmms-eval plugin, `lmms-msd ben
    and so is OPT-Tree's cost model with stop=cost (`lmms_msd.speculative.cost`, cached per machine).
 5. `decode`: the one call of the decoding loops. `decode_requests` runs a run's requests through it one
    at a time, in online calibration's order when there is one (`online_calibration`), or many at
-   once through the batched loop (`max_batch`, `lmms_msd.speculative.batching`).
+   once through the batched loop (`max_batch`, `lmms_msd.speculative.batching`); the CPU stage of the
+   next requests (`Request.load`) runs ahead on a background thread (`prefetch`, `lmms_msd.prefetch`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lmms_msd.calibration.token_types import token_type_table
 from lmms_msd.models.draft import MSDDraft, check_draft_fits, load_draft
 from lmms_msd.models.loading import load_target
 from lmms_msd.models.target import EmbeddedPrompt, Target
+from lmms_msd.prefetch import Prefetcher
 from lmms_msd.speculative.batching import (
     BatchRequest,
     TreeSchedule,
@@ -80,6 +82,7 @@ log = logging.getLogger(__name__)
 
 TREES = ("eagle2", "opt")
 ENGINES = ("eager", "static")
+PREFETCH = 2  # `decode_requests`: requests whose CPU stage may run ahead of their turn
 
 
 # ---- 1. which pair -------------------------------------------------------------------------------------------
@@ -454,11 +457,18 @@ def request_generator(config: GenerationConfig, seed: int, device: torch.device 
 @dataclass(frozen=True)
 class Request:
     """One request of a run. Its prompt is built only when its turn comes: an embedded prompt holds
-    device memory, and a run may hold thousands of requests."""
+    device memory, and a run may hold thousands of requests.
+
+    With `load`, it comes in two stages: `load`, the CPU stage (reading images, the image processor:
+    `Target.preprocess`), which `decode_requests` may run ahead on a background thread, so it must not
+    touch the device or the tokenizer; then, on the main thread at its turn, `prepare(what load
+    returned)`, the device stage (`Target.embed_inputs`). Without `load`, `prepare()` does it all.
+    """
 
     name: str  # names the request in errors, e.g. "llava_msd_calibrated: request 3 (task 'chartqa', doc_id 7)"
-    prepare: Callable[[], tuple[EmbeddedPrompt, GenerationConfig]]  # its prompt and settings; may raise ValueError
+    prepare: Callable[..., tuple[EmbeddedPrompt, GenerationConfig]]  # its prompt and settings; may raise ValueError
     seed: int  # seeds its generator when its settings sample (`request_generator`)
+    load: Callable[[], Any] | None = None  # its CPU stage, whose result `prepare` takes; may raise ValueError
 
 
 def decode_requests(
@@ -469,6 +479,7 @@ def decode_requests(
     *,
     max_batch: int = 1,
     schedule: TreeSchedule = same_tree,
+    prefetch: int = PREFETCH,
     progress: bool = True,
     desc: str = "decoding",
 ) -> list[GenerationResult]:
@@ -487,23 +498,28 @@ def decode_requests(
     requests decoded one at a time before it: batched steps do not update the estimate (the cost model
     times batch-1 steps).
     schedule: the batched loop's tree per batch size (`TreeSchedule`); unused at max_batch 1
-    A request whose preparation or decoding fails raises ValueError starting with its name.
+    prefetch: requests whose CPU stage (`Request.load`) may run ahead of their turn, in decoding order, on
+    one background thread (`lmms_msd.prefetch.Prefetcher`), while this thread prepares and decodes; 0: each
+    at its turn, on this thread. The same results either way.
+    A request whose preparation (either stage) or decoding fails raises ValueError starting with its name,
+    at its turn.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     results: list[GenerationResult | None] = [None] * len(requests)
     order = list(online.order if online is not None else range(len(requests)))
     alone = order if max_batch == 1 else order[: online.n_observe if online is not None else 0]
-    with tqdm(total=len(requests), desc=desc, disable=not progress) as bar:
+    prefetcher = Prefetcher([request.load for request in requests], order, prefetch)
+    with tqdm(total=len(requests), desc=desc, disable=not progress) as bar, prefetcher as loads:
         for index in alone:
-            results[index] = _decode_one(decoder, requests[index], tree, online, index)
+            results[index] = _decode_one(decoder, requests[index], tree, online, index, loads)
             bar.update()
         batched = order[len(alone) :]
         if batched:
             runtime = decoder.runtime
             if not isinstance(runtime, BatchedRuntime):
                 raise ValueError(f"max_batch={max_batch}: this {type(runtime).__name__} decodes one request at a time; use max_batch 1")
-            joining = _batch_requests(decoder, requests, batched, tree, online)
+            joining = _batch_requests(decoder, requests, batched, tree, online, loads)
             for position, result in generate_batched(runtime, joining, max_batch, schedule):
                 results[batched[position]] = result
                 if online is not None:
@@ -521,10 +537,19 @@ def _speculative(tree: TreeSetup, online: OnlineCalibration | None) -> bool:
     return tree.path_choice.choose().path == "speculative"
 
 
-def _decode_one(decoder: Decoder, request: Request, tree: TreeSetup | None, online: OnlineCalibration | None, index: int) -> GenerationResult:
+def _prepare(request: Request, index: int, loads: Prefetcher) -> tuple[EmbeddedPrompt, GenerationConfig]:
+    """The request's prompt and settings, at its turn: its device stage over its CPU stage's result
+    (computed ahead by `loads`, or now), or its one `prepare`."""
+    loaded = loads.take(index)
+    return request.prepare() if request.load is None else request.prepare(loaded)
+
+
+def _decode_one(
+    decoder: Decoder, request: Request, tree: TreeSetup | None, online: OnlineCalibration | None, index: int, loads: Prefetcher
+) -> GenerationResult:
     """One request through the one-request loops, with online calibration's plan when there is one."""
     try:
-        prompt, config = request.prepare()
+        prompt, config = _prepare(request, index, loads)
         generator = request_generator(config, request.seed, decoder.target.device)
         if tree is None or not _speculative(tree, online):
             return decode(decoder, prompt, config, generator)  # use_msd=false's own call
@@ -545,13 +570,15 @@ def _decode_one(decoder: Decoder, request: Request, tree: TreeSetup | None, onli
 
 
 def _batch_requests(
-    decoder: Decoder, requests: Sequence[Request], indices: list[int], tree: TreeSetup | None, online: OnlineCalibration | None
-) -> Iterator[BatchRequest]:
-    """The batched loop's requests, each prepared only when it joins (a prompt holds device memory)."""
+    decoder: Decoder, requests: Sequence[Request], indices: list[int], tree: TreeSetup | None, online: OnlineCalibration | None,
+    loads: Prefetcher,
+) -> Iterator[BatchRequest]:  # fmt: skip
+    """The batched loop's requests, each prepared only when it joins (a prompt holds device memory); their
+    CPU stage may have run ahead (`loads`)."""
     for index in indices:
         request = requests[index]
         try:
-            prompt, config = request.prepare()
+            prompt, config = _prepare(request, index, loads)
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"{request.name}: {error}") from error
         generator = request_generator(config, request.seed, decoder.target.device)

@@ -153,7 +153,9 @@ def coerced(**model_args):
     from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated
 
     params = inspect.signature(LlavaMsdCalibrated.__init__).parameters
-    names = [n for n in params if n not in ("self", "batch_size", "max_batch_size", "max_batch", "batch_node_budgets", "batched_drafting", "max_length", "unknown")]
+    plugin_only = ("self", "batch_size", "max_batch_size", "max_batch", "batch_node_budgets", "batched_drafting", "max_length", "prefetch", "torch_compile",
+                   "unknown")  # fmt: skip
+    names = [n for n in params if n not in plugin_only]
     return coerce_model_args(**({n: params[n].default for n in names} | model_args), world_size=1, local_rank=0)
 
 

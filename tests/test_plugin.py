@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -142,6 +143,10 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         ("pretrained=x,msd_model_path=y,total_tokens=1", "EAGLE-2 tree needs total_tokens >= 2"),
         ("pretrained=x,msd_model_path=y,engine=turbo", "engine must be auto, static or eager, got 'turbo'"),
         ("pretrained=x,msd_model_path=y,inflate=13b", "inflate=13b: unknown shape '13b': use \"7b\" or HIDDENxLAYERS"),
+        ("pretrained=x,msd_model_path=y,prefetch=-1", r"prefetch=-1(\.0)?: llava_msd_calibrated needs a whole number >= 0 .*0 turns it off"),
+        ("pretrained=x,msd_model_path=y,prefetch=ahead", "prefetch='ahead': llava_msd_calibrated needs a whole number >= 0"),
+        ("pretrained=x,msd_model_path=y,engine=eager,torch_compile=true", "torch_compile=true compiles the static engine's forwards; engine is 'eager'"),
+        ("pretrained=x,msd_model_path=y,engine=static,torch_compile=often", "torch_compile must be true or false, got 'often'"),
     ],
 )
 def test_bad_model_args(arg_string, message):
@@ -282,6 +287,31 @@ def test_static_engine_gives_the_eager_answers(tiny_hf_dir, tiny_draft_dir, mode
         assert run(static, requests, docs) == expected
         if gen_kwargs is None:
             assert run(static_plain, requests, docs) == expected
+
+
+def test_images_load_on_the_prefetch_thread_with_the_same_answers(tiny_hf_dir, tiny_draft_dir, model, docs, tmp_path):
+    """The default (prefetch 2) reads each document's image on the prefetch thread, ahead of its turn;
+    prefetch=0 reads it on the main thread at its turn; the answers are the same, greedy and sampled."""
+    from lmms_msd.prefetch import THREAD_NAME
+
+    threads: list[str] = []
+
+    def recording_doc_to_visual(doc):
+        threads.append(threading.current_thread().name)
+        return chartqa_doc_to_visual(doc)
+
+    in_turn = LlavaMsdCalibrated(pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), use_msd=True, prefetch="0",
+                                 stats_path=str(tmp_path / "s.json"))  # fmt: skip
+    assert (model.prefetch, in_turn.prefetch) == (2, 0)
+    sampled = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
+    for gen_kwargs in (None, sampled):
+        requests = [request(i, gen_kwargs, doc_to_visual=recording_doc_to_visual) for i in (2, 0, 3, 1)]
+        threads.clear()
+        ahead = run(model, requests, docs)
+        assert len(threads) == 4 and all(name.startswith(THREAD_NAME) for name in threads)
+        threads.clear()
+        assert run(in_turn, requests, docs) == ahead
+        assert threads == [threading.current_thread().name] * 4
 
 
 def test_sampling_is_reproducible_and_order_independent(model, docs):

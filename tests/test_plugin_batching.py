@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 from test_plugin import docs, request, run, tiny_draft_dir  # noqa: F401  (fixtures)
 
-from lmms_msd.lmms_eval.plugin import LlavaMsdCalibrated, requests_at_once, whole_number
+from lmms_msd.lmms_eval.plugin import (
+    LlavaMsdCalibrated,
+    requests_ahead,
+    requests_at_once,
+    whole_number,
+)
 from lmms_msd.speculative.batching import PLAIN_FROM, NodeBudgets
 
 SAMPLED = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
@@ -48,6 +53,7 @@ def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path)
     run(spec, [request(0)], docs)
     meta = json.loads(Path(spec.report.path).read_text())
     assert '"max_batch": 4' in json.dumps(meta) and "NodeBudgets" in json.dumps(meta) and '"batched_drafting": true' in json.dumps(meta)
+    assert spec.prefetch == 4 and '"prefetch": 4' in json.dumps(meta)  # the default: max(2, max_batch)
     _, plain = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "p")
     requests = [request(i, LONGER) for i in range(4)]
     assert run(spec, requests, docs) == run(plain, requests, docs)
@@ -56,6 +62,17 @@ def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path)
 @pytest.mark.parametrize("batch_size, max_batch, expected", [(1, None, 1), ("16", None, 16), (4.0, None, 4), (1, "8", 8), (64, 2.0, 2)])
 def test_requests_at_once(batch_size, max_batch, expected):
     assert requests_at_once(batch_size, max_batch) == expected
+
+
+@pytest.mark.parametrize("prefetch, max_batch, expected", [(None, 1, 2), ("None", 16, 16), (0, 4, 0), ("0", 1, 0), ("3", 8, 3), (5.0, 1, 5)])
+def test_requests_ahead(prefetch, max_batch, expected):
+    assert requests_ahead(prefetch, max_batch) == expected
+
+
+@pytest.mark.parametrize("prefetch", [-1, 1.5, "x", "true"])
+def test_bad_prefetch_is_named(prefetch):
+    with pytest.raises(ValueError, match=rf"prefetch={prefetch!r}: llava_msd_calibrated needs a whole number >= 0 .*unset: max\(2, max_batch\) = 3"):
+        requests_ahead(prefetch, 3)
 
 
 def test_bad_max_batch_is_named():

@@ -11,7 +11,9 @@ it. The class holds the lmms-eval API only; the rest of the adapter is beside it
 
 A request becomes a question and at most one image -> an embedded prompt -> `lmms_msd.pipeline.
 decode_requests` (speculative decoding, or plain decoding with `use_msd=false`, the baseline: same
-target, same prompt). Answers come back in request order.
+target, same prompt). Answers come back in request order. A request is prepared in two stages: its
+image and pixel values on the CPU (`_load`), run ahead on a background thread (model_arg `prefetch`),
+then its tokens and embedded prompt on the main thread at its turn (`_prepare`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from lmms_msd.lmms_eval.requests import (
     gen_kwargs_notes,
     generation_config,
     jobs_of,
-    prepare_prompt,
+    preprocess_prompt,
     request_images,
     request_seed,
 )
@@ -60,7 +62,7 @@ from lmms_msd.lmms_eval.statistics import (
     report_path,
     run_meta,
 )
-from lmms_msd.models.target import EmbeddedPrompt
+from lmms_msd.models.target import EmbeddedPrompt, PromptInputs
 from lmms_msd.pipeline import (
     Request,
     build_decoder,
@@ -90,6 +92,24 @@ def requests_at_once(batch_size: Any, max_batch: Any) -> int:
     if as_optional_str(max_batch) is not None:
         return whole_number("max_batch", max_batch)
     return whole_number("batch_size", batch_size)
+
+
+def requests_ahead(prefetch: Any, max_batch: int) -> int:
+    """Requests whose image loading and preprocessing may run ahead of their turn (model_args prefetch):
+    a whole number >= 0 (0: each at its turn), or unset: max(2, max_batch), enough for a batch's rows
+    that free together."""
+    if as_optional_str(prefetch) is None:
+        return max(2, max_batch)
+    try:
+        number = float(str(prefetch).strip())
+    except ValueError:
+        number = -1.0
+    if number < 0 or number != int(number):
+        raise ValueError(
+            f"prefetch={prefetch!r}: {MODEL_ID} needs a whole number >= 0 here, the requests whose images are "
+            f"loaded ahead of their turn (e.g. 4; 0 turns it off; unset: max(2, max_batch) = {max(2, max_batch)})"
+        )
+    return int(number)
 
 
 def model_manifest():
@@ -187,6 +207,9 @@ class LlavaMsdCalibrated(lmms):
       torch_compile        engine=static: the target's layers (and, one request at a time, the draft's head)
                            through torch.compile: fused norms, RoPE and gating; each new shape compiles
                            first (seconds each, cached by torch on disk) [false]
+      prefetch             requests whose image is loaded and preprocessed (doc_to_visual, the image processor)
+                           ahead of their turn, on a background thread, while the device decodes
+                           (lmms_msd.prefetch); the same answers; 0: each when its turn comes [max(2, max_batch)]
     lmms-eval also passes batch_size (requests at once, unless max_batch says) and max_batch_size (unused).
     """
 
@@ -228,6 +251,7 @@ class LlavaMsdCalibrated(lmms):
         batched_drafting: bool | str = False,
         torch_compile: bool | str = False,
         max_length: int | None = None,
+        prefetch: int | str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -237,6 +261,7 @@ class LlavaMsdCalibrated(lmms):
             valid = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "unknown")]
             raise ValueError(f"unknown model_args {sorted(unknown)} for {MODEL_ID}; valid ones: {valid}")
         self.max_batch = requests_at_once(batch_size, max_batch)
+        self.prefetch = requests_ahead(prefetch, self.max_batch)
         budgets = as_optional_str(batch_node_budgets)
         self.schedule = PLAIN_FROM if budgets is None else NodeBudgets.parse(budgets)
         self.accelerator = Accelerator()
@@ -294,10 +319,10 @@ class LlavaMsdCalibrated(lmms):
         jobs = jobs_of(requests)
         requested = [job.gen_kwargs.get("train_ratio") for job in jobs]
         online = start_online_calibration(self.args, requested, self.tree, self.decoder.target)
-        decodes = [Request(job.name, partial(self._prepare, job), request_seed(self.args.seed, job.task, job.doc_id, job.repeat))
-                   for job in jobs]  # fmt: skip
+        decodes = [Request(job.name, partial(self._prepare, job), request_seed(self.args.seed, job.task, job.doc_id, job.repeat),
+                           load=partial(self._load, job)) for job in jobs]  # fmt: skip
         results = decode_requests(self.decoder, decodes, self.tree, online, max_batch=self.max_batch, schedule=self.schedule,
-                                  progress=self.rank == 0, desc=MODEL_ID)  # fmt: skip
+                                  prefetch=self.prefetch, progress=self.rank == 0, desc=MODEL_ID)  # fmt: skip
         outputs = [""] * len(requests)  # padding requests' answers are dropped by lmms-eval
         for job, result in zip(jobs, results):
             outputs[job.index] = result.text.strip()
@@ -320,10 +345,15 @@ class LlavaMsdCalibrated(lmms):
         raise NotImplementedError(f"{MODEL_ID} implements generate_until only; multi-round tasks are not supported yet")
 
     # ---- what generate_until hands to the library ------------------------------------------------------------
-    def _prepare(self, job: Job) -> tuple[EmbeddedPrompt, GenerationConfig]:
-        """A request's prompt and settings, from the document lmms-eval put in `task_dict`."""
+    def _load(self, job: Job) -> PromptInputs:
+        """A request's CPU stage, from the document lmms-eval put in `task_dict`: its image and the prompt's
+        text and pixel values. It may run on the prefetch thread: it reads neither the tokenizer nor the device."""
         images = request_images(job.doc_to_visual, self.task_dict[job.task][job.split][job.doc_id])
-        prompt = prepare_prompt(self.decoder.target, job.context, images)
+        return preprocess_prompt(self.decoder.target, job.context, images)
+
+    def _prepare(self, job: Job, inputs: PromptInputs) -> tuple[EmbeddedPrompt, GenerationConfig]:
+        """A request's prompt and settings, on the main thread at its turn, from its CPU stage (`_load`)."""
+        prompt = self.decoder.target.embed_inputs(inputs)
         config = generation_config(job.gen_kwargs)
         for key, note in gen_kwargs_notes(job.gen_kwargs, train_ratio_note(self.args)).items():
             if key not in self._noted:
@@ -343,7 +373,8 @@ class LlavaMsdCalibrated(lmms):
         # with many requests in flight, a request's wall_s is its time in the batch, shared with the others
         meta |= {
             "max_batch": self.max_batch, "batch_node_budgets": repr(self.schedule),
-            "batched_drafting": getattr(self.decoder.runtime, "batched_drafting", False),
+            "batched_drafting": getattr(self.decoder.runtime, "batched_drafting", False), "prefetch": self.prefetch,
+            "torch_compile": getattr(self.decoder.runtime, "compile", False),
         }  # fmt: skip
         report = self.report.add(records, meta)
         eval_logger.info(f"{MODEL_ID} statistics ({report['decoding']}), written to {self.report.path}:\n{format_table(report)}")

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from lmms_msd.lmms_eval.model_args import MODEL_ID, as_bool, as_float, as_int
-from lmms_msd.models.target import EmbeddedPrompt, Target
+from lmms_msd.models.target import EmbeddedPrompt, PromptInputs, Target
 from lmms_msd.speculative.sampling import GenerationConfig
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # what lmms-eval's llava models use when a task sets none
@@ -127,11 +127,17 @@ def request_seed(seed: int, task: str, doc_id: int, repeat: int) -> int:
 
 def prepare_prompt(target: Target, context: Any, images: list[Image.Image]) -> EmbeddedPrompt:
     """The embedded prompt of a request's context (a question without `<image>`) and its images."""
+    return target.embed_inputs(preprocess_prompt(target, context, images))
+
+
+def preprocess_prompt(target: Target, context: Any, images: list[Image.Image]) -> PromptInputs:
+    """The CPU stage of `prepare_prompt` (`Target.preprocess`: no tokenizer, no device), which may run
+    ahead on another thread; `Target.embed_inputs` finishes it."""
     if not isinstance(context, str):
         raise TypeError(f"the context must be a string, got {type(context).__name__}")
     if not context.strip() and not images:
         raise ValueError("the context is empty and there is no image: there is nothing to ask the model")
-    return target.prepare(context, images)
+    return target.preprocess(context, images)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ decoding loops use only the two runtime operations defined here:
   cache, position ids and (optionally) a 4D additive float mask; returns the last hidden state after
   the final norm (what the MSD draft reads) and the logits.
 
+A request becomes inputs in two stages (`prepare` runs both): `preprocess` on the CPU (the prompt text,
+the image processor), safe on another thread, and `embed_inputs` (the tokenizer, then `embed`).
+
 Prompts are embedded here rather than through `LlavaForConditionalGeneration.forward` so that the
 original layout can keep its 32,000-row vocabulary (the image placeholder id lies past it, as in the
 original LLaVA code) and so that the draft receives the very image embeddings the target saw.
@@ -46,6 +49,20 @@ class EmbeddedPrompt:
             f"inputs_embeds {tuple(self.inputs_embeds.shape)} does not match L={length}"
         )
         assert self.image_mask.shape == (length,), f"image_mask {tuple(self.image_mask.shape)} != ({length},)"
+
+
+@dataclass
+class PromptInputs:
+    """A prompt before the tokenizer and the device (`Target.preprocess`): what another thread may compute."""
+
+    text: str  # the conversation prompt, one `<image>` placeholder per image (`PromptFormat.build`)
+    pixel_values: torch.Tensor | None  # [n_images, 3, S, S] float32 on the CPU; None without images
+
+    def __post_init__(self) -> None:
+        if self.pixel_values is not None:
+            assert self.pixel_values.dim() == 4 and self.pixel_values.shape[1] == 3, (
+                f"pixel_values must be [n_images, 3, S, S], got {tuple(self.pixel_values.shape)}"
+            )
 
 
 @dataclass
@@ -96,15 +113,30 @@ class Target:
         return self.model.lm_head
 
     # ---- requests -> inputs -----------------------------------------------------------------------
-    def prepare(self, question: str, images: "list[Image.Image]") -> EmbeddedPrompt:
-        """A user question (no `<image>` in it) and its images -> the embedded prompt.
+    def prepare(self, question: str, images: list[Image.Image]) -> EmbeddedPrompt:
+        """A user question (no `<image>` in it) and its images -> the embedded prompt: `preprocess`, then
+        `embed_inputs`.
 
         The prompt format puts one image placeholder per image; `embed` expands it.
         """
-        prompt = self.prompt_format.build(question, n_images=len(images))
-        input_ids = self.prompt_format.tokenize(self.tokenizer, prompt, self.image_token_id)
+        return self.embed_inputs(self.preprocess(question, images))
+
+    def preprocess(self, question: str, images: list[Image.Image]) -> PromptInputs:
+        """The CPU stage of `prepare`: the conversation prompt and the images' pixel values.
+
+        It reads neither the tokenizer nor the device, so it may run on another thread while this one
+        decodes (`lmms_msd.prefetch`): a fast tokenizer encoding on one thread while another decodes
+        text (the stop strings) can fail with "Already borrowed".
+        """
+        text = self.prompt_format.build(question, n_images=len(images))
         pixel_values = torch.cat([self.image_processor(image) for image in images]) if images else None
-        return self.embed(input_ids, pixel_values)
+        return PromptInputs(text, pixel_values)
+
+    def embed_inputs(self, inputs: PromptInputs) -> EmbeddedPrompt:
+        """The device stage of `prepare`: the prompt's token ids (the tokenizer, on the calling thread),
+        then `embed` (the vision tower on the device, the embedded prompt)."""
+        input_ids = self.prompt_format.tokenize(self.tokenizer, inputs.text, self.image_token_id)
+        return self.embed(input_ids, inputs.pixel_values)
 
     # ---- runtime ----------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
