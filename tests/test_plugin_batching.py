@@ -54,6 +54,8 @@ def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path)
     meta = json.loads(Path(spec.report.path).read_text())
     assert '"max_batch": 4' in json.dumps(meta) and "NodeBudgets" in json.dumps(meta) and '"batched_drafting": true' in json.dumps(meta)
     assert spec.prefetch == 4 and '"prefetch": 4' in json.dumps(meta)  # the default: max(2, max_batch)
+    # the generate_until call end to end: its time, and its documents per second
+    assert meta["generate_until_s"] > 0 and meta["documents_per_s"] == pytest.approx(1 / meta["generate_until_s"])
     _, plain = models(tiny_hf_dir, tiny_draft_dir, tmp_path / "p")
     requests = [request(i, LONGER) for i in range(4)]
     assert run(spec, requests, docs) == run(plain, requests, docs)

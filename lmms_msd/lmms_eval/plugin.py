@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import time
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -309,6 +310,7 @@ class LlavaMsdCalibrated(lmms):
         self.report = RunReport(report_path(self.args.stats_path, sys.argv))
         self._noted: set[str] = set()  # gen_kwargs keys whose note was logged
         self._run_started = datetime.now(UTC).isoformat(timespec="seconds")
+        self._generate_s, self._documents = 0.0, 0  # this process's generate_until calls: their time and requests
 
     @property
     def device(self) -> torch.device:
@@ -321,8 +323,11 @@ class LlavaMsdCalibrated(lmms):
         online = start_online_calibration(self.args, requested, self.tree, self.decoder.target)
         decodes = [Request(job.name, partial(self._prepare, job), request_seed(self.args.seed, job.task, job.doc_id, job.repeat),
                            load=partial(self._load, job)) for job in jobs]  # fmt: skip
+        started = time.perf_counter()
         results = decode_requests(self.decoder, decodes, self.tree, online, max_batch=self.max_batch, schedule=self.schedule,
                                   prefetch=self.prefetch, progress=self.rank == 0, desc=MODEL_ID)  # fmt: skip
+        self._generate_s += time.perf_counter() - started  # the answers are on the host: the device is done
+        self._documents += len(jobs)
         outputs = [""] * len(requests)  # padding requests' answers are dropped by lmms-eval
         for job, result in zip(jobs, results):
             outputs[job.index] = result.text.strip()
@@ -375,6 +380,8 @@ class LlavaMsdCalibrated(lmms):
             "max_batch": self.max_batch, "batch_node_budgets": repr(self.schedule),
             "batched_drafting": getattr(self.decoder.runtime, "batched_drafting", False), "prefetch": self.prefetch,
             "torch_compile": getattr(self.decoder.runtime, "compile", False),
+            # rank 0's generate_until calls end to end (loading, preparing, prefills, decoding): its share of the documents per second
+            "generate_until_s": self._generate_s, "documents_per_s": self._documents / self._generate_s if self._generate_s > 0 else 0.0,
         }  # fmt: skip
         report = self.report.add(records, meta)
         eval_logger.info(f"{MODEL_ID} statistics ({report['decoding']}), written to {self.report.path}:\n{format_table(report)}")
