@@ -8,9 +8,13 @@ themselves run in the CUDA test on the GPU machine.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
+from test_plugin import docs, tiny_draft_dir  # noqa: F401  (fixtures)
 from test_fast_engine import TREES, with_eos
 
 from lmms_msd.speculative.batching import BatchRequest, generate_batched
@@ -122,3 +126,21 @@ def test_compiled_cuda_graphs_decode_the_same():
         assert plain_generate(compiled_engine, prompt, config).token_ids == want
         for tree in TREES.values():
             assert speculative_generate(compiled_engine, prompt, config, tree).token_ids == want
+
+
+def test_the_plugin_compiles_with_torch_compile(tiny_hf_dir, tiny_draft_dir, docs, tmp_path, traced):  # noqa: F811
+    """model_args torch_compile=true: the static engine compiles (one request at a time and batched), the
+    answers are the uncompiled engine's, and the statistics say it."""
+    from test_plugin import request, run
+    from test_plugin_batching import models
+
+    requests = [request(i) for i in (2, 0, 3)]
+    for batch in ("1", "2"):
+        args = dict(engine="static", max_length="256", max_batch=batch)
+        compiled, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path / f"c{batch}", torch_compile="true", **args)
+        reference, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path / f"r{batch}", **args)
+        assert compiled.decoder.runtime.compile is True and reference.decoder.runtime.compile is False
+        assert run(compiled, requests, docs) == run(reference, requests, docs)
+        meta = json.loads(Path(compiled.report.path).read_text())
+        assert meta["torch_compile"] is True
+    assert traced() >= 2

@@ -109,6 +109,7 @@ class BatchedStaticEngine:
         self.batched_drafting = batched_drafting  # the module docstring says what it changes
         self.static_target = BatchedStaticTarget(target, max_batch, max_length, cuda_graphs, compile)
         self.cuda_graphs = self.static_target.cuda_graphs
+        self.compile = compile
         self._free = list(range(max_batch))  # a heap: the lowest free row first
         self._live: dict[int, RowSequence] = {}  # row -> the sequence holding it
         self._drafters: dict[tuple[int, bool], StaticDrafter] = {}  # by (row, track_visual)
