@@ -15,7 +15,7 @@ import pytest
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
 from test_plugin import docs, tiny_draft_dir  # noqa: F401  (fixtures)
-from test_fast_engine import TREES, with_eos
+from test_fast_engine import TREES, cuda_pair, with_eos
 
 from lmms_msd.speculative.batching import BatchRequest, generate_batched
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate
@@ -113,10 +113,7 @@ def test_the_layer_parts_compute_the_layer():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")
 def test_compiled_cuda_graphs_decode_the_same():
     """Inductor's kernels captured in CUDA graphs: greedy outputs equal the uncompiled engine's."""
-    target = tiny_target(3, context_scale=0.05)
-    target.model.to("cuda")
-    draft = following_draft(target).to("cuda")
-    target = with_eos(target, 10_000)
+    target, draft = cuda_pair()
     plain_engine = StaticEngine(target, draft, max_length=256)
     compiled_engine = StaticEngine(target, draft, max_length=256, compile=True)
     for i in range(3):

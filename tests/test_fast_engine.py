@@ -197,12 +197,16 @@ def test_a_second_prefill_invalidates_the_first_sequence():
     assert second.committed == committed + 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_change_nothing():
+def cuda_pair():
+    """The tiny target (no EOS) and a following draft, on CUDA."""
     target = tiny_target(3, context_scale=0.05)
     target.model.to("cuda")
-    draft = following_draft(target).to("cuda")
-    target = with_eos(target, 10_000)
+    return with_eos(target, 10_000), following_draft(target).to("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_change_nothing():
+    target, draft = cuda_pair()
     graphs = StaticEngine(target, draft, max_length=256, cuda_graphs=True)
     eager = StaticEngine(target, draft, max_length=256, cuda_graphs=False)
     for i in range(4):
