@@ -207,7 +207,7 @@ class LlavaMsdCalibrated(lmms):
                            (BatchedStaticEngine, lmms_msd.speculative.fast.batched_growth) [false]
       torch_compile        engine=static: the target's layers (and, one request at a time, the draft's head)
                            through torch.compile: fused norms, RoPE and gating; each new shape compiles
-                           first (seconds each, cached by torch on disk) [false]
+                           first (about 24 s in all at batch 1 on an H200 host): for whole benchmarks [false]
       prefetch             requests whose image is loaded and preprocessed (doc_to_visual, the image processor)
                            ahead of their turn, on a background thread, while the device decodes
                            (lmms_msd.prefetch); the same answers; 0: each when its turn comes [max(2, max_batch)]
