@@ -4,7 +4,8 @@ A vocabulary-16 target, 20,000 seeded runs per setting (temperature 0.7 and 1.0 
 The exact joint distribution p(t1) p(t2 | t1) comes from the target's own logits. Each of the 256
 cells must lie within z standard errors of it, z set by a Bonferroni bound over the cells so that a
 correct sampler fails with probability below 1e-3; the same check must reject random reference
-distributions, so it has the power to catch a wrong one.
+distributions, so it has the power to catch a wrong one. The last test runs the same check through the
+batched loop, each test request in flight with other requests (rows must not leak into each other).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 from decoding_fixtures import following_draft, tiny_target
 
+from lmms_msd.speculative.batching import BatchRequest, generate_batched
 from lmms_msd.speculative.decoding import speculative_generate
 from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.sampling import GenerationConfig, processed_probs
@@ -85,3 +87,39 @@ def test_first_two_tokens_follow_the_target(temperature):
         wrong = torch.softmax(torch.randn(VOCAB * VOCAB, generator=g), 0).view(VOCAB, VOCAB)
         assert not within_bounds(counts, wrong)
     assert not within_bounds(counts, exact_joint(target, prompt, GenerationConfig(max_new_tokens=2, do_sample=True, temperature=temperature * 1.3, top_p=0.9)))
+
+
+def test_first_two_tokens_follow_the_target_in_a_mixed_batch():
+    """The same check through the batched loop: each test request shares its steps with others (other
+    prompts, temperatures, top-k, a greedy one, longer answers), up to 8 rows verified in one padded
+    forward, every request with its own generator. A row that read another row's logits, cache or
+    draws would move the test request's distribution off the target's."""
+    temperature = 1.0
+    target = tiny_target(3, vocab_size=VOCAB, hidden=32, context_scale=0.3, eos_token_id=10_000)
+    draft = following_draft(target)
+    prompt = target.embed(torch.tensor([1, 2, 3, 4]), None)
+    config = GenerationConfig(max_new_tokens=2, do_sample=True, temperature=temperature, top_p=0.9)
+    tree = EagleTree(total_tokens=4, depth=1, top_k=2)
+    others = [
+        (target.embed(torch.tensor([5, 6]), None), GenerationConfig(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=5)),
+        (target.embed(torch.tensor([7, 1, 9]), None), GenerationConfig(max_new_tokens=3)),  # greedy
+        (target.embed(torch.tensor([2, 2, 2, 8, 11]), None), GenerationConfig(max_new_tokens=4, do_sample=True, temperature=1.3)),
+    ]
+    requests, tested = [], []
+    for i in range(RUNS):
+        tested.append(len(requests))
+        requests.append(BatchRequest(prompt, config, torch.Generator().manual_seed(50_000 + i), tree=tree))
+        if i % 2 == 0:  # one other request for every two test requests
+            other_prompt, other_config = others[(i // 2) % len(others)]
+            generator = None if other_config.greedy else torch.Generator().manual_seed(90_000 + i)
+            requests.append(BatchRequest(other_prompt, other_config, generator, tree=tree))
+    results = dict(generate_batched(EagerRuntime(target, draft), requests, max_batch=8))
+    counts = torch.zeros(VOCAB, VOCAB)
+    for index in tested:
+        t1, t2 = results[index].token_ids
+        counts[t1, t2] += 1
+    reference = exact_joint(target, prompt, config)
+    assert (counts[reference == 0] == 0).all(), "a token outside top-p was generated"
+    assert within_bounds(counts, reference)
+    # the check can fail: the next temperature's distribution is rejected
+    assert not within_bounds(counts, exact_joint(target, prompt, GenerationConfig(max_new_tokens=2, do_sample=True, temperature=1.3, top_p=0.9)))
