@@ -41,8 +41,10 @@ def compiled(fn: Callable) -> Callable:
     rule), so prompts of every length share a compilation. The first call of a shape takes seconds;
     calls that a CUDA graph captures run the compiled kernels at every replay.
 
-    Example: compiled(layer_output) fuses the residual add into the RMSNorm that reads it and the SiLU
-    into the gate's product; the matrix products stay library calls.
+    Example (inductor's code for CPU, read with torch._inductor.utils.run_and_get_code): compiled(layer_output)
+    is three library matrix products (the last with the residual added in) and two fused kernels, the
+    residual add with the RMSNorm that reads it, and the SiLU with the gating product; compiled(attention_inputs)
+    is the RMSNorm, one product and one kernel for all of RoPE.
     """
     dynamo = torch._dynamo.config
     # every layer (and every graphed bucket) calls the same function object: room for its shapes
