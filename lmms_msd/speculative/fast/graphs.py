@@ -42,7 +42,7 @@ def compiled(fn: Callable) -> Callable:
     calls that a CUDA graph captures run the compiled kernels at every replay.
 
     Example (inductor's code for CPU, read with torch._inductor.utils.run_and_get_code): compiled(layer_output)
-    is three library matrix products (the last with the residual added in) and two fused kernels, the
+    is three library matrix products and two fused kernels, the
     residual add with the RMSNorm that reads it, and the SiLU with the gating product; compiled(attention_inputs)
     is the RMSNorm, one product and one kernel for all of RoPE.
     """
