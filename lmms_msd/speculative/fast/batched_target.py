@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lmms_msd.models.target import Target
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket
-from lmms_msd.speculative.fast.static_target import TOKEN_BUCKETS, StaticTarget
+from lmms_msd.speculative.fast.static_target import TOKEN_BUCKETS, StaticTarget, attention_inputs
 from lmms_msd.speculative.transfer import to_device, to_device_each
 from lmms_msd.speculative.verify import PaddedTrees
 
@@ -55,12 +55,24 @@ def check_cache_fits(target: Target, rows: int, capacity: int) -> None:
         )
 
 
+def cached_row_attention_inputs(x, input_norm, qkv, cos, sin, eps: float, heads: int, kv_heads: int, keys, values, rows, slots):
+    """`attention_inputs` for rows of sequences with k and v written to the layer's cache at (row, slot), in
+    one function as `cached_attention_inputs`. x: [R, T, H]; keys, values: [rows, kv_heads, S, D] (one
+    layer's cache); rows, slots: [R, T] long -> q [R, T, heads, D]"""
+    q, k, v = attention_inputs(x, input_norm, qkv, cos, sin, eps, heads, kv_heads)
+    keys[rows, :, slots] = k  # [R, T, kv, D] at (row, slot)
+    values[rows, :, slots] = v
+    return q
+
+
 class BatchedStaticTarget(StaticTarget):
     """A `StaticTarget` with a cache row per sequence (module docstring).
 
     rows: sequences it can hold at once; capacity: slots per row (prompt + new tokens + one tree + the
     scratch slot must fit)
     """
+
+    attention_inputs = staticmethod(cached_row_attention_inputs)
 
     def __init__(self, target: Target, rows: int, capacity: int, cuda_graphs: bool | None = None, compile: bool = False) -> None:
         if rows < 1:
@@ -95,9 +107,7 @@ class BatchedStaticTarget(StaticTarget):
         rows = by_row[:, None].expand(r, t)  # [R, T]
         attn_mask = mask[:, None]  # [R, 1, T, S]
         for index, w in enumerate(self.layers):
-            q, k, v = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv)
-            self.keys[index][rows, :, slots] = k  # [R, T, kv, D] at (row, slot)
-            self.values[index][rows, :, slots] = v
+            q = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], rows, slots)
             read = slice(first_row, first_row + r) if listed is None else listed
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2),

@@ -82,6 +82,16 @@ def attention_inputs(x, input_norm, qkv, cos, sin, eps: float, heads: int, kv_he
     return qk[..., :heads, :], qk[..., heads:, :], packed[..., heads + kv_heads :, :]
 
 
+def cached_attention_inputs(x, input_norm, qkv, cos, sin, eps: float, heads: int, kv_heads: int, keys, values, slots):
+    """`attention_inputs` for one sequence with k and v written to the layer's cache at `slots`: in one
+    function, so that compiled, the RoPE kernel writes them (no copy kernels of their own). x: [T, H];
+    keys, values: [kv_heads, S, D] (one layer's cache); slots: [T] long -> q [T, heads, D]"""
+    q, k, v = attention_inputs(x, input_norm, qkv, cos, sin, eps, heads, kv_heads)
+    keys.index_copy_(1, slots, k.transpose(0, 1))
+    values.index_copy_(1, slots, v.transpose(0, 1))
+    return q
+
+
 def layer_output(x, attention, o, post_norm, gate_up, down, eps: float):
     """A LLaMA layer after its attention: the output projection added to the residual, then the MLP
     block (RMSNorm, SiLU-gated packed gate/up, down) added in turn. x, attention: [..., T, H] -> [..., T, H]."""
@@ -96,10 +106,14 @@ class StaticTarget:
 
     capacity: slots in the cache (prompt + new tokens + one tree + 1 scratch slot must fit)
     cuda_graphs: replay fixed-shape forwards from CUDA graphs (None: when the model is on CUDA)
-    compile: run each layer's two pure parts, `attention_inputs` and `layer_output`, through
-    torch.compile (`lmms_msd.speculative.fast.graphs.compiled`: fused norms, RoPE and SiLU gating, one
-    compilation per input shape shared by all layers); the cache writes and attention stay as they are
+    compile: run each layer's two parts around its attention, `cached_attention_inputs` (the cache
+    writes included) and `layer_output`, through torch.compile (`lmms_msd.speculative.fast.graphs.compiled`:
+    fused norms, RoPE with the cache writes, SiLU gating; one compilation per input shape shared by all
+    layers); the attention stays as it is
     """
+
+    # the layer up to its attention, cache writes included (a subclass with cache rows has its own)
+    attention_inputs = staticmethod(cached_attention_inputs)
 
     def __init__(self, target: Target, capacity: int, cuda_graphs: bool | None = None, compile: bool = False) -> None:
         lm = target.model.model.language_model
@@ -140,7 +154,7 @@ class StaticTarget:
         self.slots = torch.arange(capacity, device=device)
         enabled = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.compile = compile
-        self._attention_inputs = compiled(attention_inputs) if compile else attention_inputs
+        self._attention_inputs = compiled(self.attention_inputs) if compile else self.attention_inputs
         self._layer_output = compiled(layer_output) if compile else layer_output
         self._graphed = GraphedFunction(self._forward_tokens, enabled, device)
         self._graphed_next = GraphedFunction(self._forward_next, enabled, device)
@@ -171,14 +185,12 @@ class StaticTarget:
     # ---- the forward ------------------------------------------------------------------------------
     def _forward_embeds(self, x, positions, slots, mask):
         """x: [T, H]; positions, slots: [T] long; mask: [T, S] additive -> hidden [T, H], logits [T, V] f32"""
-        t, width = mask.shape
+        width = mask.shape[1]
         heads, kv = self.n_heads, self.n_kv_heads
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
         attn_mask = mask[None, None]
         for index, w in enumerate(self.layers):
-            q, k, v = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv)
-            self.keys[index].index_copy_(1, slots, k.transpose(0, 1))
-            self.values[index].index_copy_(1, slots, v.transpose(0, 1))
+            q = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], slots)
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
                 self.keys[index, :, :width][None],
