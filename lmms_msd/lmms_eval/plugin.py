@@ -281,11 +281,15 @@ class LlavaMsdCalibrated(lmms):
         if self.args.inflate is not None:
             eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {self.args.inflate}: the same function at a bigger model's cost")
         runtime = dataclasses.replace(
-            runtime_settings(self.args), max_batch=self.max_batch, batched_drafting=as_bool("batched_drafting", batched_drafting),
-            compile=as_bool("torch_compile", torch_compile),
+            runtime_settings(self.args), max_batch=self.max_batch, batched_drafting=as_bool("batched_drafting", batched_drafting)
         )
-        if runtime.compile and runtime.engine != "static":
-            raise ValueError(f"torch_compile=true compiles the static engine's forwards; engine is {runtime.engine!r}: set engine=static (on CUDA)")
+        compiled = as_bool("torch_compile", torch_compile)
+        try:
+            runtime = dataclasses.replace(runtime, compile=compiled)
+        except ValueError as error:  # valid without it: RuntimeSettings refused torch_compile (compile there)
+            raise ValueError(
+                f"torch_compile=true compiles the static engine's forwards; engine is {runtime.engine!r}: set engine=static (on CUDA)"
+            ) from error
         if as_optional_str(max_length) is not None:
             runtime = dataclasses.replace(runtime, max_length=whole_number("max_length", max_length))
         self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime)
