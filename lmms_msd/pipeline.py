@@ -189,11 +189,23 @@ def inflation_shape(name: str | None) -> TextShape | None:
 # ---- 3. the runtime ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RuntimeSettings:
+    """What runs the pair's forwards (`build_decoder`). Checked when made (and by `dataclasses.replace`),
+    so before anything is loaded; the ValueError names the fields as spelled here, which a caller whose
+    users spell one otherwise (torch_compile for compile) rewords."""
+
     engine: str = "eager"  # ENGINES: "eager" (transformers' forward) or "static" (static caches, CUDA graphs on cuda)
     max_length: int = 2048  # static: the preallocated cache slots (clipped to the target's maximum length)
     max_batch: int = 1  # sequences decoded at once; static: more than 1 takes the batched engine, a cache row each
     batched_drafting: bool = False  # static, max_batch > 1: all rows draft in one forward per tree level (BatchedStaticEngine)
     compile: bool = False  # static: the target's layers (and, one sequence at a time, the draft's head) through torch.compile
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.compile and self.engine != "static":
+            raise ValueError(f"compile=True compiles the static engine's forwards; engine is {self.engine!r}: set engine 'static'")
 
 
 @dataclass(frozen=True)
@@ -218,8 +230,6 @@ def build_decoder(pair: Pair, settings: RuntimeSettings) -> Decoder:
     """The pair on the runtime `settings.engine` names: the one place that chooses eager or static.
     Static with max_batch > 1 is `lmms_msd.speculative.fast.BatchedStaticEngine` (a cache row per
     sequence); the eager runtime batches any number."""
-    if settings.max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {settings.max_batch}")
     if settings.engine == "static" and settings.max_batch > 1:
         # imported only when asked for, as static_engine_class
         from lmms_msd.speculative.fast import BatchedStaticEngine
@@ -230,10 +240,8 @@ def build_decoder(pair: Pair, settings: RuntimeSettings) -> Decoder:
         )  # fmt: skip
     elif settings.engine == "static":
         runtime = static_engine_class()(pair.target, pair.draft, max_length=settings.max_length, compile=settings.compile)
-    elif settings.engine == "eager":
+    else:  # "eager", the one other engine `RuntimeSettings` accepts
         runtime = EagerRuntime(pair.target, pair.draft)
-    else:
-        raise ValueError(f"engine must be one of {list(ENGINES)}, got {settings.engine!r}")
     return Decoder(pair.target, pair.draft, runtime)
 
 

@@ -188,6 +188,16 @@ def test_bad_inflation_shape_is_a_clear_error(tmp_path, chart_dir):
     assert "--inflate huge" in str(error.value) and "HIDDENxLAYERS" in str(error.value)
 
 
+def test_torch_compile_without_the_static_engine_is_a_usage_error_before_loading(tmp_path, monkeypatch, chart_dir):
+    def no_loading(settings):
+        raise AssertionError("bench loaded the pair before refusing --torch_compile")
+
+    monkeypatch.setattr("lmms_msd.commands.bench.load_pair", no_loading)
+    with pytest.raises(SystemExit) as error:
+        main(["bench", "--data_dir", str(chart_dir), "--torch_compile", "--output_dir", str(tmp_path)])
+    assert str(error.value) == "lmms-msd bench: --torch_compile compiles the static engine's forwards: add --engine static"
+
+
 def _first_answer(argv_tail: list[str], chart_dir: Path, out: Path) -> dict:
     argv = ["bench", "--data_dir", str(chart_dir), "--limit", "1", "--warmup", "0", "--repeats", "1",
             "--max_new_tokens", "20", "--methods", "plain,opt", "--output_dir", str(out), "--no_progress", *argv_tail]  # fmt: skip

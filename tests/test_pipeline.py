@@ -117,6 +117,23 @@ def test_the_engine_setting_picks_the_runtime(tiny_pair, eager):
         build_decoder(tiny_pair, RuntimeSettings("turbo"))
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"engine": "turbo"}, r"engine must be one of \['eager', 'static'\], got 'turbo'"),
+        ({"max_batch": 0}, "max_batch must be at least 1, got 0"),
+        ({"compile": True}, "compile=True compiles the static engine's forwards; engine is 'eager': set engine 'static'"),
+        ({"engine": "turbo", "compile": True}, "engine must be one of"),  # the engine first: compile's rule reads it
+    ],
+)
+def test_runtime_settings_are_checked_when_made(fields, message):
+    with pytest.raises(ValueError, match=message):
+        RuntimeSettings(**fields)
+    with pytest.raises(ValueError, match=message):  # a replace makes them again
+        dataclasses.replace(RuntimeSettings("static"), **({"engine": "eager"} | fields))
+    assert RuntimeSettings("static", max_batch=4, compile=True).compile
+
+
 def test_load_decoder_puts_the_named_pair_on_the_runtime(tiny_pair_settings):
     paths = PairPaths(tiny_pair_settings.pretrained, tiny_pair_settings.msd_model_path, bundled=False)
     decoder = load_decoder(paths, RuntimeSettings("static", max_length=256))

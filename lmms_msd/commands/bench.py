@@ -682,8 +682,11 @@ def run(args: argparse.Namespace) -> int:
         shape = inflation_shape(args.inflate)
     except ValueError as error:
         raise SystemExit(f"lmms-msd bench: --inflate {args.inflate}: {error}") from error
-    if args.torch_compile and args.engine != "static":
-        raise SystemExit("lmms-msd bench: --torch_compile compiles the static engine's forwards: add --engine static")
+    runtime = RuntimeSettings(args.engine, args.max_length, max_batch=max(args.batch or [1]), batched_drafting=args.batched_drafting)
+    try:
+        runtime = replace(runtime, compile=args.torch_compile)
+    except ValueError as error:  # valid without it: RuntimeSettings refused --torch_compile (compile there)
+        raise SystemExit("lmms-msd bench: --torch_compile compiles the static engine's forwards: add --engine static") from error
     args.device = args.device or default_device()
     args.dtype = args.dtype or default_dtype(args.device)
     resolve_pair_and_calibrator(args)
@@ -702,9 +705,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("lmms-msd bench: no method left to run")
     need_draft = bool(set(names) & set(SPECULATIVE))
     pair = load_pair(PairSettings(args.pretrained, args.msd_model_path if need_draft else None, args.device, args.dtype, inflate=shape))
-    runtime = RuntimeSettings(
-        args.engine, args.max_length, max_batch=max(args.batch or [1]), batched_drafting=args.batched_drafting, compile=args.torch_compile
-    )
     decoder = build_decoder(pair, runtime)
     args.cost_cache = args.cost_cache or args.output_dir / "cost_models"
     settings = method_trees(names, opt_settings(args), args.calibrator, args.calibrator_mode, str(args.cost_cache))

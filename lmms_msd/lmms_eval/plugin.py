@@ -76,15 +76,16 @@ from lmms_msd.speculative.batching import PLAIN_FROM, NodeBudgets
 from lmms_msd.speculative.sampling import GenerationConfig
 
 
-def whole_number(name: str, value: Any) -> int:
-    """A model_arg that counts something, >= 1; strings and floats too (model_args are parsed loosely:
-    "4" may come as 4.0)."""
+def whole_number(name: str, value: Any, minimum: int = 1, note: str = " (e.g. 16)") -> int:
+    """A model_arg that counts something: a whole number >= `minimum`, given as a string or a float too
+    (model_args are parsed loosely: "4" may come as 4.0). The error names the model_arg and the rule,
+    then `note`: what it counts, an example."""
     try:
         number = float(str(value).strip())
     except ValueError:
-        number = 0.0
-    if number < 1 or number != int(number):
-        raise ValueError(f"{name}={value!r}: {MODEL_ID} needs a whole number >= 1 here (e.g. 16)")
+        number = minimum - 1.0  # no number: refused below, as one out of range is
+    if number < minimum or number != int(number):
+        raise ValueError(f"{name}={value!r}: {MODEL_ID} needs a whole number >= {minimum} here{note}")
     return int(number)
 
 
@@ -99,18 +100,11 @@ def requests_ahead(prefetch: Any, max_batch: int) -> int:
     """Requests whose image loading and preprocessing may run ahead of their turn (model_args prefetch):
     a whole number >= 0 (0: each at its turn), or unset: max(2, max_batch), enough for a batch's rows
     that free together."""
+    unset = max(2, max_batch)
     if as_optional_str(prefetch) is None:
-        return max(2, max_batch)
-    try:
-        number = float(str(prefetch).strip())
-    except ValueError:
-        number = -1.0
-    if number < 0 or number != int(number):
-        raise ValueError(
-            f"prefetch={prefetch!r}: {MODEL_ID} needs a whole number >= 0 here, the requests whose images are "
-            f"loaded ahead of their turn (e.g. 4; 0 turns it off; unset: max(2, max_batch) = {max(2, max_batch)})"
-        )
-    return int(number)
+        return unset
+    note = f", the requests whose images are loaded ahead of their turn (e.g. 4; 0 turns it off; unset: max(2, max_batch) = {unset})"
+    return whole_number("prefetch", prefetch, minimum=0, note=note)
 
 
 def model_manifest():
@@ -281,11 +275,15 @@ class LlavaMsdCalibrated(lmms):
         if self.args.inflate is not None:
             eval_logger.info(f"{MODEL_ID}: inflating the loaded pair to {self.args.inflate}: the same function at a bigger model's cost")
         runtime = dataclasses.replace(
-            runtime_settings(self.args), max_batch=self.max_batch, batched_drafting=as_bool("batched_drafting", batched_drafting),
-            compile=as_bool("torch_compile", torch_compile),
+            runtime_settings(self.args), max_batch=self.max_batch, batched_drafting=as_bool("batched_drafting", batched_drafting)
         )
-        if runtime.compile and runtime.engine != "static":
-            raise ValueError(f"torch_compile=true compiles the static engine's forwards; engine is {runtime.engine!r}: set engine=static (on CUDA)")
+        compiled = as_bool("torch_compile", torch_compile)
+        try:
+            runtime = dataclasses.replace(runtime, compile=compiled)
+        except ValueError as error:  # valid without it: RuntimeSettings refused torch_compile (compile there)
+            raise ValueError(
+                f"torch_compile=true compiles the static engine's forwards; engine is {runtime.engine!r}: set engine=static (on CUDA)"
+            ) from error
         if as_optional_str(max_length) is not None:
             runtime = dataclasses.replace(runtime, max_length=whole_number("max_length", max_length))
         self.decoder = build_decoder(load_pair(pair_settings(self.args)), runtime)
