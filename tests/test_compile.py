@@ -20,7 +20,7 @@ from test_fast_engine import TREES, cuda_pair, with_eos
 from lmms_msd.speculative.batching import BatchRequest, generate_batched
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate
 from lmms_msd.speculative.fast import BatchedStaticEngine, StaticEngine, graphs
-from lmms_msd.speculative.fast.static_target import attention_inputs, layer_output
+from lmms_msd.speculative.fast.static_target import attention_inputs, eager_attention, layer_output
 from lmms_msd.speculative.sampling import GenerationConfig
 
 
@@ -141,3 +141,17 @@ def test_the_plugin_compiles_with_torch_compile(tiny_hf_dir, tiny_draft_dir, doc
         meta = json.loads(Path(compiled.report.path).read_text())
         assert meta["torch_compile"] is True
     assert traced() >= 2
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+def test_eager_attention_is_sdpa(kv):
+    """`eager_attention` (what compiled layers run for steps and trees) against SDPA, in float64 so that only
+    the order of sums differs: the masked scale-softmax-values product, grouped-query heads repeated."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    query, key, value = torch.randn(2, 4, 5, 8, **f64), torch.randn(2, kv, 9, 8, **f64), torch.randn(2, kv, 9, 8, **f64)
+    visible = torch.rand(2, 1, 5, 9) < 0.6
+    visible[..., 0] = True  # every row sees a slot
+    mask = torch.zeros(visible.shape, **f64).masked_fill_(~visible, torch.finfo(torch.float64).min)
+    want = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=kv != 4)
+    torch.testing.assert_close(eager_attention(query, key, value, mask, kv != 4), want, rtol=1e-12, atol=1e-12)

@@ -219,3 +219,42 @@ def test_cuda_graphs_change_nothing():
             b = speculative_generate(eager, prompt, config, tree)
             assert a.token_ids == b.token_ids == want and a.stats.accepted == b.stats.accepted
     assert len(graphs.static_target._graphed) > 0
+
+
+def test_the_engine_runs_the_vision_tower_through_a_graphed_function():
+    """A static engine routes the target's image features through a `GraphedFunction` (here disabled, so
+    under `CaptureRules`: the vision tower and projector must be capturable); the prompts it embeds are the
+    ones embedded without it, and training (with gradients) still runs the tower directly."""
+    target = tiny_target(3, context_scale=0.05)
+    want = [random_prompt(target, 950 + i, with_image=True).inputs_embeds for i in range(2)]
+    assert target.vision_runner is None
+    StaticEngine(target, None, max_length=256)
+    assert target.vision_runner is not None and not target.vision_runner.enabled
+    calls = []
+    runner = target.vision_runner
+
+    def counting(pixel_values):
+        calls.append(pixel_values.shape[0])
+        return runner(pixel_values)
+
+    target.vision_runner = counting
+    for i in range(2):
+        assert torch.equal(random_prompt(target, 950 + i, with_image=True).inputs_embeds, want[i])
+    assert calls == [1, 1]
+    pixels = torch.rand(2, 3, 28, 28)  # random_prompt's size
+    with torch.enable_grad():
+        target.image_features(pixels)
+    assert calls == [1, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_vision_gives_the_eager_features():
+    target, draft = cuda_pair()
+    pixels = torch.rand(2, 3, 28, 28, device="cuda")  # random_prompt's size
+    with torch.inference_mode():
+        want = [target.vision_forward(pixels[:n].to(target.dtype)) for n in (1, 2)]
+        StaticEngine(target, draft, max_length=256)
+        assert target.vision_runner.enabled
+        for _ in range(2):  # captured, then replayed
+            for n, features in zip((1, 2), want):
+                assert torch.equal(target.image_features(pixels[:n]), features)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -74,6 +74,9 @@ class Target:
     image_processor: Callable[["Image.Image"], torch.Tensor]  # PIL image -> pixel_values [1, 3, S, S]
     prompt_format: "PromptFormat"
     layout: str  # "hf" (llava-hf/...) or "original" (liuhaotian/...)
+    # what `image_features` runs without gradients: None runs `vision_forward`; a static engine on CUDA sets
+    # it to `vision_forward` replayed from CUDA graphs (`lmms_msd.speculative.fast.engine.replay_vision`)
+    vision_runner: Callable[[torch.Tensor], tuple[torch.Tensor]] | None = field(default=None, repr=False, compare=False)
 
     # ---- sizes, all read from the configs -------------------------------------------------------
     @property
@@ -145,9 +148,17 @@ class Target:
         pixel_values: [n_images, 3, S, S] -> [n_images, n_image_tokens, H]
         """
         assert pixel_values.dim() == 4, f"pixel_values must be [N, 3, S, S], got {tuple(pixel_values.shape)}"
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        if self.vision_runner is not None and not torch.is_grad_enabled():
+            return self.vision_runner(pixel_values)[0].clone()  # a graph's output lives until its next replay
+        return self.vision_forward(pixel_values)
+
+    def vision_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower and projector: pixel_values [n_images, 3, S, S] on the device, in the model's
+        dtype -> [n_images, n_image_tokens, H]"""
         cfg = self.model.config
         out = self.model.model.get_image_features(
-            pixel_values=pixel_values.to(self.device, self.dtype),
+            pixel_values=pixel_values,
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         )

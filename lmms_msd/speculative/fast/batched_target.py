@@ -109,7 +109,7 @@ class BatchedStaticTarget(StaticTarget):
         for index, w in enumerate(self.layers):
             q = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], rows, slots)
             read = slice(first_row, first_row + r) if listed is None else listed
-            out = F.scaled_dot_product_attention(
+            out = self.attend(
                 q.transpose(1, 2),
                 self.keys[index, read, :, :width],
                 self.values[index, read, :, :width],
