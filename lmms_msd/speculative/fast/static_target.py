@@ -31,7 +31,8 @@ from lmms_msd.models.target import Target
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, width_bucket
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
-EAGER_ATTENTION_ROWS = 64  # compiled: query rows per sequence up to which `eager_attention` replaces SDPA
+# compiled: the query rows per sequence (least, most) for which `eager_attention` replaces SDPA: a tree's
+EAGER_ATTENTION_ROWS = (2, 64)
 
 
 @dataclass
@@ -238,9 +239,10 @@ class StaticTarget:
 
     def attend(self, query, key, value, attn_mask, enable_gqa: bool):
         """A layer's attention (`F.scaled_dot_product_attention`'s arguments): SDPA, or, compiled, `eager_attention`
-        for up to EAGER_ATTENTION_ROWS query rows (a step's, a tree's), whose scores it materialises; prompts
-        keep SDPA's fused kernels."""
-        if self._eager_attention is not None and query.shape[-2] <= EAGER_ATTENTION_ROWS:
+        for EAGER_ATTENTION_ROWS query rows (a tree's), whose scores it materialises; prompts keep SDPA's fused
+        kernels, and so does plain decoding's one row, where SDPA's kernel was about as fast (`eager_attention`)."""
+        least, most = EAGER_ATTENTION_ROWS
+        if self._eager_attention is not None and least <= query.shape[-2] <= most:
             return self._eager_attention(query, key, value, attn_mask, enable_gqa)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=enable_gqa)
 
