@@ -1,0 +1,114 @@
+"""Two timings behind choices of the static engine, on a CUDA device:
+
+    python scripts/kernel_probes.py attention   # SDPA against the compiled `eager_attention`, per query rows and width
+    python scripts/kernel_probes.py vision      # a prompt's device stage with the vision tower eager and from CUDA graphs
+
+`attention`: one layer's attention of the 7B shape (32 heads of 128, float16, an additive mask that hides
+the slots past 700 + the row), for 1, 16 and 64 query rows (plain decoding's step, small and large trees)
+over 768 and 1024 cache slots (the attention widths of a ~650-position prompt): SDPA as the engine calls
+it (PyTorch picks the kernel), and `lmms_msd.speculative.fast.static_target.eager_attention` through
+`torch.compile`, each replayed from a CUDA graph (microseconds per call, the mean of 200), with the
+largest difference from SDPA in float32. Compiled layers use `eager_attention` for a tree's rows
+(`EAGER_ATTENTION_ROWS`) from these figures.
+
+`vision`: `Target.embed_inputs` (the tokenizer, the vision tower and projector, the embedding) over 16
+long-answer chart requests on the bundled pair inflated to 7B's shape (CLIP ViT-L/14-336), with the
+vision tower eager and replayed from CUDA graphs (`replay_vision`, what the static engines set), in
+milliseconds per request, and whether the embedded prompts are identical.
+
+On one H200 (benchmarks/h200_7b_compile_v2, README "torch.compile"): SDPA 9.8-13.1 us at one row, 21-28 us at
+16-64 rows; eager_attention 12.0-12.2 us at one row, 10.5-14.3 us at 16-64 rows. embed_inputs 7.35 ms eager,
+2.66 ms graphed, identical prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmms_msd.speculative.fast.graphs import GraphedFunction, compiled
+from lmms_msd.speculative.fast.static_target import eager_attention
+
+
+def replayed_us(fn, device: torch.device, calls: int = 200) -> float:
+    """Microseconds per call of `fn()` (tensors in, a tensor out) replayed from a CUDA graph, after warm-up."""
+    graphed = GraphedFunction(lambda: (fn(),), True, device)
+    for _ in range(3):
+        graphed()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        graphed()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / calls * 1000
+
+
+def attention(device: torch.device) -> None:
+    torch.manual_seed(0)
+    heads, head_dim, used = 32, 128, 700
+    compiled_attention = compiled(eager_attention)
+    print("rows  width  SDPA us  eager_attention us  max |difference|")
+    for rows in (1, 16, 64):
+        for width in (768, 1024):
+            q = torch.randn(1, heads, rows, head_dim, device=device, dtype=torch.float16)
+            k, v = (torch.randn(1, heads, width, head_dim, device=device, dtype=torch.float16) for _ in range(2))
+            visible = torch.arange(width, device=device)[None, :] <= used + torch.arange(rows, device=device)[:, None]
+            mask = torch.zeros(rows, width, device=device, dtype=torch.float16).masked_fill_(~visible, torch.finfo(torch.float16).min)
+            mask = mask[None, None]
+            sdpa = replayed_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), device)
+            eager = replayed_us(lambda: compiled_attention(q, k, v, mask), device)
+            difference = (compiled_attention(q, k, v, mask).float() - F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float())
+            print(f"{rows:4d}  {width:5d}  {sdpa:7.1f}  {eager:18.1f}  {difference.abs().max().item():.1e}", flush=True)
+
+
+def vision(device: torch.device) -> None:
+    from lmms_msd.commands.bench import requests_from_task
+    from lmms_msd.pipeline import PairSettings, inflation_shape, load_pair, resolve_pair
+    from lmms_msd.speculative.fast.static_target import replay_vision
+
+    paths = resolve_pair(None, None, need_draft=False)
+    target = load_pair(PairSettings(paths.pretrained, None, str(device), "float16", inflate=inflation_shape("7b"))).target
+    requests, _ = requests_from_task("msd_chartqa_synth_long", Path(__file__).resolve().parents[1] / "tasks", 16)
+    inputs = [target.preprocess(r.context, r.images) for r in requests]
+    replay_vision(target, True)
+    graphed = target.vision_runner
+
+    def per_request(runner):
+        target.vision_runner = runner
+        for i in inputs[:2]:  # warm-up (and the graphs' capture)
+            target.embed_inputs(i)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        prompts = [target.embed_inputs(i) for i in inputs]
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / len(inputs) * 1000, [p.inputs_embeds for p in prompts]
+
+    eager_ms, eager_prompts = per_request(None)
+    graphed_ms, graphed_prompts = per_request(graphed)
+    same = all(torch.equal(a, b) for a, b in zip(eager_prompts, graphed_prompts))
+    print(f"embed_inputs over {len(inputs)} requests: {eager_ms:.2f} ms a request eager, {graphed_ms:.2f} ms from CUDA graphs; "
+          f"identical prompts: {same}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("probe", choices=("attention", "vision"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_probes.py times CUDA kernels and graphs: run it on a machine with a CUDA device")
+    device = torch.device("cuda")
+    with torch.inference_mode():
+        if args.probe == "attention":
+            attention(device)
+        else:
+            vision(device)
+
+
+if __name__ == "__main__":
+    main()
