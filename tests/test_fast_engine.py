@@ -286,6 +286,7 @@ def test_cuda_graphs_change_nothing():
             b = speculative_generate(eager, prompt, config, tree)
             assert a.token_ids == b.token_ids == want and a.stats.accepted == b.stats.accepted
     assert len(graphs.static_target._graphed) > 0
+    assert len(graphs._drafters[False]._advancing) > 0  # the draft's advances replayed graphs of their own
 
 
 def test_the_engine_runs_the_vision_tower_through_a_graphed_function():

@@ -86,7 +86,9 @@ class StaticDrafter(Drafter):
     def advance(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor) -> DraftRows:
         """`Drafter.advance` as one replay of a graph per (m, attention width): outside it only the
         committed count P goes to the device and the new root's row is copied out. The same values as
-        `Drafter._append` through `_run`, so the same outputs bit for bit.
+        `Drafter._append` through `_run`, so the same outputs bit for bit. The graphs go by m itself, not
+        its row bucket: the fuse's product keeps its m rows (a GPU matrix product may sum in another order
+        for another row count); a step commits at most a tree's depth + 1, so there are few of them.
 
         next_tokens: [m]; target_hidden: [m, H] -> the new root's hidden [H] and visual intensity []
         """
