@@ -7,6 +7,7 @@ machine), checking that replayed graphs change nothing.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -43,6 +44,26 @@ def capture_rules(monkeypatch):
     monkeypatch.setattr(GraphedFunction, "__call__", checked_call)
 
 
+@pytest.fixture
+def graphed_advances(monkeypatch):
+    """The m of every call of the graphed draft advance (`StaticDrafter._advance_rows`), in order."""
+    from lmms_msd.speculative.fast.static_drafter import StaticDrafter
+
+    def counted(self, next_tokens, *args):
+        calls.append(next_tokens.shape[0])
+        return original(self, next_tokens, *args)
+
+    calls = []
+    original = StaticDrafter._advance_rows
+    monkeypatch.setattr(StaticDrafter, "_advance_rows", counted)
+    return calls
+
+
+def commits_of(result) -> list[int]:
+    """The m of each draft advance a speculative generation made: accepted + 1 per step but the last."""
+    return [a + 1 for a in result.stats.accepted[:-1]]
+
+
 TREES = {
     "eagle2": EagleTree(total_tokens=20, depth=5, top_k=4),  # nodes to depth 6
     "opt": OptTree(node_budget=24, stop_delta=0.2, max_depth=7, top_k=4, variant="frontier"),
@@ -57,7 +78,7 @@ def with_eos(target, eos_token_id):
 
 
 @pytest.mark.parametrize("draft_kind", ["following", "random"])
-def test_static_engine_greedy_equals_eager(draft_kind):
+def test_static_engine_greedy_equals_eager(draft_kind, graphed_advances):
     target = tiny_target(3, context_scale=0.05 if draft_kind == "following" else 1.0)
     draft = following_draft(target) if draft_kind == "following" else random_draft(target, 11)
     no_eos = with_eos(target, 10_000)
@@ -70,9 +91,11 @@ def test_static_engine_greedy_equals_eager(draft_kind):
         assert plain_generate(engine, prompt, config).token_ids == plain.token_ids
         for name, tree in TREES.items():
             eager = speculative_generate(EagerRuntime(no_eos, draft), prompt, config, tree)
+            graphed_advances.clear()
             fast = speculative_generate(engine, prompt, config, tree)
             assert fast.token_ids == plain.token_ids, name
             assert fast.stats.accepted == eager.stats.accepted, name
+            assert graphed_advances == commits_of(fast), name  # every step's draft advance took the graphed path
             deep += max(fast.stats.accepted) >= 3
         # a stop string taken from the plain text, so that it lands inside an accepted path
         text = plain.text
@@ -146,7 +169,7 @@ def test_acceptance_on_the_device_follows_the_argmax_walk():
 
 
 @pytest.mark.parametrize(("mode", "variant"), [("weight", "frontier"), ("weight", "upstream"), ("tilt", "upstream")])
-def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant):
+def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant, graphed_advances):
     """The bundled pair with its calibrator (attention bins need the draft's visual attention), scoring
     nodes as weights or as the thesis's logit tilt, under either OPT-Tree selection rule."""
     from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
@@ -171,9 +194,53 @@ def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant):
     for i, colour in enumerate(["white", "navy"]):
         prompt = target.prepare(f"Describe the chart, part {i}.", [Image.new("RGB", (64, 64), colour)])
         eager = speculative_generate(EagerRuntime(target, draft), prompt, config, tree, track_visual=True)
+        graphed_advances.clear()
         fast = speculative_generate(engine, prompt, config, tree, track_visual=True)
         assert fast.token_ids == eager.token_ids == plain_generate(EagerRuntime(target), prompt, config).token_ids
         assert fast.stats.accepted == eager.stats.accepted
+        assert graphed_advances == commits_of(fast)
+
+
+@pytest.mark.parametrize("track_visual", [False, True])
+def test_graphed_advance_gives_the_eager_outputs(track_visual, graphed_advances):
+    """`StaticDrafter.advance` (one graph per m and width, the prefix a device tensor) gives exactly what the
+    `Drafter.advance` it replaces gives on a `StaticDrafter` (fuse, `_append_block`, then `_run`'s padded
+    head): the same root hidden and visual intensity and the same cache, over steps of m = 1..17 (row
+    buckets 1 to 32, m on a bucket and past one), a tree's slots in between (overwritten by the next
+    advance), a prefix crossing the attention width 256, and m = 70 past the largest row bucket (run
+    eagerly). (An eager `Drafter` attends over P + m slots, not a bucketed width: the same up to rounding.)"""
+    from lmms_msd.speculative.drafting import Drafter
+    from lmms_msd.speculative.fast.static_drafter import StaticDrafter
+
+    target = tiny_target(3)
+    draft = random_draft(target, 11)
+    g = torch.Generator().manual_seed(0)
+    prompt = random_prompt(target, 5)
+    hidden_size, length = draft.config.hidden_size, prompt.input_ids.shape[0]
+    eager, static = (StaticDrafter(draft, target.lm_head, 512, track_visual, cuda_graphs=False) for _ in range(2))
+    eager.advance = partial(Drafter.advance, eager)  # the path before the graphed advance
+    prompt_hidden = torch.randn(length, hidden_size, generator=g)
+    roots = [d.prefill(prompt, prompt_hidden, 3) for d in (eager, static)]
+
+    steps = [1, 3, 2, 4, 5, 8, 9, 17, 1, 16, 7] * 3 + [70, 6]
+    for step, m in enumerate(steps):
+        assert torch.equal(roots[0].hidden, roots[1].hidden), step
+        if track_visual:
+            assert torch.equal(roots[0].visual, roots[1].visual), step
+        else:
+            assert roots[0].visual is None and roots[1].visual is None
+        if step % 3 == 1:  # a tree's first level in the slots after the prefix, which the advance overwrites
+            tokens, parents = torch.randint(0, 40, (3,), generator=g), torch.randn(3, hidden_size, generator=g)
+            for d in (eager, static):
+                d.expand(tokens, parents, 1, torch.zeros(3, 0, dtype=torch.bool))
+        tokens, hidden = torch.randint(0, 40, (m,), generator=g), torch.randn(m, hidden_size, generator=g)
+        roots = [d.advance(tokens, hidden) for d in (eager, static)]
+        assert eager.committed == static.committed and static.tree_used == 0
+    assert static.committed > 256, "the prefix should cross an attention width"
+    assert graphed_advances == steps  # every advance took the new path (m = 70 calls its function directly)
+    for mine, theirs in zip(static.cache, eager.cache, strict=True):
+        assert torch.equal(mine.keys[:, :, : static.committed], theirs.keys[:, :, : eager.committed])
+        assert torch.equal(mine.values[:, :, : static.committed], theirs.values[:, :, : eager.committed])
 
 
 def test_too_long_generation_names_the_sizes():
@@ -219,6 +286,7 @@ def test_cuda_graphs_change_nothing():
             b = speculative_generate(eager, prompt, config, tree)
             assert a.token_ids == b.token_ids == want and a.stats.accepted == b.stats.accepted
     assert len(graphs.static_target._graphed) > 0
+    assert len(graphs._drafters[False]._advancing) > 0  # the draft's advances replayed graphs of their own
 
 
 def test_the_engine_runs_the_vision_tower_through_a_graphed_function():

@@ -7,6 +7,8 @@ engine changes is where their work runs:
   the draft from `StaticDrafter` (the same), both allocated once per engine and reused;
 - EAGLE-2 and OPT-Tree trees grow as graph replays, one per level (`GraphedTreeGrower`), and their
   ancestor masks come with them;
+- committing a step advances the draft over the accepted path in one graph replay (`StaticDrafter.advance`:
+  the fuse, the causal block and the head, with the committed count a device tensor);
 - greedy acceptance (`lmms_msd.speculative.verify.accept_greedy`) reads one small tensor per step: with the
   stopping rule, the only host synchronisation of a greedy step besides OPT-Tree's early stop, which
   reads the expected length once per level;

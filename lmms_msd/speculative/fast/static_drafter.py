@@ -4,6 +4,7 @@
 the cache is allocated once per engine at full capacity (a graph keeps the addresses it captured),
 and every call of the head is padded to a bucketed (rows, width) shape and replayed from a graph.
 Tree building (`lmms_msd.speculative.tree`) drives this drafter exactly as it drives the eager one.
+Committing a step (`advance`) is one graph replay too: the fuse, the causal block and the head together.
 Its cache may be a row of a `SharedDraftCache` (`BatchedStaticEngine(batched_drafting=True)`): alone it
 replays its graphs on that row, and with other rows of the cache it drafts in one forward over the
 rows: trees of one spec from graphs (`lmms_msd.speculative.fast.batched_growth.BatchedTreeGrower`), the
@@ -44,6 +45,8 @@ class StaticDrafter(Drafter):
         self.capacity = capacity
         self.scratch = capacity - 1  # padding rows write here; no real row ever sees it
         self._graphed = GraphedFunction(self.head, cuda_graphs, self.device)
+        self._advancing = GraphedFunction(self._advance_rows, cuda_graphs, self.device)
+        self.window = torch.arange(capacity, device=self.device)  # slots 0..capacity-1; `advance` passes the first S
 
     def reset(self) -> None:
         """Forget the last generation (before the next prefill)."""
@@ -78,6 +81,53 @@ class StaticDrafter(Drafter):
             x[None], positions, self.cache, slots, visible, self.image_slots[:width]
         )
         return hidden[0], visual
+
+    @torch.inference_mode()
+    def advance(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor) -> DraftRows:
+        """`Drafter.advance` as one replay of a graph per (m, attention width): outside it only the
+        committed count P goes to the device and the new root's row is copied out. The same values as
+        `Drafter._append` through `_run`, so the same outputs bit for bit. The graphs go by m itself, not
+        its row bucket: the fuse's product keeps its m rows (a GPU matrix product may sum in another order
+        for another row count); a step commits at most a tree's depth + 1, so there are few of them.
+
+        next_tokens: [m]; target_hidden: [m, H] -> the new root's hidden [H] and visual intensity []
+        """
+        m = next_tokens.shape[0]
+        assert next_tokens.dim() == 1 and target_hidden.shape[0] == m, (
+            f"next_tokens {tuple(next_tokens.shape)} vs target_hidden {tuple(target_hidden.shape)}"
+        )
+        self.reserve(self.committed + m)
+        width = width_bucket(self.committed + m, self.capacity)
+        prefix = torch.full((1,), self.committed, device=self.device)
+        run = self._advancing if m <= ROW_BUCKETS[-1] else self._advance_rows  # as `_run`: many rows run eagerly
+        out = run(next_tokens, target_hidden, prefix, self.window[:width])
+        self.committed += m
+        self.tree_used = 0
+        # graph outputs are overwritten by the next replay: copy what the caller keeps
+        return DraftRows(out[0].clone(), out[1].clone() if self.track_visual else None)
+
+    def _advance_rows(self, next_tokens, target_hidden, prefix, window):
+        """What `advance` replays: fuse the m committed inputs, append them after the prefix as `_causal_block`
+        does, padded to a row bucket as `_run` pads (padding rows: zeros at position 0, writing the scratch
+        slot and seeing slot 0), and run the head. next_tokens: [m] long; target_hidden: [m, H]; prefix:
+        [1] long, P; window: [S] slots 0..S-1 (S, the attention width, covers P + m) -> the last row's
+        (hidden [H],) or (hidden [H], visual [])
+
+        Example: P = 5, m = 3, S = 256: rows 4; slots [5, 6, 7, C - 1], positions [5, 6, 7, 0]; row i < 3
+        sees slots 0..5 + i, row 3 slot 0 only.
+        """
+        m = next_tokens.shape[0]
+        rows = bucket(m, ROW_BUCKETS) if m <= ROW_BUCKETS[-1] else m
+        x = self.draft.fuse(self.draft.embed_tokens(next_tokens)[None], target_hidden[None])[0]  # [m, H]
+        padded_x = torch.cat([x, x.new_zeros(rows - m, x.shape[1])])
+        place = torch.arange(rows, device=window.device)
+        real = place < m
+        slots = prefix + place
+        visible = torch.where(real[:, None], window[None, :] <= slots[:, None], window[None, :] == 0)  # [rows, S]
+        positions = slots.masked_fill(~real, 0)
+        slots = slots.masked_fill(~real, self.scratch)
+        out = self.head(padded_x, positions, slots, visible)
+        return tuple(t[m - 1] for t in out)
 
     def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
         """Pad to a (rows, width) bucket and run the head; prompts (many rows) run eagerly."""
