@@ -16,9 +16,9 @@ long-answer chart requests on the bundled pair inflated to 7B's shape (CLIP ViT-
 vision tower eager and replayed from CUDA graphs (`replay_vision`, what the static engines set), in
 milliseconds per request, and whether the embedded prompts are identical.
 
-On one H200 (benchmarks/h200_7b_compile_v2, README "torch.compile"): SDPA 9.8-13.1 us at one row, 21-28 us at
-16-64 rows; eager_attention 12.0-12.2 us at one row, 10.5-14.3 us at 16-64 rows. embed_inputs 7.35 ms eager,
-2.66 ms graphed, identical prompts.
+On one H200 (benchmarks/h200_7b_compile_v2, README "torch.compile"): SDPA 9.8-10.9 us at one row, 21.5-26.6 at
+16 rows, 22.5-27.9 at 64; eager_attention 11.4-13.8, 13.3-14.0 and 21.0-21.9. embed_inputs 14.42 ms a request
+eager, 2.38 ms graphed, identical prompts (an earlier machine: 7.35 and 2.66; the eager figure is host-bound).
 """
 
 from __future__ import annotations

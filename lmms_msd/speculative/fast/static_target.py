@@ -101,8 +101,9 @@ def eager_attention(query, key, value, attn_mask, enable_gqa: bool = False):
     """`F.scaled_dot_product_attention(query, key, value, attn_mask, enable_gqa=...)` spelled out as
     transformers' eager attention computes it: scores in the inputs' dtype, softmax in float32 or wider (after the
     scale and the additive mask), probabilities back in the inputs' dtype times the values. What compiled
-    layers run: on the H200, inductor's kernels for it took 13-14 us where SDPA's took 22-28 us for 16-64
-    query rows over 768-1024 slots (32 heads of 128), and the same for one row (12 us against 10-13).
+    layers run for a tree's rows: on the H200 (`scripts/kernel_probes.py attention`, 32 heads of 128 over
+    768-1024 slots), compiled as the engine compiles it, it took 13.3-14.0 us where SDPA took 21.5-26.6 for
+    16 query rows, 21.0-21.9 against 22.5-27.9 for 64, and 11.4-13.8 against 9.8-10.9 for one row.
     query: [..., heads, T, D]; key, value: [..., kv_heads, S, D]; attn_mask: broadcastable to [..., heads, T, S]
     -> [..., heads, T, D]"""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -126,8 +127,9 @@ def replay_vision(target: Target, enabled: bool) -> None:
     """From here on, `target.image_features` (outside autograd) runs the vision tower and projector
     (`Target.vision_forward`) through a `GraphedFunction`: from CUDA graphs, one per number of images, when
     `enabled`; the same kernels
-    as eager, so the same features. On the H200 7B testbed one 336-px image took 8.1 ms eagerly, its
-    kernels' launches more than their work (16 images at once: 1.6 ms an image)."""
+    as eager, so the same features. On the H200 7B testbed a prompt's device stage with one 336-px image
+    took 7.4-14.4 ms with the tower eager (its kernel launches, more than their work; it varied with the
+    machine's host) and 2.4-2.7 ms from graphs (`scripts/kernel_probes.py vision`)."""
     runner = target.vision_runner
     if runner is None or (enabled and not runner.enabled):  # disabled (CPU), it runs the same code eagerly
         target.vision_runner = GraphedFunction(lambda pixel_values: (target.vision_forward(pixel_values),), enabled, target.device)
