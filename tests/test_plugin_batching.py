@@ -71,7 +71,7 @@ def test_requests_ahead(prefetch, max_batch, expected):
     assert requests_ahead(prefetch, max_batch) == expected
 
 
-@pytest.mark.parametrize("prefetch", [-1, 1.5, "x", "true"])
+@pytest.mark.parametrize("prefetch", [-1, 1.5, "x", "true", "nan", "inf", float("inf")])
 def test_bad_prefetch_is_named(prefetch):
     with pytest.raises(ValueError, match=rf"prefetch={prefetch!r}: llava_msd_calibrated needs a whole number >= 0 .*unset: max\(2, max_batch\) = 3"):
         requests_ahead(prefetch, 3)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import sys
 import time
 from datetime import UTC, datetime
@@ -84,7 +85,7 @@ def whole_number(name: str, value: Any, minimum: int = 1, note: str = " (e.g. 16
         number = float(str(value).strip())
     except ValueError:
         number = minimum - 1.0  # no number: refused below, as one out of range is
-    if number < minimum or number != int(number):
+    if not math.isfinite(number) or number < minimum or number != int(number):
         raise ValueError(f"{name}={value!r}: {MODEL_ID} needs a whole number >= {minimum} here{note}")
     return int(number)
 
