@@ -75,7 +75,7 @@ class Target:
     prompt_format: "PromptFormat"
     layout: str  # "hf" (llava-hf/...) or "original" (liuhaotian/...)
     # what `image_features` runs without gradients: None runs `vision_forward`; a static engine on CUDA sets
-    # it to `vision_forward` replayed from CUDA graphs (`lmms_msd.speculative.fast.engine.replay_vision`)
+    # it to `vision_forward` replayed from CUDA graphs (`lmms_msd.speculative.fast.static_target.replay_vision`)
     vision_runner: Callable[[torch.Tensor], tuple[torch.Tensor]] | None = field(default=None, repr=False, compare=False)
 
     # ---- sizes, all read from the configs -------------------------------------------------------

@@ -57,7 +57,7 @@ class GraphedTreeGrower:
         self.parent_hidden = torch.zeros(depth, k, hidden_size, dtype=drafter.draft.fc.weight.dtype, device=device)
         self.ancestors = torch.zeros(depth, k, max(depth - 1, 1) * k, dtype=torch.bool, device=device)
         self.rows = torch.arange(k, device=device)
-        self.window = torch.arange(drafter.capacity, device=device)
+        self.window = drafter.window  # slots 0..capacity-1, the drafter's own
         self._root = GraphedFunction(self._grow_root, cuda_graphs, device)
         self._levels = [GraphedFunction(partial(self._grow_level, d), cuda_graphs, device) for d in range(depth)]
         self._select = [GraphedFunction(partial(self._select_nodes, d), cuda_graphs, device) for d in range(depth + 1)]
