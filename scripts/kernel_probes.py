@@ -1,7 +1,8 @@
-"""Two timings behind choices of the static engine, on a CUDA device:
+"""Three timings behind choices of the static engine, on a CUDA device:
 
     python scripts/kernel_probes.py attention   # SDPA against the compiled `eager_attention`, per query rows and width
     python scripts/kernel_probes.py vision      # a prompt's device stage with the vision tower eager and from CUDA graphs
+    python scripts/kernel_probes.py shapes      # SDPA's first and second call of each new shape, with and without cuDNN
 
 `attention`: one layer's attention of the 7B shape (32 heads of 128, float16, an additive mask that hides
 the slots past 700 + the row), for 1, 16 and 64 query rows (plain decoding's step, small and large trees)
@@ -15,6 +16,14 @@ largest difference from SDPA in float32. Compiled layers use `eager_attention` f
 long-answer chart requests on the bundled pair inflated to 7B's shape (CLIP ViT-L/14-336), with the
 vision tower eager and replayed from CUDA graphs (`replay_vision`, what the static engines set), in
 milliseconds per request, and whether the embedded prompts are identical.
+
+`shapes`: SDPA (float16) called once with a shape it has not met and once again, for 8 new shapes each of
+three kinds of eager forward whose shapes vary from call to call: a prompt (1 x 32 heads x L positions,
+L from 600, causal by a boolean mask), 3 prompts padded together (3 x 32 x L x L, masked), and the batched
+draft's advance over 64 rows (64 x 32 x 4 queries x S slots, S from 700, masked); with every backend
+(PyTorch then picks cuDNN's on an H100/H200) and with `VARYING_SHAPE_BACKENDS` (all but cuDNN), milliseconds
+per call, the mean over the shapes. The widths differ between the two runs so that neither meets a shape
+of the other. The engine runs such forwards with `varying_shapes` from these figures.
 
 On one H200 (benchmarks/h200_7b_compile_v2, README "torch.compile"): SDPA 9.8-10.9 us at one row, 21.5-26.6 at
 16 rows, 22.5-27.9 at 64; eager_attention 11.4-13.8, 13.3-14.0 and 21.0-21.9. embed_inputs 14.42 ms a request
@@ -30,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmms_msd.speculative.fast.graphs import GraphedFunction, compiled
+from lmms_msd.speculative.fast.graphs import ALL_BACKENDS, VARYING_SHAPE_BACKENDS, GraphedFunction, compiled
 from lmms_msd.speculative.fast.static_target import eager_attention
 
 
@@ -96,18 +105,52 @@ def vision(device: torch.device) -> None:
           f"identical prompts: {same}")  # fmt: skip
 
 
+def shapes(device: torch.device) -> None:
+    from torch.nn.attention import sdpa_kernel
+
+    def synchronised_ms(fn) -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1000
+
+    def inputs(kind: str, size: int):
+        def randn(*shape):
+            return torch.randn(*shape, device=device, dtype=torch.float16)
+
+        if kind == "prompt":
+            q = randn(1, 32, size, 128)
+            return q, q, q, torch.ones(size, size, dtype=torch.bool, device=device).tril()[None, None]
+        if kind == "3 prompts":
+            q = randn(3, 32, size, 128)
+            return q, q, q, torch.ones(size, size, dtype=torch.bool, device=device).tril()[None, None].expand(3, 1, size, size)
+        k = randn(64, 32, size, 128)
+        return randn(64, 32, 4, 128), k, k, torch.arange(size, device=device)[None, None, None] < size - 3 + torch.arange(4, device=device)[None, None, :, None]
+
+    torch.manual_seed(0)
+    F.scaled_dot_product_attention(*inputs("prompt", 16)[:3])  # the library's own first-call set-up, outside the figures
+    print("forward                       backends         first call ms  second call ms")
+    for offset, (name, backends) in enumerate((("every backend", ALL_BACKENDS), ("all but cuDNN", VARYING_SHAPE_BACKENDS))):
+        for kind, start in (("prompt", 600), ("3 prompts", 620), ("draft advance, 64 rows", 700)):
+            first, second = [], []
+            with sdpa_kernel(list(backends)):
+                for size in range(start + 40 * offset, start + 40 * offset + 8):
+                    q, k, v, mask = inputs(kind, size)
+                    first.append(synchronised_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+                    second.append(synchronised_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+            print(f"{kind:28s}  {name:15s}  {sum(first) / len(first):13.2f}  {sum(second) / len(second):14.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("attention", "vision"))
+    parser.add_argument("probe", choices=("attention", "vision", "shapes"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_probes.py times CUDA kernels and graphs: run it on a machine with a CUDA device")
     device = torch.device("cuda")
     with torch.inference_mode():
-        if args.probe == "attention":
-            attention(device)
-        else:
-            vision(device)
+        {"attention": attention, "vision": vision, "shapes": shapes}[args.probe](device)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def capture_rules(monkeypatch):
         if self.enabled:
             return original(self, *args)
         with CaptureRules():
-            return self.fn(*args)
+            return original(self, *args)  # disabled: `fn` itself
 
     original = GraphedFunction.__call__
     monkeypatch.setattr(GraphedFunction, "__call__", checked_call)
@@ -326,3 +326,49 @@ def test_graphed_vision_gives_the_eager_features():
         for _ in range(2):  # captured, then replayed
             for n, features in zip((1, 2), want):
                 assert torch.equal(target.image_features(pixels[:n]), features)
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Every SDPA call as (inside a `GraphedFunction`, cuDNN's backend allowed), in order."""
+    from lmms_msd.speculative.fast.graphs import GraphedFunction
+
+    def counted_call(self, *args):
+        depth[0] += 1
+        try:
+            return graphed_call(self, *args)
+        finally:
+            depth[0] -= 1
+
+    def spy(*args, **kwargs):
+        calls.append((depth[0] > 0, torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    calls, depth = [], [0]
+    graphed_call, sdpa = GraphedFunction.__call__, torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(GraphedFunction, "__call__", counted_call)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_forwards_of_varying_shapes_run_without_cudnn_attention(attention_calls):
+    """cuDNN's SDPA builds a plan for every new shape (36-318 ms each on the H200): the static engines'
+    eager forwards (prompts, the batched draft's advance) run without it (`varying_shapes`), and the graphed
+    ones, whose shapes are bucketed, keep it. Checked on both engines, the batched one with batched drafting."""
+    from lmms_msd.speculative.batching import BatchRequest, generate_batched
+    from lmms_msd.speculative.fast.batched_engine import BatchedStaticEngine
+
+    target = tiny_target(3)
+    draft = following_draft(target)
+    config = GenerationConfig(max_new_tokens=10)
+    prompts = [random_prompt(target, 400 + i, with_image=i % 2 == 0) for i in range(3)]
+    attention_calls.clear()  # the vision tower's, preparing the prompts (one shape per image count: cuDNN pays)
+    speculative_generate(StaticEngine(target, draft, max_length=256), prompts[0], config, TREES["opt"])
+    engine = BatchedStaticEngine(target, draft, max_batch=3, max_length=256, batched_drafting=True)
+    for _ in generate_batched(engine, [BatchRequest(p, config, tree=TREES["eagle2"]) for p in prompts], 3):
+        pass
+    eager = [cudnn for graphed, cudnn in attention_calls if not graphed]
+    graphed = [cudnn for graphed, cudnn in attention_calls if graphed]
+    assert eager and graphed, "both kinds of forward ran"
+    assert not any(eager), f"{sum(eager)} of {len(eager)} eager attention calls allowed cuDNN"
+    assert all(graphed), f"{graphed.count(False)} of {len(graphed)} graphed attention calls lost cuDNN"

@@ -44,6 +44,7 @@ from lmms_msd.speculative.drafting import (
 )
 from lmms_msd.speculative.fast.batched_growth import BatchedTreeGrower
 from lmms_msd.speculative.fast.batched_target import BatchedStaticTarget
+from lmms_msd.speculative.fast.graphs import varying_shapes
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter, start_draft
 from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
 from lmms_msd.speculative.runtime import (
@@ -229,7 +230,7 @@ class BatchedStaticEngine:
             grower = self._batch_grower(drafters, specs)
             if grower is not None:
                 return grower.build(drafters, tokens, hidden, visual)
-            trees = grow_trees(drafters, specs, tokens, hidden, visual)
+            trees = varying_shapes(grow_trees)(drafters, specs, tokens, hidden, visual)
             return [(tree, tree.ancestor_mask(spec.max_depth)) for tree, spec in zip(trees, specs)]
         # a grower's outputs are copied out of its graph's memory (`GraphedTreeGrower.build`), so rows may follow each other
         return [self.draft_tree(*row) for row in zip(sequences, specs, tokens, roots)]
@@ -270,5 +271,5 @@ class BatchedStaticEngine:
     ) -> list[DraftRows]:
         self._check_live(sequences)
         if self.batched_drafting:
-            return advance_rows([drafter_of(s) for s in sequences], next_tokens, hidden)
+            return varying_shapes(advance_rows)([drafter_of(s) for s in sequences], next_tokens, hidden)
         return [drafter_of(s).advance(t, h) for s, t, h in zip(sequences, next_tokens, hidden, strict=True)]

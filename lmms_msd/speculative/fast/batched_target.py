@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmms_msd.models.target import Target
-from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, varying_shapes
 from lmms_msd.speculative.fast.static_target import TOKEN_BUCKETS, StaticTarget, attention_inputs
 from lmms_msd.speculative.transfer import to_device, to_device_each
 from lmms_msd.speculative.verify import PaddedTrees
@@ -134,6 +134,7 @@ class BatchedStaticTarget(StaticTarget):
         return bucket(max(rows) + 1, self.row_sizes)
 
     @torch.inference_mode()
+    @varying_shapes
     def prefill_row(self, row: int, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt at slots 0..L-1 of `row` (eager: prompt lengths vary). inputs_embeds: [L, H] ->
         hidden [L, H], logits [L, V]"""
@@ -147,6 +148,7 @@ class BatchedStaticTarget(StaticTarget):
         return hidden[0], logits[0]
 
     @torch.inference_mode()
+    @varying_shapes
     def prefill_rows(self, rows: list[int], inputs_embeds: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Several prompts in one forward (eager): prompt i at slots 0..L_i-1 of rows[i], padded to the
         longest; a padding query feeds zeros at position 0, writes the scratch slot and sees slot 0, so no
@@ -231,7 +233,7 @@ class BatchedStaticTarget(StaticTarget):
         mask = torch.zeros(r, t, width, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
             ~visible[:, :, :width], torch.finfo(self.lm_head.dtype).min
         )
-        run = self._graphed_rows if t <= TOKEN_BUCKETS[-1] else self._forward_row_tokens
+        run = self._graphed_rows if t <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_row_tokens)
         hidden, logits = run(padded_tokens, positions, slots, mask)
         return hidden, logits, index
 

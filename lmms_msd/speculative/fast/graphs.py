@@ -10,10 +10,12 @@ use or copy them before calling the same graph again.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 WIDTH_STEP = 256  # attention widths (cache slots a forward reads) are multiples of this
@@ -32,6 +34,30 @@ def bucket(n: int, sizes: Sequence[int]) -> int:
         if n <= size:
             return size
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+# SDPA's backends for forwards whose shapes vary from call to call (prompts, eager fallbacks): all but cuDNN's.
+# cuDNN builds an execution plan the first time it meets a shape, once per shape: on the H200 a new prompt
+# length cost 36 ms that way (3 prompts of ~620 positions, masked; 0.27 ms without cuDNN) and a new width of
+# a batched draft forward over 64 rows 318 ms (2 ms without), where a second call of the shape takes 0.26 and
+# 0.58 ms (0.26 and 0.44 without; `benchmarks/h200_7b_varying_shapes/`). Graphs capture bucketed shapes,
+# a bounded set met again and again, so they keep every backend: cuDNN's plans pay there.
+VARYING_SHAPE_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+ALL_BACKENDS = tuple(b for name, b in SDPBackend.__members__.items() if name != "ERROR")
+
+
+def varying_shapes(fn: Callable) -> Callable:
+    """`fn` run with SDPA restricted to `VARYING_SHAPE_BACKENDS` (no cuDNN): for the eager forwards whose
+    shapes are not bucketed (a prompt's length, a batch's widths), which would build a cuDNN plan at
+    nearly every call. A graph captured inside still captures what it calls with every backend
+    (`GraphedFunction`). Example: varying_shapes(target.prefill)(embeds)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with sdpa_kernel(list(VARYING_SHAPE_BACKENDS)):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def compiled(fn: Callable) -> Callable:
@@ -66,6 +92,8 @@ class GraphedFunction:
 
     enabled False (CPU, or switched off) calls `fn` directly. All graphs of one object share a
     memory pool. `fn` must not synchronise with the host (no .item(), no data-dependent shapes).
+    It runs (and is captured) with every SDPA backend, cuDNN's included, even inside `varying_shapes`:
+    its shapes are a bounded set (the callers' buckets), so cuDNN builds each plan once.
     device: the CUDA device the graphs run on (captured and replayed with it current, so a process
     driving cuda:1 works whatever its current device).
     """
@@ -85,7 +113,8 @@ class GraphedFunction:
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
-            return self.fn(*args)
+            with sdpa_kernel(list(ALL_BACKENDS)):  # as captured: every backend, whatever the caller restricted
+                return self.fn(*args)
         key = tuple((tuple(a.shape), a.dtype) for a in args)
         with torch.cuda.device(self.device):
             captured = self._graphs.get(key)
@@ -97,6 +126,11 @@ class GraphedFunction:
         return captured.outputs
 
     def _capture(self, args: Sequence[torch.Tensor]) -> _Captured:
+        # every SDPA backend, whatever the caller restricted (`varying_shapes`): the shape is met at every replay
+        with sdpa_kernel(list(ALL_BACKENDS)):
+            return self._capture_with(args)
+
+    def _capture_with(self, args: Sequence[torch.Tensor]) -> _Captured:
         inputs = [a.clone() for a in args]
         # Warm up on a side stream (as torch.cuda.graphs recommends): lazy initialisation and
         # library workspace allocation must not happen during capture. The warm-up calls compute

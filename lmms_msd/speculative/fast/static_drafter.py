@@ -20,7 +20,7 @@ import torch
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt
 from lmms_msd.speculative.drafting import Drafter, DraftRows, SharedDraftCache
-from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, width_bucket
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, varying_shapes, width_bucket
 from lmms_msd.speculative.runtime import Sequence
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -99,7 +99,7 @@ class StaticDrafter(Drafter):
         self.reserve(self.committed + m)
         width = width_bucket(self.committed + m, self.capacity)
         prefix = torch.full((1,), self.committed, device=self.device)
-        run = self._advancing if m <= ROW_BUCKETS[-1] else self._advance_rows  # as `_run`: many rows run eagerly
+        run = self._advancing if m <= ROW_BUCKETS[-1] else varying_shapes(self._advance_rows)  # as `_run`: many rows run eagerly
         out = run(next_tokens, target_hidden, prefix, self.window[:width])
         self.committed += m
         self.tree_used = 0
@@ -143,7 +143,7 @@ class StaticDrafter(Drafter):
         padded_positions[:n] = positions
         padded_slots = slots.new_full((rows,), self.scratch)
         padded_slots[:n] = slots
-        run = self._graphed if rows <= ROW_BUCKETS[-1] else self.head
+        run = self._graphed if rows <= ROW_BUCKETS[-1] else varying_shapes(self.head)
         out = run(padded_x, padded_positions, padded_slots, padded_visible)
         # graph outputs are overwritten by the next replay: copy what the caller keeps
         return DraftRows(out[0][:n].clone(), out[1][:n].clone() if self.track_visual else None)

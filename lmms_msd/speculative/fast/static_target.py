@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmms_msd.models.target import Target
-from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, width_bucket
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, varying_shapes, width_bucket
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
 # compiled: the query rows per sequence (least, most) for which `eager_attention` replaces SDPA: a tree's
@@ -266,8 +266,9 @@ class StaticTarget:
         )
 
     @torch.inference_mode()
+    @varying_shapes
     def prefill(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt at slots 0..L-1 (eager: prompt lengths vary). inputs_embeds: [L, H] -> hidden [L, H], logits [L, V]"""
+        """The prompt at slots 0..L-1 (eager, without cuDNN's attention: prompt lengths vary, `varying_shapes`). inputs_embeds: [L, H] -> hidden [L, H], logits [L, V]"""
         length = inputs_embeds.shape[0]
         self._check_room(length)
         width = self.width(length)
@@ -302,7 +303,7 @@ class StaticTarget:
         padded_tokens[:n] = tokens
         padded_positions = torch.zeros(rows, dtype=torch.long, device=self.device)
         padded_positions[:n] = positions
-        run = self._graphed if rows <= TOKEN_BUCKETS[-1] else self._forward_tokens
+        run = self._graphed if rows <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_tokens)
         hidden, logits = run(padded_tokens, padded_positions, slots, self.mask(visible))
         return hidden[:n], logits[:n]
 
