@@ -155,3 +155,38 @@ def test_eager_attention_is_sdpa(kv):
     mask = torch.zeros(visible.shape, **f64).masked_fill_(~visible, torch.finfo(torch.float64).min)
     want = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=kv != 4)
     torch.testing.assert_close(eager_attention(query, key, value, mask, kv != 4), want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_compiled_draft_head_runs_only_inside_graphed_functions(traced, monkeypatch):
+    """A compiled function keeps the SDPA backend it was traced with (`graphs.compiled`), so the draft's
+    compiled head is called by graphed functions alone (every backend); a prompt's rows, a forward of
+    varying shape, run the uncompiled head without cuDNN's attention (`varying_shapes`)."""
+    from lmms_msd.speculative.fast import static_drafter
+
+    def counted(self, *args):
+        depth[0] += 1
+        try:
+            return graphed_call(self, *args)
+        finally:
+            depth[0] -= 1
+
+    def recording(fn):
+        inner = compile_it(fn)
+
+        def call(*args):
+            calls.append(depth[0] > 0)
+            return inner(*args)
+
+        return call
+
+    depth, calls = [0], []
+    graphed_call, compile_it = graphs.GraphedFunction.__call__, static_drafter.compiled
+    monkeypatch.setattr(graphs.GraphedFunction, "__call__", counted)
+    monkeypatch.setattr(static_drafter, "compiled", recording)
+    target = tiny_target(3)
+    engine = StaticEngine(target, following_draft(target), max_length=256, compile=True)
+    ids = torch.randint(0, target.vocab_size - 1, (80,), generator=torch.Generator().manual_seed(7))
+    prompt = target.embed(ids, None)  # 80 rows: more than the draft's graphs take, so its prefill runs eagerly
+    speculative_generate(engine, prompt, GenerationConfig(max_new_tokens=8), TREES["opt"])
+    assert calls, "the compiled head ran"
+    assert all(calls), f"{calls.count(False)} of {len(calls)} calls of the compiled head outside a graphed function"

@@ -49,9 +49,9 @@ def graphed_advances(monkeypatch):
     """The m of every call of the graphed draft advance (`StaticDrafter._advance_rows`), in order."""
     from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 
-    def counted(self, next_tokens, *args):
+    def counted(self, next_tokens, *args, **kwargs):
         calls.append(next_tokens.shape[0])
-        return original(self, next_tokens, *args)
+        return original(self, next_tokens, *args, **kwargs)
 
     calls = []
     original = StaticDrafter._advance_rows

@@ -65,7 +65,9 @@ def compiled(fn: Callable) -> Callable:
     at its first call instead of running slower in pieces. Shapes start static; a function called with
     a new shape is compiled again, and from then on with that dimension dynamic (torch.compile's own
     rule), so prompts of every length share a compilation. The first call of a shape takes seconds;
-    calls that a CUDA graph captures run the compiled kernels at every replay.
+    calls that a CUDA graph captures run the compiled kernels at every replay. A function that calls SDPA
+    keeps the backend PyTorch chose when it was traced (not guarded on): trace it under one choice of
+    backends only (the static engines compile such a function, the draft's head, for graphs alone).
 
     Example (inductor's code for CPU, read with torch._inductor.utils.run_and_get_code): compiled(layer_output)
     is three library matrix products and two fused kernels, the

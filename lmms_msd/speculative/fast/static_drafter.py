@@ -32,7 +32,9 @@ class StaticDrafter(Drafter):
     Reused across generations: `reset` before each prefill. shared, row: its cache is row `row` of a
     `SharedDraftCache` (views of it, so the graphs it captures write the shared tensors), as `Drafter`'s.
     compile: `head` is its torch.compile'd self (`lmms_msd.speculative.fast.graphs.compiled`), for its own
-    graphs and for the tree growers that call it inside theirs.
+    graphs and for the tree growers that call it inside theirs. Forwards of varying shapes (a prompt's rows)
+    run the head uncompiled, without cuDNN's attention (`varying_shapes`): a compiled function keeps the SDPA
+    backend it was traced with, so the compiled head is only ever traced inside a graph's capture.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class StaticDrafter(Drafter):
         shared: SharedDraftCache | None = None, row: int = 0, compile: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(draft, lm_head, capacity, track_visual=track_visual, shared=shared, row=row)
+        self._varying_head = varying_shapes(self.head)  # uncompiled: for forwards that are not graphed
         if compile:
             self.head = compiled(self.head)
         self.capacity = capacity
@@ -99,19 +102,21 @@ class StaticDrafter(Drafter):
         self.reserve(self.committed + m)
         width = width_bucket(self.committed + m, self.capacity)
         prefix = torch.full((1,), self.committed, device=self.device)
-        run = self._advancing if m <= ROW_BUCKETS[-1] else varying_shapes(self._advance_rows)  # as `_run`: many rows run eagerly
-        out = run(next_tokens, target_hidden, prefix, self.window[:width])
+        if m <= ROW_BUCKETS[-1]:
+            out = self._advancing(next_tokens, target_hidden, prefix, self.window[:width])
+        else:  # as `_run`: many rows run eagerly
+            out = self._advance_rows(next_tokens, target_hidden, prefix, self.window[:width], head=self._varying_head)
         self.committed += m
         self.tree_used = 0
         # graph outputs are overwritten by the next replay: copy what the caller keeps
         return DraftRows(out[0].clone(), out[1].clone() if self.track_visual else None)
 
-    def _advance_rows(self, next_tokens, target_hidden, prefix, window):
+    def _advance_rows(self, next_tokens, target_hidden, prefix, window, head=None):
         """What `advance` replays: fuse the m committed inputs, append them after the prefix as `_causal_block`
         does, padded to a row bucket as `_run` pads (padding rows: zeros at position 0, writing the scratch
         slot and seeing slot 0), and run the head. next_tokens: [m] long; target_hidden: [m, H]; prefix:
-        [1] long, P; window: [S] slots 0..S-1 (S, the attention width, covers P + m) -> the last row's
-        (hidden [H],) or (hidden [H], visual [])
+        [1] long, P; window: [S] slots 0..S-1 (S, the attention width, covers P + m); head: what runs the head
+        [`head`] -> the last row's (hidden [H],) or (hidden [H], visual [])
 
         Example: P = 5, m = 3, S = 256: rows 4; slots [5, 6, 7, C - 1], positions [5, 6, 7, 0]; row i < 3
         sees slots 0..5 + i, row 3 slot 0 only.
@@ -126,7 +131,7 @@ class StaticDrafter(Drafter):
         visible = torch.where(real[:, None], window[None, :] <= slots[:, None], window[None, :] == 0)  # [rows, S]
         positions = slots.masked_fill(~real, 0)
         slots = slots.masked_fill(~real, self.scratch)
-        out = self.head(padded_x, positions, slots, visible)
+        out = (head or self.head)(padded_x, positions, slots, visible)
         return tuple(t[m - 1] for t in out)
 
     def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
@@ -143,7 +148,7 @@ class StaticDrafter(Drafter):
         padded_positions[:n] = positions
         padded_slots = slots.new_full((rows,), self.scratch)
         padded_slots[:n] = slots
-        run = self._graphed if rows <= ROW_BUCKETS[-1] else varying_shapes(self.head)
+        run = self._graphed if rows <= ROW_BUCKETS[-1] else self._varying_head
         out = run(padded_x, padded_positions, padded_slots, padded_visible)
         # graph outputs are overwritten by the next replay: copy what the caller keeps
         return DraftRows(out[0][:n].clone(), out[1][:n].clone() if self.track_visual else None)

@@ -221,11 +221,12 @@ class StaticTarget:
 
     # ---- the forward ------------------------------------------------------------------------------
     def _forward_embeds(self, x, positions, slots, mask):
-        """x: [T, H]; positions, slots: [T] long; mask: [T, S] additive -> hidden [T, H], logits [T, V] f32"""
-        width = mask.shape[1]
+        """x: [T, H]; positions, slots: [T] long; mask: [T, S] additive, or None for a prompt at slots 0..T-1
+        (causal over them, SDPA's own causal kernels) -> hidden [T, H], logits [T, V] f32"""
+        width = x.shape[0] if mask is None else mask.shape[1]
         heads, kv = self.n_heads, self.n_kv_heads
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
-        attn_mask = mask[None, None]
+        attn_mask = None if mask is None else mask[None, None]
         for index, w in enumerate(self.layers):
             q = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], slots)
             out = self.attend(
@@ -242,7 +243,10 @@ class StaticTarget:
     def attend(self, query, key, value, attn_mask, enable_gqa: bool):
         """A layer's attention (`F.scaled_dot_product_attention`'s arguments): SDPA, or, compiled, `eager_attention`
         for EAGER_ATTENTION_ROWS query rows (a tree's), whose scores it materialises; prompts keep SDPA's fused
-        kernels, and so does plain decoding's one row, where SDPA's kernel was about as fast (`eager_attention`)."""
+        kernels, and so does plain decoding's one row, where SDPA's kernel was about as fast (`eager_attention`).
+        attn_mask None: causal (a prompt's queries over its own keys), SDPA's is_causal."""
+        if attn_mask is None:
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=enable_gqa)
         least, most = EAGER_ATTENTION_ROWS
         if self._eager_attention is not None and least <= query.shape[-2] <= most:
             return self._eager_attention(query, key, value, attn_mask, enable_gqa)
@@ -268,13 +272,13 @@ class StaticTarget:
     @torch.inference_mode()
     @varying_shapes
     def prefill(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt at slots 0..L-1 (eager, without cuDNN's attention: prompt lengths vary, `varying_shapes`). inputs_embeds: [L, H] -> hidden [L, H], logits [L, V]"""
+        """The prompt at slots 0..L-1, causal over them (eager, without cuDNN's attention: prompt lengths vary,
+        `varying_shapes`; with no mask SDPA takes its causal kernels). inputs_embeds: [L, H] -> hidden [L, H],
+        logits [L, V]"""
         length = inputs_embeds.shape[0]
         self._check_room(length)
-        width = self.width(length)
-        visible = self.slots[:width][None, :] <= self.slots[:length][:, None]
         positions = self.slots[:length]
-        return self._forward_embeds(inputs_embeds.to(self.lm_head.dtype), positions, positions, self.mask(visible))
+        return self._forward_embeds(inputs_embeds.to(self.lm_head.dtype), positions, positions, None)
 
     @torch.inference_mode()
     def forward_tokens(
