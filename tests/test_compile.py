@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
-from test_plugin import docs, tiny_draft_dir  # noqa: F401  (fixtures)
 from test_fast_engine import TREES, cuda_pair, with_eos
+from test_plugin import docs, tiny_draft_dir  # noqa: F401  (fixtures)
 
 from lmms_msd.speculative.batching import BatchRequest, generate_batched
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate

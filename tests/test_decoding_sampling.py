@@ -70,7 +70,7 @@ def test_first_two_tokens_follow_the_target(temperature):
     accepted = 0
     for _ in range(RUNS):
         verified = []  # the step's acceptance before the budget cut it (observers draw no randomness)
-        result = speculative_generate(EagerRuntime(target, draft), prompt, config, tree, generator, lambda t, l, a: verified.append(a))
+        result = speculative_generate(EagerRuntime(target, draft), prompt, config, tree, generator, lambda tree, logits, a: verified.append(a))
         t1, t2 = result.token_ids
         counts[t1, t2] += 1
         accepted += verified[0].accepted > 0
