@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from decoding_fixtures import following_draft, random_prompt, tiny_target
-from test_fast_engine import TREES, cuda_pair, with_eos
+from test_fast_engine import TREES, cuda_pair, inside_graphed, with_eos  # noqa: F401  (inside_graphed: a fixture)
 from test_plugin import docs, tiny_draft_dir  # noqa: F401  (fixtures)
 
 from lmms_msd.speculative.batching import BatchRequest, generate_batched
@@ -157,31 +157,22 @@ def test_eager_attention_is_sdpa(kv):
     torch.testing.assert_close(eager_attention(query, key, value, mask, kv != 4), want, rtol=1e-12, atol=1e-12)
 
 
-def test_the_compiled_draft_head_runs_only_inside_graphed_functions(traced, monkeypatch):
+def test_the_compiled_draft_head_runs_only_inside_graphed_functions(traced, monkeypatch, inside_graphed):  # noqa: F811
     """A compiled function keeps the SDPA backend it was traced with (`graphs.compiled`), so the draft's
     compiled head is called by graphed functions alone (every backend); a prompt's rows, a forward of
     varying shape, run the uncompiled head without cuDNN's attention (`varying_shapes`)."""
     from lmms_msd.speculative.fast import static_drafter
 
-    def counted(self, *args):
-        depth[0] += 1
-        try:
-            return graphed_call(self, *args)
-        finally:
-            depth[0] -= 1
-
     def recording(fn):
         inner = compile_it(fn)
 
         def call(*args):
-            calls.append(depth[0] > 0)
+            calls.append(inside_graphed())
             return inner(*args)
 
         return call
 
-    depth, calls = [0], []
-    graphed_call, compile_it = graphs.GraphedFunction.__call__, static_drafter.compiled
-    monkeypatch.setattr(graphs.GraphedFunction, "__call__", counted)
+    calls, compile_it = [], static_drafter.compiled
     monkeypatch.setattr(static_drafter, "compiled", recording)
     target = tiny_target(3)
     engine = StaticEngine(target, following_draft(target), max_length=256, compile=True)

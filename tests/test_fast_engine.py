@@ -329,8 +329,8 @@ def test_graphed_vision_gives_the_eager_features():
 
 
 @pytest.fixture
-def attention_calls(monkeypatch):
-    """Every SDPA call as (inside a `GraphedFunction`, cuDNN's backend allowed), in order."""
+def inside_graphed(monkeypatch):
+    """A function telling whether the caller runs inside a `GraphedFunction` call (graphs on or off)."""
     from lmms_msd.speculative.fast.graphs import GraphedFunction
 
     def counted_call(self, *args):
@@ -340,13 +340,20 @@ def attention_calls(monkeypatch):
         finally:
             depth[0] -= 1
 
+    depth, graphed_call = [0], GraphedFunction.__call__
+    monkeypatch.setattr(GraphedFunction, "__call__", counted_call)
+    return lambda: depth[0] > 0
+
+
+@pytest.fixture
+def attention_calls(monkeypatch, inside_graphed):
+    """Every SDPA call as (inside a `GraphedFunction`, cuDNN's backend allowed), in order."""
+
     def spy(*args, **kwargs):
-        calls.append((depth[0] > 0, torch.backends.cuda.cudnn_sdp_enabled()))
+        calls.append((inside_graphed(), torch.backends.cuda.cudnn_sdp_enabled()))
         return sdpa(*args, **kwargs)
 
-    calls, depth = [], [0]
-    graphed_call, sdpa = GraphedFunction.__call__, torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(GraphedFunction, "__call__", counted_call)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     return calls
 

@@ -58,6 +58,10 @@ from lmms_msd.speculative.runtime import (
 from lmms_msd.speculative.tree import Tree, TreeSpec, grow_trees
 from lmms_msd.speculative.verify import PaddedTrees
 
+# the batched draft's eager forwards, whose shapes change every step, run without cuDNN's attention (`varying_shapes`)
+_advance_rows = varying_shapes(advance_rows)
+_grow_trees = varying_shapes(grow_trees)
+
 # padded prompt positions one prefill forward may take (several prompts joining at once share a forward
 # up to this many; a longer prompt runs alone): large enough to fill a GPU's matrix units, small
 # enough for the activations (a 7B's MLP: 2 * 11008 values a position)
@@ -230,7 +234,7 @@ class BatchedStaticEngine:
             grower = self._batch_grower(drafters, specs)
             if grower is not None:
                 return grower.build(drafters, tokens, hidden, visual)
-            trees = varying_shapes(grow_trees)(drafters, specs, tokens, hidden, visual)
+            trees = _grow_trees(drafters, specs, tokens, hidden, visual)
             return [(tree, tree.ancestor_mask(spec.max_depth)) for tree, spec in zip(trees, specs)]
         # a grower's outputs are copied out of its graph's memory (`GraphedTreeGrower.build`), so rows may follow each other
         return [self.draft_tree(*row) for row in zip(sequences, specs, tokens, roots)]
@@ -271,5 +275,5 @@ class BatchedStaticEngine:
     ) -> list[DraftRows]:
         self._check_live(sequences)
         if self.batched_drafting:
-            return varying_shapes(advance_rows)([drafter_of(s) for s in sequences], next_tokens, hidden)
+            return _advance_rows([drafter_of(s) for s in sequences], next_tokens, hidden)
         return [drafter_of(s).advance(t, h) for s, t, h in zip(sequences, next_tokens, hidden, strict=True)]

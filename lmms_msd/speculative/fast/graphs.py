@@ -37,11 +37,11 @@ def bucket(n: int, sizes: Sequence[int]) -> int:
 
 
 # SDPA's backends for forwards whose shapes vary from call to call (prompts, eager fallbacks): all but cuDNN's.
-# cuDNN builds an execution plan the first time it meets a shape, once per shape: on the H200 a new prompt
-# length cost 36 ms that way (3 prompts of ~620 positions, masked; 0.27 ms without cuDNN) and a new width of
-# a batched draft forward over 64 rows 318 ms (2 ms without), where a second call of the shape takes 0.26 and
-# 0.58 ms (0.26 and 0.44 without; `benchmarks/h200_7b_varying_shapes/`). Graphs capture bucketed shapes,
-# a bounded set met again and again, so they keep every backend: cuDNN's plans pay there.
+# cuDNN builds an execution plan the first time it meets a shape, once per shape: on the H200 a new length of
+# 3 padded prompts cost 38.7 ms that way (0.26 ms without cuDNN) and a new width of the batched draft's advance
+# over 64 rows 41.8 ms (0.44 without), where a second call of the shape takes 0.32 and 0.60 ms (0.26 and 0.42
+# without; `python scripts/kernel_probes.py shapes`, `benchmarks/h200_7b_varying_shapes/`). Graphs capture
+# bucketed shapes, a bounded set met again and again, so they keep every backend: cuDNN's plans pay there.
 VARYING_SHAPE_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 ALL_BACKENDS = tuple(b for name, b in SDPBackend.__members__.items() if name != "ERROR")
 
@@ -121,18 +121,15 @@ class GraphedFunction:
         with torch.cuda.device(self.device):
             captured = self._graphs.get(key)
             if captured is None:
-                captured = self._graphs[key] = self._capture(args)
+                # every SDPA backend, whatever the caller restricted (`varying_shapes`): the shape is met at every replay
+                with sdpa_kernel(list(ALL_BACKENDS)):
+                    captured = self._graphs[key] = self._capture(args)
             for buffer, value in zip(captured.inputs, args):
                 buffer.copy_(value)
             captured.graph.replay()
         return captured.outputs
 
     def _capture(self, args: Sequence[torch.Tensor]) -> _Captured:
-        # every SDPA backend, whatever the caller restricted (`varying_shapes`): the shape is met at every replay
-        with sdpa_kernel(list(ALL_BACKENDS)):
-            return self._capture_with(args)
-
-    def _capture_with(self, args: Sequence[torch.Tensor]) -> _Captured:
         inputs = [a.clone() for a in args]
         # Warm up on a side stream (as torch.cuda.graphs recommends): lazy initialisation and
         # library workspace allocation must not happen during capture. The warm-up calls compute
