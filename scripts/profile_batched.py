@@ -8,6 +8,9 @@ requests (--limit); bench's warm-up runs fewer and is skipped (at a batch as lar
 profiled too: the first record of that batch). One JSON record per (method, batch) is printed
 ("PROFILE ...") and appended to $OUT/profile.jsonl (OUT: an environment variable, a folder).
 The synchronisations cost a little time themselves; the records are for shares, not for speed.
+With PYPROFILE=1 the timed pass also runs under cProfile (the host's Python, function by function:
+it slows the host, so again for shares only): $OUT/host_<method>_b<batch>.txt lists the functions by
+their own time and by their time with what they call.
 
     NREQ=64 OUT=build python scripts/profile_batched.py bench --batch 16,64 --inflate 7b --engine static \\
         --max_length 1024 --methods eagle2 --limit 64 --warmup 1 --no_progress --output_dir build/b
@@ -15,8 +18,11 @@ The synchronisations cost a little time themselves; the records are for shares, 
 
 from __future__ import annotations
 
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 import time
 from collections import defaultdict
@@ -60,22 +66,37 @@ def timed(name: str, function):
 def profiled_loop(runtime, requests, max_batch, schedule=batching.same_tree):
     requests = list(requests)
     enabled[0] = len(requests) == int(os.environ["NREQ"])
+    profiler = cProfile.Profile() if enabled[0] and os.environ.get("PYPROFILE") == "1" else None
     if enabled[0]:
         seconds.clear()
         counts.clear()
         torch.cuda.synchronize()
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
     yield from real_loop(runtime, requests, max_batch, schedule)
     if enabled[0]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
         enabled[0] = False
+        if profiler is not None:
+            profiler.disable()
+            method = "plain" if requests[0].tree is None else requests[0].tree.kind
+            write_host_profile(profiler, os.path.join(os.environ["OUT"], f"host_{method}_b{max_batch}.txt"))
         record = {"batch": max_batch, "tree": repr(requests[0].tree)[:60], "wall": round(wall, 3),
                   **{k: round(v, 3) for k, v in seconds.items()}, "other": round(wall - sum(seconds.values()), 3),
                   "calls": dict(counts)}  # fmt: skip
         print("PROFILE", json.dumps(record), flush=True)
         with open(os.path.join(os.environ["OUT"], "profile.jsonl"), "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def write_host_profile(profiler: cProfile.Profile, path: str, lines: int = 45) -> None:
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(lines)
+    with open(path, "w") as handle:
+        handle.write(text.getvalue())
 
 
 if __name__ == "__main__":

@@ -50,13 +50,14 @@ def test_schedules_compared_in_one_run(chart_dir: Path, tmp_path: Path):  # noqa
 def test_a_lossy_batched_method_fails(chart_dir: Path, tmp_path: Path, monkeypatch):  # noqa: F811
     from lmms_msd.speculative import batching
 
-    real = batching.record_step
+    real = batching.record_steps
 
-    def lossy(tokens, stats, stopper, result):
-        result.bonus += 1
-        return real(tokens, stats, stopper, result)
+    def lossy(steps):
+        for *_, result in steps:
+            result.bonus += 1
+        return real(steps)
 
-    monkeypatch.setattr(batching, "record_step", lossy)
+    monkeypatch.setattr(batching, "record_steps", lossy)
     assert main(argv(chart_dir, tmp_path, "--batch", "2", "--methods", "plain,eagle2")) == 1
     runs = json.loads((tmp_path / "bench_batch.json").read_text())["runs"]
     assert runs[0]["identical"] is True and runs[1]["identical"] is False and runs[1]["differing_doc_ids"] == [0, 1]

@@ -4,8 +4,9 @@
 of them (`BatchedRuntime.forward_next_batch` for plain decoding, `verify_trees` over every row's
 tree for speculative decoding); then each row accepts, commits and checks its stop on its own, exactly
 as `lmms_msd.speculative.decoding`'s one-request loops do (the same acceptance rules, `record_step`
-and `Stopper`). A finished request leaves at once and the next waiting one joins (its prompt prefilled
-alone), so the batch stays full while requests remain.
+and `Stopper`; the rows' stop checks decode their texts together, `record_steps`). A finished request
+leaves at once and the next waiting one joins (its prompt prefilled alone), so the batch stays full
+while requests remain.
 
 The host's work per step does not grow with the rows on the device side: the trees are padded into
 one batch with a fixed number of device operations (`pad_trees`), the greedy rows all accept at once
@@ -52,7 +53,7 @@ from lmms_msd.speculative.decoding import (
     StepObserver,
     _check_prompt,
     _synchronize,
-    record_step,
+    record_steps,
 )
 from lmms_msd.speculative.drafting import DraftRows
 from lmms_msd.speculative.runtime import (
@@ -62,7 +63,7 @@ from lmms_msd.speculative.runtime import (
     TreeOutputs,
 )
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
-from lmms_msd.speculative.stopping import Stopper
+from lmms_msd.speculative.stopping import Stopper, first_stops
 from lmms_msd.speculative.transfer import to_device
 from lmms_msd.speculative.tree import Tree, TreeSpec, narrowed
 from lmms_msd.speculative.verify import (
@@ -302,7 +303,9 @@ def _plain_step(runtime: BatchedRuntime, live: list[_Row]) -> None:
         row.tokens.append(token)
         row.stats.steps += 1
         row.stats.accepted.append(0)
-        row.done = row.stopper.first_stop(row.tokens, len(row.tokens) - 1) is not None
+    stops = first_stops([(row.stopper, row.tokens, len(row.tokens) - 1) for row in live])  # every row's text at once
+    for row, stop in zip(live, stops):
+        row.done = stop is not None
 
 
 def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeSchedule) -> None:
@@ -334,10 +337,13 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
     # 3. per row: accept, observe, stop, or commit the accepted path
     kept = []
     outcomes = _accept_rows(live, trees, padded, outs)
-    for b, (row, (tree, _), (result, path, committed, path_hidden)) in enumerate(zip(live, trees, outcomes)):
+    for b, (row, (tree, _), (result, *_)) in enumerate(zip(live, trees, outcomes)):
         if row.request.observer is not None:
             row.request.observer(tree, outs.row(b)[1], result)
-        if record_step(row.tokens, row.stats, row.stopper, result):
+    # every row's committed tokens and stop check (their texts decoded together)
+    stopped = record_steps([(row.tokens, row.stats, row.stopper, result) for row, (result, *_) in zip(live, outcomes)])
+    for b, (row, done, (_, path, committed, path_hidden)) in enumerate(zip(live, stopped, outcomes)):
+        if done:
             row.done = True
             continue
         # a row whose draft waits keeps its own copy (not a view pinning the whole step's gather)
@@ -396,9 +402,10 @@ def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
     chosen = []
     for b, row in enumerate(live):
         config = row.request.config
-        token = argmax[b] if config.greedy else next_token(logits[b], config, row.request.generator)
-        chosen.append(token)
-        row.done = record_step(row.tokens, row.stats, row.stopper, Acceptance([0], token, []))
+        chosen.append(argmax[b] if config.greedy else next_token(logits[b], config, row.request.generator))
+    stopped = record_steps([(row.tokens, row.stats, row.stopper, Acceptance([0], token, [])) for row, token in zip(live, chosen)])
+    for row, done in zip(live, stopped):
+        row.done = done
     committed = best if chosen == argmax else to_device(chosen, device)  # all greedy: no copy back
     for b, row in enumerate(live):
         if not row.done:

@@ -16,7 +16,7 @@ greedy one for all rows at once: `lmms_msd.speculative.verify.accept_greedy_rows
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.speculative.runtime import Runtime
 from lmms_msd.speculative.sampling import GenerationConfig, next_token
-from lmms_msd.speculative.stopping import Stopper
+from lmms_msd.speculative.stopping import Stopper, first_stops
 from lmms_msd.speculative.tree import Tree, TreeSpec
 from lmms_msd.speculative.verify import Acceptance, accept_greedy, accept_sampling
 
@@ -129,17 +129,27 @@ def record_step(tokens: list[int], stats: DecodeStats, stopper: Stopper, result:
     count the step; cut them exactly where plain decoding stops, even inside the path. Returns whether
     the generation stopped. Example: tokens [5], path tokens [6, 7], bonus 8, EOS 7: tokens [5, 6, 7],
     the step keeps 1 accepted draft token and discards 1 verified token."""
-    stats.steps += 1
-    stats.accepted.append(result.accepted)
-    checked = len(tokens)
-    tokens += result.path_tokens + [result.bonus]
-    stop = stopper.first_stop(tokens, checked)
-    if stop is None:
-        return False
-    stats.discarded = len(tokens) - stop
-    stats.accepted[-1] = stop - checked - 1
-    del tokens[stop:]
-    return True
+    return record_steps([(tokens, stats, stopper, result)])[0]
+
+
+def record_steps(steps: Sequence[tuple[list[int], DecodeStats, Stopper, Acceptance]]) -> list[bool]:
+    """`record_step` for many generations' (tokens, stats, stopper, result) at once, their stop checks
+    together (`lmms_msd.speculative.stopping.first_stops`): whether each stopped."""
+    checks = []
+    for tokens, stats, stopper, result in steps:
+        stats.steps += 1
+        stats.accepted.append(result.accepted)
+        checked = len(tokens)
+        tokens += result.path_tokens + [result.bonus]
+        checks.append((stopper, tokens, checked))
+    stopped = []
+    for (tokens, stats, _, _), (_, _, checked), stop in zip(steps, checks, first_stops(checks)):
+        stopped.append(stop is not None)
+        if stop is not None:
+            stats.discarded = len(tokens) - stop
+            stats.accepted[-1] = stop - checked - 1
+            del tokens[stop:]
+    return stopped
 
 
 def path_on_device(result: Acceptance, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
