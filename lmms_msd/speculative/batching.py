@@ -68,6 +68,7 @@ from lmms_msd.speculative.transfer import to_device
 from lmms_msd.speculative.tree import Tree, TreeSpec, narrowed
 from lmms_msd.speculative.verify import (
     Acceptance,
+    GrownTrees,
     PaddedTrees,
     accept_greedy_rows,
     pad_trees,
@@ -317,7 +318,8 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
     """
     device = runtime.target.device
     # 1. this step's trees: grown as scheduled for this batch size (the draft caught up first), or the root alone
-    specs = [schedule(row.request.tree, len(live)) for row in live]
+    scheduled: dict[int, TreeSpec | None] = {}  # by the request spec's id: asked once per distinct spec (requests share one)
+    specs = [_scheduled(scheduled, schedule, row.request.tree, len(live)) for row in live]
     grown = [b for b, spec in enumerate(specs) if spec is not None]
     if not grown and all(row.request.observer is None for row in live):
         _plain_steps(runtime, live)
@@ -328,18 +330,21 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
         [live[b].root for b in grown],
     )  # fmt: skip
     plain = [b for b, spec in enumerate(specs) if spec is None]
-    by_row = dict(zip(grown, drafted))
-    by_row.update(zip(plain, root_only([live[b].tokens[-1] for b in plain], [live[b].request.track_visual for b in plain], device)))
-    trees = [by_row[b] for b in range(len(live))]
+    if not plain and isinstance(drafted, GrownTrees):  # grown side by side: padded as they are
+        trees, padded = drafted, drafted.padded()
+    else:
+        by_row = dict(zip(grown, drafted))
+        by_row.update(zip(plain, root_only([live[b].tokens[-1] for b in plain], [live[b].request.track_visual for b in plain], device)))
+        trees = [by_row[b] for b in range(len(live))]
+        padded = pad_trees([t for t, _ in trees], [a for _, a in trees])
     # 2. verify every tree in one target forward
-    padded = pad_trees([t for t, _ in trees], [a for _, a in trees])
     outs = runtime.verify_trees([row.sequence for row in live], padded)
     # 3. per row: accept, observe, stop, or commit the accepted path
     kept = []
     outcomes = _accept_rows(live, trees, padded, outs)
-    for b, (row, (tree, _), (result, *_)) in enumerate(zip(live, trees, outcomes)):
+    for b, (row, (result, *_)) in enumerate(zip(live, outcomes)):
         if row.request.observer is not None:
-            row.request.observer(tree, outs.row(b)[1], result)
+            row.request.observer(trees[b][0], outs.row(b)[1], result)
     # every row's committed tokens and stop check (their texts decoded together)
     stopped = record_steps([(row.tokens, row.stats, row.stopper, result) for row, (result, *_) in zip(live, outcomes)])
     for b, (row, done, (_, path, committed, path_hidden)) in enumerate(zip(live, stopped, outcomes)):
@@ -356,8 +361,15 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
     _catch_up(runtime, [row for b, row, _ in kept if specs[b] is not None])
 
 
+def _scheduled(seen: dict[int, TreeSpec | None], schedule: TreeSchedule, spec: TreeSpec, batch: int) -> TreeSpec | None:
+    key = id(spec)
+    if key not in seen:
+        seen[key] = schedule(spec, batch)
+    return seen[key]
+
+
 def _accept_rows(
-    live: list[_Row], trees: list[tuple[Tree, torch.Tensor]], padded: PaddedTrees, outs: TreeOutputs
+    live: list[_Row], trees: GrownTrees | list[tuple[Tree, torch.Tensor]], padded: PaddedTrees, outs: TreeOutputs
 ) -> list[tuple[Acceptance, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Each row's outcome as its one-request loop's `accept` gives it, with its path [a + 1], committed
     tokens [a + 1] (the accepted ones, then the bonus) and the target's hidden there [a + 1, H] on the device.

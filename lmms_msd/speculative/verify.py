@@ -12,6 +12,7 @@ is the one token the target adds after the last accepted node. A step commits ac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,40 @@ class PaddedTrees:
     def valid(self) -> torch.Tensor:
         """[B, T] bool: True at a row's own nodes."""
         return torch.arange(self.tokens.shape[1], device=self.tokens.device)[None, :] < self.sizes[:, None]
+
+
+class GrownTrees(Sequence[tuple[Tree, torch.Tensor]]):
+    """B rows' trees as a batched grower keeps them, side by side: row b's (tree, ancestor mask) is its first
+    counts[b] places, made on demand (views; `Tree`'s fields and `Tree.ancestor_mask`), and `padded()` is
+    the batch `pad_trees` would make of them, without going row by row.
+    fields: `Tree`'s tokens, parents, depths, scores, confidence [B, T] and visual [B, T] or None;
+    ancestors: [B, T, T] bool; what lies past a row's nodes is ignored."""
+
+    def __init__(self, fields: tuple[torch.Tensor | None, ...], ancestors: torch.Tensor, counts: list[int]) -> None:
+        assert len(fields) == 6 and ancestors.shape[0] == len(counts) and ancestors.shape[1] == max(counts), (
+            f"{len(fields)} fields, ancestors {tuple(ancestors.shape)} for counts {counts}"
+        )
+        self.fields, self.ancestors, self.counts = fields, ancestors, counts
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, b: int) -> tuple[Tree, torch.Tensor]:  # type: ignore[override]
+        if not -len(self) <= b < len(self):
+            raise IndexError(f"row {b} of {len(self)} trees")
+        n = self.counts[b]
+        tokens, parents, depths, scores, confidence, visual = (None if f is None else f[b, :n] for f in self.fields)
+        return Tree(tokens, parents, depths, scores, confidence, visual), self.ancestors[b, :n, :n]
+
+    def padded(self) -> PaddedTrees:
+        """As `pad_trees(*zip(*self))`: padding set to its values with a fixed number of device operations."""
+        tokens, parents, depths = self.fields[:3]
+        sizes = to_device(self.counts, tokens.device)
+        valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < sizes[:, None]  # [B, T]
+        return PaddedTrees(
+            torch.where(valid, tokens, 0), torch.where(valid, parents, -1), torch.where(valid, depths, 0),
+            self.ancestors & valid[:, :, None] & valid[:, None, :], sizes, list(self.counts),
+        )  # fmt: skip
 
 
 def pad_trees(trees: list[Tree], ancestors: list[torch.Tensor]) -> PaddedTrees:

@@ -243,7 +243,7 @@ class BatchedStaticEngine:
         """The shared cache's `BatchedTreeGrower` for these rows (made once per spec and tracking), or None
         when they differ in spec or tracking (`grow_trees` grows them)."""
         spec, track_visual = specs[0], drafters[0].track_visual
-        alike = all(s == spec for s in specs) and all(d.track_visual == track_visual for d in drafters)
+        alike = all(s is spec or s == spec for s in specs) and all(d.track_visual == track_visual for d in drafters)
         if not (alike and on_one_shared_cache(drafters)):
             return None
         key = (track_visual, spec)

@@ -44,12 +44,12 @@ from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, width_buck
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.transfer import to_device, to_device_each
 from lmms_msd.speculative.tree import (
-    Tree,
     TreeSpec,
     ancestor_masks,
     pool_capacity,
     select_rows,
 )
+from lmms_msd.speculative.verify import GrownTrees
 
 
 class BatchedTreeGrower:
@@ -204,7 +204,7 @@ class BatchedTreeGrower:
     def build(
         self, drafters: list[StaticDrafter], root_tokens: list[int], root_hidden: list[torch.Tensor],
         root_visual: list[torch.Tensor | None],
-    ) -> list[tuple[Tree, torch.Tensor]]:  # fmt: skip
+    ) -> GrownTrees:  # fmt: skip
         """Row b's tree (drafter b, on its own row of the shared cache, positioned after its committed prefix;
         root token, root hidden [H] and visual [] or None) and its ancestor mask [N, N], as `grow_tree` grows it."""
         spec, k = self.spec, self.spec.top_k
@@ -234,13 +234,8 @@ class BatchedTreeGrower:
         tokens[index] = to_device(root_tokens, self.device)
         selected = self._select(tokens, used, kept, tokens.new_empty(max(sizes.values())))
         out = [t[index] for t in selected]  # copied out of the graph's memory
-        trees = []
-        for b, row in enumerate(rows):
-            n = sizes[row] + 1
-            fields = [t[b, :n] for t in out[:-1]]
-            tree_visual = fields[5] if self.visual is not None else None
-            trees.append((Tree(*fields[:5], visual=tree_visual), out[-1][b, :n, :n]))
-        return trees
+        fields = (*out[:5], out[5] if self.visual is not None else None)
+        return GrownTrees(fields, out[-1], [sizes[row] + 1 for row in rows])
 
     def _grow(self, rows: list[int], committed: list[int], width: int) -> tuple[dict[int, int], dict[int, int]]:
         """Grow the levels after the first while any row grows (each level one replay over rows 0..R-1; a row
