@@ -148,7 +148,8 @@ def test_a_cache_the_device_cannot_hold_is_refused(monkeypatch):
 def test_prompts_joining_together_share_a_prefill_forward():
     """Prompts of different lengths prefilled in one forward (padded to the longest) leave in each row the
     keys and values, hidden states and last logits that prefilling each alone gives (float32; the padded
-    product sums the same terms, so only the order of a few roundings may differ)."""
+    product sums the same terms, so only the order of a few roundings may differ), whatever earlier
+    sequences left in the rows' slots (the padded queries of a shorter prompt see them; its own do not)."""
     from lmms_msd.speculative.fast.batched_engine import prefill_groups
 
     target, _ = pair("following")
@@ -156,6 +157,9 @@ def test_prompts_joining_together_share_a_prefill_forward():
     assert len({p.input_ids.shape[0] for p in prompts}) == 3  # ragged
     alone = BatchedStaticEngine(target, max_batch=3, max_length=128)
     together = BatchedStaticEngine(target, max_batch=3, max_length=128)
+    g = torch.Generator().manual_seed(3)
+    for cache in (together.static_target.keys, together.static_target.values):  # what earlier sequences left
+        cache.copy_(torch.randn(cache.shape, generator=g) * 10)
     calls = []
     real = together.static_target.prefill_rows
     together.static_target.prefill_rows = lambda rows, embeds: calls.append(rows) or real(rows, embeds)

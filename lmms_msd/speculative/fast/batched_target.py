@@ -92,7 +92,8 @@ class BatchedStaticTarget(StaticTarget):
     def _forward_rows(self, x, positions, slots, mask, first_row: int = 0, rows: torch.Tensor | None = None):
         """Cache rows first_row .. first_row + R - 1 at once, or the listed `rows` [R] (gathered to read).
 
-        x: [R, T, H]; positions, slots: [R, T] long; mask: [R, T, S] additive over each row's slots 0..S-1
+        x: [R, T, H]; positions, slots: [R, T] long; mask: [R, T, S] additive over each row's slots 0..S-1, or
+        None: causal over each row's slots 0..T-1 (prompts at slots 0.., right-padded: SDPA's causal kernels)
         -> hidden [R, T, H], logits [R, T, V] float32 (None with listed rows: the caller takes the logits it needs)
         """
         hidden = self._layers(x, positions, slots, mask, first_row, rows)
@@ -100,12 +101,13 @@ class BatchedStaticTarget(StaticTarget):
 
     def _layers(self, x, positions, slots, mask, first_row: int, listed: torch.Tensor | None):
         """`_forward_rows`' language model up to the final norm -> hidden [R, T, H]."""
-        r, t, width = mask.shape
+        r, t = x.shape[:2]
+        width = t if mask is None else mask.shape[2]
         heads, kv = self.n_heads, self.n_kv_heads
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [R, T, 1, D]
         by_row = first_row + self.row_ids[:r] if listed is None else listed
         rows = by_row[:, None].expand(r, t)  # [R, T]
-        attn_mask = mask[:, None]  # [R, 1, T, S]
+        attn_mask = None if mask is None else mask[:, None]  # [R, 1, T, S]
         for index, w in enumerate(self.layers):
             q = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], rows, slots)
             read = slice(first_row, first_row + r) if listed is None else listed
@@ -136,45 +138,39 @@ class BatchedStaticTarget(StaticTarget):
     @torch.inference_mode()
     @varying_shapes
     def prefill_row(self, row: int, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt at slots 0..L-1 of `row` (eager: prompt lengths vary). inputs_embeds: [L, H] ->
-        hidden [L, H], logits [L, V]"""
+        """The prompt at slots 0..L-1 of `row`, causal over them (eager: prompt lengths vary; as
+        `StaticTarget.prefill`). inputs_embeds: [L, H] -> hidden [L, H], logits [L, V]"""
         length = inputs_embeds.shape[0]
         self._check_room(length)
-        width = self.width(length)
-        visible = self.slots[:width][None, :] <= self.slots[:length][:, None]
         positions = self.slots[:length][None]
         x = inputs_embeds.to(self.lm_head.dtype)[None]
-        hidden, logits = self._forward_rows(x, positions, positions, self.mask(visible)[None], first_row=row)
+        hidden, logits = self._forward_rows(x, positions, positions, None, first_row=row)
         return hidden[0], logits[0]
 
     @torch.inference_mode()
     @varying_shapes
     def prefill_rows(self, rows: list[int], inputs_embeds: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Several prompts in one forward (eager): prompt i at slots 0..L_i-1 of rows[i], padded to the
-        longest; a padding query feeds zeros at position 0, writes the scratch slot and sees slot 0, so no
-        row's slots are touched by another's. inputs_embeds[i]: [L_i, H] -> per prompt hidden [L_i, H]
-        and the logits at its last position [V] float32.
+        """Several prompts in one forward (eager): prompt i at slots 0..L_i-1 of rows[i], padded on the right
+        to the longest, causal over slots 0..T-1 of each row (SDPA's causal kernels, no mask); a padding query
+        feeds zeros at position 0 and writes the scratch slot, so no row's slots are touched by another's.
+        inputs_embeds[i]: [L_i, H] -> per prompt hidden [L_i, H] and the logits at its last position [V] float32.
 
-        Worked example: rows [3, 0] with prompts of 4 and 2 positions: T = 4; row 3's queries 0..3 see
-        slots 0..q; row 0's queries 0, 1 see slots 0..q and its queries 2, 3 (padding) write the scratch
-        slot and see slot 0.
+        Worked example: rows [3, 0] with prompts of 4 and 2 positions: T = 4; query q of either row sees
+        slots 0..q of its row; row 0's queries 0, 1 see its own prompt only, and its queries 2, 3 (padding)
+        write the scratch slot and see, besides, slots 2 and 3 of row 0 as an earlier sequence left them,
+        which changes only their own outputs, never read.
         """
         lengths = [e.shape[0] for e in inputs_embeds]
         longest = max(lengths)
         self._check_room(longest)
-        r, width = len(rows), self.width(longest)
+        r = len(rows)
         length, listed = to_device_each(self.device, lengths, rows)
         query = self.slots[:longest]
         real = query[None, :] < length[:, None]  # [R, T]
         positions = torch.where(real, query[None, :], 0)
         slots = torch.where(real, query[None, :], self.scratch)
-        visible = (self.slots[:width][None, None, :] <= query[None, :, None]) & real[:, :, None]  # [R, T, W]
-        visible[:, :, 0] = True  # padding queries see slot 0
         x = torch.nn.utils.rnn.pad_sequence([e.to(self.lm_head.dtype) for e in inputs_embeds], batch_first=True)
-        mask = torch.zeros(visible.shape, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
-            ~visible, torch.finfo(self.lm_head.dtype).min
-        )
-        hidden, _ = self._forward_rows(x, positions, slots, mask, rows=listed)
+        hidden, _ = self._forward_rows(x, positions, slots, None, rows=listed)
         last = (hidden[torch.arange(r, device=self.device), length - 1] @ self.lm_head.T).float()  # [R, V]
         return [(hidden[i, :n], last[i]) for i, n in enumerate(lengths)]
 
