@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from decoding_fixtures import children_lists
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmms_msd.speculative.sampling import GenerationConfig, processed_probs
 from lmms_msd.speculative.tree import Tree
@@ -79,3 +80,33 @@ def test_one_read_holds_path_tokens_and_bonus():
     out = sample_tree(tree, logits, tree.ancestor_mask(2), config, torch.Generator().manual_seed(0))
     assert out.tolist() == [0, 2, 3, -1, 5, 7, 2, -1, 9]
     assert read_sampled(out.tolist()).path == [0, 2, 3] and read_sampled(out.tolist()).path_tokens == [7, 2]
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts the reads of single values to the host (`aten._local_scalar_dense`: `.item()`, and indexing
+    with a 0-dim tensor, which PyTorch reads to an int first). On a GPU each one waits for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_acceptances_read_nothing_before_their_one_read():
+    """sample_tree returns its outcome on the device and accept_greedy reads it once (`tolist`): neither reads a
+    single value on the way, so on a GPU their operations queue behind the verification instead of waiting for it."""
+    from lmms_msd.speculative.verify import accept_greedy
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        tree = random_tree(g)
+        logits = torch.randn(len(tree), VOCAB, generator=g)
+        ancestors = tree.ancestor_mask(int(tree.depths.max()))
+        config = GenerationConfig(do_sample=True, temperature=1.0)
+        with ScalarReads() as reads:
+            sample_tree(tree, logits, ancestors, config, torch.Generator().manual_seed(0))
+            accept_greedy(tree, logits, ancestors)
+        assert reads.count == 0

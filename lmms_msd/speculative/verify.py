@@ -62,13 +62,14 @@ def accept_greedy(tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor) -> 
     matches = tree.tokens == best[tree.parents.clamp(min=0)]
     matches[:1] = True  # the root is committed already (a slice: no host scalar)
     accepted = ~(ancestors & ~matches[None, :]).any(dim=1)  # [N]
-    deepest = torch.where(accepted, tree.depths, -1).argmax()
-    on_path = ancestors[deepest]  # [N]
+    # [1], not a 0-dim tensor: indexing with a 0-dim tensor reads it to the host (`.item()`), a wait for the device
+    deepest = torch.where(accepted, tree.depths, -1).argmax(dim=0, keepdim=True)
+    on_path = ancestors.index_select(0, deepest)[0]  # [N]
     place = torch.where(on_path, tree.depths, n)  # a node's place on the path is its depth; others past the end
     path = torch.full((n + 1,), 0, dtype=torch.long, device=logits.device)
     path.scatter_(0, place, torch.arange(n, device=logits.device))
-    length = tree.depths[deepest] + 1
-    packed = torch.cat([length[None], best[deepest][None], path[:n], tree.tokens[path[:n]]]).tolist()  # the one read
+    length = tree.depths.index_select(0, deepest) + 1
+    packed = torch.cat([length, best.index_select(0, deepest), path[:n], tree.tokens[path[:n]]]).tolist()  # the one read
     a1, bonus = packed[0], packed[1]
     return Acceptance(packed[2 : 2 + a1], bonus, packed[2 + n + 1 : 2 + n + a1])
 
@@ -247,10 +248,10 @@ def sample_tree(
     taken = (first[parent] == nodes) | (parents < 0)  # the root is always reached
     on_path = ~(ancestors & ~taken[None, :]).any(dim=1)  # every ancestor (and itself) taken
     depth = tree.depths
-    last = torch.where(on_path, depth, -1).argmax()  # the deepest node on the path
+    last = torch.where(on_path, depth, -1).argmax(dim=0, keepdim=True)  # [1]: the deepest node on the path (no host read)
     path = torch.full((n + 1,), -1, dtype=torch.long, device=device).scatter_(0, torch.where(on_path, depth, n), nodes)[:n]
-    residual = probs[last]
-    tried = torch.zeros_like(residual).scatter_add_(0, tokens, child_of[last].float())  # the last node's children's tokens
+    residual = probs.index_select(0, last)[0]
+    tried = torch.zeros_like(residual).scatter_add_(0, tokens, child_of.index_select(0, last)[0].float())  # the last node's children's tokens
     cdf = residual.masked_fill(tried > 0, 0.0).cumsum(dim=0)
     bonus = torch.searchsorted(cdf, (uniforms[n] * cdf[-1])[None], right=True).clamp(max=cdf.shape[0] - 1)
     path_tokens = torch.where(path >= 0, tokens[path.clamp(min=0)], -1)
