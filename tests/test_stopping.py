@@ -51,7 +51,9 @@ def test_decode_all_is_the_tokenizers_decode(tokenizers):
     for tokenizer in tokenizers:
         assert _decodes_in_backend(tokenizer)  # both take the backend's batched decode
         sequences = [random_ids(tokenizer, rng, rng.randrange(0, 30)) for _ in range(400)]
-        assert decode_all(tokenizer, sequences) == [tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
+        expected = [tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
+        assert decode_all(tokenizer, sequences) == expected  # in parallel (`PARALLEL_DECODE` and more)
+        assert [text for s in sequences[:60] for text in decode_all(tokenizer, [s])] == expected[:60]  # one by one
 
 
 def test_first_stops_is_the_definition(tokenizers):
