@@ -18,3 +18,7 @@ R=build/r27  # the four lmms-eval runs: the same loop with names eagle2_b64_1, p
 python3 benchmarks/h200_7b_batched_host/probes/gaps.py $R/gaps 3
 R=build/r28  # the idle gaps charged to the host phase that launched the kernel ending each (OPT-Tree, T=0)
 python3 benchmarks/h200_7b_batched_host/probes/gaps2.py $R 3 0
+# r29 (main at 0ac35c3, probes/b1_parallel_decode_every_check/) and r30 (main at c1da835, b1_t0_compile/, b1_t1_compile/):
+B="lmms-msd bench --engine static --inflate 7b --limit 5 --warmup 1 --repeats 2 --methods plain,opt --stop_delta 0.6 --torch_compile --no_progress"
+$B --temperature 0 --output_dir build/r30/b1_t0_compile
+$B --temperature 1 --output_dir build/r30/b1_t1_compile
