@@ -181,3 +181,61 @@ def test_the_compiled_draft_head_runs_only_inside_graphed_functions(traced, monk
     speculative_generate(engine, prompt, GenerationConfig(max_new_tokens=8), TREES["opt"])
     assert calls, "the compiled head ran"
     assert all(calls), f"{calls.count(False)} of {len(calls)} calls of the compiled head outside a graphed function"
+
+
+def test_compiled_tree_growth_grows_the_same_trees(traced, monkeypatch):
+    """The graphed grower's root, levels and selections through torch.compile (`GraphedTreeGrower(compile=True)`,
+    what `StaticEngine(compile=True)` makes): every step's tree (tokens, parents) and acceptance equal the uncompiled
+    grower's, for OPT-Tree's delta stop, its cost stop (the best size read per level) and a calibrated scorer that
+    reads the draft's visual attention and the level's depth; each level depth is a compilation of its own."""
+    import dataclasses
+
+    from test_calibration_depth import depth_synthetic
+    from test_cost import COSTS, KEY, literal_cost, record_trees
+
+    from lmms_msd.calibration.isotonic import GroupedIsotonicCalibrator
+    from lmms_msd.calibration.scorer import CalibratedScorer
+    from lmms_msd.speculative.tree import OptTree
+
+    def deepest(parents):
+        depth = [0] * len(parents)
+        for node, parent in enumerate(parents[1:], 1):
+            depth[node] = depth[parent] + 1
+        return max(depth)
+
+    target = with_eos(tiny_target(3, context_scale=0.05), 10_000)
+    draft = following_draft(target)
+    X, y = depth_synthetic(3000, 5)
+    calibrator = GroupedIsotonicCalibrator(attention_bins=2, min_group_size=100, depth_edges=(2,)).fit(X, y)
+    scorer = CalibratedScorer(calibrator, torch.arange(target.vocab_size) % 3)
+    cost = literal_cost(key=dataclasses.replace(KEY, top_k=4, frontier_only=False), **COSTS["trees"])
+    trees = {
+        "delta": TREES["opt"],
+        "cost": OptTree(node_budget=12, max_depth=6, top_k=4, stop="cost", cost=cost),
+        "calibrated": OptTree(node_budget=24, stop_delta=0.2, max_depth=7, top_k=4, scorer=scorer),
+    }
+    level_graphs = []
+
+    def recording(gm, example_inputs):  # aot_eager, counting the graphs traced from a level
+        if any("in _grow_level" in (node.meta.get("stack_trace") or "") for node in gm.graph.nodes):
+            level_graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", recording)
+    plain_engine = StaticEngine(target, draft, max_length=256)
+    compiled_engine = StaticEngine(target, draft, max_length=256, compile=True)
+    for name, tree in trees.items():
+        torch._dynamo.reset()
+        level_graphs.clear()
+        depths = set()
+        for i in range(2):
+            prompt = random_prompt(target, 800 + i, with_image=True)
+            config = GenerationConfig(max_new_tokens=20)
+            want, got = [], []
+            visual = tree.needs_visual
+            reference = speculative_generate(plain_engine, prompt, config, tree, observer=record_trees(want), track_visual=visual)
+            fast = speculative_generate(compiled_engine, prompt, config, tree, observer=record_trees(got), track_visual=visual)
+            assert fast.token_ids == reference.token_ids and got == want, (name, i)
+            depths |= {deepest(parents) for _, parents, _ in want}
+        # every level up to the deepest tree's was compiled, one compilation (at least) per depth
+        assert max(depths) >= 3 and len(level_graphs) >= max(depths) - 1, (name, len(level_graphs), depths)
