@@ -25,7 +25,6 @@ from functools import partial
 import torch
 
 from lmms_msd.speculative.cost import best_size
-from lmms_msd.speculative.drafting import draft_logprobs
 from lmms_msd.speculative.fast.graphs import GraphedFunction, compiled, width_bucket
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.tree import Tree, TreeSpec, pool_capacity, select_nodes
@@ -91,7 +90,7 @@ class GraphedTreeGrower:
     def _grow_root(self, root_hidden, root_visual):
         """root_hidden: [H]; root_visual: [1] (zeros when untracked)."""
         k, score = self.spec.top_k, self.spec.scorer
-        top = draft_logprobs(self.drafter.lm_head, root_hidden[None]).topk(k)  # [1, k]
+        top = self.drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
         visual = root_visual.float() if self.visual is not None else None
         scores = score(top.values, top.indices, 1, visual)[0]
         self.tokens[:k] = top.indices[0]
@@ -126,7 +125,7 @@ class GraphedTreeGrower:
         out = drafter.head(x, positions, slots, visible)
         hidden, visual = out[0], (out[1] if self.visual is not None else None)
         # 2. propose k children each, scored cumulatively; store them (or only the best k)
-        children = draft_logprobs(drafter.lm_head, hidden).topk(k)  # [k, k]
+        children = drafter.logprobs(hidden).topk(k)  # [k, k]
         scores = (self.frontier_scores[depth][:, None] + score(children.values, children.indices, depth + 1, visual)).flatten()
         tokens, logprobs = children.indices.flatten(), children.values.flatten()  # [k * k]
         parents = self.frontier[depth].repeat_interleave(k)
