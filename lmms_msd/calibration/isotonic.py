@@ -18,6 +18,7 @@ device exactly as scikit-learn's `IsotonicRegression.predict` does, in a few ker
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import logging
@@ -349,10 +350,8 @@ class TorchCalibrator:
         return len(self.depth_edges) > 0
 
     def depth_bucket(self, depth: int) -> int:
-        """The bucket of one depth, on the host (a tree level's depth is a Python int: no device read): the
-        number of edges at most `depth` (`bisect.bisect_right`'s, spelled out so that torch.compile traces it
-        as a constant). Example: edges (2, 4): depth 1 -> 0, 2 -> 1, 5 -> 2."""
-        return sum(edge <= depth for edge in self.depth_edges)
+        """The bucket of one depth, on the host (a tree level's depth is a Python int: no device read)."""
+        return bisect.bisect_right(self.depth_edges, depth)
 
     def __call__(
         self, confidence: torch.Tensor, types: torch.Tensor, visual: torch.Tensor | None, depth: int | torch.Tensor | None = None

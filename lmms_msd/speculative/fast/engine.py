@@ -98,15 +98,14 @@ class StaticEngine:
         return start_draft(self._drafters, track_visual, make, sequence, prompt, hidden, token)
 
     def draft_tree(self, sequence: Sequence, tree: TreeSpec, token: int, root: DraftRows) -> tuple[Tree, torch.Tensor]:
-        """Grown by a `GraphedTreeGrower` (one per drafter and spec, reused: its graphs are captured once;
-        compiled with the engine)."""
+        """Grown by a `GraphedTreeGrower` (one per drafter and spec, reused: its graphs are captured once)."""
         self._check_live(sequence)
         drafter = drafter_of(sequence)
         assert isinstance(drafter, StaticDrafter), f"a StaticEngine sequence drafts with a StaticDrafter, not {drafter!r}"
         key = (drafter.track_visual, tree)
         grower = self._growers.get(key)
         if grower is None:
-            grower = self._growers[key] = GraphedTreeGrower(drafter, tree, self.cuda_graphs, self.compile)
+            grower = self._growers[key] = GraphedTreeGrower(drafter, tree, self.cuda_graphs)
         return grower.build(token, root.hidden, root.visual)
 
     def verify(self, sequence: Sequence, tree: Tree, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

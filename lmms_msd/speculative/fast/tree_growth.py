@@ -25,22 +25,15 @@ from functools import partial
 import torch
 
 from lmms_msd.speculative.cost import best_size
-from lmms_msd.speculative.fast.graphs import GraphedFunction, compiled, width_bucket
+from lmms_msd.speculative.fast.graphs import GraphedFunction, width_bucket
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.tree import Tree, TreeSpec, pool_capacity, select_nodes
 
 
 class GraphedTreeGrower:
-    """Grows the trees of one `TreeSpec` (EAGLE-2 or OPT-Tree, as `grow_tree`) on one drafter.
+    """Grows the trees of one `TreeSpec` (EAGLE-2 or OPT-Tree, as `grow_tree`) on one drafter."""
 
-    compile: the graphed pieces (the root, each level, each selection) through torch.compile
-    (`lmms_msd.speculative.fast.graphs.compiled`), the draft's compiled head inlined into each level: a level's
-    bookkeeping (its proposals' scores, the stores into the pool, the frontier and its ancestor rows) is a few
-    fused kernels instead of about forty small ones, each a kernel launch inside the graph that the GPU waits
-    on. One compilation per level depth (its shapes differ), traced inside the graphs' captures as the head is.
-    """
-
-    def __init__(self, drafter: StaticDrafter, spec: TreeSpec, cuda_graphs: bool, compile: bool = False) -> None:
+    def __init__(self, drafter: StaticDrafter, spec: TreeSpec, cuda_graphs: bool) -> None:
         self.drafter = drafter
         self.spec = spec
         k, depth = spec.top_k, spec.max_depth
@@ -65,10 +58,9 @@ class GraphedTreeGrower:
         self.ancestors = torch.zeros(depth, k, max(depth - 1, 1) * k, dtype=torch.bool, device=device)
         self.rows = torch.arange(k, device=device)
         self.window = drafter.window  # slots 0..capacity-1, the drafter's own
-        piece = compiled if compile else (lambda fn: fn)
-        self._root = GraphedFunction(piece(self._grow_root), cuda_graphs, device)
-        self._levels = [GraphedFunction(piece(partial(self._grow_level, d)), cuda_graphs, device) for d in range(depth)]
-        self._select = [GraphedFunction(piece(partial(self._select_nodes, d)), cuda_graphs, device) for d in range(depth + 1)]
+        self._root = GraphedFunction(self._grow_root, cuda_graphs, device)
+        self._levels = [GraphedFunction(partial(self._grow_level, d), cuda_graphs, device) for d in range(depth)]
+        self._select = [GraphedFunction(partial(self._select_nodes, d), cuda_graphs, device) for d in range(depth + 1)]
         if spec.cost is not None:  # stop "cost": [depth + 1, budget + 1] step seconds by levels (row 0 unused)
             rows = [spec.cost.step_seconds(max(d, 1), spec.budget) for d in range(depth + 1)]
             self.seconds = torch.stack(rows).to(device)
