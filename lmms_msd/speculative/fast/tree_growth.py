@@ -16,11 +16,6 @@ warm-up does) gives the same result.
 The host reads nothing while drafting an EAGLE-2 tree; OPT-Tree's stop "delta" reads the expected
 accepted length once per level (and once after the first level, upstream's variant); its stop "cost"
 reads the best rate and size once per level, and selects the nodes with a graph per depth and size.
-Each read is queued behind its level (`lmms_msd.speculative.transfer.QueuedReads`) and the next level is
-launched before the host waits for it, so the device grows level d + 1 while the host decides whether
-level d was the last: where the host used to keep it idle between levels (on the H200 about 150 us a level,
-profiled, `benchmarks/h200_7b_batched_host/probes/gaps_opt.txt`), it now runs one level more than the tree
-keeps when the rule stops early, whose outputs lie beyond the tree.
 """
 
 from __future__ import annotations
@@ -32,18 +27,13 @@ import torch
 from lmms_msd.speculative.cost import best_size
 from lmms_msd.speculative.fast.graphs import GraphedFunction, width_bucket
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
-from lmms_msd.speculative.transfer import QueuedReads
 from lmms_msd.speculative.tree import Tree, TreeSpec, pool_capacity, select_nodes
 
 
 class GraphedTreeGrower:
-    """Grows the trees of one `TreeSpec` (EAGLE-2 or OPT-Tree, as `grow_tree`) on one drafter.
+    """Grows the trees of one `TreeSpec` (EAGLE-2 or OPT-Tree, as `grow_tree`) on one drafter."""
 
-    run_ahead: launch each level before the host reads the last one's stop value (module docstring); None: on
-    CUDA, where the read is asynchronous (on CPU every operation runs as it is called: nothing would overlap).
-    """
-
-    def __init__(self, drafter: StaticDrafter, spec: TreeSpec, cuda_graphs: bool, run_ahead: bool | None = None) -> None:
+    def __init__(self, drafter: StaticDrafter, spec: TreeSpec, cuda_graphs: bool) -> None:
         self.drafter = drafter
         self.spec = spec
         k, depth = spec.top_k, spec.max_depth
@@ -75,10 +65,6 @@ class GraphedTreeGrower:
             rows = [spec.cost.step_seconds(max(d, 1), spec.budget) for d in range(depth + 1)]
             self.seconds = torch.stack(rows).to(device)
             self.best = torch.zeros(depth + 1, 2, **f32)  # row d: the best rate and size once depth d is grown
-        # what the stop rule reads once depth d is grown (slot d): the expected length, or the best rate and size
-        reads = spec.stop_delta is not None or spec.cost is not None
-        self._reads = QueuedReads(depth + 2, 1 if spec.cost is None else 2, device) if reads else None
-        self.run_ahead = device.type == "cuda" if run_ahead is None else run_ahead
 
     def end(self, depth: int) -> int:
         """Pool places used once levels 1..depth are grown."""
@@ -177,53 +163,31 @@ class GraphedTreeGrower:
         drafter, spec = self.drafter, self.spec
         assert (root_visual is not None) == (self.visual is not None), "track_visual differs between drafter and call"
         visual = root_visual.reshape(1) if root_visual is not None else root_hidden.new_zeros(1, dtype=torch.float32)
+        expected = self._root(root_hidden, visual)[0]
+        stop_delta = spec.stop_delta
+        last = float(expected[1]) if stop_delta is not None else 0.0
+        levels = 1 if spec.frontier_only and stop_delta is not None and last <= stop_delta else spec.max_depth
         prefix = torch.full((1,), drafter.committed, device=drafter.device)
         reach = drafter.committed + (spec.max_depth - 1) * spec.top_k
         drafter.reserve(reach)
-        window = self.window[: width_bucket(reach, drafter.capacity)]
-        stop_delta, cost = spec.stop_delta, spec.cost
-        last = rate = size = None
-
-        def launch(depth: int) -> None:
-            """Level `depth` (0: the root) and the queued read of what the stop rule needs once depth + 1 is grown."""
-            if depth == 0:
-                self._root(root_hidden, visual)
-            else:
-                self._levels[depth](prefix, window)
-            if self._reads is not None:
-                self._reads.queue(depth + 1, self.expected[depth + 1] if cost is None else self.best[depth + 1])
-
-        def stops(grown: int) -> bool:
-            """Whether the stop rule ends the tree at `grown` levels (as `grow_tree`'s): OPT-Tree's delta when the
-            last level added at most stop_delta to the expected accepted length (upstream's variant also checks
-            the root's level), its cost when the best rate did not rise (at the root: when no tree beats a plain
-            step); EAGLE-2 never stops early."""
-            nonlocal last, rate, size
+        width = width_bucket(reach, drafter.capacity)
+        grown = 1
+        if spec.cost is not None:  # stop "cost", as grow_tree: no tree beats a plain step: no forward
+            rate, size = self.best[1].tolist()
+            levels = 1 if size == 0 else spec.max_depth
+        for depth in range(1, levels):
+            expected = self._levels[depth](prefix, self.window[:width])[0]
+            grown = depth + 1
             if stop_delta is not None:
-                now = self._reads.get(grown)[0]
-                stop = now - last <= stop_delta if grown > 1 else spec.frontier_only and now <= stop_delta
-                last = now
-                return stop
-            if cost is not None:
-                grown_rate, size = self._reads.get(grown)
-                stop = size == 0 if grown == 1 else grown_rate <= rate
+                now = float(expected[grown])
+                gained, last = now - last, now
+                if gained <= stop_delta:
+                    break
+            if spec.cost is not None:
+                grown_rate, size = self.best[grown].tolist()
+                if grown_rate <= rate:
+                    break
                 rate = grown_rate
-                return stop
-            return False
-
-        # run ahead: the next level is queued before the host waits for the last one's read, so the device keeps
-        # busy while the host decides; a level grown past the stop is ignored (its places, frontier row and draft
-        # cache slots lie beyond the tree, and the next tree overwrites them before reading them)
-        ahead = 1 if self.run_ahead else 0
-        grown, launched = 1, 0  # levels grown (the root's included), the last level launched (0: the root)
-        launch(0)
-        while True:
-            while launched < min(grown - 1 + ahead, spec.max_depth - 1):
-                launched += 1
-                launch(launched)
-            if stops(grown) or grown == spec.max_depth:
-                break
-            grown += 1
         drafter.mark_tree_fed((grown - 1) * spec.top_k)
         sized = () if spec.cost is None else (self.scores.new_empty(int(size)),)
         out = [t.clone() for t in self._select[grown](*sized)]
