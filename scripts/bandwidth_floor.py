@@ -15,6 +15,7 @@ import argparse
 
 import torch
 
+from lmms_msd.commands.machine import copy_bandwidth
 from lmms_msd.pipeline import RuntimeSettings, default_dtype, inflation_shape, load_decoder, resolve_pair
 
 
@@ -25,22 +26,6 @@ def step_weight_bytes(static_target) -> int:
     )
     head = static_target.lm_head.numel() * static_target.lm_head.element_size()
     return per_layer + head + static_target.final_norm.numel() * static_target.final_norm.element_size()
-
-
-def copy_bandwidth(device: torch.device, gib: int = 2, repeats: int = 20) -> float:
-    """Bytes per second moved by a device-to-device copy of `gib` GiB (read + write), after 3 warm-up copies."""
-    source = torch.empty(gib * 2**30, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        target.copy_(source)
-    end.record()
-    torch.cuda.synchronize(device)
-    seconds = start.elapsed_time(end) / 1e3 / repeats
-    return 2 * source.numel() / seconds
 
 
 def main() -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmms_msd.commands.bench import Method, Run, Summary, TreeStats, summarise
 from lmms_msd.commands.cli import main
@@ -39,6 +41,9 @@ def test_bench_on_a_data_folder(bench_report):
     report, markdown = bench_report
     assert report["requests"] == 2 and report["greedy"] is True
     assert report["config"]["repeats"] == 1 and report["machine"]["torch"] and report["machine"]["device_name"]
+    machine = report["machine"]  # the machine's measured speed (lmms_msd.commands.machine), in the text too
+    assert machine["copy_gb_s"] > 0 and machine["launch_us"] > 0
+    assert f"{machine['copy_gb_s']:g} GB/s copies, {machine['launch_us']:g} us to launch" in markdown
     methods = {s["method"]: s for s in report["methods"]}
     assert list(methods) == ["hf_generate", "plain", "eagle2", "opt", "opt_cal"]
     plain, hf = methods["plain"], methods["hf_generate"]
@@ -294,3 +299,33 @@ def test_opt_cal_scores_nodes_by_the_calibrator_mode():
     assert type(tilt.builder.scorer).__name__ == "TiltScorer" and tilt.track_visual and tilt.builder.stop_delta == 0.2
     [weight] = method_trees(["opt_cal"], {}, str(bundled_calibrator())).values()
     assert type(build_tree(weight, decoder).builder.scorer).__name__ == "CalibratedScorer"
+
+
+def test_the_machine_measures_time_what_they_say():
+    """`copy_bandwidth` counts a copy's bytes twice (read and write) over its time, and `launch_seconds` is the
+    time per operation: both against the clock around the same work, with a slowed copy and a slowed launch."""
+    from unittest import mock
+
+    from lmms_msd.commands import machine
+
+    device = torch.device("cpu")
+    assert machine.launch_seconds(device, operations=50, rounds=3) > 0
+    real_copy = torch.Tensor.copy_
+
+    def slow_copy(self, *args, **kwargs):
+        time.sleep(0.01)
+        return real_copy(self, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "copy_", slow_copy):
+        # 2 x 1 MiB per copy, each at least 10 ms: at most 2 MiB / 10 ms
+        assert 0 < machine.copy_bandwidth(device, gib=2**-10, repeats=3) <= 2 * 2**20 / 0.01
+    real_add = torch.Tensor.add_
+
+    def slow_add(self, *args, **kwargs):
+        time.sleep(0.002)
+        return real_add(self, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "add_", slow_add):
+        assert machine.launch_seconds(device, operations=5, rounds=1) >= 0.002
+    assert machine.speed_text({"copy_gb_s": 4010.3, "launch_us": 5.2}) == "; measured: 4010.3 GB/s copies, 5.2 us to launch a small operation"
+    assert machine.speed_text({"device_name": "old report"}) == ""

@@ -35,6 +35,7 @@ def test_throughput_per_method_and_batch(chart_dir: Path, tmp_path: Path, engine
         assert 0 < r["prefill_s"] < r["wall_s"]  # the prompts' share of the pass, within it
     table = (tmp_path / "bench_batch.md").read_text()
     assert "| eagle2 | 2 |" in table and "| prefill share | decoding tokens/s |" in table
+    assert f"{report['machine']['launch_us']:g} us to launch a small operation" in table  # the machine's measured speed
 
 
 def test_schedules_compared_in_one_run(chart_dir: Path, tmp_path: Path):  # noqa: F811

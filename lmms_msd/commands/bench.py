@@ -47,8 +47,8 @@ plugin's model_args of the same names); `--calibrator_mode` how opt_cal's (and o
 `--batch 1,4,16,64` measures throughput instead: every method at each batch size, tokens/s and
 documents/s (`lmms_msd.commands.bench_batch`, which writes bench_batch.json/.md/.png).
 
-Outputs in `--output_dir`: bench.json (the settings, the machine, per-method totals and per-request
-numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
+Outputs in `--output_dir`: bench.json (the settings, the machine with its measured copy bandwidth and launch
+time, `lmms_msd.commands.machine`, per-method totals and per-request numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
 installed.
 """
 
@@ -58,12 +58,10 @@ import argparse
 import importlib.util
 import json
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +71,7 @@ from tqdm import tqdm
 
 from lmms_msd.commands import bench_batch
 from lmms_msd.commands.bench_batch import parse_batches
+from lmms_msd.commands.machine import describe, speed_text
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.pipeline import (
     ENGINES,
@@ -449,7 +448,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     parts = [
         "# lmms-msd bench",
         f"{pair}. Calibrator: {c['calibrator'] or 'none'}. Engine: {c['engine']}.{trees}",
-        f"Machine: {m['device_name']} ({c['device']}, {m['dtype']}); torch {m['torch']}, transformers {m['transformers']}.",
+        f"Machine: {m['device_name']} ({c['device']}, {m['dtype']}); torch {m['torch']}, transformers {m['transformers']}"
+        + speed_text(m) + ".",
         (
             f"Requests: {report['requests']} from {source}; max_new_tokens {report['generation']['max_new_tokens']}, "
             f"temperature {c['temperature']:g}, stop strings {json.dumps(report['generation']['until'])}; "
@@ -512,13 +512,6 @@ def plot(summaries: list[Summary], path: Path) -> bool:
     fig.tight_layout()
     canvas.print_png(str(path))
     return True
-
-
-def machine(target) -> dict[str, Any]:
-    device = target.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return {"device_name": name, "dtype": str(target.dtype).removeprefix("torch."), "torch": torch.__version__,
-            "transformers": metadata.version("transformers"), "python": platform.python_version()}  # fmt: skip
 
 
 def write_outputs(report: dict[str, Any], output_dir: Path) -> str:
@@ -717,7 +710,7 @@ def run(args: argparse.Namespace) -> int:
     summaries = summarise(methods, measured)
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"},
-        "machine": machine(decoder.target),
+        "machine": describe(decoder.target.device, decoder.target.dtype),
         "generation": asdict(config),
         "greedy": config.greedy,
         "requests": len(requests),
@@ -753,7 +746,7 @@ def run_batches(
             by_name[name if len(schedules) == 1 else f"{name} @{table}"] = (trees[name], schedule)
     base = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"},
-        "machine": machine(decoder.target), "requests": len(requests),
+        "machine": describe(decoder.target.device, decoder.target.dtype), "requests": len(requests),
         "trees": {name: builder_settings(tree.builder) for name, tree in trees.items()},
     }  # fmt: skip
 

@@ -45,6 +45,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lmms_msd.commands.machine import speed_text
 from lmms_msd.pipeline import Decoder, Request, TreeSetup, decode_requests
 from lmms_msd.speculative.batching import TreeSchedule
 from lmms_msd.speculative.decoding import _synchronize
@@ -180,7 +181,7 @@ def write_outputs(report: dict[str, Any], output_dir: Path) -> str:
     c = report["config"]
     text = (
         f"# lmms-msd bench --batch\n\n{report['requests']} requests, engine {c['engine']}, {report['machine']['device_name']} "
-        f"({report['machine']['dtype']}), temperature {report['generation']['temperature'] if not report['greedy'] else 0}, "
+        f"({report['machine']['dtype']}{speed_text(report['machine'])}), temperature {report['generation']['temperature'] if not report['greedy'] else 0}, "
         f"max_new_tokens {report['generation']['max_new_tokens']}; compared with: {report['reference']}; "
         f"node budgets per batch: {c['batch_node_budgets'] or 'the trees own'}.\n\n{markdown_table(runs)}\n"
     )
