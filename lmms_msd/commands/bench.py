@@ -48,8 +48,8 @@ plugin's model_args of the same names); `--calibrator_mode` how opt_cal's (and o
 documents/s (`lmms_msd.commands.bench_batch`, which writes bench_batch.json/.md/.png).
 
 Outputs in `--output_dir`: bench.json (the settings, the machine with its measured copy bandwidth and launch
-time, `lmms_msd.commands.machine`, per-method totals and per-request numbers), bench.md (the table, also printed) and bench.png (ms/token per method) when matplotlib is
-installed.
+time, `lmms_msd.commands.machine`, per-method totals and per-request numbers), bench.md (the table, also
+printed) and bench.png (ms/token per method) when matplotlib is installed.
 """
 
 from __future__ import annotations

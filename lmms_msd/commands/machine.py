@@ -28,12 +28,13 @@ def copy_bandwidth(device: torch.device, gib: float = 2, repeats: int = 20) -> f
     for _ in range(3):
         target.copy_(source)
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            target.copy_(source)
-        end.record()
-        torch.cuda.synchronize(device)
+        with torch.cuda.device(device):  # the events on the stream the copies run on
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                target.copy_(source)
+            end.record()
+            torch.cuda.synchronize(device)
         seconds = start.elapsed_time(end) / 1e3 / repeats
     else:
         begin = time.perf_counter()
@@ -63,8 +64,8 @@ def launch_seconds(device: torch.device, operations: int = 200, rounds: int = 5)
 
 def describe(device: torch.device, dtype: torch.dtype, measure: bool = True) -> dict[str, Any]:
     """The machine of a report: the device's name, dtype and versions, and (measure) the copy bandwidth in GB/s
-    (`copy_bandwidth` of 0.5 GiB, None when that does not fit in the device's free memory) and the launch time
-    in us (`launch_seconds`). Example: {"device_name": "NVIDIA H200", ..., "copy_gb_s": 4010.3, "launch_us": 5.2}."""
+    (`copy_bandwidth` of 0.5 GiB on a GPU, None when that does not fit in its free memory; 64 MiB on CPU) and the
+    launch time in us (`launch_seconds`). Example: {"device_name": "NVIDIA H200", ..., "copy_gb_s": 4010.3, "launch_us": 5.2}."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -75,7 +76,7 @@ def describe(device: torch.device, dtype: torch.dtype, measure: bool = True) -> 
     }  # fmt: skip
     if measure:
         try:
-            described["copy_gb_s"] = round(copy_bandwidth(device, gib=0.5) / 1e9, 1)
+            described["copy_gb_s"] = round(copy_bandwidth(device, gib=0.5 if device.type == "cuda" else 1 / 16) / 1e9, 1)
         except torch.OutOfMemoryError:
             described["copy_gb_s"] = None
         described["launch_us"] = round(launch_seconds(device) * 1e6, 2)
