@@ -62,8 +62,8 @@ def launch_seconds(device: torch.device, operations: int = 200, rounds: int = 5)
     return statistics.median(per_op[1:])
 
 
-def describe(device: torch.device, dtype: torch.dtype, measure: bool = True) -> dict[str, Any]:
-    """The machine of a report: the device's name, dtype and versions, and (measure) the copy bandwidth in GB/s
+def describe(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The machine of a report: the device's name, dtype and versions, and the measured copy bandwidth in GB/s
     (`copy_bandwidth` of 0.5 GiB on a GPU, None when that does not fit in its free memory; 64 MiB on CPU) and the
     launch time in us (`launch_seconds`). Example: {"device_name": "NVIDIA H200", ..., "copy_gb_s": 4010.3, "launch_us": 5.2}."""
     if device.type == "cuda":
@@ -74,12 +74,11 @@ def describe(device: torch.device, dtype: torch.dtype, measure: bool = True) -> 
         "device_name": name, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "transformers": metadata.version("transformers"), "python": platform.python_version(),
     }  # fmt: skip
-    if measure:
-        try:
-            described["copy_gb_s"] = round(copy_bandwidth(device, gib=0.5 if device.type == "cuda" else 1 / 16) / 1e9, 1)
-        except torch.OutOfMemoryError:
-            described["copy_gb_s"] = None
-        described["launch_us"] = round(launch_seconds(device) * 1e6, 2)
+    try:
+        described["copy_gb_s"] = round(copy_bandwidth(device, gib=0.5 if device.type == "cuda" else 1 / 16) / 1e9, 1)
+    except torch.OutOfMemoryError:
+        described["copy_gb_s"] = None
+    described["launch_us"] = round(launch_seconds(device) * 1e6, 2)
     return described
 
 
