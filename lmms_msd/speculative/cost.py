@@ -244,6 +244,7 @@ def measure_cost_model(
     # this module (the rule), so its names come in here
     from sklearn.isotonic import isotonic_regression
 
+    from lmms_msd.speculative.decoding import path_on_device
     from lmms_msd.speculative.tree import OptTree, Tree
     from lmms_msd.speculative.verify import accept_greedy
 
@@ -287,8 +288,7 @@ def measure_cost_model(
         tree_hidden, tree_logits = runtime.verify(sequence, verified_tree, ancestors)
         verified = _sync(device)
         result = accept_greedy(verified_tree, tree_logits, ancestors)
-        on_device = torch.tensor(result.path + result.path_tokens + [result.bonus], device=device)
-        path, committed = on_device[: len(result.path)], on_device[len(result.path) :]
+        path, committed = path_on_device(result, device)
         root = runtime.commit(sequence, path, committed, tree_hidden[path])
         token = result.bonus
         return drafted - start, forwards, verified - drafted, _sync(device) - verified

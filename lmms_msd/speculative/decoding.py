@@ -24,8 +24,9 @@ import torch
 
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.speculative.runtime import Runtime
-from lmms_msd.speculative.sampling import GenerationConfig, next_token
+from lmms_msd.speculative.sampling import GenerationConfig, chosen_token, next_token
 from lmms_msd.speculative.stopping import Stopper, first_stops
+from lmms_msd.speculative.transfer import PendingRead, to_device
 from lmms_msd.speculative.tree import Tree, TreeSpec
 from lmms_msd.speculative.verify import Acceptance, accept_greedy, accept_sampling
 
@@ -154,8 +155,9 @@ def record_steps(steps: Sequence[tuple[list[int], DecodeStats, Stopper, Acceptan
 
 def path_on_device(result: Acceptance, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The accepted path's node indices [a + 1] and the committed tokens that follow them [a + 1] (the
-    accepted tokens, then the bonus), in one copy to the device: what `Runtime.commit` takes."""
-    on_device = torch.tensor(result.path + result.path_tokens + [result.bonus], device=device)
+    accepted tokens, then the bonus), in one copy to the device that does not make the host wait
+    (`lmms_msd.speculative.transfer.to_device`): what `Runtime.commit` takes."""
+    on_device = to_device(result.path + result.path_tokens + [result.bonus], device)
     return on_device[: len(result.path)], on_device[len(result.path) :]
 
 
@@ -169,6 +171,13 @@ def plain_generate(
 ) -> GenerationResult:
     """One target forward per token: the baseline, and the reference speculative decoding must equal.
 
+    The loop runs one forward ahead of its reads: each chosen token stays on the device and is fed to the
+    next forward, which is queued before the host reads the token (`PendingRead`) and checks the stopping
+    rule; so the device never waits for the host between steps. A stop (EOS, a stop string) thus leaves
+    one forward queued past it, whose token is never read (a cache slot after the answer is written and
+    dropped with the sequence); no forward is queued past `max_new_tokens`. The tokens are those of one
+    forward after each read, the same draws from `generator`.
+
     runtime: where the forwards run (`EagerRuntime(target)`: transformers' forward; a `StaticEngine`)
     profile: split the loop's time into `DecodeStats.verify_s` (the forwards) and `other_s` (choosing
     the token, stop checks), synchronising the device between them; the output is the same.
@@ -180,19 +189,29 @@ def plain_generate(
     start = time.perf_counter()
     sequence, _, logits = runtime.prefill(prompt, config.max_new_tokens)
     try:
-        token = next_token(logits[-1], config, generator)
-        _synchronize(device)
+        chosen = chosen_token(logits[-1], config, generator)
+        tokens = PendingRead(chosen).get()
         stats = DecodeStats(prefill_s=time.perf_counter() - start)
         clock = _PhaseClock(device, profile)
-        tokens = [token]
-        while stopper.first_stop(tokens, len(tokens) - 1) is None:
+
+        def step(token: torch.Tensor) -> tuple[torch.Tensor, PendingRead]:
+            """Queue the forward after `token` and the choice of the next one, and its read."""
             stats.other_s += clock.lap()
-            logits = runtime.forward_next(sequence, torch.full((1,), token, device=device))
+            logits = runtime.forward_next(sequence, token)
             stats.verify_s += clock.lap()
-            token = next_token(logits[-1], config, generator)
-            tokens.append(token)
+            token = chosen_token(logits[-1], config, generator)
+            return token, PendingRead(token)
+
+        queued = step(chosen) if stopper.first_stop(tokens, 0) is None else None
+        while queued is not None:
+            chosen, read = queued
+            # the forward after this token, queued before its read, unless the count ends the answer with it
+            queued = step(chosen) if len(tokens) + 2 <= config.max_new_tokens else None
+            tokens += read.get()
             stats.steps += 1
             stats.accepted.append(0)
+            if stopper.first_stop(tokens, len(tokens) - 1) is not None:
+                break
     finally:
         runtime.release(sequence)
     stats.other_s += clock.lap()

@@ -61,12 +61,21 @@ def processed_probs(logits: torch.Tensor, config: GenerationConfig) -> torch.Ten
 
 
 def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:
-    """The token plain decoding emits after one target position.
+    """The token plain decoding emits after one target position, read to the host.
+
+    logits: [V]
+    """
+    return int(chosen_token(logits, config, generator))
+
+
+def chosen_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """`next_token` left where the logits are: [1] long, the same draw from `generator`, for a loop that feeds
+    it to the next forward before (or without) reading it.
 
     logits: [V]
     """
     assert logits.dim() == 1, f"logits must be [V], got {tuple(logits.shape)}"
     if config.greedy:
-        return int(logits.argmax())
+        return logits.argmax().reshape(1)
     probs = processed_probs(logits[None], config)[0]
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)
