@@ -3,12 +3,14 @@
 On CPU the compiled functions are traced by dynamo as one graph each and run through AOTAutograd's
 functionalisation ("aot_eager": the same tracing and mutation handling as inductor, without building C++),
 so a graph break, an untraceable operation or a lost cache write fails here; the inductor kernels
-themselves run in the CUDA test on the GPU machine.
+themselves run in the CUDA test on the GPU machine. One test compiles with inductor on the CPU (where a C++
+compiler is there): what inductor makes of the layer's residual adds.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from test_plugin import docs, tiny_draft_dir  # noqa: F401  (fixtures)
 from lmms_msd.speculative.batching import BatchRequest, generate_batched
 from lmms_msd.speculative.decoding import plain_generate, speculative_generate
 from lmms_msd.speculative.fast import BatchedStaticEngine, StaticEngine, graphs
-from lmms_msd.speculative.fast.static_target import attention_inputs, eager_attention, layer_output
+from lmms_msd.speculative.fast.static_target import attention_inputs, cached_attention_inputs, eager_attention, layer_output
 from lmms_msd.speculative.sampling import GenerationConfig
 
 
@@ -107,7 +109,39 @@ def test_the_layer_parts_compute_the_layer():
     mid = x + attention @ o_w.T
     h = rms(mid, post)
     want = mid + (torch.nn.functional.silu(h @ gate_w.T) * (h @ up_w.T)) @ down_w.T
-    torch.testing.assert_close(layer_output(x, attention, o_w, post, torch.cat([gate_w, up_w]), down_w, 1e-6), want, **tol)
+    stream, mlp = layer_output(x, attention, o_w, post, torch.cat([gate_w, up_w]), down_w, 1e-6)
+    torch.testing.assert_close(stream, mid, **tol)
+    torch.testing.assert_close(stream + mlp, want, **tol)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor's CPU kernels need a C++ compiler")
+def test_inductor_keeps_the_residual_adds_out_of_the_products():
+    """Compiled with inductor, the layer's parts call no addmm (a residual add folded into a matrix product,
+    which cuBLAS runs as a copy and a product with a beta term: `static_target.product`), where the layer's
+    add written plainly, `x + a @ w.T`, is one: the control, without which the test would say nothing."""
+    from torch._inductor.utils import run_and_get_code
+
+    def plain_add(x, attention, o):
+        return x + attention @ o.T
+
+    torch.manual_seed(0)
+    heads, kv, d, hidden, inter = 4, 2, 8, 32, 48
+    x, attention = torch.randn(1, hidden), torch.randn(1, heads * d)
+    o, gate_up, down, norm = torch.randn(hidden, heads * d), torch.randn(2 * inter, hidden), torch.randn(hidden, inter), torch.ones(hidden)
+    qkv, cos, sin = torch.randn((heads + 2 * kv) * d, hidden), torch.ones(1, 1, d), torch.zeros(1, 1, d)
+    cache = torch.zeros(kv, 4, d)
+
+    def code(fn, *args):
+        torch._dynamo.reset()
+        return "\n".join(run_and_get_code(torch.compile(fn, fullgraph=True, backend="inductor"), *args)[1])
+
+    try:
+        assert "addmm" in code(plain_add, x, attention, o)
+        assert "addmm" not in code(layer_output, x, attention, o, norm, gate_up, down, 1e-6)
+        slots = torch.zeros(1, dtype=torch.long)
+        assert "addmm" not in code(cached_attention_inputs, x, x, norm, qkv, cos, sin, 1e-6, heads, kv, cache, cache.clone(), slots)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")

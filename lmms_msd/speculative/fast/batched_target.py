@@ -55,14 +55,15 @@ def check_cache_fits(target: Target, rows: int, capacity: int) -> None:
         )
 
 
-def cached_row_attention_inputs(x, input_norm, qkv, cos, sin, eps: float, heads: int, kv_heads: int, keys, values, rows, slots):
-    """`attention_inputs` for rows of sequences with k and v written to the layer's cache at (row, slot), in
-    one function as `cached_attention_inputs`. x: [R, T, H]; keys, values: [rows, kv_heads, S, D] (one
-    layer's cache); rows, slots: [R, T] long -> q [R, T, heads, D]"""
+def cached_row_attention_inputs(x, delta, input_norm, qkv, cos, sin, eps: float, heads: int, kv_heads: int, keys, values, rows, slots):
+    """`cached_attention_inputs` for rows of sequences, k and v written to the layer's cache at (row, slot).
+    x, delta: [R, T, H]; keys, values: [rows, kv_heads, S, D] (one layer's cache); rows, slots: [R, T] long
+    -> q [R, T, heads, D], x + delta"""
+    x = x + delta
     q, k, v = attention_inputs(x, input_norm, qkv, cos, sin, eps, heads, kv_heads)
     keys[rows, :, slots] = k  # [R, T, kv, D] at (row, slot)
     values[rows, :, slots] = v
-    return q
+    return q, x
 
 
 class BatchedStaticTarget(StaticTarget):
@@ -108,8 +109,11 @@ class BatchedStaticTarget(StaticTarget):
         by_row = first_row + self.row_ids[:r] if listed is None else listed
         rows = by_row[:, None].expand(r, t)  # [R, T]
         attn_mask = None if mask is None else mask[:, None]  # [R, 1, T, S]
+        delta = torch.zeros_like(x)  # what the last layer's MLP adds to the stream (`layer_output`)
         for index, w in enumerate(self.layers):
-            q = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], rows, slots)
+            q, x = self._attention_inputs(
+                x, delta, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], rows, slots
+            )
             read = slice(first_row, first_row + r) if listed is None else listed
             out = self.attend(
                 q.transpose(1, 2),
@@ -118,8 +122,8 @@ class BatchedStaticTarget(StaticTarget):
                 attn_mask=attn_mask,
                 enable_gqa=kv != heads,
             )  # [R, heads, T, D]
-            x = self._layer_output(x, out.transpose(1, 2).flatten(-2), w.o, w.post_norm, w.gate_up, w.down, self.eps)
-        return F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
+            x, delta = self._layer_output(x, out.transpose(1, 2).flatten(-2), w.o, w.post_norm, w.gate_up, w.down, self.eps)
+        return F.rms_norm(x + delta, (self.hidden_size,), self.final_norm, self.eps)
 
     def _forward_row_tokens(self, tokens, positions, slots, mask):
         return self._forward_rows(F.embedding(tokens, self.embed), positions, slots, mask)

@@ -87,14 +87,16 @@ def attention_inputs(x, input_norm, qkv, cos, sin, eps: float, heads: int, kv_he
     return qk[..., :heads, :], qk[..., heads:, :], packed[..., heads + kv_heads :, :]
 
 
-def cached_attention_inputs(x, input_norm, qkv, cos, sin, eps: float, heads: int, kv_heads: int, keys, values, slots):
-    """`attention_inputs` for one sequence with k and v written to the layer's cache at `slots`: in one
-    function, so that compiled, the RoPE kernel writes them (no copy kernels of their own). x: [T, H];
-    keys, values: [kv_heads, S, D] (one layer's cache); slots: [T] long -> q [T, heads, D]"""
+def cached_attention_inputs(x, delta, input_norm, qkv, cos, sin, eps: float, heads: int, kv_heads: int, keys, values, slots):
+    """The residual stream plus the last layer's MLP output (`layer_output`), then `attention_inputs` for one
+    sequence with k and v written to the layer's cache at `slots`: in one function, so that compiled, the
+    add joins the RMSNorm's kernel and the RoPE kernel writes k and v (no kernels of their own). x, delta:
+    [T, H]; keys, values: [kv_heads, S, D] (one layer's cache); slots: [T] long -> q [T, heads, D], x + delta"""
+    x = x + delta
     q, k, v = attention_inputs(x, input_norm, qkv, cos, sin, eps, heads, kv_heads)
     keys.index_copy_(1, slots, k.transpose(0, 1))
     values.index_copy_(1, slots, v.transpose(0, 1))
-    return q
+    return q, x
 
 
 def eager_attention(query, key, value, attn_mask, enable_gqa: bool = False):
@@ -114,13 +116,23 @@ def eager_attention(query, key, value, attn_mask, enable_gqa: bool = False):
     return scores.softmax(dim=-1).to(query.dtype) @ value
 
 
+def product(a, weight):
+    """a @ weight.T through a view of `a`: the same product, which inductor does not fold into a residual add
+    that follows it. Folded (`x + a @ w.T` as one addmm), cuBLAS reads x into the output first: at one row a
+    copy kernel (memcpy32_post) and a split-K product with a beta term, two kernels a product on the H200
+    (`benchmarks/h200_7b_batched_host/probes/gaps_plain.txt`); unfolded, the add joins the next RMSNorm's kernel."""
+    return (a[None] @ weight.T)[0]
+
+
 def layer_output(x, attention, o, post_norm, gate_up, down, eps: float):
-    """A LLaMA layer after its attention: the output projection added to the residual, then the MLP
-    block (RMSNorm, SiLU-gated packed gate/up, down) added in turn. x, attention: [..., T, H] -> [..., T, H]."""
-    x = x + attention @ o.T
+    """A LLaMA layer after its attention: the output projection added to the residual, then the MLP block
+    (RMSNorm, SiLU-gated packed gate/up, down), whose output is returned apart for the next layer's input norm
+    (`cached_attention_inputs`) or the final norm to add. x, attention: [..., T, H] -> the residual stream
+    after the attention's add [..., T, H] and the MLP's output [..., T, H] (the layer's output is their sum)."""
+    x = x + product(attention, o)
     h = F.rms_norm(x, (x.shape[-1],), post_norm, eps)
     gate, up = (h @ gate_up.T).chunk(2, dim=-1)
-    return x + (F.silu(gate) * up) @ down.T
+    return x, product(F.silu(gate) * up, down)
 
 
 def replay_vision(target: Target, enabled: bool) -> None:
@@ -227,8 +239,11 @@ class StaticTarget:
         heads, kv = self.n_heads, self.n_kv_heads
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
         attn_mask = None if mask is None else mask[None, None]
+        delta = torch.zeros_like(x)  # what the last layer's MLP adds to the stream (`layer_output`)
         for index, w in enumerate(self.layers):
-            q = self._attention_inputs(x, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], slots)
+            q, x = self._attention_inputs(
+                x, delta, w.input_norm, w.qkv, cos, sin, self.eps, heads, kv, self.keys[index], self.values[index], slots
+            )
             out = self.attend(
                 q.transpose(0, 1)[None],
                 self.keys[index, :, :width][None],
@@ -236,8 +251,8 @@ class StaticTarget:
                 attn_mask=attn_mask,
                 enable_gqa=kv != heads,
             )  # [1, heads, T, D]
-            x = self._layer_output(x, out[0].transpose(0, 1).flatten(-2), w.o, w.post_norm, w.gate_up, w.down, self.eps)
-        hidden = F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
+            x, delta = self._layer_output(x, out[0].transpose(0, 1).flatten(-2), w.o, w.post_norm, w.gate_up, w.down, self.eps)
+        hidden = F.rms_norm(x + delta, (self.hidden_size,), self.final_norm, self.eps)
         return hidden, (hidden @ self.lm_head.T).float()
 
     def attend(self, query, key, value, attn_mask, enable_gqa: bool):
