@@ -243,6 +243,34 @@ def test_graphed_advance_gives_the_eager_outputs(track_visual, graphed_advances)
         assert torch.equal(mine.values[:, :, : static.committed], theirs.values[:, :, : eager.committed])
 
 
+def test_a_padded_prompt_forward_computes_the_prompts_own(monkeypatch):
+    """`StaticTarget.prefill` pads a prompt to a multiple of PROMPT_STEP (the graphed forward's shape) and gives
+    what transformers' forward over the prompt alone gives: the hidden states of every prompt position, the
+    logits at the last one ([1, V]) and the cache at the prompt's slots; a prompt whose padding would not fit
+    the cache runs at its own length (without graphs), the same."""
+    from lmms_msd.speculative.fast.static_target import PROMPT_STEP, StaticTarget
+
+    target = tiny_target(2)
+    for seed in range(4):
+        prompt = random_prompt(target, 40 + seed, with_image=seed % 2 == 0)
+        length = prompt.input_ids.shape[0]
+        assert length % PROMPT_STEP, "a prompt that needs padding"
+        want_hidden, want_logits = EagerRuntime(target).prefill(prompt, 8)[1:]
+        for capacity in (128, length + 1):  # padding fits; it does not (usable: capacity - 1)
+            static = StaticTarget(target, capacity)
+            shapes = []
+            monkeypatch.setattr(static, "_graphed_prompt", lambda x, last, real=static._graphed_prompt: shapes.append(x.shape[0]) or real(x, last))
+            hidden, logits = static.prefill(prompt.inputs_embeds[0])
+            assert shapes == ([-(-length // PROMPT_STEP) * PROMPT_STEP] if capacity == 128 else [])
+            assert hidden.shape == want_hidden.shape and logits.shape == (1, target.vocab_size)
+            torch.testing.assert_close(hidden, want_hidden, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[0], want_logits[-1], rtol=1e-4, atol=1e-4)
+            eager_runtime = EagerRuntime(target)
+            sequence = eager_runtime.prefill(prompt, 8)[0]
+            keys = torch.stack([layer.keys[0] for layer in sequence.cache.layers])  # [layers, kv_heads, L, D]
+            torch.testing.assert_close(static.keys[:, :, :length], keys, rtol=1e-4, atol=1e-4)
+
+
 def test_too_long_generation_names_the_sizes():
     target = tiny_target(0)
     engine = StaticEngine(target, random_draft(target, 1), max_length=64)

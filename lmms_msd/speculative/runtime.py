@@ -104,7 +104,8 @@ class Runtime(Protocol):
 
     def prefill(self, prompt: EmbeddedPrompt, extra_slots: int) -> tuple[Sequence, torch.Tensor, torch.Tensor]:
         """Start a generation over the prompt: its sequence, the target's hidden [L, H] (after the final
-        norm) and logits [L, V]. extra_slots: positions it may add after the prompt (new tokens, one tree)."""
+        norm) and logits [L', V] whose last row is the last position's (L' = L eagerly; a `StaticEngine` computes
+        that row alone, L' = 1). extra_slots: positions it may add after the prompt (new tokens, one tree)."""
         ...
 
     def forward_next(self, sequence: Sequence, token: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from lmms_msd.models.target import Target
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, varying_shapes, width_bucket
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+PROMPT_STEP = 32  # a prompt's forward is padded to a multiple of this many positions and replayed from a graph
 # compiled: the query rows per sequence (least, most) for which `eager_attention` replaces SDPA: a tree's
 EAGER_ATTENTION_ROWS = (2, 64)
 
@@ -207,6 +208,7 @@ class StaticTarget:
         self._eager_attention = compiled(eager_attention) if compile else None
         self._graphed = GraphedFunction(self._forward_tokens, enabled, device)
         self._graphed_next = GraphedFunction(self._forward_next, enabled, device)
+        self._graphed_prompt = GraphedFunction(self._forward_prompt, enabled, device)
 
     def cache_shape(self, capacity: int) -> tuple[int, ...]:
         """The shape of each KV cache tensor: [layers, kv_heads, capacity, head_dim] (a subclass with rows
@@ -233,8 +235,13 @@ class StaticTarget:
 
     # ---- the forward ------------------------------------------------------------------------------
     def _forward_embeds(self, x, positions, slots, mask):
-        """x: [T, H]; positions, slots: [T] long; mask: [T, S] additive, or None for a prompt at slots 0..T-1
-        (causal over them, SDPA's own causal kernels) -> hidden [T, H], logits [T, V] f32"""
+        """x: [T, H]; positions, slots: [T] long; mask: [T, S] additive -> hidden [T, H], logits [T, V] f32"""
+        hidden = self._run_layers(x, positions, slots, mask)
+        return hidden, (hidden @ self.lm_head.T).float()
+
+    def _run_layers(self, x, positions, slots, mask):
+        """The language model up to its final norm. x: [T, H]; positions, slots: [T] long; mask: [T, S]
+        additive, or None for a prompt at slots 0..T-1 (causal over them, SDPA's own causal kernels) -> hidden [T, H]"""
         width = x.shape[0] if mask is None else mask.shape[1]
         heads, kv = self.n_heads, self.n_kv_heads
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
@@ -252,8 +259,7 @@ class StaticTarget:
                 enable_gqa=kv != heads,
             )  # [1, heads, T, D]
             x, delta = self._layer_output(x, out[0].transpose(0, 1).flatten(-2), w.o, w.post_norm, w.gate_up, w.down, self.eps)
-        hidden = F.rms_norm(x + delta, (self.hidden_size,), self.final_norm, self.eps)
-        return hidden, (hidden @ self.lm_head.T).float()
+        return F.rms_norm(x + delta, (self.hidden_size,), self.final_norm, self.eps)
 
     def attend(self, query, key, value, attn_mask, enable_gqa: bool):
         """A layer's attention (`F.scaled_dot_product_attention`'s arguments): SDPA, or, compiled, `eager_attention`
@@ -285,15 +291,31 @@ class StaticTarget:
         )
 
     @torch.inference_mode()
-    @varying_shapes
     def prefill(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt at slots 0..L-1, causal over them (eager, without cuDNN's attention: prompt lengths vary,
-        `varying_shapes`; with no mask SDPA takes its causal kernels). inputs_embeds: [L, H] -> hidden [L, H],
-        logits [L, V]"""
+        """The prompt at slots 0..L-1, causal over them (SDPA's causal kernels). Padded with zero rows to a
+        multiple of PROMPT_STEP and replayed from a graph per padded length (`_forward_prompt`): the padding
+        rows come after the prompt, so causally no prompt row sees them, and the slots they write (L and on)
+        are written again by the next forward before any row reads them. A prompt whose padding would not fit
+        the cache runs eagerly at its own length (without cuDNN's attention, `varying_shapes`: its plans
+        are built once per shape). inputs_embeds: [L, H] -> hidden [L, H] and the logits at the last
+        position [1, V] (what choosing the next token needs; the head over every position would be L times
+        the work and the memory)"""
         length = inputs_embeds.shape[0]
         self._check_room(length)
-        positions = self.slots[:length]
-        return self._forward_embeds(inputs_embeds.to(self.lm_head.dtype), positions, positions, None)
+        x = inputs_embeds.to(self.lm_head.dtype)
+        last = self.slots[length - 1 : length]
+        padded = -(-length // PROMPT_STEP) * PROMPT_STEP
+        if padded > self.usable:
+            return varying_shapes(self._forward_prompt)(x, last)
+        hidden, logits = self._graphed_prompt(F.pad(x, (0, 0, 0, padded - length)), last)
+        return hidden[:length], logits
+
+    def _forward_prompt(self, x, last):
+        """x: [T, H], a prompt (and padding) at slots 0..T-1, causal; last: [1] long, the prompt's last
+        position -> hidden [T, H], logits [1, V] float32 there."""
+        positions = self.slots[: x.shape[0]]
+        hidden = self._run_layers(x, positions, positions, None)
+        return hidden, (hidden.index_select(0, last) @ self.lm_head.T).float()
 
     @torch.inference_mode()
     def forward_tokens(
