@@ -243,6 +243,36 @@ def test_graphed_advance_gives_the_eager_outputs(track_visual, graphed_advances)
         assert torch.equal(mine.values[:, :, : static.committed], theirs.values[:, :, : eager.committed])
 
 
+@pytest.mark.parametrize("track_visual", [False, True])
+def test_a_long_prompt_fills_the_draft_cache_through_a_padded_graph(track_visual, monkeypatch):
+    """The one-request engine's drafter (`graph_prompts`) pads a prompt longer than its row buckets to a multiple
+    of PROMPT_STEP for its graph (padding rows write the scratch slot): the root and the cache at the prompt's
+    slots are those of the same drafter running the prompt at its own length, up to rounding."""
+    from lmms_msd.speculative.fast.static_drafter import ROW_BUCKETS, StaticDrafter
+    from lmms_msd.speculative.fast.static_target import PROMPT_STEP
+
+    target = tiny_target(3)
+    draft = random_draft(target, 11)
+    g = torch.Generator().manual_seed(1)
+    prompt = target.embed(torch.randint(0, target.vocab_size - 1, (ROW_BUCKETS[-1] + 19,), generator=g), None)
+    length = prompt.input_ids.shape[0]
+    assert length > ROW_BUCKETS[-1] and length % PROMPT_STEP
+    hidden = torch.randn(length, draft.config.hidden_size, generator=g)
+    drafters = [StaticDrafter(draft, target.lm_head, 256, track_visual, cuda_graphs=False, graph_prompts=graphs) for graphs in (False, True)]
+    rows = []
+    for d in drafters:
+        monkeypatch.setattr(d, "_graphed", lambda *a, real=d._graphed: rows.append(a[0].shape[0]) or real(*a))
+    own, padded = (d.prefill(prompt, hidden, 5) for d in drafters)
+    assert rows == [-(-length // PROMPT_STEP) * PROMPT_STEP]  # the padded drafter's; the other ran its own length eagerly
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.hidden, own.hidden, **tol)
+    if track_visual:
+        torch.testing.assert_close(padded.visual, own.visual, **tol)
+    for mine, theirs in zip(drafters[1].cache, drafters[0].cache, strict=True):
+        torch.testing.assert_close(mine.keys[:, :, :length], theirs.keys[:, :, :length], **tol)
+        torch.testing.assert_close(mine.values[:, :, :length], theirs.values[:, :, :length], **tol)
+
+
 def test_a_padded_prompt_forward_computes_the_prompts_own(monkeypatch):
     """`StaticTarget.prefill` pads a prompt to a multiple of PROMPT_STEP (the graphed forward's shape) and gives
     what transformers' forward over the prompt alone gives: the hidden states of every prompt position, the

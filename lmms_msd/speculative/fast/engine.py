@@ -93,7 +93,10 @@ class StaticEngine:
         draft = require_draft(self.draft, self)
 
         def make() -> StaticDrafter:
-            return StaticDrafter(draft, self.target.lm_head, self.static_target.capacity, track_visual, self.cuda_graphs, compile=self.compile)
+            return StaticDrafter(
+                draft, self.target.lm_head, self.static_target.capacity, track_visual, self.cuda_graphs, compile=self.compile,
+                graph_prompts=True,
+            )  # fmt: skip
 
         return start_draft(self._drafters, track_visual, make, sequence, prompt, hidden, token)
 

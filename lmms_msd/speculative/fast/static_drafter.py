@@ -21,6 +21,7 @@ from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt
 from lmms_msd.speculative.drafting import Drafter, DraftRows, SharedDraftCache
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, varying_shapes, width_bucket
+from lmms_msd.speculative.fast.static_target import PROMPT_STEP
 from lmms_msd.speculative.runtime import Sequence
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -32,20 +33,23 @@ class StaticDrafter(Drafter):
     Reused across generations: `reset` before each prefill. shared, row: its cache is row `row` of a
     `SharedDraftCache` (views of it, so the graphs it captures write the shared tensors), as `Drafter`'s.
     compile: `head` is its torch.compile'd self (`lmms_msd.speculative.fast.graphs.compiled`), for its own
-    graphs and for the tree growers that call it inside theirs. Forwards of varying shapes (a prompt's rows)
-    run the head uncompiled, without cuDNN's attention (`varying_shapes`): a compiled function keeps the SDPA
-    backend it was traced with, so the compiled head is only ever traced inside a graph's capture.
+    graphs and for the tree growers that call it inside theirs. graph_prompts: a prompt's rows are padded to a
+    multiple of PROMPT_STEP and replayed from a graph too (`_run`; the one-request engine's drafter: a batched
+    engine keeps a drafter per row, and a graph per row and prompt length would multiply captures and memory by
+    the batch). Otherwise prompts, and an advance over more rows than ROW_BUCKETS holds, run the head eagerly, uncompiled and without cuDNN's attention (`varying_shapes`): a compiled function
+    keeps the SDPA backend it was traced with, so the compiled head is only ever traced inside a graph's capture.
     """
 
     def __init__(
         self, draft: MSDDraft, lm_head: torch.nn.Linear, capacity: int, track_visual: bool, cuda_graphs: bool,
-        shared: SharedDraftCache | None = None, row: int = 0, compile: bool = False,
+        shared: SharedDraftCache | None = None, row: int = 0, compile: bool = False, graph_prompts: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(draft, lm_head, capacity, track_visual=track_visual, shared=shared, row=row)
         self._varying_head = varying_shapes(self.head)  # uncompiled: for forwards that are not graphed
         if compile:
             self.head = compiled(self.head)
         self.capacity = capacity
+        self.graph_prompts = graph_prompts
         self.scratch = capacity - 1  # padding rows write here; no real row ever sees it
         self._graphed = GraphedFunction(self.head, cuda_graphs, self.device)
         self._advancing = GraphedFunction(self._advance_rows, cuda_graphs, self.device)
@@ -135,10 +139,13 @@ class StaticDrafter(Drafter):
         return tuple(t[m - 1] for t in out)
 
     def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
-        """Pad to a (rows, width) bucket and run the head; prompts (many rows) run eagerly."""
+        """Pad to a (rows, width) bucket and replay the head's graph for it: rows a ROW_BUCKETS size, or past
+        the largest (a prompt's) a multiple of PROMPT_STEP, as the target's prompt forward pads (`graph_prompts`;
+        else a prompt runs eagerly at its own length)."""
         n, used = visible.shape
         width = width_bucket(used, self.capacity)
-        rows = bucket(n, ROW_BUCKETS) if n <= ROW_BUCKETS[-1] else n
+        graphed = n <= ROW_BUCKETS[-1] or self.graph_prompts
+        rows = bucket(n, ROW_BUCKETS) if n <= ROW_BUCKETS[-1] else (-(-n // PROMPT_STEP) * PROMPT_STEP if graphed else n)
         padded_visible = torch.zeros(rows, width, dtype=torch.bool, device=self.device)
         padded_visible[:n, :used] = visible
         padded_visible[n:, 0] = True
@@ -148,8 +155,7 @@ class StaticDrafter(Drafter):
         padded_positions[:n] = positions
         padded_slots = slots.new_full((rows,), self.scratch)
         padded_slots[:n] = slots
-        run = self._graphed if rows <= ROW_BUCKETS[-1] else self._varying_head
-        out = run(padded_x, padded_positions, padded_slots, padded_visible)
+        out = (self._graphed if graphed else self._varying_head)(padded_x, padded_positions, padded_slots, padded_visible)
         # graph outputs are overwritten by the next replay: copy what the caller keeps
         return DraftRows(out[0][:n].clone(), out[1][:n].clone() if self.track_visual else None)
 
