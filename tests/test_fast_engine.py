@@ -261,7 +261,7 @@ def test_a_long_prompt_fills_the_draft_cache_through_a_padded_graph(track_visual
     drafters = [StaticDrafter(draft, target.lm_head, 256, track_visual, cuda_graphs=False, graph_prompts=graphs) for graphs in (False, True)]
     rows = []
     for d in drafters:
-        monkeypatch.setattr(d, "_graphed", lambda *a, real=d._graphed: rows.append(a[0].shape[0]) or real(*a))
+        monkeypatch.setattr(d, "_prompt_graphed", lambda *a, real=d._prompt_graphed: rows.append(a[0].shape[0]) or real(*a))
     own, padded = (d.prefill(prompt, hidden, 5) for d in drafters)
     assert rows == [-(-length // PROMPT_STEP) * PROMPT_STEP]  # the padded drafter's; the other ran its own length eagerly
     tol = dict(rtol=1e-5, atol=1e-5)

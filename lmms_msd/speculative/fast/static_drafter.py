@@ -46,6 +46,9 @@ class StaticDrafter(Drafter):
     ) -> None:  # fmt: skip
         super().__init__(draft, lm_head, capacity, track_visual=track_visual, shared=shared, row=row)
         self._varying_head = varying_shapes(self.head)  # uncompiled: for forwards that are not graphed
+        # a prompt's graphs run the head uncompiled: traced at a prompt's rows first, the compiled head would
+        # recompile with its rows dynamic before the trees' graphs capture it (`compiled`), slower kernels for them
+        self._prompt_graphed = GraphedFunction(self.head, cuda_graphs, self.device)
         if compile:
             self.head = compiled(self.head)
         self.capacity = capacity
@@ -155,7 +158,8 @@ class StaticDrafter(Drafter):
         padded_positions[:n] = positions
         padded_slots = slots.new_full((rows,), self.scratch)
         padded_slots[:n] = slots
-        out = (self._graphed if graphed else self._varying_head)(padded_x, padded_positions, padded_slots, padded_visible)
+        run = self._graphed if n <= ROW_BUCKETS[-1] else (self._prompt_graphed if graphed else self._varying_head)
+        out = run(padded_x, padded_positions, padded_slots, padded_visible)
         # graph outputs are overwritten by the next replay: copy what the caller keeps
         return DraftRows(out[0][:n].clone(), out[1][:n].clone() if self.track_visual else None)
 
