@@ -9,13 +9,16 @@ device, but each step allocates, concatenates and launches hundreds of small ker
 - q/k/v and gate/up projections packed into one matrix each (the transformers module's parameters
   are re-pointed at slices of the packed ones, so no weight is held twice);
 - token counts and attention widths rounded up to buckets and each (count, width) shape replayed
-  from a CUDA graph (`lmms_msd.speculative.fast.graphs`); prompts longer than the largest bucket run eagerly.
+  from a CUDA graph (`lmms_msd.speculative.fast.graphs`); a prompt padded to a multiple of PROMPT_STEP
+  positions and replayed from a graph per padded length (`prefill`; eagerly where the padding does not fit);
+- the residual adds kept out of the matrix products (`product`), so that compiled they join the RMSNorms' kernels.
 
 The target's vision tower runs from CUDA graphs too (`replay_vision`, one graph per number of images), so
 that a prompt's image costs its kernels' time rather than their launches.
 
 Padding rows (a bucket is larger than the tree) read slot 0 and write a scratch slot (the last one),
-which no real row ever sees. Norms use `torch.nn.functional.rms_norm` (one fused kernel), so results
+which no real row ever sees; a prompt's padding rows come after it and write the slots after it, which the
+next forward writes again before any row reads them. Norms use `torch.nn.functional.rms_norm` (one fused kernel), so results
 equal transformers' to rounding, not bit for bit: the loop compares speculative decoding against
 plain decoding through this same class.
 """
