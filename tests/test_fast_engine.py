@@ -248,8 +248,8 @@ def test_a_long_prompt_fills_the_draft_cache_through_a_padded_graph(track_visual
     """The one-request engine's drafter (`graph_prompts`) pads a prompt longer than its row buckets to a multiple
     of PROMPT_STEP for its graph (padding rows write the scratch slot): the root and the cache at the prompt's
     slots are those of the same drafter running the prompt at its own length, up to rounding."""
+    from lmms_msd.speculative.fast.graphs import PROMPT_STEP
     from lmms_msd.speculative.fast.static_drafter import ROW_BUCKETS, StaticDrafter
-    from lmms_msd.speculative.fast.static_target import PROMPT_STEP
 
     target = tiny_target(3)
     draft = random_draft(target, 11)
@@ -278,7 +278,8 @@ def test_a_padded_prompt_forward_computes_the_prompts_own(monkeypatch):
     what transformers' forward over the prompt alone gives: the hidden states of every prompt position, the
     logits at the last one ([1, V]) and the cache at the prompt's slots; a prompt whose padding would not fit
     the cache runs at its own length (without graphs), the same."""
-    from lmms_msd.speculative.fast.static_target import PROMPT_STEP, StaticTarget
+    from lmms_msd.speculative.fast.graphs import PROMPT_STEP
+    from lmms_msd.speculative.fast.static_target import StaticTarget
 
     target = tiny_target(2)
     for seed in range(4):

@@ -28,6 +28,15 @@ def width_bucket(used: int, capacity: int) -> int:
     return min(-(-used // WIDTH_STEP) * WIDTH_STEP, capacity)
 
 
+PROMPT_STEP = 32  # a prompt's forward is padded to a multiple of this many positions and replayed from a graph
+
+
+def prompt_rows(n: int) -> int:
+    """The padded length of a prompt's forward of n positions: n rounded up to PROMPT_STEP.
+    Example: prompt_rows(661) == 672."""
+    return -(-n // PROMPT_STEP) * PROMPT_STEP
+
+
 def bucket(n: int, sizes: Sequence[int]) -> int:
     """The smallest of `sizes` (ascending) that holds n. Example: bucket(61, (1, 16, 64)) == 64."""
     for size in sizes:

@@ -20,8 +20,7 @@ import torch
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.models.target import EmbeddedPrompt
 from lmms_msd.speculative.drafting import Drafter, DraftRows, SharedDraftCache
-from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, varying_shapes, width_bucket
-from lmms_msd.speculative.fast.static_target import PROMPT_STEP
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, prompt_rows, varying_shapes, width_bucket
 from lmms_msd.speculative.runtime import Sequence
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -33,11 +32,13 @@ class StaticDrafter(Drafter):
     Reused across generations: `reset` before each prefill. shared, row: its cache is row `row` of a
     `SharedDraftCache` (views of it, so the graphs it captures write the shared tensors), as `Drafter`'s.
     compile: `head` is its torch.compile'd self (`lmms_msd.speculative.fast.graphs.compiled`), for its own
-    graphs and for the tree growers that call it inside theirs. graph_prompts: a prompt's rows are padded to a
-    multiple of PROMPT_STEP and replayed from a graph too (`_run`; the one-request engine's drafter: a batched
-    engine keeps a drafter per row, and a graph per row and prompt length would multiply captures and memory by
-    the batch). Otherwise prompts, and an advance over more rows than ROW_BUCKETS holds, run the head eagerly, uncompiled and without cuDNN's attention (`varying_shapes`): a compiled function
-    keeps the SDPA backend it was traced with, so the compiled head is only ever traced inside a graph's capture.
+    graphs and for the tree growers that call it inside theirs. graph_prompts: a prompt's rows are padded
+    (`prompt_rows`) and replayed from a graph too, on the uncompiled head (`_run`; the one-request engine's
+    drafter: a batched engine keeps a drafter per row, and a graph per row and prompt length would multiply
+    captures and memory by the batch). Otherwise prompts, and an advance over more rows than ROW_BUCKETS
+    holds, run the head eagerly, uncompiled and without cuDNN's attention (`varying_shapes`): a compiled
+    function keeps the SDPA backend it was traced with, so the compiled head is only ever traced inside a
+    graph's capture.
     """
 
     def __init__(
@@ -143,12 +144,16 @@ class StaticDrafter(Drafter):
 
     def _run(self, x: torch.Tensor, positions, slots, visible) -> DraftRows:
         """Pad to a (rows, width) bucket and replay the head's graph for it: rows a ROW_BUCKETS size, or past
-        the largest (a prompt's) a multiple of PROMPT_STEP, as the target's prompt forward pads (`graph_prompts`;
-        else a prompt runs eagerly at its own length)."""
+        the largest (a prompt's) `prompt_rows`, as the target's prompt forward pads (`graph_prompts`; else a
+        prompt runs eagerly at its own length)."""
         n, used = visible.shape
         width = width_bucket(used, self.capacity)
-        graphed = n <= ROW_BUCKETS[-1] or self.graph_prompts
-        rows = bucket(n, ROW_BUCKETS) if n <= ROW_BUCKETS[-1] else (-(-n // PROMPT_STEP) * PROMPT_STEP if graphed else n)
+        if n <= ROW_BUCKETS[-1]:
+            rows, run = bucket(n, ROW_BUCKETS), self._graphed
+        elif self.graph_prompts:
+            rows, run = prompt_rows(n), self._prompt_graphed
+        else:
+            rows, run = n, self._varying_head
         padded_visible = torch.zeros(rows, width, dtype=torch.bool, device=self.device)
         padded_visible[:n, :used] = visible
         padded_visible[n:, 0] = True
@@ -158,7 +163,6 @@ class StaticDrafter(Drafter):
         padded_positions[:n] = positions
         padded_slots = slots.new_full((rows,), self.scratch)
         padded_slots[:n] = slots
-        run = self._graphed if n <= ROW_BUCKETS[-1] else (self._prompt_graphed if graphed else self._varying_head)
         out = run(padded_x, padded_positions, padded_slots, padded_visible)
         # graph outputs are overwritten by the next replay: copy what the caller keeps
         return DraftRows(out[0][:n].clone(), out[1][:n].clone() if self.track_visual else None)

@@ -10,7 +10,8 @@ device, but each step allocates, concatenates and launches hundreds of small ker
   are re-pointed at slices of the packed ones, so no weight is held twice);
 - token counts and attention widths rounded up to buckets and each (count, width) shape replayed
   from a CUDA graph (`lmms_msd.speculative.fast.graphs`); a prompt padded to a multiple of PROMPT_STEP
-  positions and replayed from a graph per padded length (`prefill`; eagerly where the padding does not fit);
+  positions (`graphs.prompt_rows`) and replayed from a graph per padded length (`prefill`; eagerly where
+  the padding does not fit);
 - the residual adds kept out of the matrix products (`product`), so that compiled they join the RMSNorms' kernels.
 
 The target's vision tower runs from CUDA graphs too (`replay_vision`, one graph per number of images), so
@@ -31,10 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from lmms_msd.models.target import Target
-from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, varying_shapes, width_bucket
+from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, prompt_rows, varying_shapes, width_bucket
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
-PROMPT_STEP = 32  # a prompt's forward is padded to a multiple of this many positions and replayed from a graph
 # compiled: the query rows per sequence (least, most) for which `eager_attention` replaces SDPA: a tree's
 EAGER_ATTENTION_ROWS = (2, 64)
 
@@ -307,7 +307,7 @@ class StaticTarget:
         self._check_room(length)
         x = inputs_embeds.to(self.lm_head.dtype)
         last = self.slots[length - 1 : length]
-        padded = -(-length // PROMPT_STEP) * PROMPT_STEP
+        padded = prompt_rows(length)
         if padded > self.usable:
             return varying_shapes(self._forward_prompt)(x, last)
         hidden, logits = self._graphed_prompt(F.pad(x, (0, 0, 0, padded - length)), last)
