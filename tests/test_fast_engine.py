@@ -59,9 +59,18 @@ def graphed_advances(monkeypatch):
     return calls
 
 
-def commits_of(result) -> list[int]:
-    """The m of each draft advance a speculative generation made: accepted + 1 per step but the last."""
-    return [a + 1 for a in result.stats.accepted[:-1]]
+def took_every_commit(advances: list[int], result) -> bool:
+    """Whether `advances` (the m of each graphed draft advance) are the commits of a speculative generation: one
+    per step, accepted + 1 tokens; the last step's is queued before its stop check, so it commits the whole path,
+    of which the stop may have kept fewer (stats.accepted counts what was kept)."""
+    accepted = result.stats.accepted
+    if not accepted:
+        return advances == []
+    return (
+        len(advances) == len(accepted)
+        and advances[:-1] == [a + 1 for a in accepted[:-1]]
+        and advances[-1] >= accepted[-1] + 1
+    )
 
 
 TREES = {
@@ -95,7 +104,7 @@ def test_static_engine_greedy_equals_eager(draft_kind, graphed_advances):
             fast = speculative_generate(engine, prompt, config, tree)
             assert fast.token_ids == plain.token_ids, name
             assert fast.stats.accepted == eager.stats.accepted, name
-            assert graphed_advances == commits_of(fast), name  # every step's draft advance took the graphed path
+            assert took_every_commit(graphed_advances, fast), name  # every step's draft advance took the graphed path
             deep += max(fast.stats.accepted) >= 3
         # a stop string taken from the plain text, so that it lands inside an accepted path
         text = plain.text
@@ -198,7 +207,7 @@ def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant, graph
         fast = speculative_generate(engine, prompt, config, tree, track_visual=True)
         assert fast.token_ids == eager.token_ids == plain_generate(EagerRuntime(target), prompt, config).token_ids
         assert fast.stats.accepted == eager.stats.accepted
-        assert graphed_advances == commits_of(fast)
+        assert took_every_commit(graphed_advances, fast)
 
 
 @pytest.mark.parametrize("track_visual", [False, True])
@@ -300,6 +309,50 @@ def test_a_padded_prompt_forward_computes_the_prompts_own(monkeypatch):
             sequence = eager_runtime.prefill(prompt, 8)[0]
             keys = torch.stack([layer.keys[0] for layer in sequence.cache.layers])  # [layers, kv_heads, L, D]
             torch.testing.assert_close(static.keys[:, :, :length], keys, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tree_forward_makes_its_slots_and_mask_inside_the_graph(monkeypatch):
+    """`StaticTarget.forward_tokens` pads only the tokens, positions and tree mask; the graphed `_forward_padded`
+    makes the slots and the additive mask from the prefix and the count. The docstring's example, written out:
+    P = 5, n = 2 in a bucket of T = 2 (here 2: TOKEN_BUCKETS holds 2), and n = 3 in T = 4; S = 256."""
+    from lmms_msd.speculative.fast.static_target import StaticTarget
+
+    static = StaticTarget(tiny_target(0), 300)
+    seen = {}
+    monkeypatch.setattr(static, "_forward_tokens", lambda tokens, positions, slots, mask: seen.update(locals()) or (tokens, tokens))
+    scratch, low = 299, torch.finfo(static.lm_head.dtype).min
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # a root and two children
+    static.forward_tokens(torch.tensor([7, 8, 9]), torch.tensor([5, 6, 6]), 5, tree)
+    assert seen["tokens"].tolist() == [7, 8, 9, 0] and seen["positions"].tolist() == [5, 6, 6, 0]
+    assert seen["slots"].tolist() == [5, 6, 7, scratch]
+    visible = torch.zeros(4, 256, dtype=torch.bool)
+    visible[:3, :5] = True
+    visible[:3, 5:8] = tree
+    visible[3, 0] = True
+    assert torch.equal(seen["mask"] == 0, visible) and bool((seen["mask"][~visible] == low).all())
+    static.forward_tokens(torch.tensor([7, 8]), torch.tensor([5, 6]), 5)  # causal
+    assert seen["slots"].tolist() == [5, 6]
+    assert torch.equal(seen["mask"][:, :8] == 0, torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool))
+    assert not bool((seen["mask"][:, 8:] == 0).any())
+
+
+def test_a_graph_with_static_inputs_reads_the_tensors_of_its_capture():
+    """GraphedFunction(static_inputs=True) reads its arguments in place: each call computes from the values the
+    caller wrote into them; a call with other tensors of the same shape raises, on CPU as on CUDA."""
+    from lmms_msd.speculative.fast.graphs import GraphedFunction
+
+    def double(x):
+        return (x * 2,)
+
+    graphed = GraphedFunction(double, enabled=torch.cuda.is_available(), device=torch.device("cuda") if torch.cuda.is_available() else None, static_inputs=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.tensor([1, 2], device=device)
+    assert graphed(x)[0].tolist() == [2, 4]
+    x.fill_(5)
+    assert graphed(x)[0].tolist() == [10, 10]
+    assert graphed(torch.tensor([1, 2, 3], device=device))[0].tolist() == [2, 4, 6]  # another shape: its own graph
+    with pytest.raises(ValueError, match="double.*static_inputs"):
+        graphed(torch.tensor([1, 2], device=device))
 
 
 def test_too_long_generation_names_the_sizes():

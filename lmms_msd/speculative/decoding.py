@@ -272,12 +272,13 @@ def speculative_generate(
             result = accept(drafted, logits, ancestors, config, generator)
             if observer is not None:
                 observer(drafted, logits, result)
-            # 5. stop exactly where plain decoding would, even inside the path
-            if record_step(tokens, stats, stopper, result):
-                break
-            # 6. keep the accepted path in the target cache, advance the draft over it (one copy to the device)
+            # 5. keep the accepted path in the target cache, advance the draft over it (one copy to the device):
+            # queued before the host's stop check, which the device's work then hides; a stop wastes it
             path, committed_ids = path_on_device(result, device)
             root = runtime.commit(sequence, path, committed_ids, tree_hidden[path])
+            # 6. stop exactly where plain decoding would, even inside the path
+            if record_step(tokens, stats, stopper, result):
+                break
             token = result.bonus
     finally:
         runtime.release(sequence)

@@ -107,39 +107,57 @@ class GraphedFunction:
     its shapes are a bounded set (the callers' buckets), so cuDNN builds each plan once.
     device: the CUDA device the graphs run on (captured and replayed with it current, so a process
     driving cuda:1 works whatever its current device).
+    static_inputs: a graph reads the very tensors of the call that captured it, in place, rather than copies
+    of them (a copy kernel per argument at every replay): the caller keeps them alive and passes the same
+    ones, with new values written in, at every later call of that shape; another tensor raises ValueError
+    (checked on CPU too). Example: a tree level's committed count and attention window (`GraphedTreeGrower`).
     """
 
     def __init__(
-        self, fn: Callable[..., tuple[torch.Tensor, ...]], enabled: bool, device: torch.device | None = None, warmup: int = 2
-    ) -> None:
+        self, fn: Callable[..., tuple[torch.Tensor, ...]], enabled: bool, device: torch.device | None = None, warmup: int = 2,
+        static_inputs: bool = False,
+    ) -> None:  # fmt: skip
         self.fn = fn
         self.enabled = enabled
         self.device = device
         self.warmup = warmup
+        self.static_inputs = static_inputs
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
+        self._addresses: dict[tuple, list[int]] = {}  # static_inputs: the arguments' addresses by shape
+
+    def _check_static(self, key: tuple, args: Sequence[torch.Tensor]) -> None:
+        addresses = [a.data_ptr() for a in args]
+        if self._addresses.setdefault(key, addresses) != addresses:
+            raise ValueError(
+                f"{getattr(self.fn, '__name__', self.fn)!r} reads its inputs in place (static_inputs): call it with the "
+                f"tensors its first call of this shape passed, not others"
+            )
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if self.static_inputs:
+            self._check_static(key, args)
         if not self.enabled:
             with sdpa_kernel(list(ALL_BACKENDS)):  # as captured: every backend, whatever the caller restricted
                 return self.fn(*args)
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
         with torch.cuda.device(self.device):
             captured = self._graphs.get(key)
             if captured is None:
                 # every SDPA backend, whatever the caller restricted (`varying_shapes`): the shape is met at every replay
                 with sdpa_kernel(list(ALL_BACKENDS)):
                     captured = self._graphs[key] = self._capture(args)
-            for buffer, value in zip(captured.inputs, args):
-                buffer.copy_(value)
+            if not self.static_inputs:
+                for buffer, value in zip(captured.inputs, args):
+                    buffer.copy_(value)
             captured.graph.replay()
         return captured.outputs
 
     def _capture(self, args: Sequence[torch.Tensor]) -> _Captured:
-        inputs = [a.clone() for a in args]
+        inputs = list(args) if self.static_inputs else [a.clone() for a in args]
         # Warm up on a side stream (as torch.cuda.graphs recommends): lazy initialisation and
         # library workspace allocation must not happen during capture. The warm-up calls compute
         # what the replay will (same inputs), so their side effects (cache writes) are harmless.

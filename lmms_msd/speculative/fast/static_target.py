@@ -209,7 +209,7 @@ class StaticTarget:
         self._attention_inputs = compiled(self.attention_inputs) if compile else self.attention_inputs
         self._layer_output = compiled(layer_output) if compile else layer_output
         self._eager_attention = compiled(eager_attention) if compile else None
-        self._graphed = GraphedFunction(self._forward_tokens, enabled, device)
+        self._graphed = GraphedFunction(self._forward_padded, enabled, device)
         self._graphed_next = GraphedFunction(self._forward_next, enabled, device)
         self._graphed_prompt = GraphedFunction(self._forward_prompt, enabled, device)
 
@@ -330,6 +330,10 @@ class StaticTarget:
         tree_visible: [n, n] bool, which new tokens each one sees (a tree's ancestor mask, itself
         included); None is causal
         returns hidden [n, H] and logits [n, V] float32, valid until the next call
+
+        Outside the graph the inputs are only padded to the row bucket (three pads); the slots and the mask
+        are made inside it from the prefix and the count (`_forward_padded`), since a step's few dozen
+        small operations, issued from Python, took longer than the device took to run them.
         """
         n = tokens.shape[0]
         self._check_room(prefix_len + n)
@@ -337,19 +341,30 @@ class StaticTarget:
         width = self.width(prefix_len + n)
         if tree_visible is None:
             tree_visible = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
-        visible = torch.zeros(rows, width, dtype=torch.bool, device=self.device)
-        visible[:n, :prefix_len] = True
-        visible[:n, prefix_len : prefix_len + n] = tree_visible
-        visible[n:, 0] = True
-        slots = torch.full((rows,), self.scratch, device=self.device)
-        slots[:n] = self.slots[prefix_len : prefix_len + n]
-        padded_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        padded_tokens[:n] = tokens
-        padded_positions = torch.zeros(rows, dtype=torch.long, device=self.device)
-        padded_positions[:n] = positions
-        run = self._graphed if rows <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_tokens)
-        hidden, logits = run(padded_tokens, padded_positions, slots, self.mask(visible))
+        pad = rows - n
+        run = self._graphed if rows <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_padded)
+        hidden, logits = run(
+            F.pad(tokens, (0, pad)), F.pad(positions, (0, pad)), F.pad(tree_visible, (0, pad, 0, pad)),
+            self.slots[prefix_len : prefix_len + 1], self.slots[n : n + 1], self.slots[:width],
+        )  # fmt: skip
         return hidden[:n], logits[:n]
+
+    def _forward_padded(self, tokens, positions, tree_visible, prefix, count, window):
+        """`forward_tokens` inside its graph. tokens, positions: [T] long, n real rows then padding; tree_visible:
+        [T, T] bool, the real rows' [n, n] then False; prefix, count: [1] long, P and n; window: [S] slots 0..S-1.
+        Row i < n writes slot P + i and sees slots 0..P-1 and the tree slots P + j it sees in tree_visible; a
+        padding row (token 0 at position 0) writes the scratch slot and sees slot 0 only.
+        Example: P = 5, n = 2 in T = 4 rows, S = 256: slots [5, 6, C - 1, C - 1]; row 1 sees 0..4 and 5 + j for j
+        with tree_visible[1, j]; rows 2, 3 see slot 0."""
+        rows = tokens.shape[0]
+        place = self.slots[:rows]
+        real = place < count  # [T]
+        slots = (prefix + place).masked_fill(~real, self.scratch)
+        offset = window - prefix  # [S]: a slot's place in the tree, negative in the prefix
+        in_tree = (offset >= 0) & (offset < rows)
+        tree = tree_visible.gather(1, offset.clamp(0, rows - 1)[None, :].expand(rows, -1)) & in_tree  # [T, S]
+        visible = torch.where(real[:, None], (window < prefix)[None, :] | tree, (window == 0)[None, :])
+        return self._forward_tokens(tokens, positions, slots, self.mask(visible))
 
     @torch.inference_mode()
     def forward_next(self, token: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:

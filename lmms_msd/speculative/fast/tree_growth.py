@@ -59,7 +59,9 @@ class GraphedTreeGrower:
         self.rows = torch.arange(k, device=device)
         self.window = drafter.window  # slots 0..capacity-1, the drafter's own
         self._root = GraphedFunction(self._grow_root, cuda_graphs, device)
-        self._levels = [GraphedFunction(partial(self._grow_level, d), cuda_graphs, device) for d in range(depth)]
+        # a level reads the committed count and the window in place (no copy kernels at each replay)
+        self.prefix = torch.zeros(1, **long)  # the committed slots P, written once per tree
+        self._levels = [GraphedFunction(partial(self._grow_level, d), cuda_graphs, device, static_inputs=True) for d in range(depth)]
         self._select = [GraphedFunction(partial(self._select_nodes, d), cuda_graphs, device) for d in range(depth + 1)]
         if spec.cost is not None:  # stop "cost": [depth + 1, budget + 1] step seconds by levels (row 0 unused)
             rows = [spec.cost.step_seconds(max(d, 1), spec.budget) for d in range(depth + 1)]
@@ -167,7 +169,7 @@ class GraphedTreeGrower:
         stop_delta = spec.stop_delta
         last = float(expected[1]) if stop_delta is not None else 0.0
         levels = 1 if spec.frontier_only and stop_delta is not None and last <= stop_delta else spec.max_depth
-        prefix = torch.full((1,), drafter.committed, device=drafter.device)
+        prefix = self.prefix.fill_(drafter.committed)
         reach = drafter.committed + (spec.max_depth - 1) * spec.top_k
         drafter.reserve(reach)
         width = width_bucket(reach, drafter.capacity)
