@@ -144,6 +144,39 @@ def test_inductor_keeps_the_residual_adds_out_of_the_products():
         torch._dynamo.reset()
 
 
+def test_a_trees_attention_compiles_its_width_as_a_constant(monkeypatch):
+    """`StaticTarget.attend` compiles the tree attention (`eager_attention`) with the attention width static, whatever
+    widths and row counts come (a symbolic width makes inductor loop its softmax over the row: 3.5x slower on the H200);
+    the rows may go dynamic. Checked on what dynamo hands the backend: the width of every compiled graph's key and
+    mask is a plain int, and each width met compiled (the control: the rows did go symbolic)."""
+    from lmms_msd.speculative.fast.static_target import StaticTarget
+
+    compiled_shapes = []
+
+    def backend(gm, example_inputs):
+        values = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+        compiled_shapes.append([tuple(v.shape) for v in values if isinstance(v, torch.Tensor)])  # SymInts where dynamic
+        return gm.forward
+
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", backend)
+    torch._dynamo.reset()
+    try:
+        static = StaticTarget(tiny_target(0), 1024, compile=True)
+        heads, d = static.n_heads, static.head_dim
+        for rows, width in ((4, 256), (8, 256), (16, 512), (4, 768), (32, 512)):
+            q = torch.randn(1, heads, rows, d)
+            k, v = torch.randn(1, heads, width, d), torch.randn(1, heads, width, d)
+            mask = torch.zeros(1, 1, rows, width)
+            got = static.attend(q, k, v, mask, enable_gqa=False)
+            torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    widths = [[shape[-1] for shape in shapes if len(shape) == 4 and shape[1] == 1] for shapes in compiled_shapes]  # the masks'
+    assert all(len(w) == 1 and type(w[0]) is int for w in widths), compiled_shapes
+    assert sorted(w[0] for w in widths) == [256, 256, 512, 768], compiled_shapes  # rows 4 then 8 at 256: a recompile, then dynamic rows
+    assert any(isinstance(shape[2], torch.SymInt) for shapes in compiled_shapes for shape in shapes if len(shape) == 4), "the rows went dynamic"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU kernels need CUDA")
 def test_compiled_cuda_graphs_decode_the_same():
     """Inductor's kernels captured in CUDA graphs: greedy outputs equal the uncompiled engine's."""

@@ -9,7 +9,8 @@ device, but each step allocates, concatenates and launches hundreds of small ker
 - q/k/v and gate/up projections packed into one matrix each (the transformers module's parameters
   are re-pointed at slices of the packed ones, so no weight is held twice);
 - token counts and attention widths rounded up to buckets and each (count, width) shape replayed
-  from a CUDA graph (`lmms_msd.speculative.fast.graphs`); a prompt padded to a multiple of PROMPT_STEP
+  from a CUDA graph (`lmms_msd.speculative.fast.graphs`), a tree's slots and mask made inside it from the
+  prefix and the count (`_forward_padded`); a prompt padded to a multiple of PROMPT_STEP
   positions (`graphs.prompt_rows`) and replayed from a graph per padded length (`prefill`; eagerly where
   the padding does not fit);
 - the residual adds kept out of the matrix products (`product`), so that compiled they join the RMSNorms' kernels.
@@ -273,6 +274,12 @@ class StaticTarget:
             return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=enable_gqa)
         least, most = EAGER_ATTENTION_ROWS
         if self._eager_attention is not None and least <= query.shape[-2] <= most:
+            # the width compiles as a constant, once per width bucket: with it symbolic (torch.compile makes a dimension
+            # dynamic once it changes) inductor's softmax loops over the row instead of holding it, on the H200 346.5
+            # us of a 1024-slot tree verification against 98.9 for the 768 slots compiled first
+            # (`benchmarks/h200_7b_b1_step_host/`, r36's kernels); the rows may still go dynamic
+            for tensor in (key, value, attn_mask):
+                torch._dynamo.mark_static(tensor, tensor.dim() - 1 if tensor is attn_mask else tensor.dim() - 2)
             return self._eager_attention(query, key, value, attn_mask, enable_gqa)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=enable_gqa)
 
