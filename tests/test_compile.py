@@ -164,11 +164,12 @@ def test_a_trees_attention_compiles_its_width_as_a_constant(monkeypatch):
         static = StaticTarget(tiny_target(0), 1024, compile=True)
         heads, d = static.n_heads, static.head_dim
         for rows, width in ((4, 256), (8, 256), (16, 512), (4, 768), (32, 512)):
-            q = torch.randn(1, heads, rows, d)
-            k, v = torch.randn(1, heads, width, d), torch.randn(1, heads, width, d)
-            mask = torch.zeros(1, 1, rows, width)
+            f64 = dict(dtype=torch.float64)  # as test_eager_attention_is_sdpa: only the order of sums differs
+            q = torch.randn(1, heads, rows, d, **f64)
+            k, v = torch.randn(1, heads, width, d, **f64), torch.randn(1, heads, width, d, **f64)
+            mask = torch.zeros(1, 1, rows, width, **f64)
             got = static.attend(q, k, v, mask, enable_gqa=False)
-            torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-12, atol=1e-12)
     finally:
         torch._dynamo.reset()
     widths = [[shape[-1] for shape in shapes if len(shape) == 4 and shape[1] == 1] for shapes in compiled_shapes]  # the masks'

@@ -349,6 +349,7 @@ class StaticTarget:
         if tree_visible is None:
             tree_visible = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
         pad = rows - n
+        # the prefix and the count go in as views of the slot numbers (slot i holds i): on the device with no copy
         run = self._graphed if rows <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_padded)
         hidden, logits = run(
             F.pad(tokens, (0, pad)), F.pad(positions, (0, pad)), F.pad(tree_visible, (0, pad, 0, pad)),
