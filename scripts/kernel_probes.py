@@ -1,8 +1,9 @@
-"""Three timings behind choices of the static engine, on a CUDA device:
+"""Four timings behind choices of the static engine, on a CUDA device:
 
     python scripts/kernel_probes.py attention   # SDPA against the compiled `eager_attention`, per query rows and width
     python scripts/kernel_probes.py vision      # a prompt's device stage with the vision tower eager and from CUDA graphs
     python scripts/kernel_probes.py shapes      # SDPA's first and second call of each new shape, with and without cuDNN
+    python scripts/kernel_probes.py decode      # plain decoding's products and attention over 32 layers, per formulation
 
 `attention`: one layer's attention of the 7B shape (32 heads of 128, float16, an additive mask that hides
 the slots past 700 + the row), for 1, 16 and 64 query rows (plain decoding's step, small and large trees)
@@ -25,6 +26,13 @@ draft's advance over 64 rows (64 x 32 x 4 queries x S slots, S from 700, masked)
 per call, the mean over the shapes. The widths differ between the two runs so that neither meets a shape
 of the other. The engine runs such forwards with `varying_shapes` from these figures.
 
+`decode`: the pieces of a plain decoding step (one row) of the 7B shape as 32 layers meet them, each layer
+with its own weights and KV cache so that nothing is served from L2: the four products (q/k/v packed, o,
+gate/up packed, down) and the LM head by cuBLAS and by `row_product` (the Triton kernel `linear` runs for
+one row on CUDA), and the attention of one query row over 768 and 1024 cache slots (700 and 950 used)
+from the engine's cache layout, by several kernels; microseconds per layer from a CUDA graph over the 32
+layers, and for the products the bandwidth that implies (weight bytes / time).
+
 On one H200 (benchmarks/h200_7b_compile_v2, README "torch.compile"): SDPA 9.8-10.9 us at one row, 21.5-26.6 at
 16 rows, 22.5-27.9 at 64; eager_attention 11.4-13.8, 13.3-14.0 and 21.0-21.9. embed_inputs 14.42 ms a request
 eager, 2.38 ms graphed, identical prompts (an earlier machine: 7.35 and 2.66; the eager figure is host-bound).
@@ -40,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from lmms_msd.speculative.fast.graphs import ALL_BACKENDS, VARYING_SHAPE_BACKENDS, GraphedFunction, compiled
+from lmms_msd.speculative.fast.row_product import linear
 from lmms_msd.speculative.fast.static_target import eager_attention
 
 
@@ -142,15 +151,94 @@ def shapes(device: torch.device) -> None:
             print(f"{kind:28s}  {name:15s}  {sum(first) / len(first):13.2f}  {sum(second) / len(second):14.3f}", flush=True)
 
 
+def decode(device: torch.device) -> None:
+    layers, hidden, inner, heads, head_dim = 32, 4096, 11008, 32, 128
+    half = dict(device=device, dtype=torch.float16)
+    torch.manual_seed(0)
+
+    def per_layer_us(fn) -> float:
+        return replayed_us(fn, device, calls=50) / layers
+
+    print("product    rows x cols   cuBLAS us/layer  TB/s   row_product us/layer  TB/s   max |difference|")
+    for name, rows, cols in (("qkv", 3 * hidden, hidden), ("o", hidden, hidden), ("gate_up", 2 * inner, hidden), ("down", hidden, inner), ("lm_head", 32000, hidden)):
+        weights = [torch.randn(rows, cols, **half) * 0.02 for _ in range(layers)]
+        x = torch.randn(1, cols, **half)
+
+        def library(weights=weights, x=x):
+            return torch.stack([(x[None] @ w.T)[0] for w in weights])
+
+        def kernel(weights=weights, x=x):
+            return torch.stack([linear(x, w) for w in weights])
+
+        cublas_us, kernel_us = per_layer_us(library), per_layer_us(kernel)
+        difference = (kernel().float() - library().float()).abs().max().item()
+        tb = rows * cols * 2 / 1e6
+        print(f"{name:8s}  {rows:5d} x {cols:5d}  {cublas_us:15.2f}  {tb / cublas_us:4.2f}   {kernel_us:20.2f}  {tb / kernel_us:4.2f}   {difference:.1e}", flush=True)
+
+    capacity = 2048
+    keys = [torch.randn(heads, capacity, head_dim, **half) for _ in range(layers)]
+    values = [torch.randn(heads, capacity, head_dim, **half) for _ in range(layers)]
+    query = torch.randn(1, heads, 1, head_dim, **half)
+    print("attention, one query row over the cache's first `width` slots, `used` of them visible: us/layer")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for width, used in ((768, 700), (1024, 950)):
+        mask = torch.zeros(1, width, **half).masked_fill_(torch.arange(width, device=device)[None] >= used, torch.finfo(torch.float16).min)[None, None]
+        position = torch.full((1,), used - 1, device=device, dtype=torch.int32)
+
+        def sdpa(backend=None, masked=True, length=width):
+            def run():
+                outs = []
+                for k, v in zip(keys, values):
+                    args = (query, k[None, :, :length], v[None, :, :length])
+                    if backend is None:
+                        outs.append(F.scaled_dot_product_attention(*args, attn_mask=mask if masked else None))
+                    else:
+                        with sdpa_kernel([backend]):
+                            outs.append(F.scaled_dot_product_attention(*args, attn_mask=mask if masked else None))
+                return torch.cat(outs)
+            return run
+
+        compiled_attention = compiled(eager_attention)
+        forms = {
+            "SDPA, masked (the engine's)": sdpa(),
+            "SDPA cuDNN, masked": sdpa(SDPBackend.CUDNN_ATTENTION),
+            "SDPA efficient, masked": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+            "SDPA flash, no mask, `used` slots": sdpa(SDPBackend.FLASH_ATTENTION, masked=False, length=used),
+            "SDPA cuDNN, no mask, `used` slots": sdpa(SDPBackend.CUDNN_ATTENTION, masked=False, length=used),
+            "compiled eager_attention": lambda: torch.cat([compiled_attention(query, k[None, :, :width], v[None, :, :width], mask) for k, v in zip(keys, values)]),
+        }
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            flex = torch.compile(flex_attention, fullgraph=True)
+            block = create_block_mask(lambda b, h, q, kv: kv <= position[0], None, None, 1, width, device=device)
+            forms["flex_attention, mask_mod kv <= position"] = lambda: torch.cat(
+                [flex(query, k[None, :, :width], v[None, :, :width], block_mask=block) for k, v in zip(keys, values)]
+            )
+        except Exception as error:  # noqa: BLE001
+            print(f"flex_attention unavailable: {type(error).__name__}: {str(error)[:160]}")
+        reference = None
+        for form, fn in forms.items():
+            try:
+                out = fn().float()
+                us = per_layer_us(fn)
+            except Exception as error:  # noqa: BLE001
+                print(f"  width {width} used {used}  {form:40s}  failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
+                continue
+            reference = out if reference is None else reference
+            print(f"  width {width} used {used}  {form:40s}  {us:7.2f}   max |diff| {(out - reference).abs().max().item():.1e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("attention", "vision", "shapes"))
+    parser.add_argument("probe", choices=("attention", "vision", "shapes", "decode"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_probes.py times CUDA kernels and graphs: run it on a machine with a CUDA device")
     device = torch.device("cuda")
     with torch.inference_mode():
-        {"attention": attention, "vision": vision, "shapes": shapes}[args.probe](device)
+        {"attention": attention, "vision": vision, "shapes": shapes, "decode": decode}[args.probe](device)
 
 
 if __name__ == "__main__":

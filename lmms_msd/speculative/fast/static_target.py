@@ -13,7 +13,9 @@ device, but each step allocates, concatenates and launches hundreds of small ker
   prefix and the count (`_forward_padded`); a prompt padded to a multiple of PROMPT_STEP
   positions (`graphs.prompt_rows`) and replayed from a graph per padded length (`prefill`; eagerly where
   the padding does not fit);
-- the residual adds kept out of the matrix products (`product`), so that compiled they join the RMSNorms' kernels.
+- the matrix products through `row_product.linear`: a Triton kernel for plain decoding's one row on CUDA (cuBLAS
+  reached less of the bandwidth there), the library's product otherwise, written so that a residual add stays
+  out of it and, compiled, joins the next RMSNorm's kernel.
 
 The target's vision tower runs from CUDA graphs too (`replay_vision`, one graph per number of images), so
 that a prompt's image costs its kernels' time rather than their launches.
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from lmms_msd.models.target import Target
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, prompt_rows, varying_shapes, width_bucket
+from lmms_msd.speculative.fast.row_product import linear
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
 # compiled: the query rows per sequence (least, most) for which `eager_attention` replaces SDPA: a tree's
@@ -53,14 +56,14 @@ class _Layer:
 def _pack(*linears: torch.nn.Linear) -> torch.Tensor:
     """Concatenate the weights of several bias-free Linear layers along the output dimension and
     re-point each layer's weight at its slice of the result (no copy kept twice)."""
-    for linear in linears:
-        if linear.bias is not None:
-            raise ValueError(f"StaticTarget supports bias-free projections; {linear} has a bias")
-    packed = torch.cat([linear.weight.data for linear in linears])
+    for layer in linears:
+        if layer.bias is not None:
+            raise ValueError(f"StaticTarget supports bias-free projections; {layer} has a bias")
+    packed = torch.cat([layer.weight.data for layer in linears])
     start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight.data = packed[start : start + rows]
+    for layer in linears:
+        rows = layer.weight.shape[0]
+        layer.weight.data = packed[start : start + rows]
         start += rows
     return packed
 
@@ -86,7 +89,7 @@ def attention_inputs(x, input_norm, qkv, cos, sin, eps: float, heads: int, kv_he
     [..., T, kv_heads, D]. Pure (no cache write), so that it can be compiled (`StaticTarget(compile=True)`)."""
     d = cos.shape[-1]
     h = F.rms_norm(x, (x.shape[-1],), input_norm, eps)
-    packed = (h @ qkv.T).unflatten(-1, (heads + 2 * kv_heads, d))
+    packed = linear(h, qkv).unflatten(-1, (heads + 2 * kv_heads, d))
     qk = packed[..., : heads + kv_heads, :]
     qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
     return qk[..., :heads, :], qk[..., heads:, :], packed[..., heads + kv_heads :, :]
@@ -121,23 +124,15 @@ def eager_attention(query, key, value, attn_mask, enable_gqa: bool = False):
     return scores.softmax(dim=-1).to(query.dtype) @ value
 
 
-def product(a, weight):
-    """a @ weight.T through a view of `a`: the same product, which inductor does not fold into a residual add
-    that follows it. Folded (`x + a @ w.T` as one addmm), cuBLAS reads x into the output first: at one row a
-    copy kernel (memcpy32_post) and a split-K product with a beta term, two kernels a product on the H200
-    (`benchmarks/h200_7b_batched_host/probes/gaps_plain.txt`); unfolded, the add joins the next RMSNorm's kernel."""
-    return (a[None] @ weight.T)[0]
-
-
 def layer_output(x, attention, o, post_norm, gate_up, down, eps: float):
     """A LLaMA layer after its attention: the output projection added to the residual, then the MLP block
     (RMSNorm, SiLU-gated packed gate/up, down), whose output is returned apart for the next layer's input norm
     (`cached_attention_inputs`) or the final norm to add. x, attention: [..., T, H] -> the residual stream
     after the attention's add [..., T, H] and the MLP's output [..., T, H] (the layer's output is their sum)."""
-    x = x + product(attention, o)
+    x = x + linear(attention, o)
     h = F.rms_norm(x, (x.shape[-1],), post_norm, eps)
-    gate, up = (h @ gate_up.T).chunk(2, dim=-1)
-    return x, product(F.silu(gate) * up, down)
+    gate, up = linear(h, gate_up).chunk(2, dim=-1)
+    return x, linear(F.silu(gate) * up, down)
 
 
 def replay_vision(target: Target, enabled: bool) -> None:
@@ -241,7 +236,7 @@ class StaticTarget:
     def _forward_embeds(self, x, positions, slots, mask):
         """x: [T, H]; positions, slots: [T] long; mask: [T, S] additive -> hidden [T, H], logits [T, V] f32"""
         hidden = self._run_layers(x, positions, slots, mask)
-        return hidden, (hidden @ self.lm_head.T).float()
+        return hidden, linear(hidden, self.lm_head).float()
 
     def _run_layers(self, x, positions, slots, mask):
         """The language model up to its final norm. x: [T, H]; positions, slots: [T] long; mask: [T, S]
@@ -325,7 +320,7 @@ class StaticTarget:
         position -> hidden [T, H], logits [1, V] float32 there."""
         positions = self.slots[: x.shape[0]]
         hidden = self._run_layers(x, positions, positions, None)
-        return hidden, (hidden.index_select(0, last) @ self.lm_head.T).float()
+        return hidden, linear(hidden.index_select(0, last), self.lm_head).float()
 
     @torch.inference_mode()
     def forward_tokens(
