@@ -23,6 +23,8 @@ the next RMSNorm's kernel.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 try:
@@ -31,13 +33,15 @@ try:
 except ImportError:  # CPU-only installs: `linear` keeps the library's product
     triton = None
 
+logger = logging.getLogger(__name__)
+
 MAX_BLOCK_K = 1024
 
 
 def row_blocks(n: int, k: int) -> tuple[int, int] | None:
     """(BLOCK_N, BLOCK_K) for a [n, k] weight, or None where the kernel does not apply: BLOCK_K the largest
     power of two up to MAX_BLOCK_K that divides k (at least 64), BLOCK_N 4 for weights of at most 2^24
-    elements and 2 above (the best of the H200 sweep in `scripts/kernel_probes.py decode`'s notes), dividing n.
+    elements and 2 above (the H200 sweep's best, `benchmarks/h200_7b_row_product/`), dividing n.
     Example: o [4096, 4096] -> (4, 1024); down [4096, 11008] -> (2, 256); n = 4097 -> None."""
     block_k = MAX_BLOCK_K
     while block_k >= 64 and k % block_k:
@@ -77,11 +81,28 @@ def launch_row_product(x: torch.Tensor, weight: torch.Tensor, blocks: tuple[int,
     return out
 
 
+_unusable: dict[torch.device, str] = {}  # devices where the kernel cannot run, and why
+
+
 @torch.library.custom_op("lmms_msd::row_product", mutates_args=(), device_types="cuda")
 def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [K] @ weight.T -> [N] by `_row_product_kernel` (an operator of its own, so that torch.compile calls
-    it as it is and CUDA graphs capture its launch)."""
-    return launch_row_product(x, weight, row_blocks(*weight.shape))
+    it as it is and CUDA graphs capture its launch). Where Triton cannot run (a GPU older than compute
+    capability 7.0, or its first compilation fails), the library's product, with one warning saying why."""
+    if x.device not in _unusable:
+        if torch.cuda.get_device_capability(x.device) < (7, 0):
+            _give_up(x.device, f"compute capability {torch.cuda.get_device_capability(x.device)} is below Triton's 7.0")
+        else:
+            try:
+                return launch_row_product(x, weight, row_blocks(*weight.shape))
+            except Exception as error:  # noqa: BLE001 (any failure of Triton's compiler: fall back, once, loudly)
+                _give_up(x.device, f"{type(error).__name__}: {error}")
+    return x @ weight.T
+
+
+def _give_up(device: torch.device, why: str) -> None:
+    _unusable[device] = why
+    logger.warning("one-row products on %s fall back to cuBLAS (the Triton kernel cannot run: %s)", device, why)
 
 
 @row_product.register_fake
