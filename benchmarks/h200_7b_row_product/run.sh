@@ -11,3 +11,11 @@ for s in o down qkv gate_up; do python3 benchmarks/h200_7b_row_product/sweep.py 
 python3 scripts/kernel_probes.py decode > build/r42/decode.txt
 lmms-msd bench $A --methods plain,opt --temperature 0 --output_dir build/r42/t0
 python3 $P build/r42/probe 3
+# r43 (32c4d09): interleaved against the previous release's code (d2d0b35's lmms_msd, without assets, first on the path;
+# -P keeps the working directory's lmms_msd off it), then T=1, then the few-row sweep
+git archive d2d0b35 lmms_msd | tar x -C /tmp/old --exclude lmms_msd/assets && ln -sfn $PWD/lmms_msd/assets /tmp/old/lmms_msd/assets
+env PYTHONPATH=/tmp/old:$PYTHONPATH python3 -P -m lmms_msd bench $A --methods plain,opt --temperature 0 --output_dir build/r43/t0_old
+lmms-msd bench $A --methods plain,opt --temperature 0 --output_dir build/r43/t0_new
+lmms-msd bench $A --methods plain,opt --temperature 1 --output_dir build/r43/t1_new
+python3 benchmarks/h200_7b_row_product/sweep.py rows 64 qkv o gate_up down > build/r43/rows64.txt
+python3 benchmarks/h200_7b_row_product/sweep.py rows 10 gate_up down > build/r43/rows10.txt

@@ -127,7 +127,7 @@ def _run(kernel, w, x, rows, cols, bn, bk, warps, stages):
     return o
 
 
-if __name__ == "__main__" and sys.argv[1] != "attention":
+if __name__ == "__main__" and sys.argv[1] not in ("attention", "rows"):
     with torch.inference_mode():
         main()
 
@@ -226,3 +226,64 @@ def attention_main():
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "attention":
     with torch.inference_mode():
         attention_main()
+
+
+@triton.jit
+def rows_kernel(x_ptr, w_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """A few rows (M <= BLOCK_M) times a row-major [N, K] weight by tensor-core tiles, float32 sums."""
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=rows[:, None] < M, other=0.0)
+        w = tl.load(w_ptr + outs[:, None] * K + cols[None, :])
+        acc += tl.dot(x, tl.trans(w))
+    tl.store(out_ptr + rows[:, None] * N + outs[None, :], acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] < M)
+
+
+def rows_main(m: int, names):
+    """`python sweep.py rows M o down ...`: M rows (10: a draft level's frontier; 64: a tree's verification) by cuBLAS
+    and by `rows_kernel` at each (BLOCK_N, BLOCK_K, stages) of 12, 32 layers of distinct weights from a CUDA graph."""
+    device = torch.device("cuda")
+    layers, hidden, inner = 32, 4096, 11008
+    half = dict(device=device, dtype=torch.float16)
+    shapes = {"o": (hidden, hidden), "down": (hidden, inner), "qkv": (3 * hidden, hidden), "gate_up": (2 * inner, hidden), "lm_head": (32000, hidden)}
+    block_m = max(16, 1 << (m - 1).bit_length())
+    for name in names:
+        n, k = shapes[name]
+        weights = [torch.randn(n, k, **half) * 0.02 for _ in range(layers)]
+        x = torch.randn(m, k, **half)
+
+        def library():
+            return torch.stack([(x[None] @ w.T)[0] for w in weights])
+
+        ref = library().float()
+        cublas = replayed_us(library, device, calls=30) / layers
+        results = []
+        for bn, bk, stages, warps in itertools.product((16, 32, 64), (64, 128), (3, 4), (4,)):
+            if n % bn or k % bk:
+                continue
+
+            def fn(bn=bn, bk=bk, stages=stages, warps=warps):
+                outs = []
+                for w in weights:
+                    o = torch.empty(m, n, **half)
+                    rows_kernel[(n // bn,)](x, w, o, m, N=n, K=k, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                    outs.append(o)
+                return torch.stack(outs)
+
+            try:
+                diff = (fn().float() - ref).abs().max().item()
+                results.append((replayed_us(fn, device, calls=20) / layers, bn, bk, stages, warps, diff))
+            except Exception as e:  # noqa: BLE001
+                print("failed", bn, bk, stages, warps, type(e).__name__, str(e)[:120], flush=True)
+        print(f"{name:8s} {m} rows x [{n}, {k}]: cuBLAS {cublas:.2f} us/layer ({n * k * 2 / cublas / 1e6:.2f} TB/s)", flush=True)
+        for us, bn, bk, stages, warps, diff in sorted(results)[:4]:
+            print(f"    rows_kernel BN={bn} BK={bk} stages={stages} warps={warps}: {us:.2f} us ({n * k * 2 / us / 1e6:.2f} TB/s), diff {diff:.1e}", flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1] == "rows":
+    with torch.inference_mode():
+        rows_main(int(sys.argv[2]), sys.argv[3:])
