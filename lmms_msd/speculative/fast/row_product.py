@@ -3,10 +3,10 @@
 At one row a product is a matrix-vector product: it reads the weight once and does two flops a byte, so its
 time is the weight's bytes over the bandwidth it reaches. cuBLAS reaches less than the device allows on the
 7B shapes, most of all on the small ones (split-K kernels plus their reduce kernels for o and down). Measured
-on the H200 over 32 layers of distinct weights, from CUDA graphs (`scripts/kernel_probes.py decode`, the
-kernel as written here): per layer, o [4096 x 4096] 12.65 us by cuBLAS and 10.10 by this kernel, down
-[4096 x 11008] 26.83 and 23.54, q/k/v [12288 x 4096] 27.33 and 24.78, gate/up [22016 x 4096] 43.98 and 42.30:
-about 0.32 ms of a 4.4 ms step.
+on the H200 over 32 layers of distinct weights, from CUDA graphs (`scripts/kernel_probes.py decode`, r42 in
+`benchmarks/h200_7b_row_product/`): per layer, o [4096 x 4096] 13.65 us by cuBLAS and 10.91 by this kernel,
+down [4096 x 11008] 28.19 and 24.95, q/k/v [12288 x 4096] 27.80 and 25.11, gate/up [22016 x 4096] 44.87 and
+42.37, and the LM head [32000 x 4096] 65.87 and 59.96: the plain step's graph took 4.07 ms against 4.44.
 
 The kernel (`_row_product_kernel`): each program owns BLOCK_N output rows and walks the reduction in BLOCK_K
 chunks, multiplying in float32 into a [BLOCK_N, BLOCK_K] accumulator that it sums at the end, then rounds
