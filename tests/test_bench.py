@@ -44,6 +44,11 @@ def test_bench_on_a_data_folder(bench_report):
     machine = report["machine"]  # the machine's measured speed (lmms_msd.commands.machine), in the text too
     assert machine["copy_gb_s"] > 0 and machine["launch_us"] > 0
     assert f"{machine['copy_gb_s']:g} GB/s copies, {machine['launch_us']:g} us to launch" in markdown
+    # Triton's release (the static target's one-row kernel needs it), as installed here, or None without it
+    from importlib.util import find_spec
+
+    assert (machine["triton"] is not None) == (find_spec("triton") is not None)
+    assert machine["triton"] is None or f", triton {machine['triton']};" in markdown
     methods = {s["method"]: s for s in report["methods"]}
     assert list(methods) == ["hf_generate", "plain", "eagle2", "opt", "opt_cal"]
     plain, hf = methods["plain"], methods["hf_generate"]

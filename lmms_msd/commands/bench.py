@@ -449,7 +449,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "# lmms-msd bench",
         f"{pair}. Calibrator: {c['calibrator'] or 'none'}. Engine: {c['engine']}.{trees}",
         f"Machine: {m['device_name']} ({c['device']}, {m['dtype']}); torch {m['torch']}, transformers {m['transformers']}"
-        + speed_text(m) + ".",
+        + (f", triton {m['triton']}" if m.get("triton") else "") + speed_text(m) + ".",
         (
             f"Requests: {report['requests']} from {source}; max_new_tokens {report['generation']['max_new_tokens']}, "
             f"temperature {c['temperature']:g}, stop strings {json.dumps(report['generation']['until'])}; "

@@ -65,7 +65,8 @@ def launch_seconds(device: torch.device, operations: int = 200, rounds: int = 5)
 def describe(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """The machine of a report: the device's name, dtype and versions, and the measured copy bandwidth in GB/s
     (`copy_bandwidth` of 0.5 GiB on a GPU, None when that does not fit in its free memory; 64 MiB on CPU) and the
-    launch time in us (`launch_seconds`). Example: {"device_name": "NVIDIA H200", ..., "copy_gb_s": 4010.3, "launch_us": 5.2}."""
+    launch time in us (`launch_seconds`). Example: {"device_name": "NVIDIA H200", ..., "triton": "3.6.0", "copy_gb_s": 4010.3,
+    "launch_us": 5.2}."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -73,6 +74,7 @@ def describe(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     described: dict[str, Any] = {
         "device_name": name, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "transformers": metadata.version("transformers"), "python": platform.python_version(),
+        "triton": _version("triton"),  # None without it: the static target's one-row products then stay on cuBLAS
     }  # fmt: skip
     try:
         described["copy_gb_s"] = round(copy_bandwidth(device, gib=0.5 if device.type == "cuda" else 1 / 16) / 1e9, 1)
@@ -80,6 +82,13 @@ def describe(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         described["copy_gb_s"] = None
     described["launch_us"] = round(launch_seconds(device) * 1e6, 2)
     return described
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def speed_text(described: dict[str, Any]) -> str:
