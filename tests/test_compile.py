@@ -117,7 +117,7 @@ def test_the_layer_parts_compute_the_layer():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor's CPU kernels need a C++ compiler")
 def test_inductor_keeps_the_residual_adds_out_of_the_products():
     """Compiled with inductor, the layer's parts call no addmm (a residual add folded into a matrix product,
-    which cuBLAS runs as a copy and a product with a beta term: `row_product.linear`), where the layer's
+    which cuBLAS runs as a copy and a product with a beta term; `row_product.linear` says why), where the layer's
     add written plainly, `x + a @ w.T`, is one: the control, without which the test would say nothing."""
     from torch._inductor.utils import run_and_get_code
 

@@ -74,7 +74,7 @@ def describe(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     described: dict[str, Any] = {
         "device_name": name, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "transformers": metadata.version("transformers"), "python": platform.python_version(),
-        "triton": _version("triton"),  # None without it: the static target's one-row products then stay on cuBLAS
+        "triton": _triton_version(),  # None without it: the static target's one-row products then stay on cuBLAS
     }  # fmt: skip
     try:
         described["copy_gb_s"] = round(copy_bandwidth(device, gib=0.5 if device.type == "cuda" else 1 / 16) / 1e9, 1)
@@ -84,11 +84,13 @@ def describe(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return described
 
 
-def _version(distribution: str) -> str | None:
+def _triton_version() -> str | None:
+    """The importable Triton's own version (its distribution's name varies: triton, pytorch-triton, ...), or None."""
     try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
+        import triton
+    except ImportError:
         return None
+    return triton.__version__
 
 
 def speed_text(described: dict[str, Any]) -> str:
