@@ -1,9 +1,10 @@
-"""Four timings behind choices of the static engine, on a CUDA device:
+"""Five timings behind choices of the static engine, on a CUDA device:
 
     python scripts/kernel_probes.py attention   # SDPA against the compiled `eager_attention`, per query rows and width
     python scripts/kernel_probes.py vision      # a prompt's device stage with the vision tower eager and from CUDA graphs
     python scripts/kernel_probes.py shapes      # SDPA's first and second call of each new shape, with and without cuDNN
     python scripts/kernel_probes.py decode      # plain decoding's products and attention over 32 layers, per formulation
+    python scripts/kernel_probes.py topk        # a tree level's log-softmax and top-k over the vocabulary, library vs fused
 
 `attention`: one layer's attention of the 7B shape (32 heads of 128, float16, an additive mask that hides
 the slots past 700 + the row), for 1, 16 and 64 query rows (plain decoding's step, small and large trees)
@@ -33,6 +34,11 @@ one row on CUDA), and the attention of one query row over 768 and 1024 cache slo
 from the engine's cache layout, by several kernels; microseconds per layer from a CUDA graph over the 32
 layers, and for the products the bandwidth that implies (weight bytes / time).
 
+`topk`: what a graphed tree level does with the draft's LM-head logits (float16, V = 32000): the library's float32
+log-softmax and top-k (`library_logprob_topk`) against the fused kernels (`logprob_topk`), for 1 row (the root)
+and 10 (a level's frontier) at k = 10 and for 640 rows (a batch of 64 trees), from a CUDA graph (microseconds
+per call, the mean of 200), with whether the token ids agree and the largest difference of the values.
+
 On one H200 (benchmarks/h200_7b_compile_v2, README "torch.compile"): SDPA 9.8-10.9 us at one row, 21.5-26.6 at
 16 rows, 22.5-27.9 at 64; eager_attention 11.4-13.8, 13.3-14.0 and 21.0-21.9. embed_inputs 14.42 ms a request
 eager, 2.38 ms graphed, identical prompts (an earlier machine: 7.35 and 2.66; the eager figure is host-bound).
@@ -48,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from lmms_msd.speculative.fast.graphs import ALL_BACKENDS, VARYING_SHAPE_BACKENDS, GraphedFunction, compiled
+from lmms_msd.speculative.fast.logprob_topk import library_logprob_topk, logprob_topk
 from lmms_msd.speculative.fast.row_product import linear
 from lmms_msd.speculative.fast.static_target import eager_attention
 
@@ -230,15 +237,29 @@ def decode(device: torch.device) -> None:
             print(f"  width {width} used {used}  {form:40s}  {us:7.2f}   max |diff| {(out - reference).abs().max().item():.1e}", flush=True)
 
 
+def topk(device: torch.device) -> None:
+    torch.manual_seed(0)
+    print("rows   k  library us  fused us  ids equal  max |value difference|")
+    for rows, k in ((1, 10), (10, 10), (10, 4), (640, 10)):
+        logits = (torch.randn(rows, 32000, device=device) * 3).half()
+        library, fused = library_logprob_topk(logits, k), logprob_topk(logits, k)
+        same = torch.equal(library.indices, fused.indices)
+        difference = (library.values - fused.values).abs().max().item()
+        library_us = replayed_us(lambda: library_logprob_topk(logits, k).values, device)
+        fused_us = replayed_us(lambda: logprob_topk(logits, k).values, device)
+        print(f"{rows:4d}  {k:2d}  {library_us:10.2f}  {fused_us:8.2f}  {str(same):9s}  {difference:.1e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("attention", "vision", "shapes", "decode"))
+    parser.add_argument("probe", choices=("attention", "vision", "shapes", "decode", "topk"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_probes.py times CUDA kernels and graphs: run it on a machine with a CUDA device")
     device = torch.device("cuda")
     with torch.inference_mode():
-        {"attention": attention, "vision": vision, "shapes": shapes, "decode": decode}[args.probe](device)
+        probes = {"attention": attention, "vision": vision, "shapes": shapes, "decode": decode, "topk": topk}
+        probes[args.probe](device)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ import torch
 
 from lmms_msd.models.draft import MSDDraft
 from lmms_msd.speculative.cost import best_size
-from lmms_msd.speculative.drafting import SharedDraftCache, draft_logprobs
+from lmms_msd.speculative.drafting import SharedDraftCache
 from lmms_msd.speculative.fast.batched_target import row_buckets
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, width_bucket
+from lmms_msd.speculative.fast.logprob_topk import draft_topk
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.transfer import to_device, to_device_each
 from lmms_msd.speculative.tree import (
@@ -114,7 +115,7 @@ class BatchedTreeGrower:
     def _grow_root(self, root_hidden, root_visual):
         """The first level of rows 0..R-1. root_hidden: [R, H]; root_visual: [R] float32 (zeros untracked)."""
         k, score, r = self.spec.top_k, self.spec.scorer, root_hidden.shape[0]
-        top = draft_logprobs(self.lm_head, root_hidden).topk(k)  # [R, k]
+        top = draft_topk(self.lm_head, root_hidden, k)  # [R, k]
         visual = root_visual if self.visual is not None else None
         scores = score(top.values, top.indices, 1, visual)  # [R, k]
         self.tokens[:r, :k] = top.indices
@@ -156,7 +157,7 @@ class BatchedTreeGrower:
             hidden, visual = draft.forward_with_visual(x, positions, self.shared.cache, slots, visible, image_slots)
             visual = visual.reshape(r * k)
         # 2. propose k children each, scored cumulatively; store them (or only the best k)
-        children = draft_logprobs(self.lm_head, hidden).topk(k)  # [R, k, k]
+        children = draft_topk(self.lm_head, hidden, k)  # [R, k, k]
         node_scores = score(children.values.view(r * k, k), children.indices.view(r * k, k), depth + 1, visual)
         scores = (self.frontier_scores[:r, depth][:, :, None] + node_scores.view(r, k, k)).view(r, k * k)
         tokens, logprobs = children.indices.view(r, k * k), children.values.view(r, k * k)

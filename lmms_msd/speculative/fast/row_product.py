@@ -23,17 +23,9 @@ the next RMSNorm's kernel.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: `linear` keeps the library's product
-    triton = None
-
-logger = logging.getLogger(__name__)
+from lmms_msd.speculative.fast.triton_support import run_kernel, tl, triton
 
 MAX_BLOCK_K = 1024
 
@@ -81,28 +73,15 @@ def launch_row_product(x: torch.Tensor, weight: torch.Tensor, blocks: tuple[int,
     return out
 
 
-_unusable: dict[torch.device, str] = {}  # devices where the kernel cannot run, and why
-
-
 @torch.library.custom_op("lmms_msd::row_product", mutates_args=(), device_types="cuda")
 def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [K] @ weight.T -> [N] by `_row_product_kernel` (an operator of its own, so that torch.compile calls
-    it as it is and CUDA graphs capture its launch). Where Triton cannot run (a GPU older than compute
-    capability 7.0, or its first compilation fails), the library's product, with one warning saying why."""
-    if x.device not in _unusable:
-        if torch.cuda.get_device_capability(x.device) < (7, 0):
-            _give_up(x.device, f"compute capability {torch.cuda.get_device_capability(x.device)} is below Triton's 7.0")
-        else:
-            try:
-                return launch_row_product(x, weight, row_blocks(*weight.shape))
-            except Exception as error:  # noqa: BLE001 (any failure of Triton's compiler: fall back, once, loudly)
-                _give_up(x.device, f"{type(error).__name__}: {error}")
-    return x @ weight.T
-
-
-def _give_up(device: torch.device, why: str) -> None:
-    _unusable[device] = why
-    logger.warning("one-row products on %s fall back to cuBLAS (the Triton kernel cannot run: %s)", device, why)
+    it as it is and CUDA graphs capture its launch). Where Triton cannot run, the library's product
+    (`triton_support.run_kernel`)."""
+    return run_kernel(
+        "one-row products", x.device, lambda: launch_row_product(x, weight, row_blocks(*weight.shape)),
+        lambda: x @ weight.T, "cuBLAS",
+    )  # fmt: skip
 
 
 @row_product.register_fake

@@ -4,7 +4,8 @@
 from Python; at a 7B draft's size the GPU finishes each faster than Python issues the next. Here the
 same computation is laid out on preallocated tensors with fixed shapes per level, so that a level
 (feed the frontier through the draft, propose top-k children, score them, pick the next frontier)
-is one graph replay, and so is choosing the final nodes. The trees are the same as `grow_tree`'s.
+is one graph replay, and so is choosing the final nodes. The children's log-softmax and top-k over the
+vocabulary are fused Triton kernels on CUDA (`logprob_topk`). The trees are the same as `grow_tree`'s.
 
 Layout: every stored node has a fixed place in the pool. Depth 1 holds the root's k children at
 places 0..k-1; depth d >= 2 holds w nodes from place k + (d-2)*w on, w = k*k (every proposal) or k
@@ -26,6 +27,7 @@ import torch
 
 from lmms_msd.speculative.cost import best_size
 from lmms_msd.speculative.fast.graphs import GraphedFunction, width_bucket
+from lmms_msd.speculative.fast.logprob_topk import draft_topk
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.tree import Tree, TreeSpec, pool_capacity, select_nodes
 
@@ -84,7 +86,7 @@ class GraphedTreeGrower:
     def _grow_root(self, root_hidden, root_visual):
         """root_hidden: [H]; root_visual: [1] (zeros when untracked)."""
         k, score = self.spec.top_k, self.spec.scorer
-        top = self.drafter.logprobs(root_hidden[None]).topk(k)  # [1, k]
+        top = draft_topk(self.drafter.lm_head, root_hidden[None], k)  # [1, k]
         visual = root_visual.float() if self.visual is not None else None
         scores = score(top.values, top.indices, 1, visual)[0]
         self.tokens[:k] = top.indices[0]
@@ -119,7 +121,7 @@ class GraphedTreeGrower:
         out = drafter.head(x, positions, slots, visible)
         hidden, visual = out[0], (out[1] if self.visual is not None else None)
         # 2. propose k children each, scored cumulatively; store them (or only the best k)
-        children = drafter.logprobs(hidden).topk(k)  # [k, k]
+        children = draft_topk(drafter.lm_head, hidden, k)  # [k, k]
         scores = (self.frontier_scores[depth][:, None] + score(children.values, children.indices, depth + 1, visual)).flatten()
         tokens, logprobs = children.indices.flatten(), children.values.flatten()  # [k * k]
         parents = self.frontier[depth].repeat_interleave(k)
