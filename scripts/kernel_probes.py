@@ -37,7 +37,8 @@ layers, and for the products the bandwidth that implies (weight bytes / time).
 `topk`: what a graphed tree level does with the draft's LM-head logits (float16, V = 32000): the library's float32
 log-softmax and top-k (`library_logprob_topk`) against the fused kernels (`logprob_topk`), for 1 row (the root)
 and 10 (a level's frontier) at k = 10 and for 640 rows (a batch of 64 trees), from a CUDA graph (microseconds
-per call, the mean of 200), with whether the token ids agree and the largest difference of the values.
+per call, the mean of 200), with whether the token ids agree, whether their logits do (ties may be ordered
+differently: the kernels put the smaller id first) and the largest difference of the values.
 
 On one H200 (benchmarks/h200_7b_compile_v2, README "torch.compile"): SDPA 9.8-10.9 us at one row, 21.5-26.6 at
 16 rows, 22.5-27.9 at 64; eager_attention 11.4-13.8, 13.3-14.0 and 21.0-21.9. embed_inputs 14.42 ms a request
@@ -239,15 +240,17 @@ def decode(device: torch.device) -> None:
 
 def topk(device: torch.device) -> None:
     torch.manual_seed(0)
-    print("rows   k  library us  fused us  ids equal  max |value difference|")
+    print("rows   k  library us  fused us  ids equal  same logits  max |value difference|")
     for rows, k in ((1, 10), (10, 10), (10, 4), (640, 10)):
         logits = (torch.randn(rows, 32000, device=device) * 3).half()
         library, fused = library_logprob_topk(logits, k), logprob_topk(logits, k)
         same = torch.equal(library.indices, fused.indices)
+        # where ids differ, only the order of equal logits may (float16 logits tie often): the same logits, in order
+        tied = torch.equal(logits.gather(1, library.indices), logits.gather(1, fused.indices))
         difference = (library.values - fused.values).abs().max().item()
         library_us = replayed_us(lambda: library_logprob_topk(logits, k).values, device)
         fused_us = replayed_us(lambda: logprob_topk(logits, k).values, device)
-        print(f"{rows:4d}  {k:2d}  {library_us:10.2f}  {fused_us:8.2f}  {str(same):9s}  {difference:.1e}", flush=True)
+        print(f"{rows:4d}  {k:2d}  {library_us:10.2f}  {fused_us:8.2f}  {str(same):9s}  {str(tied):11s}  {difference:.1e}", flush=True)
 
 
 def main() -> None:

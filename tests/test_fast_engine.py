@@ -177,6 +177,32 @@ def test_acceptance_on_the_device_follows_the_argmax_walk():
         assert result.path_tokens == [tokens[i] for i in path[1:]]
 
 
+def test_greedy_acceptance_inside_the_verification_equals_verify_then_accept():
+    """`StaticEngine.verify_greedy` (acceptance in the verification's graph, over rows padded to their bucket:
+    20 and up to 25 nodes in 32 rows) gives `verify` then `accept_greedy`'s outcome, and the path, committed tokens
+    and hidden states `commit` takes, equal to the ones the loop made from them before."""
+    target = tiny_target(3, context_scale=0.05)
+    draft = following_draft(target)
+    engine = StaticEngine(target, draft, max_length=256)
+    lengths = []
+    for i, tree_spec in enumerate([TREES["eagle2"], TREES["opt"]] * 3):
+        prompt = random_prompt(target, 400 + i)
+        sequence, hidden, logits = engine.prefill(prompt, 64)
+        token = int(logits[-1].argmax())
+        root = engine.prefill_draft(sequence, prompt, hidden, token, False)
+        tree, ancestors = engine.draft_tree(sequence, tree_spec, token, root)
+        assert 16 < len(tree) < 32  # padded rows in the bucket of 32
+        verified = engine.verify_greedy(sequence, tree, ancestors)
+        got = (verified.acceptance, verified.path.tolist(), verified.next_tokens.tolist(), verified.path_hidden.clone())
+        tree_hidden, tree_logits = engine.verify(sequence, tree, ancestors)
+        expected = accept_greedy(tree, tree_logits, ancestors)
+        assert got[0] == expected and torch.equal(verified.logits, tree_logits)
+        assert got[1] == expected.path and got[2] == expected.path_tokens + [expected.bonus]
+        assert torch.equal(got[3], tree_hidden[expected.path])
+        lengths.append(len(expected.path))
+    assert max(lengths) >= 3, lengths  # paths past the root's first child
+
+
 @pytest.mark.parametrize(("mode", "variant"), [("weight", "frontier"), ("weight", "upstream"), ("tilt", "upstream")])
 def test_calibrated_tree_with_visual_attention_equals_eager(mode, variant, graphed_advances):
     """The bundled pair with its calibrator (attention bins need the draft's visual attention), scoring

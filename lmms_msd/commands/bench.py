@@ -22,8 +22,8 @@ tower are done once per request, untimed: they are the same for all methods). Ti
   ratios of ms/token (so they stay right when sampling gives the methods different lengths);
 - one more run per request with `profile=True` (the device synchronised at every phase boundary,
   which slows it, so it is not among the timed runs) splits the time into drafting, verification
-  (target forwards after the prefill), other loop work (acceptance, stop checks, cache keeping, draft
-  advance) and the prefill, as shares of that run's wall time. The same run also records, through the
+  (target forwards after the prefill, with the acceptance: `decoding.verify_step`), other loop work (stop
+  checks, cache keeping, draft advance) and the prefill, as shares of that run's wall time. The same run also records, through the
   loop's `observer` hook, what the trees looked like (speculative methods): draft nodes per step (root
   excluded), the depth of the deepest node per step, the share of steps whose accepted path reached that
   deepest level ("bottom %": the tree was not deep enough for what the target would have taken), and the
@@ -460,8 +460,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         (
             "ms/token: the sum over requests of the median wall time of the repeats, over the new tokens. Speedups are "
             "ratios of ms/token. Phase shares come from one extra profiled run per request (device synchronised "
-            "between phases) and are shares of that run's wall time; other = acceptance, stop checks, cache keeping "
-            "and the draft's advance over the committed tokens. tau = committed tokens per step, alpha = tau - 1. "
+            "between phases) and are shares of that run's wall time; verify includes the acceptance; other = stop checks, "
+            "cache keeping and the draft's advance over the committed tokens. tau = committed tokens per step, alpha = tau - 1. "
             "The tree columns come from the same profiled runs, per step: draft nodes (root excluded), the depth of the "
             "deepest node, the share of steps whose accepted path reached that depth (bottom %), and the tree "
             "builder's own expected accepted length (the sum of its node weights: raw draft confidences for eagle2 "

@@ -24,11 +24,12 @@ import torch
 
 from lmms_msd.models.target import EmbeddedPrompt, Target
 from lmms_msd.speculative.runtime import Runtime
+from lmms_msd.speculative.runtime import Sequence as RuntimeSequence
 from lmms_msd.speculative.sampling import GenerationConfig, chosen_token, next_token
 from lmms_msd.speculative.stopping import Stopper, first_stops
 from lmms_msd.speculative.transfer import PendingRead, to_device
 from lmms_msd.speculative.tree import Tree, TreeSpec
-from lmms_msd.speculative.verify import Acceptance, accept_greedy, accept_sampling
+from lmms_msd.speculative.verify import Acceptance, Verified, accept_greedy, accept_sampling
 
 __all__ = ["DecodeStats", "GenerationResult", "StepObserver", "plain_generate", "speculative_generate"]
 
@@ -53,8 +54,8 @@ class DecodeStats:
     # Where the decoding loop's time goes, measured only with profile=True (0.0 otherwise): the device
     # is synchronised at every phase boundary, which slows the loop, so time a profiled run apart.
     draft_s: float = 0.0  # building the trees (speculative only)
-    verify_s: float = 0.0  # the target's forwards after the prefill (over a tree, or one token)
-    other_s: float = 0.0  # everything else in the loop: acceptance, stop checks, cache keeping, draft advance
+    verify_s: float = 0.0  # the target's forwards after the prefill (over a tree, with its acceptance; or one token)
+    other_s: float = 0.0  # everything else in the loop: stop checks, cache keeping, draft advance (plain: choosing)
 
     @property
     def alpha(self) -> float:
@@ -123,6 +124,21 @@ def accept(
     if config.greedy:
         return accept_greedy(tree, logits, ancestors)
     return accept_sampling(tree, logits, ancestors, config, generator)
+
+
+def verify_step(
+    runtime: Runtime, sequence: RuntimeSequence, tree: Tree, ancestors: torch.Tensor, config: GenerationConfig,
+    generator: torch.Generator | None,
+) -> Verified:  # fmt: skip
+    """Verify the tree and accept (`accept`): a greedy step on a runtime with `verify_greedy` (a
+    `StaticEngine`: its acceptance runs in the verification's graph) in that one call; otherwise
+    `Runtime.verify`, then `accept`, then the path to the device (`path_on_device`)."""
+    if config.greedy and hasattr(runtime, "verify_greedy"):
+        return runtime.verify_greedy(sequence, tree, ancestors)
+    hidden, logits = runtime.verify(sequence, tree, ancestors)
+    result = accept(tree, logits, ancestors, config, generator)
+    path, next_tokens = path_on_device(result, hidden.device)
+    return Verified(hidden, logits, result, path, next_tokens, hidden[path])
 
 
 def record_step(tokens: list[int], stats: DecodeStats, stopper: Stopper, result: Acceptance) -> bool:
@@ -242,7 +258,7 @@ def speculative_generate(
     which a calibrated scorer with attention bins (`tree.needs_visual`) and a calibration observer
     need; off, the draft layer runs plain SDPA. Neither changes a single output token.
     profile: split the loop's time into `DecodeStats.draft_s` (tree building), `verify_s` (the target
-    forward over the tree) and `other_s` (the rest), synchronising the device at each boundary; the
+    forward over the tree and the acceptance, `verify_step`) and `other_s` (the rest), synchronising the device at each boundary; the
     output is the same, only slower to come, so time unprofiled runs for speed.
     """
     target = runtime.target
@@ -265,18 +281,16 @@ def speculative_generate(
             # 2. draft a tree under the root (the last committed token)
             drafted, ancestors = runtime.draft_tree(sequence, tree, token, root)
             stats.draft_s += clock.lap()
-            # 3. verify it in one forward
-            tree_hidden, logits = runtime.verify(sequence, drafted, ancestors)
+            # 3. verify it in one forward and accept (greedy: one read from the device)
+            verified = verify_step(runtime, sequence, drafted, ancestors, config, generator)
             stats.verify_s += clock.lap()
-            # 4. accept (greedy: one read from the device)
-            result = accept(drafted, logits, ancestors, config, generator)
+            result = verified.acceptance
             if observer is not None:
-                observer(drafted, logits, result)
-            # 5. keep the accepted path in the target cache, advance the draft over it (one copy to the device):
+                observer(drafted, verified.logits, result)
+            # 4. keep the accepted path in the target cache, advance the draft over it (the path already on the device):
             # queued before the host's stop check, which the device's work then hides; a stop wastes it
-            path, committed_ids = path_on_device(result, device)
-            root = runtime.commit(sequence, path, committed_ids, tree_hidden[path])
-            # 6. stop exactly where plain decoding would, even inside the path
+            root = runtime.commit(sequence, verified.path, verified.next_tokens, verified.path_hidden)
+            # 5. stop exactly where plain decoding would, even inside the path
             if record_step(tokens, stats, stopper, result):
                 break
             token = result.bonus

@@ -20,6 +20,8 @@ The calls of one speculative generation, in order (plain decoding: `prefill`, th
     per step: tree, ancestors = runtime.draft_tree(sequence, spec, token, root)
               tree_hidden, logits = runtime.verify(sequence, tree, ancestors)
               root = runtime.commit(sequence, path, next_tokens, tree_hidden[path])
+    (a runtime may also offer `verify_greedy(sequence, tree, ancestors) -> verify.Verified`, the verification
+    and greedy acceptance in one call, which the greedy loop then uses: `decoding.verify_step`)
     at the end:   runtime.release(sequence)
 
 Many generations at once (`lmms_msd.speculative.batching`, the batched loop): a `BatchedRuntime` adds

@@ -33,6 +33,19 @@ class Acceptance:
         return len(self.path) - 1
 
 
+@dataclass
+class Verified:
+    """A verified step, ready to commit: the target's outputs over the tree, the acceptance, and what
+    `Runtime.commit` takes, on the device (valid until the runtime's next call)."""
+
+    hidden: torch.Tensor  # [N, H] the target's hidden at every node
+    logits: torch.Tensor  # [N, V]
+    acceptance: Acceptance
+    path: torch.Tensor  # [a + 1] long: the accepted path's node indices, root first
+    next_tokens: torch.Tensor  # [a + 1] long: the committed tokens (the accepted ones, then the bonus)
+    path_hidden: torch.Tensor  # [a + 1, H]: hidden at the path's nodes
+
+
 def tree_attention_mask(ancestors: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask for the target over [prefix | tree]: all of the prefix, and each node's ancestors and itself.
 
@@ -58,20 +71,43 @@ def accept_greedy(tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor) -> 
     assert logits.shape[0] == n and ancestors.shape == (n, n), (
         f"logits {tuple(logits.shape)}, ancestors {tuple(ancestors.shape)} for a tree of {n} nodes"
     )
-    best = logits.argmax(dim=-1)  # [N]
-    matches = tree.tokens == best[tree.parents.clamp(min=0)]
-    matches[:1] = True  # the root is committed already (a slice: no host scalar)
-    accepted = ~(ancestors & ~matches[None, :]).any(dim=1)  # [N]
+    outcome = greedy_outcome(tree.tokens, tree.parents, tree.depths, ancestors, logits.argmax(dim=-1))
+    return unpack_greedy(outcome.tolist())  # the one read
+
+
+def greedy_outcome(
+    tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor, best: torch.Tensor
+) -> torch.Tensor:
+    """`accept_greedy`'s rule on the device, with no host read (a CUDA graph may hold it): over T nodes, the
+    root first; tokens, parents (-1 at the root), depths [T] long, ancestors [T, T] bool, best [T] the target's
+    argmax at each node. Rows past a tree's nodes may pad it: with no ancestors and a negative depth they are
+    never on the path (a padded verification: depth = position - prefix).
+    -> [2 + 2T] long: the path's length a + 1, the bonus, the path's nodes (T places, 0 past a + 1), then the
+    committed tokens (the accepted ones, then the bonus; T places, padding past a + 1), what `unpack_greedy`
+    reads and `Runtime.commit` takes (the nodes and the tokens as device slices of it).
+    Example: tokens [r, x, y] with parents [-1, 0, 1], best [x, y, z]: [3, z, 0, 1, 2, x, y, z].
+    """
+    t = tokens.shape[0]
+    matches = tokens == best[parents.clamp(min=0)]
+    matches[:1].fill_(True)  # the root is committed already (fill_: no host tensor, so a graph may hold it)
+    accepted = ~(ancestors & ~matches[None, :]).any(dim=1)  # [T]
     # [1], not a 0-dim tensor: indexing with a 0-dim tensor reads it to the host (`.item()`), a wait for the device
-    deepest = torch.where(accepted, tree.depths, -1).argmax(dim=0, keepdim=True)
-    on_path = ancestors.index_select(0, deepest)[0]  # [N]
-    place = torch.where(on_path, tree.depths, n)  # a node's place on the path is its depth; others past the end
-    path = torch.full((n + 1,), 0, dtype=torch.long, device=logits.device)
-    path.scatter_(0, place, torch.arange(n, device=logits.device))
-    length = tree.depths.index_select(0, deepest) + 1
-    packed = torch.cat([length, best.index_select(0, deepest), path[:n], tree.tokens[path[:n]]]).tolist()  # the one read
-    a1, bonus = packed[0], packed[1]
-    return Acceptance(packed[2 : 2 + a1], bonus, packed[2 + n + 1 : 2 + n + a1])
+    deepest = torch.where(accepted, depths, -1).argmax(dim=0, keepdim=True)
+    on_path = ancestors.index_select(0, deepest)[0]  # [T]
+    place = torch.where(on_path, depths, t)  # a node's place on the path is its depth; others past the end
+    path = torch.zeros(t + 1, dtype=torch.long, device=tokens.device)
+    path.scatter_(0, place, torch.arange(t, device=tokens.device))
+    length = depths.index_select(0, deepest) + 1
+    bonus = best.index_select(0, deepest)
+    committed = tokens[path[1:]].scatter_(0, length - 1, bonus)  # the accepted nodes' tokens, then the bonus
+    return torch.cat([length, bonus, path[:t], committed])
+
+
+def unpack_greedy(outcome: list[int]) -> Acceptance:
+    """`greedy_outcome`'s [2 + 2T] values, read to the host -> the step's `Acceptance`."""
+    t = (len(outcome) - 2) // 2
+    a1, bonus = outcome[0], outcome[1]
+    return Acceptance(outcome[2 : 2 + a1], bonus, outcome[2 + t : 1 + t + a1])
 
 
 @dataclass

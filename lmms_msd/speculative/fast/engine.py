@@ -9,9 +9,10 @@ engine changes is where their work runs:
   ancestor masks come with them;
 - committing a step advances the draft over the accepted path in one graph replay (`StaticDrafter.advance`:
   the fuse, the causal block and the head, with the committed count a device tensor);
-- greedy acceptance (`lmms_msd.speculative.verify.accept_greedy`) reads one small tensor per step: with the
-  stopping rule, the only host synchronisation of a greedy step besides OPT-Tree's early stop, which
-  reads the expected length once per level;
+- greedy acceptance (`lmms_msd.speculative.verify.greedy_outcome`) runs inside the verification's graph
+  (`verify_greedy`), and the host reads one small tensor per step: with the stopping rule, the only host
+  synchronisation of a greedy step besides OPT-Tree's early stop, which reads the expected length once
+  per level; the accepted path, its tokens and hidden states stay on the device for `commit`;
 - plain decoding goes through the same `StaticTarget`, so the baseline is as fast as this machinery
   makes one token per forward.
 """
@@ -28,6 +29,7 @@ from lmms_msd.speculative.fast.static_target import StaticTarget
 from lmms_msd.speculative.fast.tree_growth import GraphedTreeGrower
 from lmms_msd.speculative.runtime import Sequence, drafter_of, require_draft
 from lmms_msd.speculative.tree import Tree, TreeSpec
+from lmms_msd.speculative.verify import Verified, unpack_greedy
 
 
 class StaticEngine:
@@ -115,6 +117,18 @@ class StaticEngine:
         self._check_live(sequence)
         prefix_len = sequence.committed
         return self.static_target.forward_tokens(tree.tokens, prefix_len + tree.depths, prefix_len, ancestors)
+
+    def verify_greedy(self, sequence: Sequence, tree: Tree, ancestors: torch.Tensor) -> Verified:
+        """`verify` and `accept_greedy` in one graph replay (`StaticTarget.forward_tree_greedy`) and one read: the
+        path, the committed tokens and the hidden there stay on the device, as slices of the graph's outputs."""
+        self._check_live(sequence)
+        prefix_len = sequence.committed
+        hidden, logits, outcome, path_hidden = self.static_target.forward_tree_greedy(
+            tree.tokens, tree.parents, prefix_len + tree.depths, prefix_len, ancestors
+        )  # fmt: skip
+        result = unpack_greedy(outcome.tolist())  # the one read
+        a1, rows = len(result.path), path_hidden.shape[0]
+        return Verified(hidden, logits, result, outcome[2 : 2 + a1], outcome[2 + rows : 2 + rows + a1], path_hidden[:a1])
 
     def commit(self, sequence: Sequence, path: torch.Tensor, next_tokens: torch.Tensor, path_hidden: torch.Tensor) -> DraftRows:
         self._check_live(sequence)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from lmms_msd.models.target import Target
 from lmms_msd.speculative.fast.graphs import GraphedFunction, bucket, compiled, prompt_rows, varying_shapes, width_bucket
 from lmms_msd.speculative.fast.row_product import linear
+from lmms_msd.speculative.verify import greedy_outcome
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
 # compiled: the query rows per sequence (least, most) for which `eager_attention` replaces SDPA: a tree's
@@ -206,6 +207,7 @@ class StaticTarget:
         self._layer_output = compiled(layer_output) if compile else layer_output
         self._eager_attention = compiled(eager_attention) if compile else None
         self._graphed = GraphedFunction(self._forward_padded, enabled, device)
+        self._graphed_greedy = GraphedFunction(self._forward_padded_greedy, enabled, device)
         self._graphed_next = GraphedFunction(self._forward_next, enabled, device)
         self._graphed_prompt = GraphedFunction(self._forward_prompt, enabled, device)
 
@@ -337,6 +339,26 @@ class StaticTarget:
         are made inside it from the prefix and the count (`_forward_padded`), since a step's few dozen
         small operations, issued from Python, took longer than the device took to run them.
         """
+        hidden, logits = self._padded(self._forward_padded, self._graphed, tokens, positions, prefix_len, tree_visible)
+        return hidden[: tokens.shape[0]], logits[: tokens.shape[0]]
+
+    @torch.inference_mode()
+    def forward_tree_greedy(
+        self, tokens: torch.Tensor, parents: torch.Tensor, positions: torch.Tensor, prefix_len: int, tree_visible: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward_tokens` over a tree with greedy acceptance in the same graph (`verify.greedy_outcome` over the
+        padded rows), so that a greedy step's acceptance costs no kernel launches of its own and its one read
+        waits for one graph. tokens, parents, positions: [n]; tree_visible: [n, n] (`Tree.ancestor_mask`)
+        -> hidden [n, H], logits [n, V], the outcome [2 + 2T] (T >= n, the padded rows) and the hidden at the
+        path's nodes [T, H] (its first a + 1 rows), valid until the next call."""
+        hidden, logits, outcome, path_hidden = self._padded(
+            self._forward_padded_greedy, self._graphed_greedy, tokens, positions, prefix_len, tree_visible, parents
+        )  # fmt: skip
+        return hidden[: tokens.shape[0]], logits[: tokens.shape[0]], outcome, path_hidden
+
+    def _padded(self, function, graphed, tokens, positions, prefix_len, tree_visible, *extra):
+        """Run `function` (a `_forward_padded*`) over the rows padded to their bucket: from its graph (`graphed`)
+        up to the largest bucket, eagerly past it. extra: [n] long inputs after the tree mask, padded with 0."""
         n = tokens.shape[0]
         self._check_room(prefix_len + n)
         rows = bucket(n, TOKEN_BUCKETS) if n <= TOKEN_BUCKETS[-1] else n
@@ -345,12 +367,19 @@ class StaticTarget:
             tree_visible = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
         pad = rows - n
         # the prefix and the count go in as views of the slot numbers (slot i holds i): on the device with no copy
-        run = self._graphed if rows <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_padded)
-        hidden, logits = run(
-            F.pad(tokens, (0, pad)), F.pad(positions, (0, pad)), F.pad(tree_visible, (0, pad, 0, pad)),
-            self.slots[prefix_len : prefix_len + 1], self.slots[n : n + 1], self.slots[:width],
-        )  # fmt: skip
-        return hidden[:n], logits[:n]
+        run = graphed if rows <= TOKEN_BUCKETS[-1] else varying_shapes(function)
+        padded = [F.pad(t, (0, pad)) for t in (tokens, positions)] + [F.pad(tree_visible, (0, pad, 0, pad))]
+        padded += [F.pad(t, (0, pad)) for t in extra]
+        return run(*padded, self.slots[prefix_len : prefix_len + 1], self.slots[n : n + 1], self.slots[:width])
+
+    def _forward_padded_greedy(self, tokens, positions, tree_visible, parents, prefix, count, window):
+        """`_forward_padded`, then greedy acceptance over its T rows: depths are positions - P (negative on the
+        padding rows, which see no tree node), so no padding row is ever on the path. -> hidden, logits,
+        the outcome [2 + 2T] and the hidden at the path's T places."""
+        hidden, logits = self._forward_padded(tokens, positions, tree_visible, prefix, count, window)
+        outcome = greedy_outcome(tokens, parents, positions - prefix, tree_visible, logits.argmax(dim=-1))
+        rows = tokens.shape[0]
+        return hidden, logits, outcome, hidden.index_select(0, outcome[2 : 2 + rows])
 
     def _forward_padded(self, tokens, positions, tree_visible, prefix, count, window):
         """`forward_tokens` inside its graph. tokens, positions: [T] long, n real rows then padding; tree_visible:
