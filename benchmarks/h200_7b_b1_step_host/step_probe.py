@@ -101,7 +101,8 @@ grower0 = next(iter(rt._growers.values()))
 levels_run = [0]
 real_levels = list(grower0._levels)
 grower0._levels = [(lambda g: (lambda *a: (levels_run.__setitem__(0, levels_run[0] + 1), g(*a))[1]))(g) for g in real_levels]
-orig = {a: wrap(rt, a, a) for a in ("draft_tree", "verify", "commit", "prefill", "prefill_draft")}
+# verify_greedy: the verification with its greedy acceptance (since 776df40; the phase "verify" before it)
+orig = {a: wrap(rt, a, a) for a in ("draft_tree", "verify", "commit", "prefill", "prefill_draft") + (("verify_greedy",) if hasattr(rt, "verify_greedy") else ())}
 orig_accept = wrap(D, "accept", "accept")
 sync()
 run("opt")
@@ -155,7 +156,7 @@ grower = next(iter(rt._growers.values()))
 with torch.inference_mode():  # the grower's tensors are inference tensors
     grower.prefix.fill_(300)  # the levels' graphs read it in place: a count that fits every captured width
 say("\ngraph replays (device ms, host ms per replay):")
-items = [("plain step", st._graphed_next), ("verify", st._graphed), ("target prompt", st._graphed_prompt), ("draft advance", drafter._advancing),
+items = [("plain step", st._graphed_next), ("verify", st._graphed)] + ([("verify greedy", st._graphed_greedy)] if hasattr(st, "_graphed_greedy") else []) + [("target prompt", st._graphed_prompt), ("draft advance", drafter._advancing),
          ("draft prompt", drafter._prompt_graphed), ("draft head", drafter._graphed), ("root", grower._root)]
 items += [(f"level {d}", g) for d, g in enumerate(grower._levels)] + [(f"select {d}", g) for d, g in enumerate(grower._select)]
 replays = {}
@@ -178,6 +179,8 @@ th, lg = rt.verify(seq, drafted, anc)
 say("  verify       %8.3f %7.3f" % device_ms(lambda: rt.verify(seq, drafted, anc), 20))
 res = D.accept(drafted, lg, anc, config, None)
 say("  accept       %8.3f %7.3f" % device_ms(lambda: D.accept(drafted, lg, anc, config, None), 30))
+if hasattr(rt, "verify_greedy"):
+    say("  verify_greedy %7.3f %7.3f" % device_ms(lambda: rt.verify_greedy(seq, drafted, anc), 20))
 path, ids = D.path_on_device(res, st.device)
 say("  path_on_dev  %8.3f %7.3f" % device_ms(lambda: D.path_on_device(res, st.device), 30))
 say("  keep_path    %8.3f %7.3f" % device_ms(lambda: st.keep_path(seq.committed, path), 30))
@@ -213,7 +216,7 @@ def kernels(name, cap):
 
 
 for (name, shapes), cap in replays.items():
-    if name in ("plain step", "verify", "draft advance") or name in ("level 3", "root", "select 8"):
+    if name in ("plain step", "verify", "verify greedy", "draft advance") or name in ("level 3", "root", "select 8"):
         kernels(f"{name} {shapes}", cap)
 
 
