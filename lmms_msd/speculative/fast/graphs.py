@@ -138,27 +138,22 @@ class GraphedFunction:
         return len(self._graphs)
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        key = tuple([(a.shape, a.dtype) for a in args])
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
         if self.static_inputs:
             self._check_static(key, args)
         if not self.enabled:
             with sdpa_kernel(list(ALL_BACKENDS)):  # as captured: every backend, whatever the caller restricted
                 return self.fn(*args)
-        captured = self._graphs.get(key)
-        if captured is None:
-            # every SDPA backend, whatever the caller restricted (`varying_shapes`): the shape is met at every replay
-            with torch.cuda.device(self.device), sdpa_kernel(list(ALL_BACKENDS)):
-                captured = self._graphs[key] = self._capture(args)
-        if not self.static_inputs:
-            for buffer, value in zip(captured.inputs, args):
-                buffer.copy_(value)  # on the buffer's device, whatever the current one
-        # a replay launches on the current device's stream: switch only when it is another (a few us a call saved,
-        # and a tree level's replay is on the host's path between two reads)
-        if self.device is None or self.device.index in (None, torch.cuda.current_device()):
+        with torch.cuda.device(self.device):
+            captured = self._graphs.get(key)
+            if captured is None:
+                # every SDPA backend, whatever the caller restricted (`varying_shapes`): the shape is met at every replay
+                with sdpa_kernel(list(ALL_BACKENDS)):
+                    captured = self._graphs[key] = self._capture(args)
+            if not self.static_inputs:
+                for buffer, value in zip(captured.inputs, args):
+                    buffer.copy_(value)
             captured.graph.replay()
-        else:
-            with torch.cuda.device(self.device):
-                captured.graph.replay()
         return captured.outputs
 
     def _capture(self, args: Sequence[torch.Tensor]) -> _Captured:
