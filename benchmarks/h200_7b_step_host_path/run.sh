@@ -21,3 +21,9 @@ env PYTHONPATH=/tmp/old1:$PYTHONPATH python3 -P -m lmms_msd bench $A --methods p
 env PYTHONPATH=/tmp/old:$PYTHONPATH python3 -P -m lmms_msd bench $A --methods plain,opt,opt_cal --temperature 0 --output_dir build/r45/t0_old
 lmms-msd bench $A --methods opt,opt_cal --temperature 1 --output_dir build/r45/t1_new
 python3 $P build/r45/probe 3
+# r46 (e5c3f85, the code of r45 less the GraphedFunction change it measured no gain from) against 21da4a4 on a third
+# machine, then without --torch_compile (the plugin's default on CUDA)
+A0="--engine static --inflate 7b --limit 5 --warmup 2 --repeats 3 --stop_delta 0.6 --no_progress --include_path $PWD/tasks"
+lmms-msd bench $A0 --torch_compile --methods plain,opt,opt_cal --temperature 0 --output_dir build/r46/t0_new
+env PYTHONPATH=/tmp/old:$PYTHONPATH python3 -P -m lmms_msd bench $A0 --torch_compile --methods plain,opt,opt_cal --temperature 0 --output_dir build/r46/t0_old
+lmms-msd bench $A0 --methods plain,opt,opt_cal --temperature 0 --output_dir build/r46/t0_new_eager
