@@ -7,8 +7,8 @@ A tree of the root alone (n = 0) is a *plain step*: its verification is a plain 
 committed token and its bonus is plain decoding's next token.
 
 `CostModel` holds the measured seconds of those parts on one runtime and device: verification by tree
-size, the first level and each further one, the rest of a step (acceptance, cache keeping, the draft's
-advance over the committed tokens), and one step of plain decoding (`use_msd=false`) for reference.
+size (with the greedy acceptance, as the loop's `verify_step` runs it), the first level and each further one, the
+rest of a step (cache keeping, the draft's advance over the committed tokens), and one step of plain decoding (`use_msd=false`) for reference.
 `measure_cost_model` times them with a few warm calls on the runtime that will decode (transformers'
 forward on CPU; on a GPU the static engine's token buckets and graphed levels make it cheap);
 `cached_cost_model` keeps them in a JSON file per `CostKey` (runtime, device, dtype, model shape,
@@ -82,12 +82,13 @@ class CostModel:
     """Seconds of a speculative step's parts on one runtime and device (module docstring for the words).
 
     widths: tree sizes (root included) whose verification was timed, ascending, widths[0] == 1
-    verify_s: seconds of one verification over widths[i] tokens, after `prefix_len` committed ones
+    verify_s: seconds of one verification over widths[i] tokens, after `prefix_len` committed ones, with its greedy
+        acceptance (`decoding.verify_step`, as the loop runs it)
     bucketed: True when a verification costs what the smallest timed width holding it costs (the
         static engine pads every forward to a token bucket); False: linear between timed widths
     draft_root_s: the first level (scoring the root's children; no draft forward)
     draft_level_s: each further level (one draft forward of the frontier, its scoring and storing)
-    step_s: the rest of a step (acceptance, cache keeping, the draft's advance over the committed tokens)
+    step_s: the rest of a step (cache keeping, the draft's advance over the committed tokens)
     plain_step_s: one step of plain decoding (one target forward, choosing the token), for reference
     """
 
@@ -244,9 +245,9 @@ def measure_cost_model(
     # this module (the rule), so its names come in here
     from sklearn.isotonic import isotonic_regression
 
-    from lmms_msd.speculative.decoding import path_on_device
+    from lmms_msd.speculative.decoding import verify_step
+    from lmms_msd.speculative.sampling import GenerationConfig
     from lmms_msd.speculative.tree import OptTree, Tree
-    from lmms_msd.speculative.verify import accept_greedy
 
     assert tree.kind == "opt", f"the cost model is measured for an OPT-Tree spec, got kind {tree.kind!r}"
     target = runtime.target
@@ -285,12 +286,11 @@ def measure_cost_model(
         drafted = _sync(device)
         forwards = sequence.drafter.tree_used // k
         verified_tree, ancestors = star(width)
-        tree_hidden, tree_logits = runtime.verify(sequence, verified_tree, ancestors)
+        # as the greedy loop verifies and accepts (on a StaticEngine, in one graph): the verification's seconds
+        result = verify_step(runtime, sequence, verified_tree, ancestors, GenerationConfig(temperature=0.0), None)
         verified = _sync(device)
-        result = accept_greedy(verified_tree, tree_logits, ancestors)
-        path, committed = path_on_device(result, device)
-        root = runtime.commit(sequence, path, committed, tree_hidden[path])
-        token = result.bonus
+        root = runtime.commit(sequence, result.path, result.next_tokens, result.path_hidden)
+        token = result.acceptance.bonus
         return drafted - start, forwards, verified - drafted, _sync(device) - verified
 
     def plain_step() -> float:
