@@ -27,3 +27,5 @@ A0="--engine static --inflate 7b --limit 5 --warmup 2 --repeats 3 --stop_delta 0
 lmms-msd bench $A0 --torch_compile --methods plain,opt,opt_cal --temperature 0 --output_dir build/r46/t0_new
 env PYTHONPATH=/tmp/old:$PYTHONPATH python3 -P -m lmms_msd bench $A0 --torch_compile --methods plain,opt,opt_cal --temperature 0 --output_dir build/r46/t0_old
 lmms-msd bench $A0 --methods plain,opt,opt_cal --temperature 0 --output_dir build/r46/t0_new_eager
+# r47 (2a1ef72): the plugin end to end through lmms-eval with its default model_args, speculative and use_msd=false, on
+# 20 documents, the answers compared doc_id by doc_id: ../h200_7b_lmms_eval_default/run.sh with its outputs in r47/
