@@ -15,9 +15,8 @@ frontier tensors, so a level reads row d and writes row d + 1: replaying a level
 warm-up does) gives the same result.
 
 The host reads nothing while drafting an EAGLE-2 tree; OPT-Tree's stop "delta" reads the expected
-accepted length once per level (and once after the first level, upstream's variant), and queues the next
-level before that read where the last gain makes a stop unlikely (`build`); its stop "cost" reads the best
-rate and size once per level, and selects the nodes with a graph per depth and size.
+accepted length once per level (and once after the first level, upstream's variant); its stop "cost"
+reads the best rate and size once per level, and selects the nodes with a graph per depth and size.
 """
 
 from __future__ import annotations
@@ -31,13 +30,6 @@ from lmms_msd.speculative.fast.graphs import GraphedFunction, width_bucket
 from lmms_msd.speculative.fast.logprob_topk import draft_topk
 from lmms_msd.speculative.fast.static_drafter import StaticDrafter
 from lmms_msd.speculative.tree import Tree, TreeSpec, pool_capacity, select_nodes
-
-# stop "delta": queue the next level before reading the last one's expected length when the last gain read exceeds the
-# threshold by this much (expected tokens). A level adds at most 1 (the best chain's probability); on the bundled pair's
-# long-answer trees at stop_delta 0.6 (97 trees on CPU, `benchmarks/h200_7b_step_host_path/launch_ahead.py`), of 6.6 reads
-# a tree that decide a level, 0.3 queued 4.8 levels ahead that the tree grew and 0.12 in vain (0.2: 5.5 and 0.30; 0.1:
-# 5.8 and 0.50; 0: 5.9 and 0.75).
-LAUNCH_AHEAD_MARGIN = 0.3
 
 
 class GraphedTreeGrower:
@@ -77,11 +69,6 @@ class GraphedTreeGrower:
             rows = [spec.cost.step_seconds(max(d, 1), spec.budget) for d in range(depth + 1)]
             self.seconds = torch.stack(rows).to(device)
             self.best = torch.zeros(depth + 1, 2, **f32)  # row d: the best rate and size once depth d is grown
-        # stop "delta": each depth's expected length copied to the host as its level ends (`_launch`), and on CUDA
-        # an event per depth that marks the copy done
-        cuda = device.type == "cuda"
-        self._host_expected = torch.zeros(depth + 1, dtype=torch.float32, pin_memory=cuda)
-        self._copied = [torch.cuda.Event() for _ in range(depth + 1)] if cuda else None
 
     def end(self, depth: int) -> int:
         """Pool places used once levels 1..depth are grown."""
@@ -174,58 +161,29 @@ class GraphedTreeGrower:
         return fields + ((tree.visual,) if visual is not None else ()) + (tree.ancestor_mask(depth),)
 
     # ---- one tree ------------------------------------------------------------------------------------------
-    def _launch(self, depth: int, prefix: torch.Tensor, window: torch.Tensor) -> None:
-        """Queue level `depth` (`depth` 0: the root's, already replayed) and, under stop "delta", the copy of the
-        expected length it records to the host, with an event that says when the copy is there."""
-        if depth:
-            self._levels[depth](prefix, window)
-        if self.spec.stop_delta is not None:
-            self._host_expected[depth + 1].copy_(self.expected[depth + 1], non_blocking=True)
-            if self._copied is not None:
-                self._copied[depth + 1].record()
-
-    def _expected_at(self, depth: int) -> float:
-        """The expected length once depth `depth` is grown, as `_launch` copied it (waits for that copy only:
-        a level launched after it keeps the device busy meanwhile)."""
-        if self._copied is not None:
-            self._copied[depth].synchronize()
-        return float(self._host_expected[depth])
-
     @torch.inference_mode()
     def build(self, root_token: int, root_hidden: torch.Tensor, root_visual: torch.Tensor | None) -> tuple[Tree, torch.Tensor]:
-        """The tree under the root and its ancestor mask [N, N] (what verification needs).
-
-        Stop "delta" reads each level's expected length before deciding on the next level; while the host waits
-        for that read, the device would wait for the host. So when the last gain read exceeds the threshold by
-        LAUNCH_AHEAD_MARGIN, the next level is queued before the read: if the read then stops the tree, that
-        level grew in vain (its pool places and cache slots lie past the tree's, which nothing reads), and
-        the tree is the same either way."""
+        """The tree under the root and its ancestor mask [N, N] (what verification needs)."""
         drafter, spec = self.drafter, self.spec
         assert (root_visual is not None) == (self.visual is not None), "track_visual differs between drafter and call"
         visual = root_visual.reshape(1) if root_visual is not None else root_hidden.new_zeros(1, dtype=torch.float32)
-        self._root(root_hidden, visual)
+        expected = self._root(root_hidden, visual)[0]
+        stop_delta = spec.stop_delta
+        last = float(expected[1]) if stop_delta is not None else 0.0
+        levels = 1 if spec.frontier_only and stop_delta is not None and last <= stop_delta else spec.max_depth
         prefix = self.prefix.fill_(drafter.committed)
         reach = drafter.committed + (spec.max_depth - 1) * spec.top_k
         drafter.reserve(reach)
-        window = self.window[: width_bucket(reach, drafter.capacity)]
-        self._launch(0, prefix, window)
-        stop_delta = spec.stop_delta
-        last = self._expected_at(1) if stop_delta is not None else 0.0
-        gained = last  # the last gain read (the root's level: from 0)
-        levels = 1 if spec.frontier_only and stop_delta is not None and last <= stop_delta else spec.max_depth
-        grown, ahead = 1, False
+        width = width_bucket(reach, drafter.capacity)
+        grown = 1
         if spec.cost is not None:  # stop "cost", as grow_tree: no tree beats a plain step: no forward
             rate, size = self.best[1].tolist()
             levels = 1 if size == 0 else spec.max_depth
         for depth in range(1, levels):
-            if not ahead:
-                self._launch(depth, prefix, window)
+            expected = self._levels[depth](prefix, self.window[:width])[0]
             grown = depth + 1
             if stop_delta is not None:
-                ahead = grown < levels and gained - stop_delta > LAUNCH_AHEAD_MARGIN
-                if ahead:
-                    self._launch(grown, prefix, window)
-                now = self._expected_at(grown)
+                now = float(expected[grown])
                 gained, last = now - last, now
                 if gained <= stop_delta:
                     break
