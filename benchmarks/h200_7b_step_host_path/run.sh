@@ -29,3 +29,16 @@ env PYTHONPATH=/tmp/old:$PYTHONPATH python3 -P -m lmms_msd bench $A0 --torch_com
 lmms-msd bench $A0 --methods plain,opt,opt_cal --temperature 0 --output_dir build/r46/t0_new_eager
 # r47 (2a1ef72): the plugin end to end through lmms-eval with its default model_args, speculative and use_msd=false, on
 # 20 documents, the answers compared doc_id by doc_id: ../h200_7b_lmms_eval_default/run.sh with its outputs in r47/
+# launch_ahead.py (CPU): the gains per level on 97 trees, and what each margin would queue ahead and waste
+python benchmarks/h200_7b_step_host_path/launch_ahead.py 10 > launch_ahead.txt
+# r48 (840fdbb: a level queued ahead of its read when the last gain exceeds stop_delta by 0.3) against 2b754e3
+old 2b754e3 /tmp/old2
+lmms-msd bench $A --methods plain,opt,opt_cal --temperature 0 --output_dir build/r48/t0_new
+env PYTHONPATH=/tmp/old2:$PYTHONPATH python3 -P -m lmms_msd bench $A --methods plain,opt,opt_cal --temperature 0 --output_dir build/r48/t0_old2
+lmms-msd bench $A --methods opt,opt_cal --temperature 1 --output_dir build/r48/t1_new
+python3 $P build/r48/probe 3
+# r49: the same two codes interleaved twice, opt and opt_cal at T=0
+for i in 1 2; do
+  lmms-msd bench $A --methods opt,opt_cal --temperature 0 --output_dir build/r49/new$i
+  env PYTHONPATH=/tmp/old2:$PYTHONPATH python3 -P -m lmms_msd bench $A --methods opt,opt_cal --temperature 0 --output_dir build/r49/old$i
+done
