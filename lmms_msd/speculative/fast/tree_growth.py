@@ -4,8 +4,9 @@
 from Python; at a 7B draft's size the GPU finishes each faster than Python issues the next. Here the
 same computation is laid out on preallocated tensors with fixed shapes per level, so that a level
 (feed the frontier through the draft, propose top-k children, score them, pick the next frontier)
-is one graph replay, and so is choosing the final nodes. The children's log-softmax and top-k over the
-vocabulary are fused Triton kernels on CUDA (`logprob_topk`). The trees are the same as `grow_tree`'s.
+is one graph replay, and so is choosing the final nodes. The trees are the same as `grow_tree`'s; on CUDA the
+children's log-softmax and top-k over the vocabulary are fused Triton kernels (`logprob_topk`), whose float32
+roundings and order of equal logits may differ from the library's, so a near tie may go the other way there.
 
 Layout: every stored node has a fixed place in the pool. Depth 1 holds the root's k children at
 places 0..k-1; depth d >= 2 holds w nodes from place k + (d-2)*w on, w = k*k (every proposal) or k
