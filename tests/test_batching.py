@@ -135,6 +135,37 @@ def test_node_budgets_shrink_trees_losslessly():
     assert schedule(tree, 1) is tree and schedule(tree, 3).node_budget == 5 and schedule(tree, 64) is None
 
 
+def test_a_row_runs_its_draft_once_it_grows_a_tree_and_not_before():
+    """Under a schedule of plain steps at large batches, a request whose every step is plain never runs the
+    draft (no prompt read, no advance), and one that grows trees later reads its prompt just before its first
+    tree: its tokens are still plain decoding's."""
+    target, draft = pair("following")
+    runtime = EagerRuntime(target, draft)
+    configs = greedy_configs()
+    prompts = mixed_requests(target, configs)
+    plain = [plain_generate(runtime, p, c) for p, c in zip(prompts, configs)]
+    requests = [BatchRequest(p, c, tree=EagleTree()) for p, c in zip(prompts, configs)]
+    started, drafted = [], set()  # sequences whose draft read its prompt (in order), sequences that grew a tree
+    real_prefill, real_draft = runtime.prefill_draft, runtime.draft_trees
+
+    def prefill_draft(sequence, *args):
+        assert id(sequence) not in drafted, "the draft read the prompt after the row's first tree"
+        started.append(id(sequence))
+        return real_prefill(sequence, *args)
+
+    def draft_trees(sequences, *args):
+        assert all(id(s) in started for s in sequences), "a tree grown before its draft read the prompt"
+        drafted.update(id(s) for s in sequences)
+        return real_draft(sequences, *args)
+
+    runtime.prefill_draft, runtime.draft_trees = prefill_draft, draft_trees
+    results = dict(generate_batched(runtime, requests, max_batch=4, schedule=NodeBudgets.parse("1:58,3:0")))
+    for index, result in results.items():
+        assert result.token_ids == plain[index].token_ids, f"request {index}"
+    assert len(started) == len(set(started)) and set(started) == drafted  # each at most once, and only if it drafts
+    assert 0 < len(drafted) < N_REQUESTS  # trees once fewer than 3 rows are left; the rest never ran their draft
+
+
 @pytest.mark.parametrize("text", ["", "2:5", "1:5,1:6", "1:-1", "1-5"])
 def test_node_budgets_name_a_bad_table(text):
     with pytest.raises(ValueError, match="batch"):

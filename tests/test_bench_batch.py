@@ -64,6 +64,21 @@ def test_a_lossy_batched_method_fails(chart_dir: Path, tmp_path: Path, monkeypat
     assert runs[0]["identical"] is True and runs[1]["identical"] is False and runs[1]["differing_doc_ids"] == [0, 1]
 
 
+def test_the_table_says_how_far_free_decoding_could_get():
+    """"at most, free decoding" is plain's best wall time over the row's prefill (the docstring's example)."""
+    from lmms_msd.commands.bench_batch import BatchRun, markdown_table
+
+    def run(method, batch, wall, prefill):
+        return BatchRun(method=method, batch=batch, requests=128, new_tokens=7864, wall_s=wall, tokens_per_s=7864 / wall,
+                        docs_per_s=128 / wall, tau=None, identical=True, differing_doc_ids=[], prefill_s=prefill)  # fmt: skip
+
+    rows = markdown_table([run("plain", 64, 3.5, 1.75), run("plain", 128, 3.15, 1.73), run("eagle2", 64, 3.6, 2.0)]).splitlines()
+    assert "| vs plain's best | at most, free decoding |" in rows[0]
+    assert rows[2].startswith("| plain | 64 | 2246.9 | 36.571 | 0.90x | 1.80x |")  # 3.15 / 1.75
+    assert rows[3].startswith("| plain | 128 | 2496.5 | 40.635 | 1.00x | 1.82x |")  # 3.15 / 1.73
+    assert rows[4].startswith("| eagle2 | 64 | 2184.4 | 35.556 | 0.88x | 1.57x |")  # 3.15 / 2.0
+
+
 @pytest.mark.parametrize("text", ["", "0,4", "a", "1,-2"])
 def test_bad_batch_sizes(text):
     with pytest.raises(argparse.ArgumentTypeError, match="--batch"):

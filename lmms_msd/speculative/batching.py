@@ -5,8 +5,8 @@ of them (`BatchedRuntime.forward_next_batch` for plain decoding, `verify_trees` 
 tree for speculative decoding); then each row accepts, commits and checks its stop on its own, exactly
 as `lmms_msd.speculative.decoding`'s one-request loops do (the same acceptance rules, `record_step`
 and `Stopper`; the rows' stop checks decode their texts together, `record_steps`). A finished request
-leaves at once and the next waiting one joins (its prompt prefilled alone), so the batch stays full
-while requests remain.
+leaves at once and the next waiting one joins (the prompts joining at once prefilled together), so the
+batch stays full while requests remain.
 
 The host's work per step does not grow with the rows on the device side: the trees are padded into
 one batch with a fixed number of device operations (`pad_trees`), the greedy rows all accept at once
@@ -26,7 +26,11 @@ large trees cost more at large B. A schedule maps a request's tree spec and B to
 step, or None for a plain step (the root alone: no draft forward, the bonus only). A row on plain
 steps leaves its draft behind and catches it up in one draft forward before its next tree; a step
 where no row grows a tree is plain decoding's batched step. So a schedule that turns trees off at
-large B makes speculative decoding cost what plain decoding costs there. `NodeBudgets` is a fixed
+large B makes speculative decoding cost what plain decoding costs there. A row's draft starts (reads
+its prompt, `prefill_draft`) only before the row's first tree, so a request decoded on plain steps from
+start to end never runs the draft at all: the draft's prompt forward (2.3 ms a request on the H200's
+7B-shaped testbed, `benchmarks/h200_7b_batch_default/`) is paid only by the requests that use it.
+`NodeBudgets` is a fixed
 table by batch size; a cost model's choice per batch size plugs in at the same place (not done yet:
 `lmms_msd.speculative.cost` times batch-1 steps only).
 
@@ -180,6 +184,9 @@ class _Row:
     tokens: list[int]  # committed so far; the last is fed next (plain) or is the next tree's root
     wall_s: float = 0.0  # its share of the loop's time so far (`generate_batched`)
     root: DraftRows | None = None  # speculative: the draft's output at the root (stale while `behind` holds steps)
+    # speculative, until the row first grows a tree: what its draft's prefill reads (the prompt, the target's
+    # hidden over it); a row that never grows one (plain steps all along) never runs its draft
+    unstarted: tuple[EmbeddedPrompt, torch.Tensor] | None = None
     # speculative: steps the draft has not advanced over (plain steps: no tree needed it), oldest first:
     # each the committed tokens [m] that follow its committed positions and the target's hidden there [m, H]
     behind: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -278,11 +285,10 @@ def _start(runtime: BatchedRuntime, joining: list[tuple[int, BatchRequest]]) -> 
     for (index, request), (sequence, hidden, logits) in zip(joining, started):
         config, tree = request.config, request.tree
         token = next_token(logits, config, request.generator)
-        root = None
-        if tree is not None:
-            root = runtime.prefill_draft(sequence, request.prompt, hidden, token, request.track_visual)
         stopper = Stopper(target.tokenizer, target.eos_token_id, config.max_new_tokens, config.until)
-        row = _Row(index, request, sequence, stopper, DecodeStats(speculative=tree is not None), [token], root=root)
+        row = _Row(index, request, sequence, stopper, DecodeStats(speculative=tree is not None), [token])
+        if tree is not None:  # the draft reads the prompt when the row first grows a tree (`_catch_up`)
+            row.unstarted = (request.prompt, hidden)
         row.done = stopper.first_stop(row.tokens, 0) is not None
         rows.append(row)
     _synchronize(target.device)
@@ -324,7 +330,7 @@ def _speculative_step(runtime: BatchedRuntime, live: list[_Row], schedule: TreeS
     if not grown and all(row.request.observer is None for row in live):
         _plain_steps(runtime, live)
         return
-    _catch_up(runtime, [live[b] for b in grown if live[b].behind])
+    _catch_up(runtime, [live[b] for b in grown if live[b].behind or live[b].unstarted is not None])
     drafted = runtime.draft_trees(
         [live[b].sequence for b in grown], [specs[b] for b in grown], [live[b].tokens[-1] for b in grown],
         [live[b].root for b in grown],
@@ -425,7 +431,15 @@ def _plain_steps(runtime: BatchedRuntime, live: list[_Row]) -> None:
 
 
 def _catch_up(runtime: BatchedRuntime, rows: list[_Row]) -> None:
-    """Advance the rows' drafts over every step they are behind, in one call: their new roots."""
+    """Advance the rows' drafts over every step they are behind, in one call: their new roots. A row whose
+    draft has not started reads its prompt first (`prefill_draft`, with the row's first token: as its
+    one-request loop does at the start), then advances with the others over the steps since."""
+    for row in rows:
+        if row.unstarted is not None:
+            prompt, hidden = row.unstarted
+            row.root = runtime.prefill_draft(row.sequence, prompt, hidden, row.tokens[0], row.request.track_visual)
+            row.unstarted = None
+    rows = [row for row in rows if row.behind]
     if not rows:
         return
     # one step behind (a tree every step): its tensors as they are, no copy per row

@@ -157,8 +157,9 @@ class BatchedRuntime(Runtime, Protocol):
     ) -> list[tuple[Sequence, torch.Tensor, torch.Tensor]]:
         """`Runtime.prefill` for several prompts joining at once, which a runtime may run as one forward:
         per prompt its sequence, the target's hidden [L_b, H] and the logits at its last position [V]
-        (what choosing the first token needs). A prompt that cannot start raises `PrefillError` naming
-        its place in `prompts`; then none of them has started."""
+        (what choosing the first token needs). The hidden states stay valid while the sequence is live (the
+        batched loop starts a row's draft from them later, `prefill_draft`). A prompt that cannot start
+        raises `PrefillError` naming its place in `prompts`; then none of them has started."""
         ...
 
     def forward_next_batch(self, sequences: list[Sequence], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
