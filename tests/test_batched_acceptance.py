@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmms_msd.speculative.batching import BatchRequest, generate_batched
 from lmms_msd.speculative.fast.batched_engine import BatchedStaticEngine
+from lmms_msd.speculative.fast.graphs import bucket
 from lmms_msd.speculative.runtime import EagerRuntime
 from lmms_msd.speculative.tree import Tree
 from lmms_msd.speculative.verify import GrownTrees, accept_greedy, accept_greedy_rows, pad_trees
@@ -161,6 +162,8 @@ class Watched:
                 self.open = False
             if self.open and name == "keep_batch":
                 self.windows[-1]["kept"] = True
+            if self.open and name == "verify_trees" and hasattr(args[0][0], "row"):  # a static engine's cache rows
+                self.windows[-1]["cache_rows"] = [sequence.row for sequence in args[0]]
             return value(*args, **kwargs)
 
         return call
@@ -204,11 +207,16 @@ def test_a_greedy_batched_step_reads_the_device_once(engine, monkeypatch):
         kept = [step for step in steps if step["kept"]]
         assert len({step["rows"] for step in kept if step["rows"] > 1}) >= 2
         # one count whatever the rows; with batched drafting one for trees grown side by side (B > 1,
-        # `GrownTrees`) and one for a lone row's tree (its own grower, then `pad_trees`)
-        counts: dict[bool, set[int]] = {}
+        # `GrownTrees`) and one for a lone row's tree (its own grower, then `pad_trees`); and one for a
+        # forward over cache rows 0..R-1, one over the listed rows (fewer rows than their spread's bucket)
+        counts: dict[tuple[bool, bool], set[int]] = {}
+        buckets = runtime.static_target.row_sizes
         for step in kept:
-            counts.setdefault(engine == "static_batched_drafting" and step["rows"] > 1, set()).add(step["ops"])
+            rows = step["cache_rows"]
+            listed = bucket(len(rows), buckets) < bucket(max(rows) + 1, buckets)
+            counts.setdefault((engine == "static_batched_drafting" and step["rows"] > 1, listed), set()).add(step["ops"])
         assert all(len(ops) == 1 for ops in counts.values()), str([(step["rows"], step["ops"]) for step in kept])
+        assert {listed for _, listed in counts} == {False, True}  # both ways ran
 
 
 @pytest.mark.parametrize("engine", ["eager", "static"])

@@ -128,7 +128,9 @@ def test_cuda_graphs_change_nothing_in_batches():
         for index in range(N_REQUESTS):
             assert replayed[index].token_ids == direct[index].token_ids, f"request {index}"
             assert replayed[index].stats.accepted == direct[index].stats.accepted
-    assert len(graphs.static_target._graphed_next_rows) > 0 and len(graphs.static_target._graphed_rows) > 0
+    target_graphs = graphs.static_target
+    assert len(target_graphs._graphed_next_rows) > 0 and len(target_graphs._graphed_rows) > 0
+    assert len(target_graphs._graphed_listed) > 0  # the last rows, spread over the cache, verified over their list
 
 
 def test_a_cache_the_device_cannot_hold_is_refused(monkeypatch):

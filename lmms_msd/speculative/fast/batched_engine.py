@@ -261,8 +261,8 @@ class BatchedStaticEngine:
     def verify_trees(self, sequences: list[RowSequence], trees: PaddedTrees) -> TreeOutputs:
         rows = self._check_live(sequences)
         assert len(sequences) == len(trees.counts), f"{len(trees.counts)} trees for {len(sequences)} sequences"
-        hidden, logits, index = self.static_target.forward_trees(rows, [s.committed for s in sequences], trees)
-        return TreeOutputs(hidden, logits, rows, index, trees.counts)
+        hidden, logits, places, index = self.static_target.forward_trees(rows, [s.committed for s in sequences], trees)
+        return TreeOutputs(hidden, logits, places, index, trees.counts)
 
     def keep_batch(self, sequences: list[RowSequence], paths: list[torch.Tensor]) -> None:
         rows = self._check_live(sequences)

@@ -14,6 +14,12 @@ attention width W all bucketed, each (R, T, W) shape is replayed from one CUDA g
 Worked example: rows 0 and 2 in flight with 5 and 7 committed slots, one new token each (plain
 decoding): R = 4 (bucket of 3), W = 256; row 0 writes slot 5 and sees slots 0..5, row 2 writes slot 7
 and sees 0..7; padding rows 1 and 3 write slot capacity - 1 and see slot 0.
+
+A tree verification whose rows are few but spread (the last requests of a run on high rows) runs over
+the listed rows alone instead (`forward_trees`): R the bucket of their number, each row's cache read by a
+gather, since padding rows cost a tree's tokens each. Example: rows 100 and 3 of 128 in flight, 64-node
+trees: R = 2 rows of 64 tokens instead of 128 (on the H200's 7B-shaped testbed a tree step at the end of
+a 128-request run took a 128-row forward of 64 tokens a row, `benchmarks/h200_7b_batch_default/`).
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class BatchedStaticTarget(StaticTarget):
         self.row_ids = torch.arange(rows, device=self.device)
         self._graphed_rows = GraphedFunction(self._forward_row_tokens, self.cuda_graphs, self.device)
         self._graphed_next_rows = GraphedFunction(self._forward_next_rows, self.cuda_graphs, self.device)
+        self._graphed_listed = GraphedFunction(self._forward_listed_tokens, self.cuda_graphs, self.device)
 
     def cache_shape(self, capacity: int) -> tuple[int, ...]:
         return (len(self.layers), self.rows, self.n_kv_heads, capacity, self.head_dim)
@@ -127,6 +134,11 @@ class BatchedStaticTarget(StaticTarget):
 
     def _forward_row_tokens(self, tokens, positions, slots, mask):
         return self._forward_rows(F.embedding(tokens, self.embed), positions, slots, mask)
+
+    def _forward_listed_tokens(self, tokens, positions, slots, mask, listed):
+        """`_forward_row_tokens` over the listed cache rows [R] long (gathered to read), logits included."""
+        hidden = self._layers(F.embedding(tokens, self.embed), positions, slots, mask, 0, listed)
+        return hidden, (hidden @ self.lm_head.T).float()
 
     def _forward_next_rows(self, tokens, positions, slots, window):
         """Plain decoding's step with its mask built inside the graph: tokens, positions, slots [R, 1]
@@ -204,18 +216,26 @@ class BatchedStaticTarget(StaticTarget):
         padding is built with a fixed number of device operations whatever the number of rows.
 
         trees: row i's tree at trees.*[i] (`lmms_msd.speculative.verify.pad_trees`)
-        returns hidden [R, T', H] and logits [R, T', V] float32 with row rows[i]'s node j at [rows[i], j]
-        (valid until the next call), and rows on the device [B] long
+        returns hidden [R, T', H] and logits [R, T', V] float32 with row i's node j at [places[i], j] (valid until
+        the next call), places (a list) and on the device [B] long: the cache rows themselves, or, when the
+        rows' number fits a smaller row bucket than their spread (module docstring), 0..B-1 over the listed
+        rows (padded with rows[0]: its scratch slot written, its slot 0 read)
         """
         counts = trees.counts
         used = max(p + n for p, n in zip(prefixes, counts))
         self._check_room(used)
         r, b = self._row_bucket(rows), len(rows)
+        listed = bucket(b, self.row_sizes) < r
+        if listed:
+            r = bucket(b, self.row_sizes)
+            places, extra = list(range(b)), rows + [rows[0]] * (r - b)
+        else:
+            places, extra = rows, []
         longest = trees.tokens.shape[1]
         t = bucket(longest, TOKEN_BUCKETS) if longest <= TOKEN_BUCKETS[-1] else longest
         width = self.width(used)
-        on_device = to_device(rows + prefixes, self.device)  # the one copy to the device
-        index, prefix = on_device[:b], on_device[b:, None]  # [B], [B, 1]
+        on_device = to_device(places + prefixes + extra, self.device)  # the one copy to the device
+        index, prefix = on_device[:b], on_device[b : 2 * b, None]  # [B], [B, 1]
         valid = trees.valid  # [B, T]
         node = self.slots[:longest][None, :]  # [1, T]: node j of a tree
         padded_tokens = torch.zeros(r, t, dtype=torch.long, device=self.device)
@@ -233,9 +253,13 @@ class BatchedStaticTarget(StaticTarget):
         mask = torch.zeros(r, t, width, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
             ~visible[:, :, :width], torch.finfo(self.lm_head.dtype).min
         )
-        run = self._graphed_rows if t <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_row_tokens)
-        hidden, logits = run(padded_tokens, positions, slots, mask)
-        return hidden, logits, index
+        if listed:
+            run = self._graphed_listed if t <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_listed_tokens)
+            hidden, logits = run(padded_tokens, positions, slots, mask, on_device[2 * b :])
+        else:
+            run = self._graphed_rows if t <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_row_tokens)
+            hidden, logits = run(padded_tokens, positions, slots, mask)
+        return hidden, logits, places, index
 
     @torch.inference_mode()
     def keep_paths(self, rows: list[int], prefixes: list[int], paths: list[torch.Tensor]) -> None:
