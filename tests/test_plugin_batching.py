@@ -44,6 +44,16 @@ def test_batched_answers_equal_batch_one(tiny_hf_dir, tiny_draft_dir, docs, tmp_
     assert run(many[1], sampled, docs) == run(one[1], sampled, docs)
 
 
+def test_auto_decodes_plainly_from_the_batch_where_the_default_schedule_takes_plain_steps(tiny_hf_dir, tiny_draft_dir, tmp_path):  # noqa: F811
+    def model(name, **model_args):
+        return LlavaMsdCalibrated(pretrained=str(tiny_hf_dir), msd_model_path=str(tiny_draft_dir), stats_path=str(tmp_path / name), **model_args)
+
+    assert not model("a", batch_size=PLAIN_FROM.batch).args.use_msd  # use_msd=auto, the default schedule: plain
+    assert model("b", batch_size=PLAIN_FROM.batch - 1).args.use_msd  # trees at every step below it
+    assert model("c", batch_size=PLAIN_FROM.batch, use_msd="true").args.use_msd  # asked for
+    assert model("d", batch_size=PLAIN_FROM.batch, batch_node_budgets="1:58;16:0").args.use_msd  # a schedule of one's own
+
+
 def test_max_batch_and_node_budgets(tiny_hf_dir, tiny_draft_dir, docs, tmp_path):  # noqa: F811
     spec, _ = models(tiny_hf_dir, tiny_draft_dir, tmp_path, max_batch="4", batch_node_budgets="1:58;2:3;4:0",
                      engine="static", max_length="256", batched_drafting="true")  # fmt: skip

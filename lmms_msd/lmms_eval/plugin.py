@@ -132,7 +132,9 @@ class LlavaMsdCalibrated(lmms):
                            beat a plain step even if every draft token were accepted, and then the draft is
                            dropped once the costs are read, so the run is use_msd=false's (not when tree=opt
                            may calibrate online, which decodes every request speculatively); else by the
-                           realised speculative steps so far: lmms_msd.speculative.cost.PathChoice) [auto]
+                           realised speculative steps so far: lmms_msd.speculative.cost.PathChoice); with
+                           8 or more requests at once (batch_size, max_batch) and no batch_node_budgets, plain
+                           decoding (the default schedule would grow trees only in the run's last steps) [auto]
       tree                 "eagle2" (the EAGLE-2 dynamic tree), "opt" (OPT-Tree with early stopping) or "auto":
                            the device's fastest measured: on CUDA opt on the raw draft confidence with
                            stop_delta 0.6, eagle2 elsewhere (model_args.device_default_tree) [auto]
@@ -260,6 +262,14 @@ class LlavaMsdCalibrated(lmms):
         self.prefetch = requests_ahead(prefetch, self.max_batch)
         budgets = as_optional_str(batch_node_budgets)
         self.schedule = PLAIN_FROM if budgets is None else NodeBudgets.parse(budgets)
+        if budgets is None and self.max_batch >= PLAIN_FROM.batch and isinstance(use_msd, str) and use_msd.strip().lower() == "auto":
+            # the default schedule would take plain steps at this batch but for the run's last steps, whose trees
+            # cost their graphs' capture: more than they saved (`benchmarks/h200_7b_batch_default/`)
+            eval_logger.info(
+                f"{MODEL_ID}: use_msd=auto with {self.max_batch} requests at once: plain decoding, without the draft (set "
+                f"use_msd=true for trees once fewer than {PLAIN_FROM.batch} are in flight, or batch_node_budgets)"
+            )
+            use_msd = "false"
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
