@@ -136,7 +136,9 @@ class PlainFrom:
     """A `TreeSchedule`: each request's own tree while fewer than `batch` rows are in flight, plain steps
     (the root alone, no draft forward) from `batch` rows on.
 
-    `PLAIN_FROM` is the plugin's default. Measured on one H200, 7B-shaped testbed, long-answer requests,
+    `PLAIN_FROM` is the plugin's default schedule (with `use_msd=auto`, from 8 requests at once the plugin
+    decodes plainly instead: the trees of a run's last steps cost more than they saved there,
+    `benchmarks/h200_7b_batch_default/`). Measured on one H200, 7B-shaped testbed, long-answer requests,
     EAGLE-2 with the pair retrained on generator version 3 (`benchmarks/h200_7b_batch/retrained_v3/`, 32
     requests): speculative decoding gives 341-404 tokens/s at batch 1 against plain decoding's 164, 608-651
     at batch 4 against 470, but at most 643 at batch 16 against 943 and 727 at batch 32 against 1542
