@@ -77,6 +77,10 @@ def test_the_table_says_how_far_free_decoding_could_get():
     assert rows[2].startswith("| plain | 64 | 2246.9 | 36.571 | 0.90x | 1.80x |")  # 3.15 / 1.75
     assert rows[3].startswith("| plain | 128 | 2496.5 | 40.635 | 1.00x | 1.82x |")  # 3.15 / 1.73
     assert rows[4].startswith("| eagle2 | 64 | 2184.4 | 35.556 | 0.88x | 1.57x |")  # 3.15 / 2.0
+    from lmms_msd.commands.bench_batch import free_decoding_tokens_per_s
+
+    assert free_decoding_tokens_per_s([run("plain", 64, 3.5, 1.75), run("plain", 128, 3.15, 1.73)]) == 7864 / 1.73
+    assert free_decoding_tokens_per_s([run("plain", 64, 3.5, None)]) is None  # an older report: no prefill times
 
 
 @pytest.mark.parametrize("text", ["", "0,4", "a", "1,-2"])
