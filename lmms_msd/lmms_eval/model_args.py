@@ -171,6 +171,11 @@ def device_default_tree(device: str, use_msd: bool) -> tuple[str, float]:
     return "eagle2", OPT_STOP_DELTA
 
 
+def is_auto(use_msd: bool | str) -> bool:
+    """use_msd as given names "auto" (any case, spaces around)."""
+    return isinstance(use_msd, str) and use_msd.strip().lower() == "auto"
+
+
 def coerce_model_args(
     pretrained, msd_model_path, use_msd, tree, total_tokens, depth, top_k, device, dtype, attn_implementation,
     conv_template, system_prompt, vision_tower, stats_path, seed, node_budget, stop_delta, max_depth, opt_variant,
@@ -180,7 +185,7 @@ def coerce_model_args(
     """The plugin's keyword arguments, coerced and checked. world_size and local_rank (accelerate's):
     under data parallelism device cuda becomes cuda:<local_rank>."""
     pretrained = as_optional_str(pretrained)
-    use_msd_auto = isinstance(use_msd, str) and use_msd.strip().lower() == "auto"
+    use_msd_auto = is_auto(use_msd)
     try:
         use_msd = use_msd_auto or as_bool("use_msd", use_msd)
     except ValueError as error:

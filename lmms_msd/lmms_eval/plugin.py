@@ -39,6 +39,7 @@ from lmms_msd.lmms_eval.model_args import (
     as_optional_str,
     calibrates_online,
     coerce_model_args,
+    is_auto,
     pair_settings,
     runtime_settings,
     start_online_calibration,
@@ -262,7 +263,7 @@ class LlavaMsdCalibrated(lmms):
         self.prefetch = requests_ahead(prefetch, self.max_batch)
         budgets = as_optional_str(batch_node_budgets)
         self.schedule = PLAIN_FROM if budgets is None else NodeBudgets.parse(budgets)
-        if budgets is None and self.max_batch >= PLAIN_FROM.batch and isinstance(use_msd, str) and use_msd.strip().lower() == "auto":
+        if budgets is None and self.max_batch >= PLAIN_FROM.batch and is_auto(use_msd):
             # the default schedule would take plain steps at this batch but for the run's last steps, whose trees
             # cost their graphs' capture: more than they saved (`benchmarks/h200_7b_batch_default/`)
             eval_logger.info(

@@ -225,8 +225,8 @@ class BatchedStaticTarget(StaticTarget):
         used = max(p + n for p, n in zip(prefixes, counts))
         self._check_room(used)
         r, b = self._row_bucket(rows), len(rows)
-        listed = bucket(b, self.row_sizes) < r
-        if listed:
+        by_list = bucket(b, self.row_sizes) < r  # few rows, spread: over their list (module docstring)
+        if by_list:
             r = bucket(b, self.row_sizes)
             places, extra = list(range(b)), rows + [rows[0]] * (r - b)
         else:
@@ -253,7 +253,7 @@ class BatchedStaticTarget(StaticTarget):
         mask = torch.zeros(r, t, width, dtype=self.lm_head.dtype, device=self.device).masked_fill_(
             ~visible[:, :, :width], torch.finfo(self.lm_head.dtype).min
         )
-        if listed:
+        if by_list:
             run = self._graphed_listed if t <= TOKEN_BUCKETS[-1] else varying_shapes(self._forward_listed_tokens)
             hidden, logits = run(padded_tokens, positions, slots, mask, on_device[2 * b :])
         else:
