@@ -116,6 +116,18 @@ def test_unknown_model_args_are_rejected_with_the_valid_ones():
         LlavaMsdCalibrated.create_from_arg_string("pretrained=x,msd_model_path=y,use_calibration=true")
 
 
+def test_unknown_model_args_say_where_they_belong_or_what_they_resemble():
+    """A generation setting passed as a model_arg points to --gen_kwargs; a near miss names the model_arg (the
+    docstring's example of `unknown_model_args_message`); a name like nothing gets no hint."""
+    with pytest.raises(ValueError) as raised:
+        LlavaMsdCalibrated.create_from_arg_string("pretrained=x,msd_model_path=y,temperature=1,stopdelta=0.5,zzz=1")
+    message = str(raised.value)
+    assert message.startswith(
+        "unknown model_args ['stopdelta', 'temperature', 'zzz'] for llava_msd_calibrated (stopdelta: did you mean "
+        "stop_delta?; temperature: a generation setting, pass it as --gen_kwargs temperature=1); valid ones: ["
+    ), message
+
+
 @pytest.mark.parametrize(
     "arg_string, message",
     [

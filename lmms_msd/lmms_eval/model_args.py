@@ -8,6 +8,7 @@ change. The model_args themselves are documented on `lmms_msd.lmms_eval.plugin.L
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,26 @@ class ModelArgs:
     inflate: TextShape | None  # the testbed shape the loaded pair is embedded into, or None
     engine: str  # "static" (lmms_msd.speculative.fast: static caches, CUDA graphs) or "eager" (lmms_msd.speculative.decoding)
     stop: str  # OPT-Tree's stop rule: "delta" (stop_delta) or "cost" (lmms_msd.speculative.cost)
+
+
+# what lmms-eval passes per task through --gen_kwargs (or a task's generation_kwargs), not through --model_args
+GENERATION_SETTINGS = ("temperature", "top_p", "max_new_tokens", "do_sample", "num_beams", "until", "max_gen_toks")
+
+
+def unknown_model_args_message(unknown: dict[str, Any], valid: Sequence[str]) -> str:
+    """The error for model_args that the model does not take: each with a hint where one fits (a generation
+    setting belongs in --gen_kwargs; a near miss names the model_arg it resembles), then the valid ones.
+    Example: {"temperature": 1, "stopdelta": 0.5} -> "unknown model_args ['stopdelta', 'temperature'] for
+    llava_msd_calibrated (stopdelta: did you mean stop_delta?; temperature: a generation setting, pass it as --gen_kwargs
+    temperature=1); valid ones: [...]"."""
+    hints = []
+    for name in sorted(unknown):
+        if name in GENERATION_SETTINGS:
+            hints.append(f"{name}: a generation setting, pass it as --gen_kwargs {name}={unknown[name]}")
+        elif close := difflib.get_close_matches(name, valid, n=1, cutoff=0.75):
+            hints.append(f"{name}: did you mean {close[0]}?")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return f"unknown model_args {sorted(unknown)} for {MODEL_ID}{hint}; valid ones: {list(valid)}"
 
 
 def as_bool(name: str, value: Any) -> bool:

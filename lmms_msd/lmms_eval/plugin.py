@@ -45,6 +45,7 @@ from lmms_msd.lmms_eval.model_args import (
     start_online_calibration,
     train_ratio_note,
     tree_settings,
+    unknown_model_args_message,
 )
 from lmms_msd.lmms_eval.requests import (
     Job,
@@ -258,7 +259,7 @@ class LlavaMsdCalibrated(lmms):
         super().__init__()
         if unknown:
             valid = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "unknown")]
-            raise ValueError(f"unknown model_args {sorted(unknown)} for {MODEL_ID}; valid ones: {valid}")
+            raise ValueError(unknown_model_args_message(unknown, valid))
         self.max_batch = requests_at_once(batch_size, max_batch)
         self.prefetch = requests_ahead(prefetch, self.max_batch)
         budgets = as_optional_str(batch_node_budgets)
