@@ -423,8 +423,10 @@ def test_cuda_graphs_change_nothing():
             a = speculative_generate(graphs, prompt, config, tree)
             b = speculative_generate(eager, prompt, config, tree)
             assert a.token_ids == b.token_ids == want and a.stats.accepted == b.stats.accepted
-    assert len(graphs.static_target._graphed) > 0
-    assert len(graphs._drafters[False]._advancing) > 0  # the draft's advances replayed graphs of their own
+    # greedy: the trees were verified by the graph with the acceptance inside (`forward_tree_greedy`), plain decoding's
+    # steps by their own graph, and the draft's advances by graphs of their own
+    assert len(graphs.static_target._graphed_greedy) > 0 and len(graphs.static_target._graphed_next) > 0
+    assert len(graphs._drafters[False]._advancing) > 0
 
 
 def test_the_engine_runs_the_vision_tower_through_a_graphed_function():
