@@ -183,7 +183,9 @@ def device_default_tree(device: str, use_msd: bool) -> tuple[str, float]:
     twice, the development split chose 0.6 and 0.8 among 0.1-1.5, and on the test documents the tuned raw
     tree was the fastest of every scorer and stop rule at both temperatures (2.17-2.20 ms/token against
     2.22-2.34 for the calibrated trees, 2.32-2.35 for EAGLE-2); 0.6 is the choice further from the cliff
-    at 1.0 (3.2-3.4 ms/token, too few levels). Elsewhere EAGLE-2's tree (`eagle2`, its depth and width): on a
+    at 1.0 (3.2-3.4 ms/token, too few levels). Checked again on the faster engine through lmms-eval (40 documents,
+    `benchmarks/h200_7b_calibrated_default/`): the bundled calibrator's tree at 0.6 was 4-10% slower (tau 6.09
+    against 6.44), though the bench's 5 requests time it 2-5% faster. Elsewhere EAGLE-2's tree (`eagle2`, its depth and width): on a
     CPU no tree beats a plain step, so `use_msd=auto` decodes plainly and the tree only prices the ceiling.
     Without speculative decoding (use_msd=false) no tree is grown; EAGLE-2 names it.
     """
