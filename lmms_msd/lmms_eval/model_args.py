@@ -77,19 +77,16 @@ class ModelArgs:
     stop: str  # OPT-Tree's stop rule: "delta" (stop_delta) or "cost" (lmms_msd.speculative.cost)
 
 
-# what lmms-eval passes per task through --gen_kwargs (or a task's generation_kwargs), not through --model_args
-GENERATION_SETTINGS = ("temperature", "top_p", "max_new_tokens", "do_sample", "num_beams", "until", "max_gen_toks")
-
-
-def unknown_model_args_message(unknown: dict[str, Any], valid: Sequence[str]) -> str:
-    """The error for model_args that the model does not take: each with a hint where one fits (a generation
-    setting belongs in --gen_kwargs; a near miss names the model_arg it resembles), then the valid ones.
+def unknown_model_args_message(unknown: dict[str, Any], valid: Sequence[str], generation_settings: Sequence[str]) -> str:
+    """The error for model_args that the model does not take: each with a hint where one fits (one of
+    `generation_settings`, the gen_kwargs keys the model reads, belongs in --gen_kwargs; a near miss names the
+    model_arg it resembles), then the valid ones.
     Example: {"temperature": 1, "stopdelta": 0.5} -> "unknown model_args ['stopdelta', 'temperature'] for
     llava_msd_calibrated (stopdelta: did you mean stop_delta?; temperature: a generation setting, pass it as --gen_kwargs
     temperature=1); valid ones: [...]"."""
     hints = []
     for name in sorted(unknown):
-        if name in GENERATION_SETTINGS:
+        if name in generation_settings:
             hints.append(f"{name}: a generation setting, pass it as --gen_kwargs {name}={unknown[name]}")
         elif close := difflib.get_close_matches(name, valid, n=1, cutoff=0.75):
             hints.append(f"{name}: did you mean {close[0]}?")

@@ -48,6 +48,7 @@ from lmms_msd.lmms_eval.model_args import (
     unknown_model_args_message,
 )
 from lmms_msd.lmms_eval.requests import (
+    GEN_KWARGS,
     Job,
     gen_kwargs_notes,
     generation_config,
@@ -259,7 +260,7 @@ class LlavaMsdCalibrated(lmms):
         super().__init__()
         if unknown:
             valid = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "unknown")]
-            raise ValueError(unknown_model_args_message(unknown, valid))
+            raise ValueError(unknown_model_args_message(unknown, valid, GEN_KWARGS))
         self.max_batch = requests_at_once(batch_size, max_batch)
         self.prefetch = requests_ahead(prefetch, self.max_batch)
         budgets = as_optional_str(batch_node_budgets)
